@@ -1,0 +1,52 @@
+//! The subcommands. `anyhow` is used here and in `main.rs` only.
+
+pub(crate) mod check_config;
+pub(crate) mod serve;
+
+use std::path::Path;
+
+use sipedge::config::{Config, ConfigError};
+use tracing_subscriber::EnvFilter;
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+pub(crate) enum CmdError {
+    /// The configuration (or the command line) is wrong: exit 2.
+    Usage(anyhow::Error),
+    /// Something failed while running: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl CmdError {
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Runtime(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for CmdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Usage(e) | Self::Runtime(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+/// Loads the configuration; every failure is a usage error naming the file.
+pub(crate) fn load_config(path: &Path) -> Result<Config, CmdError> {
+    Config::load(path).map_err(|e: ConfigError| {
+        CmdError::Usage(anyhow::Error::new(e).context(format!("configuration {}", path.display())))
+    })
+}
+
+pub(crate) fn init_tracing(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,948 @@
+//! The configuration file (TOML, DESIGN §3): [`RawConfig`] is what serde reads, with every
+//! default written once; [`Config`] is the validated, typed form the server runs on.
+//!
+//! Every error names the dotted key at fault (`media.ports: ...`), so `check-config` can tell
+//! the operator exactly what to fix.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type.
+    #[error("{key}: {message}")]
+    Syntax { key: String, message: String },
+    /// A value of the right type that sipedge cannot use.
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+/// The whole file. Every table is optional; absent keys take the defaults documented below.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub registrar: RawRegistrar,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub nat: RawNat,
+    #[serde(default)]
+    pub media: RawMedia,
+    /// Routing rules, first match wins.
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// `transport:address:port` sockets to listen on. Default `["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]`.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// The address written in Via and Record-Route. Default: the first listen address that is
+    /// not a wildcard, else the host's primary address (the source of its default route).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Domains served here ("myself"). Default: `[advertise]`.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Largest message accepted, in bytes; larger → 513. Default 65535.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Max-Forwards written when absent and the cap on larger values. Default 10.
+    #[serde(default = "default_max_forwards")]
+    pub max_forwards: u8,
+    /// SIP worker threads; 0 = one per core. Default 0.
+    #[serde(default)]
+    pub workers: usize,
+    /// Name of this instance in a shared location store. Default: `advertise:port`.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Out-of-dialog requests for other domains: "authenticated" | "deny" | "open".
+    /// Default "authenticated".
+    #[serde(default = "default_relay_foreign")]
+    pub relay_foreign: RelayForeign,
+    /// Seconds a TCP connection may stay without traffic before it is closed. Default 600.
+    #[serde(default = "default_tcp_idle_timeout")]
+    pub tcp_idle_timeout: u64,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// `sqlite://path` (created if missing) or `postgres://user:pw@host/db`.
+    /// Default `sqlite://data/sipedge.db`.
+    #[serde(default = "default_db_url")]
+    pub url: String,
+}
+
+/// `[registrar]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistrar {
+    /// Seconds granted when the REGISTER names none. Default 60.
+    #[serde(default = "default_default_expires")]
+    pub default_expires: u32,
+    /// Shorter requested expiry → 423 Interval Too Brief. Default 30.
+    #[serde(default = "default_min_expires")]
+    pub min_expires: u32,
+    /// Longer requested expiry is cut to this. Default 3600.
+    #[serde(default = "default_max_expires")]
+    pub max_expires: u32,
+    /// Contacts per address-of-record. Default 10.
+    #[serde(default = "default_max_contacts")]
+    pub max_contacts: usize,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Digest realm; empty = the domain of the request. Default "".
+    #[serde(default)]
+    pub realm: String,
+    /// Seconds a nonce is valid; after it, `stale=true`. Default 300.
+    #[serde(default = "default_nonce_ttl")]
+    pub nonce_ttl: u64,
+    /// Digest algorithms offered, in challenge order: "MD5", "SHA-256". Default `["MD5"]`.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+/// `[nat]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNat {
+    /// Seconds between keepalives to NATed contacts; 0 = off. Default 30.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: u64,
+    /// "OPTIONS" or "crlf". Default "OPTIONS".
+    #[serde(default = "default_ping_method")]
+    pub ping_method: PingMethod,
+}
+
+/// `[media]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMedia {
+    /// Address written into SDP. Default: `server.advertise`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// `MIN-MAX` UDP ports for relayed media; MIN even; RTP on even ports, RTCP on RTP+1.
+    /// Default "30000-40000".
+    #[serde(default = "default_ports")]
+    pub ports: String,
+    /// When calls to registered users are relayed: "always" | "nat" | "never". Default "nat".
+    #[serde(default = "default_media_mode")]
+    pub mode: MediaMode,
+    /// Relay threads; 0 = one per core. Default 0.
+    #[serde(default)]
+    pub workers: usize,
+    /// Seconds without packets before a session is closed. Default 60.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Seconds an unanswered offer keeps its ports. Default 120.
+    #[serde(default = "default_offer_timeout")]
+    pub offer_timeout: u64,
+    /// Idle limit while a side is on hold (sendonly/inactive). Default 3600.
+    #[serde(default = "default_hold_timeout")]
+    pub hold_timeout: u64,
+}
+
+/// `[[route]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Name used in logs.
+    pub name: String,
+    /// Regular expression matched against the Request-URI user part.
+    pub user: String,
+    /// `host[:port]` of the next hop (port default 5060).
+    pub next_hop: String,
+    /// Require proxy authentication and From user = authenticated user. Default false.
+    #[serde(default)]
+    pub auth: bool,
+    /// "always" | "nat" | "never". Default "nat".
+    #[serde(default = "default_media_mode")]
+    pub media: MediaMode,
+}
+
+/// Policy for out-of-dialog requests to domains that are not ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayForeign {
+    /// Only for callers who pass proxy authentication as a local subscriber.
+    Authenticated,
+    /// 403 Forbidden.
+    Deny,
+    /// Relay anything (the seed's behaviour; an open relay).
+    Open,
+}
+
+/// Keepalive method towards NATed contacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PingMethod {
+    #[serde(rename = "OPTIONS")]
+    Options,
+    #[serde(rename = "crlf")]
+    Crlf,
+}
+
+/// When media goes through the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaMode {
+    Always,
+    /// Only when an endpoint is behind NAT.
+    Nat,
+    Never,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["udp:0.0.0.0:5060".into(), "tcp:0.0.0.0:5060".into()]
+}
+fn default_max_message_size() -> usize {
+    65535
+}
+fn default_max_forwards() -> u8 {
+    10
+}
+fn default_relay_foreign() -> RelayForeign {
+    RelayForeign::Authenticated
+}
+fn default_tcp_idle_timeout() -> u64 {
+    600
+}
+fn default_db_url() -> String {
+    "sqlite://data/sipedge.db".into()
+}
+fn default_default_expires() -> u32 {
+    60
+}
+fn default_min_expires() -> u32 {
+    30
+}
+fn default_max_expires() -> u32 {
+    3600
+}
+fn default_max_contacts() -> usize {
+    10
+}
+fn default_nonce_ttl() -> u64 {
+    300
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["MD5".into()]
+}
+fn default_ping_interval() -> u64 {
+    30
+}
+fn default_ping_method() -> PingMethod {
+    PingMethod::Options
+}
+fn default_ports() -> String {
+    "30000-40000".into()
+}
+fn default_media_mode() -> MediaMode {
+    MediaMode::Nat
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_offer_timeout() -> u64 {
+    120
+}
+fn default_hold_timeout() -> u64 {
+    3600
+}
+
+macro_rules! default_via_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // invariant: every field of the table has a serde default, so an empty table
+                // always deserialises.
+                toml::from_str("").expect("all fields have defaults")
+            }
+        }
+    )*};
+}
+default_via_serde!(
+    RawServer,
+    RawDatabase,
+    RawRegistrar,
+    RawAuth,
+    RawNat,
+    RawMedia
+);
+
+// ---------------------------------------------------------------------------------------------
+// The validated form.
+
+/// Transport of a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "UDP",
+            Self::Tcp => "TCP",
+        }
+    }
+}
+
+/// One `server.listen` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (proto, addr) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} is not transport:address:port"))?;
+        let proto = match proto.to_ascii_lowercase().as_str() {
+            "udp" => Proto::Udp,
+            "tcp" => Proto::Tcp,
+            other => return Err(format!("transport {other:?} is not udp or tcp")),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not address:port (IPv6 as [addr]:port)"))?;
+        Ok(Self { proto, addr })
+    }
+}
+
+/// `media.ports`: an inclusive range starting on an even port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    /// Number of RTP/RTCP pairs in the range.
+    pub fn pairs(self) -> usize {
+        (usize::from(self.max) - usize::from(self.min)).div_ceil(2)
+    }
+}
+
+/// A compiled `[[route]]`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub user: Regex,
+    pub next_hop_host: String,
+    pub next_hop_port: u16,
+    pub auth: bool,
+    pub media: MediaMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<Listen>,
+    pub advertise: IpAddr,
+    /// Lower-cased.
+    pub domains: Vec<String>,
+    pub max_message_size: usize,
+    pub max_forwards: u8,
+    pub workers: usize,
+    pub instance_id: String,
+    pub relay_foreign: RelayForeign,
+    pub tcp_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    pub default_expires: u32,
+    pub min_expires: u32,
+    pub max_expires: u32,
+    pub max_contacts: usize,
+}
+
+/// Digest algorithm names accepted in `auth.algorithms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestAlgorithm {
+    Md5,
+    Sha256,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub realm: Option<String>,
+    pub nonce_ttl: Duration,
+    pub algorithms: Vec<DigestAlgorithm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// `None` = keepalives off.
+    pub ping_interval: Option<Duration>,
+    pub ping_method: PingMethod,
+}
+
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    pub address: IpAddr,
+    pub ports: PortRange,
+    pub mode: MediaMode,
+    pub workers: usize,
+    pub idle_timeout: Duration,
+    pub offer_timeout: Duration,
+    pub hold_timeout: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database_url: String,
+    pub registrar: RegistrarConfig,
+    pub auth: AuthConfig,
+    pub nat: NatConfig,
+    pub media: MediaConfig,
+    pub routes: Vec<Route>,
+    /// The file with every default and derived value filled in (what `check-config` prints).
+    effective: RawConfig,
+}
+
+impl Config {
+    /// Reads and validates a file; the host's primary address fills `server.advertise` when
+    /// it is unset.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, primary_address)
+    }
+
+    /// Parses and validates TOML text. `primary` supplies the host's address when neither
+    /// `server.advertise` nor a specific listen address gives one.
+    pub fn from_toml(text: &str, primary: impl FnOnce() -> IpAddr) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        Self::validate(raw, primary)
+    }
+
+    fn validate(mut raw: RawConfig, primary: impl FnOnce() -> IpAddr) -> Result<Self, ConfigError> {
+        let s = &raw.server;
+        if s.listen.is_empty() {
+            return Err(invalid("server.listen", "at least one socket is required"));
+        }
+        let listen = s
+            .listen
+            .iter()
+            .map(|l| l.parse::<Listen>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|r| invalid("server.listen", r))?;
+        for (i, a) in listen.iter().enumerate() {
+            if listen[..i].contains(a) {
+                return Err(invalid(
+                    "server.listen",
+                    format!("{}:{} is listed twice", a.proto.as_str(), a.addr),
+                ));
+            }
+        }
+        let advertise = match &s.advertise {
+            Some(a) => a.parse::<IpAddr>().map_err(|_| {
+                invalid(
+                    "server.advertise",
+                    format!("{a:?} is not an IP address (the public address of this host)"),
+                )
+            })?,
+            None => listen
+                .iter()
+                .map(|l| l.addr.ip())
+                .find(|ip| !ip.is_unspecified())
+                .unwrap_or_else(primary),
+        };
+        if advertise.is_unspecified() {
+            return Err(invalid(
+                "server.advertise",
+                "0.0.0.0/:: cannot be written in Via or Record-Route",
+            ));
+        }
+        let mut domains: Vec<String> = s.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+        if domains.is_empty() {
+            domains.push(advertise.to_string());
+        }
+        if let Some(d) = domains
+            .iter()
+            .find(|d| d.is_empty() || d.contains(|c: char| c.is_whitespace() || c == '@'))
+        {
+            return Err(invalid(
+                "server.domains",
+                format!("{d:?} is not a host name"),
+            ));
+        }
+        if !(1024..=65535).contains(&s.max_message_size) {
+            return Err(invalid(
+                "server.max_message_size",
+                "must be between 1024 and 65535 bytes",
+            ));
+        }
+        if s.max_forwards == 0 {
+            return Err(invalid("server.max_forwards", "must be at least 1"));
+        }
+        let first_port = listen[0].addr.port();
+        let instance_id = if s.instance_id.is_empty() {
+            format!("{advertise}:{first_port}")
+        } else {
+            s.instance_id.clone()
+        };
+        if s.tcp_idle_timeout == 0 {
+            return Err(invalid(
+                "server.tcp_idle_timeout",
+                "must be at least 1 second",
+            ));
+        }
+        let server = ServerConfig {
+            listen,
+            advertise,
+            domains,
+            max_message_size: s.max_message_size,
+            max_forwards: s.max_forwards,
+            workers: s.workers,
+            instance_id,
+            relay_foreign: s.relay_foreign,
+            tcp_idle_timeout: Duration::from_secs(s.tcp_idle_timeout),
+        };
+
+        let url = &raw.database.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                format!("{url:?} is neither sqlite://PATH nor postgres://USER@HOST/DB"),
+            ));
+        }
+
+        let r = &raw.registrar;
+        if r.min_expires > r.max_expires {
+            return Err(invalid(
+                "registrar.min_expires",
+                "is larger than registrar.max_expires",
+            ));
+        }
+        if !(r.min_expires..=r.max_expires).contains(&r.default_expires) {
+            return Err(invalid(
+                "registrar.default_expires",
+                "must lie between registrar.min_expires and registrar.max_expires",
+            ));
+        }
+        if r.max_contacts == 0 {
+            return Err(invalid("registrar.max_contacts", "must be at least 1"));
+        }
+        let registrar = RegistrarConfig {
+            default_expires: r.default_expires,
+            min_expires: r.min_expires,
+            max_expires: r.max_expires,
+            max_contacts: r.max_contacts,
+        };
+
+        let a = &raw.auth;
+        if a.nonce_ttl == 0 {
+            return Err(invalid("auth.nonce_ttl", "must be at least 1 second"));
+        }
+        let mut algorithms = Vec::new();
+        for name in &a.algorithms {
+            let alg = match name.to_ascii_uppercase().as_str() {
+                "MD5" => DigestAlgorithm::Md5,
+                "SHA-256" => DigestAlgorithm::Sha256,
+                _ => {
+                    return Err(invalid(
+                        "auth.algorithms",
+                        format!("{name:?} is not \"MD5\" or \"SHA-256\""),
+                    ));
+                }
+            };
+            if algorithms.contains(&alg) {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            algorithms.push(alg);
+        }
+        if algorithms.is_empty() {
+            return Err(invalid(
+                "auth.algorithms",
+                "at least one algorithm is required",
+            ));
+        }
+        let auth = AuthConfig {
+            realm: (!a.realm.is_empty()).then(|| a.realm.clone()),
+            nonce_ttl: Duration::from_secs(a.nonce_ttl),
+            algorithms,
+        };
+
+        let nat = NatConfig {
+            ping_interval: (raw.nat.ping_interval > 0)
+                .then(|| Duration::from_secs(raw.nat.ping_interval)),
+            ping_method: raw.nat.ping_method,
+        };
+
+        let m = &raw.media;
+        let address = match &m.address {
+            Some(a) => a
+                .parse::<IpAddr>()
+                .map_err(|_| invalid("media.address", format!("{a:?} is not an IP address")))?,
+            None => advertise,
+        };
+        let ports = parse_port_range(&m.ports).map_err(|r| invalid("media.ports", r))?;
+        for (key, v) in [
+            ("media.idle_timeout", m.idle_timeout),
+            ("media.offer_timeout", m.offer_timeout),
+            ("media.hold_timeout", m.hold_timeout),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1 second"));
+            }
+        }
+        let media = MediaConfig {
+            address,
+            ports,
+            mode: m.mode,
+            workers: m.workers,
+            idle_timeout: Duration::from_secs(m.idle_timeout),
+            offer_timeout: Duration::from_secs(m.offer_timeout),
+            hold_timeout: Duration::from_secs(m.hold_timeout),
+        };
+
+        let mut routes = Vec::with_capacity(raw.route.len());
+        for (i, r) in raw.route.iter().enumerate() {
+            if r.name.is_empty() {
+                return Err(invalid(
+                    "route.name",
+                    format!("route #{} has an empty name", i + 1),
+                ));
+            }
+            if raw.route[..i].iter().any(|o| o.name == r.name) {
+                return Err(invalid("route.name", format!("{:?} is used twice", r.name)));
+            }
+            let user = Regex::new(&r.user).map_err(|e| {
+                invalid("route.user", format!("route {:?}: bad regex: {e}", r.name))
+            })?;
+            let (host, port) = parse_host_port(&r.next_hop)
+                .map_err(|e| invalid("route.next_hop", format!("route {:?}: {e}", r.name)))?;
+            routes.push(Route {
+                name: r.name.clone(),
+                user,
+                next_hop_host: host,
+                next_hop_port: port,
+                auth: r.auth,
+                media: r.media,
+            });
+        }
+
+        // Record the derived values so that `check-config` shows what will run.
+        raw.server.advertise = Some(server.advertise.to_string());
+        raw.server.domains = server.domains.clone();
+        raw.server.instance_id = server.instance_id.clone();
+        raw.media.address = Some(media.address.to_string());
+        Ok(Self {
+            server,
+            database_url: raw.database.url.clone(),
+            registrar,
+            auth,
+            nat,
+            media,
+            routes,
+            effective: raw,
+        })
+    }
+
+    /// The effective configuration as TOML: every default and derived value written out.
+    pub fn effective_toml(&self) -> String {
+        // invariant: RawConfig holds only strings, numbers, bools, enums and arrays of tables,
+        // all of which TOML can represent.
+        toml::to_string_pretty(&self.effective).expect("RawConfig serialises to TOML")
+    }
+
+    /// True if `host` (a domain or address from a URI) names this server.
+    pub fn is_local_domain(&self, host: &str) -> bool {
+        self.server
+            .domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(host))
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let min: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let max: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
+    if min < 1024 {
+        return Err(format!(
+            "{min} is a privileged port; start at 1024 or above"
+        ));
+    }
+    if min % 2 != 0 {
+        return Err(format!(
+            "{min} is odd; RTP uses even ports, so MIN must be even"
+        ));
+    }
+    if max <= min {
+        return Err(format!(
+            "MAX {max} must be above MIN {min} (one RTP/RTCP pair at least)"
+        ));
+    }
+    Ok(PortRange { min, max })
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (h, rest) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: unterminated IPv6 reference"))?;
+        (h, rest.strip_prefix(':'))
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port"))?,
+        None => 5060,
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c))
+    {
+        return Err(format!("{s:?} is not host[:port]"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Turns a TOML error into one that names the dotted key: the table header above the error
+/// position plus the key at it.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::Syntax {
+            key: "(file)".into(),
+            message,
+        };
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    // The table the error is in: the nearest header line at or above the error.
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = if line.starts_with('[') {
+        line.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned()
+    } else {
+        let key_here = line
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"');
+        match (table, key_here.is_empty()) {
+            (Some(t), false) => format!("{t}.{key_here}"),
+            (Some(t), true) => t,
+            (None, false) => key_here.to_owned(),
+            (None, true) => "(file)".to_owned(),
+        }
+    };
+    ConfigError::Syntax {
+        key,
+        message: format!("{message} (line {line_no})"),
+    }
+}
+
+/// The host's primary address: the local address the kernel picks for a route to the
+/// internet. `connect` on a UDP socket sends nothing; it only consults the routing table.
+pub fn primary_address() -> IpAddr {
+    let probe = || -> std::io::Result<IpAddr> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect("192.0.2.1:9")?;
+        Ok(s.local_addr()?.ip())
+    };
+    probe()
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, || "192.0.2.10".parse().unwrap())
+    }
+
+    fn err_key(text: &str) -> String {
+        match parse(text).unwrap_err() {
+            ConfigError::Syntax { key, .. } => key,
+            ConfigError::Invalid { key, .. } => key.to_owned(),
+            ConfigError::Io { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn seed_file_is_valid() {
+        let text = include_str!("../config/sipedge.toml");
+        let cfg = parse(text).unwrap();
+        assert_eq!(cfg.server.listen.len(), 2);
+        assert_eq!(cfg.routes.len(), 2);
+        assert!(cfg.routes[0].user.is_match("1234"));
+        assert!(!cfg.routes[0].user.is_match("12345"));
+        assert!(cfg.routes[1].user.is_match("15551234567"));
+        assert!(cfg.routes[1].auth);
+        // The effective config is itself a valid config file.
+        let again = parse(&cfg.effective_toml()).unwrap();
+        assert_eq!(again.server.advertise, cfg.server.advertise);
+        assert_eq!(again.routes.len(), 2);
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.server.advertise.to_string(), "192.0.2.10");
+        assert_eq!(cfg.server.domains, vec!["192.0.2.10".to_owned()]);
+        assert_eq!(cfg.server.max_message_size, 65535);
+        assert_eq!(cfg.server.instance_id, "192.0.2.10:5060");
+        assert_eq!(cfg.media.address, cfg.server.advertise);
+        assert_eq!(cfg.media.ports.pairs(), 5000);
+        assert_eq!(cfg.auth.algorithms, vec![DigestAlgorithm::Md5]);
+        assert_eq!(cfg.nat.ping_interval, Some(Duration::from_secs(30)));
+        // A specific listen address is preferred over the primary address.
+        let cfg = parse("[server]\nlisten = [\"udp:127.0.0.1:5070\"]").unwrap();
+        assert_eq!(cfg.server.advertise.to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_table() {
+        for table in ["server", "database", "registrar", "auth", "nat", "media"] {
+            let text = format!("[{table}]\nbogus_key = 1\n");
+            assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");
+        }
+        let text = "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nbogus_key=1\n";
+        assert_eq!(err_key(text), "route.bogus_key");
+        assert_eq!(err_key("bogus_top = 1\n"), "bogus_top");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("[media]\nports = \"30001-40000\"", "media.ports"),
+            ("[media]\nports = \"40000-30000\"", "media.ports"),
+            ("[media]\nports = \"abc\"", "media.ports"),
+            ("[media]\nmode = \"sometimes\"", "media.mode"),
+            (
+                "[server]\nlisten = [\"sctp:1.2.3.4:5060\"]",
+                "server.listen",
+            ),
+            ("[server]\nlisten = [\"udp:1.2.3.4\"]", "server.listen"),
+            ("[server]\nadvertise = \"example.com\"", "server.advertise"),
+            ("[server]\nmax_message_size = 10", "server.max_message_size"),
+            ("[server]\nmax_forwards = 300", "server.max_forwards"),
+            (
+                "[server]\nrelay_foreign = \"maybe\"",
+                "server.relay_foreign",
+            ),
+            ("[registrar]\nmin_expires = 4000", "registrar.min_expires"),
+            (
+                "[registrar]\ndefault_expires = 10",
+                "registrar.default_expires",
+            ),
+            ("[auth]\nalgorithms = [\"SHA-1\"]", "auth.algorithms"),
+            ("[auth]\nalgorithms = []", "auth.algorithms"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            (
+                "[[route]]\nname='a'\nuser='[0-9'\nnext_hop='h'",
+                "route.user",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h:0'",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\n[[route]]\nname='a'\nuser='1'\nnext_hop='h'",
+                "route.name",
+            ),
+        ] {
+            assert_eq!(err_key(text), key, "{text}");
+        }
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            parse_host_port("pbx.example.net").unwrap(),
+            ("pbx.example.net".into(), 5060)
+        );
+        assert_eq!(
+            parse_host_port("10.0.0.5:5080").unwrap(),
+            ("10.0.0.5".into(), 5080)
+        );
+        assert_eq!(
+            parse_host_port("[2001:db8::1]:5062").unwrap(),
+            ("2001:db8::1".into(), 5062)
+        );
+        assert!(parse_host_port("bad host:5060").is_err());
+    }
+}

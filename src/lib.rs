@@ -1,0 +1,17 @@
+//! sipedge: a SIP edge proxy, registrar and RTP media relay in one process.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file → a validated [`config::Config`]; every error names its key.
+//! - [`sip`]: messages as received bytes plus an index; typed views of the headers a proxy
+//!   needs; targeted rewrites; locally generated responses. Pure.
+//! - [`proxy`]: the request pipeline (sanity, local replies, routing) as a sans-IO core.
+//! - [`transport`]: UDP and TCP sockets, stream framing, the send path. Only moves bytes.
+//!
+//! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
+//! [`proxy::pipeline::Core::handle`] and sends what it returns.
+
+pub mod config;
+pub mod proxy;
+pub mod sip;
+pub mod transport;

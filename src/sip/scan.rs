@@ -1,0 +1,190 @@
+//! Byte-level scanning shared by the header value parsers: linear white space, quoted strings,
+//! top-level comma lists and `;name=value` parameters (RFC 3261 §25.1).
+//!
+//! Every function works on absolute offsets into the message buffer so that a parsed value can
+//! be edited in place later.
+
+use std::ops::Range;
+
+/// Linear white space, including the CR/LF of a folded header (RFC 3261 §7.3.1).
+pub(crate) fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// `token` characters of RFC 3261 §25.1.
+pub(crate) fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
+/// Shrinks `r` so that it neither starts nor ends with white space.
+pub(crate) fn trim(buf: &[u8], mut r: Range<usize>) -> Range<usize> {
+    while r.start < r.end && is_lws(buf[r.start]) {
+        r.start += 1;
+    }
+    while r.end > r.start && is_lws(buf[r.end - 1]) {
+        r.end -= 1;
+    }
+    r
+}
+
+/// Skips white space from `i`, never past `end`.
+pub(crate) fn skip_lws(buf: &[u8], mut i: usize, end: usize) -> usize {
+    while i < end && is_lws(buf[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// Given `buf[i] == b'"'`, returns the offset just past the closing quote, honouring `\`
+/// escapes, or `None` when the string is not terminated before `end`.
+pub(crate) fn skip_quoted(buf: &[u8], mut i: usize, end: usize) -> Option<usize> {
+    i += 1;
+    while i < end {
+        match buf[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Splits a header value at the commas that separate list elements, ignoring commas inside
+/// quoted strings and `<...>` URIs. Elements are trimmed; empty elements are kept (as empty
+/// ranges) so that the caller can reject them. `None` means an unterminated quote or bracket.
+pub(crate) fn split_list(buf: &[u8], r: Range<usize>) -> Option<Vec<Range<usize>>> {
+    let mut out = Vec::new();
+    let mut start = r.start;
+    let mut i = r.start;
+    while i < r.end {
+        match buf[i] {
+            b'"' => i = skip_quoted(buf, i, r.end)?,
+            b'<' => {
+                i += buf[i..r.end].iter().position(|&b| b == b'>')? + 1;
+            }
+            b',' => {
+                out.push(trim(buf, start..i));
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push(trim(buf, start..r.end));
+    Some(out)
+}
+
+/// One `;name[=value]` parameter. `span` covers from the `;` to the end of the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Param {
+    pub name: Range<usize>,
+    pub value: Option<Range<usize>>,
+    pub span: Range<usize>,
+}
+
+/// Parses `*( SEMI name [EQUAL value] )` from `r`, which must start at a `;` (after optional
+/// white space) or be empty. Values may be tokens, hosts or quoted strings.
+pub(crate) fn parse_params(buf: &[u8], r: Range<usize>) -> Option<Vec<Param>> {
+    let mut out = Vec::new();
+    let mut i = skip_lws(buf, r.start, r.end);
+    while i < r.end {
+        if buf[i] != b';' {
+            return None;
+        }
+        let semi = i;
+        i = skip_lws(buf, i + 1, r.end);
+        let name_start = i;
+        while i < r.end && is_token(buf[i]) {
+            i += 1;
+        }
+        if i == name_start {
+            return None;
+        }
+        let name = name_start..i;
+        i = skip_lws(buf, i, r.end);
+        let mut value = None;
+        let mut span_end = name.end;
+        if i < r.end && buf[i] == b'=' {
+            i = skip_lws(buf, i + 1, r.end);
+            let vstart = i;
+            if i < r.end && buf[i] == b'"' {
+                i = skip_quoted(buf, i, r.end)?;
+            } else if i < r.end && buf[i] == b'[' {
+                i += buf[i..r.end].iter().position(|&b| b == b']')? + 1;
+            } else {
+                while i < r.end && buf[i] != b';' && !is_lws(buf[i]) {
+                    i += 1;
+                }
+            }
+            value = Some(vstart..i);
+            span_end = i;
+            i = skip_lws(buf, i, r.end);
+        }
+        out.push(Param {
+            name,
+            value,
+            span: semi..span_end,
+        });
+    }
+    Some(out)
+}
+
+/// Finds a parameter by case-insensitive name.
+pub(crate) fn find_param<'p>(buf: &[u8], params: &'p [Param], name: &str) -> Option<&'p Param> {
+    params
+        .iter()
+        .find(|p| buf[p.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Parses an unsigned decimal made only of digits, with an upper bound.
+pub(crate) fn parse_decimal(bytes: &[u8], max: u64) -> Option<u64> {
+    if bytes.is_empty() || bytes.len() > 20 || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in bytes {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    (n <= max).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_split_respects_quotes_and_brackets() {
+        let v = br#""A, B" <sip:a@x;p=1,2>;q=0.5 , <sip:b@y>"#;
+        let parts = split_list(v, 0..v.len()).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(&v[parts[0].clone()], br#""A, B" <sip:a@x;p=1,2>;q=0.5"#);
+        assert_eq!(&v[parts[1].clone()], b"<sip:b@y>");
+        assert!(split_list(b"\"open", 0..5).is_none());
+        assert!(split_list(b"<sip:open", 0..9).is_none());
+    }
+
+    #[test]
+    fn params_with_quotes_and_lws() {
+        let v = br#" ;expires=60 ; +sip.instance="<urn:uuid:1;2>";lr"#;
+        let p = parse_params(v, 0..v.len()).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(&v[p[0].value.clone().unwrap()], b"60");
+        assert_eq!(&v[p[1].name.clone()], b"+sip.instance");
+        assert_eq!(
+            &v[p[1].value.clone().unwrap()],
+            br#""<urn:uuid:1;2>""#.as_slice()
+        );
+        assert!(p[2].value.is_none());
+        assert!(find_param(v, &p, "LR").is_some());
+        assert!(parse_params(b"junk", 0..4).is_none());
+    }
+
+    #[test]
+    fn decimals() {
+        assert_eq!(parse_decimal(b"70", 255), Some(70));
+        assert_eq!(parse_decimal(b"256", 255), None);
+        assert_eq!(parse_decimal(b"-1", 255), None);
+        assert_eq!(parse_decimal(b"", 255), None);
+        assert_eq!(parse_decimal(b"99999999999999999999", u64::MAX), None);
+    }
+}

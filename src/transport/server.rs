@@ -1,0 +1,185 @@
+//! Binding the listeners of `server.listen`, running their loops, and the send path shared by
+//! every loop.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{Outbound, Proto, tcp, udp};
+use crate::config::Config;
+use crate::proxy::pipeline::Core;
+
+/// Receive buffer asked of the kernel for each UDP socket: a registration storm after a
+/// router reboot must not overflow the default ~200 KiB.
+const UDP_RCVBUF: usize = 4 << 20;
+
+/// The send side of every socket: UDP sockets by local address, TCP connections by peer.
+#[derive(Debug, Default)]
+pub struct Transports {
+    udp: HashMap<SocketAddr, Arc<UdpSocket>>,
+    tcp: DashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+}
+
+impl Transports {
+    /// Sends one message. Failures are logged: a datagram or a closed connection is the
+    /// peer's loss, never a reason to stop serving others.
+    pub async fn send(&self, out: Outbound) {
+        match out.proto {
+            Proto::Udp => {
+                let Some(sock) = self.udp.get(&out.local) else {
+                    warn!(local = %out.local, "no UDP socket for this local address");
+                    return;
+                };
+                if let Err(error) = sock.send_to(&out.bytes, out.dest).await {
+                    debug!(%error, dest = %out.dest, "UDP send failed");
+                }
+            }
+            Proto::Tcp => {
+                let tx = self.tcp.get(&out.dest).map(|c| c.value().clone());
+                match tx {
+                    Some(tx) => {
+                        if tx.send(out.bytes).await.is_err() {
+                            debug!(dest = %out.dest, "TCP connection closed before send");
+                        }
+                    }
+                    None => debug!(dest = %out.dest, "no TCP connection to this peer"),
+                }
+            }
+        }
+    }
+
+    pub(super) fn register_tcp(&self, remote: SocketAddr, tx: mpsc::Sender<Vec<u8>>) {
+        self.tcp.insert(remote, tx);
+    }
+
+    /// Forgets the connection to `remote` if it is still the one owned by `tx`.
+    pub(super) fn unregister_tcp(&self, remote: SocketAddr, tx: &mpsc::Sender<Vec<u8>>) {
+        self.tcp.remove_if(&remote, |_, v| v.same_channel(tx));
+    }
+
+    /// Open TCP connections.
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp.len()
+    }
+}
+
+/// Bound listeners, ready to run.
+pub struct Server {
+    core: Arc<Core>,
+    transports: Arc<Transports>,
+    udp: Vec<Arc<UdpSocket>>,
+    tcp: Vec<TcpListener>,
+    local: Vec<(Proto, SocketAddr)>,
+}
+
+impl Server {
+    /// Binds every `server.listen` socket. Errors name the socket.
+    pub async fn bind(cfg: Arc<Config>) -> io::Result<Self> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut local = Vec::new();
+        let mut transports = Transports::default();
+        for l in &cfg.server.listen {
+            let ctx = |e: io::Error| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "binding {}:{}: {e}",
+                        l.proto.as_str().to_lowercase(),
+                        l.addr
+                    ),
+                )
+            };
+            match l.proto {
+                Proto::Udp => {
+                    let sock = bind_udp(l.addr).map_err(ctx)?;
+                    let addr = sock.local_addr()?;
+                    let sock = Arc::new(sock);
+                    transports.udp.insert(addr, sock.clone());
+                    udp.push(sock);
+                    local.push((Proto::Udp, addr));
+                }
+                Proto::Tcp => {
+                    let listener = TcpListener::bind(l.addr).await.map_err(ctx)?;
+                    local.push((Proto::Tcp, listener.local_addr()?));
+                    tcp.push(listener);
+                }
+            }
+        }
+        let core = Arc::new(Core::new(cfg, local.clone()));
+        Ok(Self {
+            core,
+            transports: Arc::new(transports),
+            udp,
+            tcp,
+            local,
+        })
+    }
+
+    /// The bound addresses, in `server.listen` order (real ports when 0 was configured).
+    pub fn local_addrs(&self) -> &[(Proto, SocketAddr)] {
+        &self.local
+    }
+
+    /// Serves until `shutdown` becomes true, then waits for the loops to finish.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let cfg = self.core.config();
+        let workers = match cfg.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let mut tasks = JoinSet::new();
+        for sock in &self.udp {
+            let addr = sock.local_addr().ok();
+            info!(transport = "udp", addr = ?addr, workers, "listening");
+            // Several receive loops on one socket: each datagram goes to exactly one of them.
+            for _ in 0..workers {
+                let span = info_span!("udp", local.addr = ?addr);
+                tasks.spawn(
+                    udp::run(
+                        sock.clone(),
+                        self.core.clone(),
+                        self.transports.clone(),
+                        shutdown.clone(),
+                    )
+                    .instrument(span),
+                );
+            }
+        }
+        for listener in self.tcp {
+            let addr = listener.local_addr().ok();
+            info!(transport = "tcp", addr = ?addr, "listening");
+            let span = info_span!("tcp", local.addr = ?addr);
+            tasks.spawn(
+                tcp::accept_loop(
+                    listener,
+                    self.core.clone(),
+                    self.transports.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(span),
+            );
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = sock.set_recv_buffer_size(UDP_RCVBUF);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
