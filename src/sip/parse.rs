@@ -130,7 +130,6 @@ impl Message {
             return Err(Malformed::Empty);
         }
         let buf = input[lead..].to_vec();
-        let mut defect = None;
 
         let (first_end, first_next) = line_end(&buf, 0).ok_or(Malformed::StartLine)?;
         let eol = if first_end > 0 && buf[first_end - 1] == b'\r' {
@@ -143,10 +142,7 @@ impl Message {
         } else {
             first_end
         };
-        let (start, version_ok) = parse_start_line(&buf, 0..first_trimmed)?;
-        if !version_ok {
-            defect.get_or_insert(Malformed::Version);
-        }
+        let (start, mut defect) = parse_start_line(&buf, 0..first_trimmed)?;
 
         // Header lines until the empty line.
         let mut headers: Vec<Header> = Vec::new();
@@ -396,8 +392,13 @@ fn index_header_line(
     });
 }
 
-/// Parses the start line; the bool is false for a request with a version other than 2.0.
-fn parse_start_line(buf: &[u8], r: Range<usize>) -> Result<(StartLine, bool), Malformed> {
+/// Parses the start line. A line that starts like a request but breaks the grammar (extra
+/// spaces, a bad Request-URI, a missing or unsupported version) still yields a request, with
+/// the defect, so that it can be answered with 400 or 505.
+fn parse_start_line(
+    buf: &[u8],
+    r: Range<usize>,
+) -> Result<(StartLine, Option<Malformed>), Malformed> {
     let line = &buf[r.clone()];
     if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"SIP/") {
         // Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
@@ -416,7 +417,7 @@ fn parse_start_line(buf: &[u8], r: Range<usize>) -> Result<(StartLine, bool), Ma
                 code,
                 reason: reason_start..r.end,
             },
-            true,
+            None,
         ));
     }
     // Request-Line = Method SP Request-URI SP SIP-Version: exactly two single spaces.
@@ -424,30 +425,44 @@ fn parse_start_line(buf: &[u8], r: Range<usize>) -> Result<(StartLine, bool), Ma
     if method_len == 0 {
         return Err(Malformed::StartLine);
     }
-    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-    let [method, uri, version] = parts.as_slice() else {
-        return Err(Malformed::RequestLine);
+    let method = r.start..r.start + method_len;
+    let broken = |uri: Range<usize>| {
+        Ok((
+            StartLine::Request {
+                method: method.clone(),
+                uri,
+            },
+            Some(Malformed::RequestLine),
+        ))
     };
-    if method.len() != method_len
+    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    let [m, uri, version] = parts.as_slice() else {
+        return broken(method.end..method.end);
+    };
+    let uri_start = r.start + m.len() + 1;
+    let uri_span = uri_start..uri_start + uri.len();
+    if m.len() != method_len
         || uri.is_empty()
         || uri
             .iter()
             .any(|&b| b <= b' ' || b == b'<' || b == b'>' || b == b'"' || b == 0x7f)
         || !uri.contains(&b':')
     {
-        return Err(Malformed::RequestLine);
+        return broken(uri_span);
     }
-    let version_ok = version.eq_ignore_ascii_case(b"SIP/2.0");
-    if !version_ok && !is_sip_version(version) {
-        return Err(Malformed::RequestLine);
-    }
-    let uri_start = r.start + method.len() + 1;
+    let defect = if version.eq_ignore_ascii_case(b"SIP/2.0") {
+        None
+    } else if is_sip_version(version) {
+        Some(Malformed::Version)
+    } else {
+        Some(Malformed::RequestLine)
+    };
     Ok((
         StartLine::Request {
-            method: r.start..r.start + method.len(),
-            uri: uri_start..uri_start + uri.len(),
+            method,
+            uri: uri_span,
         },
-        version_ok,
+        defect,
     ))
 }
 
@@ -526,8 +541,10 @@ v=0\nEXTRA";
             assert!(Message::parse(bad, Framing::Datagram).is_err(), "{bad:?}");
         }
         assert_eq!(
-            Message::parse(b"INVITE  sip:a@b SIP/2.0\r\n\r\n", Framing::Datagram).unwrap_err(),
-            Malformed::RequestLine
+            Message::parse(b"INVITE  sip:a@b SIP/2.0\r\n\r\n", Framing::Datagram)
+                .unwrap()
+                .defect(),
+            Some(Malformed::RequestLine)
         );
         assert_eq!(
             Message::parse(b"\r\n\r\n", Framing::Datagram).unwrap_err(),

@@ -1,0 +1,140 @@
+//! The `sipedge` binary: `check-config` exit codes and messages, and `serve` answering OPTIONS
+//! and stopping cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use tokio::net::UdpSocket;
+
+use crate::harness::{request, udp_exchange};
+
+fn sipedge() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sipedge"));
+    c.env_remove("SIPEDGE_CONFIG").env_remove("RUST_LOG");
+    c
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sipedge-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_accepts_the_seed_file() {
+    let seed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/sipedge.toml");
+    let out = sipedge()
+        .arg("check-config")
+        .arg("-c")
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = String::from_utf8(out.stdout).unwrap();
+    // Derived values are written out.
+    assert!(effective.contains("advertise = "), "{effective}");
+    assert!(effective.contains("[[route]]"), "{effective}");
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_2() {
+    for (name, text, key) in [
+        (
+            "unknown.toml",
+            "[media]\nports = \"30000-40000\"\nport_rnage = 1\n",
+            "media.port_rnage",
+        ),
+        (
+            "ports.toml",
+            "[media]\nports = \"30001-30000\"\n",
+            "media.ports",
+        ),
+        (
+            "regex.toml",
+            "[[route]]\nname = \"pbx\"\nuser = '^[0-9{3,4}$'\nnext_hop = \"pbx:5060\"\n",
+            "route.user",
+        ),
+    ] {
+        let path = temp_config(name, text);
+        let out = sipedge()
+            .arg("check-config")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(key), "{name}: {stderr} does not name {key}");
+    }
+    // SIPEDGE_CONFIG names the file when -c is absent; a missing file is a usage error.
+    let out = sipedge()
+        .arg("check-config")
+        .env("SIPEDGE_CONFIG", "/nonexistent/sipedge.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sipedge.toml"));
+}
+
+#[tokio::test]
+async fn serve_answers_and_stops_on_sigterm() {
+    let path = temp_config(
+        "serve.toml",
+        "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n",
+    );
+    let mut child = sipedge()
+        .args(["--log-level", "info", "serve", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The "listening" line carries the bound address.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("addr=Some(").nth(1) {
+            break rest
+                .split(')')
+                .next()
+                .unwrap()
+                .parse::<std::net::SocketAddr>()
+                .unwrap();
+        }
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let resp = udp_exchange(
+        &sock,
+        addr,
+        request("OPTIONS", "sip:example.com", me, "bin", "").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status(), Some(200));
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("sipedge stopped")),
+        "{rest:?}"
+    );
+}

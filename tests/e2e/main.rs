@@ -1,0 +1,9 @@
+//! End-to-end tests: one integration binary (hickory-style). Servers run in-process on
+//! 127.0.0.1 ephemeral ports; tests talk real UDP and TCP and assert on the wire.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+mod cli;
+mod corpus;
+mod harness;
+mod transport;
