@@ -145,7 +145,10 @@ impl Core {
                 self.local
                     .iter()
                     .any(|(_, a)| a.port() == if uri.secure { 5061 } else { 5060 })
-                    || self.local.iter().any(|(_, a)| a == &source.local)
+                    || self
+                        .local
+                        .iter()
+                        .any(|(_, a)| a.port() == source.local.port())
             }
             Some(p) => self.local.iter().any(|(_, a)| a.port() == p),
         };
@@ -155,11 +158,15 @@ impl Core {
         let Some(ip) = uri.ip() else {
             return false;
         };
+        // A wildcard socket (0.0.0.0) serves every local address; the ones we can know without
+        // asking the kernel for each packet's destination are the advertised address, the
+        // address a TCP connection was accepted on, and loopback.
         let ours = ip == self.cfg.server.advertise
+            || ip == source.local.ip()
             || self
                 .local
                 .iter()
-                .any(|(_, a)| a.ip() == ip || (a.ip().is_unspecified() && ip == source.local.ip()));
+                .any(|(_, a)| a.ip() == ip || (a.ip().is_unspecified() && ip.is_loopback()));
         ours && port_ok(uri.port)
     }
 

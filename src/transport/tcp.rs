@@ -40,10 +40,12 @@ pub(super) async fn accept_loop(
         };
         match accepted {
             Ok((stream, remote)) => {
+                // The accepted socket knows which of our addresses the peer connected to,
+                // even on a wildcard listener.
                 let source = Source {
                     proto: Proto::Tcp,
                     remote,
-                    local,
+                    local: stream.local_addr().unwrap_or(local),
                 };
                 let span = debug_span!("conn", peer.addr = %remote, local.addr = %local);
                 tokio::spawn(
