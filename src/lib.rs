@@ -7,11 +7,22 @@
 //!   needs; targeted rewrites; locally generated responses. Pure.
 //! - [`proxy`]: the request pipeline (sanity, local replies, routing) as a sans-IO core.
 //! - [`transport`]: UDP and TCP sockets, stream framing, the send path. Only moves bytes.
+//! - [`registrar`]: REGISTER processing (pure decision), the location service, the async
+//!   service that authenticates, writes through to the store and answers.
+//! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
+//! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
+//! - [`clock`]: the only reader of clocks.
+//! - [`app`]: the wiring of a running server (store, location, listeners, registrar).
 //!
 //! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
 //! [`proxy::pipeline::Core::handle`] and sends what it returns.
 
+pub mod app;
+pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod proxy;
+pub mod registrar;
 pub mod sip;
+pub mod store;
 pub mod transport;

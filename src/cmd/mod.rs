@@ -1,7 +1,9 @@
 //! The subcommands. `anyhow` is used here and in `main.rs` only.
 
 pub(crate) mod check_config;
+pub(crate) mod db;
 pub(crate) mod serve;
+pub(crate) mod user;
 
 use std::path::Path;
 
@@ -39,6 +41,14 @@ pub(crate) fn load_config(path: &Path) -> Result<Config, CmdError> {
     Config::load(path).map_err(|e: ConfigError| {
         CmdError::Usage(anyhow::Error::new(e).context(format!("configuration {}", path.display())))
     })
+}
+
+/// A small runtime for the one-shot commands.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CmdError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CmdError::Runtime(anyhow::Error::new(e).context("starting the runtime")))
 }
 
 pub(crate) fn init_tracing(level: &str) {

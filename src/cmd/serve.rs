@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sipedge::transport::server::Server;
+use sipedge::clock::{Clock, SystemClock};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -27,10 +27,12 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         .context("starting the runtime")
         .map_err(CmdError::Runtime)?;
     rt.block_on(async move {
-        let server = Server::bind(cfg.clone())
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let app = sipedge::app::build(cfg.clone(), clock)
             .await
-            .context("binding server.listen")
+            .context("starting")
             .map_err(CmdError::Runtime)?;
+        let (server, store) = (app.server, app.store);
         info!(
             version = env!("CARGO_PKG_VERSION"),
             advertise = %cfg.server.advertise,
@@ -45,6 +47,7 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         if tokio::time::timeout(DRAIN, serving).await.is_err() {
             warn!("listeners did not stop within {DRAIN:?}");
         }
+        store.close().await;
         info!("sipedge stopped");
         Ok(())
     })

@@ -13,7 +13,8 @@ use tracing::debug;
 
 use super::sanity::{self, Verdict};
 use crate::config::{Config, RelayForeign};
-use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
+use crate::registrar::service::Job;
+use crate::sip::{Framing, Message, SipUri, reply};
 use crate::transport::{Outbound, Proto, Source};
 
 /// Methods sipedge knows (RFC 3261 and the extensions a proxy meets); others get 501 when
@@ -38,6 +39,23 @@ const KNOWN_METHODS: &[&str] = &[
 /// The `Allow` header value of our own responses.
 const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, PRACK, UPDATE, INFO, SUBSCRIBE, NOTIFY, REFER, MESSAGE, PUBLISH";
 
+/// What the I/O side does with a received message.
+#[derive(Debug)]
+pub enum Dispatch {
+    /// Send this (a local reply).
+    Send(Outbound),
+    /// Hand this REGISTER for one of our domains to the registrar.
+    Register(Box<Job>),
+    /// Nothing to do.
+    Nothing,
+}
+
+impl From<Option<Outbound>> for Dispatch {
+    fn from(o: Option<Outbound>) -> Self {
+        o.map_or(Self::Nothing, Self::Send)
+    }
+}
+
 /// The signalling core: configuration plus the sockets we own (for the "myself" check).
 #[derive(Debug)]
 pub struct Core {
@@ -55,18 +73,18 @@ impl Core {
         &self.cfg
     }
 
-    /// Handles one received message; returns what to send in answer, if anything.
-    pub fn handle(&self, bytes: &[u8], source: Source, framing: Framing) -> Option<Outbound> {
+    /// Handles one received message; returns what the I/O side must do.
+    pub fn handle(&self, bytes: &[u8], source: Source, framing: Framing) -> Dispatch {
         match sanity::check(bytes, framing, self.cfg.server.max_message_size) {
             Verdict::Drop(reason) => {
                 debug!(peer.addr = %source.remote, ?reason, "dropping message");
-                None
+                Dispatch::Nothing
             }
             Verdict::Response(msg) => {
                 // No client transactions exist yet, so no response can match one (RFC 3261
                 // §17.1.3); a stateful proxy drops stray responses.
                 debug!(peer.addr = %source.remote, sip.status = msg.status(), "dropping stray response");
-                None
+                Dispatch::Nothing
             }
             Verdict::Reject {
                 msg,
@@ -74,9 +92,19 @@ impl Core {
                 reason,
             } => {
                 debug!(peer.addr = %source.remote, sip.status = status, %reason, "rejecting request");
-                Some(self.reply(&msg, source, status, &reason, &[]))
+                Dispatch::Send(self.reply(&msg, source, status, &reason, &[]))
             }
-            Verdict::Request(msg) => self.request(&msg, source),
+            Verdict::Request(msg) => {
+                let for_registrar = msg.method() == Some("REGISTER")
+                    && msg
+                        .request_uri()
+                        .and_then(|u| SipUri::parse(u).ok())
+                        .is_some_and(|u| self.is_myself(&u, source));
+                if for_registrar {
+                    return Dispatch::Register(Box::new(Job { msg, source }));
+                }
+                self.request(&msg, source).into()
+            }
         }
     }
 
@@ -128,7 +156,6 @@ impl Core {
                 &[("Allow", ALLOW), ("Accept", "application/sdp")],
             )),
             ("NOTIFY", None) => Some(self.reply(msg, source, 200, "OK", &[])),
-            ("REGISTER", _) => Some(self.reply(msg, source, 501, "Registrar Not Implemented", &[])),
             (_, _) if max_forwards == Some(0) => {
                 Some(self.reply(msg, source, 483, "Too Many Hops", &[]))
             }
@@ -171,7 +198,7 @@ impl Core {
     }
 
     /// A local response, sent back the way RFC 3261 §18.2.2 says.
-    fn reply(
+    pub fn reply(
         &self,
         msg: &Message,
         source: Source,
@@ -193,15 +220,6 @@ impl Core {
             bytes,
         }
     }
-}
-
-/// The header names that identify a request in logs.
-pub fn describe(msg: &Message) -> String {
-    format!(
-        "{} {}",
-        msg.method().unwrap_or("?"),
-        msg.header_str(HeaderName::CallId).unwrap_or("?")
-    )
 }
 
 #[cfg(test)]
@@ -233,7 +251,11 @@ mod tests {
             "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9;rport\r\n\
 From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
         );
-        let out = core().handle(text.as_bytes(), src(), Framing::Datagram)?;
+        let out = match core().handle(text.as_bytes(), src(), Framing::Datagram) {
+            Dispatch::Send(out) => out,
+            Dispatch::Register(_) => return Some(0),
+            Dispatch::Nothing => return None,
+        };
         assert_eq!(out.dest, src().remote, "rport: answer the source");
         Message::parse(&out.bytes, Framing::Datagram)
             .unwrap()
@@ -253,7 +275,11 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>\r\nCall-ID: t1\r\nCSeq: 1 {method
             Some(200)
         );
         assert_eq!(status_of("INVITE", "sip:bob@example.com", ""), Some(404));
-        assert_eq!(status_of("REGISTER", "sip:example.com", ""), Some(501));
+        assert_eq!(
+            status_of("REGISTER", "sip:example.com", ""),
+            Some(0),
+            "to the registrar"
+        );
         assert_eq!(status_of("FOO", "sip:example.com", ""), Some(501));
         assert_eq!(status_of("CANCEL", "sip:bob@example.com", ""), Some(481));
         assert_eq!(status_of("INVITE", "sip:bob@elsewhere.net", ""), Some(403));

@@ -14,7 +14,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Outbound, Proto, tcp, udp};
 use crate::config::Config;
-use crate::proxy::pipeline::Core;
+use crate::proxy::pipeline::{Core, Dispatch};
+use crate::registrar::service::Registrar;
 
 /// Receive buffer asked of the kernel for each UDP socket: a registration storm after a
 /// router reboot must not overflow the default ~200 KiB.
@@ -70,6 +71,42 @@ impl Transports {
     }
 }
 
+/// Executes what the core decided: sends replies, hands REGISTERs to the registrar.
+pub struct Dispatcher {
+    pub core: Arc<Core>,
+    pub transports: Arc<Transports>,
+    registrar: Option<Registrar>,
+}
+
+impl Dispatcher {
+    pub async fn execute(&self, d: Dispatch) {
+        match d {
+            Dispatch::Nothing => {}
+            Dispatch::Send(out) => self.transports.send(out).await,
+            Dispatch::Register(job) => {
+                let Some(registrar) = &self.registrar else {
+                    let out =
+                        self.core
+                            .reply(&job.msg, job.source, 501, "Registrar Not Enabled", &[]);
+                    return self.transports.send(out).await;
+                };
+                if let Err(job) = registrar.submit(job) {
+                    // Overload: tell the phone when to retry instead of queueing without bound.
+                    warn!(peer.addr = %job.source.remote, "registrar queue full, answering 503");
+                    let out = self.core.reply(
+                        &job.msg,
+                        job.source,
+                        503,
+                        "Service Unavailable",
+                        &[("Retry-After", "5")],
+                    );
+                    self.transports.send(out).await;
+                }
+            }
+        }
+    }
+}
+
 /// Bound listeners, ready to run.
 pub struct Server {
     core: Arc<Core>,
@@ -77,6 +114,7 @@ pub struct Server {
     udp: Vec<Arc<UdpSocket>>,
     tcp: Vec<TcpListener>,
     local: Vec<(Proto, SocketAddr)>,
+    registrar: Option<Registrar>,
 }
 
 impl Server {
@@ -120,7 +158,18 @@ impl Server {
             udp,
             tcp,
             local,
+            registrar: None,
         })
+    }
+
+    /// The send side, for services that answer asynchronously (the registrar).
+    pub fn transports(&self) -> Arc<Transports> {
+        self.transports.clone()
+    }
+
+    /// Enables REGISTER processing.
+    pub fn set_registrar(&mut self, registrar: Registrar) {
+        self.registrar = Some(registrar);
     }
 
     /// The bound addresses, in `server.listen` order (real ports when 0 was configured).
@@ -130,6 +179,11 @@ impl Server {
 
     /// Serves until `shutdown` becomes true, then waits for the loops to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let dispatcher = Arc::new(Dispatcher {
+            core: self.core.clone(),
+            transports: self.transports.clone(),
+            registrar: self.registrar.clone(),
+        });
         let cfg = self.core.config();
         let workers = match cfg.server.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -143,13 +197,7 @@ impl Server {
             for _ in 0..workers {
                 let span = info_span!("udp", local.addr = ?addr);
                 tasks.spawn(
-                    udp::run(
-                        sock.clone(),
-                        self.core.clone(),
-                        self.transports.clone(),
-                        shutdown.clone(),
-                    )
-                    .instrument(span),
+                    udp::run(sock.clone(), dispatcher.clone(), shutdown.clone()).instrument(span),
                 );
             }
         }
@@ -158,13 +206,7 @@ impl Server {
             info!(transport = "tcp", addr = ?addr, "listening");
             let span = info_span!("tcp", local.addr = ?addr);
             tasks.spawn(
-                tcp::accept_loop(
-                    listener,
-                    self.core.clone(),
-                    self.transports.clone(),
-                    shutdown.clone(),
-                )
-                .instrument(span),
+                tcp::accept_loop(listener, dispatcher.clone(), shutdown.clone()).instrument(span),
             );
         }
         while tasks.join_next().await.is_some() {}

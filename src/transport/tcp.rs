@@ -11,9 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::framing::{Frame, FrameError, StreamFramer};
-use super::server::Transports;
+use super::server::Dispatcher;
 use super::{Outbound, Proto, Source};
-use crate::proxy::pipeline::Core;
 use crate::sip::{Framing, Message, reply};
 
 /// Frames queued for one connection's writer before senders wait.
@@ -21,8 +20,7 @@ const WRITE_QUEUE: usize = 64;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    core: Arc<Core>,
-    transports: Arc<Transports>,
+    dispatcher: Arc<Dispatcher>,
     shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -49,14 +47,8 @@ pub(super) async fn accept_loop(
                 };
                 let span = debug_span!("conn", peer.addr = %remote, local.addr = %local);
                 tokio::spawn(
-                    connection(
-                        stream,
-                        source,
-                        core.clone(),
-                        transports.clone(),
-                        shutdown.clone(),
-                    )
-                    .instrument(span),
+                    connection(stream, source, dispatcher.clone(), shutdown.clone())
+                        .instrument(span),
                 );
             }
             Err(error) => {
@@ -71,13 +63,13 @@ pub(super) async fn accept_loop(
 async fn connection(
     stream: TcpStream,
     source: Source,
-    core: Arc<Core>,
-    transports: Arc<Transports>,
+    dispatcher: Arc<Dispatcher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let transports = &dispatcher.transports;
     transports.register_tcp(source.remote, tx.clone());
     debug!("connection open");
 
@@ -94,7 +86,7 @@ async fn connection(
         .in_current_span(),
     );
 
-    let cfg = core.config();
+    let cfg = dispatcher.core.config();
     let idle = cfg.server.tcp_idle_timeout;
     let mut framer = StreamFramer::new(cfg.server.max_message_size);
     let mut buf = vec![0u8; 16 * 1024];
@@ -131,9 +123,8 @@ async fn connection(
                     }
                 }
                 Ok(Some(Frame::Message(bytes))) => {
-                    if let Some(out) = core.handle(&bytes, source, Framing::Stream) {
-                        transports.send(out).await;
-                    }
+                    let d = dispatcher.core.handle(&bytes, source, Framing::Stream);
+                    dispatcher.execute(d).await;
                 }
                 Err(FrameError::TooLarge { size, max }) => {
                     // Answer 513 from the head if it is a request, then close: the rest of

@@ -7,9 +7,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::server::Transports;
+use super::server::Dispatcher;
 use super::{Proto, Source};
-use crate::proxy::pipeline::Core;
 use crate::sip::Framing;
 
 /// Largest UDP payload; a datagram this long or longer cannot be a complete message anyway.
@@ -18,8 +17,7 @@ const RECV_BUF: usize = 65536;
 /// Receives on `sock` until shutdown. Several of these may run on one socket.
 pub(super) async fn run(
     sock: Arc<UdpSocket>,
-    core: Arc<Core>,
-    transports: Arc<Transports>,
+    dispatcher: Arc<Dispatcher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match sock.local_addr() {
@@ -53,9 +51,8 @@ pub(super) async fn run(
             remote,
             local,
         };
-        if let Some(out) = core.handle(&buf[..n], source, Framing::Datagram) {
-            transports.send(out).await;
-        }
+        let d = dispatcher.core.handle(&buf[..n], source, Framing::Datagram);
+        dispatcher.execute(d).await;
     }
 }
 

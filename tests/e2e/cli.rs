@@ -88,7 +88,10 @@ fn check_config_names_the_bad_key_and_exits_2() {
 async fn serve_answers_and_stops_on_sigterm() {
     let path = temp_config(
         "serve.toml",
-        "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n",
+        &format!(
+            "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n[database]\nurl = \"{}\"\n",
+            crate::harness::fresh_db()
+        ),
     );
     let mut child = sipedge()
         .args(["--log-level", "info", "serve", "-c"])

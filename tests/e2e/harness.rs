@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sipedge::clock::SystemClock;
 use sipedge::config::{Config, Proto};
+use sipedge::registrar::location::Location;
 use sipedge::sip::{Framing, Message};
-use sipedge::transport::server::Server;
+use sipedge::store::Store;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,22 +20,33 @@ pub(crate) const WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct TestServer {
     pub(crate) udp: SocketAddr,
     pub(crate) tcp: SocketAddr,
+    pub(crate) store: Store,
+    pub(crate) location: Arc<Location>,
+    /// The database URL, to restart on the same store.
+    pub(crate) db_url: String,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
-    /// Starts a server listening on UDP and TCP on 127.0.0.1; `extra` is appended to the
-    /// config (tables other than `[server]`, or server keys via `server_extra`).
+    /// Starts a server listening on UDP and TCP on 127.0.0.1 with a fresh SQLite database;
+    /// `server_extra` goes into `[server]`, `extra` after it (other tables).
     pub(crate) async fn start(server_extra: &str, extra: &str) -> Self {
+        Self::start_on(&fresh_db(), "127.0.0.1:0", server_extra, extra).await
+    }
+
+    /// Starts a server on a given database and UDP address (to restart on the same ones).
+    pub(crate) async fn start_on(db_url: &str, udp: &str, server_extra: &str, extra: &str) -> Self {
         let text = format!(
-            "[server]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n\
-             domains = [\"example.com\"]\n{server_extra}\n{extra}"
+            "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
+             domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n{extra}"
         );
         let cfg = Config::from_toml(&text, || "127.0.0.1".parse().unwrap()).unwrap();
-        let server = Server::bind(Arc::new(cfg)).await.unwrap();
+        let app = sipedge::app::build(Arc::new(cfg), Arc::new(SystemClock))
+            .await
+            .unwrap();
         let addr = |p: Proto| {
-            server
+            app.server
                 .local_addrs()
                 .iter()
                 .find(|(proto, _)| *proto == p)
@@ -42,10 +55,13 @@ impl TestServer {
         };
         let (udp, tcp) = (addr(Proto::Udp), addr(Proto::Tcp));
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(server.run(rx));
+        let task = tokio::spawn(app.server.run(rx));
         Self {
             udp,
             tcp,
+            store: app.store,
+            location: app.location,
+            db_url: db_url.to_owned(),
             stop,
             task: Some(task),
         }
@@ -57,7 +73,18 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
         }
+        self.store.close().await;
     }
+}
+
+/// A new SQLite database URL in the temp directory.
+pub(crate) fn fresh_db() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("sipedge-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed)));
+    format!("sqlite://{}", path.display())
 }
 
 /// A request from a UA at `from` (Via sent-by) to `ruri`.

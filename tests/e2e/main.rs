@@ -6,4 +6,5 @@
 mod cli;
 mod corpus;
 mod harness;
+mod registrar;
 mod transport;

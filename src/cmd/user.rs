@@ -1,0 +1,154 @@
+//! `sipedge user add|del|passwd|list`: subscribers, stored as HA1 hashes (MD5 and SHA-256)
+//! for the realm they will authenticate in; the plaintext password is never stored.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow};
+use sipedge::auth::digest;
+use sipedge::clock::{Clock, SystemClock};
+use sipedge::config::{Config, DigestAlgorithm};
+use sipedge::store::{Store, StoreError, Subscriber};
+
+use super::{CmdError, load_config, runtime};
+
+/// `USER[@DOMAIN]` → (user, domain); the domain defaults to the first of `server.domains`.
+fn split_user(cfg: &Config, spec: &str) -> Result<(String, String), CmdError> {
+    let (user, domain) = match spec.split_once('@') {
+        Some((u, d)) => (u.to_owned(), d.to_ascii_lowercase()),
+        None => (spec.to_owned(), cfg.server.domains[0].clone()),
+    };
+    let bad = |what: &str| CmdError::Usage(anyhow!("{spec:?}: {what}"));
+    if user.is_empty() || user.contains([':', ' ', '\t', '"', '<', '>']) {
+        return Err(bad("not a valid user name"));
+    }
+    if domain.is_empty() || domain.contains([' ', '@', ':']) {
+        return Err(bad("not a valid domain"));
+    }
+    if !cfg.is_local_domain(&domain) {
+        return Err(bad(
+            "the domain is not in server.domains, so nobody could register with it",
+        ));
+    }
+    Ok((user, domain))
+}
+
+/// The password from `--password`, else one line of standard input.
+fn password(given: Option<String>) -> Result<String, CmdError> {
+    let pw = match given {
+        Some(p) => p,
+        None => {
+            eprint!("password: ");
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the password from standard input")
+                .map_err(CmdError::Runtime)?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if pw.is_empty() {
+        return Err(CmdError::Usage(anyhow!("empty password")));
+    }
+    Ok(pw)
+}
+
+/// HA1 hashes for the realm this subscriber will be challenged in.
+fn hashes(cfg: &Config, user: &str, domain: &str, pw: &str) -> (String, String) {
+    let realm = cfg.auth.realm.as_deref().unwrap_or(domain);
+    (
+        digest::ha1(DigestAlgorithm::Md5, user, realm, pw),
+        digest::ha1(DigestAlgorithm::Sha256, user, realm, pw),
+    )
+}
+
+async fn open(cfg: &Config) -> Result<Store, CmdError> {
+    let store = Store::connect(&cfg.database_url)
+        .await
+        .context("opening the database")
+        .map_err(CmdError::Runtime)?;
+    store
+        .migrate()
+        .await
+        .context("migrating the database")
+        .map_err(CmdError::Runtime)?;
+    Ok(store)
+}
+
+pub(crate) fn add(path: &Path, spec: &str, pw: Option<String>) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    let (user, domain) = split_user(&cfg, spec)?;
+    let pw = password(pw)?;
+    let (ha1_md5, ha1_sha256) = hashes(&cfg, &user, &domain, &pw);
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let s = Subscriber {
+            username: user.clone(),
+            domain: domain.clone(),
+            ha1_md5,
+            ha1_sha256,
+            created: SystemClock.unix(),
+        };
+        match store.add_subscriber(&s).await {
+            Ok(()) => {
+                println!("added {user}@{domain}");
+                Ok(())
+            }
+            Err(e @ StoreError::Exists(_)) => Err(CmdError::Usage(e.into())),
+            Err(e) => Err(CmdError::Runtime(e.into())),
+        }
+    })
+}
+
+pub(crate) fn passwd(path: &Path, spec: &str, pw: Option<String>) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    let (user, domain) = split_user(&cfg, spec)?;
+    let pw = password(pw)?;
+    let (md5, sha256) = hashes(&cfg, &user, &domain, &pw);
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        match store
+            .set_subscriber_hashes(&user, &domain, &md5, &sha256)
+            .await
+        {
+            Ok(true) => {
+                println!("password changed for {user}@{domain}");
+                Ok(())
+            }
+            Ok(false) => Err(CmdError::Usage(anyhow!("no subscriber {user}@{domain}"))),
+            Err(e) => Err(CmdError::Runtime(e.into())),
+        }
+    })
+}
+
+pub(crate) fn del(path: &Path, spec: &str) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    let (user, domain) = split_user(&cfg, spec)?;
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        match store.delete_subscriber(&user, &domain).await {
+            Ok(true) => {
+                println!("deleted {user}@{domain} and their registrations");
+                Ok(())
+            }
+            Ok(false) => Err(CmdError::Usage(anyhow!("no subscriber {user}@{domain}"))),
+            Err(e) => Err(CmdError::Runtime(e.into())),
+        }
+    })
+}
+
+pub(crate) fn list(path: &Path) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let subs = store
+            .list_subscribers()
+            .await
+            .map_err(|e| CmdError::Runtime(e.into()))?;
+        for s in subs {
+            println!("{}@{}", s.username, s.domain);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,219 @@
+//! The location service (Kamailio `usrloc` in WRITE_THROUGH mode): bindings by
+//! address-of-record in memory for lookups, an expiry index so that expired bindings are
+//! purged at their deadline (no periodic scans), and the store behind it.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use dashmap::DashMap;
+
+use crate::config::Proto;
+
+/// One registered contact of an address-of-record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// `user@domain`, domain lower-cased.
+    pub aor: String,
+    /// The Contact URI exactly as the phone sent it.
+    pub contact: String,
+    /// Where the REGISTER came from: the phone's NAT binding, used to reach it.
+    pub received: SocketAddr,
+    pub transport: Proto,
+    /// Our socket the REGISTER arrived on.
+    pub local_socket: SocketAddr,
+    /// `server.instance_id` of the instance that owns the NAT binding.
+    pub instance: String,
+    /// Unix seconds.
+    pub expires: u64,
+    /// q-value in per-mille (0..=1000); 1000 when the phone gave none.
+    pub q: u16,
+    pub call_id: String,
+    pub cseq: u32,
+    pub user_agent: String,
+    /// Path header values (RFC 3327), comma-joined, as received.
+    pub path: String,
+    /// `+sip.instance` (RFC 5626), without quotes; empty when absent.
+    pub instance_urn: String,
+    /// Unix seconds of the last REGISTER that refreshed it.
+    pub updated: u64,
+}
+
+impl Binding {
+    /// Seconds left at `now`.
+    pub fn remaining(&self, now: u64) -> u64 {
+        self.expires.saturating_sub(now)
+    }
+}
+
+/// In-memory bindings plus their expiry index.
+#[derive(Debug, Default)]
+pub struct Location {
+    by_aor: DashMap<String, Vec<Binding>>,
+    /// (expires, aor, contact); entries may be stale (a refreshed binding leaves its old
+    /// deadline here), which the purge checks against the live binding.
+    expiry: tokio::sync::Mutex<BTreeSet<(u64, String, String)>>,
+    /// Wakes the purge task when a deadline earlier than the one it sleeps on appears.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl Location {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The live bindings of an AOR at `now`, highest q first.
+    pub fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+        let mut v: Vec<Binding> = self
+            .by_aor
+            .get(aor)
+            .map(|b| b.iter().filter(|b| b.expires > now).cloned().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|b| std::cmp::Reverse(b.q));
+        v
+    }
+
+    /// Replaces the bindings of one AOR (after the store accepted the change).
+    pub async fn set(&self, aor: &str, bindings: Vec<Binding>) {
+        let old = self.by_aor.get(aor).map(|v| v.clone()).unwrap_or_default();
+        let wake = {
+            let mut idx = self.expiry.lock().await;
+            let first_before = idx.first().map(|(t, _, _)| *t);
+            for b in &old {
+                idx.remove(&(b.expires, b.aor.clone(), b.contact.clone()));
+            }
+            for b in &bindings {
+                idx.insert((b.expires, b.aor.clone(), b.contact.clone()));
+            }
+            // The purge task only needs waking when the earliest deadline moved earlier.
+            let first_after = idx.first().map(|(t, _, _)| *t);
+            matches!((first_before, first_after), (None, Some(_)))
+                || matches!((first_before, first_after), (Some(b), Some(a)) if a < b)
+        };
+        if bindings.is_empty() {
+            self.by_aor.remove(aor);
+        } else {
+            self.by_aor.insert(aor.to_owned(), bindings);
+        }
+        if wake {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Loads bindings read from the store at start.
+    pub async fn load(&self, bindings: Vec<Binding>) {
+        let mut by: std::collections::HashMap<String, Vec<Binding>> = Default::default();
+        for b in bindings {
+            by.entry(b.aor.clone()).or_default().push(b);
+        }
+        for (aor, v) in by {
+            self.set(&aor, v).await;
+        }
+    }
+
+    /// The earliest deadline in the index.
+    pub async fn next_deadline(&self) -> Option<u64> {
+        self.expiry.lock().await.first().map(|(t, _, _)| *t)
+    }
+
+    /// Removes every binding whose deadline is at or before `now` from memory and returns
+    /// them (for logging and for the store).
+    pub async fn purge(&self, now: u64) -> Vec<Binding> {
+        let mut due = Vec::new();
+        {
+            let mut idx = self.expiry.lock().await;
+            while let Some(first) = idx.first() {
+                if first.0 > now {
+                    break;
+                }
+                if let Some(e) = idx.pop_first() {
+                    due.push(e);
+                }
+            }
+        }
+        let mut expired = Vec::new();
+        for (t, aor, contact) in due {
+            let mut now_empty = false;
+            if let Some(mut list) = self.by_aor.get_mut(&aor) {
+                // Only if the live binding still has this deadline (not refreshed since).
+                if let Some(pos) = list
+                    .iter()
+                    .position(|b| b.contact == contact && b.expires == t)
+                {
+                    expired.push(list.remove(pos));
+                }
+                now_empty = list.is_empty();
+            }
+            if now_empty {
+                self.by_aor.remove_if(&aor, |_, v| v.is_empty());
+            }
+        }
+        expired
+    }
+
+    /// Number of AORs with at least one binding.
+    pub fn aor_count(&self) -> usize {
+        self.by_aor.len()
+    }
+
+    /// Number of bindings.
+    pub fn binding_count(&self) -> usize {
+        self.by_aor.iter().map(|e| e.value().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn binding(aor: &str, contact: &str, expires: u64, q: u16) -> Binding {
+        Binding {
+            aor: aor.into(),
+            contact: contact.into(),
+            received: "192.0.2.1:5060".parse().unwrap(),
+            transport: Proto::Udp,
+            local_socket: "127.0.0.1:5060".parse().unwrap(),
+            instance: "i".into(),
+            expires,
+            q,
+            call_id: "c".into(),
+            cseq: 1,
+            user_agent: String::new(),
+            path: String::new(),
+            instance_urn: String::new(),
+            updated: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn lookup_orders_by_q_and_purge_respects_refresh() {
+        let loc = Location::new();
+        loc.set(
+            "a@x",
+            vec![
+                binding("a@x", "sip:1@h", 100, 500),
+                binding("a@x", "sip:2@h", 200, 900),
+            ],
+        )
+        .await;
+        let l = loc.lookup("a@x", 50);
+        assert_eq!(l[0].contact, "sip:2@h");
+        assert_eq!(loc.next_deadline().await, Some(100));
+        // Refresh contact 1 to 300: its old deadline (100) must not remove it.
+        loc.set(
+            "a@x",
+            vec![
+                binding("a@x", "sip:1@h", 300, 500),
+                binding("a@x", "sip:2@h", 200, 900),
+            ],
+        )
+        .await;
+        assert!(loc.purge(150).await.is_empty());
+        let gone = loc.purge(250).await;
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].contact, "sip:2@h");
+        assert_eq!(loc.binding_count(), 1);
+        assert_eq!(loc.purge(300).await.len(), 1);
+        assert_eq!(loc.aor_count(), 0);
+        assert_eq!(loc.next_deadline().await, None);
+    }
+}

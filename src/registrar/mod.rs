@@ -1,0 +1,10 @@
+//! The registrar (RFC 3261 §10.3): digest-authenticated REGISTER processing, the location
+//! service, and its write-through to the store.
+//!
+//! - [`register`]: the §10.3 rules as a pure decision.
+//! - [`location`]: bindings in memory with an expiry index.
+//! - [`service`]: the async side: authentication, sharded processing, store writes, replies.
+
+pub mod location;
+pub mod register;
+pub mod service;

@@ -1,0 +1,321 @@
+//! The registrar as a service (the seed's `route[2]`): `www_authorize` against the subscriber
+//! table → `check_to` → `save("location")` with write-through → 200 listing the contacts.
+//!
+//! REGISTERs are spread over shards by address-of-record: each shard handles its requests in
+//! order (so two REGISTERs of one AOR never race), and the UDP receive loops never wait for
+//! the store. A full shard queue answers 503 with Retry-After instead of queueing without
+//! bound. Each shard keeps the final responses it sent for 32 s (Timer J, RFC 3261
+//! §17.2.2), so a retransmitted REGISTER gets the same answer instead of a replayed nonce.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::location::Location;
+use super::register::{self, Origin};
+use crate::auth::digest::{self, Credentials};
+use crate::auth::nonce::{self, NonceKey, NonceStatus, ReplayGuard};
+use crate::clock::Clock;
+use crate::config::{Config, DigestAlgorithm};
+use crate::sip::{HeaderName, Message, SipUri, reply};
+use crate::store::Store;
+use crate::transport::server::Transports;
+use crate::transport::{Outbound, Proto, Source};
+
+/// REGISTERs waiting per shard before new ones get 503.
+const QUEUE: usize = 1024;
+/// How long a final response is kept for retransmissions: Timer J = 64·T1.
+const TIMER_J: u64 = 32;
+/// Nonces tracked for nc replay detection, per shard.
+const REPLAY_CAPACITY: usize = 65_536;
+
+/// A REGISTER for one of our domains, from the pipeline.
+#[derive(Debug)]
+pub struct Job {
+    pub msg: Message,
+    pub source: Source,
+}
+
+/// What the registrar shares between its shards.
+pub struct Context {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub location: Arc<Location>,
+    pub transports: Arc<Transports>,
+    pub key: NonceKey,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The handle the pipeline submits REGISTERs to.
+#[derive(Debug, Clone)]
+pub struct Registrar {
+    shards: Vec<mpsc::Sender<Box<Job>>>,
+}
+
+impl Registrar {
+    /// Starts `shards` shard tasks and the expiry task.
+    pub fn start(ctx: Arc<Context>, shards: usize) -> Self {
+        let shards = (0..shards.max(1))
+            .map(|i| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(shard(ctx.clone(), rx).instrument(info_span!("registrar", shard = i)));
+                tx
+            })
+            .collect();
+        // The expiry task holds the context weakly: when the shards end (the server stopped),
+        // the context and its sockets are released.
+        let location = ctx.location.clone();
+        tokio::spawn(
+            expiry(Arc::downgrade(&ctx), location).instrument(info_span!("registrar_expiry")),
+        );
+        Self { shards }
+    }
+
+    /// Queues a REGISTER; gives it back when its shard is overloaded.
+    pub fn submit(&self, job: Box<Job>) -> Result<(), Box<Job>> {
+        let aor_key = job
+            .msg
+            .to()
+            .ok()
+            .map(|t| t.uri.to_owned())
+            .unwrap_or_default();
+        let mut h = std::hash::DefaultHasher::new();
+        aor_key.hash(&mut h);
+        let idx = (h.finish() % self.shards.len() as u64) as usize;
+        self.shards[idx].try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+        })
+    }
+}
+
+/// A transaction key for retransmission matching (RFC 3261 §17.2.3).
+fn txn_key(msg: &Message) -> Option<String> {
+    let via = msg.top_via().ok()?;
+    Some(format!(
+        "{}|{}:{}|{}",
+        via.branch()?,
+        via.host,
+        via.port.unwrap_or(5060),
+        msg.cseq().ok()?.seq
+    ))
+}
+
+async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>) {
+    let mut replay = ReplayGuard::new(REPLAY_CAPACITY, ctx.cfg.auth.nonce_ttl.as_secs());
+    let mut sent: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut last_sweep = 0;
+    while let Some(job) = rx.recv().await {
+        let now = ctx.clock.unix();
+        if now > last_sweep {
+            sent.retain(|_, (t, _)| *t + TIMER_J > now);
+            last_sweep = now;
+        }
+        let key = txn_key(&job.msg);
+        let bytes = match key.as_ref().and_then(|k| sent.get(k)) {
+            Some((_, bytes)) => {
+                debug!("REGISTER retransmission, resending the response");
+                bytes.clone()
+            }
+            None => {
+                let bytes = handle(&ctx, &mut replay, &job, now).await;
+                if let Some(k) = key {
+                    sent.insert(k, (now, bytes.clone()));
+                }
+                bytes
+            }
+        };
+        let dest = match job.source.proto {
+            Proto::Tcp => job.source.remote,
+            Proto::Udp => job.msg.top_via().map_or(job.source.remote, |v| {
+                reply::response_target(&v, job.source.remote)
+            }),
+        };
+        ctx.transports
+            .send(Outbound {
+                proto: job.source.proto,
+                local: job.source.local,
+                dest,
+                bytes,
+            })
+            .await;
+    }
+}
+
+/// Processes one REGISTER and returns the response bytes.
+async fn handle(ctx: &Context, replay: &mut ReplayGuard, job: &Job, now: u64) -> Vec<u8> {
+    let msg = &job.msg;
+    let src = job.source.remote;
+    let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
+        reply::response(msg, src, status, reason, extra)
+    };
+    let Ok(to) = msg.to() else {
+        return respond(400, "Malformed To header", &[]);
+    };
+    let Ok(to_uri) = SipUri::parse(to.uri) else {
+        return respond(404, "Not Found", &[]);
+    };
+    let (Some(user), domain) = (to_uri.user, to_uri.host.to_ascii_lowercase()) else {
+        return respond(400, "To has no user part", &[]);
+    };
+    if !ctx.cfg.is_local_domain(&domain) {
+        return respond(403, "Domain Not Served Here", &[]);
+    }
+    let aor = format!("{user}@{domain}");
+    let realm = ctx.cfg.auth.realm.clone().unwrap_or_else(|| domain.clone());
+    let ttl = ctx.cfg.auth.nonce_ttl.as_secs();
+
+    // www_authorize: the credentials for our realm, if any.
+    let creds: Option<Credentials> = msg
+        .headers_named(HeaderName::Authorization)
+        .filter_map(|h| msg.str_at(h.value.clone()))
+        .filter_map(|v| digest::parse_credentials(v).ok())
+        .find(|c| c.realm == realm);
+    let Some(creds) = creds else {
+        return challenge(ctx, msg, src, &realm, now, false);
+    };
+    let issued = match nonce::check(&ctx.key, &creds.nonce, now, ttl, &realm) {
+        NonceStatus::Valid { issued } => issued,
+        NonceStatus::Stale => return challenge(ctx, msg, src, &realm, now, true),
+        NonceStatus::Invalid => {
+            debug!(user = %creds.username, "nonce not ours");
+            return challenge(ctx, msg, src, &realm, now, false);
+        }
+    };
+    let subscriber = match ctx.store.subscriber(&creds.username, &domain).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "subscriber lookup failed");
+            return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
+        }
+    };
+    let Some(subscriber) = subscriber else {
+        info!(user = %creds.username, %domain, peer.addr = %src, "REGISTER for unknown subscriber");
+        return challenge(ctx, msg, src, &realm, now, false);
+    };
+    let ha1 = match creds.algorithm {
+        DigestAlgorithm::Md5 => &subscriber.ha1_md5,
+        DigestAlgorithm::Sha256 => &subscriber.ha1_sha256,
+    };
+    if !digest::verify(ha1, "REGISTER", &creds) {
+        warn!(user = %creds.username, %domain, peer.addr = %src, "REGISTER with a wrong password");
+        return challenge(ctx, msg, src, &realm, now, false);
+    }
+    if let Some(nc) = creds.nc {
+        if !replay.accept(&creds.nonce, issued, nc, now) {
+            warn!(user = %creds.username, peer.addr = %src, nc, "digest nonce count replayed");
+            return challenge(ctx, msg, src, &realm, now, true);
+        }
+    }
+    // check_to: the To user must be the authenticated user.
+    if creds.username != user {
+        warn!(auth.user = %creds.username, to.user = %user, "To does not match the credentials");
+        return respond(
+            403,
+            "Forbidden: To does not match the authenticated user",
+            &[],
+        );
+    }
+
+    let origin = Origin {
+        aor: &aor,
+        source: job.source,
+        instance: &ctx.cfg.server.instance_id,
+        now,
+    };
+    let current = ctx.location.lookup(&aor, now);
+    let decision = match register::decide(&ctx.cfg.registrar, msg, origin, &current) {
+        Ok(d) => d,
+        Err(r) => {
+            let extra: Vec<(&str, &str)> =
+                r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            return respond(r.status, &r.reason, &extra);
+        }
+    };
+    if decision.is_change() {
+        // Write-through: nothing is acknowledged that the store does not hold.
+        if let Err(e) = ctx
+            .store
+            .save_bindings(&aor, &decision.upsert, &decision.remove)
+            .await
+        {
+            error!(error = %e, %aor, "saving bindings failed");
+            return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
+        }
+        for b in &decision.upsert {
+            info!(%aor, contact = %b.contact, received = %b.received, transport = b.transport.as_str(), expires = b.remaining(now), "registered");
+        }
+        for c in &decision.remove {
+            info!(%aor, contact = %c, "unregistered");
+        }
+        ctx.location.set(&aor, decision.after.clone()).await;
+    }
+    let date = reply::http_date(now);
+    let mut extra: Vec<(&str, String)> = register::contact_headers(&decision.after, now);
+    extra.push(("Date", date));
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    respond(200, "OK", &extra)
+}
+
+/// 401 with one WWW-Authenticate per configured algorithm, in the configured order.
+fn challenge(
+    ctx: &Context,
+    msg: &Message,
+    src: std::net::SocketAddr,
+    realm: &str,
+    now: u64,
+    stale: bool,
+) -> Vec<u8> {
+    static SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let salt = SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = nonce::issue(&ctx.key, now, salt, realm);
+    let values: Vec<String> = ctx
+        .cfg
+        .auth
+        .algorithms
+        .iter()
+        .map(|alg| digest::challenge(*alg, realm, &n, "", stale))
+        .collect();
+    let extra: Vec<(&str, &str)> = values
+        .iter()
+        .map(|v| ("WWW-Authenticate", v.as_str()))
+        .collect();
+    reply::response(msg, src, 401, "Unauthorized", &extra)
+}
+
+/// Purges expired bindings at their deadline: sleeps until the earliest one, or until a new
+/// earlier one appears.
+async fn expiry(ctx: std::sync::Weak<Context>, location: Arc<Location>) {
+    loop {
+        let Some(now) = ctx.upgrade().map(|c| c.clock.unix()) else {
+            return;
+        };
+        let wait = match location.next_deadline().await {
+            Some(t) if t <= now => Duration::ZERO,
+            Some(t) => Duration::from_secs(t - now),
+            None => Duration::from_secs(3600),
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = location.changed.notified() => continue,
+            }
+        }
+        let Some(ctx) = ctx.upgrade() else {
+            return;
+        };
+        let now = ctx.clock.unix();
+        let expired = location.purge(now).await;
+        for b in &expired {
+            info!(aor = %b.aor, contact = %b.contact, "registration expired");
+        }
+        if !expired.is_empty() {
+            if let Err(e) = ctx.store.delete_expired(now).await {
+                error!(error = %e, "deleting expired bindings from the store failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The registrar over real UDP: 401 challenge → authenticated REGISTER → 200 listing the
+//! contact; the binding in the store; wrong password; To ≠ authenticated user; 423; Contact *;
+//! and a restart on the same database that still serves the binding. The digest response is
+//! computed here with the md-5 crate, independently of sipedge's auth module.
+
+use std::net::SocketAddr;
+
+use md5::{Digest, Md5};
+use sipedge::sip::{ContactValue, HeaderName, Message};
+use sipedge::store::Subscriber;
+use tokio::net::UdpSocket;
+
+use crate::harness::{TestServer, udp_exchange};
+
+fn md5_hex(s: &str) -> String {
+    Md5::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn add_user(srv: &TestServer, user: &str, pw: &str) {
+    srv.store
+        .add_subscriber(&Subscriber {
+            username: user.into(),
+            domain: "example.com".into(),
+            ha1_md5: md5_hex(&format!("{user}:example.com:{pw}")),
+            ha1_sha256: "unused".into(),
+            created: 0,
+        })
+        .await
+        .unwrap();
+}
+
+/// The value of a quoted or token parameter in a challenge.
+fn challenge_param(ch: &str, name: &str) -> Option<String> {
+    let at = ch.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &ch[at..];
+    Some(match rest.strip_prefix('"') {
+        Some(q) => q[..q.find('"')?].to_owned(),
+        None => rest.split([',', ' ']).next()?.to_owned(),
+    })
+}
+
+struct Phone {
+    sock: UdpSocket,
+    addr: SocketAddr,
+    user: String,
+    call_id: String,
+    cseq: u32,
+    /// The last authenticated REGISTER sent.
+    last_sent: String,
+}
+
+impl Phone {
+    async fn new(user: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        Self {
+            sock,
+            addr,
+            user: user.into(),
+            call_id: format!("reg-{user}-{}", addr.port()),
+            cseq: 0,
+            last_sent: String::new(),
+        }
+    }
+
+    fn register_text(&mut self, to_user: &str, extra: &str) -> String {
+        self.cseq += 1;
+        let (addr, user, cseq, call_id) = (self.addr, &self.user, self.cseq, &self.call_id);
+        format!(
+            "REGISTER sip:example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP {addr};branch=z9hG4bK-{call_id}-{cseq};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:{user}@example.com>;tag=t{cseq}\r\n\
+To: <sip:{to_user}@example.com>\r\n\
+Call-ID: {call_id}\r\n\
+CSeq: {cseq} REGISTER\r\n\
+{extra}Content-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// REGISTER, answer the 401 with credentials for `password`, return the final response.
+    async fn register(
+        &mut self,
+        srv: &TestServer,
+        to_user: &str,
+        password: &str,
+        extra: &str,
+    ) -> Message {
+        let first = self.register_text(to_user, extra);
+        let r = udp_exchange(&self.sock, srv.udp, first.as_bytes()).await;
+        assert_eq!(r.status(), Some(401), "first REGISTER is challenged");
+        let ch = r
+            .header_str(HeaderName::WwwAuthenticate)
+            .unwrap()
+            .to_owned();
+        assert!(ch.starts_with("Digest "), "{ch}");
+        let realm = challenge_param(&ch, "realm").unwrap();
+        let nonce = challenge_param(&ch, "nonce").unwrap();
+        assert_eq!(realm, "example.com");
+        let uri = "sip:example.com";
+        let (nc, cnonce) = ("00000001", "0a4f113b");
+        let ha1 = md5_hex(&format!("{}:{realm}:{password}", self.user));
+        let ha2 = md5_hex(&format!("REGISTER:{uri}"));
+        let response = md5_hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"));
+        let auth = format!(
+            "Authorization: Digest username=\"{}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+response=\"{response}\", algorithm=MD5, qop=auth, nc={nc}, cnonce=\"{cnonce}\"\r\n",
+            self.user
+        );
+        let second = self.register_text(to_user, &format!("{auth}{extra}"));
+        self.last_sent = second.clone();
+        udp_exchange(&self.sock, srv.udp, second.as_bytes()).await
+    }
+}
+
+fn contact_uris(m: &Message) -> Vec<String> {
+    m.contacts()
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| match c {
+            ContactValue::Addr(a) => Some(format!(
+                "{};expires={}",
+                a.uri,
+                a.param("expires").unwrap_or("?")
+            )),
+            ContactValue::Star => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn register_authenticate_persist_restart() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "alice", "s3cret").await;
+    let mut phone = Phone::new("alice").await;
+    let contact = "sip:alice@10.0.0.2:5062;transport=udp".to_owned();
+    let r = phone
+        .register(
+            &srv,
+            "alice",
+            "s3cret",
+            &format!("Contact: <{contact}>;expires=120\r\n"),
+        )
+        .await;
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(contact_uris(&r), vec![format!("{contact};expires=120")]);
+    assert!(r.headers_other("date").next().is_some(), "200 carries Date");
+
+    // Written through to the store with the flow it came from.
+    let rows = srv.store.load_bindings(0).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].aor, "alice@example.com");
+    assert_eq!(rows[0].contact, contact);
+    assert_eq!(rows[0].received, phone.addr);
+
+    // Restart on the same database: the binding is served (a query REGISTER lists it).
+    let db = srv.db_url.clone();
+    srv.stop().await;
+    let srv = TestServer::start_on(&db, "127.0.0.1:0", "", "").await;
+    assert_eq!(srv.location.binding_count(), 1);
+    let r = phone.register(&srv, "alice", "s3cret", "").await;
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(contact_uris(&r).len(), 1);
+
+    // Contact: * with Expires: 0 removes everything, in memory and in the store.
+    let r = phone
+        .register(&srv, "alice", "s3cret", "Contact: *\r\nExpires: 0\r\n")
+        .await;
+    assert_eq!(r.status(), Some(200));
+    assert!(contact_uris(&r).is_empty());
+    assert!(srv.store.load_bindings(0).await.unwrap().is_empty());
+    assert_eq!(srv.location.binding_count(), 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_password_other_user_and_too_brief() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "bob", "right").await;
+    add_user(&srv, "carol", "hers").await;
+    let mut phone = Phone::new("bob").await;
+    let r = phone
+        .register(&srv, "bob", "wrong", "Contact: <sip:bob@10.0.0.3>\r\n")
+        .await;
+    assert_eq!(
+        r.status(),
+        Some(401),
+        "a wrong password is challenged again"
+    );
+    // Authenticated as bob, registering carol: 403 (check_to).
+    let r = phone
+        .register(&srv, "carol", "right", "Contact: <sip:bob@10.0.0.3>\r\n")
+        .await;
+    assert_eq!(r.status(), Some(403));
+    // Below min_expires: 423 with Min-Expires.
+    let r = phone
+        .register(
+            &srv,
+            "bob",
+            "right",
+            "Contact: <sip:bob@10.0.0.3>;expires=5\r\n",
+        )
+        .await;
+    assert_eq!(r.status(), Some(423));
+    assert_eq!(
+        r.headers_other("min-expires")
+            .next()
+            .map(|h| r.bytes_at(h.value.clone()).to_vec()),
+        Some(b"30".to_vec())
+    );
+    assert!(srv.store.load_bindings(0).await.unwrap().is_empty());
+    // An unknown user is challenged, never told that the user does not exist.
+    let mut stranger = Phone::new("mallory").await;
+    let r = stranger
+        .register(&srv, "mallory", "x", "Contact: <sip:m@10.0.0.9>\r\n")
+        .await;
+    assert_eq!(r.status(), Some(401));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn retransmitted_register_gets_the_same_answer() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "dave", "pw").await;
+    let mut phone = Phone::new("dave").await;
+    let r = phone
+        .register(&srv, "dave", "pw", "Contact: <sip:dave@10.0.0.4>\r\n")
+        .await;
+    assert_eq!(r.status(), Some(200));
+    // Send the exact same authenticated REGISTER again (a UDP retransmission): the cached 200
+    // comes back, not a 401 for a replayed nonce count.
+    let again = udp_exchange(&phone.sock, srv.udp, phone.last_sent.as_bytes()).await;
+    assert_eq!(again.status(), Some(200));
+    assert_eq!(
+        again.as_bytes(),
+        r.as_bytes(),
+        "byte-identical retransmitted response"
+    );
+    srv.stop().await;
+}
