@@ -2,13 +2,16 @@
 # Interop tests with real peers: SIPp scenarios against a freshly started sipedge on loopback.
 # Needs SIPp (Debian package sip-tester). Every run is bounded in calls and time.
 #
-#   scripts/interop.sh            # build (release), start sipedge on 127.0.0.1, run every scenario
+#   scripts/interop.sh              build (release), start sipedge on 127.0.0.1, run every scenario
+#   REG_USERS=2000 scripts/interop.sh   fewer subscribers for the registration runs (default 10000)
 #
 # Exits non-zero if a scenario fails or a tool is missing; never skips silently.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
+REG_USERS=${REG_USERS:-10000}
+REG_RATE=${REG_RATE:-1000}
 
 if ! command -v sipp >/dev/null 2>&1; then
     echo "interop: sipp not found; install it with: apt-get install -y sip-tester" >&2
@@ -17,19 +20,22 @@ fi
 
 work=$(mktemp -d /tmp/sipedge-interop.XXXXXX)
 server_pid=""
-cleanup() {
+stop_server() {
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    rm -rf "$work"
+    server_pid=""
+}
+cleanup() {
+    stop_server
+    if [ "${KEEP_WORK:-0}" = 1 ]; then echo "interop: work dir kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
 cargo build --release --quiet
 bin="$root/target/release/sipedge"
 
-# Pick free ports in a high range (loopback only).
 port=$(( 20000 + RANDOM % 20000 ))
 cat > "$work/sipedge.toml" <<TOML
 [server]
@@ -37,47 +43,85 @@ listen = ["udp:127.0.0.1:$port", "tcp:127.0.0.1:$port"]
 domains = ["127.0.0.1"]
 [database]
 url = "sqlite://$work/sipedge.db"
+[registrar]
+max_expires = 3600
 TOML
-
 "$bin" check-config -c "$work/sipedge.toml" >/dev/null 2>&1
-RUST_LOG=info "$bin" serve -c "$work/sipedge.toml" 2>"$work/sipedge.log" &
-server_pid=$!
 
-# Wait (bounded) until the server answers.
-for _ in $(seq 1 50); do
-    if grep -q "sipedge started" "$work/sipedge.log" 2>/dev/null; then break; fi
-    sleep 0.1
-done
-grep -q "sipedge started" "$work/sipedge.log" || { cat "$work/sipedge.log" >&2; echo "interop: server did not start" >&2; exit 1; }
+start_server() {
+    local log="$work/sipedge.$1.log"
+    RUST_LOG=info "$bin" serve -c "$work/sipedge.toml" 2>"$log" &
+    server_pid=$!
+    for _ in $(seq 1 100); do
+        if grep -q "sipedge started" "$log" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    cat "$log" >&2
+    echo "interop: server did not start" >&2
+    exit 1
+}
 
 failed=0
-# run NAME TRANSPORT SCENARIO CALLS RATE
+# run NAME TRANSPORT SCENARIO CALLS RATE [sipp args...]
 run() {
     local name=$1 transport=$2 scenario=$3 calls=$4 rate=$5
-    local sipp_log="$work/$name"
-    if timeout 60 sipp -sf "$root/scripts/sipp/$scenario" -t "$transport" \
-        -i 127.0.0.1 -p 0 -m "$calls" -r "$rate" -l 50 \
-        -timeout 30s -timeout_error -max_recv_loops 1000 \
-        -trace_stat -stf "$sipp_log.csv" -trace_err -error_file "$sipp_log.err" \
-        -nostdin "127.0.0.1:$port" >"$sipp_log.out" 2>&1; then
-        echo "ok    $name ($calls calls over $transport)"
+    shift 5
+    local out="$work/$name"
+    local t0=$SECONDS
+    if timeout 120 sipp -sf "$root/scripts/sipp/$scenario" -t "$transport" \
+        -i 127.0.0.1 -p 0 -m "$calls" -r "$rate" -l 200 "$@" \
+        -timeout 90s -timeout_error -max_recv_loops 1000 \
+        -trace_stat -stf "$out.csv" -trace_err -error_file "$out.err" \
+        -nostdin "127.0.0.1:$port" >"$out.out" 2>&1; then
+        echo "ok    $name: $calls calls over $transport, 0 failed ($((SECONDS - t0)) s)"
     else
         echo "FAIL  $name (sipp exit $?)"
-        tail -n 20 "$sipp_log.out" "$sipp_log.err" 2>/dev/null || true
+        tail -n 8 "$out.out" 2>/dev/null || true
+        tail -c 1500 "$out.err" 2>/dev/null || true
+        echo
         failed=1
     fi
 }
 
-run options-udp  u1 options.xml    200 100
-run options-tcp  t1 options.xml    200 100
-run invite-404   u1 invite_404.xml 100 50
+# Subscribers in the SIPp injection format, imported through the CLI.
+users="$work/users.csv"
+{ echo SEQUENTIAL; for i in $(seq 100000 $((100000 + REG_USERS - 1))); do echo "$i;pw$i"; done; } > "$users"
+tcp_users="$work/tcp_users.csv"
+{ echo SEQUENTIAL; for i in $(seq 200000 200199); do echo "$i;pw$i"; done; } > "$tcp_users"
+forbidden="$work/forbidden.csv"
+{ echo SEQUENTIAL; echo "100000;pw100000;100001"; } > "$forbidden"
+"$bin" user import -c "$work/sipedge.toml" "$users" >/dev/null
+"$bin" user import -c "$work/sipedge.toml" "$tcp_users" >/dev/null
+
+start_server 1
+run options-udp        u1 options.xml                200 100
+run options-tcp        t1 options.xml                200 100
+run invite-404         u1 invite_404.xml             100 50
+run register-auth      u1 register_auth.xml          "$REG_USERS" "$REG_RATE" -inf "$users"
+run register-auth-tcp  t1 register_auth.xml          200 100 -inf "$tcp_users"
+run wrong-password     u1 register_wrong_password.xml 50 50 -inf "$users"
+run to-not-auth-user   u1 register_forbidden.xml     1 1 -inf "$forbidden"
+
+# kill -9: nothing is acknowledged before it is in the store, so every binding survives.
+kill -KILL "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
+start_server 2
+loaded=$(grep -o 'bindings=[0-9]*' "$work/sipedge.2.log" | head -1 | cut -d= -f2)
+expected=$((REG_USERS + 200))
+if [ "${loaded:-0}" -eq "$expected" ]; then
+    echo "ok    restart after kill -9: $loaded bindings loaded"
+else
+    echo "FAIL  restart after kill -9: ${loaded:-0} bindings loaded, expected $expected"
+    failed=1
+fi
+run register-query     u1 register_query.xml         "$REG_USERS" "$REG_RATE" -inf "$users"
 
 if ! kill -0 "$server_pid" 2>/dev/null; then
     echo "FAIL  sipedge exited during the run" >&2
-    cat "$work/sipedge.log" >&2
     failed=1
 fi
-if grep -q "panicked" "$work/sipedge.log"; then
+stop_server
+if grep -q "panicked" "$work"/sipedge.*.log; then
     echo "FAIL  sipedge panicked" >&2
     failed=1
 fi

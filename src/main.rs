@@ -20,6 +20,9 @@ struct Cli {
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
 
+    #[command(flatten)]
+    cfg: ConfigArg,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +33,7 @@ struct ConfigArg {
     #[arg(
         short,
         long,
+        global = true,
         env = "SIPEDGE_CONFIG",
         default_value = "config/sipedge.toml"
     )]
@@ -39,20 +43,16 @@ struct ConfigArg {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy until SIGINT or SIGTERM.
-    Serve(ConfigArg),
+    Serve,
     /// Validate the configuration and print the effective values; exit 2 if it is invalid.
-    CheckConfig(ConfigArg),
+    CheckConfig,
     /// Manage subscribers (stored as HA1 hashes, never in plaintext).
     User {
-        #[command(flatten)]
-        cfg: ConfigArg,
         #[command(subcommand)]
         action: UserAction,
     },
     /// Database maintenance.
     Db {
-        #[command(flatten)]
-        cfg: ConfigArg,
         #[command(subcommand)]
         action: DbAction,
     },
@@ -77,6 +77,9 @@ enum UserAction {
     },
     /// List subscribers.
     List,
+    /// Add or update many subscribers from a file ("-" = standard input), one
+    /// `USER[@DOMAIN];PASSWORD` per line (the SIPp injection format).
+    Import { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,19 +91,19 @@ enum DbAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cmd::init_tracing(&cli.log_level);
+    let config = &cli.cfg.config;
     let result = match cli.command {
-        Command::Serve(a) => cmd::serve::run(&a.config),
-        Command::CheckConfig(a) => cmd::check_config::run(&a.config),
-        Command::User { cfg, action } => match action {
-            UserAction::Add { user, password } => cmd::user::add(&cfg.config, &user, password),
-            UserAction::Del { user } => cmd::user::del(&cfg.config, &user),
-            UserAction::Passwd { user, password } => {
-                cmd::user::passwd(&cfg.config, &user, password)
-            }
-            UserAction::List => cmd::user::list(&cfg.config),
+        Command::Serve => cmd::serve::run(config),
+        Command::CheckConfig => cmd::check_config::run(config),
+        Command::User { action } => match action {
+            UserAction::Add { user, password } => cmd::user::add(config, &user, password),
+            UserAction::Del { user } => cmd::user::del(config, &user),
+            UserAction::Passwd { user, password } => cmd::user::passwd(config, &user, password),
+            UserAction::List => cmd::user::list(config),
+            UserAction::Import { file } => cmd::user::import(config, &file),
         },
-        Command::Db { cfg, action } => match action {
-            DbAction::Migrate => cmd::db::migrate(&cfg.config),
+        Command::Db { action } => match action {
+            DbAction::Migrate => cmd::db::migrate(config),
         },
     };
     match result {

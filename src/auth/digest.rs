@@ -396,7 +396,8 @@ pub fn verify(ha1_hex: &str, method: &str, c: &Credentials) -> bool {
 }
 
 /// A `WWW-Authenticate` / `Proxy-Authenticate` value (RFC 7616 §3.3):
-/// `Digest realm="..", nonce="..", opaque="..", algorithm=MD5, qop="auth"`, then
+/// `Digest realm="..", nonce="..", opaque="..", algorithm=MD5, qop="auth"` (no `opaque` when
+/// it is empty), then
 /// `, stale=true` when the client's nonce was good but expired (it may retry without asking
 /// the user). The algorithm token is `MD5` or `SHA-256`.
 ///
@@ -415,8 +416,10 @@ pub fn challenge(
     push_quoted(&mut s, realm);
     s.push_str(", nonce=");
     push_quoted(&mut s, nonce);
-    s.push_str(", opaque=");
-    push_quoted(&mut s, opaque);
+    if !opaque.is_empty() {
+        s.push_str(", opaque=");
+        push_quoted(&mut s, opaque);
+    }
     s.push_str(", algorithm=");
     s.push_str(algorithm_token(alg));
     s.push_str(", qop=\"auth\"");
@@ -870,8 +873,8 @@ mod tests {
         // Quotes and backslashes are escaped; CR/LF can never split the header.
         assert_eq!(
             challenge(DigestAlgorithm::Md5, "a\"b\\c\r\nX: y", "n", "", false),
-            "Digest realm=\"a\\\"b\\\\cX: y\", nonce=\"n\", opaque=\"\", algorithm=MD5, \
-             qop=\"auth\""
+            "Digest realm=\"a\\\"b\\\\cX: y\", nonce=\"n\", algorithm=MD5, qop=\"auth\"",
+            "an empty opaque is left out"
         );
     }
 

@@ -152,3 +152,65 @@ pub(crate) fn list(path: &Path) -> Result<(), CmdError> {
         Ok(())
     })
 }
+
+/// `user import FILE`: one subscriber per line, `USER[@DOMAIN];PASSWORD` (the SIPp injection
+/// format; `SEQUENTIAL`/`RANDOM` header lines, blank lines and `#` comments are skipped) or
+/// `USER[@DOMAIN] PASSWORD`. Existing subscribers get the new password. One transaction.
+pub(crate) fn import(path: &Path, file: &Path) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading standard input")
+            .map_err(CmdError::Runtime)?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))
+            .map_err(CmdError::Usage)?
+    };
+    let now = SystemClock.unix();
+    let mut subs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line == "SEQUENTIAL" || line == "RANDOM" {
+            continue;
+        }
+        let (spec, pw) = line
+            .split_once(';')
+            .or_else(|| line.split_once(char::is_whitespace))
+            .ok_or_else(|| {
+                CmdError::Usage(anyhow!(
+                    "{}:{}: expected USER;PASSWORD",
+                    file.display(),
+                    i + 1
+                ))
+            })?;
+        let pw = pw.split(';').next().unwrap_or_default().trim();
+        if pw.is_empty() {
+            return Err(CmdError::Usage(anyhow!(
+                "{}:{}: empty password",
+                file.display(),
+                i + 1
+            )));
+        }
+        let (user, domain) = split_user(&cfg, spec.trim())?;
+        let (ha1_md5, ha1_sha256) = hashes(&cfg, &user, &domain, pw);
+        subs.push(Subscriber {
+            username: user,
+            domain,
+            ha1_md5,
+            ha1_sha256,
+            created: now,
+        });
+    }
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let n = store
+            .upsert_subscribers(&subs)
+            .await
+            .map_err(|e| CmdError::Runtime(e.into()))?;
+        println!("imported {n} subscriber(s)");
+        Ok(())
+    })
+}

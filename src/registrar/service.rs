@@ -204,11 +204,11 @@ async fn handle(ctx: &Context, replay: &mut ReplayGuard, job: &Job, now: u64) ->
         warn!(user = %creds.username, %domain, peer.addr = %src, "REGISTER with a wrong password");
         return challenge(ctx, msg, src, &realm, now, false);
     }
-    if let Some(nc) = creds.nc {
-        if !replay.accept(&creds.nonce, issued, nc, now) {
-            warn!(user = %creds.username, peer.addr = %src, nc, "digest nonce count replayed");
-            return challenge(ctx, msg, src, &realm, now, true);
-        }
+    // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
+    let nc = creds.nc.unwrap_or(1);
+    if !replay.accept(&creds.nonce, issued, nc, now) {
+        warn!(user = %creds.username, peer.addr = %src, nc, "digest nonce count replayed");
+        return challenge(ctx, msg, src, &realm, now, true);
     }
     // check_to: the To user must be the authenticated user.
     if creds.username != user {

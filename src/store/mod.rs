@@ -160,6 +160,26 @@ impl Store {
         Ok(())
     }
 
+    /// Adds or replaces many subscribers in one transaction (bulk import); returns how many.
+    pub async fn upsert_subscribers(&self, subs: &[Subscriber]) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for s in subs {
+            sqlx::query(
+                "INSERT INTO subscriber (username, domain, ha1_md5, ha1_sha256, created) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (username, domain) DO UPDATE SET ha1_md5 = excluded.ha1_md5, ha1_sha256 = excluded.ha1_sha256",
+            )
+            .bind(&s.username)
+            .bind(&s.domain)
+            .bind(&s.ha1_md5)
+            .bind(&s.ha1_sha256)
+            .bind(to_i64(s.created))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(subs.len())
+    }
+
     /// Replaces the hashes of an existing subscriber; false if there is none.
     pub async fn set_subscriber_hashes(
         &self,
