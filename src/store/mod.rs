@@ -338,6 +338,17 @@ impl Store {
         Ok(r.rows_affected())
     }
 
+    /// Empties every table (for tests on a shared PostgreSQL database).
+    #[doc(hidden)]
+    pub async fn reset_for_tests(&self) -> Result<(), StoreError> {
+        for table in ["subscriber", "location", "cdr", "meta"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Closes the pool (waits for connections to return).
     pub async fn close(&self) {
         self.pool.close().await;

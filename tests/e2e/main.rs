@@ -7,4 +7,5 @@ mod cli;
 mod corpus;
 mod harness;
 mod registrar;
+mod store;
 mod transport;

@@ -1,0 +1,150 @@
+//! The store on every backend this build has: SQLite always, PostgreSQL with the `postgres`
+//! feature (then `SIPEDGE_TEST_POSTGRES_URL` must name a database the test may write to;
+//! `.ci/run` starts one). Asserts what is in the database, not what the code meant to write.
+
+use sipedge::config::Proto;
+use sipedge::registrar::location::Binding;
+use sipedge::store::{Store, StoreError, Subscriber};
+
+use crate::harness::fresh_db;
+
+/// Every backend to test, freshly migrated and emptied.
+async fn backends() -> Vec<(&'static str, Store)> {
+    let mut out = Vec::new();
+    let sqlite = Store::connect(&fresh_db()).await.unwrap();
+    sqlite.migrate().await.unwrap();
+    out.push(("sqlite", sqlite));
+    #[cfg(feature = "postgres")]
+    {
+        let url = std::env::var("SIPEDGE_TEST_POSTGRES_URL").expect(
+            "built with --features postgres: set SIPEDGE_TEST_POSTGRES_URL=postgres://USER:PW@HOST/DB \
+             (a scratch database; .ci/run creates one)",
+        );
+        let pg = Store::connect(&url).await.unwrap();
+        pg.migrate().await.unwrap();
+        pg.reset_for_tests().await.unwrap();
+        out.push(("postgres", pg));
+    }
+    out
+}
+
+fn binding(aor: &str, contact: &str, expires: u64) -> Binding {
+    Binding {
+        aor: aor.into(),
+        contact: contact.into(),
+        received: "203.0.113.7:40123".parse().unwrap(),
+        transport: Proto::Tcp,
+        local_socket: "198.51.100.1:5060".parse().unwrap(),
+        instance: "edge-1".into(),
+        expires,
+        q: 750,
+        call_id: "cid".into(),
+        cseq: 42,
+        user_agent: "Phone/1.0".into(),
+        path: String::new(),
+        instance_urn: "<urn:uuid:1>".into(),
+        updated: 100,
+    }
+}
+
+#[tokio::test]
+async fn store_contract_on_every_backend() {
+    for (name, store) in backends().await {
+        // Migrations are idempotent.
+        assert_eq!(store.migrate().await.unwrap(), 0, "{name}");
+
+        // Subscribers: add, duplicate refused, passwd, list, delete.
+        let s = Subscriber {
+            username: "alice".into(),
+            domain: "example.com".into(),
+            ha1_md5: "a".repeat(32),
+            ha1_sha256: "b".repeat(64),
+            created: 1,
+        };
+        store.add_subscriber(&s).await.unwrap();
+        assert!(
+            matches!(store.add_subscriber(&s).await, Err(StoreError::Exists(_))),
+            "{name}"
+        );
+        assert!(
+            store
+                .set_subscriber_hashes("alice", "example.com", "c", "d")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .set_subscriber_hashes("nobody", "example.com", "c", "d")
+                .await
+                .unwrap()
+        );
+        let got = store
+            .subscriber("alice", "example.com")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (got.ha1_md5.as_str(), got.ha1_sha256.as_str()),
+            ("c", "d"),
+            "{name}"
+        );
+        assert_eq!(store.upsert_subscribers(&[s.clone()]).await.unwrap(), 1);
+        assert_eq!(
+            store.list_subscribers().await.unwrap(),
+            vec![s.clone()],
+            "{name}"
+        );
+
+        // Bindings: every column round-trips; upsert replaces; remove deletes.
+        let b1 = binding("alice@example.com", "sip:alice@10.0.0.2:5060", 1000);
+        let b2 = binding("alice@example.com", "sip:alice@10.0.0.3:5060", 2000);
+        store
+            .save_bindings("alice@example.com", &[b1.clone(), b2.clone()], &[])
+            .await
+            .unwrap();
+        let mut loaded = store.load_bindings(0).await.unwrap();
+        loaded.sort_by(|a, b| a.contact.cmp(&b.contact));
+        assert_eq!(loaded, vec![b1.clone(), b2.clone()], "{name}");
+        let mut b1_new = b1.clone();
+        b1_new.expires = 3000;
+        b1_new.cseq = 43;
+        store
+            .save_bindings(
+                "alice@example.com",
+                &[b1_new.clone()],
+                &[b2.contact.clone()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load_bindings(0).await.unwrap(),
+            vec![b1_new.clone()],
+            "{name}"
+        );
+        // Only live bindings load; expired ones are deleted.
+        assert!(
+            store.load_bindings(3000).await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert_eq!(store.delete_expired(3000).await.unwrap(), 1, "{name}");
+
+        // The nonce secret: the first writer wins, later ones read it.
+        let first = store.meta_get_or_insert("k", "one").await.unwrap();
+        let second = store.meta_get_or_insert("k", "two").await.unwrap();
+        assert_eq!((first.as_str(), second.as_str()), ("one", "one"), "{name}");
+
+        // Deleting a subscriber removes their bindings too.
+        store
+            .save_bindings("alice@example.com", &[b1_new], &[])
+            .await
+            .unwrap();
+        assert!(
+            store
+                .delete_subscriber("alice", "example.com")
+                .await
+                .unwrap()
+        );
+        assert!(store.load_bindings(0).await.unwrap().is_empty(), "{name}");
+        store.close().await;
+    }
+}
