@@ -88,7 +88,13 @@ async fn store_contract_on_every_backend() {
             ("c", "d"),
             "{name}"
         );
-        assert_eq!(store.upsert_subscribers(&[s.clone()]).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .upsert_subscribers(std::slice::from_ref(&s))
+                .await
+                .unwrap(),
+            1
+        );
         assert_eq!(
             store.list_subscribers().await.unwrap(),
             vec![s.clone()],
@@ -112,7 +118,7 @@ async fn store_contract_on_every_backend() {
             .save_bindings(
                 "alice@example.com",
                 &[b1_new.clone()],
-                &[b2.contact.clone()],
+                std::slice::from_ref(&b2.contact),
             )
             .await
             .unwrap();
