@@ -94,6 +94,14 @@ forbidden="$work/forbidden.csv"
 "$bin" user import -c "$work/sipedge.toml" "$users" >/dev/null
 "$bin" user import -c "$work/sipedge.toml" "$tcp_users" >/dev/null
 
+# No plaintext password anywhere in the database files.
+if cat "$work"/sipedge.db* | grep -a -q "pw100000"; then
+    echo "FAIL  a plaintext password is stored in the database"
+    failed=1
+else
+    echo "ok    no plaintext password in the database"
+fi
+
 start_server 1
 run options-udp        u1 options.xml                200 100
 run options-tcp        t1 options.xml                200 100

@@ -141,3 +141,87 @@ async fn serve_answers_and_stops_on_sigterm() {
         "{rest:?}"
     );
 }
+
+/// `user add` (password on stdin) → `user list` → `user passwd` → `user del`, on a fresh
+/// database; the stored hashes change with the password and no plaintext is stored.
+#[tokio::test]
+async fn user_commands() {
+    let db = crate::harness::fresh_db();
+    let path = temp_config(
+        "users.toml",
+        &format!("[server]\ndomains = [\"example.com\"]\n[database]\nurl = \"{db}\"\n"),
+    );
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = sipedge()
+            .arg("-c")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&["user", "add", "frank"], "Secr3t-pw\n");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["user", "add", "frank@example.com", "--password", "x"], "");
+    assert_eq!(out.status.code(), Some(2), "a duplicate is a usage error");
+    let out = run(
+        &["user", "add", "gina@elsewhere.org", "--password", "x"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2), "a domain we do not serve");
+    let out = run(&["user", "list"], "");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "frank@example.com\n");
+
+    let store = sipedge::store::Store::connect(&db).await.unwrap();
+    let before = store
+        .subscriber("frank", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before.ha1_md5, {
+        use md5::Digest;
+        md5::Md5::digest(b"frank:example.com:Secr3t-pw")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    let out = run(&["user", "passwd", "frank", "--password", "other"], "");
+    assert_eq!(out.status.code(), Some(0));
+    let after = store
+        .subscriber("frank", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(before.ha1_md5, after.ha1_md5);
+    assert_ne!(before.ha1_sha256, after.ha1_sha256);
+    store.close().await;
+    // No plaintext anywhere in the database files.
+    let file = db.trim_start_matches("sqlite://");
+    for f in [file.to_owned(), format!("{file}-wal")] {
+        if let Ok(bytes) = std::fs::read(&f) {
+            assert!(
+                !bytes.windows(9).any(|w| w == b"Secr3t-pw"),
+                "plaintext in {f}"
+            );
+        }
+    }
+    let out = run(&["user", "del", "frank"], "");
+    assert_eq!(out.status.code(), Some(0));
+    let out = run(&["user", "del", "frank"], "");
+    assert_eq!(out.status.code(), Some(2));
+}

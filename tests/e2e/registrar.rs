@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 
 use md5::{Digest, Md5};
+use sha2::Sha256;
 use sipedge::sip::{ContactValue, HeaderName, Message};
 use sipedge::store::Subscriber;
 use tokio::net::UdpSocket;
@@ -239,5 +240,57 @@ async fn retransmitted_register_gets_the_same_answer() {
         r.as_bytes(),
         "byte-identical retransmitted response"
     );
+    srv.stop().await;
+}
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// RFC 8760: with `algorithms = ["SHA-256", "MD5"]` the 401 carries both challenges, SHA-256
+/// first, and a SHA-256 client registers with the SHA-256 HA1 stored by `user add`.
+#[tokio::test]
+async fn sha256_client_registers() {
+    let srv = TestServer::start("", "[auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n").await;
+    srv.store
+        .add_subscriber(&Subscriber {
+            username: "erin".into(),
+            domain: "example.com".into(),
+            ha1_md5: md5_hex("erin:example.com:pw"),
+            ha1_sha256: sha256_hex("erin:example.com:pw"),
+            created: 0,
+        })
+        .await
+        .unwrap();
+    let mut phone = Phone::new("erin").await;
+    let first = phone.register_text("erin", "Contact: <sip:erin@10.0.0.5>\r\n");
+    let r = udp_exchange(&phone.sock, srv.udp, first.as_bytes()).await;
+    assert_eq!(r.status(), Some(401));
+    let challenges: Vec<String> = r
+        .headers_named(HeaderName::WwwAuthenticate)
+        .map(|h| r.str_at(h.value.clone()).unwrap().to_owned())
+        .collect();
+    assert_eq!(challenges.len(), 2);
+    assert!(
+        challenges[0].contains("algorithm=SHA-256"),
+        "{challenges:?}"
+    );
+    assert!(challenges[1].contains("algorithm=MD5"), "{challenges:?}");
+    let nonce = challenge_param(&challenges[0], "nonce").unwrap();
+    let uri = "sip:example.com";
+    let ha1 = sha256_hex("erin:example.com:pw");
+    let ha2 = sha256_hex(&format!("REGISTER:{uri}"));
+    let response = sha256_hex(&format!("{ha1}:{nonce}:00000001:c1:auth:{ha2}"));
+    let auth = format!(
+        "Authorization: Digest username=\"erin\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"{uri}\", \
+response=\"{response}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"c1\"\r\n"
+    );
+    let second = phone.register_text("erin", &format!("{auth}Contact: <sip:erin@10.0.0.5>\r\n"));
+    let r = udp_exchange(&phone.sock, srv.udp, second.as_bytes()).await;
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(srv.store.load_bindings(0).await.unwrap().len(), 1);
     srv.stop().await;
 }
