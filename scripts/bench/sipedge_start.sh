@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# PROXY_START adapter: runs sipedge where the shared SIPp harness (bench/run_bench.sh,
+# tools/bench.py) expects "our Rust proxy", so the harness measures it exactly like Kamailio.
+#
+# What it does (every file in a run dir, never in the repo):
+#   - writes $SIPEDGE_RUNDIR/sipedge.toml: udp+tcp 127.0.0.1:5060, domains ["127.0.0.1"],
+#     SQLite DB in the run dir, registrar max_expires 3600, relay_foreign "deny" (Kamailio bench
+#     config answers 403 for foreign domains), [[route]] pbx ^[0-9]{3,4}$ -> 127.0.0.1:5070 and
+#     provider ^1[0-9]{10}$ (auth) -> 127.0.0.1:5080 (the harness' UAS ports)
+#   - imports subscribers SUBSCRIBER_FIRST..SUBSCRIBER_LAST (1000..1999) with password pw<id>
+#     (the harness' sipp/users.csv format, `sipedge user import`; idempotent)
+#   - starts `target/release/sipedge serve` in the background with RUST_LOG=warn, stderr
+#     appended to $SIPEDGE_RUNDIR/sipedge.log, PID in $SIPEDGE_PIDFILE (= the harness'
+#     PROXY_PIDFILE)
+#   - waits (at most ~15 s) until an OPTIONS over UDP to 127.0.0.1:5060 gets 200
+#
+#   MEDIA=0|1 (set by the harness): 1 = routes with media "always", 0 = media "never"
+#   RUNDIR=/tmp/sipbench  SIPEDGE_RUNDIR=$RUNDIR/sipedge  SIPEDGE_PIDFILE=$SIPEDGE_RUNDIR/sipedge.pid
+#   SIPEDGE_BIN=<repo>/target/release/sipedge  SIPEDGE_WORKERS=0 (0 = one per core)
+#
+# Run by hand:  scripts/bench/sipedge_start.sh && scripts/bench/sipedge_stop.sh
+# Exit: 0 when sipedge answers, 1 otherwise (with the tail of its log).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+RUNDIR=${RUNDIR:-/tmp/sipbench}
+SIPEDGE_RUNDIR=${SIPEDGE_RUNDIR:-$RUNDIR/sipedge}
+SIPEDGE_PIDFILE=${SIPEDGE_PIDFILE:-$SIPEDGE_RUNDIR/sipedge.pid}
+SIPEDGE_BIN=${SIPEDGE_BIN:-$root/target/release/sipedge}
+SIPEDGE_WORKERS=${SIPEDGE_WORKERS:-0}
+SUBSCRIBER_FIRST=${SUBSCRIBER_FIRST:-1000}
+SUBSCRIBER_LAST=${SUBSCRIBER_LAST:-1999}
+MEDIA=${MEDIA:-0}
+
+cfg=$SIPEDGE_RUNDIR/sipedge.toml
+log=$SIPEDGE_RUNDIR/sipedge.log
+mkdir -p "$SIPEDGE_RUNDIR"
+
+if [ ! -x "$SIPEDGE_BIN" ]; then
+    echo "sipedge_start: $SIPEDGE_BIN not found; run: cargo build --release" >&2
+    exit 1
+fi
+if [ -f "$SIPEDGE_PIDFILE" ] && kill -0 "$(cat "$SIPEDGE_PIDFILE")" 2>/dev/null; then
+    echo "sipedge already running pid $(cat "$SIPEDGE_PIDFILE")"
+    exit 0
+fi
+
+if [ "$MEDIA" = 1 ]; then media=always; else media=never; fi
+cat >"$cfg" <<TOML
+# written by scripts/bench/sipedge_start.sh (benchmark run dir; not a deployment config)
+[server]
+listen = ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]
+domains = ["127.0.0.1"]
+relay_foreign = "deny"
+workers = $SIPEDGE_WORKERS
+
+[database]
+url = "sqlite://$SIPEDGE_RUNDIR/sipedge.db"
+
+[registrar]
+max_expires = 3600
+
+[media]
+mode = "$media"
+
+[[route]]
+name = "pbx"
+user = '^[0-9]{3,4}\$'
+next_hop = "127.0.0.1:5070"
+media = "$media"
+
+[[route]]
+name = "provider"
+user = '^1[0-9]{10}\$'
+next_hop = "127.0.0.1:5080"
+auth = true
+media = "$media"
+TOML
+"$SIPEDGE_BIN" check-config -c "$cfg" >"$SIPEDGE_RUNDIR/check-config.out" 2>&1 || {
+    cat "$SIPEDGE_RUNDIR/check-config.out" >&2
+    exit 1
+}
+
+users=$SIPEDGE_RUNDIR/users.csv
+{
+    echo SEQUENTIAL
+    for i in $(seq "$SUBSCRIBER_FIRST" "$SUBSCRIBER_LAST"); do echo "$i;pw$i"; done
+} >"$users"
+"$SIPEDGE_BIN" --log-level warn user import -c "$cfg" "$users" >/dev/null
+
+echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS" >>"$log"
+# stdin/stdout/stderr detached from the caller: the harness may read our stdout through a pipe.
+RUST_LOG=warn "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
+pid=$!
+echo "$pid" >"$SIPEDGE_PIDFILE"
+
+# Bounded readiness check: OPTIONS sip:127.0.0.1 over UDP must get "SIP/2.0 200".
+probe() {
+    python3 - <<'PY'
+import socket, sys, uuid
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+s.settimeout(0.3)
+port = s.getsockname()[1]
+b = uuid.uuid4().hex
+msg = ("OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n"
+       "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s;rport\r\n"
+       "From: <sip:probe@127.0.0.1>;tag=%s\r\nTo: <sip:127.0.0.1>\r\n"
+       "Call-ID: %s@127.0.0.1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+       "Content-Length: 0\r\n\r\n") % (port, b, b[:8], b)
+s.sendto(msg.encode(), ("127.0.0.1", 5060))
+try:
+    data = s.recv(65535)
+except OSError:
+    sys.exit(1)
+sys.exit(0 if data.startswith(b"SIP/2.0 200") else 1)
+PY
+}
+for _ in $(seq 1 30); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "sipedge_start: sipedge exited during start-up; log $log:" >&2
+        tail -n 20 "$log" >&2
+        rm -f "$SIPEDGE_PIDFILE"
+        exit 1
+    fi
+    if probe; then
+        echo "sipedge pid $pid listening on 127.0.0.1:5060 (udp+tcp) media=$media cfg=$cfg"
+        exit 0
+    fi
+    sleep 0.2
+done
+echo "sipedge_start: no 200 to OPTIONS on 127.0.0.1:5060 within ~15 s; log $log:" >&2
+tail -n 20 "$log" >&2
+kill -TERM "$pid" 2>/dev/null || true
+rm -f "$SIPEDGE_PIDFILE"
+exit 1
