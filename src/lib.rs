@@ -25,4 +25,5 @@ pub mod proxy;
 pub mod registrar;
 pub mod sip;
 pub mod store;
+pub mod transaction;
 pub mod transport;
