@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use crate::auth::nonce::NonceKey;
+use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::registrar::location::Location;
@@ -54,12 +55,13 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
 
     let mut server = Server::bind(cfg.clone()).await.map_err(StartError::Bind)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let auth = Arc::new(Authenticator::new(cfg.auth.clone(), store.clone(), key));
     let ctx = Arc::new(Context {
         cfg,
         store: store.clone(),
         location: location.clone(),
         transports: server.transports(),
-        key,
+        auth,
         clock,
     });
     server.set_registrar(Registrar::start(ctx, shards));

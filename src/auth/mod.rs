@@ -15,6 +15,7 @@
 
 pub mod digest;
 pub mod nonce;
+pub mod service;
 
 /// Lower-case hex of `bytes` (RFC 7616 §3.4.1: digests are written as 32 or 64 lower-case hex
 /// digits).

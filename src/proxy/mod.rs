@@ -1,5 +1,7 @@
-//! The request pipeline (sanity → local decisions; forwarding comes with the transaction
-//! layer) and the reply pipeline.
+//! The request pipeline (sanity → local decisions → routing → forwarding) and the reply
+//! pipeline (the response context of a stateful proxy).
 
+pub mod forward;
 pub mod pipeline;
+pub mod response;
 pub mod sanity;

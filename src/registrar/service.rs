@@ -17,11 +17,10 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::location::Location;
 use super::register::{self, Origin};
-use crate::auth::digest::{self, Credentials};
-use crate::auth::nonce::{self, NonceKey, NonceStatus, ReplayGuard};
+use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
-use crate::config::{Config, DigestAlgorithm};
-use crate::sip::{HeaderName, Message, SipUri, reply};
+use crate::config::Config;
+use crate::sip::{Message, SipUri, reply};
 use crate::store::Store;
 use crate::transport::server::Transports;
 use crate::transport::{Outbound, Proto, Source};
@@ -30,8 +29,6 @@ use crate::transport::{Outbound, Proto, Source};
 const QUEUE: usize = 1024;
 /// How long a final response is kept for retransmissions: Timer J = 64·T1.
 const TIMER_J: u64 = 32;
-/// Nonces tracked for nc replay detection, per shard.
-const REPLAY_CAPACITY: usize = 65_536;
 
 /// A REGISTER for one of our domains, from the pipeline.
 #[derive(Debug)]
@@ -46,7 +43,7 @@ pub struct Context {
     pub store: Store,
     pub location: Arc<Location>,
     pub transports: Arc<Transports>,
-    pub key: NonceKey,
+    pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -105,7 +102,6 @@ fn txn_key(msg: &Message) -> Option<String> {
 }
 
 async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>) {
-    let mut replay = ReplayGuard::new(REPLAY_CAPACITY, ctx.cfg.auth.nonce_ttl.as_secs());
     let mut sent: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
     let mut last_sweep = 0;
     while let Some(job) = rx.recv().await {
@@ -121,7 +117,7 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>) {
                 bytes.clone()
             }
             None => {
-                let bytes = handle(&ctx, &mut replay, &job, now).await;
+                let bytes = handle(&ctx, &job, now).await;
                 if let Some(k) = key {
                     sent.insert(k, (now, bytes.clone()));
                 }
@@ -146,7 +142,7 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>) {
 }
 
 /// Processes one REGISTER and returns the response bytes.
-async fn handle(ctx: &Context, replay: &mut ReplayGuard, job: &Job, now: u64) -> Vec<u8> {
+async fn handle(ctx: &Context, job: &Job, now: u64) -> Vec<u8> {
     let msg = &job.msg;
     let src = job.source.remote;
     let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
@@ -165,54 +161,22 @@ async fn handle(ctx: &Context, replay: &mut ReplayGuard, job: &Job, now: u64) ->
         return respond(403, "Domain Not Served Here", &[]);
     }
     let aor = format!("{user}@{domain}");
-    let realm = ctx.cfg.auth.realm.clone().unwrap_or_else(|| domain.clone());
-    let ttl = ctx.cfg.auth.nonce_ttl.as_secs();
-
-    // www_authorize: the credentials for our realm, if any.
-    let creds: Option<Credentials> = msg
-        .headers_named(HeaderName::Authorization)
-        .filter_map(|h| msg.str_at(h.value.clone()))
-        .filter_map(|v| digest::parse_credentials(v).ok())
-        .find(|c| c.realm == realm);
-    let Some(creds) = creds else {
-        return challenge(ctx, msg, src, &realm, now, false);
-    };
-    let issued = match nonce::check(&ctx.key, &creds.nonce, now, ttl, &realm) {
-        NonceStatus::Valid { issued } => issued,
-        NonceStatus::Stale => return challenge(ctx, msg, src, &realm, now, true),
-        NonceStatus::Invalid => {
-            debug!(user = %creds.username, "nonce not ours");
-            return challenge(ctx, msg, src, &realm, now, false);
+    // www_authorize against the subscriber table.
+    let realm = ctx.auth.realm(&domain);
+    let username = match ctx.auth.check(msg, Kind::Www, &realm, &domain, now).await {
+        Outcome::Authorized { username } => username,
+        Outcome::Challenge { stale } => {
+            let headers = ctx.auth.challenge(Kind::Www, &realm, now, stale);
+            let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            return respond(401, "Unauthorized", &extra);
         }
-    };
-    let subscriber = match ctx.store.subscriber(&creds.username, &domain).await {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "subscriber lookup failed");
+        Outcome::StoreError => {
             return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
         }
     };
-    let Some(subscriber) = subscriber else {
-        info!(user = %creds.username, %domain, peer.addr = %src, "REGISTER for unknown subscriber");
-        return challenge(ctx, msg, src, &realm, now, false);
-    };
-    let ha1 = match creds.algorithm {
-        DigestAlgorithm::Md5 => &subscriber.ha1_md5,
-        DigestAlgorithm::Sha256 => &subscriber.ha1_sha256,
-    };
-    if !digest::verify(ha1, "REGISTER", &creds) {
-        warn!(user = %creds.username, %domain, peer.addr = %src, "REGISTER with a wrong password");
-        return challenge(ctx, msg, src, &realm, now, false);
-    }
-    // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
-    let nc = creds.nc.unwrap_or(1);
-    if !replay.accept(&creds.nonce, issued, nc, now) {
-        warn!(user = %creds.username, peer.addr = %src, nc, "digest nonce count replayed");
-        return challenge(ctx, msg, src, &realm, now, true);
-    }
     // check_to: the To user must be the authenticated user.
-    if creds.username != user {
-        warn!(auth.user = %creds.username, to.user = %user, "To does not match the credentials");
+    if username != user {
+        warn!(auth.user = %username, to.user = %user, peer.addr = %src, "To does not match the credentials");
         return respond(
             403,
             "Forbidden: To does not match the authenticated user",
@@ -258,32 +222,6 @@ async fn handle(ctx: &Context, replay: &mut ReplayGuard, job: &Job, now: u64) ->
     extra.push(("Date", date));
     let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
     respond(200, "OK", &extra)
-}
-
-/// 401 with one WWW-Authenticate per configured algorithm, in the configured order.
-fn challenge(
-    ctx: &Context,
-    msg: &Message,
-    src: std::net::SocketAddr,
-    realm: &str,
-    now: u64,
-    stale: bool,
-) -> Vec<u8> {
-    static SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let salt = SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let n = nonce::issue(&ctx.key, now, salt, realm);
-    let values: Vec<String> = ctx
-        .cfg
-        .auth
-        .algorithms
-        .iter()
-        .map(|alg| digest::challenge(*alg, realm, &n, "", stale))
-        .collect();
-    let extra: Vec<(&str, &str)> = values
-        .iter()
-        .map(|v| ("WWW-Authenticate", v.as_str()))
-        .collect();
-    reply::response(msg, src, 401, "Unauthorized", &extra)
 }
 
 /// Purges expired bindings at their deadline: sleeps until the earliest one, or until a new

@@ -1,0 +1,292 @@
+//! Building the request a proxy forwards (RFC 3261 §16.6): new Request-URI when retargeted,
+//! Max-Forwards decremented (and capped), Record-Route on dialog-creating requests (two when
+//! the request changes transport), our Via on top with a branch that a retransmission maps
+//! to again, credentials meant for us removed. Everything else is forwarded byte for byte.
+//!
+//! Pure: message in, bytes out.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+
+use crate::config::Proto;
+use crate::sip::{HeaderName, Message, Rewrite};
+
+/// Where and how one branch is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// New Request-URI, or `None` to keep the received one.
+    pub ruri: Option<String>,
+    /// The next hop (resolved).
+    pub dest: SocketAddr,
+    pub proto: Proto,
+}
+
+/// Our side of a hop: the address we write in Via/Record-Route and the socket's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Local {
+    pub advertise: std::net::IpAddr,
+    pub port: u16,
+}
+
+/// What the pipeline decided about the forwarded copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Add Record-Route (dialog-creating requests).
+    pub record_route: bool,
+    /// Remove Proxy-Authorization (credentials were for us: `consume_credentials`).
+    pub strip_proxy_auth: bool,
+    /// Mark the caller as NATed in our Record-Route (`;nat=yes`, the seed's
+    /// `record_route_preset`).
+    pub nat: bool,
+    /// `server.max_forwards`.
+    pub max_forwards_cap: u8,
+}
+
+/// The RFC 3261 §16.6 step 8 branch: `z9hG4bK-se-<loop cookie>-<transaction hash>`.
+///
+/// The transaction hash covers the received branch, its sent-by and the branch index, so the
+/// same received request always maps to the same outgoing branch. The loop cookie covers what
+/// identifies the request as received (Request-URI, From tag, Call-ID, CSeq number): when a
+/// request comes back carrying one of our Vias with the same cookie, it has looped; a spiral
+/// (the Request-URI changed on the way) has a different cookie (RFC 3261 §16.3 step 4).
+pub fn branch_id(msg: &Message, incoming_branch: &str, sent_by: &str, index: usize) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    incoming_branch.hash(&mut h);
+    sent_by.hash(&mut h);
+    index.hash(&mut h);
+    format!(
+        "{BRANCH_PREFIX}{:08x}-{:016x}",
+        loop_cookie(msg),
+        h.finish()
+    )
+}
+
+/// Prefix of every branch sipedge generates.
+pub const BRANCH_PREFIX: &str = "z9hG4bK-se-";
+
+fn loop_cookie(msg: &Message) -> u32 {
+    let mut h = std::hash::DefaultHasher::new();
+    msg.request_uri().hash(&mut h);
+    msg.from().ok().and_then(|f| f.tag()).hash(&mut h);
+    msg.call_id().ok().hash(&mut h);
+    msg.cseq().ok().map(|c| c.seq).hash(&mut h);
+    (h.finish() & 0xffff_ffff) as u32
+}
+
+/// True when `msg` carries a Via of ours (`ours` = our sent-by `host:port`) whose loop cookie
+/// matches the request as received now: it has been here before unchanged, a loop.
+pub fn is_loop(msg: &Message, ours: &[String]) -> bool {
+    let Ok(vias) = msg.vias() else {
+        return false;
+    };
+    let cookie = format!("{:08x}", loop_cookie(msg));
+    vias.iter().skip(1).any(|v| {
+        let sent_by = format!("{}:{}", v.host, v.port.unwrap_or(5060));
+        ours.contains(&sent_by)
+            && v.branch()
+                .and_then(|b| b.strip_prefix(BRANCH_PREFIX))
+                .is_some_and(|rest| rest.starts_with(&cookie))
+    })
+}
+
+/// A Record-Route or Via host:port for our side.
+fn hostport(l: Local) -> String {
+    match l.advertise {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", l.port),
+        std::net::IpAddr::V4(v4) => format!("{v4}:{}", l.port),
+    }
+}
+
+/// Our Record-Route URI for one side.
+pub fn record_route_uri(local: Local, proto: Proto, nat: bool) -> String {
+    let transport = match proto {
+        Proto::Udp => "",
+        Proto::Tcp => ";transport=tcp",
+    };
+    let nat = if nat { ";nat=yes" } else { "" };
+    format!("<sip:{}{transport};lr{nat}>", hostport(local))
+}
+
+/// Builds the forwarded request. `max_forwards` is the received value (already checked to be
+/// above 0 by sanity), `inbound` our side where the request arrived, `outbound` the side it
+/// leaves on, `branch` from [`branch_id`].
+pub fn request(
+    msg: &Message,
+    target: &Target,
+    inbound: (Local, Proto),
+    outbound: Local,
+    branch: &str,
+    opts: Options,
+) -> Vec<u8> {
+    let mut rw = Rewrite::new(msg);
+    if let (Some(new), Some(span)) = (&target.ruri, msg.request_uri_span()) {
+        rw.replace_span(span, new);
+    }
+    // RFC 3261 §16.6 step 3, capped like Kamailio's maxfwd module.
+    let mf = match msg.max_forwards().ok().flatten() {
+        Some(n) => n.saturating_sub(1).min(opts.max_forwards_cap),
+        None => opts.max_forwards_cap,
+    };
+    rw.set_max_forwards(mf);
+    if opts.record_route {
+        // RFC 3261 §16.6 step 4; RFC 5658 double Record-Route when the transport changes.
+        // The top value faces the next hop, the second the previous hop.
+        let out_rr = record_route_uri(outbound, target.proto, opts.nat);
+        if inbound.1 != target.proto || inbound.0 != outbound {
+            let in_rr = record_route_uri(inbound.0, inbound.1, opts.nat);
+            rw.push_record_route(&format!("{out_rr}, {in_rr}"));
+        } else {
+            rw.push_record_route(&out_rr);
+        }
+    }
+    if opts.strip_proxy_auth {
+        rw.remove_headers(HeaderName::ProxyAuthorization);
+    }
+    let transport = match target.proto {
+        Proto::Udp => "UDP",
+        Proto::Tcp => "TCP",
+    };
+    rw.push_via(&format!(
+        "SIP/2.0/{transport} {};branch={branch}",
+        hostport(outbound)
+    ));
+    rw.finish()
+}
+
+/// Dialog-creating methods get Record-Route (RFC 3261 §16.6 step 4; RFC 6665 for SUBSCRIBE,
+/// RFC 3515 for REFER).
+pub fn creates_dialog(method: &str) -> bool {
+    matches!(method, "INVITE" | "SUBSCRIBE" | "REFER")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::Framing;
+
+    const INVITE: &str = "INVITE sip:1001@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKa1;rport=40000;received=203.0.113.9\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:1001@example.com>\r\n\
+Call-ID: f1\r\n\
+CSeq: 1 INVITE\r\n\
+Proxy-Authorization: Digest username=\"alice\"\r\n\
+X-Keep: me\r\n\
+Content-Length: 0\r\n\r\n";
+
+    fn local(port: u16) -> Local {
+        Local {
+            advertise: "198.51.100.1".parse().unwrap(),
+            port,
+        }
+    }
+
+    #[test]
+    fn forwarded_invite() {
+        let m = Message::parse(INVITE.as_bytes(), Framing::Datagram).unwrap();
+        let target = Target {
+            ruri: Some("sip:1001@10.9.9.9:5070".into()),
+            dest: "10.9.9.9:5070".parse().unwrap(),
+            proto: Proto::Udp,
+        };
+        let branch = branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0);
+        assert_eq!(
+            branch,
+            branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0),
+            "deterministic"
+        );
+        assert_ne!(branch, branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 1));
+        let out = request(
+            &m,
+            &target,
+            (local(5060), Proto::Udp),
+            local(5060),
+            &branch,
+            Options {
+                record_route: true,
+                strip_proxy_auth: true,
+                nat: true,
+                max_forwards_cap: 10,
+            },
+        );
+        let f = Message::parse(&out, Framing::Datagram).unwrap();
+        assert_eq!(f.request_uri(), Some("sip:1001@10.9.9.9:5070"));
+        assert_eq!(f.max_forwards().unwrap(), Some(10), "capped");
+        let vias = f.vias().unwrap();
+        assert_eq!(vias.len(), 2);
+        assert_eq!(vias[0].host, "198.51.100.1");
+        assert_eq!(vias[0].branch(), Some(branch.as_str()));
+        let rr = f.route_set(HeaderName::RecordRoute).unwrap();
+        assert_eq!(rr.len(), 1);
+        assert_eq!(rr[0].uri, "sip:198.51.100.1:5060;lr;nat=yes");
+        assert!(f.header(HeaderName::ProxyAuthorization).is_none());
+        assert!(
+            String::from_utf8(out.clone())
+                .unwrap()
+                .contains("X-Keep: me\r\n")
+        );
+
+        // The forwarded copy coming back unchanged (but for Vias) is a loop; with another
+        // Request-URI it is a spiral.
+        let ours = vec!["198.51.100.1:5060".to_owned()];
+        let same_ruri = Target {
+            ruri: None,
+            ..target
+        };
+        let out = request(
+            &m,
+            &same_ruri,
+            (local(5060), Proto::Udp),
+            local(5060),
+            &branch,
+            Options {
+                record_route: false,
+                strip_proxy_auth: false,
+                nat: false,
+                max_forwards_cap: 70,
+            },
+        );
+        let back = String::from_utf8(out).unwrap().replacen(
+            "Via: ",
+            "Via: SIP/2.0/UDP 10.9.9.9:5070;branch=z9hG4bKpbx\r\nVia: ",
+            1,
+        );
+        let back_msg = Message::parse(back.as_bytes(), Framing::Datagram).unwrap();
+        assert!(is_loop(&back_msg, &ours));
+        let spiral = back.replacen("sip:1001@example.com SIP", "sip:2002@example.com SIP", 1);
+        let spiral_msg = Message::parse(spiral.as_bytes(), Framing::Datagram).unwrap();
+        assert!(!is_loop(&spiral_msg, &ours));
+        assert!(!is_loop(&m, &ours));
+    }
+
+    #[test]
+    fn transport_change_double_record_route() {
+        let m = Message::parse(INVITE.as_bytes(), Framing::Datagram).unwrap();
+        let target = Target {
+            ruri: None,
+            dest: "10.9.9.9:5060".parse().unwrap(),
+            proto: Proto::Tcp,
+        };
+        let out = request(
+            &m,
+            &target,
+            (local(5060), Proto::Udp),
+            local(5060),
+            "z9hG4bKx",
+            Options {
+                record_route: true,
+                strip_proxy_auth: false,
+                nat: false,
+                max_forwards_cap: 70,
+            },
+        );
+        let f = Message::parse(&out, Framing::Datagram).unwrap();
+        let rr = f.route_set(HeaderName::RecordRoute).unwrap();
+        assert_eq!(rr[0].uri, "sip:198.51.100.1:5060;transport=tcp;lr");
+        assert_eq!(rr[1].uri, "sip:198.51.100.1:5060;lr");
+        assert_eq!(f.max_forwards().unwrap(), Some(69));
+        assert!(f.top_via().unwrap().is_reliable());
+        assert!(f.header(HeaderName::ProxyAuthorization).is_some());
+    }
+}
