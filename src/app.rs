@@ -35,6 +35,7 @@ pub enum StartError {
 /// A server ready to run, and its store (to close on shutdown).
 pub struct App {
     pub server: Server,
+    pub proxy: Arc<crate::proxy::stateful::Proxy>,
     pub store: Store,
     pub location: Arc<Location>,
 }
@@ -53,9 +54,12 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     info!(bindings = bindings.len(), "location service loaded");
     location.load(bindings).await;
 
-    let mut server = Server::bind(cfg.clone()).await.map_err(StartError::Bind)?;
+    let mut server = Server::bind(cfg.clone(), Some(location.clone()), clock.clone())
+        .await
+        .map_err(StartError::Bind)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let auth = Arc::new(Authenticator::new(cfg.auth.clone(), store.clone(), key));
+    server.set_authenticator(auth.clone());
     let ctx = Arc::new(Context {
         cfg,
         store: store.clone(),
@@ -66,6 +70,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     });
     server.set_registrar(Registrar::start(ctx, shards));
     Ok(App {
+        proxy: server.proxy(),
         server,
         store,
         location,

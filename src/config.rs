@@ -92,6 +92,14 @@ pub struct RawServer {
     /// Seconds a TCP connection may stay without traffic before it is closed. Default 600.
     #[serde(default = "default_tcp_idle_timeout")]
     pub tcp_idle_timeout: u64,
+    /// Seconds a forwarded non-INVITE waits for a final response (Kamailio `fr_timer`,
+    /// Timer F). Default 30.
+    #[serde(default = "default_fr_timer")]
+    pub fr_timer: u64,
+    /// Seconds a forwarded INVITE waits for a final response after each provisional
+    /// (Kamailio `fr_inv_timer`, Timer C). Default 120.
+    #[serde(default = "default_fr_inv_timer")]
+    pub fr_inv_timer: u64,
 }
 
 /// `[database]`
@@ -241,6 +249,12 @@ fn default_relay_foreign() -> RelayForeign {
 fn default_tcp_idle_timeout() -> u64 {
     600
 }
+fn default_fr_timer() -> u64 {
+    30
+}
+fn default_fr_inv_timer() -> u64 {
+    120
+}
 fn default_db_url() -> String {
     "sqlite://data/sipedge.db".into()
 }
@@ -386,6 +400,8 @@ pub struct ServerConfig {
     pub instance_id: String,
     pub relay_foreign: RelayForeign,
     pub tcp_idle_timeout: Duration,
+    pub fr_timer: Duration,
+    pub fr_inv_timer: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -532,6 +548,14 @@ impl Config {
                 "must be at least 1 second",
             ));
         }
+        for (key, v) in [
+            ("server.fr_timer", s.fr_timer),
+            ("server.fr_inv_timer", s.fr_inv_timer),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 3600 seconds"));
+            }
+        }
         let server = ServerConfig {
             listen,
             advertise,
@@ -542,6 +566,8 @@ impl Config {
             instance_id,
             relay_foreign: s.relay_foreign,
             tcp_idle_timeout: Duration::from_secs(s.tcp_idle_timeout),
+            fr_timer: Duration::from_secs(s.fr_timer),
+            fr_inv_timer: Duration::from_secs(s.fr_inv_timer),
         };
 
         let url = &raw.database.url;

@@ -5,3 +5,4 @@ pub mod forward;
 pub mod pipeline;
 pub mod response;
 pub mod sanity;
+pub mod stateful;

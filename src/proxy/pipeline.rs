@@ -11,10 +11,13 @@ use std::sync::Arc;
 
 use tracing::debug;
 
+use super::forward::creates_dialog;
 use super::sanity::{self, Verdict};
+use crate::clock::Clock;
 use crate::config::{Config, RelayForeign};
+use crate::registrar::location::Location;
 use crate::registrar::service::Job;
-use crate::sip::{Framing, Message, SipUri, reply};
+use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
 use crate::transport::{Outbound, Proto, Source};
 
 /// Methods sipedge knows (RFC 3261 and the extensions a proxy meets); others get 501 when
@@ -46,6 +49,10 @@ pub enum Dispatch {
     Send(Outbound),
     /// Hand this REGISTER for one of our domains to the registrar.
     Register(Box<Job>),
+    /// A well-formed request: transaction matching, then [`Core::route`].
+    Request(Box<Message>, Source),
+    /// A well-formed response: to its client transaction.
+    Response(Box<Message>, Source),
     /// Nothing to do.
     Nothing,
 }
@@ -56,17 +63,115 @@ impl From<Option<Outbound>> for Dispatch {
     }
 }
 
-/// The signalling core: configuration plus the sockets we own (for the "myself" check).
+/// The routing decision for a request.
 #[derive(Debug)]
+pub enum Routed {
+    /// Answer locally.
+    Reply(Outbound),
+    /// Forward along this plan.
+    Forward(Box<Plan>),
+    /// Nothing to do (an ACK for us).
+    Absorb,
+}
+
+/// Where a request goes and how.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// One per branch; several = parallel forking.
+    pub targets: Vec<Hop>,
+    pub record_route: bool,
+    /// Our Route header is on top and must be removed.
+    pub pop_route: bool,
+    pub auth: Option<AuthNeed>,
+    /// Forward without a transaction (ACK for 2xx).
+    pub stateless: bool,
+    /// The dialog's caller is behind NAT (`;nat=yes` in our Route).
+    pub nat: bool,
+}
+
+/// One branch before name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// New Request-URI (a registered contact), or keep the received one.
+    pub ruri: Option<String>,
+    pub dest: Dest,
+    pub proto: Proto,
+}
+
+/// A next hop: an address (a registered flow) or a name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
+/// Why proxy authentication is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthNeed {
+    /// A `[[route]]` with `auth = true`: proxy auth, and the From user must be the
+    /// authenticated user (`check_from`).
+    Route,
+    /// `relay_foreign = "authenticated"`.
+    Foreign,
+}
+
+/// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
+/// 5060/5061, transport parameter).
+pub fn hop_for_uri(text: &str) -> Option<Hop> {
+    let uri = SipUri::parse(text).ok()?;
+    let proto = match uri.transport() {
+        Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
+        _ if uri.secure => Proto::Tcp,
+        _ => Proto::Udp,
+    };
+    let host = uri.param("maddr").unwrap_or(uri.host);
+    let port = uri.port.unwrap_or(if uri.secure { 5061 } else { 5060 });
+    let dest = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
+        Err(_) => Dest::Host(host.to_owned(), port),
+    };
+    Some(Hop {
+        ruri: None,
+        dest,
+        proto,
+    })
+}
+
+/// The signalling core: configuration plus the sockets we own (for the "myself" check).
 pub struct Core {
     cfg: Arc<Config>,
     /// Addresses of the bound sockets (the real ports when the config asked for port 0).
     local: Vec<(Proto, SocketAddr)>,
+    location: Option<Arc<Location>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Core {
-    pub fn new(cfg: Arc<Config>, local: Vec<(Proto, SocketAddr)>) -> Self {
-        Self { cfg, local }
+    pub fn new(
+        cfg: Arc<Config>,
+        local: Vec<(Proto, SocketAddr)>,
+        location: Option<Arc<Location>>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            cfg,
+            local,
+            location,
+            clock,
+        }
+    }
+
+    /// Our sockets.
+    pub fn local(&self) -> &[(Proto, SocketAddr)] {
+        &self.local
     }
 
     pub fn config(&self) -> &Config {
@@ -80,12 +185,7 @@ impl Core {
                 debug!(peer.addr = %source.remote, ?reason, "dropping message");
                 Dispatch::Nothing
             }
-            Verdict::Response(msg) => {
-                // No client transactions exist yet, so no response can match one (RFC 3261
-                // §17.1.3); a stateful proxy drops stray responses.
-                debug!(peer.addr = %source.remote, sip.status = msg.status(), "dropping stray response");
-                Dispatch::Nothing
-            }
+            Verdict::Response(msg) => Dispatch::Response(Box::new(msg), source),
             Verdict::Reject {
                 msg,
                 status,
@@ -103,12 +203,15 @@ impl Core {
                 if for_registrar {
                     return Dispatch::Register(Box::new(Job { msg, source }));
                 }
-                self.request(&msg, source).into()
+                Dispatch::Request(Box::new(msg), source)
             }
         }
     }
 
-    fn request(&self, msg: &Message, source: Source) -> Option<Outbound> {
+    /// The routing decision for a request that matched no transaction (DESIGN §4 steps 2-6,
+    /// the seed's main route): loose routing, in-dialog forwarding, the `[[route]]` rules, the
+    /// location service, `relay_foreign`, and the requests answered locally.
+    pub fn route(&self, msg: &Message, source: Source) -> Routed {
         // invariant: sanity checked the method, Request-URI and Call-ID of this request.
         let method = msg.method().unwrap_or_default();
         let uri_text = msg.request_uri().unwrap_or_default();
@@ -118,50 +221,179 @@ impl Core {
             peer.addr = %source.remote,
             "request"
         );
-        if method == "ACK" {
-            // An ACK is never answered. Without transactions, an ACK to us ends here.
-            return None;
-        }
+        let reply =
+            |status, reason: &str| Routed::Reply(self.reply(msg, source, status, reason, &[]));
         let Ok(uri) = SipUri::parse(uri_text) else {
-            return Some(self.reply(msg, source, 400, "Malformed Request-URI", &[]));
+            return reply(400, "Malformed Request-URI");
         };
         let for_us = self.is_myself(&uri, source);
         let max_forwards = msg.max_forwards().ok().flatten();
+        let in_dialog = msg.to().ok().and_then(|t| t.tag().map(|_| ())).is_some();
 
+        // Loose routing (RFC 3261 §16.4): our own Route on top is removed.
+        let Ok(routes) = msg.route_set(HeaderName::Route) else {
+            return reply(400, "Malformed Route header");
+        };
+        let pop_route = routes
+            .first()
+            .and_then(|r| SipUri::parse(r.uri).ok())
+            .is_some_and(|u| self.is_myself(&u, source));
+        let nat_marked = pop_route
+            && routes
+                .first()
+                .and_then(|r| SipUri::parse(r.uri).ok())
+                .is_some_and(|u| u.param("nat") == Some("yes"));
+        let next_route = routes.get(usize::from(pop_route)).map(|r| r.uri.to_owned());
+        let forward_to = |uri_text: &str, plan_auth| -> Routed {
+            match hop_for_uri(uri_text) {
+                Some(hop) => Routed::Forward(Box::new(Plan {
+                    targets: vec![hop],
+                    record_route: false,
+                    pop_route,
+                    auth: plan_auth,
+                    stateless: method == "ACK",
+                    nat: nat_marked,
+                })),
+                None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
+            }
+        };
+
+        if method == "ACK" {
+            // An ACK for a 2xx is end-to-end: forwarded statelessly along the route set. An ACK
+            // for a non-2xx of ours was absorbed by its transaction before we got here.
+            return match (&next_route, for_us) {
+                (Some(r), _) => forward_to(r, None),
+                (None, false) => forward_to(uri_text, None),
+                (None, true) => Routed::Absorb,
+            };
+        }
         if method == "CANCEL" {
             // RFC 3261 §16.10: a CANCEL that matches no transaction gets 481.
-            return Some(self.reply(msg, source, 481, "Call/Transaction Does Not Exist", &[]));
+            return reply(481, "Call/Transaction Does Not Exist");
+        }
+        if max_forwards == Some(0) && !(for_us && method == "OPTIONS") {
+            return reply(483, "Too Many Hops");
+        }
+        let ours: Vec<String> = self
+            .local
+            .iter()
+            .map(|(_, a)| format!("{}:{}", self.cfg.server.advertise, a.port()))
+            .collect();
+        if super::forward::is_loop(msg, &ours) {
+            return reply(482, "Loop Detected");
+        }
+
+        if in_dialog {
+            // Follow the route set; with none left, the Request-URI (the remote target).
+            return match (&next_route, for_us) {
+                (Some(r), _) => forward_to(r, None),
+                (None, false) if pop_route => forward_to(uri_text, None),
+                (None, false) => match self.cfg.server.relay_foreign {
+                    RelayForeign::Deny => reply(403, "Relaying Forbidden"),
+                    RelayForeign::Open => forward_to(uri_text, None),
+                    RelayForeign::Authenticated => forward_to(uri_text, Some(AuthNeed::Foreign)),
+                },
+                (None, true) => match (method, uri.user) {
+                    ("OPTIONS" | "NOTIFY", None) => self.local_ok(msg, source, method),
+                    _ => reply(404, "Not Here"),
+                },
+            };
+        }
+        if next_route.is_some() {
+            // A preloaded route through us to somewhere else would make us an open relay.
+            return reply(403, "Preloaded Route Not Allowed");
         }
         if !for_us {
-            if max_forwards == Some(0) {
-                return Some(self.reply(msg, source, 483, "Too Many Hops", &[]));
-            }
-            return Some(match self.cfg.server.relay_foreign {
-                RelayForeign::Deny => self.reply(msg, source, 403, "Relaying Forbidden", &[]),
-                RelayForeign::Authenticated | RelayForeign::Open => {
-                    self.reply(msg, source, 501, "Relaying Not Implemented", &[])
+            let record_route = creates_dialog(method);
+            return match self.cfg.server.relay_foreign {
+                RelayForeign::Deny => reply(403, "Relaying Forbidden"),
+                RelayForeign::Open | RelayForeign::Authenticated => {
+                    let auth = (self.cfg.server.relay_foreign == RelayForeign::Authenticated)
+                        .then_some(AuthNeed::Foreign);
+                    match forward_to(uri_text, auth) {
+                        Routed::Forward(mut plan) => {
+                            plan.record_route = record_route;
+                            Routed::Forward(plan)
+                        }
+                        other => other,
+                    }
                 }
-            });
+            };
         }
         if !KNOWN_METHODS.contains(&method) {
-            return Some(self.reply(msg, source, 501, "Not Implemented", &[("Allow", ALLOW)]));
-        }
-        match (method, uri.user) {
-            // Keepalive OPTIONS and NOTIFY addressed to the proxy itself (the seed answers them).
-            ("OPTIONS", None) => Some(self.reply(
+            return Routed::Reply(self.reply(
                 msg,
                 source,
-                200,
-                "OK",
-                &[("Allow", ALLOW), ("Accept", "application/sdp")],
-            )),
-            ("NOTIFY", None) => Some(self.reply(msg, source, 200, "OK", &[])),
-            (_, _) if max_forwards == Some(0) => {
-                Some(self.reply(msg, source, 483, "Too Many Hops", &[]))
-            }
-            // No location service yet: nobody is registered here.
-            (_, _) => Some(self.reply(msg, source, 404, "User Not Found", &[])),
+                501,
+                "Not Implemented",
+                &[("Allow", ALLOW)],
+            ));
         }
+        let Some(user) = uri.user else {
+            return match method {
+                "OPTIONS" | "NOTIFY" => self.local_ok(msg, source, method),
+                _ => reply(404, "Not Found"),
+            };
+        };
+        let record_route = creates_dialog(method);
+        // The [[route]] rules, first match wins (the seed's extension/PSTN routing).
+        if let Some(rule) = self.cfg.routes.iter().find(|r| r.user.is_match(user)) {
+            debug!(route = %rule.name, user, "route matched");
+            return Routed::Forward(Box::new(Plan {
+                targets: vec![Hop {
+                    ruri: None,
+                    dest: match rule.next_hop_host.parse::<std::net::IpAddr>() {
+                        Ok(ip) => Dest::Addr(SocketAddr::new(ip, rule.next_hop_port)),
+                        Err(_) => Dest::Host(rule.next_hop_host.clone(), rule.next_hop_port),
+                    },
+                    proto: Proto::Udp,
+                }],
+                record_route,
+                pop_route,
+                auth: rule.auth.then_some(AuthNeed::Route),
+                stateless: false,
+                nat: false,
+            }));
+        }
+        // The location service: every contact of the AOR, reached at the flow it registered from.
+        let aor = format!("{user}@{}", uri.host.to_ascii_lowercase());
+        let bindings = self
+            .location
+            .as_ref()
+            .map(|l| l.lookup(&aor, self.unix_now()))
+            .unwrap_or_default();
+        if bindings.is_empty() {
+            return reply(404, "User Not Found");
+        }
+        Routed::Forward(Box::new(Plan {
+            targets: bindings
+                .into_iter()
+                .map(|b| Hop {
+                    ruri: Some(b.contact),
+                    dest: Dest::Addr(b.received),
+                    proto: b.transport,
+                })
+                .collect(),
+            record_route,
+            pop_route,
+            auth: None,
+            stateless: false,
+            nat: false,
+        }))
+    }
+
+    /// 200 to an OPTIONS or NOTIFY addressed to the proxy itself (keepalives).
+    fn local_ok(&self, msg: &Message, source: Source, method: &str) -> Routed {
+        let extra: &[(&str, &str)] = if method == "OPTIONS" {
+            &[("Allow", ALLOW), ("Accept", "application/sdp")]
+        } else {
+            &[]
+        };
+        Routed::Reply(self.reply(msg, source, 200, "OK", extra))
+    }
+
+    fn unix_now(&self) -> u64 {
+        self.clock.unix()
     }
 
     /// RFC 3261 §16.4 / Kamailio `myself`: the URI names one of our domains or one of our
@@ -225,16 +457,45 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+    use crate::registrar::location::Binding;
 
     fn core() -> Core {
         let cfg = Config::from_toml(
-            "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n",
+            "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n\
+             [[route]]\nname=\"pbx\"\nuser='^[0-9]{3,4}$'\nnext_hop=\"pbx.example.net:5070\"\n\
+             [[route]]\nname=\"provider\"\nuser='^1[0-9]{10}$'\nnext_hop=\"192.0.2.80\"\nauth=true\n",
             || "127.0.0.1".parse().unwrap(),
         )
         .unwrap();
+        let location = Arc::new(Location::new());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(location.set(
+            "carol@example.com",
+            vec![Binding {
+                aor: "carol@example.com".into(),
+                contact: "sip:carol@10.0.0.9:5062".into(),
+                received: "203.0.113.4:41000".parse().unwrap(),
+                transport: Proto::Udp,
+                local_socket: "127.0.0.1:5060".parse().unwrap(),
+                instance: "i".into(),
+                expires: u64::MAX,
+                q: 1000,
+                call_id: "c".into(),
+                cseq: 1,
+                user_agent: String::new(),
+                path: String::new(),
+                instance_urn: String::new(),
+                updated: 0,
+            }],
+        ));
         Core::new(
             Arc::new(cfg),
             vec![(Proto::Udp, "127.0.0.1:5060".parse().unwrap())],
+            Some(location),
+            Arc::new(SystemClock),
         )
     }
 
@@ -246,20 +507,32 @@ mod tests {
         }
     }
 
-    fn status_of(method: &str, uri: &str, extra: &str) -> Option<u16> {
+    /// The local status, or the plan.
+    fn decide(method: &str, uri: &str, extra: &str) -> Result<Option<u16>, Box<Plan>> {
+        let totag = if method == "BYE" { ";tag=callee" } else { "" };
         let text = format!(
             "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9;rport\r\n\
-From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
+From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
         );
-        let out = match core().handle(text.as_bytes(), src(), Framing::Datagram) {
+        let c = core();
+        let out = match c.handle(text.as_bytes(), src(), Framing::Datagram) {
             Dispatch::Send(out) => out,
-            Dispatch::Register(_) => return Some(0),
-            Dispatch::Nothing => return None,
+            Dispatch::Register(_) => return Ok(Some(0)),
+            Dispatch::Nothing | Dispatch::Response(..) => return Ok(None),
+            Dispatch::Request(msg, source) => match c.route(&msg, source) {
+                Routed::Reply(out) => out,
+                Routed::Forward(plan) => return Err(plan),
+                Routed::Absorb => return Ok(None),
+            },
         };
         assert_eq!(out.dest, src().remote, "rport: answer the source");
-        Message::parse(&out.bytes, Framing::Datagram)
+        Ok(Message::parse(&out.bytes, Framing::Datagram)
             .unwrap()
-            .status()
+            .status())
+    }
+
+    fn status_of(method: &str, uri: &str, extra: &str) -> Option<u16> {
+        decide(method, uri, extra).expect("a local reply")
     }
 
     #[test]
@@ -289,6 +562,58 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>\r\nCall-ID: t1\r\nCSeq: 1 {method
             status_of("OPTIONS", "sip:elsewhere.net", "Max-Forwards: 0\r\n"),
             Some(483)
         );
+        assert_eq!(
+            status_of("INVITE", "sip:1234@example.com", "Max-Forwards: 0\r\n"),
+            Some(483)
+        );
         assert_eq!(status_of("ACK", "sip:bob@example.com", ""), None);
+        // A preloaded route through us to elsewhere.
+        assert_eq!(
+            status_of(
+                "INVITE",
+                "sip:bob@example.com",
+                "Route: <sip:127.0.0.1;lr>, <sip:evil.example;lr>\r\n"
+            ),
+            Some(403)
+        );
+    }
+
+    #[test]
+    fn routing_rules_and_location() {
+        let plan = decide("INVITE", "sip:1234@example.com", "").unwrap_err();
+        assert_eq!(
+            plan.targets[0].dest,
+            Dest::Host("pbx.example.net".into(), 5070)
+        );
+        assert!(plan.record_route && plan.auth.is_none());
+        let plan = decide("INVITE", "sip:15551234567@example.com", "").unwrap_err();
+        assert_eq!(
+            plan.targets[0].dest,
+            Dest::Addr("192.0.2.80:5060".parse().unwrap())
+        );
+        assert_eq!(plan.auth, Some(AuthNeed::Route));
+        // A registered user: the Request-URI becomes the contact, sent to the flow.
+        let plan = decide("INVITE", "sip:carol@example.com", "").unwrap_err();
+        assert_eq!(plan.targets.len(), 1);
+        assert_eq!(
+            plan.targets[0].ruri.as_deref(),
+            Some("sip:carol@10.0.0.9:5062")
+        );
+        assert_eq!(
+            plan.targets[0].dest,
+            Dest::Addr("203.0.113.4:41000".parse().unwrap())
+        );
+        // In-dialog: our Route is popped, the next Route (or the Request-URI) is the target.
+        let plan = decide(
+            "BYE",
+            "sip:carol@10.0.0.9:5062",
+            "Route: <sip:127.0.0.1:5060;lr;nat=yes>\r\n",
+        )
+        .unwrap_err();
+        assert!(plan.pop_route && plan.nat && !plan.record_route);
+        assert_eq!(
+            plan.targets[0].dest,
+            Dest::Addr("10.0.0.9:5062".parse().unwrap())
+        );
     }
 }

@@ -13,8 +13,12 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Outbound, Proto, tcp, udp};
+use crate::auth::service::Authenticator;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::proxy::pipeline::{Core, Dispatch};
+use crate::proxy::pipeline::{Core, Dispatch, Routed};
+use crate::proxy::stateful::Proxy;
+use crate::registrar::location::Location;
 use crate::registrar::service::Registrar;
 
 /// Receive buffer asked of the kernel for each UDP socket: a registration storm after a
@@ -71,11 +75,15 @@ impl Transports {
     }
 }
 
-/// Executes what the core decided: sends replies, hands REGISTERs to the registrar.
+/// Executes what the core decided: sends replies, hands REGISTERs to the registrar,
+/// requests and responses to the stateful proxy.
 pub struct Dispatcher {
     pub core: Arc<Core>,
     pub transports: Arc<Transports>,
     registrar: Option<Registrar>,
+    proxy: Arc<Proxy>,
+    auth: Option<Arc<Authenticator>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Dispatcher {
@@ -83,6 +91,31 @@ impl Dispatcher {
         match d {
             Dispatch::Nothing => {}
             Dispatch::Send(out) => self.transports.send(out).await,
+            Dispatch::Response(msg, source) => self.proxy.on_response(*msg, source).await,
+            Dispatch::Request(msg, source) => {
+                if self.proxy.absorb(&msg, source).await {
+                    return;
+                }
+                match self.core.route(&msg, source) {
+                    Routed::Reply(out) => {
+                        debug!(status = ?out.bytes.get(8..11).map(String::from_utf8_lossy), "answering locally");
+                        self.transports.send(out).await;
+                    }
+                    Routed::Absorb => debug!("absorbed"),
+                    Routed::Forward(plan) => {
+                        debug!(?plan, "forward");
+                        let fut = self.proxy.clone().forward(
+                            *msg,
+                            source,
+                            *plan,
+                            self.auth.clone(),
+                            self.clock.unix(),
+                        );
+                        // Authentication and name resolution must not hold up the receive loop.
+                        tokio::spawn(fut.in_current_span());
+                    }
+                }
+            }
             Dispatch::Register(job) => {
                 let Some(registrar) = &self.registrar else {
                     let out =
@@ -115,11 +148,18 @@ pub struct Server {
     tcp: Vec<TcpListener>,
     local: Vec<(Proto, SocketAddr)>,
     registrar: Option<Registrar>,
+    proxy: Arc<Proxy>,
+    auth: Option<Arc<Authenticator>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Server {
     /// Binds every `server.listen` socket. Errors name the socket.
-    pub async fn bind(cfg: Arc<Config>) -> io::Result<Self> {
+    pub async fn bind(
+        cfg: Arc<Config>,
+        location: Option<Arc<Location>>,
+        clock: Arc<dyn Clock>,
+    ) -> io::Result<Self> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut local = Vec::new();
@@ -151,10 +191,20 @@ impl Server {
                 }
             }
         }
-        let core = Arc::new(Core::new(cfg, local.clone()));
+        let core = Arc::new(Core::new(
+            cfg.clone(),
+            local.clone(),
+            location,
+            clock.clone(),
+        ));
+        let transports = Arc::new(transports);
+        let proxy = Arc::new(Proxy::new(cfg, transports.clone(), local.clone()));
         Ok(Self {
             core,
-            transports: Arc::new(transports),
+            proxy,
+            auth: None,
+            clock,
+            transports,
             udp,
             tcp,
             local,
@@ -172,6 +222,16 @@ impl Server {
         self.registrar = Some(registrar);
     }
 
+    /// Enables proxy authentication (407) for routes and foreign relaying that need it.
+    pub fn set_authenticator(&mut self, auth: Arc<Authenticator>) {
+        self.auth = Some(auth);
+    }
+
+    /// The stateful proxy (its transaction counts, for tests and `show`).
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
     /// The bound addresses, in `server.listen` order (real ports when 0 was configured).
     pub fn local_addrs(&self) -> &[(Proto, SocketAddr)] {
         &self.local
@@ -183,6 +243,9 @@ impl Server {
             core: self.core.clone(),
             transports: self.transports.clone(),
             registrar: self.registrar.clone(),
+            proxy: self.proxy.clone(),
+            auth: self.auth.clone(),
+            clock: self.clock.clone(),
         });
         let cfg = self.core.config();
         let workers = match cfg.server.workers {

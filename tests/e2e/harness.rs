@@ -22,6 +22,7 @@ pub(crate) struct TestServer {
     pub(crate) tcp: SocketAddr,
     pub(crate) store: Store,
     pub(crate) location: Arc<Location>,
+    pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
     stop: watch::Sender<bool>,
@@ -37,6 +38,11 @@ impl TestServer {
 
     /// Starts a server on a given database and UDP address (to restart on the same ones).
     pub(crate) async fn start_on(db_url: &str, udp: &str, server_extra: &str, extra: &str) -> Self {
+        // RUST_LOG=sipedge=debug shows the server's log in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let text = format!(
             "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
              domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n{extra}"
@@ -61,6 +67,7 @@ impl TestServer {
             tcp,
             store: app.store,
             location: app.location,
+            proxy: app.proxy,
             db_url: db_url.to_owned(),
             stop,
             task: Some(task),

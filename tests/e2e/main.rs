@@ -6,6 +6,7 @@
 mod cli;
 mod corpus;
 mod harness;
+mod proxy;
 mod registrar;
 mod store;
 mod transport;

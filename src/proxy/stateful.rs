@@ -1,0 +1,802 @@
+//! The stateful proxy (RFC 3261 §16 with §17 transactions): one task per received request
+//! owns its server transaction, a client transaction per branch and the response context.
+//! The tables here only route events (retransmissions, ACKs, CANCELs, responses) to the task
+//! that owns the transaction.
+//!
+//! The protocol decisions are pure and live elsewhere: routing in [`super::pipeline`], the
+//! forwarded bytes in [`super::forward`], best-response selection in [`super::response`], the
+//! state machines in [`crate::transaction`]. This file moves events between them and the
+//! sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::forward::{self, Local, Options, Target};
+use super::pipeline::{AuthNeed, Dest, Hop, Plan};
+use super::response::{Final, ResponseContext};
+use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
+use crate::config::{Config, Proto};
+use crate::sip::{Framing, Message, Rewrite, reply};
+use crate::transaction::{
+    ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey, cancel_for, client_key,
+    invite_key_for_cancel, server_key,
+};
+use crate::transport::server::Transports;
+use crate::transport::{Outbound, Source};
+
+/// Events queued per transaction task.
+const EVENTS: usize = 32;
+
+/// What the owning task is told.
+#[derive(Debug)]
+enum Event {
+    /// The request was received again.
+    Retransmission,
+    /// The ACK for our non-2xx final.
+    Ack,
+    /// The caller cancelled (a 200 for the CANCEL was already sent).
+    Cancel,
+    /// A response for branch `idx`, or for the CANCEL sent on that branch.
+    Response {
+        idx: usize,
+        cancel: bool,
+        resp: Message,
+    },
+}
+
+/// The proxy's transaction tables.
+pub struct Proxy {
+    cfg: Arc<Config>,
+    transports: Arc<Transports>,
+    /// Our sockets, to pick the outgoing one and write Via/Record-Route.
+    local: Vec<(Proto, SocketAddr)>,
+    timers: Timers,
+    /// Server transactions by key.
+    server: DashMap<TxnKey, mpsc::Sender<Event>>,
+    /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
+    client: DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: Arc<Config>,
+        transports: Arc<Transports>,
+        local: Vec<(Proto, SocketAddr)>,
+    ) -> Self {
+        let timers = Timers {
+            fr: cfg.server.fr_timer,
+            fr_inv: cfg.server.fr_inv_timer,
+            ..Timers::default()
+        };
+        Self {
+            cfg,
+            transports,
+            local,
+            timers,
+            server: DashMap::new(),
+            client: DashMap::new(),
+        }
+    }
+
+    /// Transactions alive (server and client), for logs, tests and `show`.
+    pub fn transaction_count(&self) -> (usize, usize) {
+        (self.server.len(), self.client.len())
+    }
+
+    /// Gives a request to the transaction it belongs to (a retransmission, the ACK for our
+    /// non-2xx final, or a CANCEL). True if it was consumed.
+    pub async fn absorb(&self, msg: &Message, source: Source) -> bool {
+        let method = msg.method().unwrap_or_default();
+        if method == "CANCEL" {
+            let Some(key) = invite_key_for_cancel(msg) else {
+                return false;
+            };
+            let Some(tx) = self.server.get(&key).map(|e| e.value().clone()) else {
+                return false;
+            };
+            // RFC 3261 §16.10: answer the CANCEL at once, then cancel the branches.
+            let out = self.upstream(
+                msg,
+                source,
+                reply::response(msg, source.remote, 200, "OK", &[]),
+            );
+            self.transports.send(out).await;
+            let _ = tx.send(Event::Cancel).await;
+            return true;
+        }
+        let Some(key) = server_key(msg) else {
+            return false;
+        };
+        let Some(tx) = self.server.get(&key).map(|e| e.value().clone()) else {
+            return false;
+        };
+        let event = if method == "ACK" {
+            Event::Ack
+        } else {
+            Event::Retransmission
+        };
+        let _ = tx.send(event).await;
+        true
+    }
+
+    /// A response from downstream: to the client transaction it belongs to; with none, a
+    /// stray 2xx is forwarded statelessly (RFC 3261 §16.7, RFC 6026 §7).
+    pub async fn on_response(&self, resp: Message, source: Source) {
+        let Some(key) = client_key(&resp) else {
+            return;
+        };
+        if let Some((tx, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
+            let _ = tx.send(Event::Response { idx, cancel, resp }).await;
+            return;
+        }
+        if resp.status().is_some_and(|s| (200..300).contains(&s)) && key.method == "INVITE" {
+            self.forward_stray(&resp).await;
+        } else {
+            debug!(peer.addr = %source.remote, sip.status = resp.status(), "response matches no transaction");
+        }
+    }
+
+    /// A 2xx retransmission after our transaction ended: pop our Via, send to the next.
+    async fn forward_stray(&self, resp: &Message) {
+        let Ok(vias) = resp.vias() else { return };
+        let Some(next) = vias.get(1) else { return };
+        let ip = next
+            .param("received")
+            .and_then(|r| r.parse().ok())
+            .or_else(|| next.host.parse().ok());
+        let Some(ip) = ip else { return };
+        let port = next
+            .param("rport")
+            .and_then(|p| p.parse().ok())
+            .or(next.port)
+            .unwrap_or(5060);
+        let mut rw = Rewrite::new(resp);
+        if rw.pop_via().is_err() {
+            return;
+        }
+        let proto = if next.is_reliable() {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        };
+        let out = Outbound {
+            proto,
+            local: self.socket_for(proto),
+            dest: SocketAddr::new(ip, port),
+            bytes: rw.finish(),
+        };
+        self.transports.send(out).await;
+    }
+
+    /// Carries out a routing plan for a new request: proxy authentication when the plan asks
+    /// for it (the seed's `proxy_authorize` + `check_from` + `consume_credentials`), name
+    /// resolution, then the transaction task. Runs off the receive loop.
+    pub async fn forward(
+        self: Arc<Self>,
+        msg: Message,
+        source: Source,
+        plan: Plan,
+        auth: Option<Arc<Authenticator>>,
+        now_unix: u64,
+    ) {
+        let reply_now = |status: u16, reason: &str, extra: &[(&str, &str)]| {
+            reply::response(&msg, source.remote, status, reason, extra)
+        };
+        if plan.stateless {
+            let dests = resolve(&plan.targets).await;
+            if let Some(Some(dest)) = dests.first() {
+                self.forward_stateless(&msg, source, &plan, *dest).await;
+            }
+            return;
+        }
+        let Some(res) = self.reserve(&msg) else {
+            debug!("request already has a transaction");
+            return;
+        };
+        let mut strip_proxy_auth = false;
+        if let Some(need) = plan.auth {
+            let verdict = match &auth {
+                None => Err(reply_now(500, "Server Internal Error", &[])),
+                Some(a) => authorize(a, &msg, need, now_unix, &reply_now, &self.cfg).await,
+            };
+            match verdict {
+                Ok(()) => strip_proxy_auth = true,
+                Err(bytes) => return self.launch(res, msg, source, Work::Reply(bytes)),
+            }
+        }
+        let resolved = resolve(&plan.targets).await;
+        let mut kept = Plan {
+            targets: Vec::new(),
+            ..plan.clone()
+        };
+        let mut dests = Vec::new();
+        for (hop, dest) in plan.targets.iter().zip(resolved) {
+            if let Some(d) = dest {
+                kept.targets.push(hop.clone());
+                dests.push(d);
+            }
+        }
+        if dests.is_empty() {
+            let bytes = reply_now(503, "Service Unavailable", &[("Retry-After", "30")]);
+            return self.launch(res, msg, source, Work::Reply(bytes));
+        }
+        self.launch(
+            res,
+            msg,
+            source,
+            Work::Forward {
+                plan: kept,
+                dests,
+                strip_proxy_auth,
+            },
+        );
+    }
+
+    /// Forwards an ACK for a 2xx (end-to-end, no transaction).
+    pub async fn forward_stateless(
+        &self,
+        msg: &Message,
+        source: Source,
+        plan: &Plan,
+        dest: SocketAddr,
+    ) {
+        let Some(hop) = plan.targets.first() else {
+            return;
+        };
+        let target = Target {
+            ruri: hop.ruri.clone(),
+            dest,
+            proto: hop.proto,
+        };
+        let (inbound, outbound) = self.sides(source, hop.proto);
+        let sent_by = msg
+            .top_via()
+            .map(|v| format!("{}:{}", v.host, v.port.unwrap_or(5060)));
+        let branch = forward::branch_id(
+            msg,
+            msg.top_via().ok().and_then(|v| v.branch()).unwrap_or(""),
+            sent_by.as_deref().unwrap_or(""),
+            0,
+        );
+        let bytes = self.build(msg, &target, inbound, outbound, &branch, plan, false);
+        debug!(%dest, "forwarding statelessly");
+        self.transports
+            .send(Outbound {
+                proto: hop.proto,
+                local: self.socket_for(hop.proto),
+                dest,
+                bytes,
+            })
+            .await;
+    }
+
+    /// Claims the server transaction of a new request before any slow work (authentication,
+    /// name resolution), so that its retransmissions are absorbed meanwhile. `None` when the
+    /// request already has an owner (it was a retransmission after all).
+    pub fn reserve(&self, msg: &Message) -> Option<Reservation> {
+        let key = server_key(msg)?;
+        let (tx, rx) = mpsc::channel(EVENTS);
+        match self.server.entry(key.clone()) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(tx.clone());
+                Some(Reservation { key, tx, rx })
+            }
+        }
+    }
+
+    /// Runs the transaction task for a reserved request: forward it along `work`, or answer
+    /// it locally (statefully: retransmissions get the same answer, the ACK is absorbed).
+    pub fn launch(self: &Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
+        let span = info_span!(
+            "txn",
+            sip.method = msg.method().unwrap_or_default(),
+            sip.call_id = msg.call_id().unwrap_or_default(),
+            sip.branch = %res.key.branch
+        );
+        let proxy = self.clone();
+        tokio::spawn(
+            async move {
+                proxy.run(res, msg, source, work).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The task owning one proxied request.
+    async fn run(self: Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
+        let Reservation { key, tx, mut rx } = res;
+        let now = Instant::now();
+        let (plan, dests, strip_proxy_auth, local_reply) = match work {
+            Work::Forward {
+                plan,
+                dests,
+                strip_proxy_auth,
+            } => (plan, dests, strip_proxy_auth, None),
+            Work::Reply(bytes) => (Plan::default(), Vec::new(), false, Some(bytes)),
+        };
+        let invite = msg.method() == Some("INVITE");
+        let kind = if invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let mut server = ServerTxn::new(kind, source.proto == Proto::Tcp, self.timers, now);
+        let answered_locally = local_reply.is_some();
+        if let Some(bytes) = local_reply {
+            let status = Message::parse(&bytes, Framing::Datagram)
+                .ok()
+                .and_then(|m| m.status())
+                .unwrap_or(500);
+            server.respond(status, bytes, now);
+        } else if invite {
+            // RFC 3261 §16.2: a proxy answers 100 to an INVITE it will forward.
+            let trying = reply::response(&msg, source.remote, 100, "Trying", &[]);
+            server.respond(100, trying, now);
+        }
+        let incoming_branch = key.branch.clone();
+        let mut branches: Vec<Branch> = Vec::new();
+        for (i, (hop, dest)) in plan.targets.iter().zip(&dests).enumerate() {
+            let branch_id = forward::branch_id(&msg, &incoming_branch, &key.sent_by, i);
+            let target = Target {
+                ruri: hop.ruri.clone(),
+                dest: *dest,
+                proto: hop.proto,
+            };
+            let (inbound, outbound) = self.sides(source, hop.proto);
+            let bytes = self.build(
+                &msg,
+                &target,
+                inbound,
+                outbound,
+                &branch_id,
+                &plan,
+                strip_proxy_auth,
+            );
+            let Ok(fwd) = Message::parse(&bytes, Framing::Datagram) else {
+                warn!("forwarded request does not parse; branch dropped");
+                continue;
+            };
+            let Some(ck) = server_key(&fwd) else {
+                warn!("forwarded request has no transaction key; branch dropped");
+                continue;
+            };
+            self.client.insert(ck.clone(), (tx.clone(), i, false));
+            let txn = ClientTxn::new(kind, fwd, hop.proto == Proto::Tcp, self.timers, now);
+            branches.push(Branch {
+                idx: i,
+                hop: hop.clone(),
+                dest: *dest,
+                key: ck,
+                txn: Some(txn),
+                cancel: None,
+                cancel_pending: false,
+            });
+        }
+        drop(tx);
+        let mut rc = ResponseContext::new(plan.targets.len());
+        for b in &branches {
+            debug!(branch = b.idx, dest = %b.dest, transport = b.hop.proto.as_str(), "forwarding");
+        }
+        if branches.len() < plan.targets.len() {
+            for i in 0..plan.targets.len() {
+                if !branches.iter().any(|b| b.idx == i) {
+                    rc.on_local_final(i, 500);
+                }
+            }
+        }
+
+        let mut server_done = false;
+        loop {
+            let now = Instant::now();
+            // Drain the branches.
+            let mut cancel_others = false;
+            for b in &mut branches {
+                while let Some(a) = b.txn.as_mut().and_then(ClientTxn::poll_action) {
+                    match a {
+                        ClientAction::Send(bytes) => self.send_branch(b, bytes).await,
+                        ClientAction::PassUp(resp) => {
+                            let status = resp.status().unwrap_or(0);
+                            if (101..200).contains(&status) && b.cancel_pending {
+                                b.cancel_pending = false;
+                                self.send_cancel(b, &tx_for(&self.client, &b.key), now);
+                            }
+                            let d = rc.on_response(b.idx, resp);
+                            cancel_others |= d.cancel_others;
+                            if let Some(up) = d.forward {
+                                if let Some(bytes) = pop_our_via(&up) {
+                                    server.respond(up.status().unwrap_or(0), bytes, now);
+                                }
+                            }
+                        }
+                        ClientAction::Timeout => {
+                            rc.on_local_final(b.idx, 408);
+                            if b.txn.as_ref().is_some_and(ClientTxn::got_provisional) {
+                                self.send_cancel(b, &tx_for(&self.client, &b.key), now);
+                            }
+                        }
+                        ClientAction::TransportError => rc.on_local_final(b.idx, 503),
+                        ClientAction::Terminated => {
+                            self.client.remove(&b.key);
+                            b.txn = None;
+                        }
+                    }
+                }
+                if let Some(c) = b.cancel.as_mut() {
+                    while let Some(a) = c.poll_action() {
+                        match a {
+                            ClientAction::Send(bytes) => {
+                                let out = Outbound {
+                                    proto: b.hop.proto,
+                                    local: self.socket_for(b.hop.proto),
+                                    dest: b.dest,
+                                    bytes,
+                                };
+                                self.transports.send(out).await;
+                            }
+                            ClientAction::Terminated => {
+                                if let Some(k) = server_key(c.request()) {
+                                    self.client.remove(&k);
+                                }
+                                b.cancel = None;
+                                break;
+                            }
+                            ClientAction::PassUp(_)
+                            | ClientAction::Timeout
+                            | ClientAction::TransportError => {}
+                        }
+                    }
+                }
+            }
+            if cancel_others {
+                self.cancel_pending(&mut branches, &mut rc, now);
+                continue;
+            }
+            if let Some(best) = rc.conclude().filter(|_| !answered_locally) {
+                let (status, bytes) = match best {
+                    Final::Received(resp) => match pop_our_via(&resp) {
+                        Some(b) => (resp.status().unwrap_or(500), b),
+                        None => (
+                            500,
+                            reply::response(&msg, source.remote, 500, "Server Internal Error", &[]),
+                        ),
+                    },
+                    Final::Local(status) => (
+                        status,
+                        reply::response(&msg, source.remote, status, reason(status), &[]),
+                    ),
+                };
+                server.respond(status, bytes, now);
+            }
+            while let Some(a) = server.poll_action() {
+                match a {
+                    ServerAction::Send(bytes) => {
+                        let out = self.upstream(&msg, source, bytes);
+                        self.transports.send(out).await;
+                    }
+                    ServerAction::AckTimeout => debug!("no ACK for our final response"),
+                    ServerAction::Terminated => {
+                        // The server side is over: a later copy of the request is new.
+                        server_done = true;
+                        self.server.remove(&key);
+                    }
+                }
+            }
+            let branches_done = branches
+                .iter()
+                .all(|b| b.txn.is_none() && b.cancel.is_none());
+            if server_done && branches_done {
+                break;
+            }
+            let deadline = branches
+                .iter()
+                .filter_map(|b| b.txn.as_ref().and_then(ClientTxn::poll_timeout))
+                .chain(
+                    branches
+                        .iter()
+                        .filter_map(|b| b.cancel.as_ref().and_then(ClientTxn::poll_timeout)),
+                )
+                .chain(server.poll_timeout())
+                .min();
+            let event = match deadline {
+                Some(d) => tokio::select! {
+                    e = rx.recv() => e,
+                    () = tokio::time::sleep_until(d) => None,
+                },
+                None => rx.recv().await,
+            };
+            let now = Instant::now();
+            match event {
+                Some(Event::Retransmission) => server.on_request_retransmission(now),
+                Some(Event::Ack) => server.on_ack(now),
+                Some(Event::Cancel) => {
+                    self.cancel_pending(&mut branches, &mut rc, now);
+                }
+                Some(Event::Response { idx, cancel, resp }) => {
+                    if let Some(b) = branches.iter_mut().find(|b| b.idx == idx) {
+                        let t = if cancel {
+                            b.cancel.as_mut()
+                        } else {
+                            b.txn.as_mut()
+                        };
+                        if let Some(t) = t {
+                            t.on_response(resp, now);
+                        }
+                    }
+                }
+                None => {
+                    server.on_timer(now);
+                    for b in &mut branches {
+                        if let Some(t) = b.txn.as_mut() {
+                            t.on_timer(now);
+                        }
+                        if let Some(c) = b.cancel.as_mut() {
+                            c.on_timer(now);
+                        }
+                    }
+                }
+            }
+        }
+        self.server.remove(&key);
+        for b in &branches {
+            self.client.remove(&b.key);
+        }
+        debug!("transaction done");
+    }
+
+    /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
+    /// those without one are cancelled when it arrives, or end as 487 if they never answer.
+    fn cancel_pending(&self, branches: &mut [Branch], rc: &mut ResponseContext, now: Instant) {
+        let pending: Vec<(usize, bool)> = rc.pending().collect();
+        for (idx, provisional) in pending {
+            let Some(b) = branches.iter_mut().find(|b| b.idx == idx) else {
+                continue;
+            };
+            if provisional {
+                let tx = tx_for(&self.client, &b.key);
+                self.send_cancel(b, &tx, now);
+            } else {
+                b.cancel_pending = true;
+                rc.on_local_final(idx, 487);
+            }
+        }
+    }
+
+    /// Starts a CANCEL client transaction on a branch (once).
+    fn send_cancel(&self, b: &mut Branch, tx: &Option<mpsc::Sender<Event>>, now: Instant) {
+        if b.cancel.is_some() {
+            return;
+        }
+        let Some(tx) = tx else { return };
+        let Some(txn) = b.txn.as_mut() else { return };
+        // RFC 3261 §9.1: once cancelled, the INVITE waits 64·T1 at most for its final.
+        txn.on_cancel(now);
+        let bytes = cancel_for(txn.request());
+        let Ok(cancel) = Message::parse(&bytes, Framing::Datagram) else {
+            return;
+        };
+        if let Some(k) = server_key(&cancel) {
+            self.client.insert(k, (tx.clone(), b.idx, true));
+        }
+        b.cancel = Some(ClientTxn::new(
+            Kind::NonInvite,
+            cancel,
+            b.hop.proto == Proto::Tcp,
+            self.timers,
+            now,
+        ));
+    }
+
+    async fn send_branch(&self, b: &Branch, bytes: Vec<u8>) {
+        self.transports
+            .send(Outbound {
+                proto: b.hop.proto,
+                local: self.socket_for(b.hop.proto),
+                dest: b.dest,
+                bytes,
+            })
+            .await;
+    }
+
+    /// Where a response to the request goes (RFC 3261 §18.2.2).
+    fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>) -> Outbound {
+        let dest = match source.proto {
+            Proto::Tcp => source.remote,
+            Proto::Udp => req
+                .top_via()
+                .map_or(source.remote, |v| reply::response_target(&v, source.remote)),
+        };
+        Outbound {
+            proto: source.proto,
+            local: source.local,
+            dest,
+            bytes,
+        }
+    }
+
+    /// Our listening socket for a transport (the first one configured).
+    fn socket_for(&self, proto: Proto) -> SocketAddr {
+        self.local
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .or_else(|| self.local.first())
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5060)), |(_, a)| *a)
+    }
+
+    /// Our side where the request came in and where it leaves.
+    fn sides(&self, source: Source, out: Proto) -> ((Local, Proto), Local) {
+        let adv = self.cfg.server.advertise;
+        let inbound = Local {
+            advertise: adv,
+            port: source.local.port(),
+        };
+        let outbound = Local {
+            advertise: adv,
+            port: self.socket_for(out).port(),
+        };
+        ((inbound, source.proto), outbound)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        msg: &Message,
+        target: &Target,
+        inbound: (Local, Proto),
+        outbound: Local,
+        branch: &str,
+        plan: &Plan,
+        strip_proxy_auth: bool,
+    ) -> Vec<u8> {
+        let mut bytes = forward::request(
+            msg,
+            target,
+            inbound,
+            outbound,
+            branch,
+            Options {
+                record_route: plan.record_route,
+                strip_proxy_auth,
+                nat: plan.nat,
+                max_forwards_cap: self.cfg.server.max_forwards,
+            },
+        );
+        if plan.pop_route {
+            // Our Route is removed from the forwarded copy (loose routing, RFC 3261 §16.4).
+            if let Ok(m) = Message::parse(&bytes, Framing::Datagram) {
+                let mut rw = Rewrite::new(&m);
+                if rw.pop_route().is_ok() {
+                    bytes = rw.finish();
+                }
+            }
+        }
+        bytes
+    }
+}
+
+/// A claimed server transaction, not yet running.
+pub struct Reservation {
+    key: TxnKey,
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+}
+
+/// What the transaction task does with its request.
+#[derive(Debug)]
+pub enum Work {
+    /// Forward along the plan; `dests[i]` is the resolved address of `plan.targets[i]`.
+    Forward {
+        plan: Plan,
+        dests: Vec<SocketAddr>,
+        strip_proxy_auth: bool,
+    },
+    /// Answer with these bytes (a complete response).
+    Reply(Vec<u8>),
+}
+
+/// One branch of a proxied request.
+struct Branch {
+    idx: usize,
+    hop: Hop,
+    dest: SocketAddr,
+    key: TxnKey,
+    txn: Option<ClientTxn>,
+    /// The CANCEL we sent on this branch.
+    cancel: Option<ClientTxn>,
+    /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
+    cancel_pending: bool,
+}
+
+fn tx_for(
+    client: &DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
+    key: &TxnKey,
+) -> Option<mpsc::Sender<Event>> {
+    client.get(key).map(|e| e.value().0.clone())
+}
+
+/// A downstream response with our Via removed, ready to go upstream.
+fn pop_our_via(resp: &Message) -> Option<Vec<u8>> {
+    let mut rw = Rewrite::new(resp);
+    rw.pop_via().ok()?;
+    Some(rw.finish())
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        408 => "Request Timeout",
+        487 => "Request Terminated",
+        500 => "Server Internal Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Proxy authentication of the caller (407 challenges), then `check_from` for `[[route]]`
+/// rules: the From user must be the authenticated user. `Err` holds the response to send.
+async fn authorize(
+    auth: &Authenticator,
+    msg: &Message,
+    need: AuthNeed,
+    now: u64,
+    reply_now: &impl Fn(u16, &str, &[(&str, &str)]) -> Vec<u8>,
+    cfg: &Config,
+) -> Result<(), Vec<u8>> {
+    let from = msg.from().ok().and_then(|f| {
+        let uri = crate::sip::SipUri::parse(f.uri).ok()?;
+        Some((uri.user.map(str::to_owned), uri.host.to_ascii_lowercase()))
+    });
+    let Some((from_user, domain)) = from else {
+        return Err(reply_now(403, "Forbidden: From is not a SIP URI", &[]));
+    };
+    if !cfg.is_local_domain(&domain) {
+        return Err(reply_now(
+            403,
+            "Forbidden: From domain not served here",
+            &[],
+        ));
+    }
+    let realm = auth.realm(&domain);
+    match auth.check(msg, AuthKind::Proxy, &realm, &domain, now).await {
+        Outcome::Authorized { username } => {
+            if need == AuthNeed::Route && from_user.as_deref() != Some(username.as_str()) {
+                warn!(auth.user = %username, from.user = ?from_user, "From does not match the credentials");
+                return Err(reply_now(403, "Use From ID", &[]));
+            }
+            Ok(())
+        }
+        Outcome::Challenge { stale } => {
+            let headers = auth.challenge(AuthKind::Proxy, &realm, now, stale);
+            let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            Err(reply_now(407, "Proxy Authentication Required", &extra))
+        }
+        Outcome::StoreError => Err(reply_now(
+            500,
+            "Server Internal Error",
+            &[("Retry-After", "5")],
+        )),
+    }
+}
+
+/// Resolves the hops of a plan: addresses as they are, names through the system resolver
+/// (A/AAAA; NAPTR/SRV is not done). A name that does not resolve drops its branch.
+pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
+    let mut out = Vec::with_capacity(hops.len());
+    for h in hops {
+        out.push(match &h.dest {
+            Dest::Addr(a) => Some(*a),
+            Dest::Host(host, port) => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(mut addrs) => addrs.next(),
+                Err(error) => {
+                    warn!(%host, %error, "next hop does not resolve");
+                    None
+                }
+            },
+        });
+    }
+    out
+}

@@ -1,0 +1,401 @@
+//! The stateful proxy over real UDP sockets: a caller, sipedge, and callee sockets standing in
+//! for the PBX, the provider and registered phones. Asserts what each side receives.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sipedge::config::Proto;
+use sipedge::registrar::location::Binding;
+use sipedge::sip::{HeaderName, Message, reply};
+use tokio::net::UdpSocket;
+
+use crate::harness::{TestServer, WAIT};
+
+/// A UA on a loopback socket.
+struct Ua {
+    sock: UdpSocket,
+    addr: SocketAddr,
+}
+
+impl Ua {
+    async fn new() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        Self { sock, addr }
+    }
+
+    async fn send(&self, to: SocketAddr, text: &str) {
+        self.sock.send_to(text.as_bytes(), to).await.unwrap();
+    }
+
+    /// The next message, skipping 100 Trying.
+    async fn recv(&self) -> (Message, SocketAddr) {
+        loop {
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = tokio::time::timeout(WAIT, self.sock.recv_from(&mut buf))
+                .await
+                .expect("nothing received in time")
+                .unwrap();
+            let m = Message::parse(&buf[..n], sipedge::sip::Framing::Datagram).unwrap();
+            if m.status() != Some(100) {
+                return (m, from);
+            }
+        }
+    }
+
+    /// Answers `req` (received from `from`) with `status`, To-tag `tag`.
+    async fn answer(&self, req: &Message, from: SocketAddr, status: u16, tag: &str) {
+        // A UAS copies Record-Route into its responses (RFC 3261 §12.1.1).
+        let contact = format!("<sip:callee@{}>", self.addr);
+        let mut extra: Vec<(&str, &str)> = req
+            .headers_named(HeaderName::RecordRoute)
+            .map(|h| ("Record-Route", req.str_at(h.value.clone()).unwrap()))
+            .collect();
+        extra.push(("Contact", &contact));
+        let mut bytes = reply::response(req, from, status, "Answer", &extra);
+        // A fixed To-tag (the same for 180 and 200, as a real UA does).
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let local = reply::local_tag(req);
+        bytes = text.replace(&local, tag).into_bytes();
+        self.sock.send_to(&bytes, from).await.unwrap();
+    }
+
+    /// Asserts nothing arrives for a short while.
+    async fn silent(&self) {
+        let mut buf = vec![0u8; 65536];
+        let r =
+            tokio::time::timeout(Duration::from_millis(300), self.sock.recv_from(&mut buf)).await;
+        assert!(
+            r.is_err(),
+            "unexpected: {:?}",
+            r.map(|x| x.map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        );
+    }
+}
+
+fn invite(ruri: &str, caller: SocketAddr, call_id: &str, extra: &str) -> String {
+    format!(
+        "INVITE {ruri} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {caller};branch=z9hG4bK-{call_id};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@example.com>;tag=caller-{call_id}\r\n\
+To: <{ruri}>\r\n\
+Call-ID: {call_id}\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:alice@{caller}>\r\n\
+{extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// An in-dialog request from the caller along the route set.
+#[allow(clippy::too_many_arguments)] // one call site per request kind; a struct would hide the fields
+fn in_dialog(
+    method: &str,
+    cseq: u32,
+    target: &str,
+    caller: SocketAddr,
+    call_id: &str,
+    to_tag: &str,
+    routes: &[String],
+    branch: &str,
+) -> String {
+    let route = if routes.is_empty() {
+        String::new()
+    } else {
+        format!("Route: {}\r\n", routes.join(", "))
+    };
+    format!(
+        "{method} {target} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {caller};branch=z9hG4bK-{branch};rport\r\n\
+Max-Forwards: 70\r\n\
+{route}From: <sip:alice@example.com>;tag=caller-{call_id}\r\n\
+To: <sip:callee@example.com>;tag={to_tag}\r\n\
+Call-ID: {call_id}\r\n\
+CSeq: {cseq} {method}\r\n\
+Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn routes_of(m: &Message) -> Vec<String> {
+    m.route_set(HeaderName::RecordRoute)
+        .unwrap()
+        .iter()
+        .map(|r| format!("<{}>", r.uri))
+        .collect()
+}
+
+async fn server_with_pbx(pbx: SocketAddr, extra: &str) -> TestServer {
+    TestServer::start(
+        "",
+        &format!(
+            "[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{pbx}\"\nmedia = \"never\"\n{extra}"
+        ),
+    )
+    .await
+}
+
+/// Waits (bounded) until the proxy holds no server transaction (client transactions over
+/// UDP linger for Timer D, 32 s, to absorb retransmitted finals).
+async fn drained(srv: &TestServer) {
+    for _ in 0..200 {
+        if srv.proxy.transaction_count().0 == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("transactions left: {:?}", srv.proxy.transaction_count());
+}
+
+#[tokio::test]
+async fn extension_call_through_the_pbx_route() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    let caller = Ua::new().await;
+    let ruri = "sip:1234@example.com";
+    caller
+        .send(srv.udp, &invite(ruri, caller.addr, "ext1", ""))
+        .await;
+
+    // The PBX gets the INVITE with our Via on top, Record-Route, Max-Forwards capped.
+    let (inv, from) = pbx.recv().await;
+    assert_eq!(inv.method(), Some("INVITE"));
+    assert_eq!(inv.request_uri(), Some(ruri));
+    let vias = inv.vias().unwrap();
+    assert_eq!(vias.len(), 2);
+    assert_eq!(vias[0].port, Some(srv.udp.port()));
+    assert_eq!(
+        inv.max_forwards().unwrap(),
+        Some(10),
+        "capped at server.max_forwards"
+    );
+    let rr = routes_of(&inv);
+    assert_eq!(rr, vec![format!("<sip:127.0.0.1:{};lr>", srv.udp.port())]);
+
+    pbx.answer(&inv, from, 180, "pbx-tag").await;
+    let (r180, _) = caller.recv().await;
+    assert_eq!(r180.status(), Some(180));
+    assert_eq!(r180.vias().unwrap().len(), 1, "our Via was popped");
+    pbx.answer(&inv, from, 200, "pbx-tag").await;
+    let (r200, _) = caller.recv().await;
+    assert_eq!(r200.status(), Some(200));
+    assert_eq!(r200.to().unwrap().tag(), Some("pbx-tag"));
+
+    // ACK and BYE follow the Record-Route through us to the PBX's Contact.
+    let routes = routes_of(&r200);
+    let target = format!("sip:callee@{}", pbx.addr);
+    caller
+        .send(
+            srv.udp,
+            &in_dialog(
+                "ACK",
+                1,
+                &target,
+                caller.addr,
+                "ext1",
+                "pbx-tag",
+                &routes,
+                "ack1",
+            ),
+        )
+        .await;
+    let (ack, _) = pbx.recv().await;
+    assert_eq!(ack.method(), Some("ACK"));
+    assert!(
+        ack.header(HeaderName::Route).is_none(),
+        "our Route was removed"
+    );
+    caller
+        .send(
+            srv.udp,
+            &in_dialog(
+                "BYE",
+                2,
+                &target,
+                caller.addr,
+                "ext1",
+                "pbx-tag",
+                &routes,
+                "bye1",
+            ),
+        )
+        .await;
+    let (bye, bye_from) = pbx.recv().await;
+    assert_eq!(bye.method(), Some("BYE"));
+    pbx.answer(&bye, bye_from, 200, "pbx-tag").await;
+    let (bye_ok, _) = caller.recv().await;
+    assert_eq!(bye_ok.status(), Some(200));
+    assert_eq!(bye_ok.cseq().unwrap().method, "BYE");
+    srv.stop().await;
+}
+
+fn binding(aor: &str, contact: String, received: SocketAddr) -> Binding {
+    Binding {
+        aor: aor.into(),
+        contact,
+        received,
+        transport: Proto::Udp,
+        local_socket: "127.0.0.1:5060".parse().unwrap(),
+        instance: "test".into(),
+        expires: u64::MAX / 2,
+        q: 1000,
+        call_id: "reg".into(),
+        cseq: 1,
+        user_agent: String::new(),
+        path: String::new(),
+        instance_urn: String::new(),
+        updated: 0,
+    }
+}
+
+#[tokio::test]
+async fn registered_user_fork_cancel_the_loser() {
+    let srv = TestServer::start("", "").await;
+    let (desk, mobile) = (Ua::new().await, Ua::new().await);
+    // Contacts as the phones would write them (private addresses), reached at their flows.
+    srv.location
+        .set(
+            "bob@example.com",
+            vec![
+                binding("bob@example.com", "sip:bob@10.0.0.7:5060".into(), desk.addr),
+                binding(
+                    "bob@example.com",
+                    "sip:bob@10.0.0.8:5060".into(),
+                    mobile.addr,
+                ),
+            ],
+        )
+        .await;
+    let caller = Ua::new().await;
+    caller
+        .send(
+            srv.udp,
+            &invite("sip:bob@example.com", caller.addr, "fork1", ""),
+        )
+        .await;
+    let (inv_d, from_d) = desk.recv().await;
+    let (inv_m, from_m) = mobile.recv().await;
+    // The Request-URI is the contact each phone registered.
+    assert_eq!(inv_d.request_uri(), Some("sip:bob@10.0.0.7:5060"));
+    assert_eq!(inv_m.request_uri(), Some("sip:bob@10.0.0.8:5060"));
+    assert_ne!(
+        inv_d.top_via().unwrap().branch(),
+        inv_m.top_via().unwrap().branch()
+    );
+
+    desk.answer(&inv_d, from_d, 180, "desk").await;
+    mobile.answer(&inv_m, from_m, 180, "mobile").await;
+    let (a, _) = caller.recv().await;
+    let (b, _) = caller.recv().await;
+    assert_eq!((a.status(), b.status()), (Some(180), Some(180)));
+    // The mobile answers: the caller gets the 200, the desk phone gets a CANCEL.
+    mobile.answer(&inv_m, from_m, 200, "mobile").await;
+    let (ok, _) = caller.recv().await;
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(ok.to().unwrap().tag(), Some("mobile"));
+    let (cancel, cfrom) = desk.recv().await;
+    assert_eq!(cancel.method(), Some("CANCEL"));
+    assert_eq!(
+        cancel.top_via().unwrap().branch(),
+        inv_d.top_via().unwrap().branch()
+    );
+    desk.answer(&cancel, cfrom, 200, "desk").await;
+    desk.answer(&inv_d, from_d, 487, "desk").await;
+    // The 487 is ACKed hop by hop and never reaches the caller.
+    let (ack, _) = desk.recv().await;
+    assert_eq!(ack.method(), Some("ACK"));
+    caller.silent().await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn caller_cancels_while_ringing() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    let caller = Ua::new().await;
+    let inv_text = invite("sip:200@example.com", caller.addr, "cxl1", "");
+    caller.send(srv.udp, &inv_text).await;
+    let (inv, from) = pbx.recv().await;
+    pbx.answer(&inv, from, 180, "pbx").await;
+    assert_eq!(caller.recv().await.0.status(), Some(180));
+    // CANCEL: same branch as the INVITE, CSeq method CANCEL.
+    let cancel = inv_text
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    caller.send(srv.udp, &cancel).await;
+    let (c200, _) = caller.recv().await;
+    assert_eq!(
+        (c200.status(), c200.cseq().unwrap().method),
+        (Some(200), "CANCEL")
+    );
+    let (fwd_cancel, cfrom) = pbx.recv().await;
+    assert_eq!(fwd_cancel.method(), Some("CANCEL"));
+    pbx.answer(&fwd_cancel, cfrom, 200, "pbx").await;
+    pbx.answer(&inv, from, 487, "pbx").await;
+    let (r487, _) = caller.recv().await;
+    assert_eq!(r487.status(), Some(487));
+    assert_eq!(
+        pbx.recv().await.0.method(),
+        Some("ACK"),
+        "hop-by-hop ACK for the 487"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn unanswered_invite_times_out_with_408() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    drop(srv);
+    let srv = TestServer::start(
+        "fr_inv_timer = 1\nfr_timer = 1",
+        &format!(
+            "[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{}\"\n",
+            pbx.addr
+        ),
+    )
+    .await;
+    let caller = Ua::new().await;
+    caller
+        .send(
+            srv.udp,
+            &invite("sip:300@example.com", caller.addr, "to1", ""),
+        )
+        .await;
+    let (inv, from) = pbx.recv().await;
+    pbx.answer(&inv, from, 180, "pbx").await;
+    assert_eq!(caller.recv().await.0.status(), Some(180));
+    // No final within fr_inv_timer: 408 upstream, CANCEL downstream.
+    let (r, _) = caller.recv().await;
+    assert_eq!(r.status(), Some(408));
+    let (cancel, _) = pbx.recv().await;
+    assert_eq!(cancel.method(), Some("CANCEL"));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn retransmitted_invite_is_absorbed_and_transactions_drain() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    let caller = Ua::new().await;
+    let text = invite("sip:400@example.com", caller.addr, "rtx1", "");
+    caller.send(srv.udp, &text).await;
+    let (inv, from) = pbx.recv().await;
+    pbx.answer(&inv, from, 486, "pbx").await;
+    let (busy, _) = caller.recv().await;
+    assert_eq!(busy.status(), Some(486));
+    assert_eq!(pbx.recv().await.0.method(), Some("ACK"));
+    // The caller did not see the 486 yet and retransmits: it gets the 486 again from our
+    // server transaction, and the PBX sees nothing new.
+    caller.send(srv.udp, &text).await;
+    let (again, _) = caller.recv().await;
+    assert_eq!(again.status(), Some(486));
+    pbx.silent().await;
+    // The caller's ACK for the 486 is absorbed by our transaction.
+    let ack = text
+        .replacen("INVITE sip:", "ACK sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK");
+    caller.send(srv.udp, &ack).await;
+    pbx.silent().await;
+    drained(&srv).await;
+    srv.stop().await;
+}
