@@ -37,14 +37,29 @@ cargo build --release --quiet
 bin="$root/target/release/sipedge"
 
 port=$(( 20000 + RANDOM % 20000 ))
+pbx_port=$((port + 1)); provider_port=$((port + 2)); ring_port=$((port + 3)); phone_port=$((port + 4))
 cat > "$work/sipedge.toml" <<TOML
 [server]
 listen = ["udp:127.0.0.1:$port", "tcp:127.0.0.1:$port"]
 domains = ["127.0.0.1"]
+fr_inv_timer = 2
 [database]
 url = "sqlite://$work/sipedge.db"
 [registrar]
 max_expires = 3600
+[[route]]
+name = "ring"
+user = '^9[0-9]{3}$'
+next_hop = "127.0.0.1:$ring_port"
+[[route]]
+name = "pbx"
+user = '^[0-9]{3,4}$'
+next_hop = "127.0.0.1:$pbx_port"
+[[route]]
+name = "provider"
+user = '^1[0-9]{10}$'
+next_hop = "127.0.0.1:$provider_port"
+auth = true
 TOML
 "$bin" check-config -c "$work/sipedge.toml" >/dev/null 2>&1
 
@@ -63,6 +78,14 @@ start_server() {
 }
 
 failed=0
+# callee NAME PORT SCENARIO CALLS: a SIPp callee in the background, bounded in calls and time.
+callee() {
+    local name=$1 cport=$2 scenario=$3 calls=$4
+    timeout 120 sipp -sf "$root/scripts/sipp/$scenario" -i 127.0.0.1 -p "$cport" -m "$calls" \
+        -trace_err -error_file "$work/$name.err" -nostdin -bg >/dev/null 2>&1 &
+    sleep 0.3
+}
+
 # run NAME TRANSPORT SCENARIO CALLS RATE [sipp args...]
 run() {
     local name=$1 transport=$2 scenario=$3 calls=$4 rate=$5
@@ -111,11 +134,32 @@ run register-auth-tcp  t1 register_auth.xml          200 100 -inf "$tcp_users"
 run wrong-password     u1 register_wrong_password.xml 50 50 -inf "$users"
 run to-not-auth-user   u1 register_forbidden.xml     1 1 -inf "$forbidden"
 
+# Calls through the proxy, one route kind each; the callee runs first, bounded.
+callee pbx "$pbx_port" uas.xml 200
+run call-extension     u1 uac_call.xml               200 50 -s 1234
+callee provider "$provider_port" uas.xml 100
+run call-provider-auth u1 uac_call_auth.xml          100 50 -s 15551234567 -inf "$users"
+# A registered phone: it registers from the port it then answers on (its flow).
+one_user="$work/one_user.csv"; { echo SEQUENTIAL; echo "300000;pw300000"; } > "$one_user"
+"$bin" user import -c "$work/sipedge.toml" "$one_user" >/dev/null
+timeout 30 sipp -sf "$root/scripts/sipp/register_auth.xml" -inf "$one_user" -i 127.0.0.1 -p "$phone_port" \
+    -m 1 -nostdin "127.0.0.1:$port" >/dev/null 2>&1 || { echo "FAIL  phone registration"; failed=1; }
+callee phone "$phone_port" uas.xml 100
+run call-registered    u1 uac_call.xml               100 50 -s 300000
+callee ring "$ring_port" uas_ring.xml 50
+run call-cancel        u1 uac_cancel.xml             50 25 -s 9001
+callee ring2 "$ring_port" uas_ring.xml 20
+run call-no-answer-408 u1 uac_noanswer.xml           20 20 -s 9002
+callee lossy "$pbx_port" uas.xml 100
+run call-10pct-loss    u1 uac_call.xml               100 20 -s 1234 -lost 10 -recv_timeout 30000
+wait_callees() { for _ in $(seq 1 100); do pgrep -f "sipp -sf $root/scripts/sipp/uas" >/dev/null || return 0; sleep 0.1; done; }
+wait_callees
+
 # kill -9: nothing is acknowledged before it is in the store, so every binding survives.
 kill -KILL "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
 start_server 2
 loaded=$(grep -o 'bindings=[0-9]*' "$work/sipedge.2.log" | head -1 | cut -d= -f2)
-expected=$((REG_USERS + 200))
+expected=$((REG_USERS + 200 + 1))  # UDP users, TCP users, the phone
 if [ "${loaded:-0}" -eq "$expected" ]; then
     echo "ok    restart after kill -9: $loaded bindings loaded"
 else

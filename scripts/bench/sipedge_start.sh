@@ -89,12 +89,6 @@ users=$SIPEDGE_RUNDIR/users.csv
 } >"$users"
 "$SIPEDGE_BIN" --log-level warn user import -c "$cfg" "$users" >/dev/null
 
-echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS" >>"$log"
-# stdin/stdout/stderr detached from the caller: the harness may read our stdout through a pipe.
-RUST_LOG=warn "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
-pid=$!
-echo "$pid" >"$SIPEDGE_PIDFILE"
-
 # Bounded readiness check: OPTIONS sip:127.0.0.1 over UDP must get "SIP/2.0 200".
 probe() {
     python3 - <<'PY'
@@ -117,6 +111,19 @@ except OSError:
 sys.exit(0 if data.startswith(b"SIP/2.0 200") else 1)
 PY
 }
+# Something else already answering on 5060 would pass the readiness check for a sipedge that
+# cannot bind: refuse instead.
+if probe; then
+    echo "sipedge_start: something already answers SIP on 127.0.0.1:5060 (not started by this script)" >&2
+    exit 1
+fi
+
+echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS" >>"$log"
+# stdin/stdout/stderr detached from the caller: the harness may read our stdout through a pipe.
+RUST_LOG=warn "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
+pid=$!
+echo "$pid" >"$SIPEDGE_PIDFILE"
+
 for _ in $(seq 1 30); do
     if ! kill -0 "$pid" 2>/dev/null; then
         echo "sipedge_start: sipedge exited during start-up; log $log:" >&2
@@ -124,7 +131,7 @@ for _ in $(seq 1 30); do
         rm -f "$SIPEDGE_PIDFILE"
         exit 1
     fi
-    if probe; then
+    if probe && kill -0 "$pid" 2>/dev/null; then
         echo "sipedge pid $pid listening on 127.0.0.1:5060 (udp+tcp) media=$media cfg=$cfg"
         exit 0
     fi
