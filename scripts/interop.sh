@@ -134,6 +134,19 @@ run register-auth-tcp  t1 register_auth.xml          200 100 -inf "$tcp_users"
 run wrong-password     u1 register_wrong_password.xml 50 50 -inf "$users"
 run to-not-auth-user   u1 register_forbidden.xml     1 1 -inf "$forbidden"
 
+# kill -9: nothing is acknowledged before it is in the store, so every binding survives.
+kill -KILL "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
+start_server 2
+loaded=$(grep -o 'bindings=[0-9]*' "$work/sipedge.2.log" | head -1 | cut -d= -f2)
+expected=$((REG_USERS + 200))  # UDP users and TCP users (the phone registers later)
+if [ "${loaded:-0}" -eq "$expected" ]; then
+    echo "ok    restart after kill -9: $loaded bindings loaded"
+else
+    echo "FAIL  restart after kill -9: ${loaded:-0} bindings loaded, expected $expected"
+    failed=1
+fi
+run register-query     u1 register_query.xml         "$REG_USERS" "$REG_RATE" -inf "$users"
+
 # Calls through the proxy, one route kind each; the callee runs first, bounded.
 callee pbx "$pbx_port" uas.xml 200
 run call-extension     u1 uac_call.xml               200 50 -s 1234
@@ -155,24 +168,18 @@ run call-10pct-loss    u1 uac_call.xml               100 20 -s 1234 -lost 10 -re
 wait_callees() { for _ in $(seq 1 100); do pgrep -f "sipp -sf $root/scripts/sipp/uas" >/dev/null || return 0; sleep 0.1; done; }
 wait_callees
 
-# kill -9: nothing is acknowledged before it is in the store, so every binding survives.
-kill -KILL "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=""
-start_server 2
-loaded=$(grep -o 'bindings=[0-9]*' "$work/sipedge.2.log" | head -1 | cut -d= -f2)
-expected=$((REG_USERS + 200 + 1))  # UDP users, TCP users, the phone
-if [ "${loaded:-0}" -eq "$expected" ]; then
-    echo "ok    restart after kill -9: $loaded bindings loaded"
-else
-    echo "FAIL  restart after kill -9: ${loaded:-0} bindings loaded, expected $expected"
-    failed=1
-fi
-run register-query     u1 register_query.xml         "$REG_USERS" "$REG_RATE" -inf "$users"
-
-if ! kill -0 "$server_pid" 2>/dev/null; then
-    echo "FAIL  sipedge exited during the run" >&2
-    failed=1
-fi
+# Every transaction ends: server ones at once, client ones after Timer D (32 s on UDP).
+sleep 34
 stop_server
+stopped=$(grep -o 'transactions.server=[0-9]* transactions.client=[0-9]*' "$work/sipedge.2.log" | tail -1)
+if [ "$stopped" = "transactions.server=0 transactions.client=0" ]; then
+    echo "ok    no transaction left after the calls"
+else
+    echo "FAIL  transactions left after the calls: ${stopped:-no shutdown line}"
+    failed=1
+fi
+
+
 if grep -q "panicked" "$work"/sipedge.*.log; then
     echo "FAIL  sipedge panicked" >&2
     failed=1

@@ -271,16 +271,26 @@ cp "$RUNDIR/kamailio.log" "$OUTDIR/kamailio.log" 2>/dev/null || true
     n_gone=$(grep -c 'SIPEDGE NOT RUNNING AT STOP' "$OUTDIR/sipedge.log" || true)
     n_start=$(grep -c '^=== sipedge_start' "$OUTDIR/sipedge.log" || true)
     echo "sipedge starts: $n_start, panics: $n_panic, found dead at stop (crash): $n_gone"
+    # Another process on the bench's fixed ports (5060 proxy, 5061 SIPp UAC) invalidates steps:
+    # e.g. a SIPp started elsewhere with "-p 0" binds the first free port from 5060 upwards.
+    n_bind=$(cat "$OUTDIR"/runs/*/*.err "$OUTDIR/sipedge.log" "$OUTDIR/kamailio.log" 2>/dev/null |
+        grep -cE 'Unable to bind|Address already in use' || true)
+    if [ "$n_bind" -gt 0 ]; then
+        echo "WARNING: $n_bind port collision(s) (\"Address already in use\" / SIPp \"Unable to bind\"):" \
+            "another process used 127.0.0.1:5060/5061 during the run; the affected steps failed for" \
+            "that reason, not for load. Re-run on a machine where nothing else uses these ports."
+    fi
     echo
     echo "Kamailio log ($OUTDIR/kamailio.log): ERROR/WARNING lines: $(grep -cE 'ERROR|WARNING' "$OUTDIR/kamailio.log" 2>/dev/null || true)"
     echo
-    echo "SIPp error files of the runs (events by kind, then the first two events):"
+    echo "SIPp error files of the runs (events by kind; what was received; the first abort):"
     for f in "$OUTDIR"/runs/*/*.err; do
         [ -s "$f" ] || continue
         echo "-- ${f#"$OUTDIR"/runs/}"
         grep -oE '[0-9]{10}\.[0-9]{6}: [A-Za-z]+ [a-z]+( on [a-z]+)?' "$f" | sed -E 's/^[^:]*: //' |
             sort | uniq -c | sort -rn | head -n 5 || true
-        grep -m2 -E 'Aborting call|Dead call|timeout' "$f" | cut -c1-220 || true
-        grep -m1 -A1 "received 'SIP/2.0" "$f" | grep -o "SIP/2.0 [0-9]\{3\} .*" | head -n1 || true
+        grep -oE "(while expecting '[0-9]+' \(index [0-9]+\)|\((aborted at index [0-9]+|successful)\)), received 'SIP/2.0 [0-9]{3} [A-Za-z ]+" "$f" |
+            sort | uniq -c | sort -rn | head -n 5 || true
+        grep -m1 -E 'Aborting call|aborting call' "$f" | cut -c1-240 || true
     done
 } | tee "$OUTDIR/report.txt"

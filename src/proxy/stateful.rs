@@ -546,7 +546,12 @@ impl Proxy {
         for b in &branches {
             self.client.remove(&b.key);
         }
-        debug!("transaction done");
+        let (servers, clients) = self.transaction_count();
+        debug!(
+            transactions.server = servers,
+            transactions.client = clients,
+            "transaction done"
+        );
     }
 
     /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;

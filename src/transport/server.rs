@@ -273,6 +273,12 @@ impl Server {
             );
         }
         while tasks.join_next().await.is_some() {}
+        let (servers, clients) = self.proxy.transaction_count();
+        info!(
+            transactions.server = servers,
+            transactions.client = clients,
+            "listeners stopped"
+        );
     }
 }
 
