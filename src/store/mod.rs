@@ -291,6 +291,12 @@ impl Store {
         upsert: &[Binding],
         remove: &[String],
     ) -> Result<(), StoreError> {
+        // The common case, one contact refreshed: a single autocommit statement (a transaction
+        // would cost three more round trips to the database thread).
+        if let ([b], []) = (upsert, remove) {
+            upsert_binding(b).execute(&self.pool).await?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         for contact in remove {
             sqlx::query("DELETE FROM location WHERE aor = $1 AND contact = $2")
@@ -300,30 +306,7 @@ impl Store {
                 .await?;
         }
         for b in upsert {
-            sqlx::query(
-                "INSERT INTO location (aor, contact, received, transport, local_socket, instance, expires, q, call_id, cseq, user_agent, path, instance_urn, updated) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-                 ON CONFLICT (aor, contact) DO UPDATE SET received = excluded.received, transport = excluded.transport, \
-                 local_socket = excluded.local_socket, instance = excluded.instance, expires = excluded.expires, q = excluded.q, \
-                 call_id = excluded.call_id, cseq = excluded.cseq, user_agent = excluded.user_agent, path = excluded.path, \
-                 instance_urn = excluded.instance_urn, updated = excluded.updated",
-            )
-            .bind(&b.aor)
-            .bind(&b.contact)
-            .bind(b.received.to_string())
-            .bind(b.transport.as_str())
-            .bind(b.local_socket.to_string())
-            .bind(&b.instance)
-            .bind(to_i64(b.expires))
-            .bind(f64::from(b.q) / 1000.0)
-            .bind(&b.call_id)
-            .bind(i64::from(b.cseq))
-            .bind(&b.user_agent)
-            .bind(&b.path)
-            .bind(&b.instance_urn)
-            .bind(to_i64(b.updated))
-            .execute(&mut *tx)
-            .await?;
+            upsert_binding(b).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -353,6 +336,32 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The upsert of one binding (portable `ON CONFLICT ... DO UPDATE`).
+fn upsert_binding(b: &Binding) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO location (aor, contact, received, transport, local_socket, instance, expires, q, call_id, cseq, user_agent, path, instance_urn, updated) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         ON CONFLICT (aor, contact) DO UPDATE SET received = excluded.received, transport = excluded.transport, \
+         local_socket = excluded.local_socket, instance = excluded.instance, expires = excluded.expires, q = excluded.q, \
+         call_id = excluded.call_id, cseq = excluded.cseq, user_agent = excluded.user_agent, path = excluded.path, \
+         instance_urn = excluded.instance_urn, updated = excluded.updated",
+    )
+    .bind(&b.aor)
+    .bind(&b.contact)
+    .bind(b.received.to_string())
+    .bind(b.transport.as_str())
+    .bind(b.local_socket.to_string())
+    .bind(&b.instance)
+    .bind(to_i64(b.expires))
+    .bind(f64::from(b.q) / 1000.0)
+    .bind(&b.call_id)
+    .bind(i64::from(b.cseq))
+    .bind(&b.user_agent)
+    .bind(&b.path)
+    .bind(&b.instance_urn)
+    .bind(to_i64(b.updated))
 }
 
 /// `sqlite://PATH` → an sqlx URL that creates the file, after creating its directory.

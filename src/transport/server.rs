@@ -84,6 +84,33 @@ pub struct Dispatcher {
     proxy: Arc<Proxy>,
     auth: Option<Arc<Authenticator>>,
     clock: Arc<dyn Clock>,
+    overload_log: Throttle,
+}
+
+/// Lets one log line through per second and counts the others (a flood must not flood the
+/// log too).
+#[derive(Debug, Default)]
+struct Throttle {
+    second: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines suppressed since the last one)` when a line may be written at `now`.
+    fn allow(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let prev = self.second.load(Relaxed);
+        if prev != now
+            && self
+                .second
+                .compare_exchange(prev, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
 }
 
 impl Dispatcher {
@@ -125,7 +152,9 @@ impl Dispatcher {
                 };
                 if let Err(job) = registrar.submit(job) {
                     // Overload: tell the phone when to retry instead of queueing without bound.
-                    warn!(peer.addr = %job.source.remote, "registrar queue full, answering 503");
+                    if let Some(suppressed) = self.overload_log.allow(self.clock.unix()) {
+                        warn!(peer.addr = %job.source.remote, suppressed, "registrar queue full, answering 503");
+                    }
                     let out = self.core.reply(
                         &job.msg,
                         job.source,
@@ -246,6 +275,7 @@ impl Server {
             proxy: self.proxy.clone(),
             auth: self.auth.clone(),
             clock: self.clock.clone(),
+            overload_log: Throttle::default(),
         });
         let cfg = self.core.config();
         let workers = match cfg.server.workers {
@@ -293,4 +323,19 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     UdpSocket::from_std(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn throttle_one_line_per_second() {
+        let t = Throttle::default();
+        assert_eq!(t.allow(100), Some(0));
+        assert_eq!(t.allow(100), None);
+        assert_eq!(t.allow(100), None);
+        assert_eq!(t.allow(101), Some(2), "reports what it held back");
+        assert_eq!(t.allow(101), None);
+    }
 }
