@@ -78,6 +78,9 @@ start_server() {
 }
 
 failed=0
+# Each SIPp caller gets its own port next to ours (SIPp's -p 0 would take 5060 and up, which
+# another service on this host may be using).
+next_port=$((port + 10))
 # callee NAME PORT SCENARIO CALLS: a SIPp callee in the background, bounded in calls and time.
 callee() {
     local name=$1 cport=$2 scenario=$3 calls=$4
@@ -92,8 +95,9 @@ run() {
     shift 5
     local out="$work/$name"
     local t0=$SECONDS
+    next_port=$((next_port + 1))
     if timeout 120 sipp -sf "$root/scripts/sipp/$scenario" -t "$transport" \
-        -i 127.0.0.1 -p 0 -m "$calls" -r "$rate" -l 200 "$@" \
+        -i 127.0.0.1 -p "$next_port" -m "$calls" -r "$rate" -l 200 "$@" \
         -timeout 90s -timeout_error -max_recv_loops 1000 \
         -trace_stat -stf "$out.csv" -trace_err -error_file "$out.err" \
         -nostdin "127.0.0.1:$port" >"$out.out" 2>&1; then
