@@ -82,7 +82,31 @@ fn rsip_parse(text: &str) -> bool {
     true
 }
 
+/// How many of the corpus messages that sipedge accepts rsip also accepts, and which not.
+fn corpus_acceptance() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sip");
+    let manifest = std::fs::read_to_string(dir.join("corpus.toml")).unwrap();
+    let table: toml::Table = manifest.parse().unwrap();
+    let cases = table["case"].as_array().unwrap();
+    let (mut ok, mut rsip_ok, mut rejected) = (0, 0, Vec::new());
+    for case in cases {
+        if case["verdict"].as_str() != Some("ok") {
+            continue;
+        }
+        let file = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        ok += 1;
+        match rsip::SipMessage::try_from(bytes.as_slice()) {
+            Ok(_) => rsip_ok += 1,
+            Err(_) => rejected.push(file.to_owned()),
+        }
+    }
+    println!("corpus: sipedge accepts {ok} valid messages; rsip 0.4 accepts {rsip_ok}");
+    println!("  rsip rejects: {}", rejected.join(", "));
+}
+
 fn main() {
+    corpus_acceptance();
     // rsip must accept the messages for the comparison to be fair.
     assert!(rsip::SipMessage::try_from(INVITE).is_ok());
     assert!(rsip::SipMessage::try_from(RESPONSE).is_ok());

@@ -9,14 +9,15 @@
 #     provider ^1[0-9]{10}$ (auth) -> 127.0.0.1:5080 (the harness' UAS ports)
 #   - imports subscribers SUBSCRIBER_FIRST..SUBSCRIBER_LAST (1000..1999) with password pw<id>
 #     (the harness' sipp/users.csv format, `sipedge user import`; idempotent)
-#   - starts `target/release/sipedge serve` in the background with RUST_LOG=warn, stderr
-#     appended to $SIPEDGE_RUNDIR/sipedge.log, PID in $SIPEDGE_PIDFILE (= the harness'
-#     PROXY_PIDFILE)
+#   - starts `target/release/sipedge serve` in the background with RUST_LOG=$SIPEDGE_LOG
+#     (default warn), stderr appended to $SIPEDGE_RUNDIR/sipedge.log, PID in $SIPEDGE_PIDFILE
+#     (= the harness' PROXY_PIDFILE)
 #   - waits (at most ~15 s) until an OPTIONS over UDP to 127.0.0.1:5060 gets 200
 #
 #   MEDIA=0|1 (set by the harness): 1 = routes with media "always", 0 = media "never"
 #   RUNDIR=/tmp/sipbench  SIPEDGE_RUNDIR=$RUNDIR/sipedge  SIPEDGE_PIDFILE=$SIPEDGE_RUNDIR/sipedge.pid
 #   SIPEDGE_BIN=<repo>/target/release/sipedge  SIPEDGE_WORKERS=0 (0 = one per core)
+#   SIPEDGE_LOG=warn (RUST_LOG of the server; info logs e.g. the transaction counts at shutdown)
 #
 # Run by hand:  scripts/bench/sipedge_start.sh && scripts/bench/sipedge_stop.sh
 # Exit: 0 when sipedge answers, 1 otherwise (with the tail of its log).
@@ -32,6 +33,7 @@ SIPEDGE_WORKERS=${SIPEDGE_WORKERS:-0}
 SUBSCRIBER_FIRST=${SUBSCRIBER_FIRST:-1000}
 SUBSCRIBER_LAST=${SUBSCRIBER_LAST:-1999}
 MEDIA=${MEDIA:-0}
+SIPEDGE_LOG=${SIPEDGE_LOG:-warn}
 
 cfg=$SIPEDGE_RUNDIR/sipedge.toml
 log=$SIPEDGE_RUNDIR/sipedge.log
@@ -118,9 +120,9 @@ if probe; then
     exit 1
 fi
 
-echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS" >>"$log"
+echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS RUST_LOG=$SIPEDGE_LOG" >>"$log"
 # stdin/stdout/stderr detached from the caller: the harness may read our stdout through a pipe.
-RUST_LOG=warn "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
+RUST_LOG=$SIPEDGE_LOG "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
 pid=$!
 echo "$pid" >"$SIPEDGE_PIDFILE"
 
