@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Side-by-side table for scripts/bench/registrations.sh.
+"""Side-by-side table for scripts/bench/registrations.sh and scripts/bench/calls.sh.
 
 Reads the JSON lines that the shared harness' tools/bench.py appended (one per search or
-fixed-rate run, labelled "kamailio", "sipedge", "kamailio@common", "sipedge@common") and prints:
-max authenticated registrations/s with 0 failures (the 20 s confirmation run), proxy CPU,
-CPU-seconds per 1000 registrations (proxy process tree, from /proc/PID/stat over the SIPp run),
-memory (PSS and RSS of the proxy tree after the run; Kamailio's shm peak), and the ratios
-sipedge/Kamailio. With several rounds every number is the median over the rounds.
+fixed-rate run, labelled "kamailio", "sipedge", "kamailio@common", "sipedge@common", and for
+calls.sh "sipedge@accept") and prints: max authenticated registrations/s or proxied calls/s
+with 0 failures (the 20 s confirmation run), proxy CPU, CPU-seconds per 1000 registrations or
+calls (proxy process tree, from /proc/PID/stat over the SIPp run), memory (PSS and RSS of the
+proxy tree after the run; Kamailio's shm peak), and the ratios sipedge/Kamailio. With several
+rounds every number is the median over the rounds. The scenario ("reg" or "call") is taken
+from the JSON lines.
 
     python3 scripts/bench/report.py RESULTS.jsonl
 """
@@ -44,6 +46,7 @@ def run_numbers(c):
         "cpu_s": cpu_s,
         "cpu_s_per_1000": 1000.0 * cpu_s / c["count"],
         "uac_pct": c["cpu_pct"].get("uac"),
+        "uas_pct": c["cpu_pct"].get("uas"),
         "pss_mb": mem.get("pss_kb", 0) / 1024.0,
         "rss_mb": mem.get("rss_kb", 0) / 1024.0,
         "shm_mb": mem["shm_max_used_kb"] / 1024.0 if "shm_max_used_kb" in mem else None,
@@ -82,13 +85,13 @@ def main(path):
              "max_per_round": [r.get("max_pass_rate") for r in searches],
              "max": med([r.get("max_pass_rate") for r in searches]),
              "first_fail": med([r.get("first_fail_probe") for r in searches])}
-        for k in ("cpu_pct", "cpu_s_per_1000", "uac_pct", "pss_mb", "rss_mb", "shm_mb", "rt1_ms"):
+        for k in ("cpu_pct", "cpu_s_per_1000", "uac_pct", "uas_pct", "pss_mb", "rss_mb", "shm_mb", "rt1_ms"):
             a[k] = med([c.get(k) for c in conf])
         a["common_rate"] = med([c["rate"] for c in com])
         a["common_failed"] = sum(1 for r in commons if not r.get("confirm"))
-        for k in ("cpu_pct", "cpu_s_per_1000", "pss_mb"):
+        for k in ("cpu_pct", "cpu_s_per_1000", "pss_mb", "shm_mb"):
             a["common_" + k] = med([c.get(k) for c in com])
-        steps = [s for r in searches + commons for s in r.get("steps", [])]
+        steps = [s for r in searches + commons + runs.get(p + "@accept", []) for s in r.get("steps", [])]
         a["noisy_steps"] = sum(1 for s in steps if s.get("noisy"))
         a["max_foreign"] = max([s["cpu_pct"].get("foreign", 0) for s in steps], default=None)
         a["steps"] = steps
@@ -96,19 +99,34 @@ def main(path):
         agg[p] = a
 
     k, s = agg["kamailio"], agg["sipedge"]
-    print("\nAuthenticated REGISTER (REGISTER -> 401 -> REGISTER+digest -> 200), SIPp reg_auth.xml over UDP,"
-          " 1000 subscribers, loopback")
+    scenario = next((r.get("scenario") for v in runs.values() for r in v if r.get("scenario")), "reg")
+    if scenario == "call":
+        u, uu = "calls", "calls/s"
+        hold = max([st["wall_s"] - st["dur_s"] for st in k["steps"] + s["steps"] if st.get("pass")], default=None)
+        print("\nProxied call (INVITE -> 100/180/200 -> ACK -> hold -> BYE -> 200), SIPp uac_invite.xml -> proxy ->"
+              " uas.xml on 127.0.0.1:5070 (extension 2000), UDP, record-routed, no media relay, loopback")
+        rt1 = "RT1 (INVITE..200 through the proxy) avg ms at max"
+    else:
+        u, uu = "reg", "reg/s"
+        hold = None
+        print("\nAuthenticated REGISTER (REGISTER -> 401 -> REGISTER+digest -> 200), SIPp reg_auth.xml over UDP,"
+              " 1000 subscribers, loopback")
+        rt1 = "RT1 (REGISTER..200 incl. 401) avg ms at max"
     hdr = ("", "Kamailio 5.6", "sipedge", "sipedge / Kamailio")
     rows = [
-        ("max reg/s, 0 failures (confirmation run)", fmt(k["max"]), fmt(s["max"]), ratio(s["max"], k["max"])),
+        ("max %s, 0 failures (confirmation run)" % uu, fmt(k["max"]), fmt(s["max"]), ratio(s["max"], k["max"])),
         ("  per round", ",".join(fmt(x) for x in k["max_per_round"]),
          ",".join(fmt(x) for x in s["max_per_round"]), ""),
-        ("first failing probe, reg/s", fmt(k["first_fail"]), fmt(s["first_fail"]), ""),
+        ("first failing probe, %s" % uu, fmt(k["first_fail"]), fmt(s["first_fail"]), ""),
         ("proxy CPU at max, % of one core", fmt(k["cpu_pct"]), fmt(s["cpu_pct"]), ratio(s["cpu_pct"], k["cpu_pct"])),
-        ("proxy CPU-s per 1000 reg at max", fmt(k["cpu_s_per_1000"], 3), fmt(s["cpu_s_per_1000"], 3),
+        ("proxy CPU-s per 1000 %s at max" % u, fmt(k["cpu_s_per_1000"], 3), fmt(s["cpu_s_per_1000"], 3),
          ratio(s["cpu_s_per_1000"], k["cpu_s_per_1000"])),
         ("SIPp UAC CPU at max, %", fmt(k["uac_pct"]), fmt(s["uac_pct"]), ""),
-        ("RT1 (REGISTER..200 incl. 401) avg ms at max", fmt(k["rt1_ms"], 1), fmt(s["rt1_ms"], 1), ""),
+    ]
+    if scenario == "call":
+        rows.append(("SIPp UAS CPU at max, %", fmt(k["uas_pct"]), fmt(s["uas_pct"]), ""))
+    rows += [
+        (rt1, fmt(k["rt1_ms"], 1), fmt(s["rt1_ms"], 1), ""),
         ("proxy PSS after the max run, MB", fmt(k["pss_mb"], 1), fmt(s["pss_mb"], 1), ratio(s["pss_mb"], k["pss_mb"])),
         ("proxy RSS after the max run, MB", fmt(k["rss_mb"], 1), fmt(s["rss_mb"], 1), ratio(s["rss_mb"], k["rss_mb"])),
         ("Kamailio shm peak, MB", fmt(k["shm_mb"], 1), "-", ""),
@@ -116,14 +134,16 @@ def main(path):
     if k["common_rate"] or s["common_rate"]:
         rate = k["common_rate"] or s["common_rate"]
         rows += [
-            ("same load for both: reg/s", fmt(k["common_rate"]), fmt(s["common_rate"]), ""),
-            ("  proxy CPU at %s reg/s, %%" % fmt(rate), fmt(k["common_cpu_pct"]), fmt(s["common_cpu_pct"]),
+            ("same load for both: %s" % uu, fmt(k["common_rate"]), fmt(s["common_rate"]), ""),
+            ("  proxy CPU at %s %s, %%" % (fmt(rate), uu), fmt(k["common_cpu_pct"]), fmt(s["common_cpu_pct"]),
              ratio(s["common_cpu_pct"], k["common_cpu_pct"])),
-            ("  proxy CPU-s per 1000 reg at %s reg/s" % fmt(rate), fmt(k["common_cpu_s_per_1000"], 3),
+            ("  proxy CPU-s per 1000 %s at %s %s" % (u, fmt(rate), uu), fmt(k["common_cpu_s_per_1000"], 3),
              fmt(s["common_cpu_s_per_1000"], 3), ratio(s["common_cpu_s_per_1000"], k["common_cpu_s_per_1000"])),
             ("  proxy PSS after that run, MB", fmt(k["common_pss_mb"], 1), fmt(s["common_pss_mb"], 1),
              ratio(s["common_pss_mb"], k["common_pss_mb"])),
         ]
+        if scenario == "call":
+            rows.append(("  Kamailio shm peak in that run, MB", fmt(k["common_shm_mb"], 1), "-", ""))
         if k["common_failed"] or s["common_failed"]:
             rows.append(("  same-load runs that FAILED", str(k["common_failed"]), str(s["common_failed"]), ""))
     rows += [
@@ -133,6 +153,11 @@ def main(path):
     table(hdr, rows)
     print("\nCPU = utime+stime of the proxy's whole process tree (Kamailio: all its processes; sipedge: all threads)"
           " over the SIPp run, %% of ONE core (the box has %s)." % _ncpu())
+    if scenario == "call":
+        print("Call runs: the UAC run lasts duration + hold (~%s s) + teardown; CPU-s per call counts all of it;"
+              " memory is taken right after the run, while the finished transactions are still kept"
+              " (Kamailio tm wait timer 5 s; sipedge RFC 3261 timers, 32 s over UDP)."
+              % (fmt(hold, 1) if hold is not None else "?"))
 
     for p in PROXIES:
         print("\nAll steps, %s (rate, result, ok/failed, retransmissions, timeouts, unexpected msgs, kernel UDP"
@@ -143,7 +168,9 @@ def main(path):
                   % (st["rate"], "PASS" if st["pass"] else "FAIL", st["dur_s"], st.get("successful"),
                      st.get("failed"), st.get("retrans"), st.get("timeouts"), st.get("unexpected"),
                      st["udp"].get("RcvbufErrors"), fmt(st["cpu_pct"].get("proxy")),
-                     fmt(st["cpu_pct"].get("foreign")), " NOISY" if st.get("noisy") else ""))
+                     fmt(st["cpu_pct"].get("foreign")), " NOISY" if st.get("noisy") else "")
+                  + ("" if st.get("uas_failed") in (None, 0) else " uas_failed=%s" % st.get("uas_failed"))
+                  + (" (%s)" % st["label"] if st.get("label", p) not in (p, None) else ""))
 
 
 def _ncpu():

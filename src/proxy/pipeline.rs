@@ -341,7 +341,8 @@ impl Core {
             debug!(route = %rule.name, user, "route matched");
             return Routed::Forward(Box::new(Plan {
                 targets: vec![Hop {
-                    ruri: None,
+                    // The seed's rewritehostport: the next hop sees itself in the Request-URI.
+                    ruri: Some(uri.with_hostport(&rule.next_hop_host, rule.next_hop_port)),
                     dest: match rule.next_hop_host.parse::<std::net::IpAddr>() {
                         Ok(ip) => Dest::Addr(SocketAddr::new(ip, rule.next_hop_port)),
                         Err(_) => Dest::Host(rule.next_hop_host.clone(), rule.next_hop_port),

@@ -77,8 +77,9 @@ impl ResponseContext {
                 }
             }
             200..=299 => {
-                // Every 2xx goes upstream at once, even after another one (forked answers).
-                *branch = Branch::Done(Final::Received(resp.clone()));
+                // Every 2xx goes upstream at once, even after another one (forked answers); it
+                // is never chosen later, so only its status is kept.
+                *branch = Branch::Done(Final::Local(status));
                 let first = !self.answered;
                 self.answered = true;
                 Decision {

@@ -29,8 +29,8 @@ use crate::transaction::{
 use crate::transport::server::Transports;
 use crate::transport::{Outbound, Source};
 
-/// Events queued per transaction task.
-const EVENTS: usize = 32;
+/// Events queued per transaction task (a retransmission storm beyond this waits).
+const EVENTS: usize = 8;
 
 /// What the owning task is told.
 #[derive(Debug)]
@@ -41,11 +41,12 @@ enum Event {
     Ack,
     /// The caller cancelled (a 200 for the CANCEL was already sent).
     Cancel,
-    /// A response for branch `idx`, or for the CANCEL sent on that branch.
+    /// A response for branch `idx`, or for the CANCEL sent on that branch. Boxed: the
+    /// channel allocates its slots in blocks, and every transaction has a channel.
     Response {
         idx: usize,
         cancel: bool,
-        resp: Message,
+        resp: Box<Message>,
     },
 }
 
@@ -131,7 +132,13 @@ impl Proxy {
             return;
         };
         if let Some((tx, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
-            let _ = tx.send(Event::Response { idx, cancel, resp }).await;
+            let _ = tx
+                .send(Event::Response {
+                    idx,
+                    cancel,
+                    resp: Box::new(resp),
+                })
+                .await;
             return;
         }
         if resp.status().is_some_and(|s| (200..300).contains(&s)) && key.method == "INVITE" {
@@ -525,7 +532,7 @@ impl Proxy {
                             b.txn.as_mut()
                         };
                         if let Some(t) = t {
-                            t.on_response(resp, now);
+                            t.on_response(*resp, now);
                         }
                     }
                 }

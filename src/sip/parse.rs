@@ -212,6 +212,8 @@ impl Message {
         let body = pos..pos + body_len.min(available);
         let mut buf = buf;
         buf.truncate(body.end);
+        // Messages live as long as their transaction (32 s on UDP): keep only what they use.
+        headers.shrink_to_fit();
         Ok(Self {
             buf,
             start,

@@ -123,6 +123,40 @@ impl<'a> SipUri<'a> {
             })
     }
 
+    /// The `;`-separated parameters as written, without the leading `;` (may be empty).
+    pub fn params(&self) -> &'a str {
+        self.params
+    }
+
+    /// The same URI with another host and port (Kamailio's `rewritehostport`): scheme, user,
+    /// password, parameters and headers are kept as written.
+    pub fn with_hostport(&self, host: &str, port: u16) -> String {
+        let scheme = if self.secure { "sips" } else { "sip" };
+        let mut out = format!("{scheme}:");
+        if let Some(user) = self.user {
+            out.push_str(user);
+            if let Some(pw) = self.password {
+                out.push(':');
+                out.push_str(pw);
+            }
+            out.push('@');
+        }
+        if host.contains(':') {
+            out.push_str(&format!("[{host}]:{port}"));
+        } else {
+            out.push_str(&format!("{host}:{port}"));
+        }
+        if !self.params.is_empty() {
+            out.push(';');
+            out.push_str(self.params);
+        }
+        if let Some(h) = self.headers {
+            out.push('?');
+            out.push_str(h);
+        }
+        out
+    }
+
     /// The host as an IP address, when it is one.
     pub fn ip(&self) -> Option<IpAddr> {
         self.host.parse().ok()
@@ -160,6 +194,20 @@ mod tests {
         let u = SipUri::parse("sip:user;par=u%40example.net@example.com").unwrap();
         assert_eq!(u.user, Some("user;par=u%40example.net"));
         assert_eq!(u.host, "example.com");
+    }
+
+    #[test]
+    fn rewrite_host_and_port() {
+        let u = SipUri::parse("sip:1234@example.com;user=phone?subject=x").unwrap();
+        assert_eq!(
+            u.with_hostport("pbx.example.net", 5070),
+            "sip:1234@pbx.example.net:5070;user=phone?subject=x"
+        );
+        let u = SipUri::parse("sips:a:pw@h").unwrap();
+        assert_eq!(
+            u.with_hostport("2001:db8::1", 5061),
+            "sips:a:pw@[2001:db8::1]:5061"
+        );
     }
 
     #[test]

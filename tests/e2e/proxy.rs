@@ -159,7 +159,11 @@ async fn extension_call_through_the_pbx_route() {
     // The PBX gets the INVITE with our Via on top, Record-Route, Max-Forwards capped.
     let (inv, from) = pbx.recv().await;
     assert_eq!(inv.method(), Some("INVITE"));
-    assert_eq!(inv.request_uri(), Some(ruri));
+    assert_eq!(
+        inv.request_uri(),
+        Some(format!("sip:1234@{}", pbx.addr).as_str()),
+        "host:port rewritten to the next hop"
+    );
     let vias = inv.vias().unwrap();
     assert_eq!(vias.len(), 2);
     assert_eq!(vias[0].port, Some(srv.udp.port()));
