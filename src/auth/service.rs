@@ -9,7 +9,8 @@ use super::digest::{self, Credentials};
 use super::nonce::{self, NonceKey, NonceStatus, ReplayGuard};
 use crate::config::{AuthConfig, DigestAlgorithm};
 use crate::sip::{HeaderName, Message};
-use crate::store::Store;
+use crate::store::{Store, Subscriber};
+use dashmap::DashMap;
 
 /// Nonces tracked for nc replay detection.
 const REPLAY_CAPACITY: usize = 262_144;
@@ -49,12 +50,20 @@ pub enum Outcome {
     StoreError,
 }
 
+/// Seconds a subscriber's hashes are reused from memory before the store is asked again.
+const HA1_CACHE_TTL: u64 = 30;
+/// Subscribers kept in that cache at most.
+const HA1_CACHE_CAPACITY: usize = 100_000;
+
 /// Shared authenticator state.
 pub struct Authenticator {
     cfg: AuthConfig,
     store: Store,
     key: NonceKey,
     replay: Mutex<ReplayGuard>,
+    /// (username, domain) → (subscriber, unix time read): saves the store round trip on every
+    /// authenticated request of an active phone.
+    cache: DashMap<(String, String), (Subscriber, u64)>,
 }
 
 impl Authenticator {
@@ -65,7 +74,26 @@ impl Authenticator {
             store,
             key,
             replay,
+            cache: DashMap::new(),
         }
+    }
+
+    fn cached(&self, username: &str, domain: &str, now: u64) -> Option<Subscriber> {
+        let key = (username.to_owned(), domain.to_owned());
+        let entry = self.cache.get(&key)?;
+        let (sub, at) = entry.value();
+        (now < at + HA1_CACHE_TTL).then(|| sub.clone())
+    }
+
+    fn remember(&self, sub: Subscriber, now: u64) {
+        if self.cache.len() >= HA1_CACHE_CAPACITY {
+            self.cache.retain(|_, (_, at)| now < *at + HA1_CACHE_TTL);
+            if self.cache.len() >= HA1_CACHE_CAPACITY {
+                return;
+            }
+        }
+        self.cache
+            .insert((sub.username.clone(), sub.domain.clone()), (sub, now));
     }
 
     /// The realm for a request whose relevant domain (To for REGISTER, From otherwise) is
@@ -101,23 +129,39 @@ impl Authenticator {
                 return Outcome::Challenge { stale: false };
             }
         };
-        let subscriber = match self.store.subscriber(&creds.username, domain).await {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "subscriber lookup failed");
-                return Outcome::StoreError;
-            }
-        };
-        let Some(subscriber) = subscriber else {
-            info!(user = %creds.username, %domain, "credentials of an unknown subscriber");
-            return Outcome::Challenge { stale: false };
-        };
-        let ha1 = match creds.algorithm {
-            DigestAlgorithm::Md5 => &subscriber.ha1_md5,
-            DigestAlgorithm::Sha256 => &subscriber.ha1_sha256,
-        };
         let method = msg.method().unwrap_or_default();
-        if !digest::verify(ha1, method, &creds) {
+        let verify = |sub: &Subscriber| {
+            let ha1 = match creds.algorithm {
+                DigestAlgorithm::Md5 => &sub.ha1_md5,
+                DigestAlgorithm::Sha256 => &sub.ha1_sha256,
+            };
+            digest::verify(ha1, method, &creds)
+        };
+        // A cached entry that verifies is enough; one that does not is read again from the
+        // store, so a new password works at once (an old one keeps working until the entry
+        // ages out, at most HA1_CACHE_TTL).
+        let cached = self.cached(&creds.username, domain, now);
+        let verified = match cached {
+            Some(sub) if verify(&sub) => true,
+            _ => match self.store.subscriber(&creds.username, domain).await {
+                Err(e) => {
+                    error!(error = %e, "subscriber lookup failed");
+                    return Outcome::StoreError;
+                }
+                Ok(None) => {
+                    self.cache
+                        .remove(&(creds.username.clone(), domain.to_owned()));
+                    info!(user = %creds.username, %domain, "credentials of an unknown subscriber");
+                    return Outcome::Challenge { stale: false };
+                }
+                Ok(Some(sub)) => {
+                    let ok = verify(&sub);
+                    self.remember(sub, now);
+                    ok
+                }
+            },
+        };
+        if !verified {
             warn!(user = %creds.username, %domain, "wrong password");
             return Outcome::Challenge { stale: false };
         }

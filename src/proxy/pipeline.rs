@@ -82,6 +82,9 @@ pub struct Plan {
     pub record_route: bool,
     /// Our Route header is on top and must be removed.
     pub pop_route: bool,
+    /// A strict router sent us our Record-Route URI as Request-URI: the last Route became the
+    /// Request-URI and must be removed (RFC 3261 §16.4).
+    pub strict_route: bool,
     pub auth: Option<AuthNeed>,
     /// Forward without a transaction (ACK for 2xx).
     pub stateless: bool,
@@ -231,8 +234,27 @@ impl Core {
         let in_dialog = msg.to().ok().and_then(|t| t.tag().map(|_| ())).is_some();
 
         // Loose routing (RFC 3261 §16.4): our own Route on top is removed.
-        let Ok(routes) = msg.route_set(HeaderName::Route) else {
+        let Ok(mut routes) = msg.route_set(HeaderName::Route) else {
             return reply(400, "Malformed Route header");
+        };
+        // Strict-route compatibility (RFC 3261 §16.4): an RFC 2543 strict router put the URI
+        // we record-routed with (no user, `lr`) into the Request-URI; the remote target is
+        // the last Route value.
+        let mut uri_text = uri_text;
+        let mut strict_route = false;
+        if uri.user.is_none() && uri.param("lr").is_some() && for_us {
+            if let Some(last) = routes.pop() {
+                uri_text = last.uri;
+                strict_route = true;
+            }
+        }
+        let Ok(uri) = SipUri::parse(uri_text) else {
+            return reply(400, "Malformed Route header");
+        };
+        let for_us = if strict_route {
+            self.is_myself(&uri, source)
+        } else {
+            for_us
         };
         let pop_route = routes
             .first()
@@ -244,12 +266,19 @@ impl Core {
                 .and_then(|r| SipUri::parse(r.uri).ok())
                 .is_some_and(|u| u.param("nat") == Some("yes"));
         let next_route = routes.get(usize::from(pop_route)).map(|r| r.uri.to_owned());
+        let strict_ruri = uri_text.to_owned();
         let forward_to = |uri_text: &str, plan_auth| -> Routed {
             match hop_for_uri(uri_text) {
-                Some(hop) => Routed::Forward(Box::new(Plan {
-                    targets: vec![hop],
+                Some(mut hop) => Routed::Forward(Box::new(Plan {
+                    targets: vec![{
+                        if strict_route {
+                            hop.ruri = Some(strict_ruri.clone());
+                        }
+                        hop
+                    }],
                     record_route: false,
                     pop_route,
+                    strict_route,
                     auth: plan_auth,
                     stateless: method == "ACK",
                     nat: nat_marked,
@@ -351,6 +380,7 @@ impl Core {
                 }],
                 record_route,
                 pop_route,
+                strict_route: false,
                 auth: rule.auth.then_some(AuthNeed::Route),
                 stateless: false,
                 nat: false,
@@ -377,6 +407,7 @@ impl Core {
                 .collect(),
             record_route,
             pop_route,
+            strict_route: false,
             auth: None,
             stateless: false,
             nat: false,

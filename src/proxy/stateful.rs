@@ -678,11 +678,17 @@ impl Proxy {
                 max_forwards_cap: self.cfg.server.max_forwards,
             },
         );
-        if plan.pop_route {
-            // Our Route is removed from the forwarded copy (loose routing, RFC 3261 §16.4).
+        if plan.pop_route || plan.strict_route {
+            // Our Route is removed from the forwarded copy (loose routing), or the last one that
+            // became the Request-URI (strict-route compatibility), RFC 3261 §16.4.
             if let Ok(m) = Message::parse(&bytes, Framing::Datagram) {
                 let mut rw = Rewrite::new(&m);
-                if rw.pop_route().is_ok() {
+                let popped = if plan.strict_route {
+                    rw.pop_last_route()
+                } else {
+                    rw.pop_route()
+                };
+                if popped.is_ok() {
                     bytes = rw.finish();
                 }
             }

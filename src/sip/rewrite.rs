@@ -69,6 +69,22 @@ impl<'m> Rewrite<'m> {
         self.pop_first_value(HeaderName::Route)
     }
 
+    /// Removes the last Route value (strict-route compatibility, RFC 3261 §16.4).
+    pub fn pop_last_route(&mut self) -> Result<(), Malformed> {
+        let h = self
+            .msg
+            .headers_named(HeaderName::Route)
+            .last()
+            .ok_or(Malformed::Missing("Route"))?;
+        let parts =
+            split_list(self.msg.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Route"))?;
+        match parts.as_slice() {
+            [] | [_] => self.push(h.line.clone(), String::new()),
+            [.., before, last] => self.push(before.end..last.end, String::new()),
+        }
+        Ok(())
+    }
+
     /// Adds a Record-Route value above the existing ones (RFC 3261 §16.6 step 4); with no
     /// Record-Route yet, it goes right after the Via headers.
     pub fn push_record_route(&mut self, value: &str) {
@@ -306,6 +322,22 @@ Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;rport=40000;received=203.0.113.7,
         let again = Message::parse(out.as_bytes(), Framing::Datagram).unwrap();
         assert_eq!(again.vias().unwrap().len(), 3);
         assert_eq!(again.route_set(HeaderName::Route).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn pop_last_route() {
+        let m = msg();
+        let mut rw = Rewrite::new(&m);
+        rw.pop_last_route().unwrap();
+        let out = String::from_utf8(rw.finish()).unwrap();
+        assert!(
+            out.contains("Route: <sip:proxy.example.com;lr>\r\n"),
+            "{out}"
+        );
+        let m = Message::parse(out.as_bytes(), Framing::Datagram).unwrap();
+        let mut rw = Rewrite::new(&m);
+        rw.pop_last_route().unwrap();
+        assert!(!String::from_utf8(rw.finish()).unwrap().contains("Route:"));
     }
 
     #[test]

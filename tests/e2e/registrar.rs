@@ -294,3 +294,26 @@ response=\"{response}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"c1\"
     assert_eq!(srv.store.load_bindings(0).await.unwrap().len(), 1);
     srv.stop().await;
 }
+
+/// The hashes are cached for a short while, but a new password works at once: a cached entry
+/// that does not verify is read again from the store.
+#[tokio::test]
+async fn new_password_works_at_once() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "hank", "old").await;
+    let mut phone = Phone::new("hank").await;
+    let contact = "Contact: <sip:hank@10.0.0.6>\r\n";
+    assert_eq!(
+        phone.register(&srv, "hank", "old", contact).await.status(),
+        Some(200)
+    );
+    srv.store
+        .set_subscriber_hashes("hank", "example.com", &md5_hex("hank:example.com:new"), "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        phone.register(&srv, "hank", "new", contact).await.status(),
+        Some(200)
+    );
+    srv.stop().await;
+}
