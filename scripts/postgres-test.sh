@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v pg_lsclusters >/dev/null 2>&1; then
+if ! command -v pg_lsclusters >/dev/null 2>&1 || ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
     echo "postgres-test: PostgreSQL not found; install it with: apt-get install -y postgresql" >&2
     exit 1
 fi
