@@ -10,7 +10,7 @@ if ! command -v pg_lsclusters >/dev/null 2>&1 || ! compgen -G "/usr/lib/postgres
     echo "postgres-test: PostgreSQL not found; install it with: apt-get install -y postgresql" >&2
     exit 1
 fi
-read -r ver name port status _ < <(pg_lsclusters -h | head -1)
+read -r ver name port status _ < <(pg_lsclusters -h | head -1) || true
 if [ -z "${ver:-}" ]; then
     echo "postgres-test: no PostgreSQL cluster; create one with: pg_createcluster --start 15 main" >&2
     exit 1
