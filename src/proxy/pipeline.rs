@@ -147,6 +147,8 @@ pub struct Core {
     local: Vec<(Proto, SocketAddr)>,
     location: Option<Arc<Location>>,
     clock: Arc<dyn Clock>,
+    /// Our Via sent-by values (`advertise:port`), for loop detection.
+    sent_by: Vec<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -164,11 +166,16 @@ impl Core {
         location: Option<Arc<Location>>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let sent_by = local
+            .iter()
+            .map(|(_, a)| format!("{}:{}", cfg.server.advertise, a.port()))
+            .collect();
         Self {
             cfg,
             local,
             location,
             clock,
+            sent_by,
         }
     }
 
@@ -303,12 +310,7 @@ impl Core {
         if max_forwards == Some(0) && !(for_us && method == "OPTIONS") {
             return reply(483, "Too Many Hops");
         }
-        let ours: Vec<String> = self
-            .local
-            .iter()
-            .map(|(_, a)| format!("{}:{}", self.cfg.server.advertise, a.port()))
-            .collect();
-        if super::forward::is_loop(msg, &ours) {
+        if super::forward::is_loop(msg, &self.sent_by) {
             return reply(482, "Loop Detected");
         }
 
