@@ -9,6 +9,7 @@
 //! - [`transport`]: UDP and TCP sockets, stream framing, the send path. Only moves bytes.
 //! - [`registrar`]: REGISTER processing (pure decision), the location service, the async
 //!   service that authenticates, writes through to the store and answers.
+//! - [`nat`]: far-end NAT detection (nathelper's tests), pure.
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
 //! - [`clock`]: the only reader of clocks.
@@ -21,6 +22,7 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod nat;
 pub mod proxy;
 pub mod registrar;
 pub mod sip;

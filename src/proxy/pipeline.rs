@@ -367,6 +367,12 @@ impl Core {
             };
         };
         let record_route = creates_dialog(method);
+        // A caller behind NAT is marked in our Record-Route (`;nat=yes`, the seed's
+        // record_route_preset), so the dialog's later requests still know it.
+        let caller_nated = crate::nat::detect::detect(msg, source.remote).is_nated();
+        if caller_nated {
+            debug!(peer.addr = %source.remote, "caller is behind NAT");
+        }
         // The [[route]] rules, first match wins (the seed's extension/PSTN routing).
         if let Some(rule) = self.cfg.routes.iter().find(|r| r.user.is_match(user)) {
             debug!(route = %rule.name, user, "route matched");
@@ -385,7 +391,7 @@ impl Core {
                 strict_route: false,
                 auth: rule.auth.then_some(AuthNeed::Route),
                 stateless: false,
-                nat: false,
+                nat: caller_nated,
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -412,7 +418,7 @@ impl Core {
             strict_route: false,
             auth: None,
             stateless: false,
-            nat: false,
+            nat: caller_nated,
         }))
     }
 
