@@ -28,6 +28,44 @@ pub struct Local {
     pub port: u16,
 }
 
+/// A NAT binding: where a party behind NAT can be reached (the address and transport its
+/// packets come from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+}
+
+impl Flow {
+    /// The Record-Route parameter value: `u~IP~PORT` or `t~IP~PORT`.
+    pub fn token(self) -> String {
+        let p = match self.proto {
+            Proto::Udp => 'u',
+            Proto::Tcp => 't',
+        };
+        format!("{p}~{}~{}", self.addr.ip(), self.addr.port())
+    }
+
+    /// Reads a token written by [`Flow::token`].
+    pub fn parse(token: &str) -> Option<Self> {
+        let mut it = token.split('~');
+        let proto = match it.next()? {
+            "u" => Proto::Udp,
+            "t" => Proto::Tcp,
+            _ => return None,
+        };
+        let ip: std::net::IpAddr = it.next()?.parse().ok()?;
+        let port: u16 = it.next()?.parse().ok()?;
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Self {
+            proto,
+            addr: SocketAddr::new(ip, port),
+        })
+    }
+}
+
 /// What the pipeline decided about the forwarded copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -40,6 +78,11 @@ pub struct Options {
     pub nat: bool,
     /// `server.max_forwards`.
     pub max_forwards_cap: u8,
+    /// The caller's NAT binding (`;fc=`) and the callee's (`;fe=`), written into our
+    /// Record-Route so that in-dialog requests reach a NATed party at its binding while their
+    /// Request-URI stays the Contact it sent (no Contact rewriting; DESIGN §4).
+    pub caller_flow: Option<Flow>,
+    pub callee_flow: Option<Flow>,
 }
 
 /// The RFC 3261 §16.6 step 8 branch: `z9hG4bK-se-<loop cookie>-<transaction hash>`.
@@ -98,13 +141,22 @@ fn hostport(l: Local) -> String {
 }
 
 /// Our Record-Route URI for one side.
-pub fn record_route_uri(local: Local, proto: Proto, nat: bool) -> String {
+pub fn record_route_uri(local: Local, proto: Proto, opts: &Options) -> String {
     let transport = match proto {
         Proto::Udp => "",
         Proto::Tcp => ";transport=tcp",
     };
-    let nat = if nat { ";nat=yes" } else { "" };
-    format!("<sip:{}{transport};lr{nat}>", hostport(local))
+    let nat = if opts.nat { ";nat=yes" } else { "" };
+    let mut flows = String::new();
+    if let Some(f) = opts.caller_flow {
+        flows.push_str(";fc=");
+        flows.push_str(&f.token());
+    }
+    if let Some(f) = opts.callee_flow {
+        flows.push_str(";fe=");
+        flows.push_str(&f.token());
+    }
+    format!("<sip:{}{transport};lr{nat}{flows}>", hostport(local))
 }
 
 /// Builds the forwarded request. `max_forwards` is the received value (already checked to be
@@ -131,9 +183,9 @@ pub fn request(
     if opts.record_route {
         // RFC 3261 §16.6 step 4; RFC 5658 double Record-Route when the transport changes.
         // The top value faces the next hop, the second the previous hop.
-        let out_rr = record_route_uri(outbound, target.proto, opts.nat);
+        let out_rr = record_route_uri(outbound, target.proto, &opts);
         if inbound.1 != target.proto || inbound.0 != outbound {
-            let in_rr = record_route_uri(inbound.0, inbound.1, opts.nat);
+            let in_rr = record_route_uri(inbound.0, inbound.1, &opts);
             rw.push_record_route(&format!("{out_rr}, {in_rr}"));
         } else {
             rw.push_record_route(&out_rr);
@@ -208,6 +260,8 @@ Content-Length: 0\r\n\r\n";
                 strip_proxy_auth: true,
                 nat: true,
                 max_forwards_cap: 10,
+                caller_flow: None,
+                callee_flow: None,
             },
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
@@ -245,6 +299,8 @@ Content-Length: 0\r\n\r\n";
                 strip_proxy_auth: false,
                 nat: false,
                 max_forwards_cap: 70,
+                caller_flow: None,
+                callee_flow: None,
             },
         );
         let back = String::from_utf8(out).unwrap().replacen(
@@ -258,6 +314,29 @@ Content-Length: 0\r\n\r\n";
         let spiral_msg = Message::parse(spiral.as_bytes(), Framing::Datagram).unwrap();
         assert!(!is_loop(&spiral_msg, &ours));
         assert!(!is_loop(&m, &ours));
+    }
+
+    #[test]
+    fn flow_tokens() {
+        for f in [
+            Flow {
+                proto: Proto::Udp,
+                addr: "203.0.113.9:40000".parse().unwrap(),
+            },
+            Flow {
+                proto: Proto::Tcp,
+                addr: "[2001:db8::5]:5060".parse().unwrap(),
+            },
+        ] {
+            assert_eq!(Flow::parse(&f.token()), Some(f));
+            // The token is a valid URI parameter value.
+            let uri = format!("sip:198.51.100.1;lr;fc={}", f.token());
+            let parsed = crate::sip::SipUri::parse(&uri).unwrap();
+            assert_eq!(parsed.param("fc").and_then(Flow::parse), Some(f));
+        }
+        assert_eq!(Flow::parse("x~1.2.3.4~5"), None);
+        assert_eq!(Flow::parse("u~1.2.3.4"), None);
+        assert_eq!(Flow::parse("u~1.2.3.4~5~6"), None);
     }
 
     #[test]
@@ -279,6 +358,8 @@ Content-Length: 0\r\n\r\n";
                 strip_proxy_auth: false,
                 nat: false,
                 max_forwards_cap: 70,
+                caller_flow: None,
+                callee_flow: None,
             },
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use super::forward::creates_dialog;
+use super::forward::{Flow, creates_dialog};
 use super::sanity::{self, Verdict};
 use crate::clock::Clock;
 use crate::config::{Config, RelayForeign};
@@ -90,6 +90,8 @@ pub struct Plan {
     pub stateless: bool,
     /// The dialog's caller is behind NAT (`;nat=yes` in our Route).
     pub nat: bool,
+    /// The caller's NAT binding, recorded in our Record-Route (`;fc=`).
+    pub caller_flow: Option<Flow>,
 }
 
 /// One branch before name resolution.
@@ -99,6 +101,9 @@ pub struct Hop {
     pub ruri: Option<String>,
     pub dest: Dest,
     pub proto: Proto,
+    /// The callee's NAT binding when it differs from its Contact, recorded in our
+    /// Record-Route (`;fe=`).
+    pub flow: Option<Flow>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
@@ -137,6 +142,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
         ruri: None,
         dest,
         proto,
+        flow: None,
     })
 }
 
@@ -274,12 +280,30 @@ impl Core {
                 .is_some_and(|u| u.param("nat") == Some("yes"));
         let next_route = routes.get(usize::from(pop_route)).map(|r| r.uri.to_owned());
         let strict_ruri = uri_text.to_owned();
+        // The NAT bindings we recorded for this dialog (`;fc=` caller, `;fe=` callee): a
+        // request from one party goes to the other's binding, whatever its Contact says.
+        let flow_target = pop_route
+            .then(|| routes.first().and_then(|r| SipUri::parse(r.uri).ok()))
+            .flatten()
+            .and_then(|our| {
+                let fc = our.param("fc").and_then(Flow::parse);
+                let fe = our.param("fe").and_then(Flow::parse);
+                match (fc, fe) {
+                    (Some(c), e) if c.addr == source.remote => e,
+                    (c, Some(e)) if e.addr == source.remote => c,
+                    _ => None,
+                }
+            });
         let forward_to = |uri_text: &str, plan_auth| -> Routed {
             match hop_for_uri(uri_text) {
                 Some(mut hop) => Routed::Forward(Box::new(Plan {
                     targets: vec![{
                         if strict_route {
                             hop.ruri = Some(strict_ruri.clone());
+                        }
+                        if let Some(flow) = flow_target {
+                            hop.dest = Dest::Addr(flow.addr);
+                            hop.proto = flow.proto;
                         }
                         hop
                     }],
@@ -289,6 +313,7 @@ impl Core {
                     auth: plan_auth,
                     stateless: method == "ACK",
                     nat: nat_marked,
+                    caller_flow: None,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -370,6 +395,10 @@ impl Core {
         // A caller behind NAT is marked in our Record-Route (`;nat=yes`, the seed's
         // record_route_preset), so the dialog's later requests still know it.
         let caller_nated = crate::nat::detect::detect(msg, source.remote).is_nated();
+        let caller_flow = caller_nated.then_some(Flow {
+            proto: source.proto,
+            addr: source.remote,
+        });
         if caller_nated {
             debug!(peer.addr = %source.remote, "caller is behind NAT");
         }
@@ -385,6 +414,7 @@ impl Core {
                         Err(_) => Dest::Host(rule.next_hop_host.clone(), rule.next_hop_port),
                     },
                     proto: Proto::Udp,
+                    flow: None,
                 }],
                 record_route,
                 pop_route,
@@ -392,6 +422,7 @@ impl Core {
                 auth: rule.auth.then_some(AuthNeed::Route),
                 stateless: false,
                 nat: caller_nated,
+                caller_flow,
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -407,10 +438,22 @@ impl Core {
         Routed::Forward(Box::new(Plan {
             targets: bindings
                 .into_iter()
-                .map(|b| Hop {
-                    ruri: Some(b.contact),
-                    dest: Dest::Addr(b.received),
-                    proto: b.transport,
+                .map(|b| {
+                    // A contact that is not where the REGISTER came from is behind NAT: its
+                    // binding goes into our Record-Route for the dialog's later requests.
+                    let contact_addr = SipUri::parse(&b.contact)
+                        .ok()
+                        .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
+                    let flow = (contact_addr != Some(b.received)).then_some(Flow {
+                        proto: b.transport,
+                        addr: b.received,
+                    });
+                    Hop {
+                        ruri: Some(b.contact),
+                        dest: Dest::Addr(b.received),
+                        proto: b.transport,
+                        flow,
+                    }
                 })
                 .collect(),
             record_route,
@@ -419,6 +462,7 @@ impl Core {
             auth: None,
             stateless: false,
             nat: caller_nated,
+            caller_flow,
         }))
     }
 

@@ -270,7 +270,7 @@ impl Proxy {
             sent_by.as_deref().unwrap_or(""),
             0,
         );
-        let bytes = self.build(msg, &target, inbound, outbound, &branch, plan, false);
+        let bytes = self.build(msg, &target, inbound, outbound, &branch, plan, false, None);
         debug!(%dest, "forwarding statelessly");
         self.transports
             .send(Outbound {
@@ -364,6 +364,7 @@ impl Proxy {
                 &branch_id,
                 &plan,
                 strip_proxy_auth,
+                hop.flow,
             );
             let Ok(fwd) = Message::parse(&bytes, Framing::Datagram) else {
                 warn!("forwarded request does not parse; branch dropped");
@@ -664,6 +665,7 @@ impl Proxy {
         branch: &str,
         plan: &Plan,
         strip_proxy_auth: bool,
+        callee_flow: Option<forward::Flow>,
     ) -> Vec<u8> {
         let mut bytes = forward::request(
             msg,
@@ -676,6 +678,8 @@ impl Proxy {
                 strip_proxy_auth,
                 nat: plan.nat,
                 max_forwards_cap: self.cfg.server.max_forwards,
+                caller_flow: plan.caller_flow,
+                callee_flow,
             },
         );
         if plan.pop_route || plan.strict_route {

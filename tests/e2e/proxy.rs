@@ -174,10 +174,14 @@ async fn extension_call_through_the_pbx_route() {
     );
     let rr = routes_of(&inv);
     // The caller's Contact is a loopback address, which nathelper's tests call NATed: the
-    // Record-Route carries the seed's `;nat=yes` mark.
+    // Record-Route carries the seed's `;nat=yes` mark and the caller's binding.
     assert_eq!(
         rr,
-        vec![format!("<sip:127.0.0.1:{};lr;nat=yes>", srv.udp.port())]
+        vec![format!(
+            "<sip:127.0.0.1:{};lr;nat=yes;fc=u~127.0.0.1~{}>",
+            srv.udp.port(),
+            caller.addr.port()
+        )]
     );
 
     pbx.answer(&inv, from, 180, "pbx-tag").await;
@@ -406,5 +410,108 @@ async fn retransmitted_invite_is_absorbed_and_transactions_drain() {
     caller.send(srv.udp, &ack).await;
     pbx.silent().await;
     drained(&srv).await;
+    srv.stop().await;
+}
+
+/// Both parties behind NAT (private Contacts): in-dialog requests reach each one at its NAT
+/// binding, recorded in our Record-Route, while the Request-URI stays the Contact it sent
+/// (no Contact rewriting; opensips#1566/#3769 are what rewriting breaks).
+#[tokio::test]
+async fn in_dialog_requests_follow_the_nat_bindings() {
+    let srv = TestServer::start("", "").await;
+    let phone = Ua::new().await;
+    srv.location
+        .set(
+            "bob@example.com",
+            vec![binding(
+                "bob@example.com",
+                "sip:bob@10.0.0.7:5060".into(),
+                phone.addr,
+            )],
+        )
+        .await;
+    let caller = Ua::new().await;
+    let text = invite("sip:bob@example.com", caller.addr, "nat1", "").replace(
+        &format!("Contact: <sip:alice@{}>", caller.addr),
+        "Contact: <sip:alice@192.168.1.5:5060>",
+    );
+    caller.send(srv.udp, &text).await;
+    let (inv, from) = phone.recv().await;
+    let rr = routes_of(&inv);
+    assert_eq!(rr.len(), 1);
+    assert!(
+        rr[0].contains(&format!(
+            ";fc=u~{}~{}",
+            caller.addr.ip(),
+            caller.addr.port()
+        )),
+        "{rr:?}"
+    );
+    assert!(
+        rr[0].contains(&format!(";fe=u~{}~{}", phone.addr.ip(), phone.addr.port())),
+        "{rr:?}"
+    );
+    assert!(rr[0].contains(";nat=yes"));
+
+    // The phone answers with its private Contact.
+    let ok = reply::response(
+        &inv,
+        from,
+        200,
+        "OK",
+        &[
+            ("Record-Route", &rr[0]),
+            ("Contact", "<sip:bob@10.0.0.7:5060>"),
+        ],
+    );
+    let ok = String::from_utf8(ok)
+        .unwrap()
+        .replace(&reply::local_tag(&inv), "bob-tag");
+    phone.sock.send_to(ok.as_bytes(), from).await.unwrap();
+    let (r200, _) = caller.recv().await;
+    assert_eq!(r200.status(), Some(200));
+
+    // Caller → phone: the Request-URI is the phone's private Contact; it arrives at its binding.
+    let routes = routes_of(&r200);
+    caller
+        .send(
+            srv.udp,
+            &in_dialog(
+                "BYE",
+                2,
+                "sip:bob@10.0.0.7:5060",
+                caller.addr,
+                "nat1",
+                "bob-tag",
+                &routes,
+                "natbye",
+            ),
+        )
+        .await;
+    let (bye, _) = phone.recv().await;
+    assert_eq!(bye.method(), Some("BYE"));
+    assert_eq!(
+        bye.request_uri(),
+        Some("sip:bob@10.0.0.7:5060"),
+        "Request-URI untouched"
+    );
+
+    // Phone → caller: an in-dialog INFO to the caller's private Contact reaches the caller.
+    let info = format!(
+        "INFO sip:alice@192.168.1.5:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-natinfo;rport\r\n\
+Max-Forwards: 70\r\n\
+Route: {}\r\n\
+From: <sip:bob@example.com>;tag=bob-tag\r\n\
+To: <sip:alice@example.com>;tag=caller-nat1\r\n\
+Call-ID: nat1\r\n\
+CSeq: 1 INFO\r\n\
+Content-Length: 0\r\n\r\n",
+        rr[0]
+    );
+    phone.send(srv.udp, &info).await;
+    let (got, _) = caller.recv().await;
+    assert_eq!(got.method(), Some("INFO"));
+    assert_eq!(got.request_uri(), Some("sip:alice@192.168.1.5:5060"));
     srv.stop().await;
 }
