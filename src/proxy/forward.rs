@@ -83,6 +83,10 @@ pub struct Options {
     /// Request-URI stays the Contact it sent (no Contact rewriting; DESIGN §4).
     pub caller_flow: Option<Flow>,
     pub callee_flow: Option<Flow>,
+    /// Where the request came from: the previous hop's Via gets `received`/`rport`
+    /// (RFC 3261 §18.2.1, RFC 3581), `rport` even unasked when `force_rport` (a NATed sender).
+    pub source: Option<SocketAddr>,
+    pub force_rport: bool,
 }
 
 /// The RFC 3261 §16.6 step 8 branch: `z9hG4bK-se-<loop cookie>-<transaction hash>`.
@@ -194,6 +198,13 @@ pub fn request(
     if opts.strip_proxy_auth {
         rw.remove_headers(HeaderName::ProxyAuthorization);
     }
+    if let (Some(src), Ok(via)) = (opts.source, msg.top_via()) {
+        if opts.force_rport {
+            rw.force_via_rport(&via, src);
+        } else {
+            rw.set_via_received(&via, src);
+        }
+    }
     let transport = match target.proto {
         Proto::Udp => "UDP",
         Proto::Tcp => "TCP",
@@ -262,6 +273,8 @@ Content-Length: 0\r\n\r\n";
                 max_forwards_cap: 10,
                 caller_flow: None,
                 callee_flow: None,
+                source: None,
+                force_rport: false,
             },
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
@@ -301,6 +314,8 @@ Content-Length: 0\r\n\r\n";
                 max_forwards_cap: 70,
                 caller_flow: None,
                 callee_flow: None,
+                source: None,
+                force_rport: false,
             },
         );
         let back = String::from_utf8(out).unwrap().replacen(
@@ -360,6 +375,8 @@ Content-Length: 0\r\n\r\n";
                 max_forwards_cap: 70,
                 caller_flow: None,
                 callee_flow: None,
+                source: None,
+                force_rport: false,
             },
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();

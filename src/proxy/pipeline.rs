@@ -525,6 +525,10 @@ impl Core {
         let bytes = reply::response(msg, source.remote, status, reason, extra);
         let dest = match source.proto {
             Proto::Tcp => source.remote,
+            // force_rport: a sender behind NAT is answered at its source port.
+            Proto::Udp if crate::nat::detect::detect(msg, source.remote).is_nated() => {
+                source.remote
+            }
             Proto::Udp => msg.top_via().map_or(source.remote, |via| {
                 reply::response_target(&via, source.remote)
             }),

@@ -101,10 +101,12 @@ impl Proxy {
                 return false;
             };
             // RFC 3261 §16.10: answer the CANCEL at once, then cancel the branches.
+            let nated = crate::nat::detect::detect(msg, source.remote).is_nated();
             let out = self.upstream(
                 msg,
                 source,
                 reply::response(msg, source.remote, 200, "OK", &[]),
+                nated,
             );
             self.transports.send(out).await;
             let _ = tx.send(Event::Cancel).await;
@@ -270,7 +272,18 @@ impl Proxy {
             sent_by.as_deref().unwrap_or(""),
             0,
         );
-        let bytes = self.build(msg, &target, inbound, outbound, &branch, plan, false, None);
+        let nated = crate::nat::detect::detect(msg, source.remote).is_nated();
+        let bytes = self.build(
+            msg,
+            &target,
+            inbound,
+            outbound,
+            &branch,
+            plan,
+            false,
+            None,
+            (source.remote, nated),
+        );
         debug!(%dest, "forwarding statelessly");
         self.transports
             .send(Outbound {
@@ -334,6 +347,8 @@ impl Proxy {
             Kind::NonInvite
         };
         let mut server = ServerTxn::new(kind, source.proto == Proto::Tcp, self.timers, now);
+        // force_rport: a sender behind NAT is answered at its source port.
+        let nated = crate::nat::detect::detect(&msg, source.remote).is_nated();
         let answered_locally = local_reply.is_some();
         if let Some(bytes) = local_reply {
             let status = Message::parse(&bytes, Framing::Datagram)
@@ -365,6 +380,7 @@ impl Proxy {
                 &plan,
                 strip_proxy_auth,
                 hop.flow,
+                (source.remote, nated),
             );
             let Ok(fwd) = Message::parse(&bytes, Framing::Datagram) else {
                 warn!("forwarded request does not parse; branch dropped");
@@ -484,7 +500,7 @@ impl Proxy {
             while let Some(a) = server.poll_action() {
                 match a {
                     ServerAction::Send(bytes) => {
-                        let out = self.upstream(&msg, source, bytes);
+                        let out = self.upstream(&msg, source, bytes, nated);
                         self.transports.send(out).await;
                     }
                     ServerAction::AckTimeout => debug!("no ACK for our final response"),
@@ -617,9 +633,10 @@ impl Proxy {
     }
 
     /// Where a response to the request goes (RFC 3261 §18.2.2).
-    fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>) -> Outbound {
+    fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>, nated: bool) -> Outbound {
         let dest = match source.proto {
             Proto::Tcp => source.remote,
+            Proto::Udp if nated => source.remote,
             Proto::Udp => req
                 .top_via()
                 .map_or(source.remote, |v| reply::response_target(&v, source.remote)),
@@ -666,6 +683,7 @@ impl Proxy {
         plan: &Plan,
         strip_proxy_auth: bool,
         callee_flow: Option<forward::Flow>,
+        from: (SocketAddr, bool),
     ) -> Vec<u8> {
         let mut bytes = forward::request(
             msg,
@@ -680,6 +698,8 @@ impl Proxy {
                 max_forwards_cap: self.cfg.server.max_forwards,
                 caller_flow: plan.caller_flow,
                 callee_flow,
+                source: Some(from.0),
+                force_rport: from.1,
             },
         );
         if plan.pop_route || plan.strict_route {

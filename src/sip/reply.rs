@@ -38,7 +38,7 @@ pub fn response(
                 match (&top, first_via) {
                     (Some(via), true) => {
                         // The first Via line carries the top value: fix it, keep the rest.
-                        let edits = via_received_edits(req, via, source);
+                        let edits = via_received_edits(req, via, source, false);
                         out.extend_from_slice(&apply_within(req, h.value.clone(), edits));
                     }
                     _ => out.extend_from_slice(req.bytes_at(h.value.clone())),

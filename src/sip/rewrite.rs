@@ -99,10 +99,18 @@ impl<'m> Rewrite<'m> {
         self.insert_header(idx, "Record-Route", value);
     }
 
+    /// Like [`Self::set_via_received`], and adds `rport=<source port>` even when the client did
+    /// not ask for it (Kamailio's `force_rport`, for clients behind NAT).
+    pub fn force_via_rport(&mut self, via: &Via<'_>, source: SocketAddr) {
+        for (at, with) in via_received_edits(self.msg, via, source, true) {
+            self.push(at, with);
+        }
+    }
+
     /// Sets `received` and, when the client asked for it, `rport` on the top Via
     /// (RFC 3261 §18.2.1, RFC 3581 §4). See [`via_received_edits`].
     pub fn set_via_received(&mut self, via: &Via<'_>, source: SocketAddr) {
-        for (at, with) in via_received_edits(self.msg, via, source) {
+        for (at, with) in via_received_edits(self.msg, via, source, false) {
             self.push(at, with);
         }
     }
@@ -207,12 +215,13 @@ pub(crate) fn via_received_edits(
     msg: &Message,
     via: &Via<'_>,
     source: SocketAddr,
+    force_rport: bool,
 ) -> Vec<(Range<usize>, String)> {
     let mut edits = Vec::new();
     let rport = via.param_span("rport");
     let sent_by_is_source = via.host.parse::<std::net::IpAddr>().ok() == Some(source.ip());
     let mut append = String::new();
-    if rport.is_some() || !sent_by_is_source {
+    if rport.is_some() || force_rport || !sent_by_is_source {
         match via.param_span("received") {
             Some(p) => edits.push((p.span.clone(), format!(";received={}", source.ip()))),
             None => {
@@ -220,8 +229,12 @@ pub(crate) fn via_received_edits(
             }
         }
     }
-    if let Some(p) = rport {
-        edits.push((p.span.clone(), format!(";rport={}", source.port())));
+    match rport {
+        Some(p) => edits.push((p.span.clone(), format!(";rport={}", source.port()))),
+        None if force_rport => {
+            let _ = write!(append, ";rport={}", source.port());
+        }
+        None => {}
     }
     if !append.is_empty() {
         // Append after the last parameter (or after sent-by when there are none).
@@ -368,7 +381,15 @@ Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;rport=40000;received=203.0.113.7,
         .unwrap();
         let via = m.top_via().unwrap();
         // Same address, no rport: nothing to add.
-        assert!(via_received_edits(&m, &via, "192.0.2.1:5060".parse().unwrap()).is_empty());
+        assert!(via_received_edits(&m, &via, "192.0.2.1:5060".parse().unwrap(), false).is_empty());
+        // force_rport: received and rport even though the client did not ask.
+        let mut rw = Rewrite::new(&m);
+        rw.force_via_rport(&via, "192.0.2.1:40000".parse().unwrap());
+        let out = String::from_utf8(rw.finish()).unwrap();
+        assert!(
+            out.contains("Via: SIP/2.0/UDP 192.0.2.1:5060;received=192.0.2.1;rport=40000\r\n"),
+            "{out}"
+        );
         let mut rw = Rewrite::new(&m);
         rw.set_via_received(&via, "192.0.2.9:5060".parse().unwrap());
         let out = String::from_utf8(rw.finish()).unwrap();

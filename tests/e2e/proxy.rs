@@ -167,6 +167,12 @@ async fn extension_call_through_the_pbx_route() {
     let vias = inv.vias().unwrap();
     assert_eq!(vias.len(), 2);
     assert_eq!(vias[0].port, Some(srv.udp.port()));
+    // The caller's Via says where we got it from (RFC 3261 §18.2.1, RFC 3581).
+    assert_eq!(vias[1].param("received"), Some("127.0.0.1"));
+    assert_eq!(
+        vias[1].param("rport"),
+        Some(caller.addr.port().to_string().as_str())
+    );
     assert_eq!(
         inv.max_forwards().unwrap(),
         Some(10),

@@ -84,16 +84,25 @@ async fn sanity_errors_over_udp() {
 }
 
 #[tokio::test]
-async fn response_without_rport_goes_to_sent_by_port() {
+async fn sender_behind_nat_is_answered_at_its_source_port() {
     let srv = TestServer::start("", "").await;
     let (sender, _) = client().await;
-    let (receiver, listen) = client().await;
-    // The Via names the receiver's port and no rport: RFC 3261 §18.2.2 sends the answer to
-    // the source address at the sent-by port.
-    let req = request("OPTIONS", "sip:example.com", listen, "sentby", "").replace(";rport", "");
+    let (other, listen) = client().await;
+    // The Via names another port and no rport: without NAT, RFC 3261 §18.2.2 would answer
+    // at the sent-by port (unit-tested in sip::reply). A sent-by port that is not the source
+    // port is nathelper's NAT test, so sipedge answers at the source port (force_rport),
+    // where a phone behind NAT is listening.
+    let req = request("OPTIONS", "sip:example.com", listen, "natted", "").replace(";rport", "");
     sender.send_to(req.as_bytes(), srv.udp).await.unwrap();
-    let resp = udp_recv(&receiver).await;
-    assert_eq!(resp.call_id().unwrap(), "sentby");
+    let resp = udp_recv(&sender).await;
+    assert_eq!(resp.call_id().unwrap(), "natted");
+    let mut buf = [0u8; 100];
+    let nothing = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        other.recv_from(&mut buf),
+    )
+    .await;
+    assert!(nothing.is_err(), "nothing goes to the sent-by port");
     srv.stop().await;
 }
 
