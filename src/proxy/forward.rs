@@ -238,6 +238,19 @@ Proxy-Authorization: Digest username=\"alice\"\r\n\
 X-Keep: me\r\n\
 Content-Length: 0\r\n\r\n";
 
+    fn opts(record_route: bool, strip_proxy_auth: bool, nat: bool, cap: u8) -> Options {
+        Options {
+            record_route,
+            strip_proxy_auth,
+            nat,
+            max_forwards_cap: cap,
+            caller_flow: None,
+            callee_flow: None,
+            source: None,
+            force_rport: false,
+        }
+    }
+
     fn local(port: u16) -> Local {
         Local {
             advertise: "198.51.100.1".parse().unwrap(),
@@ -266,16 +279,7 @@ Content-Length: 0\r\n\r\n";
             (local(5060), Proto::Udp),
             local(5060),
             &branch,
-            Options {
-                record_route: true,
-                strip_proxy_auth: true,
-                nat: true,
-                max_forwards_cap: 10,
-                caller_flow: None,
-                callee_flow: None,
-                source: None,
-                force_rport: false,
-            },
+            opts(true, true, true, 10),
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         assert_eq!(f.request_uri(), Some("sip:1001@10.9.9.9:5070"));
@@ -307,16 +311,7 @@ Content-Length: 0\r\n\r\n";
             (local(5060), Proto::Udp),
             local(5060),
             &branch,
-            Options {
-                record_route: false,
-                strip_proxy_auth: false,
-                nat: false,
-                max_forwards_cap: 70,
-                caller_flow: None,
-                callee_flow: None,
-                source: None,
-                force_rport: false,
-            },
+            opts(false, false, false, 70),
         );
         let back = String::from_utf8(out).unwrap().replacen(
             "Via: ",
@@ -368,16 +363,7 @@ Content-Length: 0\r\n\r\n";
             (local(5060), Proto::Udp),
             local(5060),
             "z9hG4bKx",
-            Options {
-                record_route: true,
-                strip_proxy_auth: false,
-                nat: false,
-                max_forwards_cap: 70,
-                caller_flow: None,
-                callee_flow: None,
-                source: None,
-                force_rport: false,
-            },
+            opts(true, false, false, 70),
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         let rr = f.route_set(HeaderName::RecordRoute).unwrap();

@@ -92,6 +92,9 @@ pub struct Plan {
     pub nat: bool,
     /// The caller's NAT binding, recorded in our Record-Route (`;fc=`).
     pub caller_flow: Option<Flow>,
+    /// nathelper's tests fired for the sender of this request (computed once here; the
+    /// forwarding side uses it for force_rport).
+    pub sender_nated: bool,
 }
 
 /// One branch before name resolution.
@@ -279,6 +282,7 @@ impl Core {
                 .and_then(|r| SipUri::parse(r.uri).ok())
                 .is_some_and(|u| u.param("nat") == Some("yes"));
         let next_route = routes.get(usize::from(pop_route)).map(|r| r.uri.to_owned());
+        let sender_nated = crate::nat::detect::detect(msg, source.remote).is_nated();
         let strict_ruri = uri_text.to_owned();
         // The NAT bindings we recorded for this dialog (`;fc=` caller, `;fe=` callee): a
         // request from one party goes to the other's binding, whatever its Contact says.
@@ -314,6 +318,7 @@ impl Core {
                     stateless: method == "ACK",
                     nat: nat_marked,
                     caller_flow: None,
+                    sender_nated,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -394,7 +399,7 @@ impl Core {
         let record_route = creates_dialog(method);
         // A caller behind NAT is marked in our Record-Route (`;nat=yes`, the seed's
         // record_route_preset), so the dialog's later requests still know it.
-        let caller_nated = crate::nat::detect::detect(msg, source.remote).is_nated();
+        let caller_nated = sender_nated;
         let caller_flow = caller_nated.then_some(Flow {
             proto: source.proto,
             addr: source.remote,
@@ -423,6 +428,7 @@ impl Core {
                 stateless: false,
                 nat: caller_nated,
                 caller_flow,
+                sender_nated,
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -463,6 +469,7 @@ impl Core {
             stateless: false,
             nat: caller_nated,
             caller_flow,
+            sender_nated,
         }))
     }
 

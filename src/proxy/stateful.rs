@@ -272,7 +272,7 @@ impl Proxy {
             sent_by.as_deref().unwrap_or(""),
             0,
         );
-        let nated = crate::nat::detect::detect(msg, source.remote).is_nated();
+        let nated = plan.sender_nated;
         let bytes = self.build(
             msg,
             &target,
@@ -348,7 +348,11 @@ impl Proxy {
         };
         let mut server = ServerTxn::new(kind, source.proto == Proto::Tcp, self.timers, now);
         // force_rport: a sender behind NAT is answered at its source port.
-        let nated = crate::nat::detect::detect(&msg, source.remote).is_nated();
+        let nated = if local_reply.is_some() {
+            crate::nat::detect::detect(&msg, source.remote).is_nated()
+        } else {
+            plan.sender_nated
+        };
         let answered_locally = local_reply.is_some();
         if let Some(bytes) = local_reply {
             let status = Message::parse(&bytes, Framing::Datagram)
