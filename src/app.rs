@@ -9,11 +9,14 @@ use tracing::info;
 use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, MediaConfig};
+use crate::media::session::Media;
+use crate::nat::keepalive::Pinger;
 use crate::registrar::location::Location;
 use crate::registrar::service::{Context, Registrar};
 use crate::store::{Store, StoreError};
 use crate::transport::server::Server;
+use sipedge_relay::{IoMode, RelayConfig};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,9 @@ pub enum StartError {
     /// No randomness for the nonce secret.
     #[error("reading /dev/urandom: {0}")]
     Random(std::io::Error),
+    /// The media relay could not start (its threads or sockets).
+    #[error("media relay: {0}")]
+    Relay(std::io::Error),
     /// The stored nonce secret is not 64 hex digits.
     #[error("meta.nonce_secret in the database is not 64 hex digits")]
     Secret,
@@ -38,6 +44,7 @@ pub struct App {
     pub proxy: Arc<crate::proxy::stateful::Proxy>,
     pub store: Store,
     pub location: Arc<Location>,
+    pub media: Arc<Media>,
 }
 
 /// Opens and migrates the store, loads the location service, binds the listeners and
@@ -60,6 +67,17 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let auth = Arc::new(Authenticator::new(cfg.auth.clone(), store.clone(), key));
     server.set_authenticator(auth.clone());
+    let pinger = Pinger::new(
+        cfg.clone(),
+        location.clone(),
+        server.transports(),
+        store.clone(),
+        clock.clone(),
+        server.local_addrs(),
+    );
+    server.set_pinger(Arc::new(pinger));
+    let cfg_media = cfg.media.clone();
+    let clock_media = clock.clone();
     let ctx = Arc::new(Context {
         cfg,
         store: store.clone(),
@@ -69,12 +87,51 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         clock,
     });
     server.set_registrar(Registrar::start(ctx, shards));
+
+    let media = start_media(&cfg_media, store.clone(), clock_media)?;
+    server.proxy().set_media(media.clone());
     Ok(App {
+        media,
         proxy: server.proxy(),
         server,
         store,
         location,
     })
+}
+
+/// Starts the relay engine and the task that turns its timeouts into closed calls.
+fn start_media(
+    m: &MediaConfig,
+    store: Store,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<Media>, StartError> {
+    // Media sockets bind the advertised address when it is ours, else every address (a host
+    // behind a 1:1 NAT advertises an address it does not have).
+    let bind = match std::net::UdpSocket::bind((m.address, 0)) {
+        Ok(_) => m.address,
+        Err(_) if m.address.is_ipv4() => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        Err(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let (relay, mut closed) = sipedge_relay::start(RelayConfig {
+        bind,
+        port_min: m.ports.min,
+        port_max: m.ports.max,
+        workers: m.workers,
+        idle_timeout: m.idle_timeout,
+        offer_timeout: m.offer_timeout,
+        hold_timeout: m.hold_timeout,
+        io: IoMode::Batched,
+    })
+    .map_err(StartError::Relay)?;
+    info!(%bind, ports = %format!("{}-{}", m.ports.min, m.ports.max), "media relay started");
+    let media = Arc::new(Media::new(relay, m.address, store, clock));
+    let on_closed = media.clone();
+    tokio::spawn(async move {
+        while let Some(c) = closed.recv().await {
+            on_closed.on_relay_closed(c).await;
+        }
+    });
+    Ok(media)
 }
 
 /// The per-install nonce secret, generated on first start and kept in the store so that

@@ -155,6 +155,13 @@ pub struct RawNat {
     /// "OPTIONS" or "crlf". Default "OPTIONS".
     #[serde(default = "default_ping_method")]
     pub ping_method: PingMethod,
+    /// Consecutive unanswered OPTIONS pings after which a binding is reported (and removed
+    /// when `ping_remove`). Default 3.
+    #[serde(default = "default_ping_failures")]
+    pub ping_failures: u32,
+    /// Remove a binding whose pings went unanswered `ping_failures` times. Default false.
+    #[serde(default)]
+    pub ping_remove: bool,
 }
 
 /// `[media]`
@@ -281,6 +288,9 @@ fn default_ping_interval() -> u64 {
 }
 fn default_ping_method() -> PingMethod {
     PingMethod::Options
+}
+fn default_ping_failures() -> u32 {
+    3
 }
 fn default_ports() -> String {
     "30000-40000".into()
@@ -431,6 +441,10 @@ pub struct NatConfig {
     /// `None` = keepalives off.
     pub ping_interval: Option<Duration>,
     pub ping_method: PingMethod,
+    /// Unanswered OPTIONS pings in a row before a binding is reported (≥ 1).
+    pub ping_failures: u32,
+    /// Remove such a binding from the location service.
+    pub ping_remove: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -644,7 +658,12 @@ impl Config {
             ping_interval: (raw.nat.ping_interval > 0)
                 .then(|| Duration::from_secs(raw.nat.ping_interval)),
             ping_method: raw.nat.ping_method,
+            ping_failures: raw.nat.ping_failures,
+            ping_remove: raw.nat.ping_remove,
         };
+        if raw.nat.ping_failures == 0 {
+            return Err(invalid("nat.ping_failures", "must be at least 1"));
+        }
 
         let m = &raw.media;
         let address = match &m.address {

@@ -22,6 +22,7 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod media;
 pub mod nat;
 pub mod proxy;
 pub mod registrar;

@@ -14,7 +14,7 @@ use tracing::debug;
 use super::forward::{Flow, creates_dialog};
 use super::sanity::{self, Verdict};
 use crate::clock::Clock;
-use crate::config::{Config, RelayForeign};
+use crate::config::{Config, MediaMode, RelayForeign};
 use crate::registrar::location::Location;
 use crate::registrar::service::Job;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
@@ -95,6 +95,9 @@ pub struct Plan {
     /// nathelper's tests fired for the sender of this request (computed once here; the
     /// forwarding side uses it for force_rport).
     pub sender_nated: bool,
+    /// An initial INVITE's media policy (`[[route]].media`, `media.mode` for registered
+    /// users); `None` for every other request (in-dialog ones follow their dialog).
+    pub media: Option<MediaMode>,
 }
 
 /// One branch before name resolution.
@@ -292,9 +295,19 @@ impl Core {
             .and_then(|our| {
                 let fc = our.param("fc").and_then(Flow::parse);
                 let fe = our.param("fe").and_then(Flow::parse);
+                // From neither binding: a peer that is not NATed (a PBX, a provider), or a
+                // party whose NAT rebound. If only one binding is recorded and the
+                // Request-URI (the Contact of the party addressed) is private, the request
+                // is for the NATed party: its Contact cannot be reached, its binding can.
+                let ruri_private = SipUri::parse(uri_text)
+                    .ok()
+                    .and_then(|u| u.ip())
+                    .is_some_and(crate::nat::detect::is_private);
                 match (fc, fe) {
                     (Some(c), e) if c.addr == source.remote => e,
                     (c, Some(e)) if e.addr == source.remote => c,
+                    (Some(c), None) if ruri_private => Some(c),
+                    (None, Some(e)) if ruri_private => Some(e),
                     _ => None,
                 }
             });
@@ -319,6 +332,7 @@ impl Core {
                     nat: nat_marked,
                     caller_flow: None,
                     sender_nated,
+                    media: None,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -429,6 +443,7 @@ impl Core {
                 nat: caller_nated,
                 caller_flow,
                 sender_nated,
+                media: (method == "INVITE").then_some(rule.media),
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -470,6 +485,7 @@ impl Core {
             nat: caller_nated,
             caller_flow,
             sender_nated,
+            media: (method == "INVITE").then_some(self.cfg.media.mode),
         }))
     }
 
@@ -709,6 +725,33 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
         assert_eq!(
             plan.targets[0].dest,
             Dest::Addr("10.0.0.9:5062".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn flow_tokens_pick_the_other_party() {
+        let dest = |uri: &str, route: &str| {
+            let plan = decide("BYE", uri, &format!("Route: <{route}>\r\n")).unwrap_err();
+            plan.targets[0].dest.clone()
+        };
+        let binding = |a: &str| Dest::Addr(a.parse().unwrap());
+        // src() is 192.0.2.7:40000.
+        let both = "sip:127.0.0.1:5060;lr;fc=u~192.0.2.7~40000;fe=u~203.0.113.4~41000";
+        assert_eq!(dest("sip:c@10.0.0.9", both), binding("203.0.113.4:41000"));
+        let both = "sip:127.0.0.1:5060;lr;fc=u~203.0.113.4~41000;fe=u~192.0.2.7~40000";
+        assert_eq!(dest("sip:c@10.0.0.9", both), binding("203.0.113.4:41000"));
+        // Only the caller's binding recorded (a call to a PBX); the PBX hangs up: the private
+        // Request-URI is the caller's Contact, reached at its binding.
+        let fc_only = "sip:127.0.0.1:5060;lr;fc=u~203.0.113.4~41000";
+        assert_eq!(
+            dest("sip:a@10.0.0.9", fc_only),
+            binding("203.0.113.4:41000")
+        );
+        // ... but a public Request-URI (the caller, rebound, hanging up towards the PBX) is
+        // followed as it is.
+        assert_eq!(
+            dest("sip:pbx@192.0.2.50:5060", fc_only),
+            binding("192.0.2.50:5060")
         );
     }
 }

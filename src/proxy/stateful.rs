@@ -9,7 +9,7 @@
 //! sockets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
@@ -20,7 +20,8 @@ use super::forward::{self, Local, Options, Target};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
 use super::response::{Final, ResponseContext};
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
-use crate::config::{Config, Proto};
+use crate::config::{Config, MediaMode, Proto};
+use crate::media::session::Media;
 use crate::sip::{Framing, Message, Rewrite, reply};
 use crate::transaction::{
     ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey, cancel_for, client_key,
@@ -61,6 +62,8 @@ pub struct Proxy {
     server: DashMap<TxnKey, mpsc::Sender<Event>>,
     /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
     client: DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
+    /// The media relay side, when enabled (set once at start).
+    media: OnceLock<Arc<Media>>,
 }
 
 impl Proxy {
@@ -75,6 +78,7 @@ impl Proxy {
             ..Timers::default()
         };
         Self {
+            media: OnceLock::new(),
             cfg,
             transports,
             local,
@@ -182,6 +186,16 @@ impl Proxy {
         self.transports.send(out).await;
     }
 
+    /// Enables media relaying (once, at start).
+    pub fn set_media(&self, media: Arc<Media>) {
+        let _ = self.media.set(media);
+    }
+
+    /// The media side, when enabled.
+    pub fn media(&self) -> Option<&Arc<Media>> {
+        self.media.get()
+    }
+
     /// Carries out a routing plan for a new request: proxy authentication when the plan asks
     /// for it (the seed's `proxy_authorize` + `check_from` + `consume_credentials`), name
     /// resolution, then the transaction task. Runs off the receive loop.
@@ -284,6 +298,11 @@ impl Proxy {
             None,
             (source.remote, nated),
         );
+        // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx).
+        let bytes = match self.media.get() {
+            Some(m) if !msg.body().is_empty() => m.on_request(msg, bytes, "", None).await,
+            _ => bytes,
+        };
         debug!(%dest, "forwarding statelessly");
         self.transports
             .send(Outbound {
@@ -386,6 +405,18 @@ impl Proxy {
                 hop.flow,
                 (source.remote, nated),
             );
+            // Media: each branch of an initial INVITE gets its own relay session; requests
+            // inside a relayed dialog go through its session (BYE ends it).
+            let relay = plan
+                .media
+                .map(|mode| relay_decision(mode, plan.sender_nated, hop));
+            let in_dialog = msg.to().ok().and_then(|t| t.tag()).is_some();
+            let bytes = match self.media.get() {
+                Some(m) if relay.is_some() || in_dialog => {
+                    m.on_request(&msg, bytes, &branch_id, relay).await
+                }
+                _ => bytes,
+            };
             let Ok(fwd) = Message::parse(&bytes, Framing::Datagram) else {
                 warn!("forwarded request does not parse; branch dropped");
                 continue;
@@ -397,6 +428,8 @@ impl Proxy {
             self.client.insert(ck.clone(), (tx.clone(), i, false));
             let txn = ClientTxn::new(kind, fwd, hop.proto == Proto::Tcp, self.timers, now);
             branches.push(Branch {
+                relay: relay.or((!in_dialog).then_some(false)),
+                id: branch_id,
                 idx: i,
                 hop: hop.clone(),
                 dest: *dest,
@@ -420,6 +453,9 @@ impl Proxy {
         }
 
         let mut server_done = false;
+        // Media: the initial INVITE's final response was reported; a CANCEL arrived.
+        let mut media_final = false;
+        let mut cancelled = false;
         loop {
             let now = Instant::now();
             // Drain the branches.
@@ -430,6 +466,16 @@ impl Proxy {
                         ClientAction::Send(bytes) => self.send_branch(b, bytes).await,
                         ClientAction::PassUp(resp) => {
                             let status = resp.status().unwrap_or(0);
+                            let resp = match self.media.get() {
+                                Some(m) if b.relay != Some(false) => {
+                                    m.on_response(&msg, resp, &b.id, b.relay).await
+                                }
+                                _ => resp,
+                            };
+                            let first_2xx = invite
+                                && !media_final
+                                && b.relay.is_some()
+                                && (200..300).contains(&status);
                             if (101..200).contains(&status) && b.cancel_pending {
                                 b.cancel_pending = false;
                                 self.send_cancel(b, &tx_for(&self.client, &b.key), now);
@@ -440,6 +486,10 @@ impl Proxy {
                                 if let Some(bytes) = pop_our_via(&up) {
                                     server.respond(up.status().unwrap_or(0), bytes, now);
                                 }
+                            }
+                            if first_2xx && let Some(m) = self.media.get() {
+                                media_final = true;
+                                m.on_final(&msg, status, false).await;
                             }
                         }
                         ClientAction::Timeout => {
@@ -500,6 +550,14 @@ impl Proxy {
                     ),
                 };
                 server.respond(status, bytes, now);
+                if invite
+                    && !media_final
+                    && plan.media.is_some()
+                    && let Some(m) = self.media.get()
+                {
+                    media_final = true;
+                    m.on_final(&msg, status, cancelled).await;
+                }
             }
             while let Some(a) = server.poll_action() {
                 match a {
@@ -543,6 +601,7 @@ impl Proxy {
                 Some(Event::Retransmission) => server.on_request_retransmission(now),
                 Some(Event::Ack) => server.on_ack(now),
                 Some(Event::Cancel) => {
+                    cancelled = true;
                     self.cancel_pending(&mut branches, &mut rc, now);
                 }
                 Some(Event::Response { idx, cancel, resp }) => {
@@ -747,6 +806,10 @@ pub enum Work {
 
 /// One branch of a proxied request.
 struct Branch {
+    /// Media: `Some(relayed?)` on a branch of an initial INVITE, `None` inside a dialog.
+    relay: Option<bool>,
+    /// Our branch id (the media session key of an initial INVITE's branch).
+    id: String,
     idx: usize,
     hop: Hop,
     dest: SocketAddr,
@@ -845,4 +908,15 @@ pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
         });
     }
     out
+}
+
+/// Whether a branch of an initial INVITE is relayed: `[[route]].media` / `media.mode`, where
+/// `nat` means the caller or this callee is behind NAT (the callee's Contact is not where it
+/// registered from).
+fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
+    match mode {
+        MediaMode::Always => true,
+        MediaMode::Never => false,
+        MediaMode::Nat => caller_nated || hop.flow.is_some(),
+    }
 }

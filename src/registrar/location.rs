@@ -150,6 +150,34 @@ impl Location {
         expired
     }
 
+    /// A copy of every binding (for the keepalive pinger, which walks them all once per
+    /// interval).
+    pub fn snapshot(&self) -> Vec<Binding> {
+        self.by_aor.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
+    /// Removes one binding from memory if it is still the one refreshed at `updated` (a
+    /// REGISTER that refreshed it meanwhile wins). True when it was removed.
+    pub fn remove_if_unchanged(&self, aor: &str, contact: &str, updated: u64) -> bool {
+        let mut removed = false;
+        let mut now_empty = false;
+        if let Some(mut list) = self.by_aor.get_mut(aor) {
+            if let Some(pos) = list
+                .iter()
+                .position(|b| b.contact == contact && b.updated == updated)
+            {
+                list.remove(pos);
+                removed = true;
+            }
+            now_empty = list.is_empty();
+        }
+        if now_empty {
+            self.by_aor.remove_if(aor, |_, v| v.is_empty());
+        }
+        // The expiry index keeps the old deadline; purge skips entries with no live binding.
+        removed
+    }
+
     /// Number of AORs with at least one binding.
     pub fn aor_count(&self) -> usize {
         self.by_aor.len()
@@ -162,7 +190,7 @@ impl Location {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn binding(aor: &str, contact: &str, expires: u64, q: u16) -> Binding {

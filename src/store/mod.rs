@@ -58,6 +58,26 @@ pub struct Subscriber {
 }
 
 /// A pool on SQLite or PostgreSQL.
+/// One call record (`cdr` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cdr {
+    pub call_id: String,
+    pub from_uri: String,
+    pub to_uri: String,
+    /// Unix seconds.
+    pub start: u64,
+    pub answer: Option<u64>,
+    pub end: u64,
+    /// Final status of the INVITE (0 when none was seen).
+    pub status: u16,
+    /// Why the media session closed: bye, cancel, failed, timeout, shutdown.
+    pub reason: &'static str,
+    /// Received from the caller: packets, bytes, lost, jitter (ms).
+    pub caller: (u64, u64, u64, f64),
+    /// Received from the callee.
+    pub callee: (u64, u64, u64, f64),
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -319,6 +339,53 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
+    }
+
+    // ---- cdr ----------------------------------------------------------------------------------
+
+    /// Writes one call record (one per relayed call, when its media session closes).
+    pub async fn insert_cdr(&self, c: &Cdr) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO cdr (call_id, from_uri, to_uri, start_ts, answer_ts, end_ts, status, reason, \
+             caller_pkts, caller_bytes, caller_lost, caller_jitter_ms, \
+             callee_pkts, callee_bytes, callee_lost, callee_jitter_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(&c.call_id)
+        .bind(&c.from_uri)
+        .bind(&c.to_uri)
+        .bind(to_i64(c.start))
+        .bind(c.answer.map(to_i64))
+        .bind(to_i64(c.end))
+        .bind(i64::from(c.status))
+        .bind(c.reason)
+        .bind(to_i64(c.caller.0))
+        .bind(to_i64(c.caller.1))
+        .bind(to_i64(c.caller.2))
+        .bind(c.caller.3)
+        .bind(to_i64(c.callee.0))
+        .bind(to_i64(c.callee.1))
+        .bind(to_i64(c.callee.2))
+        .bind(c.callee.3)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The call records of one Call-ID: (reason, status, caller pkts, callee pkts).
+    pub async fn cdr_summary(
+        &self,
+        call_id: &str,
+    ) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT reason, status, caller_pkts, callee_pkts FROM cdr WHERE call_id = $1",
+        )
+        .bind(call_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect()
     }
 
     /// Empties every table (for tests on a shared PostgreSQL database).

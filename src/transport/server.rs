@@ -16,6 +16,7 @@ use super::{Outbound, Proto, tcp, udp};
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::nat::keepalive::Pinger;
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
 use crate::registrar::location::Location;
@@ -83,6 +84,7 @@ pub struct Dispatcher {
     registrar: Option<Registrar>,
     proxy: Arc<Proxy>,
     auth: Option<Arc<Authenticator>>,
+    pinger: Option<Arc<Pinger>>,
     clock: Arc<dyn Clock>,
     overload_log: Throttle,
 }
@@ -118,7 +120,14 @@ impl Dispatcher {
         match d {
             Dispatch::Nothing => {}
             Dispatch::Send(out) => self.transports.send(out).await,
-            Dispatch::Response(msg, source) => self.proxy.on_response(*msg, source).await,
+            Dispatch::Response(msg, source) => {
+                if let Some(p) = &self.pinger
+                    && p.on_response(&msg).await
+                {
+                    return;
+                }
+                self.proxy.on_response(*msg, source).await
+            }
             Dispatch::Request(msg, source) => {
                 if self.proxy.absorb(&msg, source).await {
                     return;
@@ -179,6 +188,7 @@ pub struct Server {
     registrar: Option<Registrar>,
     proxy: Arc<Proxy>,
     auth: Option<Arc<Authenticator>>,
+    pinger: Option<Arc<Pinger>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -232,6 +242,7 @@ impl Server {
             core,
             proxy,
             auth: None,
+            pinger: None,
             clock,
             transports,
             udp,
@@ -256,6 +267,11 @@ impl Server {
         self.auth = Some(auth);
     }
 
+    /// Enables keepalives to NATed bindings (and recognises their answers).
+    pub fn set_pinger(&mut self, pinger: Arc<Pinger>) {
+        self.pinger = Some(pinger);
+    }
+
     /// The stateful proxy (its transaction counts, for tests and `show`).
     pub fn proxy(&self) -> Arc<Proxy> {
         self.proxy.clone()
@@ -274,6 +290,7 @@ impl Server {
             registrar: self.registrar.clone(),
             proxy: self.proxy.clone(),
             auth: self.auth.clone(),
+            pinger: self.pinger.clone(),
             clock: self.clock.clone(),
             overload_log: Throttle::default(),
         });
@@ -302,7 +319,19 @@ impl Server {
                 tcp::accept_loop(listener, dispatcher.clone(), shutdown.clone()).instrument(span),
             );
         }
+        if let Some(p) = &self.pinger {
+            tasks.spawn(
+                p.clone()
+                    .run(shutdown.clone())
+                    .instrument(info_span!("keepalive")),
+            );
+        }
         while tasks.join_next().await.is_some() {}
+        if let Some(m) = self.proxy.media() {
+            // Every relayed call still up logs its stats line (reason "shutdown").
+            m.shutdown().await;
+            m.relay().shutdown().await;
+        }
         let (servers, clients) = self.proxy.transaction_count();
         info!(
             transactions.server = servers,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use sipedge::clock::SystemClock;
 use sipedge::config::{Config, Proto};
-use sipedge::registrar::location::Location;
-use sipedge::sip::{Framing, Message};
+use sipedge::registrar::location::{Binding, Location};
+use sipedge::sip::{Framing, HeaderName, Message, reply};
 use sipedge::store::Store;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -23,6 +23,7 @@ pub(crate) struct TestServer {
     pub(crate) store: Store,
     pub(crate) location: Arc<Location>,
     pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
+    pub(crate) media: Arc<sipedge::media::session::Media>,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
     stop: watch::Sender<bool>,
@@ -68,6 +69,7 @@ impl TestServer {
             store: app.store,
             location: app.location,
             proxy: app.proxy,
+            media: app.media,
             db_url: db_url.to_owned(),
             stop,
             task: Some(task),
@@ -128,4 +130,86 @@ pub(crate) async fn udp_recv(sock: &UdpSocket) -> Message {
         .expect("no answer in time")
         .unwrap();
     Message::parse(&buf[..n], Framing::Datagram).unwrap()
+}
+
+/// A registered UDP binding of this test instance (`server.instance_id = "test"`).
+pub(crate) fn binding(aor: &str, contact: String, received: SocketAddr) -> Binding {
+    Binding {
+        aor: aor.into(),
+        contact,
+        received,
+        transport: Proto::Udp,
+        local_socket: "127.0.0.1:5060".parse().unwrap(),
+        instance: "test".into(),
+        expires: u64::MAX / 2,
+        q: 1000,
+        call_id: "reg".into(),
+        cseq: 1,
+        user_agent: String::new(),
+        path: String::new(),
+        instance_urn: String::new(),
+        updated: 0,
+    }
+}
+
+/// A UA on a loopback socket.
+pub(crate) struct Ua {
+    pub(crate) sock: UdpSocket,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Ua {
+    pub(crate) async fn new() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        Self { sock, addr }
+    }
+
+    pub(crate) async fn send(&self, to: SocketAddr, text: &str) {
+        self.sock.send_to(text.as_bytes(), to).await.unwrap();
+    }
+
+    /// The next message, skipping 100 Trying.
+    pub(crate) async fn recv(&self) -> (Message, SocketAddr) {
+        loop {
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = tokio::time::timeout(WAIT, self.sock.recv_from(&mut buf))
+                .await
+                .expect("nothing received in time")
+                .unwrap();
+            let m = Message::parse(&buf[..n], sipedge::sip::Framing::Datagram).unwrap();
+            if m.status() != Some(100) {
+                return (m, from);
+            }
+        }
+    }
+
+    /// Answers `req` (received from `from`) with `status`, To-tag `tag`.
+    pub(crate) async fn answer(&self, req: &Message, from: SocketAddr, status: u16, tag: &str) {
+        // A UAS copies Record-Route into its responses (RFC 3261 §12.1.1).
+        let contact = format!("<sip:callee@{}>", self.addr);
+        let mut extra: Vec<(&str, &str)> = req
+            .headers_named(HeaderName::RecordRoute)
+            .map(|h| ("Record-Route", req.str_at(h.value.clone()).unwrap()))
+            .collect();
+        extra.push(("Contact", &contact));
+        let mut bytes = reply::response(req, from, status, "Answer", &extra);
+        // A fixed To-tag (the same for 180 and 200, as a real UA does).
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let local = reply::local_tag(req);
+        bytes = text.replace(&local, tag).into_bytes();
+        self.sock.send_to(&bytes, from).await.unwrap();
+    }
+
+    /// Asserts nothing arrives for a short while.
+    pub(crate) async fn silent(&self) {
+        let mut buf = vec![0u8; 65536];
+        let r =
+            tokio::time::timeout(Duration::from_millis(300), self.sock.recv_from(&mut buf)).await;
+        assert!(
+            r.is_err(),
+            "unexpected: {:?}",
+            r.map(|x| x.map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        );
+    }
 }

@@ -6,6 +6,8 @@
 mod cli;
 mod corpus;
 mod harness;
+mod media;
+mod nat;
 mod proxy;
 mod registrar;
 mod store;

@@ -4,74 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sipedge::config::Proto;
-use sipedge::registrar::location::Binding;
 use sipedge::sip::{HeaderName, Message, reply};
-use tokio::net::UdpSocket;
 
-use crate::harness::{TestServer, WAIT};
-
-/// A UA on a loopback socket.
-struct Ua {
-    sock: UdpSocket,
-    addr: SocketAddr,
-}
-
-impl Ua {
-    async fn new() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        Self { sock, addr }
-    }
-
-    async fn send(&self, to: SocketAddr, text: &str) {
-        self.sock.send_to(text.as_bytes(), to).await.unwrap();
-    }
-
-    /// The next message, skipping 100 Trying.
-    async fn recv(&self) -> (Message, SocketAddr) {
-        loop {
-            let mut buf = vec![0u8; 65536];
-            let (n, from) = tokio::time::timeout(WAIT, self.sock.recv_from(&mut buf))
-                .await
-                .expect("nothing received in time")
-                .unwrap();
-            let m = Message::parse(&buf[..n], sipedge::sip::Framing::Datagram).unwrap();
-            if m.status() != Some(100) {
-                return (m, from);
-            }
-        }
-    }
-
-    /// Answers `req` (received from `from`) with `status`, To-tag `tag`.
-    async fn answer(&self, req: &Message, from: SocketAddr, status: u16, tag: &str) {
-        // A UAS copies Record-Route into its responses (RFC 3261 §12.1.1).
-        let contact = format!("<sip:callee@{}>", self.addr);
-        let mut extra: Vec<(&str, &str)> = req
-            .headers_named(HeaderName::RecordRoute)
-            .map(|h| ("Record-Route", req.str_at(h.value.clone()).unwrap()))
-            .collect();
-        extra.push(("Contact", &contact));
-        let mut bytes = reply::response(req, from, status, "Answer", &extra);
-        // A fixed To-tag (the same for 180 and 200, as a real UA does).
-        let text = String::from_utf8(bytes.clone()).unwrap();
-        let local = reply::local_tag(req);
-        bytes = text.replace(&local, tag).into_bytes();
-        self.sock.send_to(&bytes, from).await.unwrap();
-    }
-
-    /// Asserts nothing arrives for a short while.
-    async fn silent(&self) {
-        let mut buf = vec![0u8; 65536];
-        let r =
-            tokio::time::timeout(Duration::from_millis(300), self.sock.recv_from(&mut buf)).await;
-        assert!(
-            r.is_err(),
-            "unexpected: {:?}",
-            r.map(|x| x.map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned()))
-        );
-    }
-}
+use crate::harness::{TestServer, Ua, binding};
 
 fn invite(ruri: &str, caller: SocketAddr, call_id: &str, extra: &str) -> String {
     format!(
@@ -245,25 +180,6 @@ async fn extension_call_through_the_pbx_route() {
     assert_eq!(bye_ok.status(), Some(200));
     assert_eq!(bye_ok.cseq().unwrap().method, "BYE");
     srv.stop().await;
-}
-
-fn binding(aor: &str, contact: String, received: SocketAddr) -> Binding {
-    Binding {
-        aor: aor.into(),
-        contact,
-        received,
-        transport: Proto::Udp,
-        local_socket: "127.0.0.1:5060".parse().unwrap(),
-        instance: "test".into(),
-        expires: u64::MAX / 2,
-        q: 1000,
-        call_id: "reg".into(),
-        cseq: 1,
-        user_agent: String::new(),
-        path: String::new(),
-        instance_urn: String::new(),
-        updated: 0,
-    }
 }
 
 #[tokio::test]

@@ -1,0 +1,486 @@
+//! One relay worker: an OS thread running a current-thread tokio runtime that owns the sockets
+//! of the sessions assigned to it, a [`Relay`] core and one receive batch. It only moves bytes:
+//! every decision is the core's.
+//!
+//! Each socket has a task that waits for readability and then drains the socket in batches
+//! (recvmmsg), asks the core for a verdict per datagram and sends each group of datagrams
+//! bound for the same outgoing socket with one sendmmsg, straight from the receive buffer.
+//! Each wakeup handles at most [`MAX_BATCHES`] batches before yielding, so one flooded socket
+//! cannot starve the others (rtpengine `max_recv_iters`, quinn `WorkLimiter`). A timer task
+//! sleeps until the core's next deadline and reports sessions that timed out. Everything is
+//! on one thread: the state is an `Rc<RefCell<..>>` and no borrow is held across an await.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::{JoinHandle, LocalSet};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::sys::{BATCH, BatchIo, Transmit};
+use crate::forward::{Relay, Timeouts, Verdict};
+use crate::{
+    Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side, StreamPorts,
+};
+
+/// Batches handled per socket wakeup before yielding to the other tasks.
+const MAX_BATCHES: usize = 4;
+/// At most one warning per kind this often; the rest are counted into the next one.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The two bound sockets of one leg.
+#[derive(Debug)]
+pub(crate) struct LegSockets {
+    pub(crate) ports: PortPair,
+    pub(crate) rtp: std::net::UdpSocket,
+    pub(crate) rtcp: std::net::UdpSocket,
+}
+
+/// Requests from the control thread.
+#[derive(Debug)]
+pub(crate) enum WorkerCmd {
+    Add {
+        id: SessionId,
+        label: String,
+        /// Per stream: the caller-facing leg, then the callee-facing leg.
+        streams: Vec<[LegSockets; 2]>,
+        reply: oneshot::Sender<Result<(), RelayError>>,
+    },
+    Update {
+        id: SessionId,
+        side: Side,
+        streams: Vec<Option<Endpoint>>,
+        answered: bool,
+        reply: oneshot::Sender<Result<(), RelayError>>,
+    },
+    /// Removes the session and closes its sockets before answering.
+    Remove {
+        id: SessionId,
+        reply: oneshot::Sender<Option<SessionStats>>,
+    },
+    Query {
+        id: SessionId,
+        reply: oneshot::Sender<Option<SessionStats>>,
+    },
+    /// Closes everything, answers, and ends the thread.
+    Shutdown { reply: oneshot::Sender<Vec<Closed>> },
+}
+
+/// What a worker needs to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerConfig {
+    pub(crate) port_min: u16,
+    pub(crate) port_max: u16,
+    pub(crate) pairs: u16,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) io: IoMode,
+    /// Sockets are AF_INET6 (bound to an IPv6 address).
+    pub(crate) v6: bool,
+}
+
+/// The control thread's side of a worker.
+#[derive(Debug)]
+pub(crate) struct WorkerHandle {
+    pub(crate) tx: mpsc::UnboundedSender<WorkerCmd>,
+    pub(crate) thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts worker `index`. Closed sessions are reported on `closed`.
+pub(crate) fn spawn(
+    index: usize,
+    cfg: WorkerConfig,
+    closed: mpsc::UnboundedSender<Closed>,
+) -> io::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    // The runtime is built on the new thread (a runtime must not be dropped inside another
+    // one, which could happen here if a later step failed), which reports back once.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("relay-worker-{index}"))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let rt = match rt {
+                Ok(rt) => {
+                    let _ = ready_tx.send(Ok(()));
+                    rt
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let span = tracing::info_span!("relay_worker", worker = index);
+            LocalSet::new().block_on(&rt, run(cfg, rx, closed).instrument(span));
+        })?;
+    ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("relay worker thread died at start"))??;
+    Ok(WorkerHandle {
+        tx,
+        thread: Some(thread),
+    })
+}
+
+/// A datagram of the current batch and where it goes.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    slot: usize,
+    out_port: u16,
+    dst: std::net::SocketAddr,
+}
+
+/// Log at most once per [`WARN_EVERY`], counting what was suppressed.
+#[derive(Debug, Default)]
+struct RateLimit {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `Some(suppressed since the last one)` when a warning may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.next.is_some_and(|n| now < n) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + WARN_EVERY);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Per-worker counters of datagrams lost on the send side (the core counts the rest).
+#[derive(Debug, Default)]
+struct SendCounters {
+    /// The outgoing socket's buffer was full.
+    would_block: u64,
+    /// The kernel refused the datagram (unreachable network, firewall, ...).
+    errors: u64,
+}
+
+/// The state of one worker.
+struct Worker {
+    relay: Relay,
+    port_min: u16,
+    v6: bool,
+    /// Per port offset `port - port_min`: the socket bound to that port.
+    sockets: Vec<Option<Rc<UdpSocket>>>,
+    /// Per session: its socket tasks and their ports.
+    tasks: HashMap<SessionId, Vec<(u16, JoinHandle<()>)>>,
+    io: BatchIo,
+    pending: Vec<Pending>,
+    send_list: Vec<Transmit>,
+    send: SendCounters,
+    recv_warn: RateLimit,
+    send_warn: RateLimit,
+}
+
+impl Worker {
+    fn new(cfg: WorkerConfig) -> Self {
+        let ports = usize::from(cfg.port_max - cfg.port_min) + 1;
+        Self {
+            relay: Relay::new(cfg.port_min, cfg.pairs, cfg.timeouts),
+            port_min: cfg.port_min,
+            v6: cfg.v6,
+            sockets: vec![None; ports],
+            tasks: HashMap::new(),
+            io: BatchIo::new(cfg.io == IoMode::Batched),
+            pending: Vec::with_capacity(BATCH),
+            send_list: Vec::with_capacity(BATCH),
+            send: SendCounters::default(),
+            recv_warn: RateLimit::default(),
+            send_warn: RateLimit::default(),
+        }
+    }
+
+    /// Receives one batch on `sock` (bound to `port`) and forwards what the core allows.
+    /// `WouldBlock` when the socket is drained.
+    fn forward_batch(&mut self, sock: &UdpSocket, port: u16) -> io::Result<usize> {
+        let io = &mut self.io;
+        // try_io clears tokio's readiness on WouldBlock, so the task sleeps until new data.
+        let n = sock.try_io(Interest::READABLE, || io.recv(sock.as_fd()))?;
+        let now = Instant::now();
+        self.pending.clear();
+        for i in 0..n {
+            let meta = self.io.meta(i);
+            if meta.truncated {
+                // A cut datagram is useless to the peer and would corrupt its stats.
+                self.relay.on_truncated(port);
+                continue;
+            }
+            let Some(src) = meta.src else { continue };
+            if let Verdict::Forward { out_port, dst } =
+                self.relay.on_packet(now, port, src, self.io.payload(i))
+            {
+                self.pending.push(Pending {
+                    slot: i,
+                    out_port,
+                    dst,
+                });
+            }
+        }
+        self.send_grouped(now);
+        Ok(n)
+    }
+
+    /// Sends the pending datagrams with one sendmmsg per outgoing socket, each group in
+    /// arrival order. A batch from one socket has one or two outgoing sockets, so the
+    /// quadratic grouping costs nothing and allocates nothing.
+    fn send_grouped(&mut self, now: Instant) {
+        let mut done: u64 = 0;
+        for i in 0..self.pending.len() {
+            if done & (1 << i) != 0 {
+                continue;
+            }
+            let out_port = self.pending[i].out_port;
+            self.send_list.clear();
+            for (j, p) in self.pending.iter().enumerate().skip(i) {
+                if done & (1 << j) == 0 && p.out_port == out_port {
+                    self.send_list.push(Transmit {
+                        slot: p.slot,
+                        dst: p.dst,
+                    });
+                    done |= 1 << j;
+                }
+            }
+            self.send_group(now, out_port);
+        }
+    }
+
+    fn send_group(&mut self, now: Instant, out_port: u16) {
+        let off = usize::from(out_port.saturating_sub(self.port_min));
+        let Some(sock) = self.sockets.get(off).and_then(Option::as_ref) else {
+            // The core only names ports of live sessions of this worker.
+            self.send.errors += self.send_list.len() as u64;
+            return;
+        };
+        let mut sent = 0;
+        while sent < self.send_list.len() {
+            // Sends bypass tokio's readiness on purpose: a full socket buffer drops the packet
+            // (RTP tolerates loss) instead of stalling every other stream of this worker.
+            match self.io.send(sock.as_fd(), &self.send_list[sent..], self.v6) {
+                Ok(0) => break,
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.send.would_block += (self.send_list.len() - sent) as u64;
+                    break;
+                }
+                Err(error) => {
+                    // One datagram refused (e.g. EPERM from a firewall, ENETUNREACH): skip it
+                    // and send the rest, like quinn skips per-datagram errors.
+                    let dst = self.send_list[sent].dst;
+                    self.send.errors += 1;
+                    sent += 1;
+                    if let Some(suppressed) = self.send_warn.allow(now) {
+                        tracing::warn!(
+                            %error,
+                            peer.addr = %dst,
+                            local.port = out_port,
+                            suppressed,
+                            send_errors = self.send.errors,
+                            send_buffer_full = self.send.would_block,
+                            "media send failed"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The worker thread's main task: serves control requests until shutdown.
+async fn run(
+    cfg: WorkerConfig,
+    mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
+    closed: mpsc::UnboundedSender<Closed>,
+) {
+    let w = Rc::new(RefCell::new(Worker::new(cfg)));
+    let notify = Rc::new(Notify::new());
+    let timer =
+        tokio::task::spawn_local(timer_task(w.clone(), notify.clone(), closed).in_current_span());
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            WorkerCmd::Add {
+                id,
+                label,
+                streams,
+                reply,
+            } => {
+                let r = add(&w, id, label, streams);
+                notify.notify_one();
+                let _ = reply.send(r);
+            }
+            WorkerCmd::Update {
+                id,
+                side,
+                streams,
+                answered,
+                reply,
+            } => {
+                let r = w
+                    .borrow_mut()
+                    .relay
+                    .update(Instant::now(), id, side, &streams, answered);
+                notify.notify_one();
+                let _ = reply.send(r);
+            }
+            WorkerCmd::Remove { id, reply } => {
+                let stats = w.borrow_mut().relay.remove(Instant::now(), id);
+                if stats.is_some() {
+                    close_io(&w, id).await;
+                }
+                let _ = reply.send(stats);
+            }
+            WorkerCmd::Query { id, reply } => {
+                let _ = reply.send(w.borrow().relay.query(Instant::now(), id));
+            }
+            WorkerCmd::Shutdown { reply } => {
+                timer.abort();
+                let all = close_all(&w).await;
+                let _ = reply.send(all);
+                return;
+            }
+        }
+    }
+    // The control thread is gone without a shutdown: close quietly.
+    timer.abort();
+    close_all(&w).await;
+}
+
+async fn close_all(w: &Rc<RefCell<Worker>>) -> Vec<Closed> {
+    let all = w.borrow_mut().relay.close_all(Instant::now());
+    for c in &all {
+        close_io(w, c.id).await;
+    }
+    all
+}
+
+/// Registers a session's sockets with this runtime and starts their tasks.
+fn add(
+    w: &Rc<RefCell<Worker>>,
+    id: SessionId,
+    label: String,
+    streams: Vec<[LegSockets; 2]>,
+) -> Result<(), RelayError> {
+    let ports: Vec<StreamPorts> = streams
+        .iter()
+        .map(|[caller, callee]| StreamPorts {
+            caller: caller.ports,
+            callee: callee.ports,
+        })
+        .collect();
+    let mut socks = Vec::with_capacity(streams.len() * 4);
+    for leg in streams.into_iter().flatten() {
+        socks.push((leg.ports.rtp, Rc::new(UdpSocket::from_std(leg.rtp)?)));
+        socks.push((leg.ports.rtcp, Rc::new(UdpSocket::from_std(leg.rtcp)?)));
+    }
+    let mut st = w.borrow_mut();
+    st.relay.add_session(Instant::now(), id, label, &ports)?;
+    let mut tasks = Vec::with_capacity(socks.len());
+    for (port, sock) in socks {
+        let off = usize::from(port - st.port_min);
+        st.sockets[off] = Some(sock.clone());
+        let span = tracing::debug_span!("media", session = %id, local.port = port);
+        let task = tokio::task::spawn_local(socket_task(w.clone(), sock, port).instrument(span));
+        tasks.push((port, task));
+    }
+    st.tasks.insert(id, tasks);
+    Ok(())
+}
+
+/// Stops a removed session's socket tasks and closes its sockets. When this returns, the
+/// ports can be bound again.
+async fn close_io(w: &Rc<RefCell<Worker>>, id: SessionId) {
+    let tasks = {
+        let mut st = w.borrow_mut();
+        let tasks = st.tasks.remove(&id).unwrap_or_default();
+        for (port, _) in &tasks {
+            let off = usize::from(port - st.port_min);
+            st.sockets[off] = None;
+        }
+        tasks
+    };
+    for (_, t) in &tasks {
+        t.abort();
+    }
+    // A cancelled task's future (holding the last `Rc` of its socket) is dropped before its
+    // JoinHandle resolves, so after this loop every socket is closed.
+    for (_, t) in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Drains one socket forever; ends when aborted.
+async fn socket_task(w: Rc<RefCell<Worker>>, sock: Rc<UdpSocket>, port: u16) {
+    loop {
+        if let Err(error) = sock.readable().await {
+            tracing::warn!(%error, "media socket failed");
+            return;
+        }
+        let mut drained = false;
+        for _ in 0..MAX_BATCHES {
+            let r = w.borrow_mut().forward_batch(&sock, port);
+            match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    let mut st = w.borrow_mut();
+                    if let Some(suppressed) = st.recv_warn.allow(Instant::now()) {
+                        tracing::warn!(%error, suppressed, "media receive failed");
+                    }
+                    break;
+                }
+            }
+        }
+        if !drained {
+            // Work left (or an error that may persist): let the other sockets, the timer and
+            // control requests run first. Readiness is still set, so the next `readable()`
+            // returns at once.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Sleeps until the core's next deadline and reports the sessions that timed out.
+async fn timer_task(
+    w: Rc<RefCell<Worker>>,
+    notify: Rc<Notify>,
+    closed: mpsc::UnboundedSender<Closed>,
+) {
+    loop {
+        let next = w.borrow().relay.poll_timeout();
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(t) => {}
+                    () = notify.notified() => continue,
+                }
+            }
+            None => {
+                notify.notified().await;
+                continue;
+            }
+        }
+        let expired = w.borrow_mut().relay.on_tick(Instant::now());
+        for c in expired {
+            close_io(&w, c.id).await;
+            tracing::debug!(session = %c.id, call_id = %c.label, reason = ?c.reason, "media session timed out");
+            // The control thread frees the ports and tells the SIP core; if it is gone, the
+            // relay is shutting down anyway.
+            let _ = closed.send(c);
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! sipedge-relay: an in-process RTP/RTCP relay (symmetric RTP, RFC 4961; rtcp-mux, RFC 5761).
+//!
+//! The SIP core asks it, through a [`RelayHandle`], for port pairs for a call branch, tells it
+//! each side's SDP endpoints, and gets per-leg statistics back when the session is deleted or
+//! times out. The relay binds one RTP and one RTCP socket per leg, latches each side to the
+//! source of its first valid packet and forwards packets between the legs with
+//! recvmmsg/sendmmsg batches.
+//!
+//! # Layout
+//!
+//! - `ports`: the port-pair pool (shuffled once, head out, tail in). Pure.
+//! - `session`: the session table of one worker; legs indexed by `port - port_min`. Pure.
+//! - `latch`: the latch policy with its re-latch window after new SDP. Pure.
+//! - `forward`: the relay core, `on_packet(now, port, src, bytes) -> Verdict` and
+//!   `on_tick(now)` for timeouts. Pure.
+//! - `rtp`: checked zero-copy RTP/RTCP views (RFC 3550 §5.1, §6.4). Pure.
+//! - `stats`: RFC 3550 A.1/A.3 loss and A.8 jitter. Pure.
+//! - `io::sys`: recvmmsg/sendmmsg and their per-packet fallback; the only `unsafe` code.
+//! - `io::worker`: one OS thread per worker with a current-thread runtime; moves bytes between
+//!   its sockets and its `forward::Relay`.
+//! - `io::control`: the control thread: owns the port pool, binds sockets, assigns sessions to
+//!   workers, and turns worker reports into [`Closed`] events.
+//!
+//! Pure modules take `now` as a parameter and never touch a socket; the I/O modules read
+//! `tokio::time::Instant::now()`.
+
+mod forward;
+mod io;
+mod latch;
+mod ports;
+mod rtp;
+mod session;
+mod stats;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// The sans-IO core and the packet views, for benchmarks and fuzzers. Not a stable API.
+#[doc(hidden)]
+pub mod sans_io {
+    pub use crate::forward::{DropReason, Relay, Timeouts, Verdict};
+    pub use crate::rtp::{Malformed, RtcpView, RtpView, build_rtcp_rr, build_rtp, looks_like_rtcp};
+}
+
+/// How the workers receive and send datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// recvmmsg/sendmmsg batches; falls back to per-packet calls if the kernel says ENOSYS.
+    #[default]
+    Batched,
+    /// One recvfrom/sendto per datagram (tests of the fallback path).
+    PerPacket,
+}
+
+/// Relay settings (the `[media]` table, DESIGN §3).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Local address the media sockets bind to (e.g. 0.0.0.0 or 127.0.0.1).
+    pub bind: IpAddr,
+    /// First port of the range, even: RTP on even ports, RTCP on RTP + 1.
+    pub port_min: u16,
+    /// Last port of the range, inclusive.
+    pub port_max: u16,
+    /// Worker threads; 0 = one per core.
+    pub workers: usize,
+    /// An answered session with no packet from either side for this long is closed.
+    pub idle_timeout: Duration,
+    /// A session never answered for this long is closed.
+    pub offer_timeout: Duration,
+    /// The idle limit while the call is on hold (sendonly/recvonly/inactive or port 0).
+    pub hold_timeout: Duration,
+    /// Batched syscalls (default) or the per-packet fallback.
+    pub io: IoMode,
+}
+
+impl Default for RelayConfig {
+    /// The DESIGN §3 defaults: 0.0.0.0, ports 30000-40000, 60 s idle, 120 s offer, 3600 s hold.
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port_min: 30000,
+            port_max: 40000,
+            workers: 0,
+            idle_timeout: Duration::from_secs(60),
+            offer_timeout: Duration::from_secs(120),
+            hold_timeout: Duration::from_secs(3600),
+            io: IoMode::Batched,
+        }
+    }
+}
+
+/// Starts the relay: the worker threads (each with its own current-thread tokio runtime) and
+/// the control thread. Works from inside a tokio runtime and from plain threads alike.
+///
+/// Returns the handle and the channel on which sessions closed by a timeout are reported.
+/// Fails on an invalid port range or if a thread or runtime cannot be created.
+pub fn start(cfg: RelayConfig) -> std::io::Result<(RelayHandle, mpsc::UnboundedReceiver<Closed>)> {
+    io::control::start(cfg)
+}
+
+/// A session: one call branch. Unique for the life of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The two parties of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The party that sent the INVITE.
+    Caller,
+    /// The party that answers it.
+    Callee,
+}
+
+impl Side {
+    pub(crate) fn idx(self) -> usize {
+        match self {
+            Self::Caller => 0,
+            Self::Callee => 1,
+        }
+    }
+
+    /// The other party.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Caller => Self::Callee,
+            Self::Callee => Self::Caller,
+        }
+    }
+}
+
+/// The SDP direction attribute of a stream (RFC 3264 §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    #[default]
+    SendRecv,
+    SendOnly,
+    RecvOnly,
+    Inactive,
+}
+
+/// One side's SDP for one m= line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Endpoint {
+    /// c= address and m= port.
+    pub rtp: SocketAddr,
+    /// a=rtcp, or the RTP port + 1.
+    pub rtcp: SocketAddr,
+    /// a=rtcp-mux (RFC 5761): RTCP on the RTP port.
+    pub rtcp_mux: bool,
+    pub direction: Direction,
+    /// Clock rate of the first codec (a=rtpmap); 0 = unknown, 8000 is assumed.
+    pub clock_rate: u32,
+}
+
+/// A local RTP port and its RTCP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortPair {
+    pub rtp: u16,
+    pub rtcp: u16,
+}
+
+/// The local ports of one stream: `caller` is the leg facing the caller (advertised in the SDP
+/// the caller receives), `callee` the one facing the callee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPorts {
+    pub caller: PortPair,
+    pub callee: PortPair,
+}
+
+/// A new session and its ports, one entry per m= line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub id: SessionId,
+    pub streams: Vec<StreamPorts>,
+}
+
+/// What was received from one side, summed over streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LegStats {
+    /// RTP packets accepted.
+    pub pkts: u64,
+    /// RTP bytes (UDP payload) accepted.
+    pub bytes: u64,
+    /// Cumulative loss (RFC 3550 A.3).
+    pub lost: u64,
+    /// Interarrival jitter (RFC 3550 A.8), in ms; the maximum over streams.
+    pub jitter_ms: f64,
+    /// RTCP packets accepted.
+    pub rtcp_pkts: u64,
+    /// RTCP bytes accepted.
+    pub rtcp_bytes: u64,
+    /// Datagrams received on this side's ports and not forwarded (malformed, truncated, from a
+    /// stranger, or nowhere to send them).
+    pub dropped: u64,
+}
+
+/// Per-session statistics: `caller` is what was received from the caller.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionStats {
+    pub duration: Duration,
+    pub caller: LegStats,
+    pub callee: LegStats,
+}
+
+/// Why the relay closed a session by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Answered, and no packet for `idle_timeout`.
+    Idle,
+    /// Never answered within `offer_timeout`.
+    Offer,
+    /// On hold, and no packet for `hold_timeout`.
+    Hold,
+    /// The relay shut down.
+    Shutdown,
+}
+
+/// A session the relay closed; its ports are free again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closed {
+    pub id: SessionId,
+    /// The label given at allocation (the Call-ID).
+    pub label: String,
+    pub reason: CloseReason,
+    pub stats: SessionStats,
+}
+
+/// Sessions and ports in use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub sessions: usize,
+    /// Ports, not pairs: each pair counts 2.
+    pub ports_in_use: usize,
+}
+
+/// Errors of the relay's control API.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Every free port pair was tried and not enough could be bound.
+    #[error("no free RTP/RTCP port pair")]
+    PortsExhausted,
+    /// The session id is unknown: never allocated, deleted, or closed by a timeout.
+    #[error("no such media session")]
+    NoSuchSession,
+    /// The number of streams is 0 or differs from the allocation.
+    #[error("stream count differs from the allocation")]
+    StreamCount,
+    /// The relay has shut down.
+    #[error("media relay stopped")]
+    Stopped,
+    /// A socket could not be created, bound or registered.
+    #[error("media socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Requests from the handle to the control thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Allocate {
+        label: String,
+        streams: usize,
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
+    },
+    Update {
+        id: SessionId,
+        side: Side,
+        streams: Vec<Option<Endpoint>>,
+        answered: bool,
+        reply: oneshot::Sender<Result<(), RelayError>>,
+    },
+    Delete {
+        id: SessionId,
+        reply: oneshot::Sender<Result<SessionStats, RelayError>>,
+    },
+    Query {
+        id: SessionId,
+        reply: oneshot::Sender<Result<SessionStats, RelayError>>,
+    },
+    Counts {
+        reply: oneshot::Sender<Counts>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Vec<Closed>>,
+    },
+}
+
+/// The SIP core's handle on the relay. Cheap to clone; every call is a message to the control
+/// thread and its answer.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    pub(crate) tx: mpsc::UnboundedSender<Command>,
+}
+
+impl RelayHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, RelayError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| RelayError::Stopped)?;
+        rx.await.map_err(|_| RelayError::Stopped)
+    }
+
+    /// Reserves and binds one caller-facing and one callee-facing port pair per stream.
+    pub async fn allocate(&self, label: String, streams: usize) -> Result<Allocation, RelayError> {
+        self.call(|reply| Command::Allocate {
+            label,
+            streams,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sets `side`'s SDP endpoints (one per m= line, `None` = port 0) and opens its re-latch
+    /// window; `answered` switches to the idle/hold timeouts.
+    pub async fn update(
+        &self,
+        id: SessionId,
+        side: Side,
+        streams: Vec<Option<Endpoint>>,
+        answered: bool,
+    ) -> Result<(), RelayError> {
+        self.call(|reply| Command::Update {
+            id,
+            side,
+            streams,
+            answered,
+            reply,
+        })
+        .await?
+    }
+
+    /// Closes a session and frees its ports (its sockets are closed when this returns).
+    pub async fn delete(&self, id: SessionId) -> Result<SessionStats, RelayError> {
+        self.call(|reply| Command::Delete { id, reply }).await?
+    }
+
+    /// A snapshot of a session's stats.
+    pub async fn query(&self, id: SessionId) -> Result<SessionStats, RelayError> {
+        self.call(|reply| Command::Query { id, reply }).await?
+    }
+
+    /// Sessions and ports in use; zeros once the relay has stopped.
+    pub async fn counts(&self) -> Counts {
+        self.call(|reply| Command::Counts { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Closes every session (reason `Shutdown`), stops and joins the worker threads, and
+    /// returns the closed sessions (they are not also sent on the event channel, which then
+    /// ends). Later calls return an empty list.
+    pub async fn shutdown(&self) -> Vec<Closed> {
+        self.call(|reply| Command::Shutdown { reply })
+            .await
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,564 @@
+//! The relay over real UDP sockets on 127.0.0.1: a caller and a callee exchange RTP and RTCP
+//! through it. Every wait is a poll with a deadline, never a sleep. Each test uses its own
+//! port range below the ephemeral range (32768+), so tests can run in parallel.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use sipedge_relay::sans_io::{build_rtcp_rr, build_rtp};
+use sipedge_relay::{
+    CloseReason, Closed, Counts, Direction, Endpoint, IoMode, RelayConfig, RelayError, RelayHandle,
+    Side, start,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::{Instant, timeout};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(5);
+
+fn config(port_min: u16, port_max: u16) -> RelayConfig {
+    RelayConfig {
+        bind: LOCALHOST,
+        port_min,
+        port_max,
+        workers: 2,
+        idle_timeout: Duration::from_secs(60),
+        offer_timeout: Duration::from_secs(60),
+        hold_timeout: Duration::from_secs(60),
+        io: IoMode::Batched,
+    }
+}
+
+fn relay_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(LOCALHOST, port)
+}
+
+async fn socket() -> UdpSocket {
+    UdpSocket::bind((LOCALHOST, 0)).await.unwrap()
+}
+
+fn endpoint(rtp: SocketAddr, rtcp: SocketAddr) -> Endpoint {
+    Endpoint {
+        rtp,
+        rtcp,
+        rtcp_mux: false,
+        direction: Direction::SendRecv,
+        clock_rate: 8000,
+    }
+}
+
+/// The next datagram on `s`, or a failure after [`WAIT`].
+async fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = vec![0u8; 4096];
+    let (n, from) = timeout(WAIT, s.recv_from(&mut buf))
+        .await
+        .expect("a datagram within the deadline")
+        .unwrap();
+    buf.truncate(n);
+    (buf, from)
+}
+
+/// Polls a session's stats until `cond` holds, failing after [`WAIT`].
+async fn wait_stats(
+    relay: &RelayHandle,
+    id: sipedge_relay::SessionId,
+    cond: impl Fn(&sipedge_relay::SessionStats) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if cond(&relay.query(id).await.unwrap()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "condition not reached in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn next_closed(events: &mut UnboundedReceiver<Closed>) -> Closed {
+    timeout(WAIT, events.recv())
+        .await
+        .expect("a closed session within the deadline")
+        .expect("the event channel is open")
+}
+
+/// A caller behind NAT (its SDP names an address it does not send from) and a callee with a
+/// correct SDP exchange RTP and RTCP; checks payloads, source ports, exact stats, and that
+/// delete frees the ports.
+async fn exchange(io: IoMode, port_min: u16) {
+    let (relay, _events) = start(RelayConfig {
+        io,
+        ..config(port_min, port_min + 99)
+    })
+    .unwrap();
+    let alloc = relay.allocate("call-1@test".into(), 1).await.unwrap();
+    assert_eq!(alloc.streams.len(), 1);
+    let ports = alloc.streams[0];
+    for p in [ports.caller, ports.callee] {
+        assert_eq!(p.rtp % 2, 0);
+        assert_eq!(p.rtcp, p.rtp + 1);
+        assert!((port_min..port_min + 100).contains(&p.rtp));
+    }
+    assert_ne!(ports.caller, ports.callee);
+
+    let (caller_rtp, caller_rtcp) = (socket().await, socket().await);
+    let (callee_rtp, callee_rtcp) = (socket().await, socket().await);
+    // The caller's SDP has an address it does not send from (a NAT in between); still loopback.
+    let wrong = endpoint(
+        "127.0.0.3:4000".parse().unwrap(),
+        "127.0.0.3:4001".parse().unwrap(),
+    );
+    let callee_sdp = endpoint(
+        callee_rtp.local_addr().unwrap(),
+        callee_rtcp.local_addr().unwrap(),
+    );
+    relay
+        .update(alloc.id, Side::Caller, vec![Some(wrong)], false)
+        .await
+        .unwrap();
+    relay
+        .update(alloc.id, Side::Callee, vec![Some(callee_sdp)], true)
+        .await
+        .unwrap();
+
+    // The callee speaks first: accepted, but sent to the caller's (wrong) SDP address.
+    let early = build_rtp(100, 0, 0xcafe, 160);
+    callee_rtp
+        .send_to(&early, relay_addr(ports.callee.rtp))
+        .await
+        .unwrap();
+    // Another socket than the caller's: make sure it was handled before the caller latches.
+    wait_stats(&relay, alloc.id, |s| s.callee.pkts == 1).await;
+
+    // The caller's packets latch its real source and reach the callee from the callee-facing port.
+    for seq in 1..=10u16 {
+        let p = build_rtp(seq, u32::from(seq) * 160, 0xbeef, 160);
+        caller_rtp
+            .send_to(&p, relay_addr(ports.caller.rtp))
+            .await
+            .unwrap();
+        let (got, from) = recv(&callee_rtp).await;
+        assert_eq!(got, p, "payload unchanged");
+        assert_eq!(from, relay_addr(ports.callee.rtp));
+    }
+    // The callee's packets now go to the caller's real address, from the caller-facing port.
+    for seq in 101..=110u16 {
+        let p = build_rtp(seq, u32::from(seq) * 160, 0xcafe, 160);
+        callee_rtp
+            .send_to(&p, relay_addr(ports.callee.rtp))
+            .await
+            .unwrap();
+        let (got, from) = recv(&caller_rtp).await;
+        assert_eq!(got, p);
+        assert_eq!(from, relay_addr(ports.caller.rtp));
+    }
+    // A stranger on the caller-facing port is dropped; an oversized datagram from the caller too.
+    let stranger = socket().await;
+    stranger
+        .send_to(&build_rtp(1, 1, 1, 160), relay_addr(ports.caller.rtp))
+        .await
+        .unwrap();
+    caller_rtp
+        .send_to(&vec![0x80; 3000], relay_addr(ports.caller.rtp))
+        .await
+        .unwrap();
+    let p = build_rtp(11, 11 * 160, 0xbeef, 160);
+    caller_rtp
+        .send_to(&p, relay_addr(ports.caller.rtp))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&callee_rtp).await.0,
+        p,
+        "only the valid packet comes through"
+    );
+
+    // RTCP latches on its own and uses the RTCP ports both ways.
+    let rr = build_rtcp_rr(0xbeef);
+    caller_rtcp
+        .send_to(&rr, relay_addr(ports.caller.rtcp))
+        .await
+        .unwrap();
+    let (got, from) = recv(&callee_rtcp).await;
+    assert_eq!(
+        (got.as_slice(), from),
+        (rr.as_slice(), relay_addr(ports.callee.rtcp))
+    );
+    let rr2 = build_rtcp_rr(0xcafe);
+    callee_rtcp
+        .send_to(&rr2, relay_addr(ports.callee.rtcp))
+        .await
+        .unwrap();
+    let (got, from) = recv(&caller_rtcp).await;
+    assert_eq!(
+        (got.as_slice(), from),
+        (rr2.as_slice(), relay_addr(ports.caller.rtcp))
+    );
+
+    let stats = relay.query(alloc.id).await.unwrap();
+    assert_eq!(stats.caller.pkts, 11);
+    assert_eq!(stats.caller.bytes, 11 * 172);
+    assert_eq!(stats.caller.lost, 0);
+    assert_eq!((stats.caller.rtcp_pkts, stats.caller.rtcp_bytes), (1, 8));
+    assert_eq!(
+        stats.caller.dropped, 2,
+        "the stranger and the oversized datagram"
+    );
+    assert_eq!(stats.callee.pkts, 11);
+    assert_eq!(stats.callee.bytes, 11 * 172);
+    assert_eq!((stats.callee.rtcp_pkts, stats.callee.dropped), (1, 0));
+    assert_eq!(stats.callee.lost, 0);
+
+    assert_eq!(
+        relay.counts().await,
+        Counts {
+            sessions: 1,
+            ports_in_use: 4
+        }
+    );
+    let last = relay.delete(alloc.id).await.unwrap();
+    assert_eq!(last.caller.pkts, 11);
+    assert!(last.duration >= stats.duration);
+    assert_eq!(relay.counts().await, Counts::default());
+    // The sockets are closed: the ports can be bound again right away.
+    for p in [ports.caller, ports.callee] {
+        std::net::UdpSocket::bind(relay_addr(p.rtp)).unwrap();
+        std::net::UdpSocket::bind(relay_addr(p.rtcp)).unwrap();
+    }
+    assert!(matches!(
+        relay.delete(alloc.id).await,
+        Err(RelayError::NoSuchSession)
+    ));
+    assert!(relay.shutdown().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_with_batched_syscalls() {
+    exchange(IoMode::Batched, 21000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_with_per_packet_fallback() {
+    exchange(IoMode::PerPacket, 21200).await;
+}
+
+#[tokio::test]
+async fn a_burst_is_forwarded_whole_and_in_order() {
+    let (relay, _events) = start(config(21400, 21499)).unwrap();
+    let alloc = relay.allocate("burst".into(), 1).await.unwrap();
+    let ports = alloc.streams[0];
+    let (a, b) = (socket().await, socket().await);
+    let ep = |s: &UdpSocket| {
+        let addr = s.local_addr().unwrap();
+        endpoint(addr, SocketAddr::new(addr.ip(), addr.port() + 1))
+    };
+    relay
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a))], false)
+        .await
+        .unwrap();
+    relay
+        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], true)
+        .await
+        .unwrap();
+    // More than one wakeup's worth (4 batches of 32), sent at once; fewer than the 256
+    // datagrams of this size a default 208 KiB socket buffer holds, so nothing overflows.
+    let n = 200u16;
+    for seq in 0..n {
+        a.send_to(&build_rtp(seq, 0, 1, 160), relay_addr(ports.caller.rtp))
+            .await
+            .unwrap();
+    }
+    for seq in 0..n {
+        let (got, _) = recv(&b).await;
+        assert_eq!(u16::from_be_bytes([got[2], got[3]]), seq);
+    }
+    let s = relay.query(alloc.id).await.unwrap();
+    assert_eq!((s.caller.pkts, s.caller.lost), (u64::from(n), 0));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_are_kept_apart_and_disabled_streams_drop() {
+    let (relay, _events) = start(config(21600, 21699)).unwrap();
+    let alloc = relay.allocate("two m-lines".into(), 2).await.unwrap();
+    let (audio, video) = (alloc.streams[0], alloc.streams[1]);
+    let (a_audio, b_audio, b_video) = (socket().await, socket().await, socket().await);
+    let ep = |s: &UdpSocket| {
+        let addr = s.local_addr().unwrap();
+        endpoint(addr, addr)
+    };
+    relay
+        .update(
+            alloc.id,
+            Side::Caller,
+            vec![Some(ep(&a_audio)), None],
+            false,
+        )
+        .await
+        .unwrap();
+    relay
+        .update(
+            alloc.id,
+            Side::Callee,
+            vec![Some(ep(&b_audio)), Some(ep(&b_video))],
+            true,
+        )
+        .await
+        .unwrap();
+    // Video was disabled by the caller: the callee's video goes nowhere.
+    b_video
+        .send_to(&build_rtp(1, 0, 2, 100), relay_addr(video.callee.rtp))
+        .await
+        .unwrap();
+    let p = build_rtp(1, 0, 1, 160);
+    a_audio
+        .send_to(&p, relay_addr(audio.caller.rtp))
+        .await
+        .unwrap();
+    let (got, from) = recv(&b_audio).await;
+    assert_eq!((got, from), (p, relay_addr(audio.callee.rtp)));
+    // Received from the callee (counted), not forwarded (dropped).
+    wait_stats(&relay, alloc.id, |s| s.callee.dropped == 1).await;
+    let s = relay.query(alloc.id).await.unwrap();
+    assert_eq!((s.caller.pkts, s.callee.pkts, s.callee.dropped), (1, 1, 1));
+    assert!(matches!(
+        relay
+            .update(alloc.id, Side::Caller, vec![Some(ep(&a_audio))], true)
+            .await,
+        Err(RelayError::StreamCount)
+    ));
+    assert!(matches!(
+        relay.allocate("none".into(), 0).await,
+        Err(RelayError::StreamCount)
+    ));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn offer_timeout_closes_an_unanswered_session() {
+    let (relay, mut events) = start(RelayConfig {
+        offer_timeout: Duration::from_millis(300),
+        ..config(21800, 21899)
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    let alloc = relay.allocate("never-answered".into(), 1).await.unwrap();
+    let c = next_closed(&mut events).await;
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!((c.id, c.reason), (alloc.id, CloseReason::Offer));
+    assert_eq!(c.label, "never-answered");
+    assert_eq!(relay.counts().await, Counts::default());
+    // The ports are closed too.
+    std::net::UdpSocket::bind(relay_addr(alloc.streams[0].caller.rtp)).unwrap();
+    assert!(matches!(
+        relay.delete(alloc.id).await,
+        Err(RelayError::NoSuchSession)
+    ));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_and_hold_timeouts() {
+    let (relay, mut events) = start(RelayConfig {
+        idle_timeout: Duration::from_millis(300),
+        hold_timeout: Duration::from_millis(900),
+        ..config(22000, 22099)
+    })
+    .unwrap();
+    let (a, b) = (socket().await, socket().await);
+    let ep = |s: &UdpSocket, direction| Endpoint {
+        direction,
+        ..endpoint(s.local_addr().unwrap(), s.local_addr().unwrap())
+    };
+
+    // Answered, one packet, then silence: idle.
+    let idle = relay.allocate("idle".into(), 1).await.unwrap();
+    relay
+        .update(
+            idle.id,
+            Side::Caller,
+            vec![Some(ep(&a, Direction::SendRecv))],
+            false,
+        )
+        .await
+        .unwrap();
+    relay
+        .update(
+            idle.id,
+            Side::Callee,
+            vec![Some(ep(&b, Direction::SendRecv))],
+            true,
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    a.send_to(
+        &build_rtp(1, 0, 1, 160),
+        relay_addr(idle.streams[0].caller.rtp),
+    )
+    .await
+    .unwrap();
+    recv(&b).await;
+    let c = next_closed(&mut events).await;
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!((c.id, c.reason), (idle.id, CloseReason::Idle));
+    assert_eq!(c.stats.caller.pkts, 1);
+
+    // Put on hold by the callee (sendonly): the longer hold timeout applies.
+    let held = relay.allocate("held".into(), 1).await.unwrap();
+    relay
+        .update(
+            held.id,
+            Side::Caller,
+            vec![Some(ep(&a, Direction::SendRecv))],
+            false,
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    relay
+        .update(
+            held.id,
+            Side::Callee,
+            vec![Some(ep(&b, Direction::SendOnly))],
+            true,
+        )
+        .await
+        .unwrap();
+    let c = next_closed(&mut events).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!((c.id, c.reason), (held.id, CloseReason::Hold));
+    assert_eq!(relay.counts().await, Counts::default());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn exhaustion_and_a_port_held_elsewhere() {
+    // Three pairs: 22200/1, 22202/3, 22204/5. The test holds 22203, an RTCP port.
+    let blocker = std::net::UdpSocket::bind(relay_addr(22203)).unwrap();
+    let (relay, _events) = start(config(22200, 22205)).unwrap();
+    // One stream needs two pairs: the two that can be bound.
+    let alloc = relay.allocate("a".into(), 1).await.unwrap();
+    let s = alloc.streams[0];
+    assert!(![s.caller.rtp, s.callee.rtp].contains(&22202));
+    // The last free pair is the blocked one.
+    assert!(matches!(
+        relay.allocate("b".into(), 1).await,
+        Err(RelayError::PortsExhausted)
+    ));
+    assert_eq!(
+        relay.counts().await,
+        Counts {
+            sessions: 1,
+            ports_in_use: 4
+        }
+    );
+    relay.delete(alloc.id).await.unwrap();
+    assert_eq!(relay.counts().await, Counts::default());
+    // Now two free pairs can be bound again.
+    let again = relay.allocate("c".into(), 1).await.unwrap();
+    let s = again.streams[0];
+    assert!(![s.caller.rtp, s.callee.rtp].contains(&22202));
+    // More streams than the range can ever hold.
+    assert!(matches!(
+        relay.allocate("d".into(), 2).await,
+        Err(RelayError::PortsExhausted)
+    ));
+    drop(blocker);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn relatch_after_reinvite_with_a_new_port() {
+    let (relay, _events) = start(config(22400, 22499)).unwrap();
+    let alloc = relay.allocate("reinvite".into(), 1).await.unwrap();
+    let ports = alloc.streams[0];
+    let (a1, a2, b) = (socket().await, socket().await, socket().await);
+    let ep = |s: &UdpSocket| endpoint(s.local_addr().unwrap(), s.local_addr().unwrap());
+    relay
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a1))], false)
+        .await
+        .unwrap();
+    relay
+        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], true)
+        .await
+        .unwrap();
+    let p = build_rtp(1, 0, 1, 160);
+    a1.send_to(&p, relay_addr(ports.caller.rtp)).await.unwrap();
+    recv(&b).await;
+    // The caller moves to a new port; before its re-INVITE the new source is a stranger.
+    a2.send_to(&build_rtp(2, 160, 1, 160), relay_addr(ports.caller.rtp))
+        .await
+        .unwrap();
+    wait_stats(&relay, alloc.id, |s| s.caller.dropped == 1).await;
+    relay
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a2))], true)
+        .await
+        .unwrap();
+    let p3 = build_rtp(3, 320, 1, 160);
+    a2.send_to(&p3, relay_addr(ports.caller.rtp)).await.unwrap();
+    assert_eq!(
+        recv(&b).await.0,
+        p3,
+        "packet 2 was dropped, packet 3 re-latched"
+    );
+    // The callee's media follows the caller to its new port.
+    let q = build_rtp(1, 0, 2, 160);
+    b.send_to(&q, relay_addr(ports.callee.rtp)).await.unwrap();
+    assert_eq!(recv(&a2).await, (q, relay_addr(ports.caller.rtp)));
+    let s = relay.query(alloc.id).await.unwrap();
+    assert_eq!((s.caller.pkts, s.caller.dropped, s.caller.lost), (2, 1, 1));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_everything_and_stops_the_handle() {
+    let (relay, mut events) = start(config(22600, 22699)).unwrap();
+    let a = relay.allocate("x".into(), 1).await.unwrap();
+    let b = relay.allocate("y".into(), 3).await.unwrap();
+    let clone: RelayHandle = relay.clone();
+    let mut closed = clone.shutdown().await;
+    closed.sort_by_key(|c| c.id);
+    assert_eq!(closed.len(), 2);
+    assert_eq!((closed[0].id, closed[1].id), (a.id, b.id));
+    assert!(closed.iter().all(|c| c.reason == CloseReason::Shutdown));
+    assert!(matches!(
+        relay.allocate("z".into(), 1).await,
+        Err(RelayError::Stopped)
+    ));
+    assert_eq!(relay.counts().await, Counts::default());
+    assert!(relay.shutdown().await.is_empty());
+    // The event channel ends.
+    assert!(timeout(WAIT, events.recv()).await.unwrap().is_none());
+    std::net::UdpSocket::bind(relay_addr(b.streams[2].callee.rtcp)).unwrap();
+}
+
+/// `start` needs no runtime of its own caller.
+#[test]
+fn start_from_a_plain_thread() {
+    let (relay, _events) = start(config(22800, 22899)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = relay.allocate("plain".into(), 1).await.unwrap();
+        assert_eq!(relay.counts().await.sessions, 1);
+        relay.delete(a.id).await.unwrap();
+        relay.shutdown().await;
+    });
+}
+
+#[test]
+fn invalid_ranges_are_refused() {
+    for (min, max) in [(30001, 30010), (30000, 30000), (30010, 30000), (0, 10)] {
+        let err = start(config(min, max)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{min}-{max}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Media: the SDP offer/answer rewrite for the in-process RTP relay (`sdp`, pure) and the
+//! media session of each relayed dialog (`session`), DESIGN §4 "Media".
+
+pub(crate) mod sdp;
+pub mod session;

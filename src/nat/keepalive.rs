@@ -1,0 +1,398 @@
+//! Keepalives to phones behind NAT (nathelper's `natping_interval`): every
+//! `nat.ping_interval`, each UDP binding of this instance whose phone is behind NAT gets an
+//! OPTIONS request or a CRLF datagram, sent from the socket its REGISTER arrived on to the
+//! address it came from, so the router keeps the binding open for incoming calls.
+//!
+//! The pings of one interval are spread over it: a binding always falls in the same of
+//! [`SLOTS`] slots (a hash of its contact), so each phone sees one ping every interval and
+//! the server never sends ten thousand at once. OPTIONS pings are well-formed requests
+//! (kamailio#1481, #1587: phones that validate From/To/Call-ID reply 400 or drop malformed
+//! ones); their answers are matched by branch and reset the binding's failure count. A binding
+//! that leaves `nat.ping_failures` pings in a row unanswered is logged, and removed when
+//! `nat.ping_remove` is set. TCP bindings are not pinged: the phone keeps its connection open
+//! and requests reuse it.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::clock::Clock;
+use crate::config::{Config, PingMethod, Proto};
+use crate::nat::detect::is_private;
+use crate::registrar::location::{Binding, Location};
+use crate::sip::{Message, SipUri};
+use crate::store::Store;
+use crate::transport::Outbound;
+use crate::transport::server::Transports;
+
+/// How many parts an interval is cut into.
+pub const SLOTS: u32 = 10;
+
+/// Branch prefix of our pings (RFC 3261 magic cookie first), so that answers are recognised
+/// before the proxy looks for a transaction.
+pub const BRANCH_PREFIX: &str = "z9hG4bK-ka-";
+
+/// True when `b` needs keepalives from this instance: a UDP binding registered here whose
+/// Contact is private or is not where the REGISTER came from (nathelper's
+/// `fix_nated_register` condition).
+pub fn needs_ping(b: &Binding, instance: &str) -> bool {
+    if b.transport != Proto::Udp || b.instance != instance {
+        return false;
+    }
+    let Ok(uri) = SipUri::parse(&b.contact) else {
+        return false;
+    };
+    match uri.ip() {
+        Some(ip) => is_private(ip) || SocketAddr::new(ip, uri.port.unwrap_or(5060)) != b.received,
+        // A host name in Contact: the phone cannot be reached by it from here either.
+        None => true,
+    }
+}
+
+/// The slot (0..SLOTS) a binding is pinged in.
+pub fn slot(b: &Binding) -> u32 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.aor.hash(&mut h);
+    b.contact.hash(&mut h);
+    // invariant: the remainder of a division by SLOTS fits in u32.
+    u32::try_from(h.finish() % u64::from(SLOTS)).unwrap_or(0)
+}
+
+/// An OPTIONS keepalive for one binding (RFC 3261 §11: a request any UA answers).
+pub fn options_request(b: &Binding, via: SocketAddr, seq: u64, salt: &str) -> Vec<u8> {
+    let host = match via.ip() {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    };
+    let port = via.port();
+    format!(
+        "OPTIONS {contact} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {host}:{port};branch={BRANCH_PREFIX}{seq:x}-{salt};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:sipedge@{host}>;tag=ka{salt}\r\n\
+         To: <{contact}>\r\n\
+         Call-ID: ka{seq:x}-{salt}@{host}\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         User-Agent: sipedge keepalive\r\n\
+         Content-Length: 0\r\n\r\n",
+        contact = b.contact,
+    )
+    .into_bytes()
+}
+
+/// Consecutive unanswered pings per binding (pure; the pinger feeds it).
+#[derive(Debug, Default)]
+pub struct Failures {
+    /// (aor, contact) → (branch of the outstanding ping, misses so far).
+    outstanding: HashMap<(String, String), (u64, u32)>,
+}
+
+impl Failures {
+    /// A ping with sequence `seq` goes out; returns the misses counted so far (the previous
+    /// ping counts as missed when it is still outstanding).
+    pub fn on_sent(&mut self, aor: &str, contact: &str, seq: u64) -> u32 {
+        let e = self
+            .outstanding
+            .entry((aor.to_owned(), contact.to_owned()))
+            .or_insert((seq, 0));
+        if e.0 != seq {
+            e.1 += 1;
+            e.0 = seq;
+        }
+        e.1
+    }
+
+    /// The answer to ping `seq` arrived: the binding is alive.
+    pub fn on_answer(&mut self, seq: u64) {
+        self.outstanding.retain(|_, (s, _)| *s != seq);
+    }
+
+    /// Forgets bindings that are gone.
+    pub fn forget(&mut self, aor: &str, contact: &str) {
+        self.outstanding
+            .remove(&(aor.to_owned(), contact.to_owned()));
+    }
+}
+
+/// The sequence number in one of our ping branches.
+pub fn seq_of_branch(branch: &str) -> Option<u64> {
+    let rest = branch.strip_prefix(BRANCH_PREFIX)?;
+    u64::from_str_radix(rest.split('-').next()?, 16).ok()
+}
+
+/// Sends the pings and counts their answers.
+pub struct Pinger {
+    cfg: Arc<Config>,
+    location: Arc<Location>,
+    transports: Arc<Transports>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    /// Our UDP sockets: local address → address written in Via.
+    vias: HashMap<SocketAddr, SocketAddr>,
+    salt: String,
+    seq: AtomicU64,
+    failures: tokio::sync::Mutex<Failures>,
+    /// Pings answered, for tests and the log.
+    answered: AtomicU64,
+    sent: AtomicU64,
+    /// Seq → binding, for answers (bounded: entries older than one interval are dropped).
+    pending: DashMap<u64, ()>,
+}
+
+impl Pinger {
+    pub fn new(
+        cfg: Arc<Config>,
+        location: Arc<Location>,
+        transports: Arc<Transports>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        local: &[(Proto, SocketAddr)],
+    ) -> Self {
+        let vias = local
+            .iter()
+            .filter(|(p, _)| *p == Proto::Udp)
+            .map(|(_, a)| (*a, SocketAddr::new(cfg.server.advertise, a.port())))
+            .collect();
+        let salt = format!("{:x}", clock.unix() ^ u64::from(std::process::id()) << 32);
+        Self {
+            cfg,
+            location,
+            transports,
+            store,
+            clock,
+            vias,
+            salt,
+            seq: AtomicU64::new(1),
+            failures: tokio::sync::Mutex::new(Failures::default()),
+            answered: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            pending: DashMap::new(),
+        }
+    }
+
+    /// (pings sent, pings answered) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.answered.load(Ordering::Relaxed),
+        )
+    }
+
+    /// True when `resp` answers one of our pings (and was consumed).
+    pub async fn on_response(&self, resp: &Message) -> bool {
+        let Some(seq) = resp
+            .top_via()
+            .ok()
+            .and_then(|v| v.branch())
+            .and_then(seq_of_branch)
+        else {
+            return false;
+        };
+        if self.pending.remove(&seq).is_some() {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+            self.failures.lock().await.on_answer(seq);
+        }
+        true
+    }
+
+    /// Pings until `shutdown`; does nothing when `nat.ping_interval` is 0.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(interval) = self.cfg.nat.ping_interval else {
+            return;
+        };
+        let mut tick = tokio::time::interval(interval / SLOTS);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut slot_now = 0u32;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.ping_slot(slot_now).await;
+            slot_now = (slot_now + 1) % SLOTS;
+        }
+    }
+
+    /// Pings every binding of one slot.
+    async fn ping_slot(&self, which: u32) {
+        let now = self.clock.unix();
+        let instance = &self.cfg.server.instance_id;
+        let due: Vec<Binding> = self
+            .location
+            .snapshot()
+            .into_iter()
+            .filter(|b| b.expires > now && slot(b) == which && needs_ping(b, instance))
+            .collect();
+        for b in due {
+            let Some(&via) = self.vias.get(&b.local_socket) else {
+                continue;
+            };
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let bytes = match self.cfg.nat.ping_method {
+                PingMethod::Options => options_request(&b, via, seq, &self.salt),
+                // RFC 5626 §4.4.1 uses CRLF over streams; over UDP phones ignore the bare CRLF,
+                // which is all the router needs to see.
+                PingMethod::Crlf => b"\r\n\r\n".to_vec(),
+            };
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            self.transports
+                .send(Outbound {
+                    proto: Proto::Udp,
+                    local: b.local_socket,
+                    dest: b.received,
+                    bytes,
+                })
+                .await;
+            if self.cfg.nat.ping_method == PingMethod::Crlf {
+                continue;
+            }
+            // Answers older than one interval no longer count.
+            self.pending.retain(|s, _| seq.saturating_sub(*s) < 1 << 20);
+            self.pending.insert(seq, ());
+            let misses = self.failures.lock().await.on_sent(&b.aor, &b.contact, seq);
+            if misses >= self.cfg.nat.ping_failures {
+                self.unreachable(&b, misses).await;
+            }
+        }
+    }
+
+    /// A binding stopped answering.
+    async fn unreachable(&self, b: &Binding, misses: u32) {
+        if !self.cfg.nat.ping_remove {
+            if misses == self.cfg.nat.ping_failures {
+                warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "NATed contact does not answer keepalives");
+            }
+            return;
+        }
+        if self
+            .location
+            .remove_if_unchanged(&b.aor, &b.contact, b.updated)
+        {
+            self.failures.lock().await.forget(&b.aor, &b.contact);
+            if let Err(error) = self
+                .store
+                .save_bindings(&b.aor, &[], std::slice::from_ref(&b.contact))
+                .await
+            {
+                warn!(%error, aor = %b.aor, "removing an unreachable binding from the store");
+            }
+            info!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "binding removed: keepalives unanswered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::Framing;
+
+    fn binding(contact: &str, received: &str, transport: Proto) -> Binding {
+        let mut b =
+            crate::registrar::location::tests::binding("alice@example.com", contact, 100, 1000);
+        b.received = received.parse().unwrap();
+        b.transport = transport;
+        b.instance = "i1".into();
+        b
+    }
+
+    #[test]
+    fn which_bindings_are_pinged() {
+        // Private Contact: behind NAT.
+        assert!(needs_ping(
+            &binding("sip:a@192.168.1.2:5060", "203.0.113.9:40000", Proto::Udp),
+            "i1"
+        ));
+        // Public Contact, but the REGISTER came from another port: a NAT kept the address.
+        assert!(needs_ping(
+            &binding("sip:a@203.0.113.9:5060", "203.0.113.9:40000", Proto::Udp),
+            "i1"
+        ));
+        // Public Contact where the REGISTER came from: not NATed.
+        assert!(!needs_ping(
+            &binding("sip:a@203.0.113.9:5060", "203.0.113.9:5060", Proto::Udp),
+            "i1"
+        ));
+        assert!(!needs_ping(
+            &binding("sip:a@203.0.113.9", "203.0.113.9:5060", Proto::Udp),
+            "i1"
+        ));
+        // TCP: the connection is the keepalive.
+        assert!(!needs_ping(
+            &binding("sip:a@192.168.1.2:5060", "203.0.113.9:40000", Proto::Tcp),
+            "i1"
+        ));
+        // Registered through another instance: its owner pings it.
+        assert!(!needs_ping(
+            &binding("sip:a@192.168.1.2:5060", "203.0.113.9:40000", Proto::Udp),
+            "i2"
+        ));
+    }
+
+    #[test]
+    fn options_ping_is_a_well_formed_request() {
+        let b = binding(
+            "sip:alice@10.0.0.2:5062;line=x",
+            "203.0.113.9:40000",
+            Proto::Udp,
+        );
+        let bytes = options_request(&b, "198.51.100.1:5060".parse().unwrap(), 0x2a, "s1");
+        let msg = Message::parse(&bytes, Framing::Datagram).unwrap();
+        assert!(
+            msg.defect().is_none(),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(msg.method(), Some("OPTIONS"));
+        assert_eq!(msg.request_uri(), Some("sip:alice@10.0.0.2:5062;line=x"));
+        let via = msg.top_via().unwrap();
+        assert_eq!((via.host, via.port), ("198.51.100.1", Some(5060)));
+        assert_eq!(seq_of_branch(via.branch().unwrap()), Some(0x2a));
+        assert!(msg.from().unwrap().tag().is_some());
+        assert_eq!(msg.to().unwrap().uri, "sip:alice@10.0.0.2:5062;line=x");
+        assert_eq!(msg.cseq().unwrap().method, "OPTIONS");
+        assert_eq!(msg.max_forwards().unwrap(), Some(70));
+        assert!(msg.call_id().unwrap().ends_with("@198.51.100.1"));
+    }
+
+    #[test]
+    fn misses_count_until_answered() {
+        let mut f = Failures::default();
+        assert_eq!(f.on_sent("a", "c", 1), 0);
+        assert_eq!(f.on_sent("a", "c", 2), 1);
+        assert_eq!(f.on_sent("a", "c", 3), 2);
+        f.on_answer(3);
+        assert_eq!(f.on_sent("a", "c", 4), 0);
+        // Other bindings are counted apart.
+        assert_eq!(f.on_sent("b", "c", 5), 0);
+        assert_eq!(f.on_sent("a", "c", 6), 1);
+    }
+
+    #[test]
+    fn slots_are_stable_and_spread() {
+        let mut seen = [0u32; SLOTS as usize];
+        for i in 0..1000 {
+            let b = binding(
+                &format!("sip:u{i}@10.0.0.2"),
+                "203.0.113.9:40000",
+                Proto::Udp,
+            );
+            assert_eq!(slot(&b), slot(&b.clone()));
+            seen[slot(&b) as usize] += 1;
+        }
+        // Every slot gets a share (1000 bindings, 10 slots: far from empty).
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn branch_sequence_roundtrip() {
+        assert_eq!(seq_of_branch("z9hG4bK-ka-ff-abc"), Some(255));
+        assert_eq!(seq_of_branch("z9hG4bK-se-ff"), None);
+        assert_eq!(seq_of_branch("z9hG4bK-ka-zz-1"), None);
+    }
+}
