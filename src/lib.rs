@@ -9,11 +9,13 @@
 //! - [`transport`]: UDP and TCP sockets, stream framing, the send path. Only moves bytes.
 //! - [`registrar`]: REGISTER processing (pure decision), the location service, the async
 //!   service that authenticates, writes through to the store and answers.
-//! - [`nat`]: far-end NAT detection (nathelper's tests), pure.
+//! - [`nat`]: far-end NAT detection (nathelper's tests, pure) and keepalives to NATed bindings.
+//! - [`media`]: SDP offer/answer rewrite (pure) and the media session of each relayed dialog,
+//!   driving the in-process relay engine (the `sipedge-relay` crate) through its channel API.
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
 //! - [`clock`]: the only reader of clocks.
-//! - [`app`]: the wiring of a running server (store, location, listeners, registrar).
+//! - [`app`]: the wiring of a running server (store, location, listeners, registrar, relay).
 //!
 //! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
 //! [`proxy::pipeline::Core::handle`] and sends what it returns.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::latch::{self, Latch};
-use crate::rtp::{RtcpView, RtpView, looks_like_rtcp};
+use crate::rtp::{RtcpView, RtpView, is_misdirected_rtcp, looks_like_rtcp};
 use crate::session::{Leg, Sdp, Session, Table};
 use crate::{
     CloseReason, Closed, Endpoint, RelayError, SessionId, SessionStats, Side, StreamPorts,
@@ -303,12 +303,12 @@ fn route(
     let kind = if on_rtcp_port {
         RtcpView::new_checked(data).map_err(|_| DropReason::Malformed)?;
         Kind::Rtcp
-    } else if looks_like_rtcp(data) {
-        if !from.rtcp_mux() {
-            return Err(DropReason::RtcpWithoutMux);
-        }
+    } else if from.rtcp_mux() && looks_like_rtcp(data) {
         RtcpView::new_checked(data).map_err(|_| DropReason::Malformed)?;
         Kind::Rtcp
+    } else if !from.rtcp_mux() && is_misdirected_rtcp(data) {
+        // Counting it as RTP would corrupt the sequence and loss figures.
+        return Err(DropReason::RtcpWithoutMux);
     } else {
         let v = RtpView::new_checked(data).map_err(|_| DropReason::Malformed)?;
         Kind::Rtp {
@@ -651,6 +651,17 @@ mod tests {
             r.on_packet(t0, CALLEE_LEG + 1, addr("192.0.2.2:5001"), &rr),
             fwd(CALLER_LEG, "192.0.2.1:4000")
         );
+        // Without rtcp-mux, RTP with the marker bit and payload type 77 is RTP (second byte
+        // 205), even though a muxing side would have to read it as RTCP.
+        let mut odd = build_rtp(1, 0, 9, 20);
+        odd[1] = 0x80 | 77;
+        assert_eq!(
+            r.on_packet(t0, CALLEE_LEG, addr("192.0.2.2:5000"), &odd),
+            fwd(CALLER_LEG, "192.0.2.1:4000")
+        );
+        let s = r.query(t0, id).unwrap();
+        assert_eq!((s.callee.pkts, s.callee.rtcp_pkts), (1, 1));
+        assert_eq!((s.caller.pkts, s.caller.rtcp_pkts), (0, 1));
     }
 
     #[test]

@@ -42,7 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 #[doc(hidden)]
 pub mod sans_io {
     pub use crate::forward::{DropReason, Relay, Timeouts, Verdict};
-    pub use crate::rtp::{Malformed, RtcpView, RtpView, build_rtcp_rr, build_rtp, looks_like_rtcp};
+    pub use crate::rtp::{
+        Malformed, RtcpView, RtpView, build_rtcp_rr, build_rtp, is_misdirected_rtcp,
+        looks_like_rtcp,
+    };
 }
 
 /// How the workers receive and send datagrams.

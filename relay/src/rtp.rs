@@ -45,6 +45,12 @@ pub fn looks_like_rtcp(buf: &[u8]) -> bool {
     matches!(buf.get(1), Some(192..=223))
 }
 
+/// RTCP SR..APP (200-204) on a port without rtcp-mux: RFC 3551 §3 reserves RTP payload types
+/// 72-76 so that, even with the marker bit, no RTP packet has these second bytes.
+pub fn is_misdirected_rtcp(buf: &[u8]) -> bool {
+    matches!(buf.get(1), Some(200..=204))
+}
+
 fn be16(b: &[u8], r: std::ops::Range<usize>) -> u16 {
     let mut a = [0u8; 2];
     a.copy_from_slice(&b[r]);
@@ -268,6 +274,7 @@ mod tests {
         assert_eq!(v.packet_type(), 201);
         assert_eq!(v.sender_ssrc(), 7);
         assert!(looks_like_rtcp(&rr));
+        assert!(is_misdirected_rtcp(&rr));
         // Length field says 3 words + 1 but only 8 bytes are there.
         let mut long = rr.clone();
         long[3] = 3;
@@ -282,8 +289,13 @@ mod tests {
             Malformed::PacketType
         );
         // An RTP packet is not RTCP.
-        let rtp = build_rtp(1, 1, 1, 20);
+        let mut rtp = build_rtp(1, 1, 1, 20);
         assert!(!looks_like_rtcp(&rtp));
+        // Marker bit + payload type 77: RTCP-like with rtcp-mux, plain RTP without.
+        rtp[1] = 0x80 | 77;
+        assert!(looks_like_rtcp(&rtp));
+        assert!(!is_misdirected_rtcp(&rtp));
+        rtp[1] = 0;
         assert!(RtcpView::new_checked(&rtp).is_err());
     }
 }

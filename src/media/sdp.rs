@@ -38,10 +38,6 @@
 //! So our own line scanner owns the structure (session level, then one section per `m=` line),
 //! and sdp-rs only ever sees one line at a time.
 
-// media::session consumes this API as it grows; until it uses every item (`is_internal`, all
-// `StreamInfo` fields), the lib build would call the rest dead.
-#![allow(dead_code)]
-
 use std::net::IpAddr;
 use std::ops::Range;
 

@@ -506,6 +506,10 @@ impl Media {
         }
         match sdp::rewrite(body, self.address, &ports_for(&info, &alloc, from)) {
             Ok(b) => Some(b),
+            Err(error) if error.is_internal() => {
+                warn!(%error, call_id = %call.call_id, "SDP rewrite: relay ports do not fit");
+                None
+            }
             Err(error) => {
                 debug!(%error, "SDP not rewritten");
                 None

@@ -68,7 +68,10 @@ async fn options_keepalives_every_interval_and_unanswered_binding_removed() {
     }
     // The store follows right after memory.
     while !srv.store.load_bindings(0).await.unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "unanswered binding still in the store");
+        assert!(
+            Instant::now() < deadline,
+            "unanswered binding still in the store"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     srv.stop().await;

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::worker::{self, LegSockets, WorkerCmd, WorkerConfig, WorkerHandle};
 use crate::forward::Timeouts;
@@ -101,7 +102,11 @@ pub(crate) fn start(
             match tokio::runtime::Builder::new_current_thread().build() {
                 Ok(rt) => {
                     let _ = ready_tx.send(Ok(()));
-                    rt.block_on(control.run(cmd_rx, closed_rx));
+                    rt.block_on(
+                        control
+                            .run(cmd_rx, closed_rx)
+                            .instrument(tracing::info_span!("relay_control")),
+                    );
                 }
                 // Dropping `control` ends the workers.
                 Err(e) => {
