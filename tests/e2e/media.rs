@@ -244,6 +244,50 @@ async fn call_with_media_both_ways_through_the_relay() {
     }
     expect_rtp(&alice_rtp, relay_a, 40, 0xb0b).await;
 
+    // Bob moves to another port with a re-INVITE (rtpproxy#47, rtpengine#1416): the relay
+    // ports stay, Bob's new source is learnt in the re-latch window, his old one is refused.
+    let bob_rtp2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b_port2 = bob_rtp2.local_addr().unwrap().port();
+    let reinvite = format!(
+        "INVITE sip:alice@{alice} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {bob};branch=z9hG4bK-re-m1;rport\r\n\
+Max-Forwards: 70\r\n\
+Route: {route}\r\n\
+From: <sip:bob@example.com>;tag=b-tag\r\n\
+To: <sip:alice@example.com>;tag=a-m1\r\n\
+Call-ID: m1\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:bob@{bob}>\r\n\
+Content-Length: 0\r\n\r\n",
+        alice = alice.addr,
+        bob = bob.addr,
+        route = routes_of(&inv).join(", "),
+    );
+    bob.send(srv.udp, &with_sdp(&reinvite, &sdp(b_port2))).await;
+    let (re, re_from) = alice.recv().await;
+    assert_eq!(re.method(), Some("INVITE"));
+    let (_, port, version) = sdp_of(&re);
+    assert_eq!(port, to_alice, "same relay port after the re-INVITE");
+    assert_eq!(version, "2");
+    let ok2 = answer(&re, re_from, alice.addr, 200, Some(&sdp(a_port)));
+    alice.sock.send_to(&ok2, re_from).await.unwrap();
+    let (re_ok, _) = bob.recv().await;
+    assert_eq!(re_ok.status(), Some(200));
+    assert_eq!(sdp_of(&re_ok).1, to_bob, "same relay port in the answer");
+    for seq in 40..50u16 {
+        bob_rtp2.send_to(&rtp(seq, 0xb0b), relay_b).await.unwrap();
+    }
+    expect_rtp(&alice_rtp, relay_a, 10, 0xb0b).await;
+    // The old source is a stranger now.
+    bob_rtp.send_to(&rtp(50, 0xb0b), relay_b).await.unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), alice_rtp.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a packet from Bob's old port was forwarded"
+    );
+
     alice
         .send(
             srv.udp,
@@ -261,7 +305,7 @@ async fn call_with_media_both_ways_through_the_relay() {
 
     let (reason, status, caller_pkts, callee_pkts) = cdr(&srv, "m1").await;
     assert_eq!((reason.as_str(), status), ("bye", 200));
-    assert_eq!((caller_pkts, callee_pkts), (49, 40));
+    assert_eq!((caller_pkts, callee_pkts), (49, 50));
     relay_empty(&srv).await;
     srv.stop().await;
 }
