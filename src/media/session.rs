@@ -65,6 +65,9 @@ struct Call {
     branches: Vec<(String, Option<Allocated>)>,
     /// The branch whose 2xx was forwarded.
     winner: Option<String>,
+    /// Early dialogs: the callee's To-tag → its branch (PRACK/UPDATE with SDP before the
+    /// 2xx go through that branch's session, RFC 3262/3311).
+    early: Vec<(String, String)>,
     status: u16,
     ended: bool,
 }
@@ -201,6 +204,7 @@ impl Media {
                     answer_unix: None,
                     branches: Vec::new(),
                     winner: None,
+                    early: Vec::new(),
                     status: 0,
                     ended: false,
                 }))
@@ -233,6 +237,11 @@ impl Media {
         if (200..300).contains(&status) {
             call.winner = Some(branch.to_owned());
             call.callee_tag = ids.to_tag.map(str::to_owned);
+        }
+        if let Some(tag) = ids.to_tag
+            && !call.early.iter().any(|(t, _)| t == tag)
+        {
+            call.early.push((tag.to_owned(), branch.to_owned()));
         }
         self.apply(&mut call, &key, branch, Side::Callee, body, true)
             .await
@@ -298,7 +307,21 @@ impl Media {
         } else {
             Side::Callee
         };
-        let branch = call.winner.clone()?;
+        // Confirmed: the winner. Early (PRACK/UPDATE before the 2xx): the branch of the
+        // callee's To-tag.
+        let branch = match &call.winner {
+            Some(w) => w.clone(),
+            None => {
+                let callee_tag = [Some(tags.0), tags.1]
+                    .into_iter()
+                    .flatten()
+                    .find(|t| *t != call.caller_tag)?;
+                call.early
+                    .iter()
+                    .find(|(t, _)| t == callee_tag)
+                    .map(|(_, b)| b.clone())?
+            }
+        };
         self.apply(&mut call, &key, &branch, side, body, true).await
     }
 
@@ -624,9 +647,8 @@ impl Media {
             return resp;
         }
         let Some(body) = sdp_body(&resp) else {
-            // A 2xx without SDP still picks the winning branch.
+            // Without SDP a response still opens an early dialog, and a 2xx picks the winner.
             if initial == Some(true)
-                && (200..300).contains(&status)
                 && let Some(ids) = ids(&resp)
                 && let Some(call) = self
                     .calls
@@ -634,8 +656,15 @@ impl Media {
                     .map(|c| c.clone())
             {
                 let mut c = call.lock().await;
-                c.winner = Some(branch.to_owned());
-                c.callee_tag = ids.to_tag.map(str::to_owned);
+                if (200..300).contains(&status) {
+                    c.winner = Some(branch.to_owned());
+                    c.callee_tag = ids.to_tag.map(str::to_owned);
+                }
+                if let Some(tag) = ids.to_tag
+                    && !c.early.iter().any(|(t, _)| t == tag)
+                {
+                    c.early.push((tag.to_owned(), branch.to_owned()));
+                }
             }
             return resp;
         };
