@@ -379,3 +379,110 @@ async fn every_ending_gives_the_ports_back() {
     relay_empty(&srv).await;
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn forked_early_media_and_the_winning_2xx() {
+    let (alice, desk, mobile) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let srv = TestServer::start("", &media_config("42200-42249")).await;
+    srv.location
+        .set(
+            "bob@example.com",
+            vec![
+                binding(
+                    "bob@example.com",
+                    format!("sip:bob@{}", desk.addr),
+                    desk.addr,
+                ),
+                binding(
+                    "bob@example.com",
+                    format!("sip:bob@{}", mobile.addr),
+                    mobile.addr,
+                ),
+            ],
+        )
+        .await;
+    let alice_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a_port = alice_rtp.local_addr().unwrap().port();
+    alice.send(srv.udp, &invite(alice.addr, "f1", a_port)).await;
+    let (inv_d, from_d) = desk.recv().await;
+    let (inv_m, from_m) = mobile.recv().await;
+    // Each fork has its own session: different relay ports in each offer.
+    assert_ne!(sdp_of(&inv_d).1, sdp_of(&inv_m).1);
+
+    // Early media from the desk phone (183 with SDP), then the mobile answers.
+    let mut r183 = answer(&inv_d, from_d, desk.addr, 183, Some(&sdp(5000)));
+    r183 = String::from_utf8(r183)
+        .unwrap()
+        .replace("b-tag", "desk-tag")
+        .into_bytes();
+    desk.sock.send_to(&r183, from_d).await.unwrap();
+    let (early, _) = alice.recv().await;
+    assert_eq!(early.status(), Some(183));
+    let early_port = sdp_of(&early).1;
+    let mobile_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let m_port = mobile_rtp.local_addr().unwrap().port();
+    mobile
+        .sock
+        .send_to(
+            &answer(&inv_m, from_m, mobile.addr, 200, Some(&sdp(m_port))),
+            from_m,
+        )
+        .await
+        .unwrap();
+    let (ok, _) = alice.recv().await;
+    assert_eq!(ok.status(), Some(200));
+    let to_alice = sdp_of(&ok).1;
+    assert_ne!(
+        to_alice, early_port,
+        "the 2xx carries the winning fork's port"
+    );
+
+    // The desk phone is cancelled; its session gives its ports back, the winner's stays.
+    let (cancel, cfrom) = desk.recv().await;
+    assert_eq!(cancel.method(), Some("CANCEL"));
+    desk.sock
+        .send_to(&answer(&cancel, cfrom, desk.addr, 200, None), cfrom)
+        .await
+        .unwrap();
+    desk.sock
+        .send_to(&answer(&inv_d, from_d, desk.addr, 487, None), from_d)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = srv.media.relay().counts().await;
+        if c.sessions == 1 {
+            assert_eq!(c.ports_in_use, 4, "one stream: two pairs");
+            break;
+        }
+        assert!(Instant::now() < deadline, "loser not released: {c:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Media flows through the winner.
+    let relay_a: SocketAddr = format!("127.0.0.1:{to_alice}").parse().unwrap();
+    let relay_m: SocketAddr = format!("127.0.0.1:{}", sdp_of(&inv_m).1).parse().unwrap();
+    for seq in 0..5u16 {
+        mobile_rtp.send_to(&rtp(seq, 7), relay_m).await.unwrap();
+    }
+    expect_rtp(&alice_rtp, relay_a, 5, 7).await;
+
+    let routes = routes_of(&ok);
+    alice
+        .send(
+            srv.udp,
+            &in_dialog("BYE", 2, alice.addr, mobile.addr, "f1", &routes),
+        )
+        .await;
+    let (bye, from) = mobile.recv().await;
+    assert_eq!(bye.method(), Some("BYE"));
+    mobile
+        .sock
+        .send_to(&answer(&bye, from, mobile.addr, 200, None), from)
+        .await
+        .unwrap();
+    let (reason, _, _, callee_pkts) = cdr(&srv, "f1").await;
+    assert_eq!((reason.as_str(), callee_pkts), ("bye", 5));
+    relay_empty(&srv).await;
+    srv.stop().await;
+}
