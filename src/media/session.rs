@@ -697,3 +697,75 @@ impl Media {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sipedge_relay::PortPair;
+
+    const OFFER: &[u8] = b"v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n\
+m=audio 4000 RTP/AVP 8\r\na=sendonly\r\n\
+m=video 0 RTP/AVP 96\r\n\
+m=audio 4002 RTP/AVP 0\r\na=rtcp:5001 IN IP4 10.0.0.3\r\na=rtcp-mux\r\n";
+
+    fn pair(rtp: u16) -> PortPair {
+        PortPair { rtp, rtcp: rtp + 1 }
+    }
+
+    #[test]
+    fn endpoints_from_sdp() {
+        let info = sdp::inspect(OFFER).unwrap();
+        let eps = endpoints(&info);
+        assert_eq!(eps.len(), 3);
+        let a = eps[0].as_ref().unwrap();
+        assert_eq!(a.rtp, "10.0.0.2:4000".parse().unwrap());
+        assert_eq!(
+            a.rtcp,
+            "10.0.0.2:4001".parse().unwrap(),
+            "RTCP on RTP+1 by default"
+        );
+        assert_eq!(a.direction, RelayDirection::SendOnly);
+        assert!(eps[1].is_none(), "port 0: disabled");
+        let c = eps[2].as_ref().unwrap();
+        assert_eq!(
+            c.rtcp,
+            "10.0.0.3:5001".parse().unwrap(),
+            "a=rtcp with an address"
+        );
+        assert!(c.rtcp_mux);
+    }
+
+    #[test]
+    fn ports_face_the_receiver() {
+        let info = sdp::inspect(OFFER).unwrap();
+        let alloc = Allocated {
+            id: SessionId(1),
+            ports: (0..3)
+                .map(|i| StreamPorts {
+                    caller: pair(30000 + 4 * i),
+                    callee: pair(30002 + 4 * i),
+                })
+                .collect(),
+        };
+        // The caller's offer goes to the callee: the callee-facing ports; the disabled stream
+        // keeps port 0.
+        assert_eq!(
+            ports_for(&info, &alloc, Side::Caller),
+            vec![Some(30002), None, Some(30010)]
+        );
+        assert_eq!(
+            ports_for(&info, &alloc, Side::Callee),
+            vec![Some(30000), None, Some(30008)]
+        );
+    }
+
+    #[test]
+    fn sdp_bodies_by_content_type() {
+        assert!(is_sdp(Some("application/sdp"), b"v=0"));
+        assert!(is_sdp(Some("Application/SDP; charset=utf-8"), b"v=0"));
+        assert!(is_sdp(None, b"v=0"), "no Content-Type: look at it");
+        assert!(!is_sdp(Some("application/sdp"), b""));
+        assert!(!is_sdp(Some("multipart/mixed;boundary=x"), b"--x"));
+        assert!(!is_sdp(Some("application/isup"), b"\x01"));
+    }
+}
