@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::clock::Clock;
 use crate::config::{Config, PingMethod, Proto};
@@ -75,7 +75,7 @@ pub fn options_request(b: &Binding, via: SocketAddr, seq: u64, salt: &str) -> Ve
         "OPTIONS {contact} SIP/2.0\r\n\
          Via: SIP/2.0/UDP {host}:{port};branch={BRANCH_PREFIX}{seq:x}-{salt};rport\r\n\
          Max-Forwards: 70\r\n\
-         From: <sip:sipedge@{host}>;tag=ka{salt}\r\n\
+         From: <sip:sipedge@{host}>;tag=ka{seq:x}-{salt}\r\n\
          To: <{contact}>\r\n\
          Call-ID: ka{seq:x}-{salt}@{host}\r\n\
          CSeq: 1 OPTIONS\r\n\
@@ -282,7 +282,7 @@ impl Pinger {
             {
                 warn!(%error, aor = %b.aor, "removing an unreachable binding from the store");
             }
-            info!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "binding removed: keepalives unanswered");
+            warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "binding removed: keepalives unanswered");
         }
     }
 }
