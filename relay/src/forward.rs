@@ -448,6 +448,18 @@ mod tests {
         r
     }
 
+    /// Session 1 with both sides' SDP known: the caller at 192.0.2.1:4000, the callee at
+    /// 192.0.2.2:5000, answered.
+    fn answered(t0: Instant) -> (Relay, SessionId) {
+        let mut r = relay(t0);
+        let id = SessionId(1);
+        let caller = [Some(ep("192.0.2.1:4000", false))];
+        r.update(t0, id, Side::Caller, &caller, false).unwrap();
+        let callee = [Some(ep("192.0.2.2:5000", false))];
+        r.update(t0, id, Side::Callee, &callee, true).unwrap();
+        (r, id)
+    }
+
     fn fwd(out_port: u16, dst: &str) -> Verdict {
         Verdict::Forward {
             out_port,
@@ -505,24 +517,7 @@ mod tests {
     #[test]
     fn other_sources_are_dropped_until_an_update_opens_the_window() {
         let t0 = Instant::now();
-        let mut r = relay(t0);
-        let id = SessionId(1);
-        r.update(
-            t0,
-            id,
-            Side::Caller,
-            &[Some(ep("192.0.2.1:4000", false))],
-            false,
-        )
-        .unwrap();
-        r.update(
-            t0,
-            id,
-            Side::Callee,
-            &[Some(ep("192.0.2.2:5000", false))],
-            true,
-        )
-        .unwrap();
+        let (mut r, id) = answered(t0);
         let p = build_rtp(1, 160, 7, 20);
         let at = |s| t0 + Duration::from_secs(s);
         assert_eq!(
@@ -573,24 +568,7 @@ mod tests {
     #[test]
     fn rtcp_latches_separately_and_uses_the_rtcp_ports() {
         let t0 = Instant::now();
-        let mut r = relay(t0);
-        let id = SessionId(1);
-        r.update(
-            t0,
-            id,
-            Side::Caller,
-            &[Some(ep("192.0.2.1:4000", false))],
-            false,
-        )
-        .unwrap();
-        r.update(
-            t0,
-            id,
-            Side::Callee,
-            &[Some(ep("192.0.2.2:5000", false))],
-            true,
-        )
-        .unwrap();
+        let (mut r, id) = answered(t0);
         let rtp = build_rtp(1, 160, 7, 20);
         let rr = build_rtcp_rr(7);
         r.on_packet(t0, CALLER_LEG, addr("198.51.100.1:7000"), &rtp);
