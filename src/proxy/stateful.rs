@@ -537,13 +537,19 @@ impl Proxy {
             }
             if let Some(best) = rc.conclude().filter(|_| !answered_locally) {
                 let (status, bytes) = match best {
-                    Final::Received(resp) => match pop_our_via(&resp) {
-                        Some(b) => (resp.status().unwrap_or(500), b),
-                        None => (
-                            500,
-                            reply::response(&msg, source.remote, 500, "Server Internal Error", &[]),
-                        ),
-                    },
+                    Final::Received(resp) => {
+                        let status = resp.status().unwrap_or(500);
+                        match pop_our_via(&resp) {
+                            Some(b) => (status, b),
+                            // A downstream UA answered with only our Via (it built the response
+                            // from our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it,
+                            // so the caller gets the same status from us.
+                            None => (
+                                status,
+                                reply::response(&msg, source.remote, status, reason(status), &[]),
+                            ),
+                        }
+                    }
                     Final::Local(status) => (
                         status,
                         reply::response(&msg, source.remote, status, reason(status), &[]),
@@ -828,8 +834,12 @@ fn tx_for(
     client.get(key).map(|e| e.value().0.clone())
 }
 
-/// A downstream response with our Via removed, ready to go upstream.
+/// A downstream response with our Via removed, ready to go upstream; `None` when no Via would
+/// be left (the response was meant for us, RFC 3261 §16.7 step 3) or it has none.
 fn pop_our_via(resp: &Message) -> Option<Vec<u8>> {
+    if resp.vias().ok()?.len() < 2 {
+        return None;
+    }
     let mut rw = Rewrite::new(resp);
     rw.pop_via().ok()?;
     Some(rw.finish())
@@ -838,9 +848,13 @@ fn pop_our_via(resp: &Message) -> Option<Vec<u8>> {
 fn reason(status: u16) -> &'static str {
     match status {
         408 => "Request Timeout",
+        486 => "Busy Here",
         487 => "Request Terminated",
         500 => "Server Internal Error",
         503 => "Service Unavailable",
+        400..=499 => "Client Error",
+        500..=599 => "Server Error",
+        600..=699 => "Global Failure",
         _ => "Error",
     }
 }

@@ -276,6 +276,42 @@ async fn caller_cancels_while_ringing() {
     srv.stop().await;
 }
 
+/// A callee that builds its 487 from our CANCEL (one Via: ours, as an old SIPp scenario did):
+/// RFC 3261 §16.7 step 3, such a response is not forwarded; the caller gets our own 487.
+#[tokio::test]
+async fn final_response_with_only_our_via_is_answered_by_us() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    let caller = Ua::new().await;
+    let inv_text = invite("sip:200@example.com", caller.addr, "cxl2", "");
+    caller.send(srv.udp, &inv_text).await;
+    let (inv, from) = pbx.recv().await;
+    pbx.answer(&inv, from, 180, "pbx").await;
+    assert_eq!(caller.recv().await.0.status(), Some(180));
+    let cancel = inv_text
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    caller.send(srv.udp, &cancel).await;
+    assert_eq!(caller.recv().await.0.status(), Some(200));
+    let (fwd_cancel, cfrom) = pbx.recv().await;
+    pbx.answer(&fwd_cancel, cfrom, 200, "pbx").await;
+    let bad = String::from_utf8(reply::response(&fwd_cancel, cfrom, 487, "Terminated", &[]))
+        .unwrap()
+        .replace("CSeq: 1 CANCEL", "CSeq: 1 INVITE");
+    pbx.send(cfrom, &bad).await;
+    let (r487, _) = caller.recv().await;
+    assert_eq!(r487.status(), Some(487));
+    let vias = r487.vias().unwrap();
+    assert_eq!(vias.len(), 1);
+    assert_eq!(
+        vias[0].branch(),
+        Some("z9hG4bK-cxl2"),
+        "the caller's own Via"
+    );
+    assert_eq!(pbx.recv().await.0.method(), Some("ACK"));
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn unanswered_invite_times_out_with_408() {
     let pbx = Ua::new().await;
