@@ -852,10 +852,12 @@ fn reason(status: u16) -> &'static str {
         487 => "Request Terminated",
         500 => "Server Internal Error",
         503 => "Service Unavailable",
-        400..=499 => "Client Error",
-        500..=599 => "Server Error",
-        600..=699 => "Global Failure",
-        _ => "Error",
+        _ => match status / 100 {
+            4 => "Client Error",
+            5 => "Server Error",
+            6 => "Global Failure",
+            _ => "Error",
+        },
     }
 }
 
