@@ -535,7 +535,8 @@ else:
 # --- per group: reasons and packet counts -------------------------------------------------
 expect = {"pcap": "bye", "py": "bye", "caller-bye": "bye", "callee-bye": "bye", "cancel": "cancel",
           "busy": "failed", "idle": "timeout", "noanswer": "timeout"}
-want_status = {"pcap": 200, "py": 200, "caller-bye": 200, "callee-bye": 200, "cancel": 487, "busy": 486, "idle": 200}
+want_status = {"pcap": 200, "py": 200, "caller-bye": 200, "callee-bye": 200, "cancel": 487, "busy": 486, "idle": 200,
+               "noanswer": 408}
 def near(x, ref, pct=1.0):
     return abs(x - ref) <= ref * pct / 100
 def rng(vals):

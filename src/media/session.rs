@@ -70,6 +70,9 @@ struct Call {
     early: Vec<(String, String)>,
     status: u16,
     ended: bool,
+    /// The relay ended the media before the INVITE got its final response (an offer never
+    /// answered): the report waits for that response, so the CDR has the call's status.
+    timed_out: Option<SessionStats>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +210,7 @@ impl Media {
                     early: Vec::new(),
                     status: 0,
                     ended: false,
+                    timed_out: None,
                 }))
             })
             .clone();
@@ -255,6 +259,13 @@ impl Media {
         };
         let mut c = call.lock().await;
         c.status = status;
+        if let Some(stats) = c.timed_out.take() {
+            drop(c);
+            self.calls.remove(&key);
+            let c = call.lock().await;
+            self.report(&c, EndReason::Timeout, &stats).await;
+            return;
+        }
         if (200..300).contains(&status) {
             c.answer_unix = Some(self.clock.unix());
             // The losing forks give their ports back at once.
@@ -355,7 +366,6 @@ impl Media {
         let last = c.branches.iter().all(|(_, s)| s.is_none());
         if is_winner || last {
             c.ended = true;
-            self.calls.remove(&key);
             // The other forks of a call whose winner timed out.
             let others: Vec<SessionId> = c
                 .branches
@@ -367,6 +377,12 @@ impl Media {
                 let _ = self.relay.delete(id).await;
             }
             debug!(relay_reason = ?closed.reason, "relay closed an idle session");
+            if c.status == 0 {
+                // The INVITE is still pending: its final response reports the call.
+                c.timed_out = Some(closed.stats);
+                return;
+            }
+            self.calls.remove(&key);
             self.report(&c, EndReason::Timeout, &closed.stats).await;
         }
     }
@@ -410,8 +426,12 @@ impl Media {
                 Err(error) => debug!(%error, "deleting a relay session"),
             }
         }
-        // An unanswered call reports what its forks relayed (early media).
-        let stats = stats.unwrap_or(others);
+        // An unanswered call reports what its forks relayed (early media); one whose media the
+        // relay already ended reports that.
+        let (reason, stats) = match c.timed_out.take() {
+            Some(t) => (EndReason::Timeout, t),
+            None => (reason, stats.unwrap_or(others)),
+        };
         self.report(&c, reason, &stats).await;
     }
 

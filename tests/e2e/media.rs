@@ -313,7 +313,14 @@ Content-Length: 0\r\n\r\n",
 #[tokio::test]
 async fn every_ending_gives_the_ports_back() {
     let (alice, bob) = (Ua::new().await, Ua::new().await);
-    let srv = server("42100-42149", bob.addr).await;
+    // Short transaction timers: the never-answered offer's INVITE ends with a 408 in 3 s.
+    let srv = TestServer::start(
+        "fr_timer = 3\nfr_inv_timer = 3",
+        &media_config("42100-42149"),
+    )
+    .await;
+    let b = binding("bob@example.com", format!("sip:bob@{}", bob.addr), bob.addr);
+    srv.location.set(&b.aor, vec![b.clone()]).await;
 
     // CANCEL while ringing.
     alice.send(srv.udp, &invite(alice.addr, "c1", 4000)).await;
@@ -372,9 +379,19 @@ async fn every_ending_gives_the_ports_back() {
         .unwrap();
     assert_eq!(cdr(&srv, "t1").await.0, "timeout");
 
-    // An offer never answered (the callee only rings): the offer timeout (2 s) ends it.
+    // An offer never answered: the offer timeout (2 s) frees the ports at once; the call is
+    // reported when its INVITE ends (408 after fr_timer), with that status.
     alice.send(srv.udp, &invite(alice.addr, "o1", 4008)).await;
-    assert_eq!(cdr(&srv, "o1").await.0, "timeout");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.media.relay().counts().await.sessions > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "offer timeout did not free the session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (reason, status, _, _) = cdr(&srv, "o1").await;
+    assert_eq!((reason.as_str(), status), ("timeout", 408));
 
     relay_empty(&srv).await;
     srv.stop().await;
