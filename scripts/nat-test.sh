@@ -14,6 +14,16 @@
 #      router's public address and mapped port as `received`;
 #   2. calls through the NAT bindings, in the four combinations (alice→bob and bob→alice, the
 #      caller or the callee hangs up), 0 failed calls in SIPp's statistics;
+#   2b. two-way audio through sipedge's media relay, alice→bob and bob→alice: each phone writes
+#      its PRIVATE address in its SDP and, from that port (scripts/nat/rtp_phone.py in its
+#      namespace), talks like a phone with symmetric RTP: g711a.pcap's 236 RTP packets to the
+#      address of the SDP it got. Checked: the SDP each phone got says c=198.51.100.1 and a relay
+#      port (SIPp <ereg>s, and no private c=); each phone received the other's packets from
+#      exactly that relay address and port (only possible through its router's mapping) — all
+#      but those the other sent before this phone's first packet (until then the relay has only
+#      the private SDP address, README "Forwarding"), -1 %; the call's `media session closed`
+#      line says reason=bye, caller_pkts and callee_pkts = what each phone sent (±1 %); its cdr
+#      row has the same counts; the relay's `latched` lines name each router's public address;
 #   3. keepalives every nat.ping_interval: well-formed OPTIONS answered by the phone, then
 #      (after a restart with ping_method = "crlf") CRLF datagrams; >= 3 pings with intervals
 #      within ±30 % of the interval;
@@ -26,10 +36,11 @@
 #   KEEP_WORK=1 scripts/nat-test.sh      keep the logs, SIPp traces and databases
 #   NAT_VARIANTS=symmetric scripts/nat-test.sh   one variant only
 #
-# Needs root, iproute2 (ip, ss), iptables with the nat table, SIPp (sip-tester), python3.
+# Needs root, iproute2 (ip, ss), iptables with the nat table, SIPp (sip-tester, also for its
+# g711a.pcap), python3.
 # Exits non-zero if a check fails or a tool is missing; never skips silently. Every wait is
 # bounded; the namespaces (and with them the veths and iptables rules) are removed on exit
-# and, at start, left-overs of a killed run are removed. Runs take about two minutes.
+# and, at start, left-overs of a killed run are removed. Runs take about three minutes.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -67,6 +78,10 @@ fi
 
 sipp_dir="$root/scripts/sipp"
 helpers="$root/scripts/nat"
+# sipedge's log, with the relay's `latched` lines (which public address each relay port learned)
+SERVER_LOG=sipedge=debug,sipedge_relay=debug
+PCAP=/usr/share/sip-tester/g711a.pcap
+[ -r "$PCAP" ] || die "$PCAP not found; it comes with SIPp: apt-get install -y sip-tester"
 
 # ---------------------------------------------------------------------------------------------
 # Checks
@@ -177,6 +192,80 @@ call() {
             "caller $succ successful, $fail_c failed; callee $fail_s failed)"
         echo "      caller:"; show_sipp_failure "$name.uac"
         echo "      callee:"; show_sipp_failure "$name.uas"
+    fi
+}
+
+# media_call CALLER CALLEE: a call with two-way audio through sipedge's relay. Each phone writes
+# its PRIVATE address and RTP_PORT in its SDP; rtp_phone.py, bound there in the phone's
+# namespace, starts talking (g711a.pcap's RTP, symmetric RTP) to the address of the SDP it
+# received once its SIPp has answered (callee) or acknowledged (caller), and counts what
+# arrives by source. The scenarios check that SDP names the relay (c=SERVER_IP, no private c=);
+# media_check.py checks that each phone got the other's audio from the relay port of its SDP
+# (only possible through its router's mapping), the call's stats line and its cdr row.
+RTP_PORT=16000
+media_calls=0
+media_numbers=()
+media_call() {
+    local a=$1 b=$2
+    local name="media-${PHONE_USER[$a]}-${PHONE_USER[$b]}" uas_pid pa pb rc_uac=0 rc_uas=0 rc line
+    local ctl_a="$vwork/$name.ctl-caller" ctl_b="$vwork/$name.ctl-callee"
+    : >"$ctl_a"; : >"$ctl_b"
+    media_calls=$((media_calls + 1))
+    # the phones' audio, ready before the call (bounded: 40 s whatever happens)
+    ip netns exec "${PHONE_NS[$b]}" timeout 45 python3 "$helpers/rtp_phone.py" --bind "${PHONE_IP[$b]}:$RTP_PORT" \
+        --ctl "$ctl_b" --out "$vwork/$name.rtp-callee.json" --pcap "$PCAP" --max-time 40 >"$vwork/$name.rtp-callee.out" 2>&1 &
+    pb=$!; bg_pids+=("$pb")
+    ip netns exec "${PHONE_NS[$a]}" timeout 45 python3 "$helpers/rtp_phone.py" --bind "${PHONE_IP[$a]}:$RTP_PORT" \
+        --ctl "$ctl_a" --out "$vwork/$name.rtp-caller.json" --pcap "$PCAP" --max-time 40 >"$vwork/$name.rtp-caller.out" 2>&1 &
+    pa=$!; bg_pids+=("$pa")
+    for _ in $(seq 1 50); do
+        if grep -q '^ready' "$vwork/$name.rtp-callee.out" 2>/dev/null && grep -q '^ready' "$vwork/$name.rtp-caller.out" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    sipp_phone "$b" "$name.uas" nat_uas_media.xml -s "${PHONE_USER[$b]}" -key rtp_port "$RTP_PORT" -key ctl "$ctl_b" &
+    uas_pid=$!
+    bg_pids+=("$uas_pid")
+    if ! wait_port_bound "$b"; then
+        fail "$variant: $name: the callee's SIPp did not bind ${PHONE_IP[$b]}:$SIP"
+        kill -TERM "$uas_pid" "$pa" "$pb" 2>/dev/null || true; wait "$uas_pid" "$pa" "$pb" 2>/dev/null || true
+        return
+    fi
+    # the pcap lasts ~7 s: BYE 8.5 s after the ACK, when both phones are done talking
+    sipp_phone "$a" "$name.uac" nat_uac_media.xml -m 1 -d 8500 -s "${PHONE_USER[$b]}" -key me "${PHONE_USER[$a]}" \
+        -key rtp_port "$RTP_PORT" -key ctl "$ctl_a" "$SERVER_IP:$SIP" || rc_uac=$?
+    wait "$uas_pid" || rc_uas=$?
+    # a phone whose SIPp failed before it wrote its ctl line: stop its audio now (it writes
+    # what it got), rather than at its --max-time
+    [ -s "$ctl_a" ] || kill -TERM "$pa" 2>/dev/null || true
+    [ -s "$ctl_b" ] || kill -TERM "$pb" 2>/dev/null || true
+    wait "$pa" || true
+    wait "$pb" || true
+    if [ "$rc_uac" = 0 ] && [ "$rc_uas" = 0 ]; then
+        ok "$variant: ${PHONE_USER[$a]} calls ${PHONE_USER[$b]} with audio: both SIPp scenarios passed (the SDP each got names $SERVER_IP, no private c=)"
+    else
+        fail "$variant: ${PHONE_USER[$a]} calls ${PHONE_USER[$b]} with audio (caller sipp exit $rc_uac, callee sipp exit $rc_uas)"
+        echo "      caller:"; show_sipp_failure "$name.uac"
+        echo "      callee:"; show_sipp_failure "$name.uas"
+    fi
+    rc=0
+    python3 "$helpers/media_check.py" --caller "$vwork/$name.rtp-caller.json" --callee "$vwork/$name.rtp-callee.json" \
+        --log "$vwork/sipedge.options.log" --db "$vwork/sipedge.db" --relay-ip "$SERVER_IP" --ports "$MEDIA_PORTS" \
+        --caller-router "${ROUTER_PUB[$a]}" --callee-router "${ROUTER_PUB[$b]}" >"$vwork/$name.check" 2>&1 || rc=$?
+    while IFS= read -r line; do
+        case $line in
+            "ok "*) ok "$variant: ${PHONE_USER[$a]}→${PHONE_USER[$b]} ${line#ok }" ;;
+            "FAIL "*) fail "$variant: ${PHONE_USER[$a]}→${PHONE_USER[$b]} ${line#FAIL }" ;;
+            "numbers "*) media_numbers+=("$variant ${PHONE_USER[$a]}→${PHONE_USER[$b]}: ${line#numbers }") ;;
+            *) echo "      $line" ;;
+        esac
+    done <"$vwork/$name.check"
+    if [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$vwork/$name.check"; then
+        fail "$variant: ${PHONE_USER[$a]}→${PHONE_USER[$b]} media check exited $rc"
+    fi
+    if [ "$rc" != 0 ]; then
+        for line in caller callee; do
+            echo "      $line's RTP endpoint: $(tail -n 3 "$vwork/$name.rtp-$line.out" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
+        done
     fi
 }
 
@@ -302,6 +391,10 @@ run_variant() {  # $1 = name, $2 = MASQUERADE options
     call 2 1 caller
     call 2 1 callee
 
+    # 2b. two-way audio through the relay, each way: SDP with private addresses, RTP through NATs
+    media_call 1 2
+    media_call 2 1
+
     # 3. keepalives: OPTIONS (answered), then CRLF after a restart (bindings come from the store)
     keepalives options 9
     stop_server
@@ -331,7 +424,8 @@ ping_remove = $remove"
         [ -n "$warns" ] || continue
         echo "      $(basename "$logf"): $(printf '%s\n' "$warns" | wc -l) warn/error lines"
         case $logf in
-            *options.log) echo "        (the call phase leaves a phone's port closed between SIPp runs: pings that fall there go unanswered)" ;;
+            *options.log) echo "        (the call phase leaves a phone's port closed between SIPp runs: pings that fall there go unanswered;" \
+                "a media call's first packets to the other side go to its private SDP address until it sends: media send failed)" ;;
             *ping-failure-false.log) echo "        (expected: alice stopped answering)" ;;
         esac
         printf '%s\n' "$warns" | head -n 5 | cut -c1-240 | sed 's/^/        /'
@@ -355,6 +449,7 @@ for v in ${NAT_VARIANTS:-masquerade symmetric}; do
 done
 
 echo
-echo "nat-test summary: $calls_total calls, $calls_failed failed"
+echo "nat-test summary: $calls_total calls, $calls_failed failed; $media_calls calls with audio"
+if [ "${#media_numbers[@]}" -gt 0 ]; then printf '  %s\n' "${media_numbers[@]}"; fi
 printf '%s\n' "${results[@]}" | grep '^==' || true
 exit $failed

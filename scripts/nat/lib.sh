@@ -35,6 +35,7 @@ SERVER_IP=198.51.100.1
 PING_INTERVAL=2
 PING_FAILURES=3
 SIP=5060
+MEDIA_PORTS=30000-30999   # media.ports of the test config (media.address = SERVER_IP)
 # phone i: namespace, router namespace, router public IP, router LAN IP, phone IP, user, password
 PHONE_NS=(""  se-phone1    se-phone2)
 ROUTER_NS=("" se-nat1      se-nat2)
@@ -150,13 +151,13 @@ ping_method = "$2"
 $3
 [media]
 address = "$SERVER_IP"
-ports = "30000-30999"
+ports = "$MEDIA_PORTS"
 TOML
 }
 
-start_server() {  # $1 = config, $2 = log name
+start_server() {  # $1 = config, $2 = log name; RUST_LOG from $SERVER_LOG (default sipedge=debug)
     local log="$vwork/sipedge.$2.log"
-    ip netns exec "$NS_PUB" env RUST_LOG=sipedge=debug "$bin" serve -c "$1" 2>"$log" &
+    ip netns exec "$NS_PUB" env RUST_LOG="${SERVER_LOG:-sipedge=debug}" "$bin" serve -c "$1" 2>"$log" &
     server_pid=$!
     for _ in $(seq 1 100); do
         if grep -q "sipedge started" "$log" 2>/dev/null; then return 0; fi

@@ -438,18 +438,20 @@ impl Media {
     /// The per-call stats line and the CDR row (DESIGN §4, STYLE §2.7).
     async fn report(&self, c: &Call, reason: EndReason, s: &SessionStats) {
         let duration_ms = u64::try_from(s.duration.as_millis()).unwrap_or(u64::MAX);
+        // Jitter to the microsecond: more digits are noise.
+        let ms = |j: f64| (j * 1000.0).round() / 1000.0;
         info!(
             call_id = %c.call_id,
-            reason = reason.as_str(),
+            reason = %reason.as_str(),
             duration_ms,
             caller_pkts = s.caller.pkts,
             caller_bytes = s.caller.bytes,
             caller_lost = s.caller.lost,
-            caller_jitter_ms = s.caller.jitter_ms,
+            caller_jitter_ms = ms(s.caller.jitter_ms),
             callee_pkts = s.callee.pkts,
             callee_bytes = s.callee.bytes,
             callee_lost = s.callee.lost,
-            callee_jitter_ms = s.callee.jitter_ms,
+            callee_jitter_ms = ms(s.callee.jitter_ms),
             "media session closed"
         );
         let cdr = Cdr {
@@ -465,13 +467,13 @@ impl Media {
                 s.caller.pkts,
                 s.caller.bytes,
                 s.caller.lost,
-                s.caller.jitter_ms,
+                ms(s.caller.jitter_ms),
             ),
             callee: (
                 s.callee.pkts,
                 s.callee.bytes,
                 s.callee.lost,
-                s.callee.jitter_ms,
+                ms(s.callee.jitter_ms),
             ),
         };
         if let Err(error) = self.store.insert_cdr(&cdr).await {

@@ -280,7 +280,16 @@ impl Worker {
                     let dst = self.send_list[sent].dst;
                     self.send.errors += 1;
                     sent += 1;
-                    if let Some(suppressed) = self.send_warn.allow(now) {
+                    // Unreachable is what a phone behind NAT causes before its first packet
+                    // is latched: its SDP names a private address we cannot route to. Expected,
+                    // so debug; anything else is worth a (rate-limited) warning.
+                    let expected = matches!(
+                        error.kind(),
+                        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable
+                    );
+                    if expected {
+                        tracing::debug!(%error, peer.addr = %dst, "media send failed: unreachable");
+                    } else if let Some(suppressed) = self.send_warn.allow(now) {
                         tracing::warn!(
                             %error,
                             peer.addr = %dst,
