@@ -12,7 +12,7 @@
 //! `nat.ping_remove` is set. TCP bindings are not pinged: the phone keeps its connection open
 //! and requests reuse it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -118,6 +118,22 @@ impl Failures {
         self.outstanding
             .remove(&(aor.to_owned(), contact.to_owned()));
     }
+
+    /// Keeps only the bindings for which `live(aor, contact)` holds.
+    pub fn retain(&mut self, live: impl Fn(&str, &str) -> bool) {
+        self.outstanding
+            .retain(|(aor, contact), _| live(aor, contact));
+    }
+
+    /// Bindings with a ping outstanding.
+    pub fn len(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// True when no ping is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.outstanding.is_empty()
+    }
 }
 
 /// The sequence number in one of our ping branches.
@@ -143,6 +159,9 @@ pub struct Pinger {
     sent: AtomicU64,
     /// Seq → binding, for answers (bounded: entries older than one interval are dropped).
     pending: DashMap<u64, ()>,
+    /// The first sequence number of the previous interval (pending answers older than it
+    /// are dropped).
+    cycle_start: AtomicU64,
 }
 
 impl Pinger {
@@ -173,6 +192,7 @@ impl Pinger {
             answered: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pending: DashMap::new(),
+            cycle_start: AtomicU64::new(0),
         }
     }
 
@@ -223,9 +243,24 @@ impl Pinger {
     async fn ping_slot(&self, which: u32) {
         let now = self.clock.unix();
         let instance = &self.cfg.server.instance_id;
-        let due: Vec<Binding> = self
-            .location
-            .snapshot()
+        let all = self.location.snapshot();
+        if which == 0 {
+            // Once per interval: answers older than the previous interval no longer count,
+            // and bindings that are gone (expired, unregistered) are forgotten.
+            let first = self
+                .cycle_start
+                .swap(self.seq.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.pending.retain(|s, _| *s >= first);
+            let live: HashSet<(&str, &str)> = all
+                .iter()
+                .map(|b| (b.aor.as_str(), b.contact.as_str()))
+                .collect();
+            self.failures
+                .lock()
+                .await
+                .retain(|aor, contact| live.contains(&(aor, contact)));
+        }
+        let due: Vec<Binding> = all
             .into_iter()
             .filter(|b| b.expires > now && slot(b) == which && needs_ping(b, instance))
             .collect();
@@ -252,8 +287,6 @@ impl Pinger {
             if self.cfg.nat.ping_method == PingMethod::Crlf {
                 continue;
             }
-            // Answers older than one interval no longer count.
-            self.pending.retain(|s, _| seq.saturating_sub(*s) < 1 << 20);
             self.pending.insert(seq, ());
             let misses = self.failures.lock().await.on_sent(&b.aor, &b.contact, seq);
             if misses >= self.cfg.nat.ping_failures {
@@ -371,6 +404,10 @@ mod tests {
         // Other bindings are counted apart.
         assert_eq!(f.on_sent("b", "c", 5), 0);
         assert_eq!(f.on_sent("a", "c", 6), 1);
+        // A binding that is gone is forgotten.
+        f.retain(|aor, _| aor == "a");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.on_sent("b", "c", 7), 0);
     }
 
     #[test]
