@@ -203,10 +203,30 @@ impl Worker {
 
     /// Receives one batch on `sock` (bound to `port`) and forwards what the core allows.
     /// `WouldBlock` when the socket is drained.
-    fn forward_batch(&mut self, sock: &UdpSocket, port: u16) -> io::Result<usize> {
+    fn forward_batch(&mut self, sock: &UdpSocket, port: u16) -> io::Result<Batch> {
         let io = &mut self.io;
-        // try_io clears tokio's readiness on WouldBlock, so the task sleeps until new data.
-        let n = sock.try_io(Interest::READABLE, || io.recv(sock.as_fd()))?;
+        // try_io clears tokio's readiness on WouldBlock, so the task sleeps until new data. A
+        // short batch means the receive queue was empty when the kernel stopped filling it:
+        // reporting WouldBlock for it too saves the recvmmsg that would only say EAGAIN (at
+        // RTP rates every wakeup finds one packet, so that was a second syscall per packet).
+        // tokio keeps the readiness if a packet arrived meanwhile (its tick changed), so
+        // nothing is left unread. After a receive error mid-batch, a datagram queued behind
+        // it waits for the next arrival (at most one packet interval).
+        let mut got = 0;
+        let r = sock.try_io(Interest::READABLE, || {
+            let n = io.recv(sock.as_fd())?;
+            got = n;
+            if n < BATCH {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        let (n, drained) = match r {
+            Ok(n) => (n, false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => (got, true),
+            Err(e) => return Err(e),
+        };
         let now = Instant::now();
         self.pending.clear();
         for i in 0..n {
@@ -228,7 +248,7 @@ impl Worker {
             }
         }
         self.send_grouped(now);
-        Ok(n)
+        Ok(Batch { drained })
     }
 
     /// Sends the pending datagrams with one sendmmsg per outgoing socket, each group in
@@ -429,6 +449,12 @@ async fn close_io(w: &Rc<RefCell<Worker>>, id: SessionId) {
 }
 
 /// Drains one socket forever; ends when aborted.
+/// What one receive did.
+struct Batch {
+    /// The socket's queue is empty (tokio's readiness was cleared).
+    drained: bool,
+}
+
 async fn socket_task(w: Rc<RefCell<Worker>>, sock: Rc<UdpSocket>, port: u16) {
     loop {
         if let Err(error) = sock.readable().await {
@@ -439,7 +465,11 @@ async fn socket_task(w: Rc<RefCell<Worker>>, sock: Rc<UdpSocket>, port: u16) {
         for _ in 0..MAX_BATCHES {
             let r = w.borrow_mut().forward_batch(&sock, port);
             match r {
-                Ok(_) => {}
+                Ok(Batch { drained: true }) => {
+                    drained = true;
+                    break;
+                }
+                Ok(Batch { drained: false }) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drained = true;
                     break;
