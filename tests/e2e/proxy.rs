@@ -242,12 +242,23 @@ async fn registered_user_fork_cancel_the_loser() {
     srv.stop().await;
 }
 
-#[tokio::test]
-async fn caller_cancels_while_ringing() {
+/// A call on the PBX route that rang and was cancelled by the caller; the PBX has answered
+/// the forwarded CANCEL with 200 and still owes the INVITE its 487.
+struct Cancelled {
+    srv: TestServer,
+    pbx: Ua,
+    caller: Ua,
+    /// The INVITE as the PBX got it, and where from.
+    inv: (Message, SocketAddr),
+    /// The CANCEL as the PBX got it, and where from.
+    cancel: (Message, SocketAddr),
+}
+
+async fn ring_then_cancel(call_id: &str) -> Cancelled {
     let pbx = Ua::new().await;
     let srv = server_with_pbx(pbx.addr, "").await;
     let caller = Ua::new().await;
-    let inv_text = invite("sip:200@example.com", caller.addr, "cxl1", "");
+    let inv_text = invite("sip:200@example.com", caller.addr, call_id, "");
     caller.send(srv.udp, &inv_text).await;
     let (inv, from) = pbx.recv().await;
     pbx.answer(&inv, from, 180, "pbx").await;
@@ -265,41 +276,40 @@ async fn caller_cancels_while_ringing() {
     let (fwd_cancel, cfrom) = pbx.recv().await;
     assert_eq!(fwd_cancel.method(), Some("CANCEL"));
     pbx.answer(&fwd_cancel, cfrom, 200, "pbx").await;
-    pbx.answer(&inv, from, 487, "pbx").await;
-    let (r487, _) = caller.recv().await;
+    Cancelled {
+        srv,
+        pbx,
+        caller,
+        inv: (inv, from),
+        cancel: (fwd_cancel, cfrom),
+    }
+}
+
+#[tokio::test]
+async fn caller_cancels_while_ringing() {
+    let c = ring_then_cancel("cxl1").await;
+    c.pbx.answer(&c.inv.0, c.inv.1, 487, "pbx").await;
+    let (r487, _) = c.caller.recv().await;
     assert_eq!(r487.status(), Some(487));
     assert_eq!(
-        pbx.recv().await.0.method(),
+        c.pbx.recv().await.0.method(),
         Some("ACK"),
         "hop-by-hop ACK for the 487"
     );
-    srv.stop().await;
+    c.srv.stop().await;
 }
 
 /// A callee that builds its 487 from our CANCEL (one Via: ours, as an old SIPp scenario did):
 /// RFC 3261 §16.7 step 3, such a response is not forwarded; the caller gets our own 487.
 #[tokio::test]
 async fn final_response_with_only_our_via_is_answered_by_us() {
-    let pbx = Ua::new().await;
-    let srv = server_with_pbx(pbx.addr, "").await;
-    let caller = Ua::new().await;
-    let inv_text = invite("sip:200@example.com", caller.addr, "cxl2", "");
-    caller.send(srv.udp, &inv_text).await;
-    let (inv, from) = pbx.recv().await;
-    pbx.answer(&inv, from, 180, "pbx").await;
-    assert_eq!(caller.recv().await.0.status(), Some(180));
-    let cancel = inv_text
-        .replacen("INVITE sip:", "CANCEL sip:", 1)
-        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-    caller.send(srv.udp, &cancel).await;
-    assert_eq!(caller.recv().await.0.status(), Some(200));
-    let (fwd_cancel, cfrom) = pbx.recv().await;
-    pbx.answer(&fwd_cancel, cfrom, 200, "pbx").await;
-    let bad = String::from_utf8(reply::response(&fwd_cancel, cfrom, 487, "Terminated", &[]))
+    let c = ring_then_cancel("cxl2").await;
+    let (fwd_cancel, cfrom) = &c.cancel;
+    let bad = String::from_utf8(reply::response(fwd_cancel, *cfrom, 487, "Terminated", &[]))
         .unwrap()
         .replace("CSeq: 1 CANCEL", "CSeq: 1 INVITE");
-    pbx.send(cfrom, &bad).await;
-    let (r487, _) = caller.recv().await;
+    c.pbx.send(*cfrom, &bad).await;
+    let (r487, _) = c.caller.recv().await;
     assert_eq!(r487.status(), Some(487));
     let vias = r487.vias().unwrap();
     assert_eq!(vias.len(), 1);
@@ -308,8 +318,8 @@ async fn final_response_with_only_our_via_is_answered_by_us() {
         Some("z9hG4bK-cxl2"),
         "the caller's own Via"
     );
-    assert_eq!(pbx.recv().await.0.method(), Some("ACK"));
-    srv.stop().await;
+    assert_eq!(c.pbx.recv().await.0.method(), Some("ACK"));
+    c.srv.stop().await;
 }
 
 #[tokio::test]
