@@ -10,7 +10,7 @@ use std::time::Duration;
 use sipedge_relay::sans_io::{build_rtcp_rr, build_rtp};
 use sipedge_relay::{
     CloseReason, Closed, Counts, Direction, Endpoint, IoMode, RelayConfig, RelayError, RelayHandle,
-    Side, start,
+    SessionId, Side, start,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -51,6 +51,14 @@ fn endpoint(rtp: SocketAddr, rtcp: SocketAddr) -> Endpoint {
 }
 
 /// The next datagram on `s`, or a failure after [`WAIT`].
+/// Tells the relay one side's SDP endpoint of a one-stream session.
+async fn sdp(relay: &RelayHandle, id: SessionId, side: Side, ep: Endpoint, answered: bool) {
+    relay
+        .update(id, side, vec![Some(ep)], answered)
+        .await
+        .unwrap();
+}
+
 async fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = vec![0u8; 4096];
     let (n, from) = timeout(WAIT, s.recv_from(&mut buf))
@@ -375,24 +383,22 @@ async fn idle_and_hold_timeouts() {
 
     // Answered, one packet, then silence: idle.
     let idle = relay.allocate("idle".into(), 1).await.unwrap();
-    relay
-        .update(
-            idle.id,
-            Side::Caller,
-            vec![Some(ep(&a, Direction::SendRecv))],
-            false,
-        )
-        .await
-        .unwrap();
-    relay
-        .update(
-            idle.id,
-            Side::Callee,
-            vec![Some(ep(&b, Direction::SendRecv))],
-            true,
-        )
-        .await
-        .unwrap();
+    sdp(
+        &relay,
+        idle.id,
+        Side::Caller,
+        ep(&a, Direction::SendRecv),
+        false,
+    )
+    .await;
+    sdp(
+        &relay,
+        idle.id,
+        Side::Callee,
+        ep(&b, Direction::SendRecv),
+        true,
+    )
+    .await;
     let t0 = Instant::now();
     a.send_to(
         &build_rtp(1, 0, 1, 160),
@@ -408,25 +414,23 @@ async fn idle_and_hold_timeouts() {
 
     // Put on hold by the callee (sendonly): the longer hold timeout applies.
     let held = relay.allocate("held".into(), 1).await.unwrap();
-    relay
-        .update(
-            held.id,
-            Side::Caller,
-            vec![Some(ep(&a, Direction::SendRecv))],
-            false,
-        )
-        .await
-        .unwrap();
+    sdp(
+        &relay,
+        held.id,
+        Side::Caller,
+        ep(&a, Direction::SendRecv),
+        false,
+    )
+    .await;
     let t0 = Instant::now();
-    relay
-        .update(
-            held.id,
-            Side::Callee,
-            vec![Some(ep(&b, Direction::SendOnly))],
-            true,
-        )
-        .await
-        .unwrap();
+    sdp(
+        &relay,
+        held.id,
+        Side::Callee,
+        ep(&b, Direction::SendOnly),
+        true,
+    )
+    .await;
     let c = next_closed(&mut events).await;
     assert!(
         t0.elapsed() >= Duration::from_millis(900),
