@@ -353,6 +353,105 @@ fn to_sockaddr(
     mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
 }
 
+/// Up to this many ready sockets per `epoll_wait`.
+pub(crate) const EVENTS: usize = 64;
+
+/// A worker's own epoll instance over its media sockets, level-triggered, each registered with
+/// its port as the event data. The worker's runtime waits on this one descriptor instead of
+/// one task per socket: a wakeup then serves every socket that has data (rtpengine's poller
+/// threads work the same way).
+pub(crate) struct Epoll {
+    fd: std::os::fd::OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: no pointers; the result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Self {
+            fd,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+        })
+    }
+
+    /// Watches `sock` for input; ready events carry `port`.
+    pub(crate) fn add(&self, sock: BorrowedFd<'_>, port: u16) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: u64::from(port),
+        };
+        // SAFETY: both descriptors are open; `ev` is a valid epoll_event for the call.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                sock.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `sock` (closing it would too; this makes it explicit and immediate).
+    pub(crate) fn remove(&self, sock: BorrowedFd<'_>) {
+        // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                sock.as_raw_fd(),
+                ptr::null_mut(),
+            );
+        }
+    }
+
+    /// The ports of the sockets that have data now (does not block).
+    pub(crate) fn ready(&mut self, out: &mut Vec<u16>) -> io::Result<()> {
+        out.clear();
+        // SAFETY: `events` holds EVENTS initialised entries that the kernel may overwrite.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                EVENTS as libc::c_int,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for ev in &self.events[..n as usize] {
+            // invariant: we registered every socket with a u16 port as its data.
+            let port = ev.u64;
+            out.push(u16::try_from(port).unwrap_or(0));
+        }
+        Ok(())
+    }
+}
+
+impl Epoll {
+    /// A second descriptor for the same epoll instance, registered with the current tokio
+    /// runtime, which wakes the worker when any of its sockets has data.
+    pub(crate) fn watch(&self) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+        let fd = self.fd.try_clone()?;
+        // SAFETY: an OwnedFd is open for its whole life and always returns the same
+        // descriptor, and the AsyncFd owns it.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

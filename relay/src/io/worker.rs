@@ -2,11 +2,15 @@
 //! of the sessions assigned to it, a [`Relay`] core and one receive batch. It only moves bytes:
 //! every decision is the core's.
 //!
-//! Each socket has a task that waits for readability and then drains the socket in batches
-//! (recvmmsg), asks the core for a verdict per datagram and sends each group of datagrams
-//! bound for the same outgoing socket with one sendmmsg, straight from the receive buffer.
-//! Each wakeup handles at most [`MAX_BATCHES`] batches before yielding, so one flooded socket
-//! cannot starve the others (rtpengine `max_recv_iters`, quinn `WorkLimiter`). A timer task
+//! The worker's sockets are registered in its own level-triggered epoll instance (port as the
+//! event data), and one task waits on that descriptor: a wakeup asks epoll which sockets have
+//! data, drains each in batches (recvmmsg), asks the core for a verdict per datagram and sends
+//! each group of datagrams bound for the same outgoing socket with one sendmmsg, straight from
+//! the receive buffer. No task, waker or span per socket: at RTP rates each socket has one
+//! packet per wakeup, and per-socket tasks cost more than the forwarding (measured with
+//! `scripts/bench/media.sh`). Each socket gets at most [`MAX_BATCHES`] batches per round, then
+//! the task yields, so one flooded socket cannot starve the others (rtpengine
+//! `max_recv_iters`, quinn `WorkLimiter`). A timer task
 //! sleeps until the core's next deadline and reports sessions that timed out. Everything is
 //! on one thread: the state is an `Rc<RefCell<..>>` and no borrow is held across an await.
 
@@ -17,20 +21,19 @@ use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::{JoinHandle, LocalSet};
+use tokio::task::LocalSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::sys::{BATCH, BatchIo, Transmit};
+use super::sys::{BATCH, BatchIo, EVENTS, Epoll, Transmit};
 use crate::forward::{Relay, Timeouts, Verdict};
 use crate::{
     Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side, StreamPorts,
 };
 
-/// Batches handled per socket wakeup before yielding to the other tasks.
+/// Batches handled per ready socket and round before yielding to the other tasks.
 const MAX_BATCHES: usize = 4;
 /// At most one warning per kind this often; the rest are counted into the next one.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -171,10 +174,12 @@ struct Worker {
     relay: Relay,
     port_min: u16,
     v6: bool,
-    /// Per port offset `port - port_min`: the socket bound to that port.
-    sockets: Vec<Option<Rc<UdpSocket>>>,
-    /// Per session: its socket tasks and their ports.
-    tasks: HashMap<SessionId, Vec<(u16, JoinHandle<()>)>>,
+    /// Per port offset `port - port_min`: the socket bound to that port (non-blocking).
+    sockets: Vec<Option<std::net::UdpSocket>>,
+    /// Per session: the ports of its sockets.
+    session_ports: HashMap<SessionId, Vec<u16>>,
+    /// Every socket of this worker, by port.
+    epoll: Epoll,
     io: BatchIo,
     pending: Vec<Pending>,
     send_list: Vec<Transmit>,
@@ -184,49 +189,37 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(cfg: WorkerConfig) -> Self {
+    fn new(cfg: WorkerConfig) -> io::Result<Self> {
         let ports = usize::from(cfg.port_max - cfg.port_min) + 1;
-        Self {
+        Ok(Self {
             relay: Relay::new(cfg.port_min, cfg.pairs, cfg.timeouts),
             port_min: cfg.port_min,
             v6: cfg.v6,
-            sockets: vec![None; ports],
-            tasks: HashMap::new(),
+            sockets: (0..ports).map(|_| None).collect(),
+            session_ports: HashMap::new(),
+            epoll: Epoll::new()?,
             io: BatchIo::new(cfg.io == IoMode::Batched),
             pending: Vec::with_capacity(BATCH),
             send_list: Vec::with_capacity(BATCH),
             send: SendCounters::default(),
             recv_warn: RateLimit::default(),
             send_warn: RateLimit::default(),
-        }
+        })
     }
 
     /// Receives one batch on `sock` (bound to `port`) and forwards what the core allows.
     /// `WouldBlock` when the socket is drained.
-    fn forward_batch(&mut self, sock: &UdpSocket, port: u16) -> io::Result<Batch> {
-        let io = &mut self.io;
-        // try_io clears tokio's readiness on WouldBlock, so the task sleeps until new data. A
-        // short batch means the receive queue was empty when the kernel stopped filling it:
-        // reporting WouldBlock for it too saves the recvmmsg that would only say EAGAIN (at
-        // RTP rates every wakeup finds one packet, so that was a second syscall per packet).
-        // tokio keeps the readiness if a packet arrived meanwhile (its tick changed), so
-        // nothing is left unread. After a receive error mid-batch, a datagram queued behind
-        // it waits for the next arrival (at most one packet interval).
-        let mut got = 0;
-        let r = sock.try_io(Interest::READABLE, || {
-            let n = io.recv(sock.as_fd())?;
-            got = n;
-            if n < BATCH {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        let (n, drained) = match r {
-            Ok(n) => (n, false),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => (got, true),
-            Err(e) => return Err(e),
+    fn forward_batch(&mut self, port: u16) -> io::Result<Batch> {
+        let off = usize::from(port - self.port_min);
+        let Some(sock) = self.sockets[off].as_ref() else {
+            // Closed meanwhile (its session was removed in this round).
+            return Ok(Batch { drained: true });
         };
+        let n = self.io.recv(sock.as_fd())?;
+        // A short batch means the queue was empty when the kernel stopped filling it: no
+        // second recvmmsg just to hear EAGAIN. Epoll is level-triggered, so a datagram that
+        // arrived since is reported again in the next round.
+        let drained = n < BATCH;
         let now = Instant::now();
         self.pending.clear();
         for i in 0..n {
@@ -249,6 +242,24 @@ impl Worker {
         }
         self.send_grouped(now);
         Ok(Batch { drained })
+    }
+
+    /// Up to [`MAX_BATCHES`] batches from one ready socket.
+    fn drain(&mut self, port: u16) {
+        for _ in 0..MAX_BATCHES {
+            match self.forward_batch(port) {
+                Ok(Batch { drained: true }) => return,
+                Ok(Batch { drained: false }) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    if let Some(suppressed) = self.recv_warn.allow(Instant::now()) {
+                        tracing::warn!(%error, suppressed, "media receive failed");
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// Sends the pending datagrams with one sendmmsg per outgoing socket, each group in
@@ -332,10 +343,26 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     closed: mpsc::UnboundedSender<Closed>,
 ) {
-    let w = Rc::new(RefCell::new(Worker::new(cfg)));
+    let worker = match Worker::new(cfg) {
+        Ok(w) => w,
+        Err(error) => {
+            tracing::error!(%error, "relay worker: no epoll instance; it serves nothing");
+            return;
+        }
+    };
+    let watch = worker.epoll.watch();
+    let w = Rc::new(RefCell::new(worker));
     let notify = Rc::new(Notify::new());
     let timer =
         tokio::task::spawn_local(timer_task(w.clone(), notify.clone(), closed).in_current_span());
+    let poller = match watch {
+        Ok(afd) => tokio::task::spawn_local(poll_task(w.clone(), afd).in_current_span()),
+        Err(error) => {
+            tracing::error!(%error, "relay worker: cannot watch its epoll instance");
+            timer.abort();
+            return;
+        }
+    };
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WorkerCmd::Add {
@@ -365,7 +392,7 @@ async fn run(
             WorkerCmd::Remove { id, reply } => {
                 let stats = w.borrow_mut().relay.remove(Instant::now(), id);
                 if stats.is_some() {
-                    close_io(&w, id).await;
+                    close_io(&w, id);
                 }
                 let _ = reply.send(stats);
             }
@@ -374,7 +401,8 @@ async fn run(
             }
             WorkerCmd::Shutdown { reply } => {
                 timer.abort();
-                let all = close_all(&w).await;
+                poller.abort();
+                let all = close_all(&w);
                 let _ = reply.send(all);
                 return;
             }
@@ -382,18 +410,25 @@ async fn run(
     }
     // The control thread is gone without a shutdown: close quietly.
     timer.abort();
-    close_all(&w).await;
+    poller.abort();
+    close_all(&w);
 }
 
-async fn close_all(w: &Rc<RefCell<Worker>>) -> Vec<Closed> {
+fn close_all(w: &Rc<RefCell<Worker>>) -> Vec<Closed> {
     let all = w.borrow_mut().relay.close_all(Instant::now());
     for c in &all {
-        close_io(w, c.id).await;
+        close_io(w, c.id);
     }
     all
 }
 
-/// Registers a session's sockets with this runtime and starts their tasks.
+/// What one receive did.
+struct Batch {
+    /// The socket's queue was empty when the batch ended.
+    drained: bool,
+}
+
+/// Registers a session's sockets with the core and the worker's epoll instance.
 fn add(
     w: &Rc<RefCell<Worker>>,
     id: SessionId,
@@ -407,89 +442,82 @@ fn add(
             callee: callee.ports,
         })
         .collect();
-    let mut socks = Vec::with_capacity(streams.len() * 4);
-    for leg in streams.into_iter().flatten() {
-        socks.push((leg.ports.rtp, Rc::new(UdpSocket::from_std(leg.rtp)?)));
-        socks.push((leg.ports.rtcp, Rc::new(UdpSocket::from_std(leg.rtcp)?)));
-    }
     let mut st = w.borrow_mut();
     st.relay.add_session(Instant::now(), id, label, &ports)?;
-    let mut tasks = Vec::with_capacity(socks.len());
-    for (port, sock) in socks {
-        let off = usize::from(port - st.port_min);
-        st.sockets[off] = Some(sock.clone());
-        let span = tracing::debug_span!("media", session = %id, local.port = port);
-        let task = tokio::task::spawn_local(socket_task(w.clone(), sock, port).instrument(span));
-        tasks.push((port, task));
+    let mut session_ports = Vec::with_capacity(streams.len() * 4);
+    let mut failed = None;
+    for leg in streams.into_iter().flatten() {
+        for (port, sock) in [(leg.ports.rtp, leg.rtp), (leg.ports.rtcp, leg.rtcp)] {
+            if failed.is_none()
+                && let Err(e) = st.epoll.add(sock.as_fd(), port)
+            {
+                failed = Some(e);
+            }
+            let off = usize::from(port - st.port_min);
+            st.sockets[off] = Some(sock);
+            session_ports.push(port);
+        }
     }
-    st.tasks.insert(id, tasks);
+    st.session_ports.insert(id, session_ports);
+    drop(st);
+    if let Some(e) = failed {
+        // Undo: the control thread gets the error and frees the ports.
+        let _ = w.borrow_mut().relay.remove(Instant::now(), id);
+        close_io(w, id);
+        return Err(RelayError::Io(e));
+    }
     Ok(())
 }
 
-/// Stops a removed session's socket tasks and closes its sockets. When this returns, the
-/// ports can be bound again.
-async fn close_io(w: &Rc<RefCell<Worker>>, id: SessionId) {
-    let tasks = {
-        let mut st = w.borrow_mut();
-        let tasks = st.tasks.remove(&id).unwrap_or_default();
-        for (port, _) in &tasks {
-            let off = usize::from(port - st.port_min);
-            st.sockets[off] = None;
+/// Closes a removed session's sockets. When this returns, the ports can be bound again.
+fn close_io(w: &Rc<RefCell<Worker>>, id: SessionId) {
+    let mut st = w.borrow_mut();
+    let ports = st.session_ports.remove(&id).unwrap_or_default();
+    for port in ports {
+        let off = usize::from(port - st.port_min);
+        if let Some(sock) = st.sockets[off].take() {
+            st.epoll.remove(sock.as_fd());
         }
-        tasks
-    };
-    for (_, t) in &tasks {
-        t.abort();
-    }
-    // A cancelled task's future (holding the last `Rc` of its socket) is dropped before its
-    // JoinHandle resolves, so after this loop every socket is closed.
-    for (_, t) in tasks {
-        let _ = t.await;
     }
 }
 
-/// Drains one socket forever; ends when aborted.
-/// What one receive did.
-struct Batch {
-    /// The socket's queue is empty (tokio's readiness was cleared).
-    drained: bool,
-}
-
-async fn socket_task(w: Rc<RefCell<Worker>>, sock: Rc<UdpSocket>, port: u16) {
+/// Serves every socket of the worker: waits until its epoll instance has a ready socket,
+/// drains each ready one, yields, repeats. Ends when aborted.
+async fn poll_task(w: Rc<RefCell<Worker>>, afd: AsyncFd<std::os::fd::OwnedFd>) {
+    let mut ready: Vec<u16> = Vec::with_capacity(EVENTS);
     loop {
-        if let Err(error) = sock.readable().await {
-            tracing::warn!(%error, "media socket failed");
-            return;
-        }
-        let mut drained = false;
-        for _ in 0..MAX_BATCHES {
-            let r = w.borrow_mut().forward_batch(&sock, port);
-            match r {
-                Ok(Batch { drained: true }) => {
-                    drained = true;
-                    break;
-                }
-                Ok(Batch { drained: false }) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    let mut st = w.borrow_mut();
-                    if let Some(suppressed) = st.recv_warn.allow(Instant::now()) {
-                        tracing::warn!(%error, suppressed, "media receive failed");
-                    }
-                    break;
-                }
+        let mut guard = match afd.readable().await {
+            Ok(g) => g,
+            Err(error) => {
+                tracing::error!(%error, "relay worker: waiting on epoll failed");
+                return;
+            }
+        };
+        let r = w.borrow_mut().epoll.ready(&mut ready);
+        match r {
+            Ok(()) if ready.is_empty() => {
+                // Seen empty: only now may tokio forget the readiness (a datagram arriving
+                // after this produces a new edge on the epoll descriptor).
+                guard.clear_ready();
+                continue;
+            }
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                tracing::error!(%error, "relay worker: epoll_wait failed");
+                return;
             }
         }
-        if !drained {
-            // Work left (or an error that may persist): let the other sockets, the timer and
-            // control requests run first. Readiness is still set, so the next `readable()`
-            // returns at once.
-            tokio::task::yield_now().await;
+        drop(guard);
+        {
+            let mut st = w.borrow_mut();
+            for &port in &ready {
+                st.drain(port);
+            }
         }
+        // Let the timer and control requests in; the readiness is kept, so the next round
+        // starts at once if there is more.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -515,7 +543,7 @@ async fn timer_task(
         }
         let expired = w.borrow_mut().relay.on_tick(Instant::now());
         for c in expired {
-            close_io(&w, c.id).await;
+            close_io(&w, c.id);
             tracing::debug!(session = %c.id, call_id = %c.label, reason = ?c.reason, "media session timed out");
             // The control thread frees the ports and tells the SIP core; if it is gone, the
             // relay is shutting down anyway.
