@@ -90,59 +90,8 @@ fail() { echo "FAIL  $*"; results+=("FAIL  $*"); failed=1; }
 # ---------------------------------------------------------------------------------------------
 # Python helpers (written to the work dir; python3's standard library only).
 
-# pcap.py count FILE | cut FILE N OUT: the UDP packets of a pcap; the first N records.
-cat >"$work/pcap.py" <<'PY'
-import struct, sys
-
-def records(path):
-    d = open(path, "rb").read()
-    magic = struct.unpack("<I", d[:4])[0]
-    if magic in (0xA1B2C3D4, 0xA1B23C4D):
-        e = "<"
-    elif magic in (0xD4C3B2A1, 0x4D3CB2A1):
-        e = ">"
-    else:
-        sys.exit(f"{path}: not a pcap file")
-    linktype = struct.unpack(e + "I", d[20:24])[0]
-    off = 24
-    while off + 16 <= len(d):
-        sec, frac, incl, _ = struct.unpack(e + "IIII", d[off:off + 16])
-        yield d[off:off + 16 + incl], sec + frac / (1e9 if magic in (0xA1B23C4D, 0x4D3CB2A1) else 1e6), \
-            linktype, d[off + 16:off + 16 + incl]
-        off += 16 + incl
-
-def udp_payload(linktype, pkt):
-    """The UDP payload of an IPv4/IPv6 packet, None for anything else."""
-    if linktype == 1:  # Ethernet, maybe VLAN-tagged
-        et, off = struct.unpack(">H", pkt[12:14])[0], 14
-        while et == 0x8100:
-            et, off = struct.unpack(">H", pkt[off + 2:off + 4])[0], off + 4
-    elif linktype == 113:  # Linux cooked
-        et, off = struct.unpack(">H", pkt[14:16])[0], 16
-    elif linktype in (12, 101):  # raw IP
-        et, off = (0x0800 if pkt[0] >> 4 == 4 else 0x86DD), 0
-    else:
-        sys.exit(f"pcap link type {linktype} not handled")
-    if et == 0x0800 and pkt[off + 9] == 17:
-        off += (pkt[off] & 15) * 4
-    elif et == 0x86DD and pkt[off + 6] == 17:
-        off += 40
-    else:
-        return None
-    return pkt[off + 8:off + struct.unpack(">H", pkt[off + 4:off + 6])[0]]
-
-if __name__ == "__main__":
-    if sys.argv[1] == "count":
-        print(sum(1 for _, _, lt, p in records(sys.argv[2]) if udp_payload(lt, p) is not None))
-    elif sys.argv[1] == "cut":
-        d = open(sys.argv[2], "rb").read()
-        out = bytearray(d[:24])
-        for i, (rec, _, _, _) in enumerate(records(sys.argv[2])):
-            if i == int(sys.argv[3]):
-                break
-            out += rec
-        open(sys.argv[4], "wb").write(out)
-PY
+# scripts/pcap_udp.py reads the pcap (count, cut, payloads).
+pcap_udp="$root/scripts/pcap_udp.py"
 
 # rtp_endpoint.py: the python3 RTP endpoints of step 1b, in one process.
 #   caller side: one socket per port of --callers (the port each call's SDP offer names); a
@@ -155,8 +104,8 @@ PY
 #   Runs until a line "stop" in --ctl (or --max-time), then writes --out (JSON).
 cat >"$work/rtp_endpoint.py" <<'PY'
 import argparse, json, os, select, socket, sys, time
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pcap
+sys.path.insert(0, os.environ["PCAP_UDP_DIR"])
+import pcap_udp
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--pcap", required=True)
@@ -169,8 +118,7 @@ ap.add_argument("--max-time", type=float, default=120)
 a = ap.parse_args()
 
 # The pcap's UDP payloads and their offsets in time.
-frames = [(ts, pcap.udp_payload(lt, p)) for _, ts, lt, p in pcap.records(a.pcap)]
-frames = [(ts - frames[0][0], pl) for ts, pl in frames if pl is not None]
+frames = pcap_udp.payloads(a.pcap)
 
 def bind(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -286,9 +234,9 @@ TOML
 done
 cc=$("$bin" check-config -c "$work/sipedge.toml" 2>&1) || die "check-config rejected $work/sipedge.toml: $cc"
 
-python3 "$work/pcap.py" cut "$PCAP" "$SHORT_PKTS" "$work/media_short.pcap"
-pcap_pkts=$(python3 "$work/pcap.py" count "$PCAP")
-short_pkts=$(python3 "$work/pcap.py" count "$work/media_short.pcap")
+python3 "$pcap_udp" cut "$PCAP" "$SHORT_PKTS" "$work/media_short.pcap"
+pcap_pkts=$(python3 "$pcap_udp" count "$PCAP")
+short_pkts=$(python3 "$pcap_udp" count "$work/media_short.pcap")
 [ "$pcap_pkts" -gt 0 ] && [ "$short_pkts" = "$SHORT_PKTS" ] || die "cannot read $PCAP ($pcap_pkts packets, cut $short_pkts)"
 echo "media-test: $PCAP has $pcap_pkts RTP packets; sipedge on 127.0.0.1:$sip_port, relay ports $media_min-$media_max"
 
@@ -369,7 +317,7 @@ t1=$SECONDS
 ctl="$work/endpoint.ctl"
 : >"$ctl"
 { echo SEQUENTIAL; for p in "${py_callers[@]}"; do echo "$p"; done; } >"$work/py_ports.csv"
-timeout 150 python3 "$work/rtp_endpoint.py" --pcap "$PCAP" --ctl "$ctl" --out "$work/endpoint.json" \
+PCAP_UDP_DIR="$root/scripts" timeout 150 python3 "$work/rtp_endpoint.py" --pcap "$PCAP" --ctl "$ctl" --out "$work/endpoint.json" \
     --callers "$(IFS=,; echo "${py_callers[*]}")" --echo "$py_echo" --max-time 140 \
     >"$work/endpoint.out" 2>&1 &
 endpoint_pid=$!

@@ -18,51 +18,15 @@ without a ctl line).
 """
 import argparse
 import json
+import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 
-
-def pcap_payloads(path):
-    """The UDP payloads of a pcap (Ethernet, Linux cooked or raw IP) and their times (s)."""
-    d = open(path, "rb").read()
-    magic = struct.unpack("<I", d[:4])[0]
-    if magic in (0xA1B2C3D4, 0xA1B23C4D):
-        e = "<"
-    elif magic in (0xD4C3B2A1, 0x4D3CB2A1):
-        e = ">"
-    else:
-        sys.exit(f"{path}: not a pcap file")
-    nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
-    linktype = struct.unpack(e + "I", d[20:24])[0]
-    out, off = [], 24
-    while off + 16 <= len(d):
-        sec, frac, incl, _ = struct.unpack(e + "IIII", d[off:off + 16])
-        pkt = d[off + 16:off + 16 + incl]
-        off += 16 + incl
-        if linktype == 1:
-            et, o = struct.unpack(">H", pkt[12:14])[0], 14
-            while et == 0x8100:
-                et, o = struct.unpack(">H", pkt[o + 2:o + 4])[0], o + 4
-        elif linktype == 113:
-            et, o = struct.unpack(">H", pkt[14:16])[0], 16
-        elif linktype in (12, 101):
-            et, o = (0x0800 if pkt[0] >> 4 == 4 else 0x86DD), 0
-        else:
-            sys.exit(f"pcap link type {linktype} not handled")
-        if et == 0x0800 and pkt[o + 9] == 17:
-            o += (pkt[o] & 15) * 4
-        elif et == 0x86DD and pkt[o + 6] == 17:
-            o += 40
-        else:
-            continue
-        ulen = struct.unpack(">H", pkt[o + 4:o + 6])[0]
-        out.append((sec + frac / (1e9 if nano else 1e6), pkt[o + 8:o + ulen]))
-    t0 = out[0][0]
-    return [(t - t0, p) for t, p in out]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pcap_udp  # noqa: E402
 
 
 def main():
@@ -75,7 +39,7 @@ def main():
     ap.add_argument("--max-time", type=float, default=40)
     a = ap.parse_args()
 
-    frames = pcap_payloads(a.pcap)
+    frames = pcap_udp.payloads(a.pcap)
     host, port = a.bind.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
