@@ -71,10 +71,10 @@ fn setup(streams: usize, t0: Instant) -> (Relay, Vec<Source>) {
         let a = endpoint(1, 10_000 + 2 * (s % 20_000) as u16);
         let b = endpoint(2, 10_000 + 2 * (s % 20_000) as u16);
         relay
-            .update(t0, id, Side::Caller, &[Some(a)], false)
+            .update(t0, id, Side::Caller, &[Some(a)], &[], false)
             .expect("update");
         relay
-            .update(t0, id, Side::Callee, &[Some(b)], true)
+            .update(t0, id, Side::Callee, &[Some(b)], &[], true)
             .expect("update");
         for (port, from) in [(caller, a), (callee, b)] {
             sources.push(Source {

@@ -89,11 +89,11 @@ async fn alloc(relay: &RelayHandle, sessions: &mut Vec<SessionId>, args: &[&str]
         Ok(a) => a,
         Err(e) => return format!("ERR {e}"),
     };
-    let offer = relay.update(a.id, Side::Caller, vec![Some(endpoint(pa))], false);
+    let offer = relay.update(a.id, Side::Caller, vec![Some(endpoint(pa))], vec![], false);
     if let Err(e) = offer.await {
         return format!("ERR {e}");
     }
-    let answer = relay.update(a.id, Side::Callee, vec![Some(endpoint(pb))], true);
+    let answer = relay.update(a.id, Side::Callee, vec![Some(endpoint(pb))], vec![], true);
     if let Err(e) = answer.await {
         return format!("ERR {e}");
     }

@@ -10,12 +10,12 @@
 //! Pure: no socket, no clock.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::latch::{self, Latch};
+use crate::latch::{self, Allowed, Latch};
 use crate::rtp::{RtcpView, RtpView, is_misdirected_rtcp, looks_like_rtcp};
 use crate::session::{Leg, Sdp, Session, Table};
 use crate::{
@@ -46,7 +46,7 @@ pub enum DropReason {
     Truncated,
     /// The sender or the receiver set the stream's port to 0.
     Disabled,
-    /// Not from the latched source, outside the re-latch window.
+    /// Not from the latched source, or from an IP the side never signalled (strict source).
     Stranger,
     /// The other side has neither sent anything nor given an address yet.
     NoDestination,
@@ -118,14 +118,17 @@ impl Relay {
         Ok(())
     }
 
-    /// New SDP from `side`: replaces its endpoint per stream, opens its re-latch window, and
-    /// with `answered` switches from the offer timeout to the idle/hold timeouts.
+    /// New SDP from `side`: replaces its endpoint per stream and the source IPs its legs may
+    /// latch to (`sources`, the side's SIP sources, plus each stream's SDP addresses), opens
+    /// its re-latch window, and with `answered` switches from the offer timeout to the
+    /// idle/hold timeouts.
     pub fn update(
         &mut self,
         now: Instant,
         id: SessionId,
         side: Side,
         streams: &[Option<Endpoint>],
+        sources: &[IpAddr],
         answered: bool,
     ) -> Result<(), RelayError> {
         let session = self.table.get_mut(id).ok_or(RelayError::NoSuchSession)?;
@@ -135,6 +138,9 @@ impl Relay {
         for (stream, ep) in session.streams.iter_mut().zip(streams) {
             let leg = &mut stream.legs[side.idx()];
             leg.sdp = ep.map_or(Sdp::Disabled, Sdp::Known);
+            // Strict source: the side's SIP sources and this stream's SDP addresses.
+            let sdp_ips = ep.iter().flat_map(|e| [e.rtp.ip(), e.rtcp.ip()]);
+            leg.allowed = Allowed::new(sources.iter().copied().chain(sdp_ips));
             leg.rtp.open_window(now);
             leg.rtcp.open_window(now);
         }
@@ -199,6 +205,9 @@ impl Relay {
             }
             Err(reason) => {
                 from.counters.dropped += 1;
+                if reason == DropReason::Stranger {
+                    from.counters.strangers += 1;
+                }
                 Verdict::Drop(reason)
             }
         }
@@ -325,7 +334,7 @@ fn route(
         Kind::Rtp { .. } => &mut from.rtp,
         Kind::Rtcp => &mut from.rtcp,
     };
-    let decision = latch::decide(now, src, peer);
+    let decision = latch::decide(now, src, peer, &from.allowed);
     match decision {
         Latch::Drop => return Err(DropReason::Stranger),
         Latch::Learn(addr) => {
@@ -448,15 +457,20 @@ mod tests {
         r
     }
 
-    /// Session 1 with both sides' SDP known: the caller at 192.0.2.1:4000, the callee at
-    /// 192.0.2.2:5000, answered.
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Session 1 with both sides' SDP known: the caller at 192.0.2.1:4000 (its SIP from
+    /// 198.51.100.1), the callee at 192.0.2.2:5000, answered.
     fn answered(t0: Instant) -> (Relay, SessionId) {
         let mut r = relay(t0);
         let id = SessionId(1);
         let caller = [Some(ep("192.0.2.1:4000", false))];
-        r.update(t0, id, Side::Caller, &caller, false).unwrap();
+        r.update(t0, id, Side::Caller, &caller, &[ip("198.51.100.1")], false)
+            .unwrap();
         let callee = [Some(ep("192.0.2.2:5000", false))];
-        r.update(t0, id, Side::Callee, &callee, true).unwrap();
+        r.update(t0, id, Side::Callee, &callee, &[], true).unwrap();
         (r, id)
     }
 
@@ -477,6 +491,7 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("10.0.0.5:4000", false))],
+            &[ip("198.51.100.1")],
             false,
         )
         .unwrap();
@@ -493,6 +508,7 @@ mod tests {
             id,
             Side::Callee,
             &[Some(ep("203.0.113.9:5000", false))],
+            &[],
             true,
         )
         .unwrap();
@@ -534,6 +550,7 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("192.0.2.1:4100", false))],
+            &[],
             true,
         )
         .unwrap();
@@ -556,12 +573,65 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("192.0.2.1:4100", false))],
+            &[],
             true,
         )
         .unwrap();
         assert_eq!(
             r.on_packet(at(23), CALLER_LEG, addr("192.0.2.1:4200"), &p),
             Verdict::Drop(DropReason::Stranger)
+        );
+    }
+
+    #[test]
+    fn a_sprayer_never_latches_nor_receives_and_is_counted() {
+        let t0 = Instant::now();
+        let (mut r, id) = answered(t0);
+        let p = build_rtp(1, 160, 7, 20);
+        let rr = build_rtcp_rr(7);
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Before either side has sent: a host that never signalled takes neither leg.
+        for (i, port) in [CALLER_LEG, CALLER_LEG + 1, CALLEE_LEG, CALLEE_LEG + 1]
+            .into_iter()
+            .enumerate()
+        {
+            let pkt: &[u8] = if port % 2 == 0 { &p } else { &rr };
+            assert_eq!(
+                r.on_packet(ms(i as u64), port, addr("203.0.113.66:9000"), pkt),
+                Verdict::Drop(DropReason::Stranger)
+            );
+        }
+        // The real parties latch and reach each other, not the sprayer.
+        assert_eq!(
+            r.on_packet(ms(10), CALLER_LEG, addr("198.51.100.1:61000"), &p),
+            fwd(CALLEE_LEG, "192.0.2.2:5000")
+        );
+        assert_eq!(
+            r.on_packet(ms(11), CALLEE_LEG, addr("192.0.2.2:5000"), &p),
+            fwd(CALLER_LEG, "198.51.100.1:61000")
+        );
+        // Not even inside a re-latch window: new SDP does not make it a signalled source.
+        r.update(
+            ms(12),
+            id,
+            Side::Callee,
+            &[Some(ep("192.0.2.2:5000", false))],
+            &[],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            r.on_packet(ms(13), CALLEE_LEG, addr("203.0.113.66:9000"), &p),
+            Verdict::Drop(DropReason::Stranger)
+        );
+        let s = r.query(ms(14), id).unwrap();
+        assert_eq!(
+            (s.caller.strangers, s.caller.dropped, s.caller.pkts),
+            (2, 2, 1)
+        );
+        assert_eq!(
+            (s.callee.strangers, s.callee.dropped, s.callee.pkts),
+            (3, 3, 1)
         );
     }
 
@@ -606,6 +676,7 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("192.0.2.1:4000", true))],
+            &[],
             false,
         )
         .unwrap();
@@ -614,6 +685,7 @@ mod tests {
             id,
             Side::Callee,
             &[Some(ep("192.0.2.2:5000", false))],
+            &[],
             true,
         )
         .unwrap();
@@ -660,10 +732,19 @@ mod tests {
             r.on_packet(t0, CALLER_LEG, src, b"hello"),
             Verdict::Drop(DropReason::Malformed)
         );
-        // Garbage does not latch: another source's valid packet does, and then `src` is a
-        // stranger. The callee disabled the stream, so nothing is forwarded.
-        r.update(t0, id, Side::Callee, &[None], true).unwrap();
+        // Garbage does not latch: the signalled source's valid packet does, and then `src` is
+        // a stranger. The callee disabled the stream, so nothing is forwarded.
+        r.update(t0, id, Side::Callee, &[None], &[], true).unwrap();
         let real = addr("192.0.2.7:4000");
+        r.update(
+            t0,
+            id,
+            Side::Caller,
+            &[Some(ep("192.0.2.7:4000", false))],
+            &[],
+            true,
+        )
+        .unwrap();
         assert_eq!(
             r.on_packet(t0, CALLER_LEG, real, &build_rtp(1, 1, 1, 1)),
             Verdict::Drop(DropReason::Disabled)
@@ -673,17 +754,17 @@ mod tests {
             Verdict::Drop(DropReason::Stranger)
         );
         // A sender that disabled the stream is dropped too.
-        r.update(t0, id, Side::Caller, &[None], true).unwrap();
+        r.update(t0, id, Side::Caller, &[None], &[], true).unwrap();
         assert_eq!(
             r.on_packet(t0, CALLER_LEG, real, &build_rtp(2, 1, 1, 1)),
             Verdict::Drop(DropReason::Disabled)
         );
         assert!(matches!(
-            r.update(t0, id, Side::Callee, &[None, None], true),
+            r.update(t0, id, Side::Callee, &[None, None], &[], true),
             Err(RelayError::StreamCount)
         ));
         assert!(matches!(
-            r.update(t0, SessionId(9), Side::Callee, &[None], true),
+            r.update(t0, SessionId(9), Side::Callee, &[None], &[], true),
             Err(RelayError::NoSuchSession)
         ));
     }
@@ -712,6 +793,7 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("192.0.2.1:4000", false))],
+            &[],
             false,
         )
         .unwrap();
@@ -720,6 +802,7 @@ mod tests {
             id,
             Side::Callee,
             &[Some(ep("192.0.2.2:5000", false))],
+            &[],
             true,
         )
         .unwrap();
@@ -742,12 +825,14 @@ mod tests {
             id,
             Side::Caller,
             &[Some(ep("192.0.2.1:4000", false))],
+            &[],
             false,
         )
         .unwrap();
         let mut held = ep("192.0.2.2:5000", false);
         held.direction = Direction::SendOnly;
-        r.update(t0, id, Side::Callee, &[Some(held)], true).unwrap();
+        r.update(t0, id, Side::Callee, &[Some(held)], &[], true)
+            .unwrap();
         assert!(r.on_tick(t0 + s(61)).is_empty());
         let c = r.on_tick(t0 + s(3600));
         assert_eq!(c[0].reason, CloseReason::Hold);

@@ -204,6 +204,9 @@ pub struct LegStats {
     /// Datagrams received on this side's ports and not forwarded (malformed, truncated, from a
     /// stranger, or nowhere to send them).
     pub dropped: u64,
+    /// Of `dropped`: datagrams from a source this side never signalled (strict-source
+    /// latching refused them).
+    pub strangers: u64,
 }
 
 /// Per-session statistics: `caller` is what was received from the caller.
@@ -243,6 +246,9 @@ pub struct Counts {
     pub sessions: usize,
     /// Ports, not pairs: each pair counts 2.
     pub ports_in_use: usize,
+    /// Datagrams dropped since start because their source was not the latched or a signalled
+    /// one (strict-source latching), over all sessions.
+    pub strangers: u64,
 }
 
 /// Errors of the relay's control API.
@@ -277,6 +283,7 @@ pub(crate) enum Command {
         id: SessionId,
         side: Side,
         streams: Vec<Option<Endpoint>>,
+        sources: Vec<IpAddr>,
         answered: bool,
         reply: oneshot::Sender<Result<(), RelayError>>,
     },
@@ -325,17 +332,23 @@ impl RelayHandle {
 
     /// Sets `side`'s SDP endpoints (one per m= line, `None` = port 0) and opens its re-latch
     /// window; `answered` switches to the idle/hold timeouts.
+    ///
+    /// `sources` are the addresses `side`'s signalling came from (the SIP source of its
+    /// request or response). A leg latches only to a packet whose source IP is one of those or
+    /// the stream's SDP address (any port: NAT); packets from anyone else are dropped.
     pub async fn update(
         &self,
         id: SessionId,
         side: Side,
         streams: Vec<Option<Endpoint>>,
+        sources: Vec<IpAddr>,
         answered: bool,
     ) -> Result<(), RelayError> {
         self.call(|reply| Command::Update {
             id,
             side,
             streams,
+            sources,
             answered,
             reply,
         })

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::latch::PeerLatch;
+use crate::latch::{Allowed, PeerLatch};
 use crate::stats::LegCounters;
 use crate::{Direction, Endpoint, LegStats, PortPair, SessionId, SessionStats, Side, StreamPorts};
 
@@ -52,6 +52,9 @@ pub(crate) struct Leg {
     pub(crate) sdp: Sdp,
     pub(crate) rtp: PeerLatch,
     pub(crate) rtcp: PeerLatch,
+    /// The source IPs the side this leg faces signalled (SDP and SIP): the only ones it may
+    /// latch to. Empty until that side's first SDP.
+    pub(crate) allowed: Allowed,
     pub(crate) counters: LegCounters,
 }
 
@@ -62,6 +65,7 @@ impl Leg {
             sdp: Sdp::Unknown,
             rtp: PeerLatch::default(),
             rtcp: PeerLatch::default(),
+            allowed: Allowed::default(),
             counters: LegCounters::default(),
         }
     }

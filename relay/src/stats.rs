@@ -189,6 +189,8 @@ pub(crate) struct LegCounters {
     pub(crate) rtcp_pkts: u64,
     pub(crate) rtcp_bytes: u64,
     pub(crate) dropped: u64,
+    /// Of `dropped`: from a source the side never signalled (a sprayer, a hijack attempt).
+    pub(crate) strangers: u64,
     pub(crate) rtp: RtpReceiver,
 }
 
@@ -202,6 +204,7 @@ impl LegCounters {
         total.rtcp_pkts += self.rtcp_pkts;
         total.rtcp_bytes += self.rtcp_bytes;
         total.dropped += self.dropped;
+        total.strangers += self.strangers;
     }
 }
 

@@ -54,7 +54,7 @@ fn endpoint(rtp: SocketAddr, rtcp: SocketAddr) -> Endpoint {
 /// Tells the relay one side's SDP endpoint of a one-stream session.
 async fn sdp(relay: &RelayHandle, id: SessionId, side: Side, ep: Endpoint, answered: bool) {
     relay
-        .update(id, side, vec![Some(ep)], answered)
+        .update(id, side, vec![Some(ep)], vec![], answered)
         .await
         .unwrap();
 }
@@ -123,11 +123,18 @@ async fn exchange(io: IoMode, port_min: u16) {
         callee_rtcp.local_addr().unwrap(),
     );
     relay
-        .update(alloc.id, Side::Caller, vec![Some(wrong)], false)
+        // Its SIP came from 127.0.0.1: that is where its media may come from.
+        .update(
+            alloc.id,
+            Side::Caller,
+            vec![Some(wrong)],
+            vec![LOCALHOST],
+            false,
+        )
         .await
         .unwrap();
     relay
-        .update(alloc.id, Side::Callee, vec![Some(callee_sdp)], true)
+        .update(alloc.id, Side::Callee, vec![Some(callee_sdp)], vec![], true)
         .await
         .unwrap();
 
@@ -223,13 +230,22 @@ async fn exchange(io: IoMode, port_min: u16) {
         relay.counts().await,
         Counts {
             sessions: 1,
-            ports_in_use: 4
+            ports_in_use: 4,
+            strangers: 1,
         }
     );
+    assert_eq!(stats.caller.strangers, 1);
     let last = relay.delete(alloc.id).await.unwrap();
     assert_eq!(last.caller.pkts, 11);
     assert!(last.duration >= stats.duration);
-    assert_eq!(relay.counts().await, Counts::default());
+    // The stranger count is since start, not per live session.
+    assert_eq!(
+        relay.counts().await,
+        Counts {
+            strangers: 1,
+            ..Counts::default()
+        }
+    );
     // The sockets are closed: the ports can be bound again right away.
     for p in [ports.caller, ports.callee] {
         std::net::UdpSocket::bind(relay_addr(p.rtp)).unwrap();
@@ -263,11 +279,11 @@ async fn a_burst_is_forwarded_whole_and_in_order() {
         endpoint(addr, SocketAddr::new(addr.ip(), addr.port() + 1))
     };
     relay
-        .update(alloc.id, Side::Caller, vec![Some(ep(&a))], false)
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a))], vec![], false)
         .await
         .unwrap();
     relay
-        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], true)
+        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], vec![], true)
         .await
         .unwrap();
     // More than one wakeup's worth (4 batches of 32), sent at once; fewer than the 256
@@ -302,6 +318,7 @@ async fn streams_are_kept_apart_and_disabled_streams_drop() {
             alloc.id,
             Side::Caller,
             vec![Some(ep(&a_audio)), None],
+            vec![],
             false,
         )
         .await
@@ -311,6 +328,7 @@ async fn streams_are_kept_apart_and_disabled_streams_drop() {
             alloc.id,
             Side::Callee,
             vec![Some(ep(&b_audio)), Some(ep(&b_video))],
+            vec![],
             true,
         )
         .await
@@ -333,7 +351,13 @@ async fn streams_are_kept_apart_and_disabled_streams_drop() {
     assert_eq!((s.caller.pkts, s.callee.pkts, s.callee.dropped), (1, 1, 1));
     assert!(matches!(
         relay
-            .update(alloc.id, Side::Caller, vec![Some(ep(&a_audio))], true)
+            .update(
+                alloc.id,
+                Side::Caller,
+                vec![Some(ep(&a_audio))],
+                vec![],
+                true
+            )
             .await,
         Err(RelayError::StreamCount)
     ));
@@ -460,7 +484,8 @@ async fn exhaustion_and_a_port_held_elsewhere() {
         relay.counts().await,
         Counts {
             sessions: 1,
-            ports_in_use: 4
+            ports_in_use: 4,
+            strangers: 0,
         }
     );
     relay.delete(alloc.id).await.unwrap();
@@ -486,11 +511,11 @@ async fn relatch_after_reinvite_with_a_new_port() {
     let (a1, a2, b) = (socket().await, socket().await, socket().await);
     let ep = |s: &UdpSocket| endpoint(s.local_addr().unwrap(), s.local_addr().unwrap());
     relay
-        .update(alloc.id, Side::Caller, vec![Some(ep(&a1))], false)
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a1))], vec![], false)
         .await
         .unwrap();
     relay
-        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], true)
+        .update(alloc.id, Side::Callee, vec![Some(ep(&b))], vec![], true)
         .await
         .unwrap();
     let p = build_rtp(1, 0, 1, 160);
@@ -502,7 +527,7 @@ async fn relatch_after_reinvite_with_a_new_port() {
         .unwrap();
     wait_stats(&relay, alloc.id, |s| s.caller.dropped == 1).await;
     relay
-        .update(alloc.id, Side::Caller, vec![Some(ep(&a2))], true)
+        .update(alloc.id, Side::Caller, vec![Some(ep(&a2))], vec![], true)
         .await
         .unwrap();
     let p3 = build_rtp(3, 320, 1, 160);
@@ -518,6 +543,101 @@ async fn relatch_after_reinvite_with_a_new_port() {
     assert_eq!(recv(&a2).await, (q, relay_addr(ports.caller.rtp)));
     let s = relay.query(alloc.id).await.unwrap();
     assert_eq!((s.caller.pkts, s.caller.dropped, s.caller.lost), (2, 1, 1));
+    relay.shutdown().await;
+}
+
+/// issue #10 item 5: a host that never signalled sprays every port of a call (RTP and RTCP,
+/// before and after the parties latch). It receives nothing, none of its packets reach a
+/// party, and the real media flows unaffected. 127.0.0.2 is on Linux's loopback.
+#[tokio::test]
+async fn a_sprayer_from_another_address_gets_nothing_and_hijacks_nothing() {
+    let (relay, _events) = start(config(23000, 23099)).unwrap();
+    let alloc = relay.allocate("spray".into(), 1).await.unwrap();
+    let ports = alloc.streams[0];
+    let (a, b) = (socket().await, socket().await);
+    let sprayer = UdpSocket::bind(("127.0.0.2", 0)).await.unwrap();
+    let ep = |s: &UdpSocket| {
+        let rtp = s.local_addr().unwrap();
+        endpoint(rtp, SocketAddr::new(rtp.ip(), rtp.port() + 1))
+    };
+    relay
+        .update(
+            alloc.id,
+            Side::Caller,
+            vec![Some(ep(&a))],
+            vec![LOCALHOST],
+            false,
+        )
+        .await
+        .unwrap();
+    relay
+        .update(
+            alloc.id,
+            Side::Callee,
+            vec![Some(ep(&b))],
+            vec![LOCALHOST],
+            true,
+        )
+        .await
+        .unwrap();
+    let spray = |round: u16| {
+        let sprayer = &sprayer;
+        async move {
+            for port in [ports.caller.rtp, ports.callee.rtp] {
+                let p = build_rtp(1000 + round, 0, 0xbad, 160);
+                sprayer.send_to(&p, relay_addr(port)).await.unwrap();
+                let rr = build_rtcp_rr(0xbad);
+                sprayer.send_to(&rr, relay_addr(port + 1)).await.unwrap();
+            }
+        }
+    };
+    // First, before either party has sent anything: the old "first packet latches" hole.
+    spray(0).await;
+    wait_stats(&relay, alloc.id, |s| {
+        s.caller.strangers == 2 && s.callee.strangers == 2
+    })
+    .await;
+    let pa = build_rtp(1, 0, 0xa, 160);
+    a.send_to(&pa, relay_addr(ports.caller.rtp)).await.unwrap();
+    assert_eq!(recv(&b).await, (pa, relay_addr(ports.callee.rtp)));
+    let pb = build_rtp(1, 0, 0xb, 160);
+    b.send_to(&pb, relay_addr(ports.callee.rtp)).await.unwrap();
+    assert_eq!(recv(&a).await, (pb, relay_addr(ports.caller.rtp)));
+    // Again during the call, and inside the re-latch window of a new SDP.
+    relay
+        .update(
+            alloc.id,
+            Side::Caller,
+            vec![Some(ep(&a))],
+            vec![LOCALHOST],
+            true,
+        )
+        .await
+        .unwrap();
+    spray(1).await;
+    wait_stats(&relay, alloc.id, |s| {
+        s.caller.strangers == 4 && s.callee.strangers == 4
+    })
+    .await;
+    // The parties' next packets are the next ones each receives: nothing of the sprayer's
+    // was queued before them.
+    let pa2 = build_rtp(2, 160, 0xa, 160);
+    a.send_to(&pa2, relay_addr(ports.caller.rtp)).await.unwrap();
+    assert_eq!(recv(&b).await.0, pa2);
+    let pb2 = build_rtp(2, 160, 0xb, 160);
+    b.send_to(&pb2, relay_addr(ports.callee.rtp)).await.unwrap();
+    assert_eq!(recv(&a).await.0, pb2);
+    // Every send for the sprayer's packets would have happened before the stats above.
+    let mut buf = [0u8; 2048];
+    assert_eq!(
+        sprayer.try_recv_from(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the sprayer received something"
+    );
+    let s = relay.query(alloc.id).await.unwrap();
+    assert_eq!((s.caller.pkts, s.callee.pkts), (2, 2));
+    assert_eq!((s.caller.dropped, s.callee.dropped), (4, 4));
+    assert_eq!(relay.counts().await.strangers, 8);
     relay.shutdown().await;
 }
 

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +47,8 @@ struct Control {
     sessions: HashMap<SessionId, Owned>,
     next_id: u64,
     events: mpsc::UnboundedSender<Closed>,
+    /// Datagrams the workers dropped as strangers.
+    strangers: Arc<AtomicU64>,
 }
 
 pub(crate) fn start(
@@ -77,10 +81,16 @@ pub(crate) fn start(
         v6: cfg.bind.is_ipv6(),
     };
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    let strangers = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::with_capacity(n);
     for i in 0..n {
         // On error the workers started so far see their channel close and exit.
-        workers.push(worker::spawn(i, wcfg, closed_tx.clone())?);
+        workers.push(worker::spawn(
+            i,
+            wcfg,
+            closed_tx.clone(),
+            strangers.clone(),
+        )?);
     }
     drop(closed_tx);
 
@@ -94,6 +104,7 @@ pub(crate) fn start(
         sessions: HashMap::new(),
         next_id: 1,
         events: events_tx,
+        strangers,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -179,6 +190,7 @@ impl Control {
                 id,
                 side,
                 streams,
+                sources,
                 answered,
                 reply,
             } => {
@@ -191,6 +203,7 @@ impl Control {
                             id,
                             side,
                             streams,
+                            sources,
                             answered,
                             reply,
                         })
@@ -219,6 +232,7 @@ impl Control {
                 let _ = reply.send(Counts {
                     sessions: self.sessions.len(),
                     ports_in_use: self.pool.in_use() * 2,
+                    strangers: self.strangers.load(Ordering::Relaxed),
                 });
             }
             // Handled by `run`.

@@ -19,6 +19,8 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -28,7 +30,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::sys::{BATCH, BatchIo, EVENTS, Epoll, Transmit};
-use crate::forward::{Relay, Timeouts, Verdict};
+use crate::forward::{DropReason, Relay, Timeouts, Verdict};
 use crate::{
     Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side, StreamPorts,
 };
@@ -60,6 +62,7 @@ pub(crate) enum WorkerCmd {
         id: SessionId,
         side: Side,
         streams: Vec<Option<Endpoint>>,
+        sources: Vec<std::net::IpAddr>,
         answered: bool,
         reply: oneshot::Sender<Result<(), RelayError>>,
     },
@@ -95,11 +98,13 @@ pub(crate) struct WorkerHandle {
     pub(crate) thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts worker `index`. Closed sessions are reported on `closed`.
+/// Starts worker `index`. Closed sessions are reported on `closed`; datagrams dropped as
+/// strangers are added to `strangers` (shared by every worker).
 pub(crate) fn spawn(
     index: usize,
     cfg: WorkerConfig,
     closed: mpsc::UnboundedSender<Closed>,
+    strangers: Arc<AtomicU64>,
 ) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     // The runtime is built on the new thread (a runtime must not be dropped inside another
@@ -122,7 +127,7 @@ pub(crate) fn spawn(
                 }
             };
             let span = tracing::info_span!("relay_worker", worker = index);
-            LocalSet::new().block_on(&rt, run(cfg, rx, closed).instrument(span));
+            LocalSet::new().block_on(&rt, run(cfg, rx, closed, strangers).instrument(span));
         })?;
     ready_rx
         .recv()
@@ -184,12 +189,14 @@ struct Worker {
     pending: Vec<Pending>,
     send_list: Vec<Transmit>,
     send: SendCounters,
+    /// Relay-wide count of datagrams from strangers (strict-source latching).
+    strangers: Arc<AtomicU64>,
     recv_warn: RateLimit,
     send_warn: RateLimit,
 }
 
 impl Worker {
-    fn new(cfg: WorkerConfig) -> io::Result<Self> {
+    fn new(cfg: WorkerConfig, strangers: Arc<AtomicU64>) -> io::Result<Self> {
         let ports = usize::from(cfg.port_max - cfg.port_min) + 1;
         Ok(Self {
             relay: Relay::new(cfg.port_min, cfg.pairs, cfg.timeouts),
@@ -202,6 +209,7 @@ impl Worker {
             pending: Vec::with_capacity(BATCH),
             send_list: Vec::with_capacity(BATCH),
             send: SendCounters::default(),
+            strangers,
             recv_warn: RateLimit::default(),
             send_warn: RateLimit::default(),
         })
@@ -230,14 +238,16 @@ impl Worker {
                 continue;
             }
             let Some(src) = meta.src else { continue };
-            if let Verdict::Forward { out_port, dst } =
-                self.relay.on_packet(now, port, src, self.io.payload(i))
-            {
-                self.pending.push(Pending {
+            match self.relay.on_packet(now, port, src, self.io.payload(i)) {
+                Verdict::Forward { out_port, dst } => self.pending.push(Pending {
                     slot: i,
                     out_port,
                     dst,
-                });
+                }),
+                Verdict::Drop(DropReason::Stranger) => {
+                    self.strangers.fetch_add(1, Ordering::Relaxed);
+                }
+                Verdict::Drop(_) => {}
             }
         }
         self.send_grouped(now);
@@ -342,8 +352,9 @@ async fn run(
     cfg: WorkerConfig,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     closed: mpsc::UnboundedSender<Closed>,
+    strangers: Arc<AtomicU64>,
 ) {
-    let worker = match Worker::new(cfg) {
+    let worker = match Worker::new(cfg, strangers) {
         Ok(w) => w,
         Err(error) => {
             tracing::error!(%error, "relay worker: no epoll instance; it serves nothing");
@@ -379,13 +390,18 @@ async fn run(
                 id,
                 side,
                 streams,
+                sources,
                 answered,
                 reply,
             } => {
-                let r = w
-                    .borrow_mut()
-                    .relay
-                    .update(Instant::now(), id, side, &streams, answered);
+                let r = w.borrow_mut().relay.update(
+                    Instant::now(),
+                    id,
+                    side,
+                    &streams,
+                    &sources,
+                    answered,
+                );
                 notify.notify_one();
                 let _ = reply.send(r);
             }
