@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::{Config, MediaConfig};
-use crate::media::session::Media;
+use crate::media::session::{Limits, Media};
 use crate::nat::keepalive::Pinger;
 use crate::registrar::location::Location;
 use crate::registrar::service::{Context, Registrar};
@@ -56,6 +56,21 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         info!(applied, "database schema migrated");
     }
     let key = nonce_key(&store).await?;
+    // CDRs a previous run could not write (issue #10 item 7).
+    match crate::media::cdr::load_spool(&store, &cfg.media.cdr_spool).await {
+        Ok(l) if l == Default::default() => {}
+        Ok(l) => info!(
+            written = l.written,
+            kept = l.kept,
+            spool = %cfg.media.cdr_spool.display(),
+            "CDR spool loaded"
+        ),
+        Err(error) => warn!(
+            %error,
+            spool = %cfg.media.cdr_spool.display(),
+            "cannot read the CDR spool; it is left for the next start"
+        ),
+    }
     let location = Arc::new(Location::new());
     let bindings = store.load_bindings(clock.unix()).await?;
     info!(bindings = bindings.len(), "location service loaded");
@@ -124,7 +139,20 @@ fn start_media(
     })
     .map_err(StartError::Relay)?;
     info!(%bind, ports = %format!("{}-{}", m.ports.min, m.ports.max), "media relay started");
-    let media = Arc::new(Media::new(relay, m.address, store, clock));
+    let limits = Limits {
+        max_streams: m.max_streams,
+        // A session needs at least two port pairs (one per side): the range bounds it too.
+        max_sessions: m.max_sessions.min(m.ports.pairs() / 2).max(1),
+        max_sessions_per_caller: m.max_sessions_per_caller,
+    };
+    let media = Arc::new(Media::new(
+        relay,
+        m.address,
+        store,
+        clock,
+        limits,
+        m.cdr_spool.clone(),
+    ));
     let on_closed = media.clone();
     tokio::spawn(async move {
         while let Some(c) = closed.recv().await {
@@ -132,6 +160,24 @@ fn start_media(
         }
     });
     Ok(media)
+}
+
+/// Closes every media session (each logs its stats line and writes its CDR, to the store or
+/// the spool) and stops the relay. Runs after the listeners, whether or not they stopped in
+/// time, so that nothing of a call is lost at shutdown (issue #10 item 7). Idempotent.
+pub async fn shutdown_media(media: &Media) {
+    // What is still allocated (0 and 0 after calls that all ended: nothing leaked).
+    let c = media.relay().counts().await;
+    info!(
+        media.calls = media.calls(),
+        relay.sessions = c.sessions,
+        relay.ports = c.ports_in_use,
+        relay.strangers = c.strangers,
+        "media relay stopping"
+    );
+    // Every relayed call still up logs its stats line (reason "shutdown").
+    media.shutdown().await;
+    media.relay().shutdown().await;
 }
 
 /// The per-install nonce secret, generated on first start and kept in the store so that

@@ -5,7 +5,7 @@
 //! the operator exactly what to fix.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use regex::Regex;
@@ -190,6 +190,25 @@ pub struct RawMedia {
     /// Idle limit while a side is on hold (sendonly/inactive). Default 3600.
     #[serde(default = "default_hold_timeout")]
     pub hold_timeout: u64,
+    /// At most this many m= lines with a non-zero port (streams that take ports) in one SDP;
+    /// an offer with more is refused with 488. Port-0 streams take no ports and do not count.
+    /// Default 8.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// Relay sessions (one per relayed branch of a call) at once, for everyone; more are
+    /// refused with 503 + Retry-After. Also bounded by the port range (a session needs at
+    /// least two port pairs). Default 2000.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Relay sessions at once per caller: the authenticated user, else the source IP. More
+    /// are refused with 486 Busy Here. Default 20.
+    #[serde(default = "default_max_sessions_per_caller")]
+    pub max_sessions_per_caller: usize,
+    /// CDRs the database refused (after retries) are appended here as JSON lines and loaded
+    /// into the database at the next start. Default: `sipedge-cdr.spool` next to the SQLite
+    /// file, or in the working directory for other databases.
+    #[serde(default)]
+    pub cdr_spool: Option<String>,
 }
 
 /// `[[route]]`
@@ -306,6 +325,28 @@ fn default_offer_timeout() -> u64 {
 }
 fn default_hold_timeout() -> u64 {
     3600
+}
+fn default_max_streams() -> usize {
+    8
+}
+fn default_max_sessions() -> usize {
+    2000
+}
+fn default_max_sessions_per_caller() -> usize {
+    20
+}
+
+/// `media.cdr_spool` when unset: next to a SQLite database file, else in the working directory.
+fn default_cdr_spool(database_url: &str) -> PathBuf {
+    const NAME: &str = "sipedge-cdr.spool";
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or_default());
+    match path.map(Path::new).and_then(Path::parent) {
+        Some(dir) => dir.join(NAME),
+        None => PathBuf::from(NAME),
+    }
 }
 
 macro_rules! default_via_serde {
@@ -456,6 +497,14 @@ pub struct MediaConfig {
     pub idle_timeout: Duration,
     pub offer_timeout: Duration,
     pub hold_timeout: Duration,
+    /// m= lines that take ports, per SDP (≥ 1).
+    pub max_streams: usize,
+    /// Relay sessions in total (≥ 1).
+    pub max_sessions: usize,
+    /// Relay sessions per caller (≥ 1).
+    pub max_sessions_per_caller: usize,
+    /// Where CDRs the database refused wait for the next start.
+    pub cdr_spool: PathBuf,
 }
 
 /// The validated configuration.
@@ -682,6 +731,20 @@ impl Config {
                 return Err(invalid(key, "must be at least 1 second"));
             }
         }
+        for (key, v) in [
+            ("media.max_streams", m.max_streams),
+            ("media.max_sessions", m.max_sessions),
+            ("media.max_sessions_per_caller", m.max_sessions_per_caller),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let cdr_spool = match m.cdr_spool.as_deref() {
+            Some("") => return Err(invalid("media.cdr_spool", "must not be empty")),
+            Some(p) => PathBuf::from(p),
+            None => default_cdr_spool(&raw.database.url),
+        };
         let media = MediaConfig {
             address,
             ports,
@@ -690,6 +753,10 @@ impl Config {
             idle_timeout: Duration::from_secs(m.idle_timeout),
             offer_timeout: Duration::from_secs(m.offer_timeout),
             hold_timeout: Duration::from_secs(m.hold_timeout),
+            max_streams: m.max_streams,
+            max_sessions: m.max_sessions,
+            max_sessions_per_caller: m.max_sessions_per_caller,
+            cdr_spool,
         };
 
         let mut routes = Vec::with_capacity(raw.route.len());
@@ -723,6 +790,7 @@ impl Config {
         raw.server.domains = server.domains.clone();
         raw.server.instance_id = server.instance_id.clone();
         raw.media.address = Some(media.address.to_string());
+        raw.media.cdr_spool = Some(media.cdr_spool.display().to_string());
         Ok(Self {
             server,
             database_url: raw.database.url.clone(),
@@ -912,6 +980,23 @@ mod tests {
         assert_eq!(cfg.server.instance_id, "192.0.2.10:5060");
         assert_eq!(cfg.media.address, cfg.server.advertise);
         assert_eq!(cfg.media.ports.pairs(), 5000);
+        assert_eq!(
+            (
+                cfg.media.max_streams,
+                cfg.media.max_sessions,
+                cfg.media.max_sessions_per_caller
+            ),
+            (8, 2000, 20)
+        );
+        assert_eq!(
+            cfg.media.cdr_spool,
+            PathBuf::from("data/sipedge-cdr.spool"),
+            "next to the default database"
+        );
+        let pg = parse("[database]\nurl = \"postgres://u:p@db/sipedge\"").unwrap();
+        assert_eq!(pg.media.cdr_spool, PathBuf::from("sipedge-cdr.spool"));
+        let set = parse("[media]\ncdr_spool = \"/var/spool/sipedge/cdr\"").unwrap();
+        assert_eq!(set.media.cdr_spool, PathBuf::from("/var/spool/sipedge/cdr"));
         assert_eq!(cfg.auth.algorithms, vec![DigestAlgorithm::Md5]);
         assert_eq!(cfg.nat.ping_interval, Some(Duration::from_secs(30)));
         // A specific listen address is preferred over the primary address.
@@ -937,6 +1022,13 @@ mod tests {
             ("[media]\nports = \"40000-30000\"", "media.ports"),
             ("[media]\nports = \"abc\"", "media.ports"),
             ("[media]\nmode = \"sometimes\"", "media.mode"),
+            ("[media]\nmax_streams = 0", "media.max_streams"),
+            ("[media]\nmax_sessions = 0", "media.max_sessions"),
+            (
+                "[media]\nmax_sessions_per_caller = 0",
+                "media.max_sessions_per_caller",
+            ),
+            ("[media]\ncdr_spool = \"\"", "media.cdr_spool"),
             (
                 "[server]\nlisten = [\"sctp:1.2.3.4:5060\"]",
                 "server.listen",

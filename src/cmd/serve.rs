@@ -13,6 +13,8 @@ use super::{CmdError, load_config};
 
 /// How long the loops get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(5);
+/// How long closing the media sessions may take (CDR writes, spooling what fails).
+const MEDIA_DRAIN: Duration = Duration::from_secs(15);
 
 pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
     let cfg = Arc::new(load_config(path)?);
@@ -32,7 +34,7 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             .await
             .context("starting")
             .map_err(CmdError::Runtime)?;
-        let (server, store) = (app.server, app.store);
+        let (server, store, media) = (app.server, app.store, app.media);
         info!(
             version = env!("CARGO_PKG_VERSION"),
             advertise = %cfg.server.advertise,
@@ -46,6 +48,13 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         let _ = stop_tx.send(true);
         if tokio::time::timeout(DRAIN, serving).await.is_err() {
             warn!("listeners did not stop within {DRAIN:?}");
+        }
+        // Always, even when the listeners did not stop: every call's stats line and CDR.
+        if tokio::time::timeout(MEDIA_DRAIN, sipedge::app::shutdown_media(&media))
+            .await
+            .is_err()
+        {
+            warn!("media sessions not all closed within {MEDIA_DRAIN:?}");
         }
         store.close().await;
         info!("sipedge stopped");

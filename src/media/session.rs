@@ -12,9 +12,18 @@
 //! A call ends on BYE, on a final ≥300 (CANCEL or failure), when its offer is never answered,
 //! or when the relay reports idle media (`media.idle_timeout`, `media.hold_timeout` on hold);
 //! nothing else owns ports, so nothing leaks (rtpengine#526, kamailio#992).
+//!
+//! On a public host (issue #10): an offer takes ports only for its m= lines with a non-zero
+//! port, at most `media.max_streams` of them (more: 488); relay sessions are bounded in total
+//! (`media.max_sessions`, and the port range: 503 + Retry-After) and per caller
+//! (`media.max_sessions_per_caller`, the authenticated user or else the source IP: 486). Each
+//! side's SIP source is passed to the relay with its SDP, so a leg latches only to a source
+//! its party signalled (strict source, `sipedge_relay` `latch`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use sipedge_relay::{
@@ -25,9 +34,104 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
+use crate::media::cdr::CdrWriter;
 use crate::media::sdp::{self, Direction, SdpInfo};
 use crate::sip::{Framing, HeaderName, Message, Rewrite};
 use crate::store::{Cdr, Store};
+
+/// Why the media layer refuses an SDP offer: the request is answered with
+/// [`Refused::status`] instead of being forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// More m= lines that need ports than `media.max_streams`.
+    TooManyStreams,
+    /// `media.max_sessions` reached, or no free port pairs (or the server is stopping).
+    Busy,
+    /// The caller already holds `media.max_sessions_per_caller` sessions.
+    CallerLimit,
+}
+
+impl Refused {
+    /// The SIP status answering the request (exhaustive: no wildcard arm).
+    pub fn status(self) -> u16 {
+        match self {
+            // RFC 3261 §21.4.26: the session description is not acceptable.
+            Self::TooManyStreams => 488,
+            // RFC 3261 §21.5.4: temporarily overloaded; Retry-After says when to come back.
+            Self::Busy => 503,
+            // The caller's own calls must end first; another server would say the same.
+            Self::CallerLimit => 486,
+        }
+    }
+
+    /// Extra headers of the answer.
+    pub fn headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Busy => &[("Retry-After", "30")],
+            Self::TooManyStreams | Self::CallerLimit => &[],
+        }
+    }
+
+    /// The configuration key of the limit, for the security log line.
+    pub fn limit(self) -> &'static str {
+        match self {
+            Self::TooManyStreams => "media.max_streams",
+            Self::Busy => "media.max_sessions",
+            Self::CallerLimit => "media.max_sessions_per_caller",
+        }
+    }
+
+    fn idx(self) -> usize {
+        match self {
+            Self::TooManyStreams => 0,
+            Self::Busy => 1,
+            Self::CallerLimit => 2,
+        }
+    }
+}
+
+/// The media limits (`[media]` table).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// m= lines that take ports, per SDP.
+    pub max_streams: usize,
+    /// Relay sessions in total.
+    pub max_sessions: usize,
+    /// Relay sessions per caller.
+    pub max_sessions_per_caller: usize,
+}
+
+/// Refusals since start, per limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals {
+    pub too_many_streams: u64,
+    pub busy: u64,
+    pub caller_limit: u64,
+}
+
+/// One warn line per second per kind at most; the rest are counted into the next one.
+#[derive(Debug, Default)]
+struct Throttle {
+    second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(lines suppressed since the last one)` when a line may be written at `now` (unix s).
+    fn allow(&self, now: u64) -> Option<u64> {
+        let prev = self.second.load(Ordering::Relaxed);
+        if prev != now
+            && self
+                .second
+                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
 
 /// Why a call's media ended (the `reason` field of the stats line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,12 +177,54 @@ struct Call {
     /// The relay ended the media before the INVITE got its final response (an offer never
     /// answered): the report waits for that response, so the CDR has the call's status.
     timed_out: Option<SessionStats>,
+    /// Who the sessions are counted against: `user:NAME` or `ip:ADDR`.
+    caller: String,
+    /// Per side ([`side_idx`]: caller, callee), where its last SIP message with SDP
+    /// came from: besides the SDP address, the only source its media may latch from.
+    sources: [Option<IpAddr>; 2],
 }
 
+/// A branch's relay session.
 #[derive(Debug, Clone)]
 struct Allocated {
     id: SessionId,
+    /// One entry per relayed stream.
     ports: Vec<StreamPorts>,
+    /// The m= line (index in the SDP) of each relayed stream: port-0 lines have none.
+    lines: Vec<usize>,
+    /// m= lines of the SDP it was made for.
+    m_lines: usize,
+}
+
+impl Allocated {
+    /// Whether this SDP fits the session: same m= lines, and every line with a port is one
+    /// that has relay ports (RFC 3264 §8.2: a re-offer may enable a disabled stream).
+    fn fits(&self, info: &SdpInfo) -> bool {
+        info.streams.len() == self.m_lines
+            && info
+                .streams
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.port == 0 || self.lines.contains(&i))
+    }
+}
+
+/// Index of a side in [`Call::sources`].
+fn side_idx(side: Side) -> usize {
+    match side {
+        Side::Caller => 0,
+        Side::Callee => 1,
+    }
+}
+
+/// The m= lines of an SDP that take relay ports: those with a non-zero port.
+fn enabled_lines(info: &SdpInfo) -> Vec<usize> {
+    info.streams
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.port != 0)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 impl Call {
@@ -101,9 +247,19 @@ pub struct Media {
     relay: RelayHandle,
     address: IpAddr,
     calls: DashMap<CallKey, Arc<Mutex<Call>>>,
-    /// Relay session → its call, for timeouts reported by the relay.
-    by_session: DashMap<SessionId, CallKey>,
-    store: Store,
+    /// Relay session → its call and caller, for timeouts reported by the relay. Every live
+    /// session is here (bounded by `limits.max_sessions`).
+    by_session: DashMap<SessionId, (CallKey, String)>,
+    /// Sessions allocated or being allocated (reserved before the relay is asked).
+    live: AtomicUsize,
+    /// Caller → its live sessions; an entry exists only while the count is positive.
+    per_caller: DashMap<String, usize>,
+    limits: Limits,
+    refusals: [AtomicU64; 3],
+    limit_log: Throttle,
+    /// Shutting down: no new sessions.
+    closing: AtomicBool,
+    cdr: CdrWriter,
     clock: Arc<dyn Clock>,
 }
 
@@ -137,18 +293,31 @@ fn endpoints(info: &SdpInfo) -> Vec<Option<Endpoint>> {
         .collect()
 }
 
-/// The relay ports to advertise to the party opposite `from`, per m= line.
+/// The relay ports to advertise to the party opposite `from`, per m= line; `None` keeps the
+/// line's port (0 for a disabled stream, RFC 3264 §8.2).
 fn ports_for(info: &SdpInfo, alloc: &Allocated, from: Side) -> Vec<Option<u16>> {
     info.streams
         .iter()
-        .zip(&alloc.ports)
-        .map(|(s, p)| {
+        .enumerate()
+        .map(|(i, s)| {
+            let k = alloc.lines.iter().position(|&l| l == i)?;
+            let p = alloc.ports.get(k)?;
             (s.port != 0).then_some(match from {
                 // The caller's SDP goes to the callee: it sends to the callee-facing leg.
                 Side::Caller => p.callee.rtp,
                 Side::Callee => p.caller.rtp,
             })
         })
+        .collect()
+}
+
+/// The endpoints of the relayed streams only, in relay stream order.
+fn relayed_endpoints(info: &SdpInfo, alloc: &Allocated) -> Vec<Option<Endpoint>> {
+    let all = endpoints(info);
+    alloc
+        .lines
+        .iter()
+        .map(|&i| all.get(i).copied().flatten())
         .collect()
 }
 
@@ -163,15 +332,110 @@ pub fn is_sdp(content_type: Option<&str>, body: &[u8]) -> bool {
 }
 
 impl Media {
-    pub fn new(relay: RelayHandle, address: IpAddr, store: Store, clock: Arc<dyn Clock>) -> Self {
+    /// The media side over a started relay; failed CDRs go to `cdr_spool`.
+    pub fn new(
+        relay: RelayHandle,
+        address: IpAddr,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        cdr_spool: PathBuf,
+    ) -> Self {
         Self {
             relay,
             address,
             calls: DashMap::new(),
             by_session: DashMap::new(),
-            store,
+            live: AtomicUsize::new(0),
+            per_caller: DashMap::new(),
+            limits,
+            refusals: Default::default(),
+            limit_log: Throttle::default(),
+            closing: AtomicBool::new(false),
+            cdr: CdrWriter::new(store, cdr_spool),
             clock,
         }
+    }
+
+    /// Relay sessions held now (all callers).
+    pub fn sessions(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Offers refused by a limit since start.
+    pub fn refusals(&self) -> Refusals {
+        let r = |i: usize| self.refusals[i].load(Ordering::Relaxed);
+        Refusals {
+            too_many_streams: r(0),
+            busy: r(1),
+            caller_limit: r(2),
+        }
+    }
+
+    /// The CDR writer (its spool path).
+    pub fn cdr_writer(&self) -> &CdrWriter {
+        &self.cdr
+    }
+
+    /// Counts a refusal and writes the (rate-limited) security line.
+    fn refuse(&self, why: Refused, src: SocketAddr, call_id: &str) -> Refused {
+        self.refusals[why.idx()].fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.limit_log.allow(self.clock.unix()) {
+            let ip = src.ip();
+            warn!(
+                target: "sipedge::security",
+                {
+                    security.event = "media_limit",
+                    peer.ip = %ip,
+                    peer.addr = %src,
+                    suppressed,
+                    limit = why.limit(),
+                    sip.status = why.status(),
+                    sip.call_id = %call_id,
+                },
+                "security event"
+            );
+        }
+        why
+    }
+
+    /// Reserves one session for `caller` before the relay is asked for ports.
+    fn reserve(&self, caller: &str) -> Result<(), Refused> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(Refused::Busy);
+        }
+        let live = self.live.fetch_add(1, Ordering::Relaxed);
+        if live >= self.limits.max_sessions {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::Busy);
+        }
+        let mut n = self.per_caller.entry(caller.to_owned()).or_insert(0);
+        if *n >= self.limits.max_sessions_per_caller {
+            drop(n);
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::CallerLimit);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Gives back a reservation (the allocation failed, or its session is gone).
+    fn unreserve(&self, caller: &str) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        if let dashmap::Entry::Occupied(mut e) = self.per_caller.entry(caller.to_owned()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// A relay session is gone (deleted or timed out): forgets it and frees its reservation.
+    /// Its call, if it was still known.
+    fn forget(&self, id: SessionId) -> Option<CallKey> {
+        let (_, (key, caller)) = self.by_session.remove(&id)?;
+        self.unreserve(&caller);
+        Some(key)
     }
 
     /// Relayed calls in progress.
@@ -185,13 +449,17 @@ impl Media {
     }
 
     /// A new INVITE is relayed: registers the call and, when it carries an offer, allocates
-    /// the branch's session and returns the rewritten body for that branch.
+    /// the branch's session and returns the rewritten body for that branch. `src` is where
+    /// the INVITE came from; `caller` the key its sessions count against. `Err`: a limit
+    /// refuses the offer (the call is forgotten unless another branch holds a session).
     pub async fn initial_offer(
         &self,
         ids: &CallIds<'_>,
         branch: &str,
         body: Option<&[u8]>,
-    ) -> Option<Vec<u8>> {
+        src: SocketAddr,
+        caller: &str,
+    ) -> Result<Option<Vec<u8>>, Refused> {
         let key = (ids.call_id.to_owned(), ids.from_tag.to_owned());
         let call = self
             .calls
@@ -211,6 +479,8 @@ impl Media {
                     status: 0,
                     ended: false,
                     timed_out: None,
+                    caller: caller.to_owned(),
+                    sources: [None, None],
                 }))
             })
             .clone();
@@ -218,9 +488,16 @@ impl Media {
         if !call.branches.iter().any(|(b, _)| b == branch) {
             call.branches.push((branch.to_owned(), None));
         }
-        let body = body?;
-        self.apply(&mut call, &key, branch, Side::Caller, body, false)
-            .await
+        let Some(body) = body else { return Ok(None) };
+        let r = self
+            .apply(&mut call, &key, branch, Side::Caller, body, false, src)
+            .await;
+        if r.is_err() && call.branches.iter().all(|(_, s)| s.is_none()) {
+            // Nothing of it is relayed: no call to end, no CDR for a refused flood.
+            call.ended = true;
+            self.calls.remove(&key);
+        }
+        r
     }
 
     /// A response with SDP on a branch of the initial INVITE (18x/2xx): the answer (or, for a
@@ -231,6 +508,7 @@ impl Media {
         branch: &str,
         status: u16,
         body: &[u8],
+        src: SocketAddr,
     ) -> Option<Vec<u8>> {
         let key = (ids.call_id.to_owned(), ids.from_tag.to_owned());
         let call = self.calls.get(&key)?.clone();
@@ -247,8 +525,11 @@ impl Media {
         {
             call.early.push((tag.to_owned(), branch.to_owned()));
         }
-        self.apply(&mut call, &key, branch, Side::Callee, body, true)
+        // A response cannot be refused: what does not fit is forwarded unchanged.
+        self.apply(&mut call, &key, branch, Side::Callee, body, true, src)
             .await
+            .ok()
+            .flatten()
     }
 
     /// The initial INVITE got its final response upstream.
@@ -279,7 +560,7 @@ impl Media {
             c.branches.retain(|(b, _)| Some(b) == winner.as_ref());
             drop(c);
             for id in losers {
-                self.by_session.remove(&id);
+                self.forget(id);
                 let _ = self.relay.delete(id).await;
             }
             // A 2xx without SDP anywhere: nothing to relay.
@@ -300,18 +581,22 @@ impl Media {
     }
 
     /// SDP in a request or response inside a relayed dialog. `sender_tag` is the tag of the
-    /// party that sent this SDP. Returns the rewritten body.
+    /// party that sent this SDP, `src` where it came from. Returns the rewritten body; `Err`
+    /// when a limit refuses a re-offer.
     pub async fn in_dialog(
         &self,
         call_id: &str,
         tags: (&str, Option<&str>),
         sender_tag: &str,
         body: &[u8],
-    ) -> Option<Vec<u8>> {
-        let (key, call) = self.find(call_id, tags)?;
+        src: SocketAddr,
+    ) -> Result<Option<Vec<u8>>, Refused> {
+        let Some((key, call)) = self.find(call_id, tags) else {
+            return Ok(None);
+        };
         let mut call = call.lock().await;
         if call.ended {
-            return None;
+            return Ok(None);
         }
         let side = if sender_tag == call.caller_tag {
             Side::Caller
@@ -323,17 +608,20 @@ impl Media {
         let branch = match &call.winner {
             Some(w) => w.clone(),
             None => {
-                let callee_tag = [Some(tags.0), tags.1]
+                let early = [Some(tags.0), tags.1]
                     .into_iter()
                     .flatten()
-                    .find(|t| *t != call.caller_tag)?;
-                call.early
-                    .iter()
-                    .find(|(t, _)| t == callee_tag)
-                    .map(|(_, b)| b.clone())?
+                    .find(|t| *t != call.caller_tag)
+                    .and_then(|callee_tag| call.early.iter().find(|(t, _)| t == callee_tag))
+                    .map(|(_, b)| b.clone());
+                match early {
+                    Some(b) => b,
+                    None => return Ok(None),
+                }
             }
         };
-        self.apply(&mut call, &key, &branch, side, body, true).await
+        self.apply(&mut call, &key, &branch, side, body, true, src)
+            .await
     }
 
     /// True when the dialog of these tags is relayed.
@@ -350,7 +638,7 @@ impl Media {
 
     /// The relay closed a session on a timeout.
     pub async fn on_relay_closed(&self, closed: Closed) {
-        let Some((_, key)) = self.by_session.remove(&closed.id) else {
+        let Some(key) = self.forget(closed.id) else {
             return;
         };
         let Some(call) = self.calls.get(&key).map(|c| c.clone()) else {
@@ -373,7 +661,7 @@ impl Media {
                 .filter_map(|(_, s)| s.as_ref().map(|s| s.id))
                 .collect();
             for id in others {
-                self.by_session.remove(&id);
+                self.forget(id);
                 let _ = self.relay.delete(id).await;
             }
             debug!(relay_reason = ?closed.reason, "relay closed an idle session");
@@ -387,12 +675,15 @@ impl Media {
         }
     }
 
-    /// Closes every call (server shutdown).
+    /// Closes every call (server shutdown): each logs its stats line and writes its CDR; new
+    /// offers are refused from now on. Returns when every CDR is in the store or the spool.
     pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         let keys: Vec<CallKey> = self.calls.iter().map(|e| e.key().clone()).collect();
         for key in keys {
             self.end(&key, EndReason::Shutdown).await;
         }
+        self.cdr.close().await;
     }
 
     fn find(
@@ -419,7 +710,7 @@ impl Media {
         let mut others = SessionStats::default();
         for (_, s) in &c.branches {
             let Some(s) = s else { continue };
-            self.by_session.remove(&s.id);
+            self.forget(s.id);
             match self.relay.delete(s.id).await {
                 Ok(st) if Some(s.id) == winner => stats = Some(st),
                 Ok(st) => others = add(others, &st),
@@ -462,7 +753,7 @@ impl Media {
             answer: c.answer_unix,
             end: self.clock.unix(),
             status: c.status,
-            reason: reason.as_str(),
+            reason: reason.as_str().to_owned(),
             caller: (
                 s.caller.pkts,
                 s.caller.bytes,
@@ -476,14 +767,14 @@ impl Media {
                 ms(s.callee.jitter_ms),
             ),
         };
-        if let Err(error) = self.store.insert_cdr(&cdr).await {
-            warn!(%error, call_id = %c.call_id, "writing the CDR");
-        }
+        self.cdr.write(cdr).await;
     }
 
-    /// Runs one SDP through a branch's session: allocates it on the first SDP, tells the relay
-    /// the sender's endpoints, returns the body rewritten with the relay's address and the
-    /// ports that face the receiver.
+    /// Runs one SDP through a branch's session: allocates it on the first SDP (ports only for
+    /// the m= lines with a port), tells the relay the sender's endpoints and SIP source,
+    /// returns the body rewritten with the relay's address and the ports that face the
+    /// receiver. `Ok(None)`: forward the SDP unchanged; `Err`: a limit refuses it.
+    #[allow(clippy::too_many_arguments)] // private; every argument is one fact of the SDP
     async fn apply(
         &self,
         call: &mut Call,
@@ -492,72 +783,96 @@ impl Media {
         from: Side,
         body: &[u8],
         answered: bool,
-    ) -> Option<Vec<u8>> {
+        src: SocketAddr,
+    ) -> Result<Option<Vec<u8>>, Refused> {
         let info = match sdp::inspect(body) {
             Ok(i) => i,
             Err(error) => {
                 debug!(%error, "SDP not relayed: cannot parse it");
-                return None;
+                return Ok(None);
             }
         };
+        call.sources[side_idx(from)] = Some(src.ip());
+        let lines = enabled_lines(&info);
+        if lines.len() > self.limits.max_streams {
+            return Err(self.refuse(Refused::TooManyStreams, src, &call.call_id));
+        }
         let mut alloc = call.session(branch).cloned();
-        if alloc
-            .as_ref()
-            .is_some_and(|a| a.ports.len() != info.streams.len())
-        {
-            // A re-offer that adds or removes m= lines (RFC 3264 §8 allows adding only; some
-            // phones renumber): a fresh session with the new count, the old one's ports back.
+        if alloc.as_ref().is_some_and(|a| !a.fits(&info)) {
+            // A re-offer that adds m= lines, enables a disabled one or renumbers them (RFC
+            // 3264 §8): a fresh session for the new lines, the old one's ports back.
             if let Some(old) = alloc.take() {
-                self.by_session.remove(&old.id);
+                self.forget(old.id);
                 let _ = self.relay.delete(old.id).await;
+                if let Some((_, s)) = call.branches.iter_mut().find(|(b, _)| b == branch) {
+                    *s = None;
+                }
             }
         }
         let alloc = match alloc {
             Some(a) => a,
-            None => match self
-                .relay
-                .allocate(call.call_id.clone(), info.streams.len())
-                .await
-            {
-                Ok(a) => {
-                    let a = Allocated {
-                        id: a.id,
-                        ports: a.streams,
-                    };
-                    self.by_session.insert(a.id, key.clone());
-                    match call.branches.iter_mut().find(|(b, _)| b == branch) {
-                        Some((_, s)) => *s = Some(a.clone()),
-                        None => call.branches.push((branch.to_owned(), Some(a.clone()))),
+            // Every stream disabled: nothing to relay.
+            None if lines.is_empty() => return Ok(None),
+            None => {
+                if let Err(why) = self.reserve(&call.caller) {
+                    return Err(self.refuse(why, src, &call.call_id));
+                }
+                match self.relay.allocate(call.call_id.clone(), lines.len()).await {
+                    Ok(a) => {
+                        let a = Allocated {
+                            id: a.id,
+                            ports: a.streams,
+                            lines,
+                            m_lines: info.streams.len(),
+                        };
+                        self.by_session
+                            .insert(a.id, (key.clone(), call.caller.clone()));
+                        match call.branches.iter_mut().find(|(b, _)| b == branch) {
+                            Some((_, s)) => *s = Some(a.clone()),
+                            None => call.branches.push((branch.to_owned(), Some(a.clone()))),
+                        }
+                        a
                     }
-                    a
+                    Err(RelayError::PortsExhausted) => {
+                        self.unreserve(&call.caller);
+                        return Err(self.refuse(Refused::Busy, src, &call.call_id));
+                    }
+                    Err(error) => {
+                        self.unreserve(&call.caller);
+                        warn!(%error, call_id = %call.call_id, "media relay: no session; SDP forwarded unchanged");
+                        return Ok(None);
+                    }
                 }
-                Err(error) => {
-                    warn!(%error, call_id = %call.call_id, "media relay: no session; SDP forwarded unchanged");
-                    return None;
-                }
-            },
+            }
         };
+        let sources = call.sources[side_idx(from)].into_iter().collect();
         match self
             .relay
-            .update(alloc.id, from, endpoints(&info), answered)
+            .update(
+                alloc.id,
+                from,
+                relayed_endpoints(&info, &alloc),
+                sources,
+                answered,
+            )
             .await
         {
             Ok(()) => {}
-            Err(RelayError::NoSuchSession) => return None,
+            Err(RelayError::NoSuchSession) => return Ok(None),
             Err(error) => {
                 warn!(%error, "media relay update");
-                return None;
+                return Ok(None);
             }
         }
         match sdp::rewrite(body, self.address, &ports_for(&info, &alloc, from)) {
-            Ok(b) => Some(b),
+            Ok(b) => Ok(Some(b)),
             Err(error) if error.is_internal() => {
                 warn!(%error, call_id = %call.call_id, "SDP rewrite: relay ports do not fit");
-                None
+                Ok(None)
             }
             Err(error) => {
                 debug!(%error, "SDP not rewritten");
-                None
+                Ok(None)
             }
         }
     }
@@ -582,6 +897,7 @@ fn add(a: SessionStats, b: &SessionStats) -> SessionStats {
         rtcp_pkts: x.rtcp_pkts + y.rtcp_pkts,
         rtcp_bytes: x.rtcp_bytes + y.rtcp_bytes,
         dropped: x.dropped + y.dropped,
+        strangers: x.strangers + y.strangers,
     };
     SessionStats {
         duration: a.duration.max(b.duration),
@@ -626,43 +942,68 @@ impl Media {
     /// A request about to leave on one branch (`fwd` = its bytes). `initial` is `Some(relay?)`
     /// for a branch of an initial INVITE, `None` for a request inside a dialog (relayed when
     /// its dialog is). BYE ends the dialog's media here, before it is relayed (DESIGN §4).
+    /// `src` is where the request came from, `auth_user` who it authenticated as (the
+    /// caller its sessions count against; else its source IP).
+    ///
+    /// `Err`: a media limit refuses the SDP; the branch is answered with
+    /// [`Refused::status`] instead of being forwarded (an ACK is never refused: it is
+    /// forwarded unchanged).
     pub async fn on_request(
         &self,
         msg: &Message,
         fwd: Vec<u8>,
         branch: &str,
         initial: Option<bool>,
-    ) -> Vec<u8> {
-        let Some(ids) = ids(msg) else { return fwd };
+        src: SocketAddr,
+        auth_user: Option<&str>,
+    ) -> Result<Vec<u8>, Refused> {
+        let Some(ids) = ids(msg) else { return Ok(fwd) };
         let body = sdp_body(msg);
         let new = match initial {
-            Some(false) => None,
-            Some(true) => self.initial_offer(&ids, branch, body).await,
+            Some(false) => Ok(None),
+            Some(true) => {
+                let caller = match auth_user {
+                    Some(u) => format!("user:{u}"),
+                    None => format!("ip:{}", src.ip()),
+                };
+                self.initial_offer(&ids, branch, body, src, &caller).await
+            }
             None if msg.method() == Some("BYE") => {
                 self.bye(ids.call_id, (ids.from_tag, ids.to_tag)).await;
-                None
+                Ok(None)
             }
             None => match body {
                 Some(b) => {
-                    self.in_dialog(ids.call_id, (ids.from_tag, ids.to_tag), ids.from_tag, b)
-                        .await
+                    self.in_dialog(
+                        ids.call_id,
+                        (ids.from_tag, ids.to_tag),
+                        ids.from_tag,
+                        b,
+                        src,
+                    )
+                    .await
                 }
-                None => None,
+                None => Ok(None),
             },
         };
         match new {
-            Some(body) => with_body(fwd, body),
-            None => fwd,
+            Ok(Some(body)) => Ok(with_body(fwd, body)),
+            Ok(None) => Ok(fwd),
+            // An ACK has no answer; what does not fit goes as it is.
+            Err(_) if msg.method() == Some("ACK") => Ok(fwd),
+            Err(why) => Err(why),
         }
     }
 
-    /// A response on its way upstream (our Via still on top). `initial` as in `on_request`.
+    /// A response on its way upstream (our Via still on top). `initial` as in `on_request`;
+    /// `src` is the address of the party that answered (where its SIP comes from).
     pub async fn on_response(
         &self,
         req: &Message,
         resp: Message,
         branch: &str,
         initial: Option<bool>,
+        src: SocketAddr,
     ) -> Message {
         let status = resp.status().unwrap_or(0);
         if !(101..300).contains(&status) || initial == Some(false) {
@@ -691,13 +1032,14 @@ impl Media {
             return resp;
         };
         let new = match (initial, ids(&resp)) {
-            (Some(true), Some(ids)) => self.initial_response(&ids, branch, status, body).await,
+            (Some(true), Some(ids)) => self.initial_response(&ids, branch, status, body, src).await,
             // The responder is the party the request was sent to: its tag is the request's To-tag.
             (None, Some(ids)) => match ids.to_tag.or_else(|| req.to().ok().and_then(|t| t.tag())) {
-                Some(sender) => {
-                    self.in_dialog(ids.call_id, (ids.from_tag, ids.to_tag), sender, body)
-                        .await
-                }
+                Some(sender) => self
+                    .in_dialog(ids.call_id, (ids.from_tag, ids.to_tag), sender, body, src)
+                    .await
+                    .ok()
+                    .flatten(),
                 None => None,
             },
             _ => None,
@@ -760,25 +1102,44 @@ m=audio 4002 RTP/AVP 0\r\na=rtcp:5001 IN IP4 10.0.0.3\r\na=rtcp-mux\r\n";
     #[test]
     fn ports_face_the_receiver() {
         let info = sdp::inspect(OFFER).unwrap();
+        // The disabled video line (m= line 1) takes no ports: two relayed streams.
+        let lines = enabled_lines(&info);
+        assert_eq!(lines, vec![0, 2]);
         let alloc = Allocated {
             id: SessionId(1),
-            ports: (0..3)
+            ports: (0..2)
                 .map(|i| StreamPorts {
                     caller: pair(30000 + 4 * i),
                     callee: pair(30002 + 4 * i),
                 })
                 .collect(),
+            lines,
+            m_lines: 3,
         };
+        assert!(alloc.fits(&info));
         // The caller's offer goes to the callee: the callee-facing ports; the disabled stream
         // keeps port 0.
         assert_eq!(
             ports_for(&info, &alloc, Side::Caller),
-            vec![Some(30002), None, Some(30010)]
+            vec![Some(30002), None, Some(30006)]
         );
         assert_eq!(
             ports_for(&info, &alloc, Side::Callee),
-            vec![Some(30000), None, Some(30008)]
+            vec![Some(30000), None, Some(30004)]
         );
+        // The relay hears about the relayed streams only, in order.
+        let eps = relayed_endpoints(&info, &alloc);
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[1].unwrap().rtp, "10.0.0.2:4002".parse().unwrap());
+        // A re-offer enabling the video line needs a new session; one disabling audio fits.
+        let video_on = String::from_utf8(OFFER.to_vec())
+            .unwrap()
+            .replace("m=video 0", "m=video 5000");
+        assert!(!alloc.fits(&sdp::inspect(video_on.as_bytes()).unwrap()));
+        let audio_off = String::from_utf8(OFFER.to_vec())
+            .unwrap()
+            .replace("m=audio 4000", "m=audio 0");
+        assert!(alloc.fits(&sdp::inspect(audio_off.as_bytes()).unwrap()));
     }
 
     #[test]

@@ -222,13 +222,17 @@ impl Proxy {
             return;
         };
         let mut strip_proxy_auth = false;
+        let mut auth_user = None;
         if let Some(need) = plan.auth {
             let verdict = match &auth {
                 None => Err(reply_now(500, "Server Internal Error", &[])),
                 Some(a) => authorize(a, &msg, need, now_unix, &reply_now, &self.cfg).await,
             };
             match verdict {
-                Ok(()) => strip_proxy_auth = true,
+                Ok(user) => {
+                    strip_proxy_auth = true;
+                    auth_user = Some(user);
+                }
                 Err(bytes) => return self.launch(res, msg, source, Work::Reply(bytes)),
             }
         }
@@ -256,6 +260,7 @@ impl Proxy {
                 plan: kept,
                 dests,
                 strip_proxy_auth,
+                auth_user,
             },
         );
     }
@@ -300,7 +305,16 @@ impl Proxy {
         );
         // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx).
         let bytes = match self.media.get() {
-            Some(m) if !msg.body().is_empty() => m.on_request(msg, bytes, "", None).await,
+            Some(m) if !msg.body().is_empty() => {
+                match m
+                    .on_request(msg, bytes, "", None, source.remote, None)
+                    .await
+                {
+                    Ok(b) => b,
+                    // invariant: an ACK is never refused (`Media::on_request`).
+                    Err(_) => return,
+                }
+            }
             _ => bytes,
         };
         debug!(%dest, "forwarding statelessly");
@@ -351,13 +365,14 @@ impl Proxy {
     async fn run(self: Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
         let Reservation { key, tx, mut rx } = res;
         let now = Instant::now();
-        let (plan, dests, strip_proxy_auth, local_reply) = match work {
+        let (plan, dests, strip_proxy_auth, auth_user, local_reply) = match work {
             Work::Forward {
                 plan,
                 dests,
                 strip_proxy_auth,
-            } => (plan, dests, strip_proxy_auth, None),
-            Work::Reply(bytes) => (Plan::default(), Vec::new(), false, Some(bytes)),
+                auth_user,
+            } => (plan, dests, strip_proxy_auth, auth_user, None),
+            Work::Reply(bytes) => (Plan::default(), Vec::new(), false, None, Some(bytes)),
         };
         let invite = msg.method() == Some("INVITE");
         let kind = if invite {
@@ -386,6 +401,8 @@ impl Proxy {
         }
         let incoming_branch = key.branch.clone();
         let mut branches: Vec<Branch> = Vec::new();
+        // A media limit refused a branch's SDP: its status and headers answer that branch.
+        let mut media_refused: Option<crate::media::session::Refused> = None;
         for (i, (hop, dest)) in plan.targets.iter().zip(&dests).enumerate() {
             let branch_id = forward::branch_id(&msg, &incoming_branch, &key.sent_by, i);
             let target = Target {
@@ -413,7 +430,19 @@ impl Proxy {
             let in_dialog = msg.to().ok().and_then(|t| t.tag()).is_some();
             let bytes = match self.media.get() {
                 Some(m) if relay.is_some() || in_dialog => {
-                    m.on_request(&msg, bytes, &branch_id, relay).await
+                    let user = auth_user.as_deref();
+                    let src = source.remote;
+                    match m
+                        .on_request(&msg, bytes, &branch_id, relay, src, user)
+                        .await
+                    {
+                        Ok(b) => b,
+                        // A media limit: this branch is answered locally (below).
+                        Err(why) => {
+                            media_refused = Some(why);
+                            continue;
+                        }
+                    }
                 }
                 _ => bytes,
             };
@@ -447,7 +476,7 @@ impl Proxy {
         if branches.len() < plan.targets.len() {
             for i in 0..plan.targets.len() {
                 if !branches.iter().any(|b| b.idx == i) {
-                    rc.on_local_final(i, 500);
+                    rc.on_local_final(i, media_refused.map_or(500, |r| r.status()));
                 }
             }
         }
@@ -467,8 +496,9 @@ impl Proxy {
                         ClientAction::PassUp(resp) => {
                             let status = resp.status().unwrap_or(0);
                             let resp = match self.media.get() {
+                                // The answering party's SIP comes from where we sent it.
                                 Some(m) if b.relay != Some(false) => {
-                                    m.on_response(&msg, resp, &b.id, b.relay).await
+                                    m.on_response(&msg, resp, &b.id, b.relay, b.dest).await
                                 }
                                 _ => resp,
                             };
@@ -550,10 +580,14 @@ impl Proxy {
                             ),
                         }
                     }
-                    Final::Local(status) => (
-                        status,
-                        reply::response(&msg, source.remote, status, reason(status), &[]),
-                    ),
+                    Final::Local(status) => {
+                        let extra = media_refused
+                            .filter(|r| r.status() == status)
+                            .map_or(&[][..], |r| r.headers());
+                        let bytes =
+                            reply::response(&msg, source.remote, status, reason(status), extra);
+                        (status, bytes)
+                    }
                 };
                 server.respond(status, bytes, now);
                 if invite
@@ -805,6 +839,8 @@ pub enum Work {
         plan: Plan,
         dests: Vec<SocketAddr>,
         strip_proxy_auth: bool,
+        /// The user proxy authentication verified (media sessions count against it).
+        auth_user: Option<String>,
     },
     /// Answer with these bytes (a complete response).
     Reply(Vec<u8>),
@@ -850,6 +886,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         486 => "Busy Here",
         487 => "Request Terminated",
+        488 => "Not Acceptable Here",
         500 => "Server Internal Error",
         503 => "Service Unavailable",
         _ => match status / 100 {
@@ -862,7 +899,8 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Proxy authentication of the caller (407 challenges), then `check_from` for `[[route]]`
-/// rules: the From user must be the authenticated user. `Err` holds the response to send.
+/// rules: the From user must be the authenticated user. `Ok` holds that user, `Err` the
+/// response to send.
 async fn authorize(
     auth: &Authenticator,
     msg: &Message,
@@ -870,7 +908,7 @@ async fn authorize(
     now: u64,
     reply_now: &impl Fn(u16, &str, &[(&str, &str)]) -> Vec<u8>,
     cfg: &Config,
-) -> Result<(), Vec<u8>> {
+) -> Result<String, Vec<u8>> {
     let from = msg.from().ok().and_then(|f| {
         let uri = crate::sip::SipUri::parse(f.uri).ok()?;
         Some((uri.user.map(str::to_owned), uri.host.to_ascii_lowercase()))
@@ -892,7 +930,7 @@ async fn authorize(
                 warn!(auth.user = %username, from.user = ?from_user, "From does not match the credentials");
                 return Err(reply_now(403, "Use From ID", &[]));
             }
-            Ok(())
+            Ok(username)
         }
         Outcome::Challenge { stale } => {
             let headers = auth.challenge(AuthKind::Proxy, &realm, now, stale);

@@ -58,8 +58,8 @@ pub struct Subscriber {
 }
 
 /// A pool on SQLite or PostgreSQL.
-/// One call record (`cdr` table).
-#[derive(Debug, Clone, PartialEq)]
+/// One call record (`cdr` table). Serialisable: the CDR spool keeps it as a JSON line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Cdr {
     pub call_id: String,
     pub from_uri: String,
@@ -71,7 +71,7 @@ pub struct Cdr {
     /// Final status of the INVITE (0 when none was seen).
     pub status: u16,
     /// Why the media session closed: bye, cancel, failed, timeout, shutdown.
-    pub reason: &'static str,
+    pub reason: String,
     /// Received from the caller: packets, bytes, lost, jitter (ms).
     pub caller: (u64, u64, u64, f64),
     /// Received from the callee.
@@ -358,7 +358,7 @@ impl Store {
         .bind(c.answer.map(to_i64))
         .bind(to_i64(c.end))
         .bind(i64::from(c.status))
-        .bind(c.reason)
+        .bind(&c.reason)
         .bind(to_i64(c.caller.0))
         .bind(to_i64(c.caller.1))
         .bind(to_i64(c.caller.2))

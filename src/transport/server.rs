@@ -327,19 +327,8 @@ impl Server {
             );
         }
         while tasks.join_next().await.is_some() {}
-        if let Some(m) = self.proxy.media() {
-            // What is still allocated (0 and 0 after calls that all ended: nothing leaked).
-            let c = m.relay().counts().await;
-            info!(
-                media.calls = m.calls(),
-                relay.sessions = c.sessions,
-                relay.ports = c.ports_in_use,
-                "media relay stopping"
-            );
-            // Every relayed call still up logs its stats line (reason "shutdown").
-            m.shutdown().await;
-            m.relay().shutdown().await;
-        }
+        // The media sessions are closed by the caller (`app::shutdown_media`), also when this
+        // does not finish in time.
         let (servers, clients) = self.proxy.transaction_count();
         info!(
             transactions.server = servers,

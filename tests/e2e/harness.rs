@@ -82,6 +82,7 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
         }
+        sipedge::app::shutdown_media(&self.media).await;
         self.store.close().await;
     }
 }

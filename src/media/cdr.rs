@@ -1,0 +1,306 @@
+//! Writing call records so that none is lost (issue #10 item 7): a CDR the database refuses is
+//! retried a few times with backoff off the SIP path, then appended to a spool file (one JSON
+//! object per line, `media.cdr_spool`), which the next start loads into the database and
+//! removes. Only when the spool cannot be written either does the CDR end up in the log alone
+//! (at `error`, whole, so an operator can still recover it).
+//!
+//! The spool format is [`Cdr`] as JSON, one per line, in the order the calls ended.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::store::{Cdr, Store};
+
+/// Waits between the attempts after the first one failed: 0.5 s, 2 s, 8 s.
+const BACKOFF: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+];
+/// One insert may take this long before it counts as failed (a hung database must not hold
+/// the shutdown).
+const INSERT_TIMEOUT: Duration = Duration::from_secs(5);
+/// CDRs waiting for a retry at once; beyond that a failed CDR goes straight to the spool, so
+/// a database outage under load holds bounded memory.
+const MAX_RETRYING: usize = 1024;
+
+/// Writes CDRs to the store, with retries and the spool behind it. Cheap to share (`Arc`).
+pub struct CdrWriter {
+    inner: Arc<Inner>,
+    /// Background retries in flight.
+    retrying: Mutex<JoinSet<()>>,
+    /// Set at shutdown: retries skip their remaining waits and spool at once.
+    closing: watch::Sender<bool>,
+}
+
+struct Inner {
+    store: Store,
+    spool: PathBuf,
+    backoff: Vec<Duration>,
+    /// One append at a time, so lines never interleave.
+    spool_lock: Mutex<()>,
+}
+
+impl CdrWriter {
+    /// A writer to `store`, spooling to `spool`.
+    pub fn new(store: Store, spool: PathBuf) -> Self {
+        Self::with_backoff(store, spool, BACKOFF.to_vec())
+    }
+
+    /// The same with other waits between retries (tests).
+    pub fn with_backoff(store: Store, spool: PathBuf, backoff: Vec<Duration>) -> Self {
+        let (closing, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                spool,
+                backoff,
+                spool_lock: Mutex::new(()),
+            }),
+            retrying: Mutex::new(JoinSet::new()),
+            closing,
+        }
+    }
+
+    /// Writes one CDR. The first attempt is made here; if it fails, the retries and the
+    /// spool run in the background (the caller, a SIP transaction, does not wait for them).
+    pub async fn write(&self, cdr: Cdr) {
+        let first = match insert(&self.inner.store, &cdr).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        warn!(error = %first, call_id = %cdr.call_id, "writing the CDR failed; will retry");
+        let mut tasks = self.retrying.lock().await;
+        // Reap the finished ones: the set holds only retries in flight.
+        while tasks.try_join_next().is_some() {}
+        if *self.closing.borrow() || tasks.len() >= MAX_RETRYING {
+            drop(tasks);
+            self.inner.spool(&cdr).await;
+            return;
+        }
+        let inner = self.inner.clone();
+        let closing = self.closing.subscribe();
+        tasks.spawn(async move { inner.retry(cdr, closing).await });
+    }
+
+    /// Shutdown: pending retries stop waiting, try once more and spool what still fails; returns
+    /// when every CDR is in the store or the spool. Later writes that fail are spooled at once.
+    pub async fn close(&self) {
+        self.closing.send_replace(true);
+        let mut tasks = self.retrying.lock().await;
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// The spool file.
+    pub fn spool_path(&self) -> &Path {
+        &self.inner.spool
+    }
+}
+
+impl Inner {
+    async fn retry(&self, cdr: Cdr, mut closing: watch::Receiver<bool>) {
+        for (i, wait) in self.backoff.iter().enumerate() {
+            if !*closing.borrow() {
+                tokio::select! {
+                    () = tokio::time::sleep(*wait) => {}
+                    _ = closing.wait_for(|c| *c) => {}
+                }
+            }
+            match insert(&self.store, &cdr).await {
+                Ok(()) => {
+                    info!(call_id = %cdr.call_id, attempt = i + 2, "CDR written after a retry");
+                    return;
+                }
+                Err(error) if i + 1 == self.backoff.len() => {
+                    warn!(%error, call_id = %cdr.call_id, "CDR still not written; spooling it");
+                }
+                Err(_) => {}
+            }
+            if *closing.borrow() {
+                break;
+            }
+        }
+        self.spool(&cdr).await;
+    }
+
+    /// Appends the CDR to the spool file; if that fails too, logs it whole.
+    async fn spool(&self, cdr: &Cdr) {
+        let _guard = self.spool_lock.lock().await;
+        let path = self.spool.clone();
+        let record = cdr.clone();
+        let r = tokio::task::spawn_blocking(move || append(&path, &record)).await;
+        match r {
+            Ok(Ok(())) => {
+                info!(call_id = %cdr.call_id, spool = %self.spool.display(), "CDR spooled");
+            }
+            Ok(Err(e)) => lost(cdr, &self.spool, &e.to_string()),
+            Err(e) => lost(cdr, &self.spool, &e.to_string()),
+        }
+    }
+}
+
+/// The last resort: the whole record in the log, for the operator.
+fn lost(cdr: &Cdr, spool: &Path, error: &str) {
+    let line = serde_json::to_string(cdr).unwrap_or_default();
+    error!(%error, spool = %spool.display(), cdr = %line, "CDR neither written nor spooled");
+}
+
+async fn insert(store: &Store, cdr: &Cdr) -> Result<(), String> {
+    match tokio::time::timeout(INSERT_TIMEOUT, store.insert_cdr(cdr)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer from the database in {INSERT_TIMEOUT:?}")),
+    }
+}
+
+/// Appends one CDR as a JSON line (creating the file and its directory).
+pub fn append(path: &Path, cdr: &Cdr) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut line = serde_json::to_vec(cdr).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    // One write per line: O_APPEND keeps whole lines together.
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// The spool's records, and the lines that are not a CDR (kept, never dropped silently).
+pub fn read(path: &Path) -> std::io::Result<(Vec<Cdr>, Vec<String>)> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e),
+    };
+    let mut cdrs = Vec::new();
+    let mut bad = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Cdr>(&line) {
+            Ok(c) => cdrs.push(c),
+            Err(_) => bad.push(line),
+        }
+    }
+    Ok((cdrs, bad))
+}
+
+/// What loading the spool did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// CDRs written to the store.
+    pub written: usize,
+    /// Left in the spool: the store refused them again, or the line is not a CDR.
+    pub kept: usize,
+}
+
+/// At start: writes every spooled CDR to the store. The file is removed when all went in;
+/// otherwise it is replaced by the lines that did not (atomically, through a temporary file).
+pub async fn load_spool(store: &Store, path: &Path) -> std::io::Result<Loaded> {
+    let p = path.to_owned();
+    let (cdrs, mut keep) = tokio::task::spawn_blocking(move || read(&p))
+        .await
+        .map_err(std::io::Error::other)??;
+    if cdrs.is_empty() && keep.is_empty() {
+        return Ok(Loaded::default());
+    }
+    let mut written = 0;
+    for cdr in cdrs {
+        match insert(store, &cdr).await {
+            Ok(()) => written += 1,
+            Err(error) => {
+                warn!(%error, call_id = %cdr.call_id, "spooled CDR still not written; kept");
+                keep.push(serde_json::to_string(&cdr).map_err(std::io::Error::other)?);
+            }
+        }
+    }
+    let kept = keep.len();
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if keep.is_empty() {
+            return std::fs::remove_file(&p);
+        }
+        let tmp = p.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        for line in &keep {
+            f.write_all(line.as_bytes())?;
+            f.write_all(b"\n")?;
+        }
+        f.sync_data()?;
+        std::fs::rename(&tmp, &p)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(Loaded { written, kept })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cdr(call_id: &str) -> Cdr {
+        Cdr {
+            call_id: call_id.into(),
+            from_uri: "sip:alice@example.com".into(),
+            to_uri: "sip:bob@example.com".into(),
+            start: 1_700_000_000,
+            answer: Some(1_700_000_002),
+            end: 1_700_000_062,
+            status: 200,
+            reason: "bye".into(),
+            caller: (3000, 516_000, 2, 1.25),
+            callee: (2999, 515_828, 0, 0.5),
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sipedge-cdr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn spool_round_trip_keeps_order_and_bad_lines() {
+        let p = temp("roundtrip.spool");
+        assert_eq!(read(&p).unwrap(), (vec![], vec![]), "no spool: nothing");
+        append(&p, &cdr("a")).unwrap();
+        append(&p, &cdr("b")).unwrap();
+        // A line cut by a crash mid-write, then a good one after it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"{\"call_id\":\"c\",\"from\n")
+            .unwrap();
+        append(&p, &cdr("d")).unwrap();
+        let (cdrs, bad) = read(&p).unwrap();
+        assert_eq!(cdrs, vec![cdr("a"), cdr("b"), cdr("d")]);
+        assert_eq!(bad, vec!["{\"call_id\":\"c\",\"from".to_owned()]);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 4, "one JSON object per line");
+        assert!(text.starts_with("{\"call_id\":\"a\""));
+    }
+
+    #[test]
+    fn append_creates_the_directory() {
+        let dir = temp("newdir");
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = dir.join("cdr.spool");
+        append(&p, &cdr("x")).unwrap();
+        assert_eq!(read(&p).unwrap().0, vec![cdr("x")]);
+    }
+}
