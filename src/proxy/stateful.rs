@@ -581,6 +581,12 @@ impl Proxy {
                         }
                     }
                     Final::Local(status) => {
+                        // Every branch refused by a media limit: its own answer (the 503 → 500
+                        // of RFC 3261 §16.7 step 6 is for a 503 received from downstream).
+                        let status = match media_refused {
+                            Some(r) if branches.is_empty() => r.status(),
+                            _ => status,
+                        };
                         let extra = media_refused
                             .filter(|r| r.status() == status)
                             .map_or(&[][..], |r| r.headers());

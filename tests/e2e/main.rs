@@ -7,6 +7,7 @@ mod cli;
 mod corpus;
 mod harness;
 mod media;
+mod media_limits;
 mod nat;
 mod proxy;
 mod registrar;
