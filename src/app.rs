@@ -168,11 +168,15 @@ fn start_media(
 pub async fn shutdown_media(media: &Media) {
     // What is still allocated (0 and 0 after calls that all ended: nothing leaked).
     let c = media.relay().counts().await;
+    let r = media.refusals();
     info!(
         media.calls = media.calls(),
         relay.sessions = c.sessions,
         relay.ports = c.ports_in_use,
         relay.strangers = c.strangers,
+        media.refused_streams = r.too_many_streams,
+        media.refused_busy = r.busy,
+        media.refused_caller = r.caller_limit,
         "media relay stopping"
     );
     // Every relayed call still up logs its stats line (reason "shutdown").

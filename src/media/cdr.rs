@@ -295,6 +295,86 @@ mod tests {
         assert!(text.starts_with("{\"call_id\":\"a\""));
     }
 
+    /// A migrated SQLite store in the temp directory.
+    async fn store(name: &str) -> Store {
+        let path = temp(name);
+        let store = Store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn a_refused_cdr_is_retried_in_the_background_then_spooled() {
+        let db = store("retry.db").await;
+        let p = temp("retry.spool");
+        let w = CdrWriter::with_backoff(db.clone(), p.clone(), vec![Duration::from_millis(10); 3]);
+        // Written at once while the store is up: no spool.
+        w.write(cdr("ok")).await;
+        assert_eq!(db.cdr_summary("ok").await.unwrap().len(), 1);
+        assert!(!p.exists());
+        // The store goes away: the write returns at once, the retries run behind it.
+        db.close().await;
+        w.write(cdr("down")).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while read(&p).unwrap().0.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never spooled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(read(&p).unwrap().0, vec![cdr("down")]);
+        w.close().await;
+        // Closed: a failed write is spooled before `write` returns.
+        w.write(cdr("late")).await;
+        assert_eq!(read(&p).unwrap().0, vec![cdr("down"), cdr("late")]);
+    }
+
+    #[tokio::test]
+    async fn close_cuts_the_backoff_short() {
+        let db = store("close.db").await;
+        let p = temp("close.spool");
+        db.close().await;
+        // An hour between retries: only `close` can end them.
+        let w = CdrWriter::with_backoff(db, p.clone(), vec![Duration::from_secs(3600); 3]);
+        w.write(cdr("x")).await;
+        assert!(read(&p).unwrap().0.is_empty(), "retrying, not spooled yet");
+        tokio::time::timeout(Duration::from_secs(5), w.close())
+            .await
+            .expect("close does not wait out the backoff");
+        assert_eq!(read(&p).unwrap().0, vec![cdr("x")]);
+    }
+
+    #[tokio::test]
+    async fn the_spool_is_loaded_and_removed_or_kept_when_the_store_is_down() {
+        let db = store("load.db").await;
+        let p = temp("load.spool");
+        assert_eq!(load_spool(&db, &p).await.unwrap(), Loaded::default());
+        append(&p, &cdr("s1")).unwrap();
+        append(&p, &cdr("s2")).unwrap();
+        // Store down: nothing written, nothing lost.
+        let down = store("load-down.db").await;
+        down.close().await;
+        assert_eq!(
+            load_spool(&down, &p).await.unwrap(),
+            Loaded {
+                written: 0,
+                kept: 2
+            }
+        );
+        assert_eq!(read(&p).unwrap().0, vec![cdr("s1"), cdr("s2")]);
+        // Store up: both written once, the file removed.
+        assert_eq!(
+            load_spool(&db, &p).await.unwrap(),
+            Loaded {
+                written: 2,
+                kept: 0
+            }
+        );
+        assert!(!p.exists());
+        assert_eq!(db.cdr_summary("s1").await.unwrap().len(), 1);
+        assert_eq!(db.cdr_summary("s2").await.unwrap().len(), 1);
+    }
+
     #[test]
     fn append_creates_the_directory() {
         let dir = temp("newdir");
