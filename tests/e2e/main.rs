@@ -9,6 +9,7 @@ mod harness;
 mod media;
 mod nat;
 mod proxy;
+mod public;
 mod registrar;
 mod store;
 mod transport;
