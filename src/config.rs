@@ -123,9 +123,10 @@ pub struct RawLimits {
     /// Bytes queued for one TCP connection at most; a peer that does not read is
     /// disconnected when its queue is full, and nobody else waits for it. Default 262144.
     pub tcp_send_queue: usize,
-    /// Proxy transactions in flight in total; beyond it new requests get 503. Default 20000.
+    /// Proxy transactions alive in total (pending, or waiting out their RFC 3261 timers after
+    /// the final response); beyond it new requests get 503. Default 50000.
     pub transactions: usize,
-    /// Proxy transactions in flight per source IP. Default 1000.
+    /// Proxy transactions pending (no final response yet) per source IP. Default 2000.
     pub transactions_per_ip: usize,
     /// REGISTER responses kept for retransmissions (entries, all shards). Default 20000.
     pub registrar_cache: usize,
@@ -141,8 +142,8 @@ impl Default for RawLimits {
             tcp_message_timeout: 10,
             tcp_write_timeout: 10,
             tcp_send_queue: 256 * 1024,
-            transactions: 20_000,
-            transactions_per_ip: 1000,
+            transactions: 50_000,
+            transactions_per_ip: 2000,
             registrar_cache: 20_000,
             registrar_cache_bytes: 16 << 20,
         }

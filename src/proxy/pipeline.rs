@@ -131,16 +131,21 @@ pub enum AuthNeed {
 }
 
 /// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
-/// 5060/5061, transport parameter).
+/// 5060, transport parameter). `None` for what we cannot reach as asked: a `sips:` URI or
+/// `transport=tls` needs TLS, which sipedge does not speak yet, and sending it over plain TCP
+/// would silently drop the security the sender asked for (answered 416).
 pub fn hop_for_uri(text: &str) -> Option<Hop> {
     let uri = SipUri::parse(text).ok()?;
+    if uri.secure {
+        return None;
+    }
     let proto = match uri.transport() {
         Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
-        _ if uri.secure => Proto::Tcp,
+        Some(t) if t.eq_ignore_ascii_case("tls") => return None,
         _ => Proto::Udp,
     };
     let host = uri.param("maddr").unwrap_or(uri.host);
-    let port = uri.port.unwrap_or(if uri.secure { 5061 } else { 5060 });
+    let port = uri.port.unwrap_or(5060);
     let dest = match host.parse::<std::net::IpAddr>() {
         Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
         Err(_) => Dest::Host(host.to_owned(), port),
@@ -819,5 +824,17 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
         assert_eq!(ack(unsigned), Ok(None));
         assert_eq!(ack("Route: <sip:192.0.2.99;lr>\r\n"), Ok(None));
         assert!(ack(&ok).is_err(), "an ACK in a dialog of ours is forwarded");
+    }
+
+    #[test]
+    fn secure_uris_are_never_sent_over_plain_transports() {
+        assert!(hop_for_uri("sips:bob@192.0.2.9").is_none());
+        assert!(hop_for_uri("sip:bob@192.0.2.9;transport=tls").is_none());
+        let tcp = hop_for_uri("sip:bob@192.0.2.9;transport=TCP").unwrap();
+        assert_eq!(tcp.proto, Proto::Tcp);
+        assert_eq!(tcp.dest, Dest::Addr("192.0.2.9:5060".parse().unwrap()));
+        // In a dialog of ours, a sips: remote target is refused, not downgraded.
+        let route = format!("Route: <{}>\r\n", signed("sip:127.0.0.1:5060;lr"));
+        assert_eq!(decide("BYE", "sips:bob@192.0.2.9", &route), Ok(Some(416)));
     }
 }

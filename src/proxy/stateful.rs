@@ -419,12 +419,7 @@ impl Proxy {
             dashmap::Entry::Occupied(_) => Err(Refusal::Owned),
             dashmap::Entry::Vacant(v) => {
                 v.insert(tx.clone());
-                Ok(Reservation {
-                    key,
-                    tx,
-                    rx,
-                    _slot: slot,
-                })
+                Ok(Reservation { key, tx, rx, slot })
             }
         }
     }
@@ -461,8 +456,11 @@ impl Proxy {
             key,
             tx,
             mut rx,
-            _slot,
+            slot,
         } = res;
+        // The per-IP place is held while the request is pending; a transaction that has
+        // sent its final only waits out its timers (bounded by the total limit).
+        let mut slot = Some(slot);
         let now = Instant::now();
         let (plan, dests, strip_proxy_auth, local_reply) = match work {
             Work::Forward {
@@ -684,6 +682,9 @@ impl Proxy {
                     media_final = true;
                     m.on_final(&msg, status, cancelled).await;
                 }
+            }
+            if server.final_status().is_some() {
+                drop(slot.take());
             }
             while let Some(a) = server.poll_action() {
                 match a {
@@ -912,8 +913,9 @@ pub struct Reservation {
     key: TxnKey,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
-    /// This transaction's place in `limits.transactions_per_ip`, released with the task.
-    _slot: TxnSlot,
+    /// This transaction's place in `limits.transactions_per_ip`, released with its final
+    /// response (or the task).
+    slot: TxnSlot,
 }
 
 /// Removes a transaction task's server entry when the task ends, however it ends.

@@ -362,3 +362,41 @@ async fn tcp_connections_per_ip_are_bounded_and_slow_messages_cut_off() {
     assert!(buf[..n].starts_with(b"SIP/2.0 200"));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn pending_transactions_per_source_are_bounded() {
+    let pbx = Ua::new().await;
+    let srv = TestServer::start(
+        "",
+        &format!(
+            "[limits]\ntransactions_per_ip = 2\n[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{}\"\nmedia = \"never\"\n",
+            pbx.addr
+        ),
+    )
+    .await;
+    let caller = Ua::new().await;
+    let invite = |id: &str| request("INVITE", "sip:1234@example.com", caller.addr, id, "");
+    // Two INVITEs ring at a PBX that never answers; the third is refused.
+    for id in ["t1", "t2"] {
+        caller.send(srv.udp, &invite(id)).await;
+        let (fwd, _) = pbx.recv().await;
+        assert_eq!(fwd.method(), Some("INVITE"));
+    }
+    caller.send(srv.udp, &invite("t3")).await;
+    let (refused, _) = caller.recv().await;
+    assert_eq!(refused.status(), Some(503));
+    assert_eq!(refused.call_id().ok(), Some("t3"));
+    // Another source is not affected.
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let text = request(
+        "INVITE",
+        "sip:1234@example.com",
+        other.local_addr().unwrap(),
+        "t4",
+        "",
+    );
+    other.send_to(text.as_bytes(), srv.udp).await.unwrap();
+    let (fwd, _) = pbx.recv().await;
+    assert_eq!(fwd.call_id().ok(), Some("t4"));
+    srv.stop().await;
+}
