@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::auth::mac::RouteKey;
 use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
@@ -76,9 +77,15 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     info!(bindings = bindings.len(), "location service loaded");
     location.load(bindings).await;
 
-    let mut server = Server::bind(cfg.clone(), Some(location.clone()), clock.clone())
-        .await
-        .map_err(StartError::Bind)?;
+    let route_key = RouteKey::derive(&key);
+    let mut server = Server::bind(
+        cfg.clone(),
+        Some(location.clone()),
+        clock.clone(),
+        route_key,
+    )
+    .await
+    .map_err(StartError::Bind)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let auth = Arc::new(Authenticator::new(cfg.auth.clone(), store.clone(), key));
     server.set_authenticator(auth.clone());

@@ -54,6 +54,8 @@ pub struct RawConfig {
     pub nat: RawNat,
     #[serde(default)]
     pub media: RawMedia,
+    #[serde(default)]
+    pub limits: RawLimits,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -100,6 +102,52 @@ pub struct RawServer {
     /// (Kamailio `fr_inv_timer`, Timer C). Default 120.
     #[serde(default = "default_fr_inv_timer")]
     pub fr_inv_timer: u64,
+}
+
+/// `[limits]`: what one peer (or all of them) can make the server hold. The defaults suit a
+/// public host with a few thousand phones; every limit hit is answered (503 + Retry-After)
+/// or dropped, counted, and logged as a security event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Open TCP connections in total; beyond it new ones are closed at once. Default 4096.
+    pub tcp_connections: usize,
+    /// Open TCP connections per source IP. Default 32.
+    pub tcp_connections_per_ip: usize,
+    /// Seconds a message on a TCP connection may take from its first byte to its last
+    /// (slowloris); the connection is closed after it. Default 10.
+    pub tcp_message_timeout: u64,
+    /// Seconds a write to a TCP peer may stay undelivered (also TCP_USER_TIMEOUT) before the
+    /// connection is closed. Default 10.
+    pub tcp_write_timeout: u64,
+    /// Bytes queued for one TCP connection at most; a peer that does not read is
+    /// disconnected when its queue is full, and nobody else waits for it. Default 262144.
+    pub tcp_send_queue: usize,
+    /// Proxy transactions alive in total (pending, or waiting out their RFC 3261 timers after
+    /// the final response); beyond it new requests get 503. Default 50000.
+    pub transactions: usize,
+    /// Proxy transactions pending (no final response yet) per source IP. Default 2000.
+    pub transactions_per_ip: usize,
+    /// REGISTER responses kept for retransmissions (entries, all shards). Default 20000.
+    pub registrar_cache: usize,
+    /// ... and their bytes at most. Default 16777216 (16 MiB).
+    pub registrar_cache_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            tcp_connections: 4096,
+            tcp_connections_per_ip: 32,
+            tcp_message_timeout: 10,
+            tcp_write_timeout: 10,
+            tcp_send_queue: 256 * 1024,
+            transactions: 50_000,
+            transactions_per_ip: 2000,
+            registrar_cache: 20_000,
+            registrar_cache_bytes: 16 << 20,
+        }
+    }
 }
 
 /// `[database]`
@@ -507,6 +555,71 @@ pub struct MediaConfig {
     pub cdr_spool: PathBuf,
 }
 
+/// `[limits]`, validated (every count ≥ 1, every duration ≥ 1 s).
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub tcp_connections: usize,
+    pub tcp_connections_per_ip: usize,
+    pub tcp_message_timeout: Duration,
+    pub tcp_write_timeout: Duration,
+    pub tcp_send_queue: usize,
+    pub transactions: usize,
+    pub transactions_per_ip: usize,
+    pub registrar_cache: usize,
+    pub registrar_cache_bytes: usize,
+}
+
+impl LimitsConfig {
+    fn validate(l: &RawLimits, max_message_size: usize) -> Result<Self, ConfigError> {
+        for (key, v) in [
+            ("limits.tcp_connections", l.tcp_connections),
+            ("limits.tcp_connections_per_ip", l.tcp_connections_per_ip),
+            ("limits.transactions", l.transactions),
+            ("limits.transactions_per_ip", l.transactions_per_ip),
+            ("limits.registrar_cache", l.registrar_cache),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, v) in [
+            ("limits.tcp_message_timeout", l.tcp_message_timeout),
+            ("limits.tcp_write_timeout", l.tcp_write_timeout),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 3600 seconds"));
+            }
+        }
+        if l.tcp_send_queue < max_message_size {
+            return Err(invalid(
+                "limits.tcp_send_queue",
+                format!(
+                    "must hold at least one message (server.max_message_size = {max_message_size})"
+                ),
+            ));
+        }
+        if l.registrar_cache_bytes < max_message_size {
+            return Err(invalid(
+                "limits.registrar_cache_bytes",
+                format!(
+                    "must hold at least one message (server.max_message_size = {max_message_size})"
+                ),
+            ));
+        }
+        Ok(Self {
+            tcp_connections: l.tcp_connections,
+            tcp_connections_per_ip: l.tcp_connections_per_ip.min(l.tcp_connections),
+            tcp_message_timeout: Duration::from_secs(l.tcp_message_timeout),
+            tcp_write_timeout: Duration::from_secs(l.tcp_write_timeout),
+            tcp_send_queue: l.tcp_send_queue,
+            transactions: l.transactions,
+            transactions_per_ip: l.transactions_per_ip.min(l.transactions),
+            registrar_cache: l.registrar_cache,
+            registrar_cache_bytes: l.registrar_cache_bytes,
+        })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -516,6 +629,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub nat: NatConfig,
     pub media: MediaConfig,
+    pub limits: LimitsConfig,
     pub routes: Vec<Route>,
     /// The file with every default and derived value filled in (what `check-config` prints).
     effective: RawConfig,
@@ -785,6 +899,8 @@ impl Config {
             });
         }
 
+        let limits = LimitsConfig::validate(&raw.limits, server.max_message_size)?;
+
         // Record the derived values so that `check-config` shows what will run.
         raw.server.advertise = Some(server.advertise.to_string());
         raw.server.domains = server.domains.clone();
@@ -798,6 +914,7 @@ impl Config {
             auth,
             nat,
             media,
+            limits,
             routes,
             effective: raw,
         })
@@ -1006,7 +1123,15 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_in_every_table() {
-        for table in ["server", "database", "registrar", "auth", "nat", "media"] {
+        for table in [
+            "server",
+            "database",
+            "registrar",
+            "auth",
+            "nat",
+            "media",
+            "limits",
+        ] {
             let text = format!("[{table}]\nbogus_key = 1\n");
             assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");
         }
@@ -1047,6 +1172,16 @@ mod tests {
                 "registrar.default_expires",
             ),
             ("[auth]\nalgorithms = [\"SHA-1\"]", "auth.algorithms"),
+            ("[limits]\ntcp_connections = 0", "limits.tcp_connections"),
+            (
+                "[limits]\ntcp_write_timeout = 0",
+                "limits.tcp_write_timeout",
+            ),
+            ("[limits]\ntcp_send_queue = 100", "limits.tcp_send_queue"),
+            (
+                "[limits]\ntransactions_per_ip = 0",
+                "limits.transactions_per_ip",
+            ),
             ("[auth]\nalgorithms = []", "auth.algorithms"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
             (

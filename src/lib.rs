@@ -15,6 +15,7 @@
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
 //! - [`clock`]: the only reader of clocks.
+//! - [`log`]: security events (one stable, rate-limited `warn` line each, for fail2ban).
 //! - [`app`]: the wiring of a running server (store, location, listeners, registrar, relay).
 //!
 //! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
@@ -24,6 +25,7 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod log;
 pub mod media;
 pub mod nat;
 pub mod proxy;

@@ -381,3 +381,9 @@ impl RelayHandle {
             .unwrap_or_default()
     }
 }
+
+/// Raises the process's open-file soft limit to its hard limit (at start, before any
+/// socket is bound); returns the soft limit before and after.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    io::sys::raise_nofile_limit()
+}

@@ -5,6 +5,8 @@
 //!   of RFC 3261 §22.4 (which points at RFC 2617, now RFC 7616 §3.4), with MD5 and SHA-256
 //!   (RFC 8760 §2 adds SHA-256 to SIP); the `WWW-Authenticate` / `Proxy-Authenticate`
 //!   challenge of RFC 7616 §3.3.
+//! - [`mac`]: the MACs that make our Record-Route and Via branch tamper-proof (HMAC-SHA256
+//!   with a key derived from the per-install secret).
 //! - [`nonce`]: stateless server nonces (a timestamp and an HMAC, so any instance with the key
 //!   can check them, RFC 7616 §3.3 "nonce") and the bounded nonce-count replay guard
 //!   (RFC 7616 §3.4 "nc").
@@ -14,6 +16,7 @@
 //! start-up.
 
 pub mod digest;
+pub mod mac;
 pub mod nonce;
 pub mod service;
 

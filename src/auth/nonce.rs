@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
 
-use sha2::{Digest, Sha256};
-
+use super::mac::hmac_sha256;
 use super::{ct_eq, to_hex};
 
 /// How far in the future a nonce's timestamp may be (clock skew between instances sharing the
@@ -28,8 +27,6 @@ const MAX_SKEW: u64 = 5;
 const MAC_LEN: usize = 16;
 /// Bytes of a decoded nonce: issued_at, salt, MAC.
 const NONCE_LEN: usize = 8 + 8 + MAC_LEN;
-/// SHA-256 block size, for HMAC (RFC 2104 §2: B = 64).
-const BLOCK: usize = 64;
 
 /// The per-install secret that authenticates nonces (32 bytes). Instances that share a
 /// location store should share it, so that a nonce issued by one is accepted by another.
@@ -125,33 +122,6 @@ fn nonce_mac(key: &NonceKey, issued: u64, salt: u64, realm: &str) -> [u8; MAC_LE
         *dst = src;
     }
     mac
-}
-
-/// HMAC-SHA256 (RFC 2104 §2) of the concatenation of `parts`:
-/// `H((K ^ opad) || H((K ^ ipad) || text))`, with a key longer than a block hashed first.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        for (dst, src) in k.iter_mut().zip(Sha256::digest(key)) {
-            *dst = src;
-        }
-    } else {
-        for (dst, src) in k.iter_mut().zip(key) {
-            *dst = *src;
-        }
-    }
-    let ipad = k.map(|b| b ^ 0x36);
-    let opad = k.map(|b| b ^ 0x5c);
-
-    let mut inner = Sha256::new_with_prefix(ipad);
-    for p in parts {
-        inner.update(p);
-    }
-    let inner = inner.finalize();
-    Sha256::new_with_prefix(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
 }
 
 /// Decodes the 64 lower-case hex digits of a nonce.
@@ -287,40 +257,6 @@ mod tests {
             *x = i as u8;
         }
         NonceKey::from_bytes(b)
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        to_hex(bytes)
-    }
-
-    #[test]
-    fn hmac_rfc4231_vectors() {
-        // Test case 1.
-        assert_eq!(
-            hex(&hmac_sha256(&[0x0b; 20], &[b"Hi There"])),
-            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
-        );
-        // Test case 2, also with the data split into parts.
-        let tc2 = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
-        assert_eq!(
-            hex(&hmac_sha256(b"Jefe", &[b"what do ya want for nothing?"])),
-            tc2
-        );
-        assert_eq!(
-            hex(&hmac_sha256(
-                b"Jefe",
-                &[b"what do ya", b"", b" want for nothing?"]
-            )),
-            tc2
-        );
-        // Test case 6: a key longer than the block is hashed first.
-        assert_eq!(
-            hex(&hmac_sha256(
-                &[0xaa; 131],
-                &[b"Test Using Larger Than Block-Size Key - Hash Key First"]
-            )),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
     }
 
     #[test]

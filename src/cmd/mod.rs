@@ -60,4 +60,17 @@ pub(crate) fn init_tracing(level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // A panic is a bug, not an outage: the task that panicked ends (its loop is restarted by
+    // its supervisor) and the line says where, inside the span of the message being handled
+    // (peer.addr, Call-ID).
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, panic = %payload, "task panicked");
+    }));
 }

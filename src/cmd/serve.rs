@@ -18,6 +18,15 @@ const MEDIA_DRAIN: Duration = Duration::from_secs(15);
 
 pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
     let cfg = Arc::new(load_config(path)?);
+    // Before any socket: the configured limits, not the default 1024 files, bound what
+    // clients can open.
+    match sipedge_relay::raise_fd_limit() {
+        Ok((before, now)) if before != now => {
+            info!(before, now, "raised the open-file limit to the hard limit");
+        }
+        Ok(_) => {}
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
+    }
     let threads = match cfg.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -109,30 +109,6 @@ pub struct Refusals {
     pub caller_limit: u64,
 }
 
-/// One warn line per second per kind at most; the rest are counted into the next one.
-#[derive(Debug, Default)]
-struct Throttle {
-    second: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl Throttle {
-    /// `Some(lines suppressed since the last one)` when a line may be written at `now` (unix s).
-    fn allow(&self, now: u64) -> Option<u64> {
-        let prev = self.second.load(Ordering::Relaxed);
-        if prev != now
-            && self
-                .second
-                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 /// Why a call's media ended (the `reason` field of the stats line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
@@ -256,7 +232,6 @@ pub struct Media {
     per_caller: DashMap<String, usize>,
     limits: Limits,
     refusals: [AtomicU64; 3],
-    limit_log: Throttle,
     /// Shutting down: no new sessions.
     closing: AtomicBool,
     cdr: CdrWriter,
@@ -350,7 +325,6 @@ impl Media {
             per_caller: DashMap::new(),
             limits,
             refusals: Default::default(),
-            limit_log: Throttle::default(),
             closing: AtomicBool::new(false),
             cdr: CdrWriter::new(store, cdr_spool),
             clock,
@@ -380,22 +354,13 @@ impl Media {
     /// Counts a refusal and writes the (rate-limited) security line.
     fn refuse(&self, why: Refused, src: SocketAddr, call_id: &str) -> Refused {
         self.refusals[why.idx()].fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.limit_log.allow(self.clock.unix()) {
-            let ip = src.ip();
-            warn!(
-                target: "sipedge::security",
-                {
-                    security.event = "media_limit",
-                    peer.ip = %ip,
-                    peer.addr = %src,
-                    suppressed,
-                    limit = why.limit(),
-                    sip.status = why.status(),
-                    sip.call_id = %call_id,
-                },
-                "security event"
-            );
-        }
+        crate::security_event!(
+            "media_limit",
+            src,
+            limit = why.limit(),
+            sip.status = why.status(),
+            sip.call_id = %call_id
+        );
         why
     }
 

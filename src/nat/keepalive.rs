@@ -276,14 +276,12 @@ impl Pinger {
                 PingMethod::Crlf => b"\r\n\r\n".to_vec(),
             };
             self.sent.fetch_add(1, Ordering::Relaxed);
-            self.transports
-                .send(Outbound {
-                    proto: Proto::Udp,
-                    local: b.local_socket,
-                    dest: b.received,
-                    bytes,
-                })
-                .await;
+            self.transports.send(Outbound {
+                proto: Proto::Udp,
+                local: b.local_socket,
+                dest: b.received,
+                bytes,
+            });
             if self.cfg.nat.ping_method == PingMethod::Crlf {
                 continue;
             }

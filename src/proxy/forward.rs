@@ -8,6 +8,7 @@
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 
+use crate::auth::mac::{ROUTE_MAC_PARAM, RouteKey};
 use crate::config::Proto;
 use crate::sip::{HeaderName, Message, Rewrite};
 
@@ -89,23 +90,36 @@ pub struct Options {
     pub force_rport: bool,
 }
 
-/// The RFC 3261 §16.6 step 8 branch: `z9hG4bK-se-<loop cookie>-<transaction hash>`.
+/// The RFC 3261 §16.6 step 8 branch:
+/// `z9hG4bK-se-<loop cookie>-<transaction hash>-<MAC>`.
 ///
 /// The transaction hash covers the received branch, its sent-by and the branch index, so the
 /// same received request always maps to the same outgoing branch. The loop cookie covers what
 /// identifies the request as received (Request-URI, From tag, Call-ID, CSeq number): when a
 /// request comes back carrying one of our Vias with the same cookie, it has looped; a spiral
 /// (the Request-URI changed on the way) has a different cookie (RFC 3261 §16.3 step 4).
-pub fn branch_id(msg: &Message, incoming_branch: &str, sent_by: &str, index: usize) -> String {
+/// The MAC binds the branch to `upstream`, where the responses go
+/// ([`RouteKey::verify_branch`]): a response that outlived its transaction is forwarded only
+/// there.
+pub fn branch_id(
+    msg: &Message,
+    incoming_branch: &str,
+    sent_by: &str,
+    index: usize,
+    key: &RouteKey,
+    upstream: SocketAddr,
+) -> String {
     let mut h = std::hash::DefaultHasher::new();
     incoming_branch.hash(&mut h);
     sent_by.hash(&mut h);
     index.hash(&mut h);
-    format!(
+    let core = format!(
         "{BRANCH_PREFIX}{:08x}-{:016x}",
         loop_cookie(msg),
         h.finish()
-    )
+    );
+    let mac = key.branch_mac(&core, upstream);
+    format!("{core}-{mac}")
 }
 
 /// Prefix of every branch sipedge generates.
@@ -144,8 +158,15 @@ fn hostport(l: Local) -> String {
     }
 }
 
-/// Our Record-Route URI for one side.
-pub fn record_route_uri(local: Local, proto: Proto, opts: &Options) -> String {
+/// Our Record-Route URI for one side, signed for the dialog of `call_id` created by the
+/// caller's `from_tag` (`;m=`, [`RouteKey::route_mac`]).
+pub fn record_route_uri(
+    local: Local,
+    proto: Proto,
+    opts: &Options,
+    key: &RouteKey,
+    (call_id, from_tag): (&str, &str),
+) -> String {
     let transport = match proto {
         Proto::Udp => "",
         Proto::Tcp => ";transport=tcp",
@@ -160,12 +181,14 @@ pub fn record_route_uri(local: Local, proto: Proto, opts: &Options) -> String {
         flows.push_str(";fe=");
         flows.push_str(&f.token());
     }
-    format!("<sip:{}{transport};lr{nat}{flows}>", hostport(local))
+    let uri = format!("sip:{}{transport};lr{nat}{flows}", hostport(local));
+    let mac = key.route_mac(call_id, from_tag, &uri);
+    format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
 }
 
 /// Builds the forwarded request. `max_forwards` is the received value (already checked to be
 /// above 0 by sanity), `inbound` our side where the request arrived, `outbound` the side it
-/// leaves on, `branch` from [`branch_id`].
+/// leaves on, `branch` from [`branch_id`], `key` signs our Record-Route.
 pub fn request(
     msg: &Message,
     target: &Target,
@@ -173,6 +196,7 @@ pub fn request(
     outbound: Local,
     branch: &str,
     opts: Options,
+    key: &RouteKey,
 ) -> Vec<u8> {
     let mut rw = Rewrite::new(msg);
     if let (Some(new), Some(span)) = (&target.ruri, msg.request_uri_span()) {
@@ -187,9 +211,15 @@ pub fn request(
     if opts.record_route {
         // RFC 3261 §16.6 step 4; RFC 5658 double Record-Route when the transport changes.
         // The top value faces the next hop, the second the previous hop.
-        let out_rr = record_route_uri(outbound, target.proto, &opts);
+        // invariant: sanity refused requests without a Call-ID; a From without tag signs
+        // with the empty tag (RFC 2543 peers).
+        let dialog = (
+            msg.call_id().unwrap_or_default(),
+            msg.from().ok().and_then(|f| f.tag()).unwrap_or_default(),
+        );
+        let out_rr = record_route_uri(outbound, target.proto, &opts, key, dialog);
         if inbound.1 != target.proto || inbound.0 != outbound {
-            let in_rr = record_route_uri(inbound.0, inbound.1, &opts);
+            let in_rr = record_route_uri(inbound.0, inbound.1, &opts, key, dialog);
             rw.push_record_route(&format!("{out_rr}, {in_rr}"));
         } else {
             rw.push_record_route(&out_rr);
@@ -251,6 +281,20 @@ Content-Length: 0\r\n\r\n";
         }
     }
 
+    fn key() -> RouteKey {
+        RouteKey::from_bytes([3; 32])
+    }
+
+    fn up() -> SocketAddr {
+        "203.0.113.9:40000".parse().unwrap()
+    }
+
+    /// A Record-Route value of ours: the URI without its MAC, checking the MAC verifies.
+    fn unsigned(uri: &str) -> &str {
+        assert!(key().verify_route("f1", &["1"], uri), "MAC of {uri}");
+        &uri[..uri.rfind(ROUTE_MAC_PARAM).unwrap()]
+    }
+
     fn local(port: u16) -> Local {
         Local {
             advertise: "198.51.100.1".parse().unwrap(),
@@ -266,13 +310,19 @@ Content-Length: 0\r\n\r\n";
             dest: "10.9.9.9:5070".parse().unwrap(),
             proto: Proto::Udp,
         };
-        let branch = branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0);
+        let k = key();
+        let branch = branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0, &k, up());
         assert_eq!(
             branch,
-            branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0),
+            branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 0, &k, up()),
             "deterministic"
         );
-        assert_ne!(branch, branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 1));
+        assert_ne!(
+            branch,
+            branch_id(&m, "z9hG4bKa1", "10.0.0.2:5060", 1, &k, up())
+        );
+        assert!(k.verify_branch(&branch, up()));
+        assert!(!k.verify_branch(&branch, "198.51.100.7:5060".parse().unwrap()));
         let out = request(
             &m,
             &target,
@@ -280,6 +330,7 @@ Content-Length: 0\r\n\r\n";
             local(5060),
             &branch,
             opts(true, true, true, 10),
+            &key(),
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         assert_eq!(f.request_uri(), Some("sip:1001@10.9.9.9:5070"));
@@ -290,7 +341,7 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(vias[0].branch(), Some(branch.as_str()));
         let rr = f.route_set(HeaderName::RecordRoute).unwrap();
         assert_eq!(rr.len(), 1);
-        assert_eq!(rr[0].uri, "sip:198.51.100.1:5060;lr;nat=yes");
+        assert_eq!(unsigned(rr[0].uri), "sip:198.51.100.1:5060;lr;nat=yes");
         assert!(f.header(HeaderName::ProxyAuthorization).is_none());
         assert!(
             String::from_utf8(out.clone())
@@ -312,6 +363,7 @@ Content-Length: 0\r\n\r\n";
             local(5060),
             &branch,
             opts(false, false, false, 70),
+            &key(),
         );
         let back = String::from_utf8(out).unwrap().replacen(
             "Via: ",
@@ -364,11 +416,15 @@ Content-Length: 0\r\n\r\n";
             local(5060),
             "z9hG4bKx",
             opts(true, false, false, 70),
+            &key(),
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         let rr = f.route_set(HeaderName::RecordRoute).unwrap();
-        assert_eq!(rr[0].uri, "sip:198.51.100.1:5060;transport=tcp;lr");
-        assert_eq!(rr[1].uri, "sip:198.51.100.1:5060;lr");
+        assert_eq!(
+            unsigned(rr[0].uri),
+            "sip:198.51.100.1:5060;transport=tcp;lr"
+        );
+        assert_eq!(unsigned(rr[1].uri), "sip:198.51.100.1:5060;lr");
         assert_eq!(f.max_forwards().unwrap(), Some(69));
         assert!(f.top_via().unwrap().is_reliable());
         assert!(f.header(HeaderName::ProxyAuthorization).is_some());

@@ -13,6 +13,7 @@ use tracing::debug;
 
 use super::forward::{Flow, creates_dialog};
 use super::sanity::{self, Verdict};
+use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
 use crate::config::{Config, MediaMode, RelayForeign};
 use crate::registrar::location::Location;
@@ -130,16 +131,21 @@ pub enum AuthNeed {
 }
 
 /// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
-/// 5060/5061, transport parameter).
+/// 5060, transport parameter). `None` for what we cannot reach as asked: a `sips:` URI or
+/// `transport=tls` needs TLS, which sipedge does not speak yet, and sending it over plain TCP
+/// would silently drop the security the sender asked for (answered 416).
 pub fn hop_for_uri(text: &str) -> Option<Hop> {
     let uri = SipUri::parse(text).ok()?;
+    if uri.secure {
+        return None;
+    }
     let proto = match uri.transport() {
         Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
-        _ if uri.secure => Proto::Tcp,
+        Some(t) if t.eq_ignore_ascii_case("tls") => return None,
         _ => Proto::Udp,
     };
     let host = uri.param("maddr").unwrap_or(uri.host);
-    let port = uri.port.unwrap_or(if uri.secure { 5061 } else { 5060 });
+    let port = uri.port.unwrap_or(5060);
     let dest = match host.parse::<std::net::IpAddr>() {
         Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
         Err(_) => Dest::Host(host.to_owned(), port),
@@ -161,6 +167,8 @@ pub struct Core {
     clock: Arc<dyn Clock>,
     /// Our Via sent-by values (`advertise:port`), for loop detection.
     sent_by: Vec<String>,
+    /// Verifies the MAC of our Record-Route when it comes back as a Route.
+    key: RouteKey,
 }
 
 impl std::fmt::Debug for Core {
@@ -177,6 +185,7 @@ impl Core {
         local: Vec<(Proto, SocketAddr)>,
         location: Option<Arc<Location>>,
         clock: Arc<dyn Clock>,
+        key: RouteKey,
     ) -> Self {
         let sent_by = local
             .iter()
@@ -188,6 +197,7 @@ impl Core {
             location,
             clock,
             sent_by,
+            key,
         }
     }
 
@@ -256,12 +266,19 @@ impl Core {
         let Ok(mut routes) = msg.route_set(HeaderName::Route) else {
             return reply(400, "Malformed Route header");
         };
+        // What a Route of ours may carry (flow tokens, `nat=yes`) is trusted only when its MAC
+        // verifies for this dialog: the Call-ID and the caller's tag, which is the From tag
+        // of the caller's requests and the To tag of the callee's.
+        let call_id = msg.call_id().unwrap_or_default();
+        let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).unwrap_or_default();
+        let verified = |uri: &str| self.key.verify_route(call_id, &[from_tag, to_tag], uri);
         // Strict-route compatibility (RFC 3261 §16.4): an RFC 2543 strict router put the URI
         // we record-routed with (no user, `lr`) into the Request-URI; the remote target is
         // the last Route value.
         let mut uri_text = uri_text;
         let mut strict_route = false;
-        if uri.user.is_none() && uri.param("lr").is_some() && for_us {
+        if uri.user.is_none() && uri.param("lr").is_some() && for_us && verified(uri_text) {
             if let Some(last) = routes.pop() {
                 uri_text = last.uri;
                 strict_route = true;
@@ -279,7 +296,18 @@ impl Core {
             .first()
             .and_then(|r| SipUri::parse(r.uri).ok())
             .is_some_and(|u| self.is_myself(&u, source));
-        let nat_marked = pop_route
+        let route_verified = pop_route && routes.first().is_some_and(|r| verified(r.uri));
+        if pop_route && in_dialog && !route_verified {
+            // A Route naming us that we did not write for this dialog: following what comes
+            // after it would make us a relay for whoever wrote it.
+            if method == "ACK" {
+                debug!(peer.addr = %source.remote, "ACK with a Route we did not sign: dropped");
+                return Routed::Absorb;
+            }
+            crate::security_event!("invalid_route", source.remote, sip.method = method);
+            return reply(403, "Forbidden: Invalid Route");
+        }
+        let nat_marked = route_verified
             && routes
                 .first()
                 .and_then(|r| SipUri::parse(r.uri).ok())
@@ -289,7 +317,7 @@ impl Core {
         let strict_ruri = uri_text.to_owned();
         // The NAT bindings we recorded for this dialog (`;fc=` caller, `;fe=` callee): a
         // request from one party goes to the other's binding, whatever its Contact says.
-        let flow_target = pop_route
+        let flow_target = route_verified
             .then(|| routes.first().and_then(|r| SipUri::parse(r.uri).ok()))
             .flatten()
             .and_then(|our| {
@@ -339,12 +367,17 @@ impl Core {
         };
 
         if method == "ACK" {
-            // An ACK for a 2xx is end-to-end: forwarded statelessly along the route set. An ACK
-            // for a non-2xx of ours was absorbed by its transaction before we got here.
-            return match (&next_route, for_us) {
-                (Some(r), _) => forward_to(r, None),
-                (None, false) => forward_to(uri_text, None),
-                (None, true) => Routed::Absorb,
+            // An ACK for a 2xx is end-to-end: forwarded statelessly along the route set of a
+            // dialog we record-routed (a verified Route of ours). An ACK for a non-2xx of ours
+            // was absorbed by its transaction before we got here; any other ACK is dropped,
+            // never routed (it gets no answer, so it cannot be used to reach third parties).
+            return match (&next_route, in_dialog && route_verified) {
+                (Some(r), true) => forward_to(r, None),
+                (None, true) if !for_us => forward_to(uri_text, None),
+                _ => {
+                    debug!(peer.addr = %source.remote, "ACK outside any dialog of ours: dropped");
+                    Routed::Absorb
+                }
             };
         }
         if method == "CANCEL" {
@@ -359,6 +392,10 @@ impl Core {
         }
 
         if in_dialog {
+            if !pop_route && !routes.is_empty() {
+                // A route set that does not go through us: not ours to follow.
+                return reply(403, "Preloaded Route Not Allowed");
+            }
             // Follow the route set; with none left, the Request-URI (the remote target).
             return match (&next_route, for_us) {
                 (Some(r), _) => forward_to(r, None),
@@ -546,22 +583,7 @@ impl Core {
         extra: &[(&str, &str)],
     ) -> Outbound {
         let bytes = reply::response(msg, source.remote, status, reason, extra);
-        let dest = match source.proto {
-            Proto::Tcp => source.remote,
-            // force_rport: a sender behind NAT is answered at its source port.
-            Proto::Udp if crate::nat::detect::detect(msg, source.remote).is_nated() => {
-                source.remote
-            }
-            Proto::Udp => msg.top_via().map_or(source.remote, |via| {
-                reply::response_target(&via, source.remote)
-            }),
-        };
-        Outbound {
-            proto: source.proto,
-            local: source.local,
-            dest,
-            bytes,
-        }
+        crate::nat::respond(msg, source, bytes)
     }
 }
 
@@ -607,6 +629,21 @@ mod tests {
             vec![(Proto::Udp, "127.0.0.1:5060".parse().unwrap())],
             Some(location),
             Arc::new(SystemClock),
+            key(),
+        )
+    }
+
+    fn key() -> RouteKey {
+        RouteKey::from_bytes([5; 32])
+    }
+
+    /// A Route value as we would have record-routed it for the dialog of `decide`'s requests
+    /// (Call-ID t1, caller's tag 1).
+    fn signed(uri: &str) -> String {
+        format!(
+            "{uri}{}{}",
+            crate::auth::mac::ROUTE_MAC_PARAM,
+            key().route_mac("t1", "1", uri)
         )
     }
 
@@ -620,7 +657,11 @@ mod tests {
 
     /// The local status, or the plan.
     fn decide(method: &str, uri: &str, extra: &str) -> Result<Option<u16>, Box<Plan>> {
-        let totag = if method == "BYE" { ";tag=callee" } else { "" };
+        let totag = if matches!(method, "BYE" | "ACK") {
+            ";tag=callee"
+        } else {
+            ""
+        };
         let text = format!(
             "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9;rport\r\n\
 From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
@@ -718,7 +759,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
         let plan = decide(
             "BYE",
             "sip:carol@10.0.0.9:5062",
-            "Route: <sip:127.0.0.1:5060;lr;nat=yes>\r\n",
+            &format!("Route: <{}>\r\n", signed("sip:127.0.0.1:5060;lr;nat=yes")),
         )
         .unwrap_err();
         assert!(plan.pop_route && plan.nat && !plan.record_route);
@@ -731,7 +772,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
     #[test]
     fn flow_tokens_pick_the_other_party() {
         let dest = |uri: &str, route: &str| {
-            let plan = decide("BYE", uri, &format!("Route: <{route}>\r\n")).unwrap_err();
+            let plan = decide("BYE", uri, &format!("Route: <{}>\r\n", signed(route))).unwrap_err();
             plan.targets[0].dest.clone()
         };
         let binding = |a: &str| Dest::Addr(a.parse().unwrap());
@@ -753,5 +794,47 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
             dest("sip:pbx@192.0.2.50:5060", fc_only),
             binding("192.0.2.50:5060")
         );
+    }
+
+    #[test]
+    fn routes_we_did_not_sign_are_not_followed() {
+        let bye = |route: &str| decide("BYE", "sip:victim@192.0.2.99:5060", route);
+        // Our address without a MAC, a forged flow token, a MAC of another dialog.
+        let unsigned = "Route: <sip:127.0.0.1:5060;lr>\r\n";
+        assert_eq!(bye(unsigned), Ok(Some(403)));
+        let forged = format!(
+            "Route: <{}>\r\n",
+            signed("sip:127.0.0.1:5060;lr;fc=u~203.0.113.4~41000")
+                .replace("203.0.113.4~41000", "192.0.2.99~5060")
+        );
+        assert_eq!(bye(&forged), Ok(Some(403)));
+        let other_dialog = format!(
+            "Route: <sip:127.0.0.1:5060;lr;m={}>\r\n",
+            key().route_mac("another-call", "1", "sip:127.0.0.1:5060;lr")
+        );
+        assert_eq!(bye(&other_dialog), Ok(Some(403)));
+        // A foreign Route alone, in a dialog: not through us.
+        assert_eq!(bye("Route: <sip:192.0.2.99;lr>\r\n"), Ok(Some(403)));
+        // A signed Route is followed.
+        let ok = format!("Route: <{}>\r\n", signed("sip:127.0.0.1:5060;lr"));
+        assert!(bye(&ok).is_err(), "forwarded");
+        // ACKs: dropped unless they follow a signed Route of ours.
+        let ack = |route: &str| decide("ACK", "sip:victim@192.0.2.99:5060", route);
+        assert_eq!(ack(""), Ok(None));
+        assert_eq!(ack(unsigned), Ok(None));
+        assert_eq!(ack("Route: <sip:192.0.2.99;lr>\r\n"), Ok(None));
+        assert!(ack(&ok).is_err(), "an ACK in a dialog of ours is forwarded");
+    }
+
+    #[test]
+    fn secure_uris_are_never_sent_over_plain_transports() {
+        assert!(hop_for_uri("sips:bob@192.0.2.9").is_none());
+        assert!(hop_for_uri("sip:bob@192.0.2.9;transport=tls").is_none());
+        let tcp = hop_for_uri("sip:bob@192.0.2.9;transport=TCP").unwrap();
+        assert_eq!(tcp.proto, Proto::Tcp);
+        assert_eq!(tcp.dest, Dest::Addr("192.0.2.9:5060".parse().unwrap()));
+        // In a dialog of ours, a sips: remote target is refused, not downgraded.
+        let route = format!("Route: <{}>\r\n", signed("sip:127.0.0.1:5060;lr"));
+        assert_eq!(decide("BYE", "sips:bob@192.0.2.9", &route), Ok(Some(416)));
     }
 }

@@ -8,7 +8,8 @@
 //! state machines in [`crate::transaction`]. This file moves events between them and the
 //! sockets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
@@ -19,6 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::forward::{self, Local, Options, Target};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
 use super::response::{Final, ResponseContext};
+use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
 use crate::config::{Config, MediaMode, Proto};
 use crate::media::session::Media;
@@ -64,6 +66,23 @@ pub struct Proxy {
     client: DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
     /// The media relay side, when enabled (set once at start).
     media: OnceLock<Arc<Media>>,
+    /// Signs our Record-Route and branches.
+    key: RouteKey,
+    /// Transactions in flight per source IP (`limits.transactions_per_ip`).
+    per_ip: Arc<DashMap<IpAddr, usize>>,
+    stats: ProxyStats,
+}
+
+/// Counters of the proxy.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Responses that matched no transaction and were not a 2xx we could verify: dropped.
+    pub stray_dropped: AtomicU64,
+    /// Requests refused with 503 because of `limits.transactions(_per_ip)`.
+    pub txn_limited: AtomicU64,
+    /// Events for a transaction task dropped because its queue was full (retransmission
+    /// storms; the peer retransmits).
+    pub events_dropped: AtomicU64,
 }
 
 impl Proxy {
@@ -71,6 +90,7 @@ impl Proxy {
         cfg: Arc<Config>,
         transports: Arc<Transports>,
         local: Vec<(Proto, SocketAddr)>,
+        key: RouteKey,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
@@ -85,6 +105,22 @@ impl Proxy {
             timers,
             server: DashMap::new(),
             client: DashMap::new(),
+            key,
+            per_ip: Arc::new(DashMap::new()),
+            stats: ProxyStats::default(),
+        }
+    }
+
+    /// The proxy's counters.
+    pub fn stats(&self) -> &ProxyStats {
+        &self.stats
+    }
+
+    /// Hands an event to a transaction task without waiting: a task whose queue is full is
+    /// busy with a storm of retransmissions, and the peer will send this one again.
+    fn post(&self, tx: &mpsc::Sender<Event>, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+            self.stats.events_dropped.fetch_add(1, Relaxed);
         }
     }
 
@@ -95,7 +131,7 @@ impl Proxy {
 
     /// Gives a request to the transaction it belongs to (a retransmission, the ACK for our
     /// non-2xx final, or a CANCEL). True if it was consumed.
-    pub async fn absorb(&self, msg: &Message, source: Source) -> bool {
+    pub fn absorb(&self, msg: &Message, source: Source) -> bool {
         let method = msg.method().unwrap_or_default();
         if method == "CANCEL" {
             let Some(key) = invite_key_for_cancel(msg) else {
@@ -112,8 +148,8 @@ impl Proxy {
                 reply::response(msg, source.remote, 200, "OK", &[]),
                 nated,
             );
-            self.transports.send(out).await;
-            let _ = tx.send(Event::Cancel).await;
+            self.transports.send(out);
+            self.post(&tx, Event::Cancel);
             return true;
         }
         let Some(key) = server_key(msg) else {
@@ -127,50 +163,67 @@ impl Proxy {
         } else {
             Event::Retransmission
         };
-        let _ = tx.send(event).await;
+        self.post(&tx, event);
         true
     }
 
     /// A response from downstream: to the client transaction it belongs to; with none, a
-    /// stray 2xx is forwarded statelessly (RFC 3261 §16.7, RFC 6026 §7).
-    pub async fn on_response(&self, resp: Message, source: Source) {
+    /// stray 2xx is forwarded statelessly (RFC 3261 §16.7, RFC 6026 §7) when its top Via is
+    /// ours and its branch MAC says the next Via is where we sent the request from.
+    /// Everything else is dropped and counted.
+    pub fn on_response(&self, resp: Message, source: Source) {
         let Some(key) = client_key(&resp) else {
+            self.stats.stray_dropped.fetch_add(1, Relaxed);
             return;
         };
         if let Some((tx, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
-            let _ = tx
-                .send(Event::Response {
+            self.post(
+                &tx,
+                Event::Response {
                     idx,
                     cancel,
                     resp: Box::new(resp),
-                })
-                .await;
+                },
+            );
             return;
         }
-        if resp.status().is_some_and(|s| (200..300).contains(&s)) && key.method == "INVITE" {
-            self.forward_stray(&resp).await;
-        } else {
-            debug!(peer.addr = %source.remote, sip.status = resp.status(), "response matches no transaction");
+        let forwarded = resp.status().is_some_and(|s| (200..300).contains(&s))
+            && key.method == "INVITE"
+            && self.forward_stray(&resp);
+        if !forwarded {
+            self.stats.stray_dropped.fetch_add(1, Relaxed);
+            debug!(peer.addr = %source.remote, sip.status = resp.status(), "response matches no transaction: dropped");
         }
     }
 
-    /// A 2xx retransmission after our transaction ended: pop our Via, send to the next.
-    async fn forward_stray(&self, resp: &Message) {
-        let Ok(vias) = resp.vias() else { return };
-        let Some(next) = vias.get(1) else { return };
+    /// A 2xx retransmission after our transaction ended: pop our Via, send to the next —
+    /// only if our branch's MAC binds it to that address. False when not forwarded.
+    fn forward_stray(&self, resp: &Message) -> bool {
+        let Ok(vias) = resp.vias() else { return false };
+        let (Some(ours), Some(next)) = (vias.first(), vias.get(1)) else {
+            return false;
+        };
         let ip = next
             .param("received")
             .and_then(|r| r.parse().ok())
             .or_else(|| next.host.parse().ok());
-        let Some(ip) = ip else { return };
+        let Some(ip) = ip else { return false };
         let port = next
             .param("rport")
             .and_then(|p| p.parse().ok())
             .or(next.port)
             .unwrap_or(5060);
+        let dest = SocketAddr::new(ip, port);
+        let signed = ours.branch().is_some_and(|b| {
+            b.starts_with(forward::BRANCH_PREFIX) && self.key.verify_branch(b, dest)
+        });
+        if !signed {
+            crate::security_event!("stray_response", dest, sip.status = resp.status());
+            return false;
+        }
         let mut rw = Rewrite::new(resp);
         if rw.pop_via().is_err() {
-            return;
+            return false;
         }
         let proto = if next.is_reliable() {
             Proto::Tcp
@@ -180,10 +233,11 @@ impl Proxy {
         let out = Outbound {
             proto,
             local: self.socket_for(proto),
-            dest: SocketAddr::new(ip, port),
+            dest,
             bytes: rw.finish(),
         };
-        self.transports.send(out).await;
+        self.transports.send(out);
+        true
     }
 
     /// Enables media relaying (once, at start).
@@ -217,15 +271,27 @@ impl Proxy {
             }
             return;
         }
-        let Some(res) = self.reserve(&msg) else {
-            debug!("request already has a transaction");
-            return;
+        let res = match self.reserve(&msg, source) {
+            Ok(res) => res,
+            Err(Refusal::Owned) => {
+                debug!("request already has a transaction");
+                return;
+            }
+            Err(Refusal::Limit(limit)) => {
+                self.stats.txn_limited.fetch_add(1, Relaxed);
+                crate::security_event!("transaction_limit", source.remote, limit);
+                let bytes = reply_now(503, "Service Unavailable", &[("Retry-After", "5")]);
+                let nated = plan.sender_nated;
+                self.transports
+                    .send(self.upstream(&msg, source, bytes, nated));
+                return;
+            }
         };
         let mut strip_proxy_auth = false;
         let mut auth_user = None;
         if let Some(need) = plan.auth {
             let verdict = match &auth {
-                None => Err(reply_now(500, "Server Internal Error", &[])),
+                None => Err((500, reply_now(500, "Server Internal Error", &[]))),
                 Some(a) => authorize(a, &msg, need, now_unix, &reply_now, &self.cfg).await,
             };
             match verdict {
@@ -233,7 +299,19 @@ impl Proxy {
                     strip_proxy_auth = true;
                     auth_user = Some(user);
                 }
-                Err(bytes) => return self.launch(res, msg, source, Work::Reply(bytes)),
+                Err((407, bytes)) => {
+                    // A challenge is sent once, without a server transaction: it is never
+                    // retransmitted, so a spoofed request draws one datagram, not eleven
+                    // (the caller's retransmission of the INVITE draws another 407, and its
+                    // ACK for the 407 is dropped by the routing: no dialog of ours).
+                    self.server.remove(&res.key);
+                    drop(res);
+                    let nated = plan.sender_nated;
+                    self.transports
+                        .send(self.upstream(&msg, source, bytes, nated));
+                    return;
+                }
+                Err((_, bytes)) => return self.launch(res, msg, source, Work::Reply(bytes)),
             }
         }
         let resolved = resolve(&plan.targets).await;
@@ -285,13 +363,15 @@ impl Proxy {
         let sent_by = msg
             .top_via()
             .map(|v| format!("{}:{}", v.host, v.port.unwrap_or(5060)));
+        let nated = plan.sender_nated;
         let branch = forward::branch_id(
             msg,
             msg.top_via().ok().and_then(|v| v.branch()).unwrap_or(""),
             sent_by.as_deref().unwrap_or(""),
             0,
+            &self.key,
+            self.upstream_dest(msg, source, nated),
         );
-        let nated = plan.sender_nated;
         let bytes = self.build(
             msg,
             &target,
@@ -318,27 +398,42 @@ impl Proxy {
             _ => bytes,
         };
         debug!(%dest, "forwarding statelessly");
-        self.transports
-            .send(Outbound {
-                proto: hop.proto,
-                local: self.socket_for(hop.proto),
-                dest,
-                bytes,
-            })
-            .await;
+        self.transports.send(Outbound {
+            proto: hop.proto,
+            local: self.socket_for(hop.proto),
+            dest,
+            bytes,
+        });
     }
 
     /// Claims the server transaction of a new request before any slow work (authentication,
     /// name resolution), so that its retransmissions are absorbed meanwhile. `None` when the
-    /// request already has an owner (it was a retransmission after all).
-    pub fn reserve(&self, msg: &Message) -> Option<Reservation> {
-        let key = server_key(msg)?;
+    /// request already has an owner (it was a retransmission after all) or when
+    /// `limits.transactions(_per_ip)` are reached.
+    pub fn reserve(&self, msg: &Message, source: Source) -> Result<Reservation, Refusal> {
+        let key = server_key(msg).ok_or(Refusal::Owned)?;
+        let limits = &self.cfg.limits;
+        if self.server.len() >= limits.transactions {
+            return Err(Refusal::Limit("limits.transactions"));
+        }
+        let ip = source.remote.ip();
+        let slot = {
+            let mut n = self.per_ip.entry(ip).or_insert(0);
+            if *n >= limits.transactions_per_ip {
+                return Err(Refusal::Limit("limits.transactions_per_ip"));
+            }
+            *n += 1;
+            TxnSlot {
+                per_ip: self.per_ip.clone(),
+                ip,
+            }
+        };
         let (tx, rx) = mpsc::channel(EVENTS);
         match self.server.entry(key.clone()) {
-            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Occupied(_) => Err(Refusal::Owned),
             dashmap::Entry::Vacant(v) => {
                 v.insert(tx.clone());
-                Some(Reservation { key, tx, rx })
+                Ok(Reservation { key, tx, rx, slot })
             }
         }
     }
@@ -353,9 +448,17 @@ impl Proxy {
             sip.branch = %res.key.branch
         );
         let proxy = self.clone();
+        // If the task panics, its table entry goes with it (no leak, and a retransmission
+        // of the request is not absorbed by a task that no longer exists).
+        let guard = EntryGuard {
+            proxy: self.clone(),
+            key: res.key.clone(),
+            tx: res.tx.clone(),
+        };
         tokio::spawn(
             async move {
                 proxy.run(res, msg, source, work).await;
+                drop(guard);
             }
             .instrument(span),
         );
@@ -363,7 +466,15 @@ impl Proxy {
 
     /// The task owning one proxied request.
     async fn run(self: Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
-        let Reservation { key, tx, mut rx } = res;
+        let Reservation {
+            key,
+            tx,
+            mut rx,
+            slot,
+        } = res;
+        // The per-IP place is held while the request is pending; a transaction that has
+        // sent its final only waits out its timers (bounded by the total limit).
+        let mut slot = Some(slot);
         let now = Instant::now();
         let (plan, dests, strip_proxy_auth, auth_user, local_reply) = match work {
             Work::Forward {
@@ -404,7 +515,14 @@ impl Proxy {
         // A media limit refused a branch's SDP: its status and headers answer that branch.
         let mut media_refused: Option<crate::media::session::Refused> = None;
         for (i, (hop, dest)) in plan.targets.iter().zip(&dests).enumerate() {
-            let branch_id = forward::branch_id(&msg, &incoming_branch, &key.sent_by, i);
+            let branch_id = forward::branch_id(
+                &msg,
+                &incoming_branch,
+                &key.sent_by,
+                i,
+                &self.key,
+                self.upstream_dest(&msg, source, nated),
+            );
             let target = Target {
                 ruri: hop.ruri.clone(),
                 dest: *dest,
@@ -492,7 +610,7 @@ impl Proxy {
             for b in &mut branches {
                 while let Some(a) = b.txn.as_mut().and_then(ClientTxn::poll_action) {
                     match a {
-                        ClientAction::Send(bytes) => self.send_branch(b, bytes).await,
+                        ClientAction::Send(bytes) => self.send_branch(b, bytes),
                         ClientAction::PassUp(resp) => {
                             let status = resp.status().unwrap_or(0);
                             let resp = match self.media.get() {
@@ -545,7 +663,7 @@ impl Proxy {
                                     dest: b.dest,
                                     bytes,
                                 };
-                                self.transports.send(out).await;
+                                self.transports.send(out);
                             }
                             ClientAction::Terminated => {
                                 if let Some(k) = server_key(c.request()) {
@@ -605,11 +723,14 @@ impl Proxy {
                     m.on_final(&msg, status, cancelled).await;
                 }
             }
+            if server.final_status().is_some() {
+                drop(slot.take());
+            }
             while let Some(a) = server.poll_action() {
                 match a {
                     ServerAction::Send(bytes) => {
                         let out = self.upstream(&msg, source, bytes, nated);
-                        self.transports.send(out).await;
+                        self.transports.send(out);
                     }
                     ServerAction::AckTimeout => debug!("no ACK for our final response"),
                     ServerAction::Terminated => {
@@ -730,32 +851,28 @@ impl Proxy {
         ));
     }
 
-    async fn send_branch(&self, b: &Branch, bytes: Vec<u8>) {
-        self.transports
-            .send(Outbound {
-                proto: b.hop.proto,
-                local: self.socket_for(b.hop.proto),
-                dest: b.dest,
-                bytes,
-            })
-            .await;
+    fn send_branch(&self, b: &Branch, bytes: Vec<u8>) {
+        self.transports.send(Outbound {
+            proto: b.hop.proto,
+            local: self.socket_for(b.hop.proto),
+            dest: b.dest,
+            bytes,
+        });
     }
 
-    /// Where a response to the request goes (RFC 3261 §18.2.2).
+    /// A response to the request, addressed by [`crate::nat::response_dest`].
     fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>, nated: bool) -> Outbound {
-        let dest = match source.proto {
-            Proto::Tcp => source.remote,
-            Proto::Udp if nated => source.remote,
-            Proto::Udp => req
-                .top_via()
-                .map_or(source.remote, |v| reply::response_target(&v, source.remote)),
-        };
         Outbound {
             proto: source.proto,
             local: source.local,
-            dest,
+            dest: self.upstream_dest(req, source, nated),
             bytes,
         }
+    }
+
+    /// Where responses to the request go (bound into our branch MAC).
+    fn upstream_dest(&self, req: &Message, source: Source, nated: bool) -> SocketAddr {
+        crate::nat::response_dest(req, source, nated)
     }
 
     /// Our listening socket for a transport (the first one configured).
@@ -810,6 +927,7 @@ impl Proxy {
                 source: Some(from.0),
                 force_rport: from.1,
             },
+            &self.key,
         );
         if plan.pop_route || plan.strict_route {
             // Our Route is removed from the forwarded copy (loose routing), or the last one that
@@ -835,6 +953,49 @@ pub struct Reservation {
     key: TxnKey,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
+    /// This transaction's place in `limits.transactions_per_ip`, released with its final
+    /// response (or the task).
+    slot: TxnSlot,
+}
+
+/// Removes a transaction task's server entry when the task ends, however it ends.
+struct EntryGuard {
+    proxy: Arc<Proxy>,
+    key: TxnKey,
+    tx: mpsc::Sender<Event>,
+}
+
+impl Drop for EntryGuard {
+    fn drop(&mut self) {
+        self.proxy
+            .server
+            .remove_if(&self.key, |_, v| v.same_channel(&self.tx));
+    }
+}
+
+/// Why a request got no transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It already has one (a retransmission).
+    Owned,
+    /// This limit is reached.
+    Limit(&'static str),
+}
+
+/// A place in the per-IP transaction count; released when dropped (also when the task
+/// owning it unwinds).
+struct TxnSlot {
+    per_ip: Arc<DashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl Drop for TxnSlot {
+    fn drop(&mut self) {
+        self.per_ip.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
 }
 
 /// What the transaction task does with its request.
@@ -914,19 +1075,18 @@ async fn authorize(
     now: u64,
     reply_now: &impl Fn(u16, &str, &[(&str, &str)]) -> Vec<u8>,
     cfg: &Config,
-) -> Result<String, Vec<u8>> {
+) -> Result<String, (u16, Vec<u8>)> {
     let from = msg.from().ok().and_then(|f| {
         let uri = crate::sip::SipUri::parse(f.uri).ok()?;
         Some((uri.user.map(str::to_owned), uri.host.to_ascii_lowercase()))
     });
     let Some((from_user, domain)) = from else {
-        return Err(reply_now(403, "Forbidden: From is not a SIP URI", &[]));
+        return Err((403, reply_now(403, "Forbidden: From is not a SIP URI", &[])));
     };
     if !cfg.is_local_domain(&domain) {
-        return Err(reply_now(
+        return Err((
             403,
-            "Forbidden: From domain not served here",
-            &[],
+            reply_now(403, "Forbidden: From domain not served here", &[]),
         ));
     }
     let realm = auth.realm(&domain);
@@ -934,19 +1094,18 @@ async fn authorize(
         Outcome::Authorized { username } => {
             if need == AuthNeed::Route && from_user.as_deref() != Some(username.as_str()) {
                 warn!(auth.user = %username, from.user = ?from_user, "From does not match the credentials");
-                return Err(reply_now(403, "Use From ID", &[]));
+                return Err((403, reply_now(403, "Use From ID", &[])));
             }
             Ok(username)
         }
         Outcome::Challenge { stale } => {
             let headers = auth.challenge(AuthKind::Proxy, &realm, now, stale);
             let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            Err(reply_now(407, "Proxy Authentication Required", &extra))
+            Err((407, reply_now(407, "Proxy Authentication Required", &extra)))
         }
-        Outcome::StoreError => Err(reply_now(
+        Outcome::StoreError => Err((
             500,
-            "Server Internal Error",
-            &[("Retry-After", "5")],
+            reply_now(500, "Server Internal Error", &[("Retry-After", "5")]),
         )),
     }
 }

@@ -2,9 +2,11 @@
 //! service, and its write-through to the store.
 //!
 //! - [`register`]: the §10.3 rules as a pure decision.
+//! - [`cache`]: the bounded cache of sent responses, for retransmissions (Timer J).
 //! - [`location`]: bindings in memory with an expiry index.
 //! - [`service`]: the async side: authentication, sharded processing, store writes, replies.
 
+pub mod cache;
 pub mod location;
 pub mod register;
 pub mod service;

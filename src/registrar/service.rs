@@ -7,7 +7,6 @@
 //! bound. Each shard keeps the final responses it sent for 32 s (Timer J, RFC 3261
 //! §17.2.2), so a retransmitted REGISTER gets the same answer instead of a replayed nonce.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::cache::ResponseCache;
 use super::location::Location;
 use super::register::{self, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
@@ -22,8 +22,8 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::sip::{Message, SipUri, reply};
 use crate::store::Store;
+use crate::transport::Source;
 use crate::transport::server::Transports;
-use crate::transport::{Outbound, Proto, Source};
 
 /// REGISTERs waiting per shard before new ones get 503.
 const QUEUE: usize = 1024;
@@ -56,10 +56,13 @@ pub struct Registrar {
 impl Registrar {
     /// Starts `shards` shard tasks and the expiry task.
     pub fn start(ctx: Arc<Context>, shards: usize) -> Self {
-        let shards = (0..shards.max(1))
+        let n = shards.max(1);
+        let shards = (0..n)
             .map(|i| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(shard(ctx.clone(), rx).instrument(info_span!("registrar", shard = i)));
+                tokio::spawn(
+                    shard(ctx.clone(), rx, n).instrument(info_span!("registrar", shard = i)),
+                );
                 tx
             })
             .collect();
@@ -101,52 +104,57 @@ fn txn_key(msg: &Message) -> Option<String> {
     ))
 }
 
-async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>) {
-    let mut sent: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
-    let mut last_sweep = 0;
-    while let Some(job) = rx.recv().await {
+async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usize) {
+    let limits = &ctx.cfg.limits;
+    let mut sent = ResponseCache::new(
+        limits.registrar_cache / shards,
+        limits.registrar_cache_bytes / shards,
+        TIMER_J,
+    );
+    // The cache is swept on a timer, not only when the next REGISTER arrives: memory a
+    // flood left behind is returned within a second of its expiry.
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let job = tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = sweep.tick() => {
+                sent.sweep(ctx.clock.unix());
+                continue;
+            }
+        };
         let now = ctx.clock.unix();
-        if now > last_sweep {
-            sent.retain(|_, (t, _)| *t + TIMER_J > now);
-            last_sweep = now;
-        }
         let key = txn_key(&job.msg);
-        let bytes = match key.as_ref().and_then(|k| sent.get(k)) {
-            Some((_, bytes)) => {
+        let bytes = match key.as_ref().and_then(|k| sent.get(k, now)) {
+            Some(bytes) => {
                 debug!("REGISTER retransmission, resending the response");
-                bytes.clone()
+                bytes.to_vec()
             }
             None => {
-                let bytes = handle(&ctx, &job, now).await;
-                if let Some(k) = key {
-                    sent.insert(k, (now, bytes.clone()));
+                let (status, bytes) = handle(&ctx, &job, now).await;
+                // Challenges are not kept: a retransmission gets a fresh one (one datagram per
+                // request either way), and a flood of unauthenticated REGISTERs holds nothing.
+                if let Some(k) = key.filter(|_| status != 401) {
+                    sent.insert(k, now, bytes.clone());
                 }
                 bytes
             }
         };
-        let dest = match job.source.proto {
-            Proto::Tcp => job.source.remote,
-            Proto::Udp => job.msg.top_via().map_or(job.source.remote, |v| {
-                reply::response_target(&v, job.source.remote)
-            }),
-        };
+        // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
         ctx.transports
-            .send(Outbound {
-                proto: job.source.proto,
-                local: job.source.local,
-                dest,
-                bytes,
-            })
-            .await;
+            .send(crate::nat::respond(&job.msg, job.source, bytes));
     }
 }
 
-/// Processes one REGISTER and returns the response bytes.
-async fn handle(ctx: &Context, job: &Job, now: u64) -> Vec<u8> {
+/// Processes one REGISTER and returns the response: its status and bytes.
+async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     let msg = &job.msg;
     let src = job.source.remote;
     let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
-        reply::response(msg, src, status, reason, extra)
+        (status, reply::response(msg, src, status, reason, extra))
     };
     let Ok(to) = msg.to() else {
         return respond(400, "Malformed To header", &[]);

@@ -87,8 +87,12 @@ pub fn local_tag(req: &Message) -> String {
 }
 
 /// Where a response to a request with this top Via goes (RFC 3261 §18.2.2, RFC 3581 §4): the
-/// `maddr` if it is an address, else the source address (`received`) and the port from
-/// `rport` (the source port) when the client asked for it, else the sent-by port or 5060.
+/// source address (`received`) and the port from `rport` (the source port) when the client
+/// asked for it, else the sent-by port or 5060.
+///
+/// `maddr` is ignored on purpose: honouring it would let any sender pick the address our
+/// responses go to (a reflection and amplification vector on a public host). The IP is
+/// always the one the request came from.
 pub fn response_target(via: &Via<'_>, source: SocketAddr) -> SocketAddr {
     let default_port = if via.transport.eq_ignore_ascii_case("TLS") {
         5061
@@ -96,9 +100,6 @@ pub fn response_target(via: &Via<'_>, source: SocketAddr) -> SocketAddr {
         5060
     };
     let port = via.port.unwrap_or(default_port);
-    if let Some(maddr) = via.param("maddr").and_then(|m| m.parse().ok()) {
-        return SocketAddr::new(maddr, port);
-    }
     if via.param("rport").is_some() {
         return source;
     }
@@ -217,10 +218,11 @@ Max-Forwards: 70\r\n\
             response_target(&m.top_via().unwrap(), src),
             "203.0.113.5:5060".parse().unwrap()
         );
+        // maddr never redirects a response away from the sender (no reflection).
         let m = parse("SIP/2.0/UDP host.example.com:5070;maddr=192.0.2.9");
         assert_eq!(
             response_target(&m.top_via().unwrap(), src),
-            "192.0.2.9:5070".parse().unwrap()
+            "203.0.113.5:5070".parse().unwrap()
         );
     }
 }

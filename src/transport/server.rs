@@ -5,17 +5,20 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use dashmap::DashMap;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Outbound, Proto, tcp, udp};
+use crate::auth::mac::RouteKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::log::LogLimit;
 use crate::nat::keepalive::Pinger;
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
@@ -27,52 +30,114 @@ use crate::registrar::service::Registrar;
 const UDP_RCVBUF: usize = 4 << 20;
 
 /// The send side of every socket: UDP sockets by local address, TCP connections by peer.
+///
+/// Sending never waits: a datagram the kernel cannot take now is dropped (UDP is lossy and
+/// the transaction layer retransmits), and a TCP peer whose queue is full is disconnected.
+/// Nothing that serves many peers (the receive loops, the registrar shards, the transaction
+/// tasks) can be held up by one peer that does not read.
 #[derive(Debug, Default)]
 pub struct Transports {
     udp: HashMap<SocketAddr, Arc<UdpSocket>>,
-    tcp: DashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    tcp: DashMap<SocketAddr, Conn>,
+    /// Bytes queued per TCP connection at most (`limits.tcp_send_queue`).
+    send_queue: usize,
+    stats: TransportStats,
+}
+
+/// The send side of one TCP connection.
+#[derive(Debug, Clone)]
+pub(super) struct Conn {
+    pub(super) tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued and not yet written; the writer subtracts what it wrote.
+    pub(super) queued: Arc<AtomicUsize>,
+    /// Told when the connection must close (its queue overflowed).
+    pub(super) close: Arc<Notify>,
+}
+
+/// Counters of the transport layer.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Datagrams dropped because the socket buffer was full or the send failed.
+    pub udp_send_dropped: AtomicU64,
+    /// Messages for a TCP peer with no connection (any more).
+    pub tcp_no_connection: AtomicU64,
+    /// TCP connections closed because their send queue overflowed.
+    pub tcp_queue_overflow: AtomicU64,
+    /// TCP connections refused by `limits.tcp_connections(_per_ip)`.
+    pub tcp_refused: AtomicU64,
+    /// TCP connections closed for a message that did not complete in time, or a write that
+    /// did not drain in time.
+    pub tcp_timed_out: AtomicU64,
 }
 
 impl Transports {
-    /// Sends one message. Failures are logged: a datagram or a closed connection is the
-    /// peer's loss, never a reason to stop serving others.
-    pub async fn send(&self, out: Outbound) {
+    /// Sends one message without waiting. Failures are counted and logged at debug: a lost
+    /// datagram or a closed connection is the peer's loss, never a reason to stop serving
+    /// others.
+    pub fn send(&self, out: Outbound) {
         match out.proto {
             Proto::Udp => {
                 let Some(sock) = self.udp.get(&out.local) else {
                     warn!(local = %out.local, "no UDP socket for this local address");
                     return;
                 };
-                if let Err(error) = sock.send_to(&out.bytes, out.dest).await {
+                // The syscall itself, on the non-blocking socket: tokio's `try_send_to` would
+                // answer WouldBlock whenever its reactor has not yet seen the socket writable.
+                let sent =
+                    socket2::SockRef::from(sock.as_ref()).send_to(&out.bytes, &out.dest.into());
+                if let Err(error) = sent {
+                    self.stats.udp_send_dropped.fetch_add(1, Relaxed);
                     debug!(%error, dest = %out.dest, "UDP send failed");
                 }
             }
             Proto::Tcp => {
-                let tx = self.tcp.get(&out.dest).map(|c| c.value().clone());
-                match tx {
-                    Some(tx) => {
-                        if tx.send(out.bytes).await.is_err() {
-                            debug!(dest = %out.dest, "TCP connection closed before send");
-                        }
-                    }
-                    None => debug!(dest = %out.dest, "no TCP connection to this peer"),
+                let Some(conn) = self.tcp.get(&out.dest).map(|c| c.value().clone()) else {
+                    self.stats.tcp_no_connection.fetch_add(1, Relaxed);
+                    debug!(dest = %out.dest, "no TCP connection to this peer");
+                    return;
+                };
+                let len = out.bytes.len();
+                let queued = conn.queued.fetch_add(len, Relaxed) + len;
+                if queued > self.send_queue {
+                    conn.queued.fetch_sub(len, Relaxed);
+                    self.stats.tcp_queue_overflow.fetch_add(1, Relaxed);
+                    crate::security_event!(
+                        "tcp_queue_full",
+                        out.dest,
+                        queued,
+                        limit = "limits.tcp_send_queue"
+                    );
+                    self.tcp
+                        .remove_if(&out.dest, |_, c| c.tx.same_channel(&conn.tx));
+                    conn.close.notify_one();
+                    return;
+                }
+                if conn.tx.send(out.bytes).is_err() {
+                    conn.queued.fetch_sub(len, Relaxed);
+                    self.stats.tcp_no_connection.fetch_add(1, Relaxed);
+                    debug!(dest = %out.dest, "TCP connection closed before send");
                 }
             }
         }
     }
 
-    pub(super) fn register_tcp(&self, remote: SocketAddr, tx: mpsc::Sender<Vec<u8>>) {
-        self.tcp.insert(remote, tx);
+    pub(super) fn register_tcp(&self, remote: SocketAddr, conn: Conn) {
+        self.tcp.insert(remote, conn);
     }
 
     /// Forgets the connection to `remote` if it is still the one owned by `tx`.
-    pub(super) fn unregister_tcp(&self, remote: SocketAddr, tx: &mpsc::Sender<Vec<u8>>) {
-        self.tcp.remove_if(&remote, |_, v| v.same_channel(tx));
+    pub(super) fn unregister_tcp(&self, remote: SocketAddr, tx: &mpsc::UnboundedSender<Vec<u8>>) {
+        self.tcp.remove_if(&remote, |_, v| v.tx.same_channel(tx));
     }
 
     /// Open TCP connections.
     pub fn tcp_connections(&self) -> usize {
         self.tcp.len()
+    }
+
+    /// The transport counters.
+    pub fn stats(&self) -> &TransportStats {
+        &self.stats
     }
 }
 
@@ -86,56 +151,29 @@ pub struct Dispatcher {
     auth: Option<Arc<Authenticator>>,
     pinger: Option<Arc<Pinger>>,
     clock: Arc<dyn Clock>,
-    overload_log: Throttle,
-}
-
-/// Lets one log line through per second and counts the others (a flood must not flood the
-/// log too).
-#[derive(Debug, Default)]
-struct Throttle {
-    second: std::sync::atomic::AtomicU64,
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl Throttle {
-    /// `Some(lines suppressed since the last one)` when a line may be written at `now`.
-    fn allow(&self, now: u64) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let prev = self.second.load(Relaxed);
-        if prev != now
-            && self
-                .second
-                .compare_exchange(prev, now, Relaxed, Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Relaxed));
-        }
-        self.suppressed.fetch_add(1, Relaxed);
-        None
-    }
 }
 
 impl Dispatcher {
     pub async fn execute(&self, d: Dispatch) {
         match d {
             Dispatch::Nothing => {}
-            Dispatch::Send(out) => self.transports.send(out).await,
+            Dispatch::Send(out) => self.transports.send(out),
             Dispatch::Response(msg, source) => {
                 if let Some(p) = &self.pinger
                     && p.on_response(&msg).await
                 {
                     return;
                 }
-                self.proxy.on_response(*msg, source).await
+                self.proxy.on_response(*msg, source)
             }
             Dispatch::Request(msg, source) => {
-                if self.proxy.absorb(&msg, source).await {
+                if self.proxy.absorb(&msg, source) {
                     return;
                 }
                 match self.core.route(&msg, source) {
                     Routed::Reply(out) => {
                         debug!(status = ?out.bytes.get(8..11).map(String::from_utf8_lossy), "answering locally");
-                        self.transports.send(out).await;
+                        self.transports.send(out);
                     }
                     Routed::Absorb => debug!("absorbed"),
                     Routed::Forward(plan) => {
@@ -157,11 +195,12 @@ impl Dispatcher {
                     let out =
                         self.core
                             .reply(&job.msg, job.source, 501, "Registrar Not Enabled", &[]);
-                    return self.transports.send(out).await;
+                    return self.transports.send(out);
                 };
                 if let Err(job) = registrar.submit(job) {
                     // Overload: tell the phone when to retry instead of queueing without bound.
-                    if let Some(suppressed) = self.overload_log.allow(self.clock.unix()) {
+                    static LOG: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LOG.allow() {
                         warn!(peer.addr = %job.source.remote, suppressed, "registrar queue full, answering 503");
                     }
                     let out = self.core.reply(
@@ -171,7 +210,7 @@ impl Dispatcher {
                         "Service Unavailable",
                         &[("Retry-After", "5")],
                     );
-                    self.transports.send(out).await;
+                    self.transports.send(out);
                 }
             }
         }
@@ -198,11 +237,15 @@ impl Server {
         cfg: Arc<Config>,
         location: Option<Arc<Location>>,
         clock: Arc<dyn Clock>,
+        key: RouteKey,
     ) -> io::Result<Self> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut local = Vec::new();
-        let mut transports = Transports::default();
+        let mut transports = Transports {
+            send_queue: cfg.limits.tcp_send_queue,
+            ..Transports::default()
+        };
         for l in &cfg.server.listen {
             let ctx = |e: io::Error| {
                 io::Error::new(
@@ -235,9 +278,10 @@ impl Server {
             local.clone(),
             location,
             clock.clone(),
+            key.clone(),
         ));
         let transports = Arc::new(transports);
-        let proxy = Arc::new(Proxy::new(cfg, transports.clone(), local.clone()));
+        let proxy = Arc::new(Proxy::new(cfg, transports.clone(), local.clone(), key));
         Ok(Self {
             core,
             proxy,
@@ -292,7 +336,6 @@ impl Server {
             auth: self.auth.clone(),
             pinger: self.pinger.clone(),
             clock: self.clock.clone(),
-            overload_log: Throttle::default(),
         });
         let cfg = self.core.config();
         let workers = match cfg.server.workers {
@@ -306,18 +349,35 @@ impl Server {
             // Several receive loops on one socket: each datagram goes to exactly one of them.
             for _ in 0..workers {
                 let span = info_span!("udp", local.addr = ?addr);
-                tasks.spawn(
-                    udp::run(sock.clone(), dispatcher.clone(), shutdown.clone()).instrument(span),
-                );
+                let (sock, dispatcher, stop) = (sock.clone(), dispatcher.clone(), shutdown.clone());
+                tasks.spawn(supervise(
+                    "udp",
+                    move || udp::run(sock.clone(), dispatcher.clone(), stop.clone()),
+                    span,
+                    shutdown.clone(),
+                ));
             }
         }
+        let conns = Arc::new(tcp::ConnCount::default());
         for listener in self.tcp {
             let addr = listener.local_addr().ok();
             info!(transport = "tcp", addr = ?addr, "listening");
             let span = info_span!("tcp", local.addr = ?addr);
-            tasks.spawn(
-                tcp::accept_loop(listener, dispatcher.clone(), shutdown.clone()).instrument(span),
-            );
+            let listener = Arc::new(listener);
+            let (dispatcher, stop, conns) = (dispatcher.clone(), shutdown.clone(), conns.clone());
+            tasks.spawn(supervise(
+                "tcp_accept",
+                move || {
+                    tcp::accept_loop(
+                        listener.clone(),
+                        dispatcher.clone(),
+                        stop.clone(),
+                        conns.clone(),
+                    )
+                },
+                span,
+                shutdown.clone(),
+            ));
         }
         if let Some(p) = &self.pinger {
             tasks.spawn(
@@ -338,6 +398,31 @@ impl Server {
     }
 }
 
+/// Runs a loop that serves many peers, and starts it again if it panics: no input can take
+/// a listener down silently. The panic itself is logged by the panic hook (with the span of
+/// the message being handled, so the peer's address is in the line).
+async fn supervise<F, Fut>(
+    name: &'static str,
+    make: F,
+    span: tracing::Span,
+    shutdown: watch::Receiver<bool>,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(make().instrument(span.clone())).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() && !*shutdown.borrow() => {
+                tracing::error!(task = name, "loop panicked; restarting it");
+                // A panic on every message must not become a busy loop.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -349,19 +434,4 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     UdpSocket::from_std(sock.into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Throttle;
-
-    #[test]
-    fn throttle_one_line_per_second() {
-        let t = Throttle::default();
-        assert_eq!(t.allow(100), Some(0));
-        assert_eq!(t.allow(100), None);
-        assert_eq!(t.allow(100), None);
-        assert_eq!(t.allow(101), Some(2), "reports what it held back");
-        assert_eq!(t.allow(101), None);
-    }
 }

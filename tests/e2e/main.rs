@@ -10,6 +10,7 @@ mod media;
 mod media_limits;
 mod nat;
 mod proxy;
+mod public;
 mod registrar;
 mod store;
 mod transport;

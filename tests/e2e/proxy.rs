@@ -59,6 +59,19 @@ fn routes_of(m: &Message) -> Vec<String> {
         .collect()
 }
 
+/// Record-Route values without their MAC (`;m=`, checked to be there; that it verifies is
+/// what the in-dialog requests of these tests prove).
+fn unsigned(routes: &[String]) -> Vec<String> {
+    routes
+        .iter()
+        .map(|r| {
+            let (uri, mac) = r.rsplit_once(";m=").expect("our Record-Route is signed");
+            assert_eq!(mac.len(), 16 + 1, "{r}");
+            format!("{uri}>")
+        })
+        .collect()
+}
+
 async fn server_with_pbx(pbx: SocketAddr, extra: &str) -> TestServer {
     TestServer::start(
         "",
@@ -117,7 +130,7 @@ async fn extension_call_through_the_pbx_route() {
     // The caller's Contact is a loopback address, which nathelper's tests call NATed: the
     // Record-Route carries the seed's `;nat=yes` mark and the caller's binding.
     assert_eq!(
-        rr,
+        unsigned(&rr),
         vec![format!(
             "<sip:127.0.0.1:{};lr;nat=yes;fc=u~127.0.0.1~{}>",
             srv.udp.port(),

@@ -452,6 +452,30 @@ impl Epoll {
     }
 }
 
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit and returns
+/// `(soft before, soft now)`. The relay holds two sockets per stream and the signalling side
+/// one per TCP peer; the default soft limit (often 1024) would refuse clients long before the
+/// configured limits do.
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit read above; the kernel only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,207 @@
+//! Message authentication codes over what sipedge writes into the messages it forwards, so
+//! that what comes back can be trusted without keeping state for it:
+//!
+//! - our **Record-Route** URI carries `;m=` — a MAC over the Call-ID, the caller's From tag
+//!   and the URI text before it (address, transport, `nat=yes`, the `fc`/`fe` flow tokens). An
+//!   in-dialog request follows a Route of ours only when the MAC verifies for its Call-ID and
+//!   one of its tags, so nobody can make us send a request to an address they chose by
+//!   writing a Route or a flow token themselves.
+//! - our **Via branch** ends in a MAC over the branch and the address its responses go to
+//!   (the previous hop), so a stray 2xx — one that matches no transaction any more — is
+//!   forwarded only to the hop we received the request from, never to a Via someone added.
+//!
+//! The key is derived from the per-install secret (`meta.nonce_secret`), so every instance
+//! sharing a store accepts the others' routes. Pure: no clock, no I/O.
+
+use std::net::SocketAddr;
+
+use hmac::{Hmac, KeyInit, Mac as _};
+use sha2::Sha256;
+
+use super::nonce::NonceKey;
+use super::{ct_eq, to_hex};
+
+/// Hex digits of a Record-Route MAC (64 bits: the MAC is checked online only, one guess
+/// per request, so 2^64 guesses are out of reach).
+const ROUTE_MAC_HEX: usize = 16;
+/// Hex digits of a branch MAC (48 bits, same reasoning; the branch stays short).
+const BRANCH_MAC_HEX: usize = 12;
+
+/// The name of our Record-Route MAC parameter.
+pub const ROUTE_MAC_PARAM: &str = ";m=";
+
+/// HMAC-SHA256 (RFC 2104) of the concatenation of `parts`.
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // invariant: HMAC accepts keys of any length (longer ones are hashed first).
+    #[allow(clippy::expect_used)]
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// The key of our Record-Route and branch MACs.
+#[derive(Clone)]
+pub struct RouteKey([u8; 32]);
+
+impl std::fmt::Debug for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteKey(..)")
+    }
+}
+
+impl RouteKey {
+    /// Derives the key from the per-install secret (domain-separated from nonce MACs).
+    pub fn derive(secret: &NonceKey) -> Self {
+        Self(hmac_sha256(secret.as_bytes(), &[b"sipedge route mac v1"]))
+    }
+
+    /// A key from raw bytes (tests).
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+
+    fn mac_hex(&self, parts: &[&[u8]], len: usize) -> String {
+        let full = hmac_sha256(&self.0, parts);
+        let mut hex = to_hex(&full[..len / 2]);
+        hex.truncate(len);
+        hex
+    }
+
+    /// The MAC of a Record-Route URI whose text (without `<>`) is `uri` up to the MAC
+    /// parameter, for the dialog of `call_id` created by the caller's `from_tag`.
+    pub fn route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> String {
+        self.mac_hex(
+            &[
+                b"rr\0",
+                call_id.as_bytes(),
+                b"\0",
+                from_tag.as_bytes(),
+                b"\0",
+                uri.as_bytes(),
+            ],
+            ROUTE_MAC_HEX,
+        )
+    }
+
+    /// True when `uri` (a Route value, without `<>`) ends in a MAC of ours that verifies for
+    /// `call_id` and one of `tags` (the From tag, or the To tag for requests of the callee).
+    pub fn verify_route(&self, call_id: &str, tags: &[&str], uri: &str) -> bool {
+        let Some(at) = uri.rfind(ROUTE_MAC_PARAM) else {
+            return false;
+        };
+        let (signed, rest) = uri.split_at(at);
+        let given = &rest[ROUTE_MAC_PARAM.len()..];
+        if given.len() != ROUTE_MAC_HEX {
+            return false;
+        }
+        tags.iter().any(|tag| {
+            ct_eq(
+                self.route_mac(call_id, tag, signed).as_bytes(),
+                given.to_ascii_lowercase().as_bytes(),
+            )
+        })
+    }
+
+    /// The MAC that ends a branch of ours: over the branch before it and the address the
+    /// responses of that transaction go to.
+    pub fn branch_mac(&self, branch: &str, upstream: SocketAddr) -> String {
+        let up = upstream.to_string();
+        self.mac_hex(
+            &[b"br\0", branch.as_bytes(), b"\0", up.as_bytes()],
+            BRANCH_MAC_HEX,
+        )
+    }
+
+    /// True when `branch` is `<core>-<mac>` with a MAC of ours for `upstream`.
+    pub fn verify_branch(&self, branch: &str, upstream: SocketAddr) -> bool {
+        let Some((core, given)) = branch.rsplit_once('-') else {
+            return false;
+        };
+        given.len() == BRANCH_MAC_HEX
+            && ct_eq(
+                self.branch_mac(core, upstream).as_bytes(),
+                given.to_ascii_lowercase().as_bytes(),
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> RouteKey {
+        RouteKey::derive(&NonceKey::from_bytes([7; 32]))
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        to_hex(bytes)
+    }
+
+    #[test]
+    fn hmac_rfc4231_vectors() {
+        assert_eq!(
+            hex(&hmac_sha256(&[0x0b; 20], &[b"Hi There"])),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+        let tc2 = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+        assert_eq!(
+            hex(&hmac_sha256(
+                b"Jefe",
+                &[b"what do ya", b"", b" want for nothing?"]
+            )),
+            tc2
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex(&hmac_sha256(
+                &[0xaa; 131],
+                &[b"Test Using Larger Than Block-Size Key - Hash Key First"]
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn route_mac_binds_dialog_and_every_parameter() {
+        let k = key();
+        let uri = "sip:192.0.2.1:5060;lr;nat=yes;fc=u~203.0.113.4~41000";
+        let mac = k.route_mac("call-1", "tagA", uri);
+        let signed = format!("{uri}{ROUTE_MAC_PARAM}{mac}");
+        assert!(k.verify_route("call-1", &["tagA"], &signed));
+        // Either tag of the dialog may carry the caller's (requests of the callee).
+        assert!(k.verify_route("call-1", &["tagB", "tagA"], &signed));
+        assert!(
+            !k.verify_route("call-2", &["tagA"], &signed),
+            "other Call-ID"
+        );
+        assert!(!k.verify_route("call-1", &["tagB"], &signed), "other tag");
+        // A forged flow token, a dropped parameter, an added one, no MAC at all.
+        let forged = signed.replace("203.0.113.4~41000", "198.51.100.9~5060");
+        assert!(!k.verify_route("call-1", &["tagA"], &forged));
+        assert!(!k.verify_route("call-1", &["tagA"], &signed.replace(";nat=yes", "")));
+        assert!(!k.verify_route("call-1", &["tagA"], uri));
+        assert!(!k.verify_route("call-1", &["tagA"], "sip:192.0.2.1;lr;m="));
+        // Another install's key.
+        let other = RouteKey::derive(&NonceKey::from_bytes([8; 32]));
+        assert!(!other.verify_route("call-1", &["tagA"], &signed));
+        // Hex case is not significant.
+        let upper = format!("{uri}{ROUTE_MAC_PARAM}{}", mac.to_ascii_uppercase());
+        assert!(k.verify_route("call-1", &["tagA"], &upper));
+    }
+
+    #[test]
+    fn branch_mac_binds_the_upstream_hop() {
+        let k = key();
+        let up: SocketAddr = "203.0.113.4:41000".parse().unwrap();
+        let core = "z9hG4bK-se-0011aabb-0123456789abcdef";
+        let branch = format!("{core}-{}", k.branch_mac(core, up));
+        assert!(k.verify_branch(&branch, up));
+        assert!(!k.verify_branch(&branch, "198.51.100.9:5060".parse().unwrap()));
+        assert!(!k.verify_branch(core, up));
+        assert!(!k.verify_branch("z9hG4bKabc", up));
+        assert!(!k.verify_branch("", up));
+    }
+}
