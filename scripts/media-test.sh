@@ -220,6 +220,8 @@ address = "127.0.0.1"
 ports = "$media_min-$media_max"
 idle_timeout = $IDLE_TIMEOUT
 offer_timeout = $OFFER_TIMEOUT
+# Every SIPp caller is 127.0.0.1: one caller for media.max_sessions_per_caller.
+max_sessions_per_caller = 2000
 TOML
 # One route per callee kind, all relayed: 2xxx → callee N (base + N).
 routes=(echo py echo2 bye ring busy nobye noanswer)
