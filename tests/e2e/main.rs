@@ -10,5 +10,6 @@ mod media;
 mod nat;
 mod proxy;
 mod registrar;
+mod security;
 mod store;
 mod transport;
