@@ -5,7 +5,7 @@
 # Needs fail2ban (apt-get install fail2ban). Exit 0 = as expected.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-command -v fail2ban-regex >/dev/null || { echo "fail2ban-regex not installed; skipping"; exit 0; }
+command -v fail2ban-regex >/dev/null || { echo "fail2ban-regex missing: apt-get install -y fail2ban" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The filter includes common.conf (for the syslog prefix), next to it as in filter.d/.
