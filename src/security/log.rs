@@ -268,9 +268,7 @@ mod tests {
 
     /// The peer.ip fail2ban would ban for `line`, if any.
     fn banned_host(line: &str) -> Option<String> {
-        fail2ban()
-            .captures(line)
-            .map(|c| c["host"].to_owned())
+        fail2ban().captures(line).map(|c| c["host"].to_owned())
     }
 
     #[test]

@@ -235,6 +235,16 @@ impl Security {
         false
     }
 
+    /// Whether `ip` is banned now, without counting anything: for the TCP accept loop, to
+    /// close a banned source's new connections at once.
+    pub fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
+        !self.is_trusted(ip)
+            && self
+                .sources
+                .get(&cidr::source_key(ip))
+                .is_some_and(|s| s.banned(now))
+    }
+
     /// GCRA: whether a message at `now` fits the rate; if so, charges it.
     fn conforms(&self, tat: &mut Instant, now: Instant) -> bool {
         let t = (*tat).max(now);
