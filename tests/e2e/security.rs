@@ -1,8 +1,8 @@
 //! Floods and password guessing over real UDP: a source guessing passwords is answered a
 //! handful of times and then ignored, while another source registers as usual; a source
-//! flooding OPTIONS is cut off at the rate limit while another is still answered. The
-//! second source is 127.0.0.2 (Linux routes all of 127/8 to loopback), and the test config
-//! trusts nothing (the default trusts loopback).
+//! flooding OPTIONS is cut off at the rate limit, on UDP and TCP, while another is still
+//! answered. The second source is 127.0.0.2 (Linux routes all of 127/8 to loopback), and the
+//! test config trusts nothing (the default trusts loopback).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use md5::{Digest, Md5};
 use sipedge::sip::{HeaderName, Message};
 use sipedge::store::Subscriber;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 use crate::harness::{TestServer, request, udp_recv};
@@ -178,6 +179,27 @@ async fn a_flooding_source_is_banned_while_others_are_answered() {
             .await
             .is_err()
     );
+    // The ban holds on TCP too (one check for both transports): the connection is accepted
+    // but nothing is answered.
+    let tcp_options = |ip: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        let mut conn = sock.connect(srv.tcp).await.unwrap();
+        let from = conn.local_addr().unwrap();
+        let m = request("OPTIONS", "sip:example.com", from, &format!("tcp-{ip}"), "")
+            .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+        conn.write_all(m.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    };
+    assert_eq!(tcp_options("127.0.0.2").await, None);
+    let answer = tcp_options("127.0.0.1")
+        .await
+        .expect("another source is answered on TCP");
+    assert!(answer.starts_with("SIP/2.0 200"), "{answer}");
     // Another source is answered.
     let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = other.local_addr().unwrap();
