@@ -13,7 +13,7 @@ use sipedge::store::Subscriber;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
-use crate::harness::{TestServer, request, udp_recv};
+use crate::harness::{TestServer, WAIT, request, udp_recv};
 
 fn md5_hex(s: &str) -> String {
     Md5::digest(s.as_bytes())
@@ -75,9 +75,8 @@ Contact: <sip:alice@{addr}>\r\n\
     }
 
     /// One full attempt: REGISTER, 401, REGISTER with credentials for `password`. Returns the
-    /// status of the final answer, or `None` when the server stopped answering.
-    async fn attempt(&mut self, srv: SocketAddr, password: &str) -> Option<u16> {
-        let wait = Duration::from_millis(300);
+    /// status of the final answer, or `None` when the server did not answer within `wait`.
+    async fn attempt(&mut self, srv: SocketAddr, password: &str, wait: Duration) -> Option<u16> {
         let first = self.register("");
         let ch = self.exchange(srv, &first, wait).await?;
         if ch.status() != Some(401) {
@@ -118,9 +117,12 @@ async fn password_guessing_is_cut_off_while_others_register() {
     // The guessing tool: four-digit PINs in order, from 127.0.0.2. The right one (4711)
     // would come after 4,700 guesses; it gets five.
     let mut attacker = Phone::on("127.0.0.2").await;
+    // Answers are awaited patiently while they are expected, briefly once silence is.
+    let silence = Duration::from_millis(300);
     let mut answers = Vec::new();
     for pin in 0..10 {
-        answers.push(attacker.attempt(srv.udp, &format!("{pin:04}")).await);
+        let wait = if pin < 5 { WAIT } else { silence };
+        answers.push(attacker.attempt(srv.udp, &format!("{pin:04}"), wait).await);
     }
     assert_eq!(
         answers[..5],
@@ -132,11 +134,11 @@ async fn password_guessing_is_cut_off_while_others_register() {
         "then the source is ignored: {answers:?}"
     );
     // Even the right password from the banned source gets nothing.
-    assert_eq!(attacker.attempt(srv.udp, "4711").await, None);
+    assert_eq!(attacker.attempt(srv.udp, "4711", silence).await, None);
 
     // The real phone, on another address, registers at once.
     let mut phone = Phone::on("127.0.0.1").await;
-    assert_eq!(phone.attempt(srv.udp, "4711").await, Some(200));
+    assert_eq!(phone.attempt(srv.udp, "4711", WAIT).await, Some(200));
     assert_eq!(srv.store.load_bindings(0).await.unwrap().len(), 1);
 
     let stats = srv.security.stats(tokio::time::Instant::now());
@@ -169,8 +171,9 @@ async fn a_flooding_source_is_banned_while_others_are_answered() {
         r.unwrap();
         answered += 1;
     }
-    // 20 is the burst; a few more may fit in if the sends took long enough to refill.
-    assert!((20..=25).contains(&answered), "{answered} answered");
+    // 20 is the burst; a few more fit in if the server took a while to read them all (one more
+    // per 100 ms: a slow, loaded machine).
+    assert!((20..=40).contains(&answered), "{answered} answered");
     // Banned now: a polite request gets nothing.
     let m = request("OPTIONS", "sip:example.com", from, "late", "");
     flood.send_to(m.as_bytes(), srv.udp).await.unwrap();
@@ -208,6 +211,6 @@ async fn a_flooding_source_is_banned_while_others_are_answered() {
     assert_eq!(udp_recv(&other).await.status(), Some(200));
     let stats = srv.security.stats(tokio::time::Instant::now());
     assert_eq!(stats.bans_pike, 1);
-    assert!(stats.dropped >= 75, "{stats:?}");
+    assert!(stats.dropped > 100 - answered, "{stats:?}");
     srv.stop().await;
 }
