@@ -165,10 +165,10 @@ impl Authenticator {
         };
         let mono = self.clock.now();
         let failed = |reason: &'static str, known_user: bool| {
-            let user = known_user.then_some(domain);
-            let v = self
-                .security
-                .auth_failed(peer, &creds.username, user, realm, reason, mono);
+            let known_domain = known_user.then_some(domain);
+            let v =
+                self.security
+                    .auth_failed(peer, &creds.username, known_domain, realm, reason, mono);
             if v.source_banned || v.user_locked {
                 Outcome::Refuse {
                     status: 403,

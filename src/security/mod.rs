@@ -322,16 +322,17 @@ impl Security {
         true
     }
 
-    /// Records a failed authentication from `peer` and logs it (`auth_failed`, with `reason`).
-    /// `user` is `Some((user, domain))` when the user exists (failures of unknown users are
-    /// counted per source only, so that made-up names cannot fill the user map). Bans the
-    /// source after `auth_failures` within `auth_window`, locks the user after
-    /// `auth_failures_user`. Trusted sources are logged, never counted.
+    /// Records a failed authentication as `username` from `peer` and logs it (`auth_failed`,
+    /// with `reason`). `known_domain` is the user's domain when the user exists: failures of
+    /// unknown users are counted per source only, so that made-up names cannot fill the user
+    /// map. Bans the source after `auth_failures` within `auth_window`, locks the user after
+    /// `auth_failures_user`; either count starts again after its ban or lock. Trusted sources
+    /// are logged, never counted.
     pub fn auth_failed(
         &self,
         peer: SocketAddr,
         username: &str,
-        user: Option<&str>,
+        known_domain: Option<&str>,
         realm: &str,
         reason: &'static str,
         now: Instant,
@@ -356,6 +357,7 @@ impl Security {
                     && !s.banned(now);
                 if ban {
                     s.banned_until = Some(now + self.cfg.ban_time);
+                    s.fails = 0;
                 }
                 drop(entry);
                 if let Some(s) = fresh {
@@ -371,7 +373,7 @@ impl Security {
                 self.log.ban(peer, "auth", self.cfg.ban_time, &limit);
             }
         }
-        if let (Some(limit), Some(domain)) = (self.cfg.auth_failures_user, user) {
+        if let (Some(limit), Some(domain)) = (self.cfg.auth_failures_user, known_domain) {
             let key = user_key(username, domain);
             let lock = {
                 if !self.users.contains_key(&key)
@@ -397,6 +399,7 @@ impl Security {
                         && !u.locked(now);
                     if lock {
                         u.locked_until = Some(now + self.cfg.ban_time);
+                        u.fails = 0;
                     }
                     lock
                 }

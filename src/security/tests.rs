@@ -173,6 +173,15 @@ fn failed_authentications_ban_the_source() {
     assert_eq!((s.auth_failures, s.bans_auth, s.bans_active), (5, 1, 1));
     assert!(sec.allow(a, t0 + Duration::from_secs(301)), "the ban ends");
     assert_eq!(sec.stats(t0 + Duration::from_secs(301)).bans_active, 0);
+    // The count starts again: four more failures are challenged, the fifth bans again.
+    let after = t0 + Duration::from_secs(302);
+    for _ in 0..4 {
+        let v = sec.auth_failed(a, "alice", Some("example.com"), "r", "password", after);
+        assert!(!v.source_banned);
+    }
+    let v = sec.auth_failed(a, "alice", Some("example.com"), "r", "password", after);
+    assert!(v.source_banned);
+    assert_eq!(sec.stats(after).bans_auth, 2);
 }
 
 #[test]
