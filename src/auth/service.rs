@@ -479,6 +479,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn proxy_authentication_failures_count_too() {
+        let (auth, security) = authenticator("", "auth_failures = 2").await;
+        let as_proxy = |m: Message| {
+            let text = String::from_utf8(m.as_bytes().to_vec())
+                .unwrap()
+                .replace("\r\nAuthorization:", "\r\nProxy-Authorization:");
+            Message::parse(text.as_bytes(), Framing::Datagram).unwrap()
+        };
+        let a = peer("203.0.113.5:5060");
+        let wrong = as_proxy(register(
+            &auth,
+            DigestAlgorithm::Md5,
+            "x",
+            "sip:example.com",
+        ));
+        let first = auth.check(&wrong, a, Kind::Proxy, REALM, REALM, NOW).await;
+        assert_eq!(first, CHALLENGE);
+        let second = auth.check(&wrong, a, Kind::Proxy, REALM, REALM, NOW).await;
+        assert!(matches!(second, Outcome::Refuse { status: 403, .. }));
+        assert!(!security.allow(a, tokio::time::Instant::now()));
+        // And the right password through Proxy-Authorization is accepted (from elsewhere).
+        let right = as_proxy(register(
+            &auth,
+            DigestAlgorithm::Md5,
+            "s3cret",
+            "sip:example.com",
+        ));
+        let b = peer("203.0.113.6:5060");
+        assert_eq!(
+            auth.check(&right, b, Kind::Proxy, REALM, REALM, NOW).await,
+            authorized()
+        );
+    }
+
+    #[tokio::test]
     async fn a_locked_user_is_refused_even_with_the_right_password() {
         let (auth, security) = authenticator(
             "",
