@@ -205,6 +205,11 @@ impl Core {
         &self.cfg
     }
 
+    /// The flood and brute-force state (for the TCP accept loop: [`Security::is_banned`]).
+    pub fn security(&self) -> &Arc<Security> {
+        &self.security
+    }
+
     /// Handles one received message; returns what the I/O side must do. The first step is
     /// the per-source rate limit and ban check ([`Security::allow`]).
     pub fn handle(&self, bytes: &[u8], source: Source, framing: Framing) -> Dispatch {
