@@ -11,5 +11,6 @@ mod nat;
 mod proxy;
 mod public;
 mod registrar;
+mod security;
 mod store;
 mod transport;
