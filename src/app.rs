@@ -15,6 +15,7 @@ use crate::media::session::{Limits, Media};
 use crate::nat::keepalive::Pinger;
 use crate::registrar::location::Location;
 use crate::registrar::service::{Context, Registrar};
+use crate::security::Security;
 use crate::store::{Store, StoreError};
 use crate::transport::server::Server;
 use sipedge_relay::{IoMode, RelayConfig};
@@ -46,6 +47,8 @@ pub struct App {
     pub store: Store,
     pub location: Arc<Location>,
     pub media: Arc<Media>,
+    /// Flood and brute-force state (its counters, for tests and `show`).
+    pub security: Arc<Security>,
 }
 
 /// Opens and migrates the store, loads the location service, binds the listeners and
@@ -78,16 +81,24 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     location.load(bindings).await;
 
     let route_key = RouteKey::derive(&key);
+    let security = Arc::new(Security::new(cfg.security.clone(), clock.now()));
     let mut server = Server::bind(
         cfg.clone(),
         Some(location.clone()),
         clock.clone(),
         route_key,
+        security.clone(),
     )
     .await
     .map_err(StartError::Bind)?;
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
-    let auth = Arc::new(Authenticator::new(cfg.auth.clone(), store.clone(), key));
+    let auth = Arc::new(Authenticator::new(
+        cfg.auth.clone(),
+        store.clone(),
+        key,
+        security.clone(),
+        clock.clone(),
+    ));
     server.set_authenticator(auth.clone());
     let pinger = Pinger::new(
         cfg.clone(),
@@ -118,6 +129,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         server,
         store,
         location,
+        security,
     })
 }
 

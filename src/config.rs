@@ -11,6 +11,8 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::security::Cidr;
+
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +58,8 @@ pub struct RawConfig {
     pub media: RawMedia,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub security: RawSecurity,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -259,6 +263,42 @@ pub struct RawMedia {
     pub cdr_spool: Option<String>,
 }
 
+/// `[security]`: flood limits (Kamailio pike) and bans after failed authentication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurity {
+    /// Messages (requests and responses) one source IP may send per `pike_window` before it
+    /// is banned; 0 = no rate limit. Default 200.
+    #[serde(default = "default_pike_requests")]
+    pub pike_requests: u32,
+    /// Seconds over which `pike_requests` is counted. Default 2.
+    #[serde(default = "default_pike_window")]
+    pub pike_window: u64,
+    /// Seconds a banned source IP is ignored (its packets dropped unanswered), and a locked
+    /// user refused. Default 300.
+    #[serde(default = "default_ban_time")]
+    pub ban_time: u64,
+    /// Failed authentications from one source IP within `auth_window` after which it is
+    /// banned; 0 = never. Default 10.
+    #[serde(default = "default_auth_failures")]
+    pub auth_failures: u32,
+    /// Failed authentications of one user (from any source) within `auth_window` after which
+    /// the user is locked for `ban_time` (403); 0 = never. Default 20.
+    #[serde(default = "default_auth_failures_user")]
+    pub auth_failures_user: u32,
+    /// Seconds over which failed authentications are counted. Default 60.
+    #[serde(default = "default_auth_window")]
+    pub auth_window: u64,
+    /// Networks never rate limited, banned or locked (`ADDRESS/PREFIX`), e.g. the PBX and the
+    /// provider. Default `["127.0.0.0/8", "::1/128"]`.
+    #[serde(default = "default_trusted")]
+    pub trusted: Vec<String>,
+    /// Source IPs (IPv6: /64s) and users tracked at most, each; when full, idle entries are
+    /// evicted, and sources beyond the bound are let through untracked (counted). Default 100000.
+    #[serde(default = "default_max_tracked")]
+    pub max_tracked: usize,
+}
+
 /// `[[route]]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,6 +436,30 @@ fn default_cdr_spool(database_url: &str) -> PathBuf {
         None => PathBuf::from(NAME),
     }
 }
+fn default_pike_requests() -> u32 {
+    200
+}
+fn default_pike_window() -> u64 {
+    2
+}
+fn default_ban_time() -> u64 {
+    300
+}
+fn default_auth_failures() -> u32 {
+    10
+}
+fn default_auth_failures_user() -> u32 {
+    20
+}
+fn default_auth_window() -> u64 {
+    60
+}
+fn default_trusted() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+fn default_max_tracked() -> usize {
+    100_000
+}
 
 macro_rules! default_via_serde {
     ($($t:ty),*) => {$(
@@ -414,7 +478,8 @@ default_via_serde!(
     RawRegistrar,
     RawAuth,
     RawNat,
-    RawMedia
+    RawMedia,
+    RawSecurity
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -620,6 +685,23 @@ impl LimitsConfig {
     }
 }
 
+/// `[security]`, validated.
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// `None` = no per-source rate limit.
+    pub pike_requests: Option<u32>,
+    pub pike_window: Duration,
+    pub ban_time: Duration,
+    /// `None` = sources are never banned for failed authentication.
+    pub auth_failures: Option<u32>,
+    /// `None` = users are never locked.
+    pub auth_failures_user: Option<u32>,
+    pub auth_window: Duration,
+    pub trusted: Vec<Cidr>,
+    /// ≥ 1.
+    pub max_tracked: usize,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -630,6 +712,7 @@ pub struct Config {
     pub nat: NatConfig,
     pub media: MediaConfig,
     pub limits: LimitsConfig,
+    pub security: SecurityConfig,
     pub routes: Vec<Route>,
     /// The file with every default and derived value filled in (what `check-config` prints).
     effective: RawConfig,
@@ -873,6 +956,8 @@ impl Config {
             cdr_spool,
         };
 
+        let security = validate_security(&raw.security)?;
+
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.iter().enumerate() {
             if r.name.is_empty() {
@@ -915,6 +1000,7 @@ impl Config {
             nat,
             media,
             limits,
+            security,
             routes,
             effective: raw,
         })
@@ -934,6 +1020,38 @@ impl Config {
             .iter()
             .any(|d| d.eq_ignore_ascii_case(host))
     }
+}
+
+fn validate_security(s: &RawSecurity) -> Result<SecurityConfig, ConfigError> {
+    for (key, v) in [
+        ("security.pike_window", s.pike_window),
+        ("security.ban_time", s.ban_time),
+        ("security.auth_window", s.auth_window),
+    ] {
+        if !(1..=86_400).contains(&v) {
+            return Err(invalid(key, "must be between 1 and 86400 seconds"));
+        }
+    }
+    if s.max_tracked == 0 {
+        return Err(invalid("security.max_tracked", "must be at least 1"));
+    }
+    let trusted = s
+        .trusted
+        .iter()
+        .map(|t| t.parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|r| invalid("security.trusted", r))?;
+    let on = |n: u32| (n > 0).then_some(n);
+    Ok(SecurityConfig {
+        pike_requests: on(s.pike_requests),
+        pike_window: Duration::from_secs(s.pike_window),
+        ban_time: Duration::from_secs(s.ban_time),
+        auth_failures: on(s.auth_failures),
+        auth_failures_user: on(s.auth_failures_user),
+        auth_window: Duration::from_secs(s.auth_window),
+        trusted,
+        max_tracked: s.max_tracked,
+    })
 }
 
 fn parse_port_range(s: &str) -> Result<PortRange, String> {
@@ -1122,6 +1240,39 @@ mod tests {
     }
 
     #[test]
+    fn security_defaults_and_switches() {
+        let s = parse("").unwrap().security;
+        assert_eq!(s.pike_requests, Some(200));
+        assert_eq!(s.pike_window, Duration::from_secs(2));
+        assert_eq!(s.ban_time, Duration::from_secs(300));
+        assert_eq!(s.auth_failures, Some(10));
+        assert_eq!(s.auth_failures_user, Some(20));
+        assert_eq!(s.auth_window, Duration::from_secs(60));
+        assert_eq!(s.max_tracked, 100_000);
+        let trusted: Vec<String> = s.trusted.iter().map(ToString::to_string).collect();
+        assert_eq!(trusted, ["127.0.0.0/8", "::1/128"]);
+
+        let s = parse(
+            "[security]\npike_requests = 0\nauth_failures = 0\nauth_failures_user = 0\n\
+             trusted = [\"10.0.0.0/8\", \"2001:db8::1\"]",
+        )
+        .unwrap()
+        .security;
+        assert_eq!(s.pike_requests, None, "0 disables the rate limit");
+        assert_eq!(s.auth_failures, None);
+        assert_eq!(s.auth_failures_user, None);
+        assert_eq!(s.trusted.len(), 2);
+        assert!(s.trusted[1].contains("2001:db8::1".parse().unwrap()));
+        assert!(
+            parse("[security]\ntrusted = []")
+                .unwrap()
+                .security
+                .trusted
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_in_every_table() {
         for table in [
             "server",
@@ -1131,6 +1282,7 @@ mod tests {
             "nat",
             "media",
             "limits",
+            "security",
         ] {
             let text = format!("[{table}]\nbogus_key = 1\n");
             assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");
@@ -1184,6 +1336,19 @@ mod tests {
             ),
             ("[auth]\nalgorithms = []", "auth.algorithms"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
+            ("[security]\npike_window = 0", "security.pike_window"),
+            ("[security]\nban_time = 0", "security.ban_time"),
+            ("[security]\nauth_window = 100000", "security.auth_window"),
+            ("[security]\nmax_tracked = 0", "security.max_tracked"),
+            (
+                "[security]\ntrusted = [\"10.0.0.0/40\"]",
+                "security.trusted",
+            ),
+            (
+                "[security]\ntrusted = [\"pbx.example\"]",
+                "security.trusted",
+            ),
+            ("[security]\nauth_failures = -1", "security.auth_failures"),
             (
                 "[[route]]\nname='a'\nuser='[0-9'\nnext_hop='h'",
                 "route.user",

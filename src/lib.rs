@@ -14,6 +14,8 @@
 //!   driving the in-process relay engine (the `sipedge-relay` crate) through its channel API.
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
+//! - [`security`]: per-source rate limit and bans, failed-authentication bans and user locks,
+//!   the security event log lines. Pure.
 //! - [`clock`]: the only reader of clocks.
 //! - [`log`]: security events (one stable, rate-limited `warn` line each, for fail2ban).
 //! - [`app`]: the wiring of a running server (store, location, listeners, registrar, relay).
@@ -30,6 +32,7 @@ pub mod media;
 pub mod nat;
 pub mod proxy;
 pub mod registrar;
+pub mod security;
 pub mod sip;
 pub mod store;
 pub mod transaction;

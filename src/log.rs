@@ -63,8 +63,12 @@ macro_rules! security_event {
         if let Some(suppressed) = LIMIT.allow() {
             let peer: ::std::net::SocketAddr = $peer;
             let ip = peer.ip();
-            ::tracing::warn!(
+            // No parent span: nothing a peer controls (a Call-ID in a span) comes before
+            // `peer.ip` in the line, where fail2ban reads it.
+            ::tracing::event!(
                 target: "sipedge::security",
+                parent: None,
+                ::tracing::Level::WARN,
                 {
                     security.event = $kind,
                     peer.ip = %ip,
@@ -90,5 +94,10 @@ mod tests {
         assert_eq!(l.allow_at(100), None);
         assert_eq!(l.allow_at(101), Some(2), "reports what it held back");
         assert_eq!(l.allow_at(101), None);
+        assert_eq!(l.allow_at(105), Some(1));
+        // Second 0 is a second like the others.
+        let l = LogLimit::new();
+        assert_eq!(l.allow_at(0), Some(0));
+        assert_eq!(l.allow_at(0), None);
     }
 }

@@ -395,6 +395,51 @@ pub fn verify(ha1_hex: &str, method: &str, c: &Credentials) -> bool {
     )
 }
 
+/// Whether the digest `uri` names the Request-URI (RFC 7616 §3.4.6: the server checks that
+/// the `uri` parameter designates the same resource as the request line, else the response
+/// could be one captured for another request).
+///
+/// SIP and SIPS URIs are compared as RFC 3261 §19.1.4 says: same scheme; user and password
+/// case-sensitive; host case-insensitive; a port, or a `user`, `ttl`, `method`, `maddr` or
+/// `transport` parameter, present in one must be present and equal in the other (parameter
+/// values case-insensitive); other parameters must be equal where both have them; headers
+/// equal as written. `%` escapes are not decoded (a client writes the same text in both
+/// places). Anything else (a `tel:` URI, a malformed one) must be byte-identical.
+pub fn uri_matches(digest_uri: &str, request_uri: &str) -> bool {
+    use crate::sip::SipUri;
+    let (Ok(a), Ok(b)) = (SipUri::parse(digest_uri), SipUri::parse(request_uri)) else {
+        return digest_uri == request_uri;
+    };
+    a.secure == b.secure
+        && a.user == b.user
+        && a.password == b.password
+        && a.host.eq_ignore_ascii_case(b.host)
+        && a.port == b.port
+        && a.headers == b.headers
+        && params_match(&a, &b)
+}
+
+/// The parameter rule of RFC 3261 §19.1.4.
+fn params_match(a: &crate::sip::SipUri<'_>, b: &crate::sip::SipUri<'_>) -> bool {
+    const MUST_MATCH: [&str; 5] = ["user", "ttl", "method", "maddr", "transport"];
+    let eq = |x: Option<&str>, y: Option<&str>| match (x, y) {
+        (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
+        (None, None) => true,
+        _ => false,
+    };
+    if !MUST_MATCH.iter().all(|n| eq(a.param(n), b.param(n))) {
+        return false;
+    }
+    a.params()
+        .split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map_or(p, |(n, _)| n))
+        .all(|name| match (a.param(name), b.param(name)) {
+            (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
+            _ => true,
+        })
+}
+
 /// A `WWW-Authenticate` / `Proxy-Authenticate` value (RFC 7616 §3.3):
 /// `Digest realm="..", nonce="..", opaque="..", algorithm=MD5, qop="auth"` (no `opaque` when
 /// it is empty), then
@@ -675,6 +720,49 @@ mod tests {
             let mut t = c.clone();
             t.uri = other.into();
             assert!(!verify(&h, "REGISTER", &t), "{other}");
+        }
+    }
+
+    #[test]
+    fn digest_uri_must_name_the_request_uri() {
+        for (d, r) in [
+            ("sip:example.com", "sip:example.com"),
+            ("sip:EXAMPLE.com", "sip:example.COM"),
+            ("SIP:alice@example.com", "sip:alice@example.com"),
+            (
+                "sip:alice@example.com;transport=UDP",
+                "sip:alice@example.com;transport=udp",
+            ),
+            // A parameter other than user/ttl/method/maddr/transport in one only is ignored.
+            ("sip:alice@example.com;ob", "sip:alice@example.com"),
+            ("sip:alice@example.com;lr;x=1", "sip:alice@example.com;X=1"),
+            ("sip:[2001:db8::1]:5070", "sip:[2001:db8::1]:5070"),
+            ("tel:+15551234567", "tel:+15551234567"),
+        ] {
+            assert!(uri_matches(d, r), "{d} vs {r}");
+            assert!(uri_matches(r, d), "{r} vs {d}");
+        }
+        for (d, r) in [
+            ("sip:evil.example", "sip:example.com"),
+            ("sip:bob@example.com", "sip:alice@example.com"),
+            ("sip:Alice@example.com", "sip:alice@example.com"),
+            ("sips:example.com", "sip:example.com"),
+            ("sip:example.com:5060", "sip:example.com"),
+            ("sip:example.com:5061", "sip:example.com:5060"),
+            ("sip:example.com;transport=tcp", "sip:example.com"),
+            (
+                "sip:example.com;transport=tcp",
+                "sip:example.com;transport=udp",
+            ),
+            ("sip:example.com;user=phone", "sip:example.com"),
+            ("sip:example.com;maddr=10.0.0.1", "sip:example.com"),
+            ("sip:example.com;x=1", "sip:example.com;x=2"),
+            ("sip:example.com?Subject=a", "sip:example.com"),
+            ("tel:+15551234567", "tel:+15551234568"),
+            ("", "sip:example.com"),
+        ] {
+            assert!(!uri_matches(d, r), "{d} vs {r}");
+            assert!(!uri_matches(r, d), "{r} vs {d}");
         }
     }
 

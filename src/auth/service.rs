@@ -1,13 +1,22 @@
 //! The I/O side of digest authentication, shared by the registrar (`www_authorize`, 401) and
 //! the proxy (`proxy_authorize`, 407): find the credentials for our realm, check the nonce,
 //! look the subscriber up in the store, verify the response, refuse replayed nonce counts.
+//!
+//! Every failed attempt is reported to [`Security`] (a security event line, and the counts
+//! that ban a source or lock a user); a locked user or a source banned by this very failure
+//! gets 403 instead of a new challenge.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::sync::Mutex;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error};
 
 use super::digest::{self, Credentials};
 use super::nonce::{self, NonceKey, NonceStatus, ReplayGuard};
+use crate::clock::Clock;
 use crate::config::{AuthConfig, DigestAlgorithm};
+use crate::security::Security;
 use crate::sip::{HeaderName, Message};
 use crate::store::{Store, Subscriber};
 use dashmap::DashMap;
@@ -48,7 +57,14 @@ pub enum Outcome {
     Challenge { stale: bool },
     /// The store failed: answer 500.
     StoreError,
+    /// Answer this final response, without a challenge: 400 when the digest `uri` is not the
+    /// Request-URI (RFC 7616 §3.4.6), 403 when the user is locked or the source was just
+    /// banned for failed authentications.
+    Refuse { status: u16, reason: &'static str },
 }
+
+/// The reason phrase of a refusal for a locked user or a banned source.
+const LOCKED: &str = "Forbidden: too many failed authentications";
 
 /// Seconds a subscriber's hashes are reused from memory before the store is asked again.
 const HA1_CACHE_TTL: u64 = 30;
@@ -64,10 +80,20 @@ pub struct Authenticator {
     /// (username, domain) → (subscriber, unix time read): saves the store round trip on every
     /// authenticated request of an active phone.
     cache: DashMap<(String, String), (Subscriber, u64)>,
+    /// Failed-attempt counts, bans and locks, shared with the transport entry point.
+    security: Arc<Security>,
+    /// Monotonic time for `security`.
+    clock: Arc<dyn Clock>,
 }
 
 impl Authenticator {
-    pub fn new(cfg: AuthConfig, store: Store, key: NonceKey) -> Self {
+    pub fn new(
+        cfg: AuthConfig,
+        store: Store,
+        key: NonceKey,
+        security: Arc<Security>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let replay = Mutex::new(ReplayGuard::new(REPLAY_CAPACITY, cfg.nonce_ttl.as_secs()));
         Self {
             cfg,
@@ -75,6 +101,8 @@ impl Authenticator {
             key,
             replay,
             cache: DashMap::new(),
+            security,
+            clock,
         }
     }
 
@@ -102,11 +130,17 @@ impl Authenticator {
         self.cfg.realm.clone().unwrap_or_else(|| domain.to_owned())
     }
 
-    /// Checks the credentials of `msg` for `realm` against the subscriber
-    /// `(username, domain)`.
+    /// Checks the credentials of `msg` (received from `peer`) for `realm` against the
+    /// subscriber `(username, domain)`.
+    ///
+    /// Counted as a failure (and logged as `auth_failed`): a wrong response, an unknown user, a
+    /// digest `uri` that is not the Request-URI, an algorithm we did not offer. Not counted: no
+    /// credentials for our realm, a nonce that is not ours or expired (the client answers a new
+    /// challenge), a replayed nonce count (logged as `nonce_replay`: the response was right).
     pub async fn check(
         &self,
         msg: &Message,
+        peer: SocketAddr,
         kind: Kind,
         realm: &str,
         domain: &str,
@@ -129,6 +163,48 @@ impl Authenticator {
                 return Outcome::Challenge { stale: false };
             }
         };
+        let mono = self.clock.now();
+        let failed = |reason: &'static str, known_user: bool| {
+            let known_domain = known_user.then_some(domain);
+            let v =
+                self.security
+                    .auth_failed(peer, &creds.username, known_domain, realm, reason, mono);
+            if v.source_banned || v.user_locked {
+                Outcome::Refuse {
+                    status: 403,
+                    reason: LOCKED,
+                }
+            } else {
+                Outcome::Challenge { stale: false }
+            }
+        };
+        // RFC 7616 §3.4.6: the response must be for this request's URI, else it may be one
+        // captured from another request. 400, as the RFC says: a client that hashes another
+        // URI would fail again on every new challenge.
+        let request_uri = msg.request_uri().unwrap_or_default();
+        if !digest::uri_matches(&creds.uri, request_uri) {
+            return match failed("uri_mismatch", false) {
+                Outcome::Challenge { .. } => Outcome::Refuse {
+                    status: 400,
+                    reason: "Bad Request: digest uri is not the Request-URI",
+                },
+                refused => refused,
+            };
+        }
+        // Only what we offered: a client may not pick a weaker (or any other) algorithm. A new
+        // challenge lists the offered ones.
+        if !self.cfg.algorithms.contains(&creds.algorithm) {
+            return failed("algorithm_not_offered", false);
+        }
+        if self
+            .security
+            .user_locked(peer, &creds.username, domain, realm, mono)
+        {
+            return Outcome::Refuse {
+                status: 403,
+                reason: LOCKED,
+            };
+        }
         let method = msg.method().unwrap_or_default();
         let verify = |sub: &Subscriber| {
             let ha1 = match creds.algorithm {
@@ -151,8 +227,7 @@ impl Authenticator {
                 Ok(None) => {
                     self.cache
                         .remove(&(creds.username.clone(), domain.to_owned()));
-                    info!(user = %creds.username, %domain, "credentials of an unknown subscriber");
-                    return Outcome::Challenge { stale: false };
+                    return failed("unknown_user", false);
                 }
                 Ok(Some(sub)) => {
                     let ok = verify(&sub);
@@ -162,8 +237,7 @@ impl Authenticator {
             },
         };
         if !verified {
-            warn!(user = %creds.username, %domain, "wrong password");
-            return Outcome::Challenge { stale: false };
+            return failed("password", true);
         }
         // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
         let nc = creds.nc.unwrap_or(1);
@@ -173,9 +247,11 @@ impl Authenticator {
             .await
             .accept(&creds.nonce, issued, nc, now)
         {
-            warn!(user = %creds.username, nc, "digest nonce count replayed");
+            self.security
+                .nonce_replay(peer, &creds.username, realm, nc, mono);
             return Outcome::Challenge { stale: true };
         }
+        self.security.auth_ok(peer, &creds.username, domain);
         Outcome::Authorized {
             username: creds.username,
         }
@@ -198,5 +274,282 @@ impl Authenticator {
             .iter()
             .map(|alg| (header, digest::challenge(*alg, realm, &n, "", stale)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::digest::{expected_response, ha1, parse_credentials};
+    use crate::clock::SystemClock;
+    use crate::config::Config;
+    use crate::sip::Framing;
+
+    const REALM: &str = "example.com";
+    const NOW: u64 = 1_700_000_000;
+
+    /// An authenticator on a fresh SQLite file holding alice (password "s3cret"), with
+    /// `auth_extra` in `[auth]` and `security_extra` in `[security]`.
+    async fn authenticator(
+        auth_extra: &str,
+        security_extra: &str,
+    ) -> (Authenticator, Arc<Security>) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "sipedge-auth-{}-{}.sqlite",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let cfg = Config::from_toml(
+            &format!("[auth]\n{auth_extra}\n[security]\ntrusted = []\n{security_extra}"),
+            || "192.0.2.10".parse().unwrap(),
+        )
+        .unwrap();
+        let store = Store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+            .add_subscriber(&Subscriber {
+                username: "alice".into(),
+                domain: REALM.into(),
+                ha1_md5: ha1(DigestAlgorithm::Md5, "alice", REALM, "s3cret"),
+                ha1_sha256: ha1(DigestAlgorithm::Sha256, "alice", REALM, "s3cret"),
+                created: 0,
+            })
+            .await
+            .unwrap();
+        let security = Arc::new(Security::new(
+            cfg.security.clone(),
+            tokio::time::Instant::now(),
+        ));
+        let auth = Authenticator::new(
+            cfg.auth,
+            store,
+            NonceKey::from_bytes([7; 32]),
+            security.clone(),
+            Arc::new(SystemClock),
+        );
+        (auth, security)
+    }
+
+    /// A REGISTER to `sip:example.com` answering a fresh challenge of `auth`, hashed with
+    /// `alg`, `password` and digest `uri`.
+    fn register(auth: &Authenticator, alg: DigestAlgorithm, password: &str, uri: &str) -> Message {
+        let challenge = auth.challenge(Kind::Www, REALM, NOW, false);
+        let nonce = challenge[0]
+            .1
+            .split("nonce=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_owned();
+        let (name, zero) = match alg {
+            DigestAlgorithm::Md5 => ("MD5", "0".repeat(32)),
+            DigestAlgorithm::Sha256 => ("SHA-256", "0".repeat(64)),
+        };
+        let header = |response: &str| {
+            format!(
+                "Digest username=\"alice\", realm=\"{REALM}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+                 response=\"{response}\", algorithm={name}, qop=auth, nc=00000001, cnonce=\"c1\""
+            )
+        };
+        let template = parse_credentials(&header(&zero)).unwrap();
+        let response = expected_response(
+            alg,
+            &ha1(alg, "alice", REALM, password),
+            "REGISTER",
+            &template,
+        );
+        let text = format!(
+            "REGISTER sip:example.com SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK1\r\n\
+             From: <sip:alice@example.com>;tag=1\r\nTo: <sip:alice@example.com>\r\n\
+             Call-ID: c1\r\nCSeq: 1 REGISTER\r\nAuthorization: {}\r\n\
+             Content-Length: 0\r\n\r\n",
+            header(&response)
+        );
+        Message::parse(text.as_bytes(), Framing::Datagram).unwrap()
+    }
+
+    fn peer(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    async fn check(auth: &Authenticator, msg: &Message, from: &str) -> Outcome {
+        auth.check(msg, peer(from), Kind::Www, REALM, REALM, NOW)
+            .await
+    }
+
+    fn authorized() -> Outcome {
+        Outcome::Authorized {
+            username: "alice".into(),
+        }
+    }
+
+    const CHALLENGE: Outcome = Outcome::Challenge { stale: false };
+
+    #[tokio::test]
+    async fn the_digest_uri_must_be_the_request_uri() {
+        let (auth, security) = authenticator("", "").await;
+        let a = "203.0.113.5:5060";
+        let good = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(check(&auth, &good, a).await, authorized());
+        // The same form of the URI, written differently, is the same URI.
+        let good = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:EXAMPLE.COM");
+        assert_eq!(check(&auth, &good, a).await, authorized());
+        // A response computed (rightly) for another URI: a captured Authorization replayed
+        // on another request.
+        let other = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:other.example");
+        assert_eq!(
+            check(&auth, &other, a).await,
+            Outcome::Refuse {
+                status: 400,
+                reason: "Bad Request: digest uri is not the Request-URI"
+            }
+        );
+        assert_eq!(security.stats(tokio::time::Instant::now()).auth_failures, 1);
+    }
+
+    #[tokio::test]
+    async fn only_offered_algorithms_are_accepted() {
+        let (md5_only, security) = authenticator("algorithms = [\"MD5\"]", "").await;
+        let a = "203.0.113.5:5060";
+        let sha = register(
+            &md5_only,
+            DigestAlgorithm::Sha256,
+            "s3cret",
+            "sip:example.com",
+        );
+        assert_eq!(
+            check(&md5_only, &sha, a).await,
+            CHALLENGE,
+            "SHA-256 was not offered"
+        );
+        assert_eq!(security.stats(tokio::time::Instant::now()).auth_failures, 1);
+        let md5 = register(&md5_only, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(check(&md5_only, &md5, a).await, authorized());
+
+        let (sha_only, _) = authenticator("algorithms = [\"SHA-256\"]", "").await;
+        let md5 = register(&sha_only, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(
+            check(&sha_only, &md5, a).await,
+            CHALLENGE,
+            "MD5 was not offered"
+        );
+        let sha = register(
+            &sha_only,
+            DigestAlgorithm::Sha256,
+            "s3cret",
+            "sip:example.com",
+        );
+        assert_eq!(check(&sha_only, &sha, a).await, authorized());
+    }
+
+    #[tokio::test]
+    async fn wrong_passwords_ban_the_source_without_a_new_challenge() {
+        let (auth, security) = authenticator("", "auth_failures = 3\nauth_failures_user = 0").await;
+        let a = "203.0.113.5:5060";
+        for i in 0..2 {
+            let m = register(
+                &auth,
+                DigestAlgorithm::Md5,
+                &format!("guess{i}"),
+                "sip:example.com",
+            );
+            assert_eq!(check(&auth, &m, a).await, CHALLENGE, "guess {i}");
+        }
+        let m = register(&auth, DigestAlgorithm::Md5, "guess2", "sip:example.com");
+        assert_eq!(
+            check(&auth, &m, a).await,
+            Outcome::Refuse {
+                status: 403,
+                reason: LOCKED
+            },
+            "the failure that bans gets no challenge"
+        );
+        let now = tokio::time::Instant::now();
+        assert!(!security.allow(peer(a), now), "and the source is banned");
+        assert!(security.allow(peer("203.0.113.6:5060"), now));
+        let right = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(check(&auth, &right, "203.0.113.6:5060").await, authorized());
+        assert_eq!(security.stats(now).bans_auth, 1);
+    }
+
+    #[tokio::test]
+    async fn proxy_authentication_failures_count_too() {
+        let (auth, security) = authenticator("", "auth_failures = 2").await;
+        let as_proxy = |m: Message| {
+            let text = String::from_utf8(m.as_bytes().to_vec())
+                .unwrap()
+                .replace("\r\nAuthorization:", "\r\nProxy-Authorization:");
+            Message::parse(text.as_bytes(), Framing::Datagram).unwrap()
+        };
+        let a = peer("203.0.113.5:5060");
+        let wrong = as_proxy(register(
+            &auth,
+            DigestAlgorithm::Md5,
+            "x",
+            "sip:example.com",
+        ));
+        let first = auth.check(&wrong, a, Kind::Proxy, REALM, REALM, NOW).await;
+        assert_eq!(first, CHALLENGE);
+        let second = auth.check(&wrong, a, Kind::Proxy, REALM, REALM, NOW).await;
+        assert!(matches!(second, Outcome::Refuse { status: 403, .. }));
+        assert!(!security.allow(a, tokio::time::Instant::now()));
+        // And the right password through Proxy-Authorization is accepted (from elsewhere).
+        let right = as_proxy(register(
+            &auth,
+            DigestAlgorithm::Md5,
+            "s3cret",
+            "sip:example.com",
+        ));
+        let b = peer("203.0.113.6:5060");
+        assert_eq!(
+            auth.check(&right, b, Kind::Proxy, REALM, REALM, NOW).await,
+            authorized()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_locked_user_is_refused_even_with_the_right_password() {
+        let (auth, security) = authenticator(
+            "",
+            "auth_failures = 100\nauth_failures_user = 2\nban_time = 60",
+        )
+        .await;
+        let m = register(&auth, DigestAlgorithm::Md5, "x", "sip:example.com");
+        assert_eq!(check(&auth, &m, "203.0.113.1:5060").await, CHALLENGE);
+        let locked = Outcome::Refuse {
+            status: 403,
+            reason: LOCKED,
+        };
+        assert_eq!(check(&auth, &m, "203.0.113.2:5060").await, locked);
+        let right = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(check(&auth, &right, "203.0.113.3:5060").await, locked);
+        let s = security.stats(tokio::time::Instant::now());
+        assert_eq!((s.user_locks, s.auth_refused_locked), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn unknown_users_count_against_the_source() {
+        let (auth, security) = authenticator("", "auth_failures = 2").await;
+        let text = String::from_utf8(
+            register(&auth, DigestAlgorithm::Md5, "x", "sip:example.com")
+                .as_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+        .replace("username=\"alice\"", "username=\"mallory\"");
+        let m = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
+        let a = "203.0.113.5:5060";
+        assert_eq!(check(&auth, &m, a).await, CHALLENGE);
+        assert!(matches!(
+            check(&auth, &m, a).await,
+            Outcome::Refuse { status: 403, .. }
+        ));
+        assert!(!security.allow(peer(a), tokio::time::Instant::now()));
     }
 }

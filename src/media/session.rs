@@ -359,7 +359,7 @@ impl Media {
             src,
             limit = why.limit(),
             sip.status = why.status(),
-            sip.call_id = %call_id
+            sip.call_id = ?call_id
         );
         why
     }

@@ -18,6 +18,7 @@ use crate::clock::Clock;
 use crate::config::{Config, MediaMode, RelayForeign};
 use crate::registrar::location::Location;
 use crate::registrar::service::Job;
+use crate::security::Security;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
 use crate::transport::{Outbound, Proto, Source};
 
@@ -165,6 +166,8 @@ pub struct Core {
     local: Vec<(Proto, SocketAddr)>,
     location: Option<Arc<Location>>,
     clock: Arc<dyn Clock>,
+    /// The per-source rate limit and bans, checked before anything else.
+    security: Arc<Security>,
     /// Our Via sent-by values (`advertise:port`), for loop detection.
     sent_by: Vec<String>,
     /// Verifies the MAC of our Record-Route when it comes back as a Route.
@@ -186,6 +189,7 @@ impl Core {
         location: Option<Arc<Location>>,
         clock: Arc<dyn Clock>,
         key: RouteKey,
+        security: Arc<Security>,
     ) -> Self {
         let sent_by = local
             .iter()
@@ -196,6 +200,7 @@ impl Core {
             local,
             location,
             clock,
+            security,
             sent_by,
             key,
         }
@@ -210,8 +215,18 @@ impl Core {
         &self.cfg
     }
 
-    /// Handles one received message; returns what the I/O side must do.
+    /// The flood and brute-force state (for the TCP accept loop: [`Security::is_banned`]).
+    pub fn security(&self) -> &Arc<Security> {
+        &self.security
+    }
+
+    /// Handles one received message; returns what the I/O side must do. The first step is
+    /// the per-source rate limit and ban check ([`Security::allow`]).
     pub fn handle(&self, bytes: &[u8], source: Source, framing: Framing) -> Dispatch {
+        // Floods and banned sources: dropped unread and unanswered (Kamailio pike).
+        if !self.security.allow(source.remote, self.clock.now()) {
+            return Dispatch::Nothing;
+        }
         match sanity::check(bytes, framing, self.cfg.server.max_message_size) {
             Verdict::Drop(reason) => {
                 debug!(peer.addr = %source.remote, ?reason, "dropping message");
@@ -601,6 +616,7 @@ mod tests {
             || "127.0.0.1".parse().unwrap(),
         )
         .unwrap();
+        let cfg_security = cfg.security.clone();
         let location = Arc::new(Location::new());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -630,6 +646,7 @@ mod tests {
             Some(location),
             Arc::new(SystemClock),
             key(),
+            Arc::new(Security::new(cfg_security, tokio::time::Instant::now())),
         )
     }
 

@@ -292,7 +292,10 @@ impl Proxy {
         if let Some(need) = plan.auth {
             let verdict = match &auth {
                 None => Err((500, reply_now(500, "Server Internal Error", &[]))),
-                Some(a) => authorize(a, &msg, need, now_unix, &reply_now, &self.cfg).await,
+                Some(a) => {
+                    let peer = source.remote;
+                    authorize(a, &msg, peer, need, now_unix, &reply_now, &self.cfg).await
+                }
             };
             match verdict {
                 Ok(user) => {
@@ -1071,6 +1074,7 @@ fn reason(status: u16) -> &'static str {
 async fn authorize(
     auth: &Authenticator,
     msg: &Message,
+    peer: SocketAddr,
     need: AuthNeed,
     now: u64,
     reply_now: &impl Fn(u16, &str, &[(&str, &str)]) -> Vec<u8>,
@@ -1090,7 +1094,10 @@ async fn authorize(
         ));
     }
     let realm = auth.realm(&domain);
-    match auth.check(msg, AuthKind::Proxy, &realm, &domain, now).await {
+    match auth
+        .check(msg, peer, AuthKind::Proxy, &realm, &domain, now)
+        .await
+    {
         Outcome::Authorized { username } => {
             if need == AuthNeed::Route && from_user.as_deref() != Some(username.as_str()) {
                 warn!(auth.user = %username, from.user = ?from_user, "From does not match the credentials");
@@ -1107,6 +1114,7 @@ async fn authorize(
             500,
             reply_now(500, "Server Internal Error", &[("Retry-After", "5")]),
         )),
+        Outcome::Refuse { status, reason } => Err((status, reply_now(status, reason, &[]))),
     }
 }
 

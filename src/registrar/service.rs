@@ -171,7 +171,11 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     let aor = format!("{user}@{domain}");
     // www_authorize against the subscriber table.
     let realm = ctx.auth.realm(&domain);
-    let username = match ctx.auth.check(msg, Kind::Www, &realm, &domain, now).await {
+    let username = match ctx
+        .auth
+        .check(msg, src, Kind::Www, &realm, &domain, now)
+        .await
+    {
         Outcome::Authorized { username } => username,
         Outcome::Challenge { stale } => {
             let headers = ctx.auth.challenge(Kind::Www, &realm, now, stale);
@@ -181,6 +185,7 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
         Outcome::StoreError => {
             return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
         }
+        Outcome::Refuse { status, reason } => return respond(status, reason, &[]),
     };
     // check_to: the To user must be the authenticated user.
     if username != user {

@@ -24,6 +24,7 @@ use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
 use crate::registrar::location::Location;
 use crate::registrar::service::Registrar;
+use crate::security::Security;
 
 /// Receive buffer asked of the kernel for each UDP socket: a registration storm after a
 /// router reboot must not overflow the default ~200 KiB.
@@ -232,12 +233,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every `server.listen` socket. Errors name the socket.
+    /// Binds every `server.listen` socket. Errors name the socket. `security` is checked first
+    /// for every received message.
     pub async fn bind(
         cfg: Arc<Config>,
         location: Option<Arc<Location>>,
         clock: Arc<dyn Clock>,
         key: RouteKey,
+        security: Arc<Security>,
     ) -> io::Result<Self> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
@@ -279,6 +282,7 @@ impl Server {
             location,
             clock.clone(),
             key.clone(),
+            security,
         ));
         let transports = Arc::new(transports);
         let proxy = Arc::new(Proxy::new(cfg, transports.clone(), local.clone(), key));

@@ -90,6 +90,14 @@ pub(super) async fn accept_loop(
         };
         match accepted {
             Ok((stream, remote)) => {
+                // A banned source gets no connection at all (its frames would be dropped).
+                if dispatcher
+                    .core
+                    .security()
+                    .is_banned(remote.ip(), tokio::time::Instant::now())
+                {
+                    continue;
+                }
                 let limits = &dispatcher.core.config().limits;
                 let Some(place) = count.admit(remote.ip(), limits) else {
                     // Closed at once (dropped): the peer sees a reset, nothing is read.

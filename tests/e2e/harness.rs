@@ -24,6 +24,7 @@ pub(crate) struct TestServer {
     pub(crate) location: Arc<Location>,
     pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
     pub(crate) media: Arc<sipedge::media::session::Media>,
+    pub(crate) security: Arc<sipedge::security::Security>,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
     stop: watch::Sender<bool>,
@@ -70,6 +71,7 @@ impl TestServer {
             location: app.location,
             proxy: app.proxy,
             media: app.media,
+            security: app.security,
             db_url: db_url.to_owned(),
             stop,
             task: Some(task),

@@ -12,5 +12,6 @@ mod nat;
 mod proxy;
 mod public;
 mod registrar;
+mod security;
 mod store;
 mod transport;
