@@ -1,16 +1,17 @@
 //! sipedge-relay: an in-process RTP/RTCP relay (symmetric RTP, RFC 4961; rtcp-mux, RFC 5761).
 //!
 //! The SIP core asks it, through a [`RelayHandle`], for port pairs for a call branch, tells it
-//! each side's SDP endpoints, and gets per-leg statistics back when the session is deleted or
-//! times out. The relay binds one RTP and one RTCP socket per leg, latches each side to the
-//! source of its first valid packet and forwards packets between the legs with
-//! recvmmsg/sendmmsg batches.
+//! each side's SDP endpoints and the addresses its SIP came from, and gets per-leg statistics
+//! back when the session is deleted or times out. The relay binds one RTP and one RTCP socket
+//! per leg, latches each side to the first valid packet from a source IP that side signalled
+//! (strict source: anyone else is dropped and counted) and forwards packets between the legs
+//! with recvmmsg/sendmmsg batches.
 //!
 //! # Layout
 //!
 //! - `ports`: the port-pair pool (shuffled once, head out, tail in). Pure.
 //! - `session`: the session table of one worker; legs indexed by `port - port_min`. Pure.
-//! - `latch`: the latch policy with its re-latch window after new SDP. Pure.
+//! - `latch`: the strict-source latch policy with its re-latch window after new SDP. Pure.
 //! - `forward`: the relay core, `on_packet(now, port, src, bytes) -> Verdict` and
 //!   `on_tick(now)` for timeouts. Pure.
 //! - `rtp`: checked zero-copy RTP/RTCP views (RFC 3550 §5.1, §6.4). Pure.
