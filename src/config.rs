@@ -132,6 +132,9 @@ pub struct RawLimits {
     pub transactions: usize,
     /// Proxy transactions pending (no final response yet) per source IP. Default 2000.
     pub transactions_per_ip: usize,
+    /// Bytes that transactions may hold for messages larger than 4 KiB (the excess, three
+    /// copies each); beyond it such requests get 503. Default 16777216 (16 MiB).
+    pub transaction_memory: usize,
     /// REGISTER responses kept for retransmissions (entries, all shards). Default 20000.
     pub registrar_cache: usize,
     /// ... and their bytes at most. Default 16777216 (16 MiB).
@@ -148,6 +151,7 @@ impl Default for RawLimits {
             tcp_send_queue: 256 * 1024,
             transactions: 50_000,
             transactions_per_ip: 2000,
+            transaction_memory: 16 << 20,
             registrar_cache: 20_000,
             registrar_cache_bytes: 16 << 20,
         }
@@ -630,6 +634,7 @@ pub struct LimitsConfig {
     pub tcp_send_queue: usize,
     pub transactions: usize,
     pub transactions_per_ip: usize,
+    pub transaction_memory: usize,
     pub registrar_cache: usize,
     pub registrar_cache_bytes: usize,
 }
@@ -663,6 +668,14 @@ impl LimitsConfig {
                 ),
             ));
         }
+        if l.transaction_memory < 3 * max_message_size {
+            return Err(invalid(
+                "limits.transaction_memory",
+                format!(
+                    "must hold at least one message's three copies (server.max_message_size = {max_message_size})"
+                ),
+            ));
+        }
         if l.registrar_cache_bytes < max_message_size {
             return Err(invalid(
                 "limits.registrar_cache_bytes",
@@ -679,6 +692,7 @@ impl LimitsConfig {
             tcp_send_queue: l.tcp_send_queue,
             transactions: l.transactions,
             transactions_per_ip: l.transactions_per_ip.min(l.transactions),
+            transaction_memory: l.transaction_memory,
             registrar_cache: l.registrar_cache,
             registrar_cache_bytes: l.registrar_cache_bytes,
         })

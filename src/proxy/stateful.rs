@@ -9,7 +9,7 @@
 //! sockets.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
@@ -70,6 +70,8 @@ pub struct Proxy {
     key: RouteKey,
     /// Transactions in flight per source IP (`limits.transactions_per_ip`).
     per_ip: Arc<DashMap<IpAddr, usize>>,
+    /// Bytes of outsized messages held by live transactions (`limits.transaction_memory`).
+    large_bytes: Arc<AtomicUsize>,
     stats: ProxyStats,
 }
 
@@ -107,6 +109,7 @@ impl Proxy {
             client: DashMap::new(),
             key,
             per_ip: Arc::new(DashMap::new()),
+            large_bytes: Arc::new(AtomicUsize::new(0)),
             stats: ProxyStats::default(),
         }
     }
@@ -419,6 +422,23 @@ impl Proxy {
         if self.server.len() >= limits.transactions {
             return Err(Refusal::Limit("limits.transactions"));
         }
+        // Outsized messages share a byte budget: a flood of 60 KB requests that nobody answers
+        // would otherwise hold hundreds of MB for a minute (the request, the forwarded copy per
+        // branch and the response are kept for retransmissions).
+        let excess = msg.len().saturating_sub(LARGE_MESSAGE) * HELD_COPIES;
+        let charge = if excess > 0 {
+            let held = self.large_bytes.fetch_add(excess, Relaxed) + excess;
+            if held > limits.transaction_memory {
+                self.large_bytes.fetch_sub(excess, Relaxed);
+                return Err(Refusal::Limit("limits.transaction_memory"));
+            }
+            MemCharge {
+                bytes: excess,
+                held: Some(self.large_bytes.clone()),
+            }
+        } else {
+            MemCharge::default()
+        };
         let ip = source.remote.ip();
         let slot = {
             let mut n = self.per_ip.entry(ip).or_insert(0);
@@ -436,14 +456,26 @@ impl Proxy {
             dashmap::Entry::Occupied(_) => Err(Refusal::Owned),
             dashmap::Entry::Vacant(v) => {
                 v.insert(tx.clone());
-                Ok(Reservation { key, tx, rx, slot })
+                Ok(Reservation {
+                    key,
+                    tx,
+                    rx,
+                    slot,
+                    charge,
+                })
             }
         }
     }
 
     /// Runs the transaction task for a reserved request: forward it along `work`, or answer
     /// it locally (statefully: retransmissions get the same answer, the ACK is absorbed).
-    pub fn launch(self: &Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
+    pub fn launch(
+        self: &Arc<Self>,
+        mut res: Reservation,
+        msg: Message,
+        source: Source,
+        work: Work,
+    ) {
         let span = info_span!(
             "txn",
             sip.method = msg.method().unwrap_or_default(),
@@ -457,6 +489,7 @@ impl Proxy {
             proxy: self.clone(),
             key: res.key.clone(),
             tx: res.tx.clone(),
+            _charge: std::mem::take(&mut res.charge),
         };
         tokio::spawn(
             async move {
@@ -474,6 +507,7 @@ impl Proxy {
             tx,
             mut rx,
             slot,
+            charge: _,
         } = res;
         // The per-IP place is held while the request is pending; a transaction that has
         // sent its final only waits out its timers (bounded by the total limit).
@@ -959,14 +993,40 @@ pub struct Reservation {
     /// This transaction's place in `limits.transactions_per_ip`, released with its final
     /// response (or the task).
     slot: TxnSlot,
+    /// Its share of `limits.transaction_memory`, released with the task.
+    charge: MemCharge,
 }
 
-/// Removes a transaction task's server entry when the task ends, however it ends.
+/// Removes a transaction task's server entry when the task ends, however it ends, and
+/// gives back its share of `limits.transaction_memory`.
 struct EntryGuard {
     proxy: Arc<Proxy>,
     key: TxnKey,
     tx: mpsc::Sender<Event>,
+    _charge: MemCharge,
 }
+
+/// Bytes of an outsized message counted against `limits.transaction_memory` while its
+/// transaction lives.
+#[derive(Default)]
+struct MemCharge {
+    bytes: usize,
+    held: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for MemCharge {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.fetch_sub(self.bytes, Relaxed);
+        }
+    }
+}
+
+/// Messages up to this size cost nothing against `limits.transaction_memory` (their number
+/// is bounded by `limits.transactions`); beyond it, the excess counts.
+const LARGE_MESSAGE: usize = 4096;
+/// Copies of a request a transaction holds: the received one, the forwarded one, a response.
+const HELD_COPIES: usize = 3;
 
 impl Drop for EntryGuard {
     fn drop(&mut self) {

@@ -400,3 +400,40 @@ async fn pending_transactions_per_source_are_bounded() {
     assert_eq!(fwd.call_id().ok(), Some("t4"));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn outsized_requests_share_a_byte_budget() {
+    let pbx = Ua::new().await;
+    let srv = TestServer::start(
+        "",
+        &format!(
+            "[limits]\ntransaction_memory = 200000\n[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{}\"\nmedia = \"never\"\n",
+            pbx.addr
+        ),
+    )
+    .await;
+    let caller = Ua::new().await;
+    // 40 KB of headers a real phone never sends; the next hop never answers.
+    let padding = format!("X-Pad: {}\r\n", "p".repeat(40_000));
+    let big = |id: &str| request("INVITE", "sip:1234@example.com", caller.addr, id, &padding);
+    caller.send(srv.udp, &big("big1")).await;
+    let (fwd, _) = pbx.recv().await;
+    assert_eq!(fwd.call_id().ok(), Some("big1"));
+    caller.send(srv.udp, &big("big2")).await;
+    let (refused, _) = caller.recv().await;
+    assert_eq!(
+        refused.status(),
+        Some(503),
+        "over limits.transaction_memory"
+    );
+    // Requests of a normal size are not affected.
+    caller
+        .send(
+            srv.udp,
+            &request("INVITE", "sip:1234@example.com", caller.addr, "small", ""),
+        )
+        .await;
+    let (fwd, _) = pbx.recv().await;
+    assert_eq!(fwd.call_id().ok(), Some("small"));
+    srv.stop().await;
+}
