@@ -253,7 +253,8 @@ user = '^1[0-9]{10}\$'
 next_hop = \"127.0.0.9:$provider_port\"
 auth = true
 media = \"never\""
-        start_server memory "$media_lo-$((media_lo + 99))" 'security.trusted=[]'
+        start_server memory "$media_lo-$((media_lo + 99))" limits.tcp_connections_per_ip=32 \
+            'security.trusted=[]'
         run_attack memory memory.py --bound-mb "$MEMORY_BOUND_MB"
         ;;
     bruteforce)

@@ -2,7 +2,8 @@
 
 127.0.0.3 opens a TCP connection with a small receive buffer, pipelines 5,000 OPTIONS and
 5,000 REGISTERs (each drawing a response it never reads) for at most 10 s. Meanwhile another
-client (127.0.0.5, UDP) sends an OPTIONS and a digest REGISTER every 250 ms. Defended: every
+client (127.0.0.5, UDP) sends an OPTIONS and a digest REGISTER every 500 ms; 2 s into the
+flood, 127.0.0.2 sends 8 stray UDP 200s whose second Via names the non-reading connection. Defended: every
 one of its requests is answered within 1 s, and sipedge closes the non-reading connection
 (write timeout or queue full) within limits.tcp_write_timeout + 10 s.
 """
@@ -20,7 +21,7 @@ AFTER_SECONDS = 5.0  # the honest client keeps going this long after the flood
 
 
 def honest(server, stop_at, out):
-    """OPTIONS + digest REGISTER (two transactions) every 250 ms until stop_at; sends the
+    """OPTIONS + digest REGISTER (two transactions) every 500 ms until stop_at; sends the
     latencies (None = no answer within 2 s) through `out`."""
     ua = sa.UA("127.0.0.5", server)
     lat = {"OPTIONS": [], "REGISTER 401": [], "REGISTER 200": []}
@@ -57,7 +58,7 @@ def honest(server, stop_at, out):
             lat["REGISTER 200"].append(None)
             if r is not None:
                 statuses.append(f"REGISTER {r.status}")
-        time.sleep(max(0.0, 0.25 - (time.monotonic() - t0)))
+        time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
     out.send((lat, statuses))
     out.close()
 
@@ -118,6 +119,8 @@ def main():
 
     # Stray 200s whose second Via names the non-reading connection: a UDP loop that forwards
     # them must not wait on that connection's queue (8 sources: every UDP worker gets some).
+    # Sent once sipedge has had 2 s to fill that queue.
+    time.sleep(max(0.0, t0 + 2.0 - time.monotonic()))
     strays = []
     for i in range(8):
         ua = sa.UA("127.0.0.2", server)
@@ -125,7 +128,7 @@ def main():
                  f"Via: SIP/2.0/TCP 127.0.0.3:{cport};branch={sa.branch()}",
                  f"From: <sip:dave@127.0.0.1>;tag={sa.rand_hex(8)}",
                  f"To: <sip:dave@127.0.0.1>;tag={sa.rand_hex(8)}",
-                 f"Call-ID: stray{i}@127.0.0.2", "CSeq: 1 OPTIONS", "Content-Length: 0"]
+                 f"Call-ID: stray{i}@127.0.0.2", "CSeq: 1 INVITE", "Content-Length: 0"]
         ua.send(("\r\n".join(lines) + "\r\n\r\n").encode())
         strays.append(ua)
     c.note("sent 8 stray UDP 200s whose second Via names the non-reading connection")
