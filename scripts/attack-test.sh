@@ -199,7 +199,7 @@ for attack in $ATTACKS; do
     crash)
         # One sipedge per input: an input that kills it does not hide the others' outcome.
         for step in newline header slowloris; do
-            start_server "crash-$step" "$media_lo-$((media_lo + 99))" limits.tcp_header_timeout=4
+            start_server "crash-$step" "$media_lo-$((media_lo + 99))" limits.tcp_message_timeout=4
             run_attack "crash-$step" crash.py --step "$step"
         done
         ;;
@@ -214,7 +214,9 @@ media = \"never\""
         run_attack relay relay.py --victim-port "$victim_port" --provider-port "$provider_port"
         ;;
     stall)
-        start_server stall "$media_lo-$((media_lo + 99))" limits.tcp_write_timeout=3 'security.trusted=[]'
+        # No rate limit here: what must hold is the send queue, not a ban of the peer.
+        start_server stall "$media_lo-$((media_lo + 99))" limits.tcp_write_timeout=3 \
+            security.pike_requests=0 'security.trusted=[]'
         run_attack stall stall.py
         ;;
     media)

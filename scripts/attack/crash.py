@@ -102,7 +102,7 @@ def long_header(c, a, server, cfg):
 
 def slowloris(c, a, server, cfg):
     """A header that grows by one byte every 0.5 s."""
-    header_timeout = sa.cfg_get(cfg, "limits.tcp_header_timeout", None)
+    header_timeout = sa.cfg_get(cfg, "limits.tcp_message_timeout", None)
     bound = (header_timeout if header_timeout is not None else 10) + 5
     s = tcp_connect(server, "127.0.0.2")
     start = time.monotonic()
@@ -132,7 +132,7 @@ def slowloris(c, a, server, cfg):
     held = time.monotonic() - start
     c.check("slowloris header (1 B / 0.5 s): connection closed by the header deadline",
             closed, f"{'closed' if closed else 'still open'} after {held:.1f} s, {sent} B trickled "
-            f"(limits.tcp_header_timeout {header_timeout if header_timeout is not None else 'unset'}, "
+            f"(limits.tcp_message_timeout {header_timeout if header_timeout is not None else 'unset'}, "
             f"bound {bound} s)")
 
 
