@@ -5,6 +5,10 @@ Every case comes from its own unauthenticated UDP socket (127.0.2.N, so a ban of
 source cannot hide another case) and names its own victim listener on 127.0.0.9. Defended:
 every victim (and the provider route's next hop, and another client's TCP connection) receives
 0 bytes, and the bytes sipedge sends anywhere (victims + attackers) are <= 3x the bytes in.
+Cases: (a) in-dialog request through our Route to a foreign Request-URI, (b) with only a
+foreign Route, (c) ACK without To tag, (d) forged flow tokens (fc=u~ / fe=t~ into another
+client's TCP connection), (e) in-dialog INVITE to the provider route, (f) stray 200 OK,
+(g) maddr in the Via.
 """
 
 import random
@@ -134,6 +138,23 @@ def main():
     attack("(f2) stray 200 OK, top Via ours with a forged branch, second Via the victim",
            stray(lambda ua: f"SIP/2.0/UDP {us};branch={sa.branch()}", v), ["f2"])
 
+    # (g) maddr in the top Via names the victim: the response goes to the source (rport).
+    def maddr(method, ruri, vport):
+        def build(ua):
+            msg = sa.request(method, ruri, via=ua.addr, from_uri="sip:alice@127.0.0.1",
+                             to_uri=ruri if method == "OPTIONS" else "sip:alice@127.0.0.1",
+                             call_id=sa.rand_hex(20) + "@" + ua.ip,
+                             contact=f"sip:alice@{ua.ip}:{ua.port}")
+            return msg.replace(f"{ua.ip}:{ua.port};branch=".encode(),
+                               f"{ua.ip}:{vport};maddr={vip};branch=".encode(), 1)
+        return build
+
+    v = victim("g1", vp + 10)
+    attack("(g1) OPTIONS whose Via has maddr=victim", maddr("OPTIONS", f"sip:{us}", v), ["g1"])
+    v = victim("g2", vp + 11)
+    attack("(g2) REGISTER whose Via has maddr=victim", maddr("REGISTER", "sip:127.0.0.1", v),
+           ["g2"])
+
     # Listen on everything for WINDOW seconds; what reaches a victim is attributed to the case
     # whose Call-ID it carries.
     got = []  # (victim name, datagram or TCP chunk)
@@ -165,10 +186,13 @@ def main():
 
     total_in = 0
     total_out = sum(len(d) for _n, d in got)
+    worst = (0.0, "")
     for label, ua, sent, names, cid in cases:
         total_in += sent
         answers = back[id(ua)]
         total_out += sum(len(d) for d in answers)
+        caused = sum(len(d) for _n, d in got if cid in d) + sum(len(d) for d in answers)
+        worst = max(worst, (caused / sent, label.split(" ")[0]))
         hits = [(n, d) for n, d in got if n in names and cid in d]
         recv = sum(len(d) for _n, d in hits)
         pkts = sum(d.count(cid) for _n, d in hits)
@@ -178,9 +202,11 @@ def main():
                 f"{len(answers)} ({statuses}, {sum(len(d) for d in answers)} B)")
     to_victims = sum(len(d) for _n, d in got)
     ratio = total_out / total_in if total_in else 0
-    c.check("amplification: bytes sent anywhere <= 3x bytes in", ratio <= 3.0,
+    c.check("amplification: bytes sent anywhere <= 3x bytes in, in total and for each case",
+            ratio <= 3.0 and worst[0] <= 3.0,
             f"{total_out} B out (victims {to_victims} B, attackers {total_out - to_victims} B) "
-            f"for {total_in} B in within {WINDOW:.0f} s: {ratio:.2f}x")
+            f"for {total_in} B in within {WINDOW:.0f} s: {ratio:.2f}x; worst case {worst[1]} "
+            f"{worst[0]:.2f}x")
     alive = sa.alive(a.pid)
     c.check("process alive", alive, f"pid {a.pid} {'alive' if alive else 'GONE'}")
     c.done()
