@@ -2,12 +2,13 @@
 
   (a) 1,500 REGISTERs of ~57 KB (50 Via headers of 1.1 KB, echoed in every response) in ~5 s
       from 150 source IPs (127.0.4.1-150, 10 each: per-source rate limits alone do not decide
-      the outcome): RSS 10 s later <= idle RSS + --bound-mb;
+      the outcome): RSS 10 s later <= RSS before the flood + --bound-mb (40);
   (b) the same with 1,500 INVITEs to the provider route (auth: each draws a 407), from
       127.0.5.1-150;
   (c) 2,000 idle TCP connections from 127.0.0.12: sipedge holds at most
       limits.tcp_connections_per_ip (32 when the config has no such key) of them, its fd count
       stays within idle + that + 16, and a TCP client from 127.0.0.13 is still answered.
+  (d) the fd soft limit (1024 when the driver starts sipedge) is raised to the hard limit.
 RSS is VmRSS of /proc/PID/status; the peak is sampled every 100 ms.
 """
 
@@ -64,21 +65,26 @@ def flood(c, a, server, label, net, build):
         uas[i % SOURCES].send(m)
         time.sleep(max(0.0, start + (i + 1) * FLOOD_SECONDS / COUNT - time.monotonic()))
     secs = time.monotonic() - start
-    answered = 0
+    answers = []  # what came back, as far as 64 KB receive buffers hold it
     for ua in uas:
-        answered += len(ua.drain(0.01))
+        answers += ua.drain(0.01)
     time.sleep(SETTLE)
     for ua in uas:
-        answered += len(ua.drain(0.001))
+        answers += ua.drain(0.001)
         ua.close()
+    statuses = {}
+    for data, _src in answers:
+        st = sa.Msg(data).status
+        statuses[st] = statuses.get(st, 0) + 1
+    avg = sum(len(d) for d, _s in answers) // max(1, len(answers))
     samp.stop = True
     samp.join(1)
     after = sa.rss_mb(a.pid)
-    c.check(f"({label}) RSS {SETTLE:.0f} s after the flood <= idle + {a.bound_mb} MB",
+    c.check(f"({label}) RSS {SETTLE:.0f} s after the flood <= before + {a.bound_mb:.0f} MB",
             after <= idle + a.bound_mb,
-            f"{COUNT} x {size} B in {secs:.1f} s from {SOURCES} IPs, {answered} responses "
-            f"counted; RSS idle {idle:.1f} MB, peak {samp.peak:.1f} MB, after {after:.1f} MB "
-            f"(+{after - idle:.1f} MB)")
+            f"{COUNT} x {size} B in {secs:.1f} s from {SOURCES} IPs; responses read {statuses} "
+            f"of {avg} B on average; RSS before {idle:.1f} MB, peak {samp.peak:.1f} MB, "
+            f"after {after:.1f} MB (+{after - idle:.1f} MB)")
     return idle
 
 
@@ -98,6 +104,16 @@ def main():
     flood(c, a, server, "b: 1,500 INVITEs of ~57 KB drawing 407", 5,
           lambda ua: padded("INVITE", f"sip:15551234567@{us}", ua,
                             to_uri=f"sip:15551234567@{us}", register=False))
+
+    # The fd soft limit raised to the hard limit at start (the driver starts sipedge with 1024).
+    limits = {}
+    with open(f"/proc/{a.pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                limits = dict(zip(("soft", "hard"), line.split()[3:5]))
+    c.check("fd soft limit raised to the hard limit at start",
+            bool(limits) and limits["soft"] == limits["hard"],
+            f"Max open files soft {limits.get('soft')}, hard {limits.get('hard')}")
 
     # (c) 2,000 idle TCP connections from one IP.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
