@@ -19,8 +19,9 @@
 #              nothing, each party receives only the other's packets
 #   challenge  200 INVITEs to the provider route (auth): one 407 per INVITE, no
 #              retransmission, bytes out <= 3x bytes in
-#   memory     1,500 REGISTERs of ~57 KB, 1,500 INVITEs of ~57 KB drawing 407: RSS 10 s later
-#              <= idle + MEMORY_BOUND_MB; 2,000 idle TCP connections from one IP: connections
+#   memory     1,500 REGISTERs of ~57 KB, 1,500 INVITEs of ~57 KB drawing 407, 1,500 INVITEs
+#              of ~57 KB to a route without auth that never answers: RSS 10 s later <= RSS
+#              before + MEMORY_BOUND_MB (40); 2,000 idle TCP connections from one IP: connections
 #              held <= limits.tcp_connections_per_ip, fd count bounded, others still served;
 #              sipedge (started with a soft fd limit of 1024) raised it to the hard limit
 #   bruteforce digest: a response for another uri and an unoffered algorithm refused; 60 wrong
@@ -259,11 +260,16 @@ name = \"provider\"
 user = '^1[0-9]{10}\$'
 next_hop = \"127.0.0.9:$provider_port\"
 auth = true
+media = \"never\"
+[[route]]
+name = \"pbx\"
+user = '^3[0-9]{3}\$'
+next_hop = \"127.0.0.8:$uas_port\"
 media = \"never\""
         # Started with a soft fd limit of 1024, below the 2,000 connections of the attack.
         NOFILE_SOFT=1024 start_server memory "$media_lo-$((media_lo + 99))" \
             limits.tcp_connections_per_ip=32 'security.trusted=[]'
-        run_attack memory memory.py --bound-mb "$MEMORY_BOUND_MB"
+        run_attack memory memory.py --bound-mb "$MEMORY_BOUND_MB" --uas-port "$uas_port"
         ;;
     bruteforce)
         start_server bruteforce "$media_lo-$((media_lo + 99))" security.auth_failures=10 \

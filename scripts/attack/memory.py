@@ -5,6 +5,8 @@
       the outcome): RSS 10 s later <= RSS before the flood + --bound-mb (40);
   (b) the same with 1,500 INVITEs to the provider route (auth: each draws a 407), from
       127.0.5.1-150;
+  (e) the same with 1,500 INVITEs to a route without auth (3000) whose next hop (127.0.0.8)
+      takes them and never answers, from 127.0.6.1-150;
   (c) 2,000 idle TCP connections from 127.0.0.12: sipedge holds at most
       limits.tcp_connections_per_ip (32 when the config has no such key) of them, its fd count
       stays within idle + that + 16, and a TCP client from 127.0.0.13 is still answered.
@@ -91,6 +93,7 @@ def flood(c, a, server, label, net, build):
 def main():
     ap = sa.common_args(__doc__)
     ap.add_argument("--bound-mb", type=float, default=40.0)
+    ap.add_argument("--uas-port", type=int, required=True, help="next hop of the 3xxx route")
     a = ap.parse_args()
     c = sa.Checks("memory")
     server = sa.parse_addr(a.server)
@@ -104,6 +107,16 @@ def main():
     flood(c, a, server, "b: 1,500 INVITEs of ~57 KB drawing 407", 5,
           lambda ua: padded("INVITE", f"sip:15551234567@{us}", ua,
                             to_uri=f"sip:15551234567@{us}", register=False))
+
+    # (e) INVITEs to a route without auth whose next hop takes them and never answers: the
+    # transactions live until their timers fire.
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sink.bind(("127.0.0.8", a.uas_port))
+    flood(c, a, server, "e: 1,500 INVITEs of ~57 KB to a route without auth, never answered", 6,
+          lambda ua: padded("INVITE", f"sip:3000@{us}", ua, to_uri=f"sip:3000@{us}",
+                            register=False))
+    sink.close()
 
     # The fd soft limit raised to the hard limit at start (the driver starts sipedge with 1024).
     limits = {}
