@@ -11,7 +11,6 @@ client's TCP connection), (e) in-dialog INVITE to the provider route, (f) stray 
 (g) maddr in the Via.
 """
 
-import random
 import select
 import socket
 import time

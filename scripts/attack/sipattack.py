@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import sys
+import threading
 import time
 import tomllib
 
@@ -270,7 +271,7 @@ def digest_header(chal, user, password, method, uri, *, realm=None, algorithm=No
         cnonce = cnonce or rand_hex(16)
         ncs = "%08x" % nc
         resp = H(f"{ha1}:{nonce}:{ncs}:{cnonce}:auth:{ha2}")
-        parts += [f"qop=auth", f"nc={ncs}", f'cnonce="{cnonce}"']
+        parts += ["qop=auth", f"nc={ncs}", f'cnonce="{cnonce}"']
     else:
         resp = H(f"{ha1}:{nonce}:{ha2}")
     parts.append(f'response="{resp}"')
@@ -392,7 +393,6 @@ class Uas:
     CANCEL (plus 487 to the INVITE), OPTIONS. Records each INVITE it got (Call-ID -> Msg)."""
 
     def __init__(self, ip, server, port, answer):
-        import threading
         self.ua = UA(ip, server, port)
         self.answer = answer
         self.invites = {}
