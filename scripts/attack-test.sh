@@ -134,10 +134,14 @@ start_server() {
     cc=$("$bin" check-config -c "$cfg" 2>&1) || die "check-config rejected $cfg: $cc"
     "$bin" --log-level warn user import -c "$cfg" "$work/users.csv" >/dev/null
     # NOFILE_SOFT: start it with this soft fd limit (sipedge must raise it to the hard limit).
-    (
-        if [ -n "${NOFILE_SOFT:-}" ]; then ulimit -Sn "$NOFILE_SOFT"; fi
-        exec "$bin" serve -c "$cfg" --log-level "${SERVER_LOG:-warn}" </dev/null >"$log" 2>&1
-    ) &
+    if [ -n "${NOFILE_SOFT:-}" ]; then
+        (
+            ulimit -Sn "$NOFILE_SOFT"
+            exec "$bin" serve -c "$cfg" --log-level "${SERVER_LOG:-warn}" </dev/null >"$log" 2>&1
+        ) &
+    else
+        "$bin" serve -c "$cfg" --log-level "${SERVER_LOG:-warn}" </dev/null >"$log" 2>&1 &
+    fi
     server_pid=$!
     # Ready when an OPTIONS over UDP gets 200 (each probe waits 0.3 s; at most ~15 s).
     for _ in $(seq 1 40); do
