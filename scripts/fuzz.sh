@@ -37,7 +37,8 @@ if [ -n "${FUZZ_CARGO_LOCK:-}" ]; then
     lock=(flock "$FUZZ_CARGO_LOCK")
 fi
 echo "== building the fuzz targets (cargo afl build --release)"
-"${lock[@]}" cargo afl build --release --locked
+# Not --locked: fuzz/Cargo.lock follows the root crate's dependencies, which change under it.
+"${lock[@]}" cargo afl build --release
 
 # As root in CI: no UI, no CPU frequency or core_pattern checks, no CPU pinning (the machine is
 # shared), fail rather than wait when a seed misbehaves.
