@@ -1,6 +1,7 @@
 //! Local replies over real UDP and TCP sockets: OPTIONS → 200 on both transports, the
 //! Via/rport rules of the answer, sanity errors (400, 483, 513), silence for garbage, TCP
-//! framing with pipelined and split writes, and CRLF keepalives.
+//! framing with pipelined and split writes, CRLF keepalives, and the `\n\r` flood that used to
+//! overflow the framer's stack.
 
 use std::net::SocketAddr;
 
@@ -186,5 +187,42 @@ async fn oversized_tcp_message_gets_513_and_close() {
         .unwrap()
         .unwrap();
     assert_eq!(n, 0, "the server closes the connection");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn lf_cr_flood_on_tcp_is_too_large_and_the_server_keeps_serving() {
+    // Issue #10's remote crash: ~81 KB of "\n\r" + one character on one TCP connection made
+    // the framer recurse once per sequence and overflow the stack, aborting the process (here,
+    // the test process). Now the header section is only searched up to max_message_size.
+    let srv = TestServer::start("", "").await;
+    let mut stream = TcpStream::connect(srv.tcp).await.unwrap();
+    let attack = b"\n\rX".repeat(81 * 1024 / 3);
+    // The server may close while we write: a reset is an acceptable end of the write.
+    let _ = stream.write_all(&attack).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "no answer to a header section that never ends"
+    );
+    // Everyone else is still served, over TCP and UDP.
+    let mut other = TcpStream::connect(srv.tcp).await.unwrap();
+    let me = other.local_addr().unwrap();
+    let req = request("OPTIONS", "sip:example.com", me, "after-flood", "")
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    other.write_all(req.as_bytes()).await.unwrap();
+    let resp = tcp_read_message(&mut other, &mut Vec::new()).await;
+    assert_eq!(resp.status(), Some(200));
+    let (sock, me) = client().await;
+    let resp = udp_exchange(
+        &sock,
+        srv.udp,
+        request("OPTIONS", "sip:example.com", me, "after-flood-udp", "").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status(), Some(200));
     srv.stop().await;
 }
