@@ -27,10 +27,10 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
-pub mod log;
 /// Entry points for the fuzz targets (`fuzz/`) into crate-private pure code. Not a stable API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod log;
 pub mod media;
 pub mod nat;
 pub mod proxy;

@@ -399,9 +399,12 @@ pub fn verify(ha1_hex: &str, method: &str, c: &Credentials) -> bool {
 /// the `uri` parameter designates the same resource as the request line, else the response
 /// could be one captured for another request).
 ///
-/// SIP and SIPS URIs are compared as RFC 3261 §19.1.4 says: same scheme; user and password
-/// case-sensitive; host case-insensitive; a port, or a `user`, `ttl`, `method`, `maddr` or
-/// `transport` parameter, present in one must be present and equal in the other (parameter
+/// SIP and SIPS URIs are compared as RFC 3261 §19.1.4 says, with one leniency: same scheme;
+/// user and password case-sensitive; host case-insensitive; ports equal, a missing port
+/// standing for the default one (5060, 5061 for SIPS: common clients, SIPp among them, write
+/// `sip:host:5060` for a Request-URI `sip:host`; it is the same resource, so nothing is
+/// gained by refusing it); a `user`, `ttl`, `method`, `maddr` or
+/// `transport` parameter present in one must be present and equal in the other (parameter
 /// values case-insensitive); other parameters must be equal where both have them; headers
 /// equal as written. `%` escapes are not decoded (a client writes the same text in both
 /// places). Anything else (a `tel:` URI, a malformed one) must be byte-identical.
@@ -414,9 +417,13 @@ pub fn uri_matches(digest_uri: &str, request_uri: &str) -> bool {
         && a.user == b.user
         && a.password == b.password
         && a.host.eq_ignore_ascii_case(b.host)
-        && a.port == b.port
+        && a.port.unwrap_or(default_port(a.secure)) == b.port.unwrap_or(default_port(b.secure))
         && a.headers == b.headers
         && params_match(&a, &b)
+}
+
+fn default_port(secure: bool) -> u16 {
+    if secure { 5061 } else { 5060 }
 }
 
 /// The parameter rule of RFC 3261 §19.1.4.
@@ -738,6 +745,9 @@ mod tests {
             ("sip:alice@example.com;lr;x=1", "sip:alice@example.com;X=1"),
             ("sip:[2001:db8::1]:5070", "sip:[2001:db8::1]:5070"),
             ("tel:+15551234567", "tel:+15551234567"),
+            // The default port, written or not.
+            ("sip:example.com:5060", "sip:example.com"),
+            ("sips:example.com:5061", "sips:example.com"),
         ] {
             assert!(uri_matches(d, r), "{d} vs {r}");
             assert!(uri_matches(r, d), "{r} vs {d}");
@@ -747,8 +757,8 @@ mod tests {
             ("sip:bob@example.com", "sip:alice@example.com"),
             ("sip:Alice@example.com", "sip:alice@example.com"),
             ("sips:example.com", "sip:example.com"),
-            ("sip:example.com:5060", "sip:example.com"),
             ("sip:example.com:5061", "sip:example.com:5060"),
+            ("sip:example.com:5070", "sip:example.com"),
             ("sip:example.com;transport=tcp", "sip:example.com"),
             (
                 "sip:example.com;transport=tcp",
