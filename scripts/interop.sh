@@ -47,6 +47,11 @@ fr_inv_timer = 2
 url = "sqlite://$work/sipedge.db"
 [registrar]
 max_expires = 3600
+[nat]
+# The registered "phone" here is a SIPp scenario that expects only the INVITE: a keepalive
+# OPTIONS to its loopback (private) contact would abort it. Keepalives are tested by
+# nat-test.sh and the e2e tests.
+ping_interval = 0
 [[route]]
 name = "ring"
 user = '^9[0-9]{3}$'
@@ -155,7 +160,10 @@ run register-query     u1 register_query.xml         "$REG_USERS" "$REG_RATE" -i
 callee pbx "$pbx_port" uas.xml 200
 run call-extension     u1 uac_call.xml               200 50 -s 1234
 callee provider "$provider_port" uas.xml 100
-run call-provider-auth u1 uac_call_auth.xml          100 50 -s 15551234567 -inf "$users"
+# The digest uri must be the Request-URI (RFC 7616 §3.4.6); SIPp writes sip:host:port unless
+# -auth_uri (to which it prepends "sip:") says otherwise.
+run call-provider-auth u1 uac_call_auth.xml          100 50 -s 15551234567 -inf "$users" \
+    -auth_uri "15551234567@127.0.0.1:$port"
 # A registered phone: it registers from the port it then answers on (its flow).
 one_user="$work/one_user.csv"; { echo SEQUENTIAL; echo "300000;pw300000"; } > "$one_user"
 "$bin" user import -c "$work/sipedge.toml" "$one_user" >/dev/null
