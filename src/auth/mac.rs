@@ -42,9 +42,11 @@ pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// The key of our Record-Route and branch MACs.
+/// The key of our Record-Route and branch MACs, kept as the HMAC state after the key was
+/// absorbed: each MAC clones it instead of hashing the key blocks again (it runs several times
+/// per call).
 #[derive(Clone)]
-pub struct RouteKey([u8; 32]);
+pub struct RouteKey(Hmac<Sha256>);
 
 impl std::fmt::Debug for RouteKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,16 +57,24 @@ impl std::fmt::Debug for RouteKey {
 impl RouteKey {
     /// Derives the key from the per-install secret (domain-separated from nonce MACs).
     pub fn derive(secret: &NonceKey) -> Self {
-        Self(hmac_sha256(secret.as_bytes(), &[b"sipedge route mac v1"]))
+        Self::from_bytes(hmac_sha256(secret.as_bytes(), &[b"sipedge route mac v1"]))
     }
 
     /// A key from raw bytes (tests).
     pub fn from_bytes(b: [u8; 32]) -> Self {
-        Self(b)
+        // invariant: HMAC accepts keys of any length.
+        #[allow(clippy::expect_used)]
+        let state =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&b).expect("HMAC takes any key length");
+        Self(state)
     }
 
     fn mac_hex(&self, parts: &[&[u8]], len: usize) -> String {
-        let full = hmac_sha256(&self.0, parts);
+        let mut mac = self.0.clone();
+        for p in parts {
+            mac.update(p);
+        }
+        let full: [u8; 32] = mac.finalize().into_bytes().into();
         let mut hex = to_hex(&full[..len / 2]);
         hex.truncate(len);
         hex

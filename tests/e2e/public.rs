@@ -32,18 +32,25 @@ Content-Length: 0\r\n\r\n"
     )
 }
 
+/// The seed's provider route (proxy authentication) to `hop`.
+fn provider_route(hop: SocketAddr) -> String {
+    format!(
+        "[[route]]\nname = \"provider\"\nuser = '^1[0-9]{{10}}$'\nnext_hop = \"{hop}\"\nauth = true\n"
+    )
+}
+
+/// The seed's PBX route (3-4 digits) to `hop`, without media.
+fn pbx_route(hop: SocketAddr) -> String {
+    format!(
+        "[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{hop}\"\nmedia = \"never\"\n"
+    )
+}
+
 #[tokio::test]
 async fn forged_routes_flow_tokens_acks_and_stray_responses_reach_nobody() {
     let victim = Ua::new().await;
     let provider = Ua::new().await;
-    let srv = TestServer::start(
-        "",
-        &format!(
-            "[[route]]\nname = \"provider\"\nuser = '^1[0-9]{{10}}$'\nnext_hop = \"{}\"\nauth = true\n",
-            provider.addr
-        ),
-    )
-    .await;
+    let srv = TestServer::start("", &provider_route(provider.addr)).await;
     let mallory = Ua::new().await;
     let us = format!("sip:127.0.0.1:{}", srv.udp.port());
     let v = victim.addr;
@@ -140,14 +147,7 @@ Call-ID: stray\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
 #[tokio::test]
 async fn a_challenge_is_one_datagram() {
     let provider = Ua::new().await;
-    let srv = TestServer::start(
-        "",
-        &format!(
-            "[[route]]\nname = \"provider\"\nuser = '^1[0-9]{{10}}$'\nnext_hop = \"{}\"\nauth = true\n",
-            provider.addr
-        ),
-    )
-    .await;
+    let srv = TestServer::start("", &provider_route(provider.addr)).await;
     let caller = Ua::new().await;
     let inv = request(
         "INVITE",
@@ -218,6 +218,25 @@ async fn tcp_small_rcvbuf(to: SocketAddr) -> TcpStream {
     sock.connect(to).await.unwrap()
 }
 
+/// An OPTIONS to the server over `s`, answered 200 within 2 s.
+async fn tcp_options_ok(srv: &TestServer, s: &mut TcpStream, id: &str) {
+    let t = request(
+        "OPTIONS",
+        &format!("sip:127.0.0.1:{}", srv.tcp.port()),
+        s.local_addr().unwrap(),
+        id,
+        "",
+    )
+    .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    s.write_all(t.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("no answer over TCP in time")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"SIP/2.0 200"), "{id}");
+}
+
 /// Reads until the server closes the connection; `None` if it stays open past `limit`.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<usize> {
     let deadline = Instant::now() + limit;
@@ -279,21 +298,7 @@ async fn a_peer_that_does_not_read_stalls_nobody_and_is_disconnected() {
     assert!(worst < Duration::from_secs(1), "worst UDP answer {worst:?}");
     // The server still serves TCP to others.
     let mut fresh = TcpStream::connect(srv.tcp).await.unwrap();
-    let t = request(
-        "OPTIONS",
-        &format!("sip:127.0.0.1:{}", srv.tcp.port()),
-        fresh.local_addr().unwrap(),
-        "fresh",
-        "",
-    )
-    .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
-    fresh.write_all(t.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), fresh.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+    tcp_options_ok(&srv, &mut fresh, "fresh").await;
     srv.stop().await;
 }
 
@@ -304,16 +309,6 @@ async fn tcp_connections_per_ip_are_bounded_and_slow_messages_cut_off() {
         "[limits]\ntcp_connections_per_ip = 2\ntcp_message_timeout = 1\n",
     )
     .await;
-    let options = |s: &TcpStream, id: &str| {
-        request(
-            "OPTIONS",
-            &format!("sip:127.0.0.1:{}", srv.tcp.port()),
-            s.local_addr().unwrap(),
-            id,
-            "",
-        )
-        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
-    };
     let mut a = TcpStream::connect(srv.tcp).await.unwrap();
     let mut b = TcpStream::connect(srv.tcp).await.unwrap();
     let mut c = TcpStream::connect(srv.tcp).await.unwrap();
@@ -325,14 +320,7 @@ async fn tcp_connections_per_ip_are_bounded_and_slow_messages_cut_off() {
         "third connection kept"
     );
     for (s, id) in [(&mut a, "a"), (&mut b, "b")] {
-        let t = options(s, id);
-        s.write_all(t.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(buf[..n].starts_with(b"SIP/2.0 200"), "{id}");
+        tcp_options_ok(&srv, s, id).await;
     }
     // Slowloris: half a message, then nothing. Closed after limits.tcp_message_timeout.
     a.write_all(
@@ -352,14 +340,7 @@ async fn tcp_connections_per_ip_are_bounded_and_slow_messages_cut_off() {
     drop(b);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut d = TcpStream::connect(srv.tcp).await.unwrap();
-    let t = options(&d, "d");
-    d.write_all(t.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), d.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+    tcp_options_ok(&srv, &mut d, "d").await;
     srv.stop().await;
 }
 
@@ -368,10 +349,7 @@ async fn pending_transactions_per_source_are_bounded() {
     let pbx = Ua::new().await;
     let srv = TestServer::start(
         "",
-        &format!(
-            "[limits]\ntransactions_per_ip = 2\n[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{}\"\nmedia = \"never\"\n",
-            pbx.addr
-        ),
+        &format!("[limits]\ntransactions_per_ip = 2\n{}", pbx_route(pbx.addr)),
     )
     .await;
     let caller = Ua::new().await;
@@ -407,8 +385,8 @@ async fn outsized_requests_share_a_byte_budget() {
     let srv = TestServer::start(
         "",
         &format!(
-            "[limits]\ntransaction_memory = 200000\n[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{}\"\nmedia = \"never\"\n",
-            pbx.addr
+            "[limits]\ntransaction_memory = 200000\n{}",
+            pbx_route(pbx.addr)
         ),
     )
     .await;
