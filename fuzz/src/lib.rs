@@ -355,7 +355,14 @@ fn relay(data: &[u8]) {
     let caller = ep(1, mode & 1 != 0, if mode & 2 != 0 { 48000 } else { 8000 });
     let callee = ep(2, mode & 4 != 0, if mode & 8 != 0 { 0 } else { 8000 });
     relay
-        .update(t0, id, Side::Caller, &[Some(caller)], false)
+        .update(
+            t0,
+            id,
+            Side::Caller,
+            &[Some(caller)],
+            &[caller.rtp.ip()],
+            false,
+        )
         .expect("update of a known session");
     let mut now = t0;
     let mut rest = data.get(1..).unwrap_or(&[]);
@@ -383,7 +390,14 @@ fn relay(data: &[u8]) {
         if sel == 0xff {
             // An answer arrives mid-stream: new SDP, re-latch window.
             relay
-                .update(now, id, Side::Callee, &[Some(callee)], true)
+                .update(
+                    now,
+                    id,
+                    Side::Callee,
+                    &[Some(callee)],
+                    &[callee.rtp.ip()],
+                    true,
+                )
                 .expect("update of a live session");
         }
         if sel == 0xfe {
