@@ -11,13 +11,16 @@ use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::{Config, MediaConfig};
-use crate::media::session::{Limits, Media};
+use crate::driver::{Driver, Server};
+use crate::media::session::{self, Media};
 use crate::nat::keepalive::Pinger;
+use crate::proxy::pipeline::Core;
+use crate::proxy::stateful::Proxy;
 use crate::registrar::location::Location;
 use crate::registrar::service::{Context, Registrar};
 use crate::security::Security;
 use crate::store::{Store, StoreError};
-use crate::transport::server::Server;
+use crate::transport::{Limits, Listeners};
 use sipedge_relay::{IoMode, RelayConfig};
 
 /// Why the server could not start.
@@ -43,7 +46,7 @@ pub enum StartError {
 /// A server ready to run, and its store (to close on shutdown).
 pub struct App {
     pub server: Server,
-    pub proxy: Arc<crate::proxy::stateful::Proxy>,
+    pub proxy: Arc<Proxy>,
     pub store: Store,
     pub location: Arc<Location>,
     pub media: Arc<Media>,
@@ -82,16 +85,17 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
 
     let route_key = RouteKey::derive(&key);
     let security = Arc::new(Security::new(cfg.security.clone(), clock.now()));
-    let mut server = Server::bind(
-        cfg.clone(),
-        Some(location.clone()),
-        clock.clone(),
-        route_key,
-        security.clone(),
-    )
-    .await
-    .map_err(StartError::Bind)?;
-    let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let listen: Vec<_> = cfg
+        .server
+        .listen
+        .iter()
+        .map(|l| (l.proto, l.addr))
+        .collect();
+    let listeners = Listeners::bind(&listen, transport_limits(&cfg))
+        .await
+        .map_err(StartError::Bind)?;
+    let local = listeners.local_addrs().to_vec();
+    let transports = listeners.transports();
     let auth = Arc::new(Authenticator::new(
         cfg.auth.clone(),
         store.clone(),
@@ -99,38 +103,77 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         security.clone(),
         clock.clone(),
     ));
-    server.set_authenticator(auth.clone());
-    let pinger = Pinger::new(
+    let pinger = Arc::new(Pinger::new(
         cfg.clone(),
         location.clone(),
-        server.transports(),
+        transports.clone(),
         store.clone(),
         clock.clone(),
-        server.local_addrs(),
+        &local,
+    ));
+    let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let registrar = Registrar::start(
+        Arc::new(Context {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            location: location.clone(),
+            transports: transports.clone(),
+            auth: auth.clone(),
+            clock: clock.clone(),
+        }),
+        shards,
     );
-    server.set_pinger(Arc::new(pinger));
-    let cfg_media = cfg.media.clone();
-    let clock_media = clock.clone();
-    let ctx = Arc::new(Context {
-        cfg,
-        store: store.clone(),
-        location: location.clone(),
-        transports: server.transports(),
+    let media = start_media(&cfg.media, store.clone(), clock.clone())?;
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        transports.clone(),
+        local.clone(),
+        route_key.clone(),
+        Some(media.clone()),
+    ));
+    let core = Core::new(
+        cfg.clone(),
+        local,
+        Some(location.clone()),
+        clock.clone(),
+        route_key,
+        security.clone(),
+    );
+    let driver = Arc::new(Driver {
+        core,
+        transports,
+        registrar,
+        proxy: proxy.clone(),
         auth,
+        pinger,
         clock,
     });
-    server.set_registrar(Registrar::start(ctx, shards));
-
-    let media = start_media(&cfg_media, store.clone(), clock_media)?;
-    server.proxy().set_media(media.clone());
     Ok(App {
         media,
-        proxy: server.proxy(),
-        server,
+        proxy,
+        server: Server { listeners, driver },
         store,
         location,
         security,
     })
+}
+
+/// What the transport layer needs of the configuration.
+fn transport_limits(cfg: &Config) -> Limits {
+    let l = &cfg.limits;
+    Limits {
+        udp_workers: match cfg.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
+        max_message_size: cfg.server.max_message_size,
+        tcp_idle_timeout: cfg.server.tcp_idle_timeout,
+        tcp_connections: l.tcp_connections,
+        tcp_connections_per_ip: l.tcp_connections_per_ip,
+        tcp_message_timeout: l.tcp_message_timeout,
+        tcp_write_timeout: l.tcp_write_timeout,
+        tcp_send_queue: l.tcp_send_queue,
+    }
 }
 
 /// Starts the relay engine and the task that turns its timeouts into closed calls.
@@ -158,7 +201,7 @@ fn start_media(
     })
     .map_err(StartError::Relay)?;
     info!(%bind, ports = %format!("{}-{}", m.ports.min, m.ports.max), "media relay started");
-    let limits = Limits {
+    let limits = session::Limits {
         max_streams: m.max_streams,
         // A session needs at least two port pairs (one per side): the range bounds it too.
         max_sessions: m.max_sessions.min(m.ports.pairs() / 2).max(1),

@@ -489,21 +489,7 @@ default_via_serde!(
 // ---------------------------------------------------------------------------------------------
 // The validated form.
 
-/// Transport of a listening socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
-    Udp,
-    Tcp,
-}
-
-impl Proto {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Udp => "UDP",
-            Self::Tcp => "TCP",
-        }
-    }
-}
+pub use crate::transport::Proto;
 
 /// One `server.listen` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

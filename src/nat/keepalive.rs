@@ -23,13 +23,12 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::clock::Clock;
-use crate::config::{Config, PingMethod, Proto};
+use crate::config::{Config, PingMethod};
 use crate::nat::detect::is_private;
 use crate::registrar::location::{Binding, Location};
 use crate::sip::{Message, SipUri};
 use crate::store::Store;
-use crate::transport::Outbound;
-use crate::transport::server::Transports;
+use crate::transport::{Proto, Transmit, Transports};
 
 /// How many parts an interval is cut into.
 pub const SLOTS: u32 = 10;
@@ -154,6 +153,9 @@ pub struct Pinger {
     salt: String,
     seq: AtomicU64,
     failures: tokio::sync::Mutex<Failures>,
+    /// Answers received since the pinger last looked (the receive path records them here
+    /// without waiting for the `failures` lock; bounded by `pending`).
+    answers: DashMap<u64, ()>,
     /// Pings answered, for tests and the log.
     answered: AtomicU64,
     sent: AtomicU64,
@@ -189,6 +191,7 @@ impl Pinger {
             salt,
             seq: AtomicU64::new(1),
             failures: tokio::sync::Mutex::new(Failures::default()),
+            answers: DashMap::new(),
             answered: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pending: DashMap::new(),
@@ -205,7 +208,7 @@ impl Pinger {
     }
 
     /// True when `resp` answers one of our pings (and was consumed).
-    pub async fn on_response(&self, resp: &Message) -> bool {
+    pub fn on_response(&self, resp: &Message) -> bool {
         let Some(seq) = resp
             .top_via()
             .ok()
@@ -216,9 +219,20 @@ impl Pinger {
         };
         if self.pending.remove(&seq).is_some() {
             self.answered.fetch_add(1, Ordering::Relaxed);
-            self.failures.lock().await.on_answer(seq);
+            self.answers.insert(seq, ());
         }
         true
+    }
+
+    /// The failure counts, with the answers received meanwhile applied.
+    async fn failures(&self) -> tokio::sync::MutexGuard<'_, Failures> {
+        let mut f = self.failures.lock().await;
+        let answered: Vec<u64> = self.answers.iter().map(|e| *e.key()).collect();
+        for seq in answered {
+            self.answers.remove(&seq);
+            f.on_answer(seq);
+        }
+        f
     }
 
     /// Pings until `shutdown`; does nothing when `nat.ping_interval` is 0.
@@ -255,8 +269,7 @@ impl Pinger {
                 .iter()
                 .map(|b| (b.aor.as_str(), b.contact.as_str()))
                 .collect();
-            self.failures
-                .lock()
+            self.failures()
                 .await
                 .retain(|aor, contact| live.contains(&(aor, contact)));
         }
@@ -276,7 +289,7 @@ impl Pinger {
                 PingMethod::Crlf => b"\r\n\r\n".to_vec(),
             };
             self.sent.fetch_add(1, Ordering::Relaxed);
-            self.transports.send(Outbound {
+            self.transports.send(Transmit {
                 proto: Proto::Udp,
                 local: b.local_socket,
                 dest: b.received,
@@ -286,7 +299,7 @@ impl Pinger {
                 continue;
             }
             self.pending.insert(seq, ());
-            let misses = self.failures.lock().await.on_sent(&b.aor, &b.contact, seq);
+            let misses = self.failures().await.on_sent(&b.aor, &b.contact, seq);
             if misses >= self.cfg.nat.ping_failures {
                 self.unreachable(&b, misses).await;
             }
@@ -305,7 +318,7 @@ impl Pinger {
             .location
             .remove_if_unchanged(&b.aor, &b.contact, b.updated)
         {
-            self.failures.lock().await.forget(&b.aor, &b.contact);
+            self.failures().await.forget(&b.aor, &b.contact);
             if let Err(error) = self
                 .store
                 .save_bindings(&b.aor, &[], std::slice::from_ref(&b.contact))

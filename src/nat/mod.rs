@@ -8,7 +8,7 @@ pub mod keepalive;
 use std::net::SocketAddr;
 
 use crate::sip::{Message, reply};
-use crate::transport::{Outbound, Proto, Source};
+use crate::transport::{Proto, Source, Transmit};
 
 /// Where a response to `req` goes — the one rule every responder uses (local replies,
 /// proxied responses, the registrar): RFC 3261 §18.2.2 (TCP: the connection it came on),
@@ -25,9 +25,9 @@ pub fn response_dest(req: &Message, source: Source, nated: bool) -> SocketAddr {
 }
 
 /// A response to `req` ready to send, by [`response_dest`] with nathelper's tests run here.
-pub fn respond(req: &Message, source: Source, bytes: Vec<u8>) -> Outbound {
+pub fn respond(req: &Message, source: Source, bytes: Vec<u8>) -> Transmit {
     let nated = detect::detect(req, source.remote).is_nated();
-    Outbound {
+    Transmit {
         proto: source.proto,
         local: source.local,
         dest: response_dest(req, source, nated),

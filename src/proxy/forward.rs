@@ -9,8 +9,8 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 
 use crate::auth::mac::{ROUTE_MAC_PARAM, RouteKey};
-use crate::config::Proto;
 use crate::sip::{HeaderName, Message, Rewrite};
+use crate::transport::Proto;
 
 /// Where and how one branch is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +88,22 @@ pub struct Options {
     /// (RFC 3261 §18.2.1, RFC 3581), `rport` even unasked when `force_rport` (a NATed sender).
     pub source: Option<SocketAddr>,
     pub force_rport: bool,
+    /// Our Route header on top is removed (loose routing), or the last one, which became the
+    /// Request-URI (strict-route compatibility), RFC 3261 §16.4.
+    pub route: RouteEdit,
+}
+
+/// What happens to the Route set of a forwarded request (RFC 3261 §16.4, §16.6 step 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteEdit {
+    /// Forwarded as received.
+    #[default]
+    Keep,
+    /// The top Route is ours: removed.
+    PopFirst,
+    /// A strict router put our URI in the Request-URI: the last Route is the remote target
+    /// and is removed.
+    PopLast,
 }
 
 /// The RFC 3261 §16.6 step 8 branch:
@@ -151,7 +167,8 @@ pub fn is_loop(msg: &Message, ours: &[String]) -> bool {
 }
 
 /// A Record-Route or Via host:port for our side.
-fn hostport(l: Local) -> String {
+/// Our Via sent-by for a side: `advertise:port`, IPv6 in brackets.
+pub fn hostport(l: Local) -> String {
     match l.advertise {
         std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", l.port),
         std::net::IpAddr::V4(v4) => format!("{v4}:{}", l.port),
@@ -186,9 +203,11 @@ pub fn record_route_uri(
     format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
 }
 
-/// Builds the forwarded request. `max_forwards` is the received value (already checked to be
-/// above 0 by sanity), `inbound` our side where the request arrived, `outbound` the side it
-/// leaves on, `branch` from [`branch_id`], `key` signs our Record-Route.
+/// Builds the forwarded request in one rewrite of the received bytes. `max_forwards` is the
+/// received value (already checked to be above 0 by sanity), `inbound` our side where the
+/// request arrived, `outbound` the side it leaves on, `branch` from [`branch_id`], `key`
+/// signs our Record-Route, `body` replaces the body (the relay's SDP).
+#[allow(clippy::too_many_arguments)]
 pub fn request(
     msg: &Message,
     target: &Target,
@@ -197,8 +216,18 @@ pub fn request(
     branch: &str,
     opts: Options,
     key: &RouteKey,
+    body: Option<Vec<u8>>,
 ) -> Vec<u8> {
     let mut rw = Rewrite::new(msg);
+    // A Route that does not parse was refused by the routing already; nothing to pop then.
+    let _ = match opts.route {
+        RouteEdit::Keep => Ok(()),
+        RouteEdit::PopFirst => rw.pop_route(),
+        RouteEdit::PopLast => rw.pop_last_route(),
+    };
+    if let Some(body) = body {
+        rw.replace_body(body);
+    }
     if let (Some(new), Some(span)) = (&target.ruri, msg.request_uri_span()) {
         rw.replace_span(span, new);
     }
@@ -278,6 +307,7 @@ Content-Length: 0\r\n\r\n";
             callee_flow: None,
             source: None,
             force_rport: false,
+            route: RouteEdit::Keep,
         }
     }
 
@@ -331,6 +361,7 @@ Content-Length: 0\r\n\r\n";
             &branch,
             opts(true, true, true, 10),
             &key(),
+            None,
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         assert_eq!(f.request_uri(), Some("sip:1001@10.9.9.9:5070"));
@@ -364,6 +395,7 @@ Content-Length: 0\r\n\r\n";
             &branch,
             opts(false, false, false, 70),
             &key(),
+            None,
         );
         let back = String::from_utf8(out).unwrap().replacen(
             "Via: ",
@@ -417,6 +449,7 @@ Content-Length: 0\r\n\r\n";
             "z9hG4bKx",
             opts(true, false, false, 70),
             &key(),
+            None,
         );
         let f = Message::parse(&out, Framing::Datagram).unwrap();
         let rr = f.route_set(HeaderName::RecordRoute).unwrap();

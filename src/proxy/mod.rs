@@ -6,3 +6,4 @@ pub mod pipeline;
 pub mod response;
 pub mod sanity;
 pub mod stateful;
+pub mod txn;

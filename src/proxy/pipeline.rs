@@ -20,7 +20,7 @@ use crate::registrar::location::Location;
 use crate::registrar::service::Job;
 use crate::security::Security;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
-use crate::transport::{Outbound, Proto, Source};
+use crate::transport::{Proto, Source, Transmit};
 
 /// Methods sipedge knows (RFC 3261 and the extensions a proxy meets); others get 501 when
 /// addressed to us (RFC 3261 §8.2.1).
@@ -48,7 +48,7 @@ const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, PRACK, UPDATE,
 #[derive(Debug)]
 pub enum Dispatch {
     /// Send this (a local reply).
-    Send(Outbound),
+    Send(Transmit),
     /// Hand this REGISTER for one of our domains to the registrar.
     Register(Box<Job>),
     /// A well-formed request: transaction matching, then [`Core::route`].
@@ -59,8 +59,8 @@ pub enum Dispatch {
     Nothing,
 }
 
-impl From<Option<Outbound>> for Dispatch {
-    fn from(o: Option<Outbound>) -> Self {
+impl From<Option<Transmit>> for Dispatch {
+    fn from(o: Option<Transmit>) -> Self {
         o.map_or(Self::Nothing, Self::Send)
     }
 }
@@ -69,7 +69,7 @@ impl From<Option<Outbound>> for Dispatch {
 #[derive(Debug)]
 pub enum Routed {
     /// Answer locally.
-    Reply(Outbound),
+    Reply(Transmit),
     /// Forward along this plan.
     Forward(Box<Plan>),
     /// Nothing to do (an ACK for us).
@@ -222,7 +222,11 @@ impl Core {
 
     /// Handles one received message; returns what the I/O side must do. The first step is
     /// the per-source rate limit and ban check ([`Security::allow`]).
-    pub fn handle(&self, bytes: &[u8], source: Source, framing: Framing) -> Dispatch {
+    pub fn handle(&self, bytes: &[u8], source: Source) -> Dispatch {
+        let framing = match source.proto {
+            Proto::Udp => Framing::Datagram,
+            Proto::Tcp => Framing::Stream,
+        };
         // Floods and banned sources: dropped unread and unanswered (Kamailio pike).
         if !self.security.allow(source.remote, self.clock.now()) {
             return Dispatch::Nothing;
@@ -596,7 +600,7 @@ impl Core {
         status: u16,
         reason: &str,
         extra: &[(&str, &str)],
-    ) -> Outbound {
+    ) -> Transmit {
         let bytes = reply::response(msg, source.remote, status, reason, extra);
         crate::nat::respond(msg, source, bytes)
     }
@@ -684,7 +688,7 @@ mod tests {
 From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
         );
         let c = core();
-        let out = match c.handle(text.as_bytes(), src(), Framing::Datagram) {
+        let out = match c.handle(text.as_bytes(), src()) {
             Dispatch::Send(out) => out,
             Dispatch::Register(_) => return Ok(Some(0)),
             Dispatch::Nothing | Dispatch::Response(..) => return Ok(None),

@@ -1,51 +1,48 @@
-//! The stateful proxy (RFC 3261 §16 with §17 transactions): one task per received request
-//! owns its server transaction, a client transaction per branch and the response context.
-//! The tables here only route events (retransmissions, ACKs, CANCELs, responses) to the task
-//! that owns the transaction.
+//! The stateful proxy's I/O shell (RFC 3261 §16 with §17 transactions): one task per
+//! received request owns its [`ProxyTxn`] (the sans-IO core in [`super::txn`]); the tables
+//! here route events (retransmissions, ACKs, CANCELs, responses) to the task that owns the
+//! transaction. Also here: proxy authentication and name resolution before a request gets
+//! its task, the limits on transactions, stray responses, and stateless ACK forwarding.
 //!
 //! The protocol decisions are pure and live elsewhere: routing in [`super::pipeline`], the
-//! forwarded bytes in [`super::forward`], best-response selection in [`super::response`], the
-//! state machines in [`crate::transaction`]. This file moves events between them and the
-//! sockets.
+//! per-request state in [`super::txn`], the forwarded bytes in [`super::forward`],
+//! best-response selection in [`super::response`], the state machines in
+//! [`crate::transaction`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::forward::{self, Local, Options, Target};
+use super::forward;
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
-use super::response::{Final, ResponseContext};
+use super::txn::{self, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
-use crate::config::{Config, MediaMode, Proto};
-use crate::media::session::Media;
+use crate::config::Config;
+use crate::media::session::{Media, Refused};
 use crate::sip::{Framing, Message, Rewrite, reply};
-use crate::transaction::{
-    ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey, cancel_for, client_key,
-    invite_key_for_cancel, server_key,
-};
-use crate::transport::server::Transports;
-use crate::transport::{Outbound, Source};
+use crate::transaction::{Timers, TxnKey, client_key, invite_key_for_cancel, server_key};
+use crate::transport::{Proto, Source, Transmit, Transports};
 
 /// Events queued per transaction task (a retransmission storm beyond this waits).
 const EVENTS: usize = 8;
 
-/// What the owning task is told.
+/// What the owning task is told (the core's [`Input`], with the response boxed: the channel
+/// allocates its slots in blocks, and every transaction has a channel).
 #[derive(Debug)]
-enum Event {
+enum Post {
     /// The request was received again.
     Retransmission,
     /// The ACK for our non-2xx final.
     Ack,
     /// The caller cancelled (a 200 for the CANCEL was already sent).
     Cancel,
-    /// A response for branch `idx`, or for the CANCEL sent on that branch. Boxed: the
-    /// channel allocates its slots in blocks, and every transaction has a channel.
+    /// A response for branch `idx`, or for the CANCEL sent on that branch.
     Response {
         idx: usize,
         cancel: bool,
@@ -57,17 +54,14 @@ enum Event {
 pub struct Proxy {
     cfg: Arc<Config>,
     transports: Arc<Transports>,
-    /// Our sockets, to pick the outgoing one and write Via/Record-Route.
-    local: Vec<(Proto, SocketAddr)>,
-    timers: Timers,
+    /// What every request's core needs (sockets, timers, the route key).
+    ctx: txn::Context,
     /// Server transactions by key.
-    server: DashMap<TxnKey, mpsc::Sender<Event>>,
+    server: DashMap<TxnKey, mpsc::Sender<Post>>,
     /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
-    client: DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
-    /// The media relay side, when enabled (set once at start).
-    media: OnceLock<Arc<Media>>,
-    /// Signs our Record-Route and branches.
-    key: RouteKey,
+    client: DashMap<TxnKey, (mpsc::Sender<Post>, usize, bool)>,
+    /// The media relay side, when enabled.
+    media: Option<Arc<Media>>,
     /// Transactions in flight per source IP (`limits.transactions_per_ip`).
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// Bytes of outsized messages held by live transactions (`limits.transaction_memory`).
@@ -93,21 +87,28 @@ impl Proxy {
         transports: Arc<Transports>,
         local: Vec<(Proto, SocketAddr)>,
         key: RouteKey,
+        media: Option<Arc<Media>>,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
             fr_inv: cfg.server.fr_inv_timer,
             ..Timers::default()
         };
+        let ctx = txn::Context {
+            timers,
+            local,
+            advertise: cfg.server.advertise,
+            max_forwards: cfg.server.max_forwards,
+            key,
+            media: media.is_some(),
+        };
         Self {
-            media: OnceLock::new(),
+            media,
             cfg,
             transports,
-            local,
-            timers,
+            ctx,
             server: DashMap::new(),
             client: DashMap::new(),
-            key,
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
             stats: ProxyStats::default(),
@@ -121,7 +122,7 @@ impl Proxy {
 
     /// Hands an event to a transaction task without waiting: a task whose queue is full is
     /// busy with a storm of retransmissions, and the peer will send this one again.
-    fn post(&self, tx: &mpsc::Sender<Event>, event: Event) {
+    fn post(&self, tx: &mpsc::Sender<Post>, event: Post) {
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
             self.stats.events_dropped.fetch_add(1, Relaxed);
         }
@@ -152,7 +153,7 @@ impl Proxy {
                 nated,
             );
             self.transports.send(out);
-            self.post(&tx, Event::Cancel);
+            self.post(&tx, Post::Cancel);
             return true;
         }
         let Some(key) = server_key(msg) else {
@@ -162,9 +163,9 @@ impl Proxy {
             return false;
         };
         let event = if method == "ACK" {
-            Event::Ack
+            Post::Ack
         } else {
-            Event::Retransmission
+            Post::Retransmission
         };
         self.post(&tx, event);
         true
@@ -182,7 +183,7 @@ impl Proxy {
         if let Some((tx, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
             self.post(
                 &tx,
-                Event::Response {
+                Post::Response {
                     idx,
                     cancel,
                     resp: Box::new(resp),
@@ -218,7 +219,7 @@ impl Proxy {
             .unwrap_or(5060);
         let dest = SocketAddr::new(ip, port);
         let signed = ours.branch().is_some_and(|b| {
-            b.starts_with(forward::BRANCH_PREFIX) && self.key.verify_branch(b, dest)
+            b.starts_with(forward::BRANCH_PREFIX) && self.ctx.key.verify_branch(b, dest)
         });
         if !signed {
             crate::security_event!("stray_response", dest, sip.status = resp.status());
@@ -233,9 +234,9 @@ impl Proxy {
         } else {
             Proto::Udp
         };
-        let out = Outbound {
+        let out = Transmit {
             proto,
-            local: self.socket_for(proto),
+            local: self.ctx.socket_for(proto),
             dest,
             bytes: rw.finish(),
         };
@@ -243,14 +244,9 @@ impl Proxy {
         true
     }
 
-    /// Enables media relaying (once, at start).
-    pub fn set_media(&self, media: Arc<Media>) {
-        let _ = self.media.set(media);
-    }
-
     /// The media side, when enabled.
     pub fn media(&self) -> Option<&Arc<Media>> {
-        self.media.get()
+        self.media.as_ref()
     }
 
     /// Carries out a routing plan for a new request: proxy authentication when the plan asks
@@ -360,12 +356,6 @@ impl Proxy {
         let Some(hop) = plan.targets.first() else {
             return;
         };
-        let target = Target {
-            ruri: hop.ruri.clone(),
-            dest,
-            proto: hop.proto,
-        };
-        let (inbound, outbound) = self.sides(source, hop.proto);
         let sent_by = msg
             .top_via()
             .map(|v| format!("{}:{}", v.host, v.port.unwrap_or(5060)));
@@ -375,38 +365,27 @@ impl Proxy {
             msg.top_via().ok().and_then(|v| v.branch()).unwrap_or(""),
             sent_by.as_deref().unwrap_or(""),
             0,
-            &self.key,
-            self.upstream_dest(msg, source, nated),
+            &self.ctx.key,
+            crate::nat::response_dest(msg, source, nated),
         );
-        let bytes = self.build(
-            msg,
-            &target,
-            inbound,
-            outbound,
-            &branch,
-            plan,
-            false,
-            None,
-            (source.remote, nated),
-        );
-        // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx).
-        let bytes = match self.media.get() {
+        // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx). An
+        // ACK is never refused by media (`Media::offer`): what does not fit goes unchanged.
+        let body = match self.media.as_ref() {
             Some(m) if !msg.body().is_empty() => {
-                match m
-                    .on_request(msg, bytes, "", None, source.remote, None)
+                media_offer(m, msg, "", Role::InDialog, source.remote, None)
                     .await
-                {
-                    Ok(b) => b,
-                    // invariant: an ACK is never refused (`Media::on_request`).
-                    Err(_) => return,
-                }
+                    .ok()
+                    .flatten()
             }
-            _ => bytes,
+            _ => None,
         };
+        let bytes = self
+            .ctx
+            .build(msg, source, hop, dest, &branch, plan, false, nated, body);
         debug!(%dest, "forwarding statelessly");
-        self.transports.send(Outbound {
+        self.transports.send(Transmit {
             proto: hop.proto,
-            local: self.socket_for(hop.proto),
+            local: self.ctx.socket_for(hop.proto),
             dest,
             bytes,
         });
@@ -500,7 +479,8 @@ impl Proxy {
         );
     }
 
-    /// The task owning one proxied request.
+    /// The task owning one proxied request: feeds its [`ProxyTxn`] with the network, its
+    /// timers and the media layer's answers, and carries out what it asks for.
     async fn run(self: Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
         let Reservation {
             key,
@@ -512,330 +492,41 @@ impl Proxy {
         // The per-IP place is held while the request is pending; a transaction that has
         // sent its final only waits out its timers (bounded by the total limit).
         let mut slot = Some(slot);
-        let now = Instant::now();
-        let (plan, dests, strip_proxy_auth, auth_user, local_reply) = match work {
-            Work::Forward {
-                plan,
-                dests,
-                strip_proxy_auth,
-                auth_user,
-            } => (plan, dests, strip_proxy_auth, auth_user, None),
-            Work::Reply(bytes) => (Plan::default(), Vec::new(), false, None, Some(bytes)),
-        };
-        let invite = msg.method() == Some("INVITE");
-        let kind = if invite {
-            Kind::Invite
-        } else {
-            Kind::NonInvite
-        };
-        let mut server = ServerTxn::new(kind, source.proto == Proto::Tcp, self.timers, now);
-        // force_rport: a sender behind NAT is answered at its source port.
-        let nated = if local_reply.is_some() {
-            crate::nat::detect::detect(&msg, source.remote).is_nated()
-        } else {
-            plan.sender_nated
-        };
-        let answered_locally = local_reply.is_some();
-        if let Some(bytes) = local_reply {
-            let status = Message::parse(&bytes, Framing::Datagram)
-                .ok()
-                .and_then(|m| m.status())
-                .unwrap_or(500);
-            server.respond(status, bytes, now);
-        } else if invite {
-            // RFC 3261 §16.2: a proxy answers 100 to an INVITE it will forward.
-            let trying = reply::response(&msg, source.remote, 100, "Trying", &[]);
-            server.respond(100, trying, now);
-        }
-        let incoming_branch = key.branch.clone();
-        let mut branches: Vec<Branch> = Vec::new();
-        // A media limit refused a branch's SDP: its status and headers answer that branch.
-        let mut media_refused: Option<crate::media::session::Refused> = None;
-        for (i, (hop, dest)) in plan.targets.iter().zip(&dests).enumerate() {
-            let branch_id = forward::branch_id(
-                &msg,
-                &incoming_branch,
-                &key.sent_by,
-                i,
-                &self.key,
-                self.upstream_dest(&msg, source, nated),
-            );
-            let target = Target {
-                ruri: hop.ruri.clone(),
-                dest: *dest,
-                proto: hop.proto,
-            };
-            let (inbound, outbound) = self.sides(source, hop.proto);
-            let bytes = self.build(
-                &msg,
-                &target,
-                inbound,
-                outbound,
-                &branch_id,
-                &plan,
-                strip_proxy_auth,
-                hop.flow,
-                (source.remote, nated),
-            );
-            // Media: each branch of an initial INVITE gets its own relay session; requests
-            // inside a relayed dialog go through its session (BYE ends it).
-            let relay = plan
-                .media
-                .map(|mode| relay_decision(mode, plan.sender_nated, hop));
-            let in_dialog = msg.to().ok().and_then(|t| t.tag()).is_some();
-            let bytes = match self.media.get() {
-                Some(m) if relay.is_some() || in_dialog => {
-                    let user = auth_user.as_deref();
-                    let src = source.remote;
-                    match m
-                        .on_request(&msg, bytes, &branch_id, relay, src, user)
-                        .await
-                    {
-                        Ok(b) => b,
-                        // A media limit: this branch is answered locally (below).
-                        Err(why) => {
-                            media_refused = Some(why);
-                            continue;
-                        }
-                    }
-                }
-                _ => bytes,
-            };
-            let Ok(fwd) = Message::parse(&bytes, Framing::Datagram) else {
-                warn!("forwarded request does not parse; branch dropped");
-                continue;
-            };
-            let Some(ck) = server_key(&fwd) else {
-                warn!("forwarded request has no transaction key; branch dropped");
-                continue;
-            };
-            self.client.insert(ck.clone(), (tx.clone(), i, false));
-            let txn = ClientTxn::new(kind, fwd, hop.proto == Proto::Tcp, self.timers, now);
-            branches.push(Branch {
-                relay: relay.or((!in_dialog).then_some(false)),
-                id: branch_id,
-                idx: i,
-                hop: hop.clone(),
-                dest: *dest,
-                key: ck,
-                txn: Some(txn),
-                cancel: None,
-                cancel_pending: false,
-            });
-        }
-        drop(tx);
-        let mut rc = ResponseContext::new(plan.targets.len());
-        for b in &branches {
-            debug!(branch = b.idx, dest = %b.dest, transport = b.hop.proto.as_str(), "forwarding");
-        }
-        if branches.len() < plan.targets.len() {
-            for i in 0..plan.targets.len() {
-                if !branches.iter().any(|b| b.idx == i) {
-                    rc.on_local_final(i, media_refused.map_or(500, |r| r.status()));
-                }
-            }
-        }
-
-        let mut server_done = false;
-        // Media: the initial INVITE's final response was reported; a CANCEL arrived.
-        let mut media_final = false;
-        let mut cancelled = false;
+        let mut bound: Vec<TxnKey> = Vec::new();
+        let mut t = ProxyTxn::new(self.ctx.clone(), msg, source, work, Instant::now());
         loop {
-            let now = Instant::now();
-            // Drain the branches.
-            let mut cancel_others = false;
-            for b in &mut branches {
-                while let Some(a) = b.txn.as_mut().and_then(ClientTxn::poll_action) {
-                    match a {
-                        ClientAction::Send(bytes) => self.send_branch(b, bytes),
-                        ClientAction::PassUp(resp) => {
-                            let status = resp.status().unwrap_or(0);
-                            let resp = match self.media.get() {
-                                // The answering party's SIP comes from where we sent it.
-                                Some(m) if b.relay != Some(false) => {
-                                    m.on_response(&msg, resp, &b.id, b.relay, b.dest).await
-                                }
-                                _ => resp,
-                            };
-                            let first_2xx = invite
-                                && !media_final
-                                && b.relay.is_some()
-                                && (200..300).contains(&status);
-                            if (101..200).contains(&status) && b.cancel_pending {
-                                b.cancel_pending = false;
-                                self.send_cancel(b, &tx_for(&self.client, &b.key), now);
-                            }
-                            let d = rc.on_response(b.idx, resp);
-                            cancel_others |= d.cancel_others;
-                            if let Some(up) = d.forward {
-                                if let Some(bytes) = pop_our_via(&up) {
-                                    server.respond(up.status().unwrap_or(0), bytes, now);
-                                }
-                            }
-                            if first_2xx && let Some(m) = self.media.get() {
-                                media_final = true;
-                                m.on_final(&msg, status, false).await;
-                            }
-                        }
-                        ClientAction::Timeout => {
-                            rc.on_local_final(b.idx, 408);
-                            if b.txn.as_ref().is_some_and(ClientTxn::got_provisional) {
-                                self.send_cancel(b, &tx_for(&self.client, &b.key), now);
-                            }
-                        }
-                        ClientAction::TransportError => rc.on_local_final(b.idx, 503),
-                        ClientAction::Terminated => {
-                            self.client.remove(&b.key);
-                            b.txn = None;
-                        }
-                    }
-                }
-                if let Some(c) = b.cancel.as_mut() {
-                    while let Some(a) = c.poll_action() {
-                        match a {
-                            ClientAction::Send(bytes) => {
-                                let out = Outbound {
-                                    proto: b.hop.proto,
-                                    local: self.socket_for(b.hop.proto),
-                                    dest: b.dest,
-                                    bytes,
-                                };
-                                self.transports.send(out);
-                            }
-                            ClientAction::Terminated => {
-                                if let Some(k) = server_key(c.request()) {
-                                    self.client.remove(&k);
-                                }
-                                b.cancel = None;
-                                break;
-                            }
-                            ClientAction::PassUp(_)
-                            | ClientAction::Timeout
-                            | ClientAction::TransportError => {}
-                        }
-                    }
-                }
-            }
-            if cancel_others {
-                self.cancel_pending(&mut branches, &mut rc, now);
-                continue;
-            }
-            if let Some(best) = rc.conclude().filter(|_| !answered_locally) {
-                let (status, bytes) = match best {
-                    Final::Received(resp) => {
-                        let status = resp.status().unwrap_or(500);
-                        match pop_our_via(&resp) {
-                            Some(b) => (status, b),
-                            // A downstream UA answered with only our Via (it built the response
-                            // from our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it,
-                            // so the caller gets the same status from us.
-                            None => (
-                                status,
-                                reply::response(&msg, source.remote, status, reason(status), &[]),
-                            ),
-                        }
-                    }
-                    Final::Local(status) => {
-                        // Every branch refused by a media limit: its own answer (the 503 → 500
-                        // of RFC 3261 §16.7 step 6 is for a 503 received from downstream).
-                        let status = match media_refused {
-                            Some(r) if branches.is_empty() => r.status(),
-                            _ => status,
-                        };
-                        let extra = media_refused
-                            .filter(|r| r.status() == status)
-                            .map_or(&[][..], |r| r.headers());
-                        let bytes =
-                            reply::response(&msg, source.remote, status, reason(status), extra);
-                        (status, bytes)
-                    }
-                };
-                server.respond(status, bytes, now);
-                if invite
-                    && !media_final
-                    && plan.media.is_some()
-                    && let Some(m) = self.media.get()
-                {
-                    media_final = true;
-                    m.on_final(&msg, status, cancelled).await;
-                }
-            }
-            if server.final_status().is_some() {
-                drop(slot.take());
-            }
-            while let Some(a) = server.poll_action() {
-                match a {
-                    ServerAction::Send(bytes) => {
-                        let out = self.upstream(&msg, source, bytes, nated);
-                        self.transports.send(out);
-                    }
-                    ServerAction::AckTimeout => debug!("no ACK for our final response"),
-                    ServerAction::Terminated => {
-                        // The server side is over: a later copy of the request is new.
-                        server_done = true;
-                        self.server.remove(&key);
-                    }
-                }
-            }
-            let branches_done = branches
-                .iter()
-                .all(|b| b.txn.is_none() && b.cancel.is_none());
-            if server_done && branches_done {
+            self.carry_out(&mut t, &key, &tx, &mut slot, &mut bound)
+                .await;
+            if t.is_done() {
                 break;
             }
-            let deadline = branches
-                .iter()
-                .filter_map(|b| b.txn.as_ref().and_then(ClientTxn::poll_timeout))
-                .chain(
-                    branches
-                        .iter()
-                        .filter_map(|b| b.cancel.as_ref().and_then(ClientTxn::poll_timeout)),
-                )
-                .chain(server.poll_timeout())
-                .min();
-            let event = match deadline {
+            let deadline = t.poll_timeout();
+            let post = match deadline {
                 Some(d) => tokio::select! {
-                    e = rx.recv() => e,
+                    p = rx.recv() => p,
                     () = tokio::time::sleep_until(d) => None,
                 },
                 None => rx.recv().await,
             };
             let now = Instant::now();
-            match event {
-                Some(Event::Retransmission) => server.on_request_retransmission(now),
-                Some(Event::Ack) => server.on_ack(now),
-                Some(Event::Cancel) => {
-                    cancelled = true;
-                    self.cancel_pending(&mut branches, &mut rc, now);
-                }
-                Some(Event::Response { idx, cancel, resp }) => {
-                    if let Some(b) = branches.iter_mut().find(|b| b.idx == idx) {
-                        let t = if cancel {
-                            b.cancel.as_mut()
-                        } else {
-                            b.txn.as_mut()
-                        };
-                        if let Some(t) = t {
-                            t.on_response(*resp, now);
-                        }
-                    }
-                }
-                None => {
-                    server.on_timer(now);
-                    for b in &mut branches {
-                        if let Some(t) = b.txn.as_mut() {
-                            t.on_timer(now);
-                        }
-                        if let Some(c) = b.cancel.as_mut() {
-                            c.on_timer(now);
-                        }
-                    }
-                }
+            match post {
+                Some(Post::Retransmission) => t.handle(now, Input::Retransmission),
+                Some(Post::Ack) => t.handle(now, Input::Ack),
+                Some(Post::Cancel) => t.handle(now, Input::Cancel),
+                Some(Post::Response { idx, cancel, resp }) => t.handle(
+                    now,
+                    Input::Response {
+                        idx,
+                        cancel,
+                        resp: *resp,
+                    },
+                ),
+                None => t.handle_timeout(now),
             }
         }
         self.server.remove(&key);
-        for b in &branches {
-            self.client.remove(&b.key);
+        for k in &bound {
+            self.client.remove(k);
         }
         let (servers, clients) = self.transaction_count();
         debug!(
@@ -845,151 +536,90 @@ impl Proxy {
         );
     }
 
-    /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
-    /// those without one are cancelled when it arrives, or end as 487 if they never answer.
-    fn cancel_pending(&self, branches: &mut [Branch], rc: &mut ResponseContext, now: Instant) {
-        let pending: Vec<(usize, bool)> = rc.pending().collect();
-        for (idx, provisional) in pending {
-            let Some(b) = branches.iter_mut().find(|b| b.idx == idx) else {
-                continue;
-            };
-            if provisional {
-                let tx = tx_for(&self.client, &b.key);
-                self.send_cancel(b, &tx, now);
-            } else {
-                b.cancel_pending = true;
-                rc.on_local_final(idx, 487);
-            }
-        }
-    }
-
-    /// Starts a CANCEL client transaction on a branch (once).
-    fn send_cancel(&self, b: &mut Branch, tx: &Option<mpsc::Sender<Event>>, now: Instant) {
-        if b.cancel.is_some() {
-            return;
-        }
-        let Some(tx) = tx else { return };
-        let Some(txn) = b.txn.as_mut() else { return };
-        // RFC 3261 §9.1: once cancelled, the INVITE waits 64·T1 at most for its final.
-        txn.on_cancel(now);
-        let bytes = cancel_for(txn.request());
-        let Ok(cancel) = Message::parse(&bytes, Framing::Datagram) else {
-            return;
-        };
-        if let Some(k) = server_key(&cancel) {
-            self.client.insert(k, (tx.clone(), b.idx, true));
-        }
-        b.cancel = Some(ClientTxn::new(
-            Kind::NonInvite,
-            cancel,
-            b.hop.proto == Proto::Tcp,
-            self.timers,
-            now,
-        ));
-    }
-
-    fn send_branch(&self, b: &Branch, bytes: Vec<u8>) {
-        self.transports.send(Outbound {
-            proto: b.hop.proto,
-            local: self.socket_for(b.hop.proto),
-            dest: b.dest,
-            bytes,
-        });
-    }
-
-    /// A response to the request, addressed by [`crate::nat::response_dest`].
-    fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>, nated: bool) -> Outbound {
-        Outbound {
-            proto: source.proto,
-            local: source.local,
-            dest: self.upstream_dest(req, source, nated),
-            bytes,
-        }
-    }
-
-    /// Where responses to the request go (bound into our branch MAC).
-    fn upstream_dest(&self, req: &Message, source: Source, nated: bool) -> SocketAddr {
-        crate::nat::response_dest(req, source, nated)
-    }
-
-    /// Our listening socket for a transport (the first one configured).
-    fn socket_for(&self, proto: Proto) -> SocketAddr {
-        self.local
-            .iter()
-            .find(|(p, _)| *p == proto)
-            .or_else(|| self.local.first())
-            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5060)), |(_, a)| *a)
-    }
-
-    /// Our side where the request came in and where it leaves.
-    fn sides(&self, source: Source, out: Proto) -> ((Local, Proto), Local) {
-        let adv = self.cfg.server.advertise;
-        let inbound = Local {
-            advertise: adv,
-            port: source.local.port(),
-        };
-        let outbound = Local {
-            advertise: adv,
-            port: self.socket_for(out).port(),
-        };
-        ((inbound, source.proto), outbound)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn build(
+    /// Sends, updates the tables and performs the media steps the core asks for, until it
+    /// asks for nothing more. Media steps are awaited one by one, before the next input.
+    async fn carry_out(
         &self,
-        msg: &Message,
-        target: &Target,
-        inbound: (Local, Proto),
-        outbound: Local,
-        branch: &str,
-        plan: &Plan,
-        strip_proxy_auth: bool,
-        callee_flow: Option<forward::Flow>,
-        from: (SocketAddr, bool),
-    ) -> Vec<u8> {
-        let mut bytes = forward::request(
-            msg,
-            target,
-            inbound,
-            outbound,
-            branch,
-            Options {
-                record_route: plan.record_route,
-                strip_proxy_auth,
-                nat: plan.nat,
-                max_forwards_cap: self.cfg.server.max_forwards,
-                caller_flow: plan.caller_flow,
-                callee_flow,
-                source: Some(from.0),
-                force_rport: from.1,
-            },
-            &self.key,
-        );
-        if plan.pop_route || plan.strict_route {
-            // Our Route is removed from the forwarded copy (loose routing), or the last one that
-            // became the Request-URI (strict-route compatibility), RFC 3261 §16.4.
-            if let Ok(m) = Message::parse(&bytes, Framing::Datagram) {
-                let mut rw = Rewrite::new(&m);
-                let popped = if plan.strict_route {
-                    rw.pop_last_route()
-                } else {
-                    rw.pop_route()
-                };
-                if popped.is_ok() {
-                    bytes = rw.finish();
+        t: &mut ProxyTxn,
+        key: &TxnKey,
+        tx: &mpsc::Sender<Post>,
+        slot: &mut Option<TxnSlot>,
+        bound: &mut Vec<TxnKey>,
+    ) {
+        loop {
+            while let Some(out) = t.poll_transmit() {
+                self.transports.send(out);
+            }
+            while let Some(e) = t.poll_event() {
+                match e {
+                    TableEvent::Bind { key, idx, cancel } => {
+                        self.client.insert(key.clone(), (tx.clone(), idx, cancel));
+                        bound.push(key);
+                    }
+                    TableEvent::Unbind(k) => {
+                        self.client.remove(&k);
+                    }
+                    TableEvent::Final => drop(slot.take()),
+                    // A later copy of the request is new.
+                    TableEvent::ServerDone => {
+                        self.server.remove(key);
+                    }
+                }
+            }
+            let Some(op) = t.poll_media() else { return };
+            let Some(media) = &self.media else { continue };
+            match op {
+                MediaOp::Offer {
+                    idx,
+                    branch,
+                    role,
+                    auth_user,
+                } => {
+                    let source = t.source();
+                    let r = media_offer(
+                        media,
+                        t.request(),
+                        &branch,
+                        role,
+                        source.remote,
+                        auth_user.as_deref(),
+                    )
+                    .await;
+                    t.handle_offer(Instant::now(), idx, r);
+                }
+                MediaOp::Answer {
+                    idx,
+                    branch,
+                    role,
+                    from,
+                    resp,
+                } => {
+                    let body = media_answer(media, t.request(), &resp, &branch, role, from).await;
+                    t.handle_answer(Instant::now(), idx, resp, body);
+                }
+                MediaOp::Finished { status, cancelled } => {
+                    media.on_final(t.request(), status, cancelled).await;
                 }
             }
         }
-        bytes
+    }
+
+    /// A response to the request, addressed by [`crate::nat::response_dest`].
+    fn upstream(&self, req: &Message, source: Source, bytes: Vec<u8>, nated: bool) -> Transmit {
+        Transmit {
+            proto: source.proto,
+            local: source.local,
+            dest: crate::nat::response_dest(req, source, nated),
+            bytes,
+        }
     }
 }
 
 /// A claimed server transaction, not yet running.
 pub struct Reservation {
     key: TxnKey,
-    tx: mpsc::Sender<Event>,
-    rx: mpsc::Receiver<Event>,
+    tx: mpsc::Sender<Post>,
+    rx: mpsc::Receiver<Post>,
     /// This transaction's place in `limits.transactions_per_ip`, released with its final
     /// response (or the task).
     slot: TxnSlot,
@@ -1002,7 +632,7 @@ pub struct Reservation {
 struct EntryGuard {
     proxy: Arc<Proxy>,
     key: TxnKey,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Post>,
     _charge: MemCharge,
 }
 
@@ -1058,73 +688,6 @@ impl Drop for TxnSlot {
             *n = n.saturating_sub(1);
             *n == 0
         });
-    }
-}
-
-/// What the transaction task does with its request.
-#[derive(Debug)]
-pub enum Work {
-    /// Forward along the plan; `dests[i]` is the resolved address of `plan.targets[i]`.
-    Forward {
-        plan: Plan,
-        dests: Vec<SocketAddr>,
-        strip_proxy_auth: bool,
-        /// The user proxy authentication verified (media sessions count against it).
-        auth_user: Option<String>,
-    },
-    /// Answer with these bytes (a complete response).
-    Reply(Vec<u8>),
-}
-
-/// One branch of a proxied request.
-struct Branch {
-    /// Media: `Some(relayed?)` on a branch of an initial INVITE, `None` inside a dialog.
-    relay: Option<bool>,
-    /// Our branch id (the media session key of an initial INVITE's branch).
-    id: String,
-    idx: usize,
-    hop: Hop,
-    dest: SocketAddr,
-    key: TxnKey,
-    txn: Option<ClientTxn>,
-    /// The CANCEL we sent on this branch.
-    cancel: Option<ClientTxn>,
-    /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
-    cancel_pending: bool,
-}
-
-fn tx_for(
-    client: &DashMap<TxnKey, (mpsc::Sender<Event>, usize, bool)>,
-    key: &TxnKey,
-) -> Option<mpsc::Sender<Event>> {
-    client.get(key).map(|e| e.value().0.clone())
-}
-
-/// A downstream response with our Via removed, ready to go upstream; `None` when no Via would
-/// be left (the response was meant for us, RFC 3261 §16.7 step 3) or it has none.
-fn pop_our_via(resp: &Message) -> Option<Vec<u8>> {
-    if resp.vias().ok()?.len() < 2 {
-        return None;
-    }
-    let mut rw = Rewrite::new(resp);
-    rw.pop_via().ok()?;
-    Some(rw.finish())
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        408 => "Request Timeout",
-        486 => "Busy Here",
-        487 => "Request Terminated",
-        488 => "Not Acceptable Here",
-        500 => "Server Internal Error",
-        503 => "Service Unavailable",
-        _ => match status / 100 {
-            4 => "Client Error",
-            5 => "Server Error",
-            6 => "Global Failure",
-            _ => "Error",
-        },
     }
 }
 
@@ -1197,13 +760,56 @@ pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
     out
 }
 
-/// Whether a branch of an initial INVITE is relayed: `[[route]].media` / `media.mode`, where
-/// `nat` means the caller or this callee is behind NAT (the callee's Contact is not where it
-/// registered from).
-fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
-    match mode {
-        MediaMode::Always => true,
-        MediaMode::Never => false,
-        MediaMode::Nat => caller_nated || hop.flow.is_some(),
-    }
+/// Bridge to the media layer's offer step (until `Media::offer` lands): the SDP body the
+/// forwarded request carries instead of the received one.
+async fn media_offer(
+    media: &Media,
+    req: &Message,
+    branch: &str,
+    role: Role,
+    src: SocketAddr,
+    auth_user: Option<&str>,
+) -> Result<Option<Vec<u8>>, Refused> {
+    let initial = match role {
+        Role::Relay => Some(true),
+        Role::Direct => Some(false),
+        Role::InDialog => None,
+    };
+    let before = req.body();
+    let bytes = media
+        .on_request(
+            req,
+            req.as_bytes().to_vec(),
+            branch,
+            initial,
+            src,
+            auth_user,
+        )
+        .await?;
+    Ok(body_if_changed(before, &bytes))
+}
+
+/// Bridge to the media layer's answer step (until `Media::answer` lands).
+async fn media_answer(
+    media: &Media,
+    req: &Message,
+    resp: &Message,
+    branch: &str,
+    role: Role,
+    from: SocketAddr,
+) -> Option<Vec<u8>> {
+    let initial = match role {
+        Role::Relay => Some(true),
+        Role::Direct => Some(false),
+        Role::InDialog => None,
+    };
+    let out = media
+        .on_response(req, resp.clone(), branch, initial, from)
+        .await;
+    body_if_changed(resp.body(), out.as_bytes())
+}
+
+fn body_if_changed(before: &[u8], after: &[u8]) -> Option<Vec<u8>> {
+    let m = Message::parse(after, Framing::Datagram).ok()?;
+    (m.body() != before).then(|| m.body().to_vec())
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use dashmap::DashMap;
 
-use crate::config::Proto;
+use crate::transport::Proto;
 
 /// One registered contact of an address-of-record.
 #[derive(Debug, Clone, PartialEq)]

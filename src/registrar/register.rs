@@ -263,8 +263,8 @@ fn format_q(q: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Proto;
     use crate::sip::Framing;
+    use crate::transport::Proto;
 
     fn cfg() -> RegistrarConfig {
         RegistrarConfig {

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::sip::{Message, SipUri, reply};
 use crate::store::Store;
 use crate::transport::Source;
-use crate::transport::server::Transports;
+use crate::transport::Transports;
 
 /// REGISTERs waiting per shard before new ones get 503.
 const QUEUE: usize = 1024;

@@ -75,6 +75,63 @@ pub fn response(
     out
 }
 
+/// The reason phrase of a status we send ourselves (RFC 3261 §21 and the extensions we
+/// answer with); an unknown code gets its class's name.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Trying",
+        180 => "Ringing",
+        183 => "Session Progress",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        413 => "Request Entity Too Large",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
+        423 => "Interval Too Brief",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
+        483 => "Too Many Hops",
+        484 => "Address Incomplete",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        513 => "Message Too Large",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        _ => match status / 100 {
+            1 => "Progress",
+            2 => "Success",
+            3 => "Redirection",
+            4 => "Client Error",
+            5 => "Server Error",
+            6 => "Global Failure",
+            _ => "Error",
+        },
+    }
+}
+
+/// The status code of a response we built (`SIP/2.0 404 …` → 404), for log lines; 0 when
+/// the bytes are not a status line.
+pub fn status_of(bytes: &[u8]) -> u16 {
+    bytes
+        .strip_prefix(b"SIP/2.0 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| std::str::from_utf8(code).ok())
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A To-tag that is the same for every retransmission of a request, so that a retransmitted
 /// request gets an identical response (RFC 3261 §8.2.6.2 requires the same tag).
 pub fn local_tag(req: &Message) -> String {

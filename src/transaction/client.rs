@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Class, Deadlines, Kind, Timers};
-use crate::sip::{HeaderName, Message};
+use crate::sip::{Framing, HeaderName, Message};
 
 /// What the driver must do for a client transaction, drained with
 /// [`ClientTxn::poll_action`] in order.
@@ -77,7 +77,11 @@ pub struct ClientTxn {
 /// What both machines share.
 #[derive(Debug)]
 struct Common {
-    request: Message,
+    /// The request exactly as forwarded. Kept as bytes: it is parsed again only to build an
+    /// ACK for a non-2xx final or a CANCEL, so a forwarded request costs no parse here.
+    request: Vec<u8>,
+    /// The ACK for our non-2xx final, built once (its retransmissions are ACKed again).
+    ack: Option<Vec<u8>>,
     reliable: bool,
     timers: Timers,
     got_provisional: bool,
@@ -89,7 +93,17 @@ struct Common {
 impl Common {
     fn send_request(&mut self) {
         self.actions
-            .push_back(ClientAction::Send(self.request.as_bytes().to_vec()));
+            .push_back(ClientAction::Send(self.request.clone()));
+    }
+
+    /// The ACK for a non-2xx final (RFC 3261 §17.1.1.3); `None` if our own request no longer
+    /// parses (it always does: we built it).
+    fn ack(&mut self, resp: &Message) -> Option<Vec<u8>> {
+        if self.ack.is_none() {
+            let req = Message::parse(&self.request, Framing::Datagram).ok()?;
+            self.ack = Some(ack_for(&req, resp));
+        }
+        self.ack.clone()
     }
 
     fn give_up(&mut self, why: ClientAction) {
@@ -109,9 +123,10 @@ enum Machine {
 impl ClientTxn {
     /// `request` is the message exactly as forwarded (our Via on top). Queues `Send(request)`
     /// and arms the first timers.
-    pub fn new(kind: Kind, request: Message, reliable: bool, timers: Timers, now: Instant) -> Self {
+    pub fn new(kind: Kind, request: Vec<u8>, reliable: bool, timers: Timers, now: Instant) -> Self {
         let mut common = Common {
             request,
+            ack: None,
             reliable,
             timers,
             got_provisional: false,
@@ -216,8 +231,14 @@ impl ClientTxn {
     }
 
     /// The request as forwarded.
-    pub fn request(&self) -> &Message {
+    pub fn request(&self) -> &[u8] {
         &self.common.request
+    }
+
+    /// The CANCEL for this request (RFC 3261 §9.1); `None` if the request does not parse.
+    pub fn cancel_request(&self) -> Option<Vec<u8>> {
+        let req = Message::parse(&self.common.request, Framing::Datagram).ok()?;
+        Some(cancel_for(&req))
     }
 
     /// True once a provisional was received (a CANCEL may then be sent, RFC 3261 §9.1).
@@ -335,9 +356,9 @@ impl InviteClient {
             // Completed absorbs its retransmissions for Timer D (0 on reliable transports).
             (S::Calling | S::Proceeding, E::Response(Class::Failure, resp)) => {
                 self.armed.clear_all();
-                let ack = ack_for(&c.request, &resp);
+                let ack = c.ack(&resp);
                 c.actions.push_back(PassUp(resp));
-                c.actions.push_back(Send(ack));
+                c.actions.extend(ack.map(Send));
                 if c.reliable {
                     S::Terminated
                 } else {
@@ -347,7 +368,8 @@ impl InviteClient {
             }
             // §17.1.1.2: a retransmitted final is ACKed again, not passed up.
             (S::Completed, E::Response(Class::Failure, resp)) => {
-                c.actions.push_back(Send(ack_for(&c.request, &resp)));
+                let ack = c.ack(&resp);
+                c.actions.extend(ack.map(Send));
                 S::Completed
             }
             // RFC 6026 §8.4: every 2xx goes up (a proxy forwards every 2xx, §16.7 step 5);
@@ -687,13 +709,20 @@ mod tests {
     fn invite_txn(reliable: bool) -> (ClientTxn, tokio::time::Instant) {
         let t0 = t0();
         let req = forwarded("INVITE", if reliable { "TCP" } else { "UDP" });
-        let mut txn = ClientTxn::new(Kind::Invite, req, reliable, Timers::default(), t0);
+        let mut txn = ClientTxn::new(
+            Kind::Invite,
+            req.as_bytes().to_vec(),
+            reliable,
+            Timers::default(),
+            t0,
+        );
         assert_eq!(labels(&drain(&mut txn)), ["send INVITE"]);
         (txn, t0)
     }
 
     fn resp(txn: &ClientTxn, status: u16) -> Message {
-        Message::parse(&response(txn.request(), status), Framing::Datagram).unwrap()
+        let req = Message::parse(txn.request(), Framing::Datagram).unwrap();
+        Message::parse(&response(&req, status), Framing::Datagram).unwrap()
     }
 
     #[test]
@@ -738,7 +767,13 @@ mod tests {
             fr_inv: Duration::from_secs(10),
             ..Timers::default()
         };
-        let mut txn = ClientTxn::new(Kind::Invite, forwarded("INVITE", "TCP"), true, timers, t0);
+        let mut txn = ClientTxn::new(
+            Kind::Invite,
+            forwarded("INVITE", "TCP").as_bytes().to_vec(),
+            true,
+            timers,
+            t0,
+        );
         drain(&mut txn);
         assert_eq!(txn.poll_timeout(), Some(t0 + ms(10_000)));
         txn.on_timer(t0 + ms(10_000));
@@ -837,7 +872,7 @@ mod tests {
         // Non-INVITE in Trying.
         let mut txn = ClientTxn::new(
             Kind::NonInvite,
-            forwarded("OPTIONS", "UDP"),
+            forwarded("OPTIONS", "UDP").as_bytes().to_vec(),
             false,
             Timers::default(),
             t0,
@@ -895,7 +930,7 @@ mod tests {
         let t0 = t0();
         let mut txn = ClientTxn::new(
             Kind::NonInvite,
-            forwarded("REGISTER", "UDP"),
+            forwarded("REGISTER", "UDP").as_bytes().to_vec(),
             false,
             Timers::default(),
             t0,

@@ -144,7 +144,7 @@ impl Pair {
         let request = forwarded(method, if reliable { "TCP" } else { "UDP" });
         let client_key = server_key(&request);
         assert!(client_key.is_some());
-        let client = ClientTxn::new(kind, request, reliable, timers, t0);
+        let client = ClientTxn::new(kind, request.as_bytes().to_vec(), reliable, timers, t0);
         Self {
             t0,
             now: t0,
@@ -603,7 +603,7 @@ fn non_2xx_final_acked_once_per_copy() {
     assert_eq!(p.server_log(), [(1520 + 5000, Seen::Terminated)]);
 
     // The ACK: same branch and R-URI, the response's To-tag, CSeq ACK, the Route set.
-    let invite = p.client.request();
+    let invite = Message::parse(p.client.request(), Framing::Datagram).unwrap();
     let resp = &p.passed_up[1];
     assert_eq!(resp.status(), Some(486));
     for ack in p.wire.iter().filter(|w| w.label == "ACK") {
@@ -625,7 +625,7 @@ fn non_2xx_final_acked_once_per_copy() {
                 .map(|r| r.uri.to_owned())
                 .collect()
         };
-        assert_eq!(uris(ack), uris(invite));
+        assert_eq!(uris(ack), uris(&invite));
         assert_eq!(uris(ack).len(), 3);
     }
 }

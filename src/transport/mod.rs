@@ -1,14 +1,46 @@
-//! Sockets: UDP and TCP listeners for every `server.listen` entry, the send path, and stream
-//! framing. This layer only moves bytes; every decision is made by [`crate::proxy`].
+//! The bottom layer of the signalling side: sockets, stream framing, the TCP connection
+//! table and the send path. It moves bytes and knows nothing above it: what a message means
+//! is decided by whoever implements [`Receiver`] (the driver, [`crate::driver`]).
+//!
+//! ```text
+//!   bind(listen, Limits) ─► Listeners::run(receiver) ─► Receiver::receive(bytes, Source)
+//!                                                      ▲
+//!   anyone ─► Transports::send(Transmit) ─► UDP socket / per-connection TCP queue (never waits)
+//! ```
 
 pub mod framing;
-pub mod server;
+mod listen;
+mod send;
 mod tcp;
 mod udp;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
-pub use crate::config::Proto;
+pub use listen::Listeners;
+pub use send::{TransportStats, Transports};
+
+/// A transport of SIP (RFC 3261 §18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    /// The Via transport token (`UDP`, `TCP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "UDP",
+            Self::Tcp => "TCP",
+        }
+    }
+
+    /// Whether the transport delivers reliably (no retransmissions, RFC 3261 §17).
+    pub fn is_reliable(self) -> bool {
+        self == Self::Tcp
+    }
+}
 
 /// Where a message came from: the transport, the peer and our socket it arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +54,40 @@ pub struct Source {
 /// through the connection to `dest` (RFC 3261 §18.2.2: responses use the connection the
 /// request came in on).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outbound {
+pub struct Transmit {
     pub proto: Proto,
     pub local: SocketAddr,
     pub dest: SocketAddr,
     pub bytes: Vec<u8>,
+}
+
+/// What the receive loops hand every message to. Called on the loop itself: it must not
+/// wait (anything slow is spawned by the implementation), so that one peer never holds up
+/// the others on the same socket.
+pub trait Receiver: Send + Sync + 'static {
+    /// One complete message: a datagram, or one framed out of a TCP stream.
+    fn receive(&self, bytes: &[u8], source: Source);
+
+    /// Whether a TCP connection from `ip` may be accepted at all (banned sources are not).
+    fn admit(&self, ip: IpAddr) -> bool;
+}
+
+/// What the transport layer is told by the configuration (`[server]`, `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Receive loops per UDP socket.
+    pub udp_workers: usize,
+    /// Largest message; a longer one on a stream gets 513 and the connection closes.
+    pub max_message_size: usize,
+    /// A connection without a complete message for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// Open TCP connections in total, and per source IP.
+    pub tcp_connections: usize,
+    pub tcp_connections_per_ip: usize,
+    /// A message must arrive within this of its first byte (slowloris).
+    pub tcp_message_timeout: Duration,
+    /// A write must drain within this; also the kernel's TCP_USER_TIMEOUT.
+    pub tcp_write_timeout: Duration,
+    /// Bytes queued per TCP connection at most; beyond, the connection is closed.
+    pub tcp_send_queue: usize,
 }

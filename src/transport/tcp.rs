@@ -20,10 +20,18 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::framing::{Frame, FrameError, StreamFramer};
-use super::server::{Conn, Dispatcher};
-use super::{Outbound, Proto, Source};
-use crate::config::LimitsConfig;
+use super::send::Conn;
+use super::{Limits, Proto, Receiver, Source, Transmit, Transports};
 use crate::sip::{Framing, Message, reply};
+
+/// What an accept loop and its connections share.
+pub(super) struct Ctx {
+    pub(super) listener: TcpListener,
+    pub(super) receiver: Arc<dyn Receiver>,
+    pub(super) transports: Arc<Transports>,
+    pub(super) limits: Limits,
+    pub(super) conns: Arc<ConnCount>,
+}
 
 /// Open connections, in total and per source IP.
 #[derive(Debug, Default)]
@@ -40,7 +48,7 @@ struct Admitted {
 
 impl ConnCount {
     /// Takes a place for a connection from `ip`, unless a limit is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &LimitsConfig) -> Option<Admitted> {
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<Admitted> {
         if self.total.fetch_add(1, Relaxed) >= limits.tcp_connections {
             self.total.fetch_sub(1, Relaxed);
             return None;
@@ -69,13 +77,8 @@ impl Drop for Admitted {
     }
 }
 
-pub(super) async fn accept_loop(
-    listener: Arc<TcpListener>,
-    dispatcher: Arc<Dispatcher>,
-    shutdown: watch::Receiver<bool>,
-    count: Arc<ConnCount>,
-) {
-    let local = match listener.local_addr() {
+pub(super) async fn accept_loop(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
+    let local = match ctx.listener.local_addr() {
         Ok(a) => a,
         Err(error) => {
             warn!(%error, "TCP listener has no local address; not accepting");
@@ -86,26 +89,17 @@ pub(super) async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
-            r = listener.accept() => r,
+            r = ctx.listener.accept() => r,
         };
         match accepted {
             Ok((stream, remote)) => {
                 // A banned source gets no connection at all (its frames would be dropped).
-                if dispatcher
-                    .core
-                    .security()
-                    .is_banned(remote.ip(), tokio::time::Instant::now())
-                {
+                if !ctx.receiver.admit(remote.ip()) {
                     continue;
                 }
-                let limits = &dispatcher.core.config().limits;
-                let Some(place) = count.admit(remote.ip(), limits) else {
+                let Some(place) = ctx.conns.admit(remote.ip(), &ctx.limits) else {
                     // Closed at once (dropped): the peer sees a reset, nothing is read.
-                    dispatcher
-                        .transports
-                        .stats()
-                        .tcp_refused
-                        .fetch_add(1, Relaxed);
+                    ctx.transports.stats().tcp_refused.fetch_add(1, Relaxed);
                     crate::security_event!(
                         "tcp_limit",
                         remote,
@@ -121,11 +115,11 @@ pub(super) async fn accept_loop(
                     local: stream.local_addr().unwrap_or(local),
                 };
                 let span = debug_span!("conn", peer.addr = %remote, local.addr = %local);
-                let dispatcher = dispatcher.clone();
+                let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(
                     async move {
-                        connection(stream, source, dispatcher, shutdown).await;
+                        connection(stream, source, &ctx, shutdown).await;
                         // The place is released when the connection is over (or its task
                         // panicked: the drop runs while unwinding).
                         drop(place);
@@ -165,11 +159,10 @@ fn tune(stream: &TcpStream, write_timeout: Duration) {
 async fn connection(
     stream: TcpStream,
     source: Source,
-    dispatcher: Arc<Dispatcher>,
+    ctx: &Ctx,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let cfg = dispatcher.core.config();
-    let limits = &cfg.limits;
+    let limits = &ctx.limits;
     tune(&stream, limits.tcp_write_timeout);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -178,13 +171,13 @@ async fn connection(
         queued: Arc::new(AtomicUsize::new(0)),
         close: Arc::new(Notify::new()),
     };
-    let transports = &dispatcher.transports;
+    let transports = &ctx.transports;
     transports.register_tcp(source.remote, conn.clone());
     debug!("connection open");
 
     let write_timeout = limits.tcp_write_timeout;
     let (queued, close) = (conn.queued.clone(), conn.close.clone());
-    let stats_dispatcher = dispatcher.clone();
+    let stats = ctx.transports.clone();
     let writer = tokio::spawn(
         async move {
             while let Some(bytes) = rx.recv().await {
@@ -198,11 +191,7 @@ async fn connection(
                         break;
                     }
                     Err(_) => {
-                        stats_dispatcher
-                            .transports
-                            .stats()
-                            .tcp_timed_out
-                            .fetch_add(1, Relaxed);
+                        stats.stats().tcp_timed_out.fetch_add(1, Relaxed);
                         debug!(
                             timeout_s = write_timeout.as_secs(),
                             "peer does not read; closing"
@@ -218,9 +207,9 @@ async fn connection(
         .in_current_span(),
     );
 
-    let idle = cfg.server.tcp_idle_timeout;
+    let idle = limits.tcp_idle_timeout;
     let message_timeout = limits.tcp_message_timeout;
-    let mut framer = StreamFramer::new(cfg.server.max_message_size);
+    let mut framer = StreamFramer::new(limits.max_message_size);
     let mut buf = vec![0u8; 16 * 1024];
     // The idle timer restarts on every complete message, not on every byte; a message in
     // progress must complete within `limits.tcp_message_timeout` of its first byte.
@@ -270,7 +259,7 @@ async fn connection(
                 Ok(Some(Frame::Ping)) => {
                     // RFC 5626 §4.4.1: answer a CRLFCRLF ping with a CRLF pong.
                     idle_deadline = Instant::now() + idle;
-                    transports.send(Outbound {
+                    transports.send(Transmit {
                         proto: Proto::Tcp,
                         local: source.local,
                         dest: source.remote,
@@ -279,8 +268,7 @@ async fn connection(
                 }
                 Ok(Some(Frame::Message(bytes))) => {
                     idle_deadline = Instant::now() + idle;
-                    let d = dispatcher.core.handle(&bytes, source, Framing::Stream);
-                    dispatcher.execute(d).await;
+                    ctx.receiver.receive(&bytes, source);
                 }
                 Err(FrameError::TooLarge { size, max }) => {
                     // Answer 513 from the head if it is a request, then close: the rest of
@@ -292,7 +280,7 @@ async fn connection(
                         {
                             let bytes =
                                 reply::response(&msg, source.remote, 513, "Message Too Large", &[]);
-                            transports.send(Outbound {
+                            transports.send(Transmit {
                                 proto: Proto::Tcp,
                                 local: source.local,
                                 dest: source.remote,
@@ -327,12 +315,18 @@ async fn connection(
 mod tests {
     use super::*;
 
-    fn limits(total: usize, per_ip: usize) -> LimitsConfig {
-        let text =
-            format!("[limits]\ntcp_connections = {total}\ntcp_connections_per_ip = {per_ip}\n");
-        crate::config::Config::from_toml(&text, || "127.0.0.1".parse().unwrap())
-            .unwrap()
-            .limits
+    fn limits(total: usize, per_ip: usize) -> Limits {
+        let secs = Duration::from_secs(10);
+        Limits {
+            udp_workers: 1,
+            max_message_size: 65535,
+            tcp_idle_timeout: secs,
+            tcp_connections: total,
+            tcp_connections_per_ip: per_ip,
+            tcp_message_timeout: secs,
+            tcp_write_timeout: secs,
+            tcp_send_queue: 1 << 16,
+        }
     }
 
     #[test]

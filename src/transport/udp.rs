@@ -1,4 +1,4 @@
-//! The UDP receive loop: one datagram in, the core's answer out through the same socket.
+//! The UDP receive loop: one datagram in, handed to the [`Receiver`].
 
 use std::io;
 use std::sync::Arc;
@@ -7,9 +7,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::server::Dispatcher;
-use super::{Proto, Source};
-use crate::sip::Framing;
+use super::{Proto, Receiver, Source};
 
 /// Largest UDP payload; a datagram this long or longer cannot be a complete message anyway.
 const RECV_BUF: usize = 65536;
@@ -17,7 +15,7 @@ const RECV_BUF: usize = 65536;
 /// Receives on `sock` until shutdown. Several of these may run on one socket.
 pub(super) async fn run(
     sock: Arc<UdpSocket>,
-    dispatcher: Arc<Dispatcher>,
+    receiver: Arc<dyn Receiver>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match sock.local_addr() {
@@ -51,8 +49,7 @@ pub(super) async fn run(
             remote,
             local,
         };
-        let d = dispatcher.core.handle(&buf[..n], source, Framing::Datagram);
-        dispatcher.execute(d).await;
+        receiver.receive(&buf[..n], source);
     }
 }
 

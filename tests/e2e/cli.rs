@@ -106,9 +106,11 @@ async fn serve_answers_and_stops_on_sigterm() {
             .next()
             .expect("server exited before listening")
             .unwrap();
-        if let Some(rest) = line.split("addr=Some(").nth(1) {
+        if line.contains("listening")
+            && let Some(rest) = line.split(" addr=").nth(1)
+        {
             break rest
-                .split(')')
+                .split_whitespace()
                 .next()
                 .unwrap()
                 .parse::<std::net::SocketAddr>()

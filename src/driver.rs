@@ -1,0 +1,136 @@
+//! The driver: the one place where the layers meet. It receives every message from the
+//! transport ([`Receiver`]), asks the sans-IO routing core what it is
+//! ([`Core::handle`], [`Core::route`]) and hands it to the service that owns it: the
+//! stateful proxy, the registrar, the keepalive pinger. It also runs the server's lifecycle.
+//!
+//! Built by [`crate::app`] with everything it needs; nothing is set afterwards.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::service::Authenticator;
+use crate::clock::Clock;
+use crate::log::LogLimit;
+use crate::nat::keepalive::Pinger;
+use crate::proxy::pipeline::{Core, Dispatch, Routed};
+use crate::proxy::stateful::Proxy;
+use crate::registrar::service::Registrar;
+use crate::transport::{Listeners, Proto, Receiver, Source, Transports};
+
+/// Every service a received message can go to.
+pub struct Driver {
+    pub core: Core,
+    pub transports: Arc<Transports>,
+    pub registrar: Registrar,
+    pub proxy: Arc<Proxy>,
+    pub auth: Arc<Authenticator>,
+    pub pinger: Arc<Pinger>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Receiver for Driver {
+    fn receive(&self, bytes: &[u8], source: Source) {
+        let d = self.core.handle(bytes, source);
+        self.execute(d);
+    }
+
+    fn admit(&self, ip: IpAddr) -> bool {
+        !self.core.security().is_banned(ip, self.clock.now())
+    }
+}
+
+impl Driver {
+    /// Carries out what the core decided. Never waits: slow work (authentication, name
+    /// resolution, the registrar's store write) runs in tasks of its own.
+    fn execute(&self, d: Dispatch) {
+        match d {
+            Dispatch::Nothing => {}
+            Dispatch::Send(out) => self.transports.send(out),
+            Dispatch::Response(msg, source) => {
+                if self.pinger.on_response(&msg) {
+                    return;
+                }
+                self.proxy.on_response(*msg, source)
+            }
+            Dispatch::Request(msg, source) => {
+                if self.proxy.absorb(&msg, source) {
+                    return;
+                }
+                match self.core.route(&msg, source) {
+                    Routed::Reply(out) => {
+                        debug!(sip.status = %crate::sip::reply::status_of(&out.bytes), "answering locally");
+                        self.transports.send(out);
+                    }
+                    Routed::Absorb => debug!("absorbed"),
+                    Routed::Forward(plan) => {
+                        debug!(?plan, "forward");
+                        let fut = self.proxy.clone().forward(
+                            *msg,
+                            source,
+                            *plan,
+                            Some(self.auth.clone()),
+                            self.clock.unix(),
+                        );
+                        // Authentication and name resolution must not hold up the receive loop.
+                        tokio::spawn(fut.in_current_span());
+                    }
+                }
+            }
+            Dispatch::Register(job) => {
+                if let Err(job) = self.registrar.submit(job) {
+                    // Overload: tell the phone when to retry instead of queueing without bound.
+                    static LOG: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LOG.allow() {
+                        warn!(peer.addr = %job.source.remote, suppressed, "registrar queue full, answering 503");
+                    }
+                    let out = self.core.reply(
+                        &job.msg,
+                        job.source,
+                        503,
+                        "Service Unavailable",
+                        &[("Retry-After", "5")],
+                    );
+                    self.transports.send(out);
+                }
+            }
+        }
+    }
+}
+
+/// Bound listeners and the driver, ready to run.
+pub struct Server {
+    pub(crate) listeners: Listeners,
+    pub(crate) driver: Arc<Driver>,
+}
+
+impl Server {
+    /// The bound addresses, in `server.listen` order (real ports when 0 was configured).
+    pub fn local_addrs(&self) -> &[(Proto, std::net::SocketAddr)] {
+        self.listeners.local_addrs()
+    }
+
+    /// Serves until `shutdown` becomes true, then waits for the loops to finish. The media
+    /// sessions are closed by the caller ([`crate::app::shutdown_media`]), also when this
+    /// does not finish in time.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let pinger = self.driver.pinger.clone();
+        let keepalive = tokio::spawn(
+            pinger
+                .run(shutdown.clone())
+                .instrument(info_span!("keepalive")),
+        );
+        let proxy = self.driver.proxy.clone();
+        let receiver: Arc<dyn Receiver> = self.driver;
+        self.listeners.run(receiver, shutdown).await;
+        let _ = keepalive.await;
+        let (servers, clients) = proxy.transaction_count();
+        info!(
+            transactions.server = servers,
+            transactions.client = clients,
+            "listeners stopped"
+        );
+    }
+}

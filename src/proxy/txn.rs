@@ -1,0 +1,814 @@
+//! One proxied request (RFC 3261 §16), sans-IO in the quinn-proto style: its server
+//! transaction, a client transaction per branch and the CANCEL sent on it, the response
+//! context (forking, best response), CANCEL handling, Timer C / 408, and the media steps of
+//! an initial INVITE.
+//!
+//! [`ProxyTxn`] is a plain struct: it is fed with [`ProxyTxn::handle`],
+//! [`ProxyTxn::handle_timeout`], [`ProxyTxn::handle_offer`] and [`ProxyTxn::handle_answer`]
+//! (each with `now`), and drained with [`ProxyTxn::poll_transmit`],
+//! [`ProxyTxn::poll_media`], [`ProxyTxn::poll_event`] and [`ProxyTxn::poll_timeout`]. It
+//! never reads a clock, a socket or a task: [`super::stateful`] feeds it and carries out what
+//! it returns, and the unit tests drive it on virtual time.
+//!
+//! Media steps are requests to the shell ([`MediaOp`]) whose results come back through
+//! `handle_offer` / `handle_answer`. The shell completes each before it feeds the next input,
+//! so a branch's responses keep their order.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use tokio::time::Instant;
+
+use super::forward::{self, Local, Options, RouteEdit, Target};
+use super::pipeline::{Hop, Plan};
+use super::response::{Final, ResponseContext};
+use crate::auth::mac::RouteKey;
+use crate::config::MediaMode;
+use crate::media::session::Refused;
+use crate::sip::{Message, reply};
+use crate::transaction::{ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey};
+use crate::transport::{Proto, Source, Transmit};
+
+/// What the proxy core needs of the configuration and the sockets, shared by every request.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub timers: Timers,
+    /// Our sockets, to pick the outgoing one and write Via/Record-Route.
+    pub local: Vec<(Proto, SocketAddr)>,
+    /// The address written into Via and Record-Route.
+    pub advertise: std::net::IpAddr,
+    /// `server.max_forwards`.
+    pub max_forwards: u8,
+    /// Signs our Record-Route and branches.
+    pub key: RouteKey,
+    /// Whether a media relay is running (else no [`MediaOp`] is ever asked for).
+    pub media: bool,
+}
+
+impl Context {
+    /// Our listening socket for a transport (the first one configured).
+    pub fn socket_for(&self, proto: Proto) -> SocketAddr {
+        self.local
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .or_else(|| self.local.first())
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5060)), |(_, a)| *a)
+    }
+
+    /// Our side where a request came in, and where it leaves over `out`.
+    pub fn sides(&self, source: Source, out: Proto) -> ((Local, Proto), Local) {
+        let inbound = Local {
+            advertise: self.advertise,
+            port: source.local.port(),
+        };
+        let outbound = Local {
+            advertise: self.advertise,
+            port: self.socket_for(out).port(),
+        };
+        ((inbound, source.proto), outbound)
+    }
+
+    /// The bytes of one forwarded copy of `msg`: one rewrite of the received message (Route,
+    /// Request-URI, Max-Forwards, Record-Route, Via, credentials, body).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        &self,
+        msg: &Message,
+        source: Source,
+        hop: &Hop,
+        dest: SocketAddr,
+        branch: &str,
+        plan: &Plan,
+        strip_proxy_auth: bool,
+        force_rport: bool,
+        body: Option<Vec<u8>>,
+    ) -> Vec<u8> {
+        let target = Target {
+            ruri: hop.ruri.clone(),
+            dest,
+            proto: hop.proto,
+        };
+        let (inbound, outbound) = self.sides(source, hop.proto);
+        let route = if plan.strict_route {
+            RouteEdit::PopLast
+        } else if plan.pop_route {
+            RouteEdit::PopFirst
+        } else {
+            RouteEdit::Keep
+        };
+        let opts = Options {
+            record_route: plan.record_route,
+            strip_proxy_auth,
+            nat: plan.nat,
+            max_forwards_cap: self.max_forwards,
+            caller_flow: plan.caller_flow,
+            callee_flow: hop.flow,
+            source: Some(source.remote),
+            force_rport,
+            route,
+        };
+        forward::request(
+            msg, &target, inbound, outbound, branch, opts, &self.key, body,
+        )
+    }
+}
+
+/// What the transaction task does with its request.
+#[derive(Debug)]
+pub enum Work {
+    /// Forward along the plan; `dests[i]` is the resolved address of `plan.targets[i]`.
+    Forward {
+        plan: Plan,
+        dests: Vec<SocketAddr>,
+        strip_proxy_auth: bool,
+        /// The user proxy authentication verified (media sessions count against it).
+        auth_user: Option<String>,
+    },
+    /// Answer with these bytes (a complete response).
+    Reply(Vec<u8>),
+}
+
+/// An input from the network for this request.
+#[derive(Debug)]
+pub enum Input {
+    /// The request was received again.
+    Retransmission,
+    /// The ACK for our non-2xx final.
+    Ack,
+    /// The caller cancelled (a 200 for the CANCEL was already sent).
+    Cancel,
+    /// A response for branch `idx`, or for the CANCEL sent on that branch.
+    Response {
+        idx: usize,
+        cancel: bool,
+        resp: Message,
+    },
+}
+
+/// How a branch's requests and responses relate to media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A branch of an initial INVITE whose media goes through the relay.
+    Relay,
+    /// A branch of an initial request whose media (if any) flows end to end.
+    Direct,
+    /// A request inside a dialog: relayed when its dialog is.
+    InDialog,
+}
+
+/// A media step the shell performs, then reports back.
+#[derive(Debug)]
+pub enum MediaOp {
+    /// The SDP of the request on branch `idx` (the received request,
+    /// [`ProxyTxn::request`]); report with [`ProxyTxn::handle_offer`].
+    Offer {
+        idx: usize,
+        branch: String,
+        role: Role,
+        auth_user: Option<String>,
+    },
+    /// A response on branch `idx` on its way upstream; report with
+    /// [`ProxyTxn::handle_answer`], giving `resp` back.
+    Answer {
+        idx: usize,
+        branch: String,
+        role: Role,
+        /// Where the answering party's SIP came from (where we sent the request).
+        from: SocketAddr,
+        resp: Message,
+    },
+    /// The final response of an initial INVITE went upstream. Nothing to report.
+    Finished { status: u16, cancelled: bool },
+}
+
+/// A change to the proxy's transaction tables.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Responses with this key belong to branch `idx` (`cancel`: to the CANCEL sent on it).
+    Bind {
+        key: TxnKey,
+        idx: usize,
+        cancel: bool,
+    },
+    /// This client key is over.
+    Unbind(TxnKey),
+    /// The final response is sent: the request no longer counts as pending
+    /// (`limits.transactions_per_ip`).
+    Final,
+    /// The server transaction is over: a later copy of the request is a new request.
+    ServerDone,
+}
+
+/// Where a branch is.
+#[derive(Debug)]
+enum Leg {
+    /// Its request waits for the media offer.
+    Offering,
+    /// Forwarded: its client transaction runs.
+    Sent { txn: Box<ClientTxn>, key: TxnKey },
+    /// Its client transaction terminated, or it was never sent (refused by media).
+    Over,
+}
+
+#[derive(Debug)]
+struct Branch {
+    /// Our branch id (the media session key of an initial INVITE's branch).
+    id: String,
+    hop: Hop,
+    dest: SocketAddr,
+    role: Role,
+    leg: Leg,
+    /// The CANCEL we sent on this branch.
+    cancel: Option<(ClientTxn, TxnKey)>,
+    /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
+    cancel_pending: bool,
+}
+
+/// The state of one proxied request. See the module documentation.
+#[derive(Debug)]
+pub struct ProxyTxn {
+    ctx: Context,
+    msg: Message,
+    source: Source,
+    invite: bool,
+    server: ServerTxn,
+    /// Answer at the sender's source port (force_rport: it is behind NAT).
+    nated: bool,
+    answered_locally: bool,
+    plan: Plan,
+    strip_proxy_auth: bool,
+    auth_user: Option<String>,
+    branches: Vec<Branch>,
+    rc: ResponseContext,
+    /// A media limit refused a branch's SDP: its status and headers answer that branch.
+    media_refused: Option<Refused>,
+    /// The initial INVITE's final response was reported to media.
+    media_final: bool,
+    cancelled: bool,
+    final_reported: bool,
+    server_done: bool,
+    /// Some branch was forwarded (not every one was refused by media).
+    sent_any: bool,
+    transmits: VecDeque<Transmit>,
+    media: VecDeque<MediaOp>,
+    events: VecDeque<Event>,
+}
+
+impl ProxyTxn {
+    /// Starts the request: a 100 Trying for an INVITE (RFC 3261 §16.2), the local answer of
+    /// `Work::Reply`, or a branch per target of `Work::Forward` (those that need a media offer
+    /// first ask for it).
+    pub fn new(ctx: Context, msg: Message, source: Source, work: Work, now: Instant) -> Self {
+        let invite = msg.method() == Some("INVITE");
+        let kind = if invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let server = ServerTxn::new(kind, source.proto.is_reliable(), ctx.timers, now);
+        let (plan, dests, strip_proxy_auth, auth_user, local_reply) = match work {
+            Work::Forward {
+                plan,
+                dests,
+                strip_proxy_auth,
+                auth_user,
+            } => (plan, dests, strip_proxy_auth, auth_user, None),
+            Work::Reply(bytes) => (Plan::default(), Vec::new(), false, None, Some(bytes)),
+        };
+        // force_rport: a sender behind NAT is answered at its source port.
+        let nated = if local_reply.is_some() {
+            crate::nat::detect::detect(&msg, source.remote).is_nated()
+        } else {
+            plan.sender_nated
+        };
+        let mut t = Self {
+            ctx,
+            invite,
+            server,
+            nated,
+            answered_locally: local_reply.is_some(),
+            strip_proxy_auth,
+            auth_user,
+            branches: Vec::new(),
+            rc: ResponseContext::new(plan.targets.len()),
+            plan,
+            media_refused: None,
+            media_final: false,
+            cancelled: false,
+            final_reported: false,
+            server_done: false,
+            sent_any: false,
+            transmits: VecDeque::new(),
+            media: VecDeque::new(),
+            events: VecDeque::new(),
+            msg,
+            source,
+        };
+        if let Some(bytes) = local_reply {
+            let status = match reply::status_of(&bytes) {
+                0 => 500,
+                s => s,
+            };
+            t.server.respond(status, bytes, now);
+        } else if invite {
+            let trying = reply::response(&t.msg, source.remote, 100, "Trying", &[]);
+            t.server.respond(100, trying, now);
+        }
+        t.start_branches(&dests, now);
+        t.drive(now);
+        t
+    }
+
+    fn start_branches(&mut self, dests: &[SocketAddr], now: Instant) {
+        let key = crate::transaction::server_key(&self.msg);
+        let (incoming, sent_by) = key
+            .as_ref()
+            .map_or(("", ""), |k| (k.branch.as_str(), k.sent_by.as_str()));
+        let upstream = crate::nat::response_dest(&self.msg, self.source, self.nated);
+        let in_dialog = self.msg.to().ok().and_then(|t| t.tag()).is_some();
+        let bye = self.msg.method() == Some("BYE");
+        let has_body = !self.msg.body().is_empty();
+        let targets = std::mem::take(&mut self.plan.targets);
+        for (i, (hop, dest)) in targets.iter().zip(dests).enumerate() {
+            let id = forward::branch_id(&self.msg, incoming, sent_by, i, &self.ctx.key, upstream);
+            let role = match self.plan.media {
+                Some(mode) if relay_decision(mode, self.plan.sender_nated, hop) => Role::Relay,
+                Some(_) => Role::Direct,
+                None if in_dialog => Role::InDialog,
+                None => Role::Direct,
+            };
+            // Media is asked only where it has something to do: every relayed branch of an
+            // initial INVITE (a late offer still opens the call), and in-dialog requests that
+            // carry a body or end the dialog.
+            let offer = self.ctx.media
+                && match role {
+                    Role::Relay => true,
+                    Role::Direct => false,
+                    Role::InDialog => bye || has_body,
+                };
+            self.branches.push(Branch {
+                id: id.clone(),
+                hop: hop.clone(),
+                dest: *dest,
+                role,
+                leg: Leg::Offering,
+                cancel: None,
+                cancel_pending: false,
+            });
+            if offer {
+                self.media.push_back(MediaOp::Offer {
+                    idx: i,
+                    branch: id,
+                    role,
+                    auth_user: self.auth_user.clone(),
+                });
+            } else {
+                self.send(i, None, now);
+            }
+        }
+        self.plan.targets = targets;
+    }
+
+    /// Forwards branch `idx` (with the relay's SDP when `body` is set).
+    fn send(&mut self, idx: usize, body: Option<Vec<u8>>, now: Instant) {
+        let Some(b) = self.branches.get(idx) else {
+            return;
+        };
+        let bytes = self.ctx.build(
+            &self.msg,
+            self.source,
+            &b.hop,
+            b.dest,
+            &b.id,
+            &self.plan,
+            self.strip_proxy_auth,
+            self.nated,
+            body,
+        );
+        let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
+        let key = TxnKey {
+            branch: b.id.clone(),
+            sent_by: forward::hostport(outbound),
+            method: self.msg.method().unwrap_or_default().to_owned(),
+        };
+        let kind = if self.invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let txn = ClientTxn::new(kind, bytes, b.hop.proto.is_reliable(), self.ctx.timers, now);
+        tracing::debug!(branch = idx, dest = %b.dest, transport = b.hop.proto.as_str(), "forwarding");
+        self.events.push_back(Event::Bind {
+            key: key.clone(),
+            idx,
+            cancel: false,
+        });
+        self.branches[idx].leg = Leg::Sent {
+            txn: Box::new(txn),
+            key,
+        };
+        self.sent_any = true;
+    }
+
+    /// The received request.
+    pub fn request(&self) -> &Message {
+        &self.msg
+    }
+
+    /// Where the request came from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// An input from the network.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Retransmission => self.server.on_request_retransmission(now),
+            Input::Ack => self.server.on_ack(now),
+            Input::Cancel => {
+                self.cancelled = true;
+                self.cancel_pending(now);
+            }
+            Input::Response { idx, cancel, resp } => {
+                if let Some(b) = self.branches.get_mut(idx) {
+                    let txn = match (cancel, &mut b.leg, &mut b.cancel) {
+                        (false, Leg::Sent { txn, .. }, _) => Some(&mut **txn),
+                        (true, _, Some((txn, _))) => Some(txn),
+                        _ => None,
+                    };
+                    if let Some(txn) = txn {
+                        txn.on_response(resp, now);
+                    }
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The deadline of [`ProxyTxn::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.server.on_timer(now);
+        for b in &mut self.branches {
+            if let Leg::Sent { txn, .. } = &mut b.leg {
+                txn.on_timer(now);
+            }
+            if let Some((c, _)) = &mut b.cancel {
+                c.on_timer(now);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The result of [`MediaOp::Offer`] for branch `idx`: the body its request carries
+    /// instead of the received one (`None`: unchanged), or the media limit that refuses it.
+    pub fn handle_offer(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        result: Result<Option<Vec<u8>>, Refused>,
+    ) {
+        if !matches!(self.branches.get(idx).map(|b| &b.leg), Some(Leg::Offering)) {
+            return;
+        }
+        match result {
+            // An ACK is never refused (the media layer forwards it unchanged).
+            Ok(body) => self.send(idx, body, now),
+            Err(why) => {
+                self.media_refused = Some(why);
+                self.branches[idx].leg = Leg::Over;
+                self.rc.on_local_final(idx, why.status());
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The result of [`MediaOp::Answer`]: the response back, and the body it carries upstream
+    /// instead of its own (`None`: unchanged).
+    pub fn handle_answer(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        resp: Message,
+        body: Option<Vec<u8>>,
+    ) {
+        if self.pass_up(idx, resp, body, now) {
+            // A 2xx or 6xx: the other branches are cancelled (RFC 3261 §16.7 step 10).
+            self.cancel_pending(now);
+        }
+        self.drive(now);
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next media step to perform.
+    pub fn poll_media(&mut self) -> Option<MediaOp> {
+        self.media.pop_front()
+    }
+
+    /// The next change to the transaction tables.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`ProxyTxn::handle_timeout`] is due next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.branches
+            .iter()
+            .flat_map(|b| {
+                let txn = match &b.leg {
+                    Leg::Sent { txn, .. } => txn.poll_timeout(),
+                    _ => None,
+                };
+                [txn, b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout())]
+            })
+            .flatten()
+            .chain(self.server.poll_timeout())
+            .min()
+    }
+
+    /// Everything is over: the server transaction and every branch (and its CANCEL).
+    pub fn is_done(&self) -> bool {
+        self.server_done
+            && self.media.is_empty()
+            && self
+                .branches
+                .iter()
+                .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none())
+    }
+
+    /// Runs the branches' and the server transaction's actions until nothing moves.
+    fn drive(&mut self, now: Instant) {
+        loop {
+            let mut cancel_others = false;
+            for idx in 0..self.branches.len() {
+                cancel_others |= self.drain_branch(idx, now);
+                self.drain_cancel(idx);
+            }
+            if cancel_others {
+                self.cancel_pending(now);
+                continue;
+            }
+            break;
+        }
+        if let Some(best) = self.rc.conclude().filter(|_| !self.answered_locally) {
+            self.conclude(best, now);
+        }
+        if self.server.final_status().is_some() && !self.final_reported {
+            self.final_reported = true;
+            self.events.push_back(Event::Final);
+        }
+        while let Some(a) = self.server.poll_action() {
+            match a {
+                ServerAction::Send(bytes) => {
+                    let out = Transmit {
+                        proto: self.source.proto,
+                        local: self.source.local,
+                        dest: crate::nat::response_dest(&self.msg, self.source, self.nated),
+                        bytes,
+                    };
+                    self.transmits.push_back(out);
+                }
+                ServerAction::AckTimeout => tracing::debug!("no ACK for our final response"),
+                ServerAction::Terminated => {
+                    self.server_done = true;
+                    self.events.push_back(Event::ServerDone);
+                }
+            }
+        }
+    }
+
+    /// Drains branch `idx`'s client transaction; true when the other branches must be
+    /// cancelled (a 2xx or 6xx arrived).
+    fn drain_branch(&mut self, idx: usize, now: Instant) -> bool {
+        let mut cancel_others = false;
+        loop {
+            let b = &mut self.branches[idx];
+            let Leg::Sent { txn, key } = &mut b.leg else {
+                return cancel_others;
+            };
+            let Some(action) = txn.poll_action() else {
+                return cancel_others;
+            };
+            match action {
+                ClientAction::Send(bytes) => {
+                    let out = Transmit {
+                        proto: b.hop.proto,
+                        local: self.ctx.socket_for(b.hop.proto),
+                        dest: b.dest,
+                        bytes,
+                    };
+                    self.transmits.push_back(out);
+                }
+                ClientAction::PassUp(resp) => {
+                    let status = resp.status().unwrap_or(0);
+                    if self.ctx.media && b.role != Role::Direct && (101..300).contains(&status) {
+                        // The media layer sees it first; `handle_answer` continues.
+                        self.media.push_back(MediaOp::Answer {
+                            idx,
+                            branch: b.id.clone(),
+                            role: b.role,
+                            from: b.dest,
+                            resp,
+                        });
+                    } else {
+                        cancel_others |= self.pass_up(idx, resp, None, now);
+                    }
+                }
+                ClientAction::Timeout => {
+                    self.rc.on_local_final(idx, 408);
+                    // Timer C (RFC 3261 §16.8): a branch that answered provisionally is
+                    // cancelled; one that never answered is dropped.
+                    if txn.got_provisional() {
+                        self.send_cancel(idx, now);
+                    }
+                }
+                ClientAction::TransportError => self.rc.on_local_final(idx, 503),
+                ClientAction::Terminated => {
+                    let key = key.clone();
+                    b.leg = Leg::Over;
+                    self.events.push_back(Event::Unbind(key));
+                }
+            }
+        }
+    }
+
+    /// Sends what the CANCEL of branch `idx` asks for.
+    fn drain_cancel(&mut self, idx: usize) {
+        let b = &mut self.branches[idx];
+        let Some((c, key)) = &mut b.cancel else {
+            return;
+        };
+        while let Some(a) = c.poll_action() {
+            match a {
+                ClientAction::Send(bytes) => self.transmits.push_back(Transmit {
+                    proto: b.hop.proto,
+                    local: self.ctx.socket_for(b.hop.proto),
+                    dest: b.dest,
+                    bytes,
+                }),
+                ClientAction::Terminated => {
+                    self.events.push_back(Event::Unbind(key.clone()));
+                    b.cancel = None;
+                    return;
+                }
+                ClientAction::PassUp(_) | ClientAction::Timeout | ClientAction::TransportError => {}
+            }
+        }
+    }
+
+    /// A response of branch `idx` goes through the response context (after media, with the
+    /// relay's SDP in `body`). True when the other branches must be cancelled.
+    fn pass_up(&mut self, idx: usize, resp: Message, body: Option<Vec<u8>>, now: Instant) -> bool {
+        let status = resp.status().unwrap_or(0);
+        let Some(b) = self.branches.get_mut(idx) else {
+            return false;
+        };
+        let first_2xx = self.invite
+            && !self.media_final
+            && b.role != Role::Direct
+            && self.ctx.media
+            && (200..300).contains(&status);
+        if (101..200).contains(&status) && b.cancel_pending {
+            b.cancel_pending = false;
+            self.send_cancel(idx, now);
+        }
+        let d = self.rc.on_response(idx, resp);
+        if let Some(up) = d.forward
+            && let Some(bytes) = upstream_copy(&up, body)
+        {
+            self.server.respond(up.status().unwrap_or(0), bytes, now);
+        }
+        if first_2xx {
+            self.media_final = true;
+            self.media.push_back(MediaOp::Finished {
+                status,
+                cancelled: false,
+            });
+        }
+        d.cancel_others
+    }
+
+    /// The best final response goes upstream (RFC 3261 §16.7 step 6).
+    fn conclude(&mut self, best: Final, now: Instant) {
+        let (status, bytes) = match best {
+            Final::Received(resp) => {
+                let status = resp.status().unwrap_or(500);
+                match upstream_copy(&resp, None) {
+                    Some(b) => (status, b),
+                    // A downstream UA answered with only our Via (it built the response from
+                    // our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it, so the
+                    // caller gets the same status from us.
+                    None => (status, self.local_response(status, &[])),
+                }
+            }
+            Final::Local(status) => {
+                // Every branch refused by a media limit: its own answer (the 503 → 500 of
+                // RFC 3261 §16.7 step 6 is for a 503 received from downstream).
+                let status = match self.media_refused {
+                    Some(r) if !self.sent_any => r.status(),
+                    _ => status,
+                };
+                let extra = self
+                    .media_refused
+                    .filter(|r| r.status() == status)
+                    .map_or(&[][..], |r| r.headers());
+                (status, self.local_response(status, extra))
+            }
+        };
+        self.server.respond(status, bytes, now);
+        if self.invite && !self.media_final && self.plan.media.is_some() && self.ctx.media {
+            self.media_final = true;
+            self.media.push_back(MediaOp::Finished {
+                status,
+                cancelled: self.cancelled,
+            });
+        }
+    }
+
+    fn local_response(&self, status: u16, extra: &[(&str, &str)]) -> Vec<u8> {
+        reply::response(
+            &self.msg,
+            self.source.remote,
+            status,
+            reply::reason(status),
+            extra,
+        )
+    }
+
+    /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
+    /// those without one are cancelled when it arrives, or end as 487 if they never answer.
+    fn cancel_pending(&mut self, now: Instant) {
+        let pending: Vec<(usize, bool)> = self.rc.pending().collect();
+        for (idx, provisional) in pending {
+            if provisional {
+                self.send_cancel(idx, now);
+            } else if let Some(b) = self.branches.get_mut(idx) {
+                b.cancel_pending = true;
+                self.rc.on_local_final(idx, 487);
+            }
+        }
+    }
+
+    /// Starts a CANCEL client transaction on branch `idx` (once).
+    fn send_cancel(&mut self, idx: usize, now: Instant) {
+        let b = &mut self.branches[idx];
+        if b.cancel.is_some() {
+            return;
+        }
+        let Leg::Sent { txn, .. } = &mut b.leg else {
+            return;
+        };
+        // RFC 3261 §9.1: once cancelled, the INVITE waits 64·T1 at most for its final.
+        txn.on_cancel(now);
+        let Some(bytes) = txn.cancel_request() else {
+            return;
+        };
+        let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
+        let key = TxnKey {
+            branch: b.id.clone(),
+            sent_by: forward::hostport(outbound),
+            method: "CANCEL".to_owned(),
+        };
+        self.events.push_back(Event::Bind {
+            key: key.clone(),
+            idx,
+            cancel: true,
+        });
+        let c = ClientTxn::new(
+            Kind::NonInvite,
+            bytes,
+            b.hop.proto.is_reliable(),
+            self.ctx.timers,
+            now,
+        );
+        b.cancel = Some((c, key));
+    }
+}
+
+/// A downstream response with our Via removed (and the relay's SDP), ready to go upstream;
+/// `None` when no Via would be left (the response was meant for us, RFC 3261 §16.7 step 3).
+fn upstream_copy(resp: &Message, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    if resp.vias().ok()?.len() < 2 {
+        return None;
+    }
+    let mut rw = crate::sip::Rewrite::new(resp);
+    rw.pop_via().ok()?;
+    if let Some(body) = body {
+        rw.replace_body(body);
+    }
+    Some(rw.finish())
+}
+
+/// Whether a branch of an initial INVITE is relayed: `[[route]].media` / `media.mode`, where
+/// `nat` means the caller or this callee is behind NAT (the callee's Contact is not where it
+/// registered from).
+pub fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
+    match mode {
+        MediaMode::Always => true,
+        MediaMode::Never => false,
+        MediaMode::Nat => caller_nated || hop.flow.is_some(),
+    }
+}
