@@ -272,6 +272,25 @@ pub enum RelayError {
     Io(#[from] std::io::Error),
 }
 
+/// A new session with one side's SDP already set: [`RelayHandle::allocate`] then
+/// [`RelayHandle::update`] in one control message ([`RelayHandle::open`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Open {
+    /// The label of the session (the Call-ID), as in [`RelayHandle::allocate`].
+    pub label: String,
+    /// A session closed first (its ports go back before the new ones are taken): the old
+    /// session of a branch whose re-offer changed its m= lines. Unknown ids are ignored.
+    pub replace: Option<SessionId>,
+    /// The side whose SDP this is.
+    pub side: Side,
+    /// That side's endpoints, one per stream: their count is the number of streams.
+    pub streams: Vec<Option<Endpoint>>,
+    /// Where that side's signalling came from, as in [`RelayHandle::update`].
+    pub sources: Vec<IpAddr>,
+    /// As in [`RelayHandle::update`].
+    pub answered: bool,
+}
+
 /// Requests from the handle to the control thread.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -287,6 +306,10 @@ pub(crate) enum Command {
         sources: Vec<IpAddr>,
         answered: bool,
         reply: oneshot::Sender<Result<(), RelayError>>,
+    },
+    Open {
+        open: Open,
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
     },
     Delete {
         id: SessionId,
@@ -354,6 +377,13 @@ impl RelayHandle {
             reply,
         })
         .await?
+    }
+
+    /// Allocates a session and sets one side's SDP in a single control round trip (the
+    /// first SDP of a call branch); closes `open.replace` first when given. On an error no
+    /// new session exists (the replaced one is closed all the same).
+    pub async fn open(&self, open: Open) -> Result<Allocation, RelayError> {
+        self.call(|reply| Command::Open { open, reply }).await?
     }
 
     /// Closes a session and frees its ports (its sockets are closed when this returns).

@@ -686,3 +686,67 @@ fn invalid_ranges_are_refused() {
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{min}-{max}");
     }
 }
+
+/// `open` allocates and sets the first side's SDP in one request, closes the session it
+/// replaces before taking ports, and leaves nothing behind when it fails.
+#[tokio::test]
+async fn open_allocates_with_the_first_sdp_and_replaces() {
+    // Four pairs: two one-stream sessions.
+    let (relay, _events) = start(config(23200, 23207)).unwrap();
+    let (caller, callee) = (socket().await, socket().await);
+    let caller_ep = endpoint(caller.local_addr().unwrap(), relay_addr(9));
+    let open = |replace, ep: Endpoint| sipedge_relay::Open {
+        label: "open@test".into(),
+        replace,
+        side: Side::Caller,
+        streams: vec![Some(ep)],
+        sources: vec![LOCALHOST],
+        answered: false,
+    };
+    let a = relay.open(open(None, caller_ep)).await.unwrap();
+    let ports = a.streams[0];
+    sdp(
+        &relay,
+        a.id,
+        Side::Callee,
+        endpoint(callee.local_addr().unwrap(), relay_addr(9)),
+        true,
+    )
+    .await;
+    // The callee's packet reaches the caller's SDP address: `open` set it.
+    let p = build_rtp(1, 160, 0xcafe, 160);
+    callee
+        .send_to(&p, relay_addr(ports.callee.rtp))
+        .await
+        .unwrap();
+    let (got, from) = recv(&caller).await;
+    assert_eq!(got, p);
+    assert_eq!(from, relay_addr(ports.caller.rtp));
+
+    // The range is full after a second session; a third replacing the first fits.
+    let b = relay.open(open(None, caller_ep)).await.unwrap();
+    assert!(matches!(
+        relay.open(open(None, caller_ep)).await,
+        Err(RelayError::PortsExhausted)
+    ));
+    let c = relay.open(open(Some(a.id), caller_ep)).await.unwrap();
+    assert!(matches!(
+        relay.query(a.id).await,
+        Err(RelayError::NoSuchSession)
+    ));
+    assert_eq!(relay.counts().await.sessions, 2);
+    // No streams: refused, and no session is left behind.
+    let empty = sipedge_relay::Open {
+        streams: vec![],
+        ..open(None, caller_ep)
+    };
+    assert!(matches!(
+        relay.open(empty).await,
+        Err(RelayError::StreamCount)
+    ));
+    assert_eq!(relay.counts().await.sessions, 2);
+    relay.delete(b.id).await.unwrap();
+    relay.delete(c.id).await.unwrap();
+    assert_eq!(relay.counts().await, Counts::default());
+    relay.shutdown().await;
+}

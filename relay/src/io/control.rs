@@ -19,8 +19,8 @@ use super::worker::{self, LegSockets, WorkerCmd, WorkerConfig, WorkerHandle};
 use crate::forward::Timeouts;
 use crate::ports::PortPool;
 use crate::{
-    Allocation, Closed, Command, Counts, PortPair, RelayConfig, RelayError, RelayHandle, SessionId,
-    SessionStats, StreamPorts,
+    Allocation, Closed, Command, Counts, Endpoint, Open, PortPair, RelayConfig, RelayError,
+    RelayHandle, SessionId, SessionStats, Side, StreamPorts,
 };
 
 /// What the control thread knows about a session.
@@ -194,24 +194,11 @@ impl Control {
                 answered,
                 reply,
             } => {
-                let r = match self.sessions.get(&id) {
-                    None => Err(RelayError::NoSuchSession),
-                    Some(o) if o.streams != streams.len() => Err(RelayError::StreamCount),
-                    Some(o) => {
-                        let w = o.worker;
-                        self.ask(w, |reply| WorkerCmd::Update {
-                            id,
-                            side,
-                            streams,
-                            sources,
-                            answered,
-                            reply,
-                        })
-                        .await
-                        .and_then(|r| r)
-                    }
-                };
+                let r = self.update(id, side, streams, sources, answered).await;
                 let _ = reply.send(r);
+            }
+            Command::Open { open, reply } => {
+                let _ = reply.send(self.open(open).await);
             }
             Command::Delete { id, reply } => {
                 let _ = reply.send(self.delete(id).await);
@@ -252,6 +239,59 @@ impl Control {
         let w = self.workers.get(worker).ok_or(RelayError::Stopped)?;
         w.tx.send(make(tx)).map_err(|_| RelayError::Stopped)?;
         rx.await.map_err(|_| RelayError::Stopped)
+    }
+
+    async fn update(
+        &self,
+        id: SessionId,
+        side: Side,
+        streams: Vec<Option<Endpoint>>,
+        sources: Vec<IpAddr>,
+        answered: bool,
+    ) -> Result<(), RelayError> {
+        match self.sessions.get(&id) {
+            None => Err(RelayError::NoSuchSession),
+            Some(o) if o.streams != streams.len() => Err(RelayError::StreamCount),
+            Some(o) => {
+                let w = o.worker;
+                self.ask(w, |reply| WorkerCmd::Update {
+                    id,
+                    side,
+                    streams,
+                    sources,
+                    answered,
+                    reply,
+                })
+                .await
+                .and_then(|r| r)
+            }
+        }
+    }
+
+    /// Allocate + update in one request (closing `replace` first); a session whose first
+    /// update fails is closed again, so an error leaves no new session behind.
+    async fn open(&mut self, open: Open) -> Result<Allocation, RelayError> {
+        if let Some(old) = open.replace {
+            // Gone already (a timeout) is fine: its report frees the ports.
+            let _ = self.delete(old).await;
+        }
+        let alloc = self.allocate(open.label, open.streams.len()).await?;
+        let r = self
+            .update(
+                alloc.id,
+                open.side,
+                open.streams,
+                open.sources,
+                open.answered,
+            )
+            .await;
+        match r {
+            Ok(()) => Ok(alloc),
+            Err(e) => {
+                let _ = self.delete(alloc.id).await;
+                Err(e)
+            }
+        }
     }
 
     async fn allocate(&mut self, label: String, streams: usize) -> Result<Allocation, RelayError> {
