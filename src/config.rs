@@ -831,13 +831,29 @@ impl Config {
         };
 
         let url = &raw.database.url;
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
+        // (The same schemes as `store::Dialect::from_url`; a backend needs its cargo feature.)
+        let feature = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(("postgres", cfg!(feature = "postgres")))
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Some(("mysql", cfg!(feature = "mysql")))
+        } else if url.starts_with("sqlite:") {
+            None
+        } else {
             return Err(invalid(
                 "database.url",
-                format!("{url:?} is neither sqlite://PATH nor postgres://USER@HOST/DB"),
+                format!(
+                    "{url:?} is none of sqlite://PATH, postgres://USER@HOST/DB, \
+                     mysql://USER@HOST/DB, mariadb://USER@HOST/DB"
+                ),
+            ));
+        };
+        if let Some((feature, false)) = feature {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "needs the `{feature}` cargo feature, which this sipedge was built without \
+                     (cargo build --release --features {feature})"
+                ),
             ));
         }
 
@@ -1228,8 +1244,10 @@ mod tests {
             PathBuf::from("data/sipedge-cdr.spool"),
             "next to the default database"
         );
-        let pg = parse("[database]\nurl = \"postgres://u:p@db/sipedge\"").unwrap();
-        assert_eq!(pg.media.cdr_spool, PathBuf::from("sipedge-cdr.spool"));
+        if cfg!(feature = "postgres") {
+            let pg = parse("[database]\nurl = \"postgres://u:p@db/sipedge\"").unwrap();
+            assert_eq!(pg.media.cdr_spool, PathBuf::from("sipedge-cdr.spool"));
+        }
         let set = parse("[media]\ncdr_spool = \"/var/spool/sipedge/cdr\"").unwrap();
         assert_eq!(set.media.cdr_spool, PathBuf::from("/var/spool/sipedge/cdr"));
         assert_eq!(cfg.auth.algorithms, vec![DigestAlgorithm::Md5]);
@@ -1381,5 +1399,29 @@ mod tests {
             ("2001:db8::1".into(), 5062)
         );
         assert!(parse_host_port("bad host:5060").is_err());
+    }
+
+    /// `check-config` refuses a database scheme this build cannot open, naming the feature.
+    #[test]
+    fn database_url_schemes_need_their_feature() {
+        assert!(parse("[database]\nurl = \"sqlite://x/y.db\"").is_ok());
+        for (url, feature, compiled) in [
+            ("postgres://u@h/d", "postgres", cfg!(feature = "postgres")),
+            ("postgresql://u@h/d", "postgres", cfg!(feature = "postgres")),
+            ("mysql://u@h/d", "mysql", cfg!(feature = "mysql")),
+            ("mariadb://u@h/d", "mysql", cfg!(feature = "mysql")),
+        ] {
+            match parse(&format!("[database]\nurl = \"{url}\"")) {
+                Ok(_) => assert!(compiled, "{url}"),
+                Err(e) => {
+                    assert!(!compiled, "{url}: {e}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("database.url"), "{msg}");
+                    assert!(msg.contains(&format!("--features {feature}")), "{msg}");
+                }
+            }
+        }
+        let e = parse("[database]\nurl = \"oracle://h/d\"").unwrap_err();
+        assert!(e.to_string().contains("mysql://"), "{e}");
     }
 }

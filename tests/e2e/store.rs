@@ -1,6 +1,7 @@
 //! The store on every backend this build has: SQLite always, PostgreSQL with the `postgres`
 //! feature (then `SIPEDGE_TEST_POSTGRES_URL` must name a database the test may write to;
-//! `.ci/run` starts one). Asserts what is in the database, not what the code meant to write.
+//! `scripts/postgres-test.sh` starts one), MySQL/MariaDB with the `mysql` feature
+//! (`SIPEDGE_TEST_MYSQL_URL`, `scripts/mariadb-test.sh`). Asserts what is in the database, not what the code meant to write.
 
 use sipedge::config::Proto;
 use sipedge::registrar::location::Binding;
@@ -24,6 +25,17 @@ async fn backends() -> Vec<(&'static str, Store)> {
         pg.migrate().await.unwrap();
         pg.reset_for_tests().await.unwrap();
         out.push(("postgres", pg));
+    }
+    #[cfg(feature = "mysql")]
+    {
+        let url = std::env::var("SIPEDGE_TEST_MYSQL_URL").expect(
+            "built with --features mysql: set SIPEDGE_TEST_MYSQL_URL=mysql://USER:PW@HOST/DB \
+             (a scratch database; scripts/mariadb-test.sh creates one)",
+        );
+        let my = Store::connect(&url).await.unwrap();
+        my.migrate().await.unwrap();
+        my.reset_for_tests().await.unwrap();
+        out.push(("mysql", my));
     }
     out
 }
@@ -151,6 +163,44 @@ async fn store_contract_on_every_backend() {
                 .unwrap()
         );
         assert!(store.load_bindings(0).await.unwrap().is_empty(), "{name}");
+
+        // Names compare exactly on every backend (MySQL's default collation would not).
+        let upper = Subscriber {
+            username: "Bob".into(),
+            ..s.clone()
+        };
+        let lower = Subscriber {
+            username: "bob".into(),
+            ..s.clone()
+        };
+        store.add_subscriber(&upper).await.unwrap();
+        store.add_subscriber(&lower).await.unwrap();
+        assert_eq!(store.list_subscribers().await.unwrap().len(), 2, "{name}");
+        assert_eq!(
+            store.subscriber("bob", "example.com").await.unwrap(),
+            Some(lower),
+            "{name}"
+        );
+
+        // Call records: every column written, the summary read back.
+        let cdr = sipedge::store::Cdr {
+            call_id: "call-1@example.com".into(),
+            from_uri: "sip:alice@example.com".into(),
+            to_uri: "sip:bob@example.com".into(),
+            start: 10,
+            answer: None,
+            end: 20,
+            status: 487,
+            reason: "cancel".into(),
+            caller: (5, 800, 1, 2.5),
+            callee: (7, 1120, 0, 0.0),
+        };
+        store.insert_cdr(&cdr).await.unwrap();
+        assert_eq!(
+            store.cdr_summary("call-1@example.com").await.unwrap(),
+            vec![("cancel".to_owned(), 487, 5, 7)],
+            "{name}"
+        );
         store.close().await;
     }
 }

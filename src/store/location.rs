@@ -1,0 +1,158 @@
+//! The `location` table: the registrar's bindings, written through on every change.
+
+use std::net::SocketAddr;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::dialect::Dialect;
+use super::{Store, StoreError, from_i64, text, to_i64};
+use crate::config::Proto;
+use crate::registrar::location::Binding;
+
+const COLS: [&str; 14] = [
+    "aor",
+    "contact",
+    "received",
+    "transport",
+    "local_socket",
+    "instance",
+    "expires",
+    "q",
+    "call_id",
+    "cseq",
+    "user_agent",
+    "path",
+    "instance_urn",
+    "updated",
+];
+const KEY: [&str; 2] = ["aor", "contact"];
+
+/// The table's queries in one dialect.
+#[derive(Debug)]
+pub(super) struct Sql {
+    load: String,
+    upsert: String,
+    delete: String,
+    delete_expired: String,
+}
+
+impl Sql {
+    pub(super) fn new(d: Dialect) -> Self {
+        Self {
+            load: d.sql(&format!(
+                "SELECT {} FROM location WHERE expires > ?",
+                COLS.join(", ")
+            )),
+            upsert: d.upsert("location", &COLS, &KEY, &COLS[KEY.len()..]),
+            delete: d.sql("DELETE FROM location WHERE aor = ? AND contact = ?"),
+            delete_expired: d.sql("DELETE FROM location WHERE expires <= ?"),
+        }
+    }
+}
+
+impl Store {
+    /// Every binding that has not expired at `now`.
+    pub async fn load_bindings(&self, now: u64) -> Result<Vec<Binding>, StoreError> {
+        let rows = sqlx::query(&self.sql.location.load)
+            .bind(to_i64(now))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Writes the new state of one address-of-record in a transaction: `upsert` are inserted
+    /// or replaced, `remove` (contact URIs) deleted.
+    pub async fn save_bindings(
+        &self,
+        aor: &str,
+        upsert: &[Binding],
+        remove: &[String],
+    ) -> Result<(), StoreError> {
+        // The common case, one contact refreshed: a single autocommit statement (a transaction
+        // would cost three more round trips to the database thread).
+        if let ([b], []) = (upsert, remove) {
+            self.upsert_binding(b).execute(&self.pool).await?;
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for contact in remove {
+            sqlx::query(&self.sql.location.delete)
+                .bind(aor)
+                .bind(contact)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for b in upsert {
+            self.upsert_binding(b).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes bindings that expired at or before `now`; returns how many.
+    pub async fn delete_expired(&self, now: u64) -> Result<u64, StoreError> {
+        let r = sqlx::query(&self.sql.location.delete_expired)
+            .bind(to_i64(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// The upsert of one binding, its values in the order of [`COLS`].
+    fn upsert_binding<'q>(
+        &'q self,
+        b: &'q Binding,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        sqlx::query(&self.sql.location.upsert)
+            .bind(&b.aor)
+            .bind(&b.contact)
+            .bind(b.received.to_string())
+            .bind(b.transport.as_str())
+            .bind(b.local_socket.to_string())
+            .bind(&b.instance)
+            .bind(to_i64(b.expires))
+            .bind(f64::from(b.q) / 1000.0)
+            .bind(&b.call_id)
+            .bind(i64::from(b.cseq))
+            .bind(&b.user_agent)
+            .bind(&b.path)
+            .bind(&b.instance_urn)
+            .bind(to_i64(b.updated))
+    }
+}
+
+fn from_row(r: &AnyRow) -> Result<Binding, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt {
+        table: "location",
+        what,
+    };
+    let addr = |col: &str| -> Result<SocketAddr, StoreError> {
+        let v = text(r, col)?;
+        v.parse().map_err(|_| corrupt(format!("{col} = {v:?}")))
+    };
+    let transport = text(r, "transport")?;
+    let transport = match transport.as_str() {
+        "UDP" => Proto::Udp,
+        "TCP" => Proto::Tcp,
+        other => return Err(corrupt(format!("transport = {other:?}"))),
+    };
+    let q: f64 = r.try_get("q")?;
+    Ok(Binding {
+        aor: text(r, "aor")?,
+        contact: text(r, "contact")?,
+        received: addr("received")?,
+        transport,
+        local_socket: addr("local_socket")?,
+        instance: text(r, "instance")?,
+        expires: from_i64(r.try_get("expires")?),
+        // invariant: q is stored from a u16 per-mille value in 0..=1000.
+        q: (q * 1000.0).round().clamp(0.0, 1000.0) as u16,
+        call_id: text(r, "call_id")?,
+        cseq: u32::try_from(r.try_get::<i64, _>("cseq")?).map_err(|_| corrupt("cseq".into()))?,
+        user_agent: text(r, "user_agent")?,
+        path: text(r, "path")?,
+        instance_urn: text(r, "instance_urn")?,
+        updated: from_i64(r.try_get("updated")?),
+    })
+}
