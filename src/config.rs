@@ -489,7 +489,7 @@ default_via_serde!(
 // ---------------------------------------------------------------------------------------------
 // The validated form.
 
-pub use crate::transport::Proto;
+use crate::transport::Proto;
 
 /// One `server.listen` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -714,8 +714,75 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub security: SecurityConfig,
     pub routes: Vec<Route>,
+    /// Where `server.advertise` came from (for the startup warning).
+    advertise_source: AdvertiseSource,
     /// The file with every default and derived value filled in (what `check-config` prints).
     effective: RawConfig,
+}
+
+/// Where `server.advertise` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdvertiseSource {
+    /// Written in the file.
+    Configured,
+    /// The first `server.listen` address that is not 0.0.0.0/::.
+    ListenAddress,
+    /// The host's primary address ([`primary_address`]).
+    PrimaryAddress,
+}
+
+/// What kind of address peers on the internet cannot reach `ip` as, or `None` for a public
+/// (globally routable) one.
+pub fn non_public_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            if v4.is_loopback() {
+                Some("a loopback address")
+            } else if v4.is_private() {
+                Some("a private address (RFC 1918)")
+            } else if a == 100 && (64..128).contains(&b) {
+                Some("a carrier-grade NAT address (RFC 6598)")
+            } else if v4.is_link_local() {
+                Some("a link-local address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                non_public_kind(IpAddr::V4(v4))
+            } else if v6.is_loopback() {
+                Some("a loopback address")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("a unique local address (RFC 4193)")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("a link-local address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The configuration files tried, in this order, when neither `-c` nor `SIPEDGE_CONFIG`
+/// names one: the seed file of a source checkout (relative to the working directory), then
+/// the one a package installs.
+pub const CONFIG_SEARCH_PATH: [&str; 2] = ["config/sipedge.toml", "/etc/sipedge/sipedge.toml"];
+
+/// The configuration file to load: `given` (from `-c` or `SIPEDGE_CONFIG`) as is, even when it
+/// does not exist (the error will name it); else the first of [`CONFIG_SEARCH_PATH`] for which
+/// `exists` is true; `None` when there is none.
+pub fn find_config(given: Option<&Path>, exists: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    match given {
+        Some(p) => Some(p.to_owned()),
+        None => CONFIG_SEARCH_PATH
+            .iter()
+            .map(Path::new)
+            .find(|p| exists(p))
+            .map(Path::to_owned),
+    }
 }
 
 impl Config {
@@ -755,18 +822,24 @@ impl Config {
                 ));
             }
         }
-        let advertise = match &s.advertise {
-            Some(a) => a.parse::<IpAddr>().map_err(|_| {
-                invalid(
-                    "server.advertise",
-                    format!("{a:?} is not an IP address (the public address of this host)"),
-                )
-            })?,
-            None => listen
+        let (advertise, advertise_source) = match &s.advertise {
+            Some(a) => (
+                a.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        "server.advertise",
+                        format!("{a:?} is not an IP address (the public address of this host)"),
+                    )
+                })?,
+                AdvertiseSource::Configured,
+            ),
+            None => match listen
                 .iter()
                 .map(|l| l.addr.ip())
                 .find(|ip| !ip.is_unspecified())
-                .unwrap_or_else(primary),
+            {
+                Some(ip) => (ip, AdvertiseSource::ListenAddress),
+                None => (primary(), AdvertiseSource::PrimaryAddress),
+            },
         };
         if advertise.is_unspecified() {
             return Err(invalid(
@@ -1018,8 +1091,34 @@ impl Config {
             limits,
             security,
             routes,
+            advertise_source,
             effective: raw,
         })
+    }
+
+    /// Where `server.advertise` came from.
+    pub fn advertise_source(&self) -> AdvertiseSource {
+        self.advertise_source
+    }
+
+    /// A warning for the operator when `server.advertise` was not written in the file and the
+    /// address picked is one that peers on the internet cannot reach (private, shared, link-local
+    /// or loopback): every Via and Record-Route would carry it and calls through NAT would fail.
+    /// A loopback `listen` address is taken as deliberate (a test or local setup).
+    pub fn advertise_warning(&self) -> Option<String> {
+        let ip = self.server.advertise;
+        let why = match self.advertise_source {
+            AdvertiseSource::Configured => return None,
+            AdvertiseSource::ListenAddress if ip.is_loopback() => return None,
+            AdvertiseSource::ListenAddress => "the first specific listen address",
+            AdvertiseSource::PrimaryAddress => "the host's primary address",
+        };
+        let kind = non_public_kind(ip)?;
+        Some(format!(
+            "server.advertise is unset, so {why} {ip} is advertised; it is {kind}, which phones \
+             and peers outside this network cannot reach: on a public host set server.advertise \
+             to the public address"
+        ))
     }
 
     /// The effective configuration as TOML: every default and derived value written out.
@@ -1206,11 +1305,33 @@ mod tests {
         }
     }
 
+    /// The seed file with its commented-out `[[route]]` examples switched on.
+    fn seed_with_routes() -> String {
+        let text = include_str!("../config/sipedge.toml");
+        let start = text
+            .find("# [[route]]")
+            .expect("the seed file has route examples");
+        let (head, examples) = text.split_at(start);
+        let examples: String = examples
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        format!("{head}{examples}")
+    }
+
     #[test]
     fn seed_file_is_valid() {
         let text = include_str!("../config/sipedge.toml");
         let cfg = parse(text).unwrap();
         assert_eq!(cfg.server.listen.len(), 2);
+        // A first run: no rule catches the README's first subscriber, 1001.
+        assert!(
+            cfg.routes.is_empty(),
+            "the seed routes are examples, commented out"
+        );
+        // The examples are valid once uncommented.
+        let cfg = parse(&seed_with_routes()).unwrap();
         assert_eq!(cfg.routes.len(), 2);
         assert!(cfg.routes[0].user.is_match("1234"));
         assert!(!cfg.routes[0].user.is_match("12345"));
@@ -1423,5 +1544,66 @@ mod tests {
         }
         let e = parse("[database]\nurl = \"oracle://h/d\"").unwrap_err();
         assert!(e.to_string().contains("mysql://"), "{e}");
+    }
+
+    #[test]
+    fn config_search_order() {
+        let given = Path::new("/srv/my.toml");
+        // -c / SIPEDGE_CONFIG win, even over existing files and when missing themselves.
+        assert_eq!(find_config(Some(given), |_| true), Some(given.to_owned()));
+        assert_eq!(find_config(Some(given), |_| false), Some(given.to_owned()));
+        // Else the checkout's file first, then the package's.
+        assert_eq!(
+            find_config(None, |_| true),
+            Some(PathBuf::from("config/sipedge.toml"))
+        );
+        assert_eq!(
+            find_config(None, |p| p == Path::new("/etc/sipedge/sipedge.toml")),
+            Some(PathBuf::from("/etc/sipedge/sipedge.toml"))
+        );
+        assert_eq!(find_config(None, |_| false), None);
+    }
+
+    #[test]
+    fn advertise_warning_only_for_an_unreachable_address_picked_automatically() {
+        let with_primary = |ip: &str, text: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            Config::from_toml(text, move || ip).unwrap()
+        };
+        // Picked from the default route: private, CGNAT, link-local and loopback warn.
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.9",
+            "192.168.1.20",
+            "100.64.0.1",
+            "169.254.1.1",
+            "127.0.0.1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            let cfg = with_primary(ip, "");
+            assert_eq!(cfg.advertise_source(), AdvertiseSource::PrimaryAddress);
+            let w = cfg
+                .advertise_warning()
+                .unwrap_or_else(|| panic!("{ip}: no warning"));
+            assert!(w.contains(ip) && w.contains("server.advertise"), "{w}");
+        }
+        // A public primary address is fine.
+        for ip in ["203.0.113.10", "2001:db8::10"] {
+            assert_eq!(with_primary(ip, "").advertise_warning(), None, "{ip}");
+        }
+        // Written in the file: the operator's choice, even if private.
+        let cfg = with_primary("10.1.2.3", "[server]\nadvertise = \"192.168.1.20\"");
+        assert_eq!(cfg.advertise_source(), AdvertiseSource::Configured);
+        assert_eq!(cfg.advertise_warning(), None);
+        // From a specific listen address: private warns, loopback is a deliberate local setup.
+        let cfg = with_primary("203.0.113.10", "[server]\nlisten = [\"udp:10.0.0.5:5060\"]");
+        assert_eq!(cfg.advertise_source(), AdvertiseSource::ListenAddress);
+        assert!(cfg.advertise_warning().unwrap().contains("10.0.0.5"));
+        let cfg = with_primary(
+            "203.0.113.10",
+            "[server]\nlisten = [\"udp:127.0.0.1:5060\"]",
+        );
+        assert_eq!(cfg.advertise_warning(), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The `sipedge` command line (DESIGN §2). Exit codes: 0 ok, 1 runtime error, 2 usage or
 //! configuration error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,9 +16,20 @@ mod cmd;
 )]
 struct Cli {
     /// Log filter: error, warn, info, debug, trace (or a tracing filter such as
-    /// "sipedge=debug"). RUST_LOG, when set, takes precedence.
+    /// "sipedge=debug"). RUST_LOG, when set, takes precedence. sqlx stays at warn unless the
+    /// filter names it or is "trace".
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+
+    /// Log line format: "text" (human-readable) or "json" (one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "SIPEDGE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: cmd::LogFormat,
 
     #[command(flatten)]
     cfg: ConfigArg,
@@ -29,15 +40,10 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct ConfigArg {
-    /// Configuration file.
-    #[arg(
-        short,
-        long,
-        global = true,
-        env = "SIPEDGE_CONFIG",
-        default_value = "config/sipedge.toml"
-    )]
-    config: PathBuf,
+    /// Configuration file. Default: config/sipedge.toml if it exists (a source checkout),
+    /// else /etc/sipedge/sipedge.toml (a package install).
+    #[arg(short, long, global = true, env = "SIPEDGE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,9 +96,20 @@ enum DbAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_tracing(&cli.log_level);
-    let config = &cli.cfg.config;
-    let result = match cli.command {
+    cmd::init_tracing(&cli.log_level, cli.log_format);
+    let result =
+        cmd::config_path(cli.cfg.config.as_deref()).and_then(|config| run(cli.command, &config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sipedge: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
+    match command {
         Command::Serve => cmd::serve::run(config),
         Command::CheckConfig => cmd::check_config::run(config),
         Command::User { action } => match action {
@@ -105,12 +122,5 @@ fn main() -> ExitCode {
         Command::Db { action } => match action {
             DbAction::Migrate => cmd::db::migrate(config),
         },
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sipedge: {e:#}");
-            ExitCode::from(e.exit_code())
-        }
     }
 }

@@ -5,9 +5,9 @@ pub(crate) mod db;
 pub(crate) mod serve;
 pub(crate) mod user;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use sipedge::config::{Config, ConfigError};
+use sipedge::config::{CONFIG_SEARCH_PATH, Config, ConfigError, find_config};
 use tracing_subscriber::EnvFilter;
 
 /// An error with the exit code it deserves.
@@ -31,16 +31,78 @@ impl CmdError {
 impl std::fmt::Display for CmdError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Usage(e) | Self::Runtime(e) => write!(f, "{e:#}"),
+            Self::Usage(e) | Self::Runtime(e) => f.write_str(&error_chain(e)),
         }
     }
 }
 
-/// Loads the configuration; every failure is a usage error naming the file.
+/// Loads the configuration; every failure is a usage error naming the file. A database URL
+/// this build cannot open is refused here, before any command runs.
 pub(crate) fn load_config(path: &Path) -> Result<Config, CmdError> {
-    Config::load(path).map_err(|e: ConfigError| {
-        CmdError::Usage(anyhow::Error::new(e).context(format!("configuration {}", path.display())))
+    let cfg = Config::load(path).map_err(|e| match e {
+        // The io error's text only: `ConfigError::Io` writes its source into its own message
+        // too, and the path is already said once.
+        ConfigError::Io { source, .. } => CmdError::Usage(anyhow::anyhow!(
+            "cannot read the configuration file {}: {source}",
+            path.display()
+        )),
+        e => CmdError::Usage(
+            anyhow::Error::new(e).context(format!("configuration {}", path.display())),
+        ),
+    })?;
+    check_database_scheme(&cfg.database_url, cfg!(feature = "postgres")).map_err(|reason| {
+        CmdError::Usage(anyhow::anyhow!(
+            "configuration {}: database.url: {reason}",
+            path.display()
+        ))
+    })?;
+    Ok(cfg)
+}
+
+/// Refuses a `database.url` whose scheme this build has no driver for: `postgres://` needs the
+/// `postgres` cargo feature. Said at `check-config` time rather than when `serve` first opens
+/// the store. The reason never repeats the URL (it may hold a password).
+pub(crate) fn check_database_scheme(url: &str, postgres_built: bool) -> Result<(), String> {
+    let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if postgres && !postgres_built {
+        return Err(
+            "this sipedge was built without PostgreSQL support; build it with \
+                    `cargo build --release --features postgres`, or use sqlite://PATH"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// The file to load: `-c`/`SIPEDGE_CONFIG` when given, else the first that exists of
+/// [`CONFIG_SEARCH_PATH`] (`config/sipedge.toml`, then `/etc/sipedge/sipedge.toml`).
+pub(crate) fn config_path(given: Option<&Path>) -> Result<PathBuf, CmdError> {
+    find_config(given, Path::exists).ok_or_else(|| {
+        CmdError::Usage(anyhow::anyhow!(
+            "no configuration file: none of {} exists; name one with -c FILE or SIPEDGE_CONFIG",
+            CONFIG_SEARCH_PATH.join(", ")
+        ))
     })
+}
+
+/// The error and its causes, `: `-separated, each cause written once: a cause whose text its
+/// parent already carries (thiserror's `#[error("reading {path}: {source}")]` with a `source`
+/// field, sqlx's errors) is not repeated.
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut parent = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !parent.is_empty() && parent.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        parent = text;
+    }
+    out
 }
 
 /// A small runtime for the one-shot commands.
@@ -51,15 +113,46 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CmdError> {
         .map_err(|e| CmdError::Runtime(anyhow::Error::new(e).context("starting the runtime")))
 }
 
-pub(crate) fn init_tracing(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// tracing's human-readable lines (what fail2ban's filter reads).
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with `message`),
+    /// and `span`/`spans` for the spans the line happened in.
+    Json,
+}
+
+/// The filter directives for a `--log-level`/`RUST_LOG` value: sqlx logs every statement at
+/// debug, so it is held at `warn` unless the filter names sqlx itself or asks for `trace`
+/// everywhere.
+pub(crate) fn filter_directives(level: &str) -> String {
+    let level = level.trim();
+    if level.eq_ignore_ascii_case("trace") || level.contains("sqlx") {
+        level.to_owned()
+    } else if level.is_empty() {
+        "sqlx=warn".to_owned()
+    } else {
+        format!("{level},sqlx=warn")
+    }
+}
+
+pub(crate) fn init_tracing(level: &str, format: LogFormat) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|env| !env.trim().is_empty())
+        .and_then(|env| EnvFilter::try_new(filter_directives(&env)).ok())
+        .or_else(|| EnvFilter::try_new(filter_directives(level)).ok())
+        .unwrap_or_else(|| EnvFilter::new(filter_directives("info")));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
     // A panic is a bug, not an outage: the task that panicked ends (its loop is restarted by
     // its supervisor) and the line says where, inside the span of the message being handled
     // (peer.addr, Call-ID).

@@ -4,8 +4,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::ToSocketAddrs as _;
+
 use anyhow::Context as _;
 use sipedge::clock::{Clock, SystemClock};
+use sipedge::config::Config;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -18,6 +21,8 @@ const MEDIA_DRAIN: Duration = Duration::from_secs(15);
 
 pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
     let cfg = Arc::new(load_config(path)?);
+    info!(config = %path.display(), "configuration loaded");
+    warn_about(&cfg);
     // Before any socket: the configured limits, not the default 1024 files, bound what
     // clients can open.
     match sipedge_relay::raise_fd_limit() {
@@ -69,6 +74,88 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         info!("sipedge stopped");
         Ok(())
     })
+}
+
+/// How long the startup check waits for the next hops' names to resolve.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+
+/// Startup warnings about a configuration that is valid but likely wrong: an advertised
+/// address picked automatically that peers cannot reach, and `[[route]]` next hops that do not
+/// resolve (their calls would get 503). Also run by `check-config`.
+pub(crate) fn warn_about(cfg: &Config) {
+    if let Some(message) = cfg.advertise_warning() {
+        warn!(server.advertise = %cfg.server.advertise, "{message}");
+    }
+    for (route, next_hop, error) in unresolved_next_hops(cfg, RESOLVE_WAIT) {
+        warn!(
+            route = %route,
+            next_hop = %next_hop,
+            %error,
+            "the next hop of this route does not resolve: its calls will get 503 until it does"
+        );
+    }
+}
+
+/// The routes whose next hop does not resolve within `wait`, as (route, host:port, why). One
+/// plain `getaddrinfo` per distinct next hop, each on its own thread so that a slow resolver
+/// costs `wait` once, not once per route; a lookup still running at the deadline is left to
+/// finish on its own (its thread holds nothing).
+fn unresolved_next_hops(cfg: &Config, wait: Duration) -> Vec<(String, String, String)> {
+    let mut hops: Vec<(String, u16)> = Vec::new();
+    for r in &cfg.routes {
+        let hop = (r.next_hop_host.clone(), r.next_hop_port);
+        if !hops.contains(&hop) {
+            hops.push(hop);
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, (host, port)) in hops.iter().cloned().enumerate() {
+        let thread_tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("resolve".into())
+            .spawn(move || {
+                let result = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|mut a| a.next().is_some());
+                let _ = thread_tx.send((i, result));
+            });
+        if let Err(error) = spawned {
+            let _ = tx.send((i, Err(error)));
+        }
+    }
+    drop(tx);
+    // None: not answered yet.
+    let mut results: Vec<Option<Result<bool, std::io::Error>>> =
+        hops.iter().map(|_| None).collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    while results.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, r)) => results[i] = Some(r),
+            Err(_) => break,
+        }
+    }
+    let mut bad = Vec::new();
+    for r in &cfg.routes {
+        let Some(i) = hops
+            .iter()
+            .position(|(h, p)| *h == r.next_hop_host && *p == r.next_hop_port)
+        else {
+            continue;
+        };
+        let why = match &results[i] {
+            Some(Ok(true)) => continue,
+            Some(Ok(false)) => "no address".to_owned(),
+            Some(Err(e)) => e.to_string(),
+            None => format!("no answer within {wait:?}"),
+        };
+        bad.push((
+            r.name.clone(),
+            format!("{}:{}", r.next_hop_host, r.next_hop_port),
+            why,
+        ));
+    }
+    bad
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -1,7 +1,7 @@
 //! `sipedge user add|del|passwd|list`: subscribers, stored as HA1 hashes (MD5 and SHA-256)
 //! for the realm they will authenticate in; the plaintext password is never stored.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal as _};
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
@@ -33,12 +33,24 @@ fn split_user(cfg: &Config, spec: &str) -> Result<(String, String), CmdError> {
     Ok((user, domain))
 }
 
-/// The password from `--password`, else one line of standard input.
+/// The password from `--password`, else from the terminal without echo (asked twice), else
+/// one line of standard input (a pipe or a file: scripts and tests).
 fn password(given: Option<String>) -> Result<String, CmdError> {
     let pw = match given {
         Some(p) => p,
+        None if std::io::stdin().is_terminal() => {
+            let read = |prompt: &str| {
+                rpassword::prompt_password(prompt)
+                    .context("reading the password from the terminal")
+                    .map_err(CmdError::Runtime)
+            };
+            let pw = read("password: ")?;
+            if !pw.is_empty() && read("password again: ")? != pw {
+                return Err(CmdError::Usage(anyhow!("the passwords differ")));
+            }
+            pw
+        }
         None => {
-            eprint!("password: ");
             let mut line = String::new();
             std::io::stdin()
                 .lock()

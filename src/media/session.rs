@@ -46,7 +46,7 @@ use crate::media::cdr::CdrWriter;
 use crate::media::relay_client::{Done, RelayClient};
 use crate::media::report;
 use crate::media::sdp;
-use crate::sip::{Framing, HeaderName, Message, Rewrite};
+use crate::sip::{HeaderName, Message};
 use crate::store::Store;
 
 /// Why the media layer refuses an SDP offer: the request is answered with
@@ -672,77 +672,6 @@ impl Media {
                 Ok(None)
             }
         }
-    }
-}
-
-// ---- The old API (messages in, bytes out), removed when the proxy moves to the new one ------
-
-/// `bytes` (a message) with its body replaced.
-fn with_body(bytes: Vec<u8>, body: Vec<u8>) -> Vec<u8> {
-    match Message::parse(&bytes, Framing::Datagram) {
-        Ok(m) => {
-            let mut rw = Rewrite::new(&m);
-            rw.replace_body(body);
-            rw.finish()
-        }
-        Err(_) => bytes,
-    }
-}
-
-/// The old `initial` flag: `Some(relay?)` for a branch of an initial INVITE, `None` in a dialog.
-fn role(initial: Option<bool>) -> Role {
-    match initial {
-        Some(true) => Role::Relay,
-        Some(false) => Role::Direct,
-        None => Role::InDialog,
-    }
-}
-
-impl Media {
-    /// Old API, removed when the proxy moves: [`Media::offer`] applied to `fwd`, the bytes of
-    /// the forwarded request. `initial`: `Some(relay?)` = [`Role::Relay`] / [`Role::Direct`],
-    /// `None` = [`Role::InDialog`].
-    pub async fn on_request(
-        &self,
-        msg: &Message,
-        fwd: Vec<u8>,
-        branch: &str,
-        initial: Option<bool>,
-        src: SocketAddr,
-        auth_user: Option<&str>,
-    ) -> Result<Vec<u8>, Refused> {
-        Ok(
-            match self
-                .offer(msg, branch, role(initial), src, auth_user)
-                .await?
-            {
-                Some(body) => with_body(fwd, body),
-                None => fwd,
-            },
-        )
-    }
-
-    /// Old API, removed when the proxy moves: [`Media::answer`] applied to `resp`.
-    pub async fn on_response(
-        &self,
-        req: &Message,
-        resp: Message,
-        branch: &str,
-        initial: Option<bool>,
-        src: SocketAddr,
-    ) -> Message {
-        match self.answer(req, &resp, branch, role(initial), src).await {
-            Some(b) => {
-                let bytes = with_body(resp.as_bytes().to_vec(), b);
-                Message::parse(&bytes, Framing::Datagram).unwrap_or(resp)
-            }
-            None => resp,
-        }
-    }
-
-    /// Old API, removed when the proxy moves: [`Media::finished`].
-    pub async fn on_final(&self, req: &Message, status: u16, cancelled: bool) {
-        self.finished(req, status, cancelled).await;
     }
 }
 

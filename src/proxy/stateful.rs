@@ -24,8 +24,8 @@ use super::txn::{self, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work
 use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
 use crate::config::Config;
-use crate::media::session::{Media, Refused};
-use crate::sip::{Framing, Message, Rewrite, reply};
+use crate::media::session::Media;
+use crate::sip::{Message, Rewrite, reply};
 use crate::transaction::{Timers, TxnKey, client_key, invite_key_for_cancel, server_key};
 use crate::transport::{Proto, Source, Transmit, Transports};
 
@@ -371,12 +371,11 @@ impl Proxy {
         // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx). An
         // ACK is never refused by media (`Media::offer`): what does not fit goes unchanged.
         let body = match self.media.as_ref() {
-            Some(m) if !msg.body().is_empty() => {
-                media_offer(m, msg, "", Role::InDialog, source.remote, None)
-                    .await
-                    .ok()
-                    .flatten()
-            }
+            Some(m) if !msg.body().is_empty() => m
+                .offer(msg, "", Role::InDialog, source.remote, None)
+                .await
+                .ok()
+                .flatten(),
             _ => None,
         };
         let bytes = self
@@ -576,15 +575,15 @@ impl Proxy {
                     auth_user,
                 } => {
                     let source = t.source();
-                    let r = media_offer(
-                        media,
-                        t.request(),
-                        &branch,
-                        role,
-                        source.remote,
-                        auth_user.as_deref(),
-                    )
-                    .await;
+                    let r = media
+                        .offer(
+                            t.request(),
+                            &branch,
+                            role,
+                            source.remote,
+                            auth_user.as_deref(),
+                        )
+                        .await;
                     t.handle_offer(Instant::now(), idx, r);
                 }
                 MediaOp::Answer {
@@ -594,11 +593,11 @@ impl Proxy {
                     from,
                     resp,
                 } => {
-                    let body = media_answer(media, t.request(), &resp, &branch, role, from).await;
+                    let body = media.answer(t.request(), &resp, &branch, role, from).await;
                     t.handle_answer(Instant::now(), idx, resp, body);
                 }
                 MediaOp::Finished { status, cancelled } => {
-                    media.on_final(t.request(), status, cancelled).await;
+                    media.finished(t.request(), status, cancelled).await;
                 }
             }
         }
@@ -758,58 +757,4 @@ pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
         });
     }
     out
-}
-
-/// Bridge to the media layer's offer step (until `Media::offer` lands): the SDP body the
-/// forwarded request carries instead of the received one.
-async fn media_offer(
-    media: &Media,
-    req: &Message,
-    branch: &str,
-    role: Role,
-    src: SocketAddr,
-    auth_user: Option<&str>,
-) -> Result<Option<Vec<u8>>, Refused> {
-    let initial = match role {
-        Role::Relay => Some(true),
-        Role::Direct => Some(false),
-        Role::InDialog => None,
-    };
-    let before = req.body();
-    let bytes = media
-        .on_request(
-            req,
-            req.as_bytes().to_vec(),
-            branch,
-            initial,
-            src,
-            auth_user,
-        )
-        .await?;
-    Ok(body_if_changed(before, &bytes))
-}
-
-/// Bridge to the media layer's answer step (until `Media::answer` lands).
-async fn media_answer(
-    media: &Media,
-    req: &Message,
-    resp: &Message,
-    branch: &str,
-    role: Role,
-    from: SocketAddr,
-) -> Option<Vec<u8>> {
-    let initial = match role {
-        Role::Relay => Some(true),
-        Role::Direct => Some(false),
-        Role::InDialog => None,
-    };
-    let out = media
-        .on_response(req, resp.clone(), branch, initial, from)
-        .await;
-    body_if_changed(resp.body(), out.as_bytes())
-}
-
-fn body_if_changed(before: &[u8], after: &[u8]) -> Option<Vec<u8>> {
-    let m = Message::parse(after, Framing::Datagram).ok()?;
-    (m.body() != before).then(|| m.body().to_vec())
 }

@@ -25,6 +25,7 @@ use super::response::{Final, ResponseContext};
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
+pub use crate::media::session::Role;
 use crate::sip::{Message, reply};
 use crate::transaction::{ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey};
 use crate::transport::{Proto, Source, Transmit};
@@ -143,17 +144,6 @@ pub enum Input {
         cancel: bool,
         resp: Message,
     },
-}
-
-/// How a branch's requests and responses relate to media.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A branch of an initial INVITE whose media goes through the relay.
-    Relay,
-    /// A branch of an initial request whose media (if any) flows end to end.
-    Direct,
-    /// A request inside a dialog: relayed when its dialog is.
-    InDialog,
 }
 
 /// A media step the shell performs, then reports back.

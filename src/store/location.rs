@@ -7,8 +7,8 @@ use sqlx::any::AnyRow;
 
 use super::dialect::Dialect;
 use super::{Store, StoreError, from_i64, text, to_i64};
-use crate::config::Proto;
 use crate::registrar::location::Binding;
+use crate::transport::Proto;
 
 const COLS: [&str; 14] = [
     "aor",

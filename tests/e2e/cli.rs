@@ -41,7 +41,10 @@ fn check_config_accepts_the_seed_file() {
     let effective = String::from_utf8(out.stdout).unwrap();
     // Derived values are written out.
     assert!(effective.contains("advertise = "), "{effective}");
-    assert!(effective.contains("[[route]]"), "{effective}");
+    assert!(
+        !effective.contains("[[route]]"),
+        "the seed routes are examples: {effective}"
+    );
 }
 
 #[test]
@@ -226,4 +229,96 @@ async fn user_commands() {
     assert_eq!(out.status.code(), Some(0));
     let out = run(&["user", "del", "frank"], "");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Issue #12 item 6: outside the repository (no `config/sipedge.toml` in the working
+/// directory) the error says each thing once; a postgres:// URL in a build without the
+/// feature is refused by `check-config`.
+#[test]
+fn errors_outside_the_repo_are_not_doubled() {
+    let dir = std::env::temp_dir().join(format!("sipedge-test-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = sipedge()
+        .current_dir(&dir)
+        .args(["check-config", "-c", "missing.toml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("missing.toml").count(), 1, "{stderr}");
+    // No -c: the search path, each entry named once (or the package's file, when installed).
+    let out = sipedge()
+        .current_dir(&dir)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::path::Path::new("/etc/sipedge/sipedge.toml").exists() {
+        assert!(stderr.contains("/etc/sipedge/sipedge.toml"), "{stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.matches("config/sipedge.toml").count(), 1, "{stderr}");
+        assert_eq!(
+            stderr.matches("/etc/sipedge/sipedge.toml").count(),
+            1,
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_config_refuses_postgres_without_the_feature() {
+    let path = temp_config(
+        "pg.toml",
+        "[database]\nurl = \"postgres://sipedge:s3cret@db/sipedge\"\n",
+    );
+    let out = sipedge()
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "postgres") {
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("database.url"), "{stderr}");
+        assert!(stderr.contains("postgres"), "{stderr}");
+        assert!(
+            !stderr.contains("s3cret"),
+            "the password is not echoed: {stderr}"
+        );
+    }
+}
+
+/// `--log-format json`: every log line is a JSON object with level and fields.
+#[test]
+fn log_format_json_writes_json_lines() {
+    let path = temp_config(
+        "json.toml",
+        "[server]\nlisten = [\"udp:127.0.0.1:0\"]\n[[route]]\nname = \"x\"\nuser = \"^9\"\nnext_hop = \"nowhere.invalid:5060\"\n",
+    );
+    let out = sipedge()
+        .args(["--log-format", "json", "check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let hop = lines
+        .iter()
+        .find(|v| v["fields"]["next_hop"] == "nowhere.invalid:5060")
+        .unwrap_or_else(|| panic!("no next-hop warning in {stderr}"));
+    assert_eq!(hop["level"], "WARN");
+    assert_eq!(hop["fields"]["route"], "x");
 }

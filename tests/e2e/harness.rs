@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sipedge::clock::SystemClock;
-use sipedge::config::{Config, Proto};
+use sipedge::config::Config;
 use sipedge::registrar::location::{Binding, Location};
 use sipedge::sip::{Framing, HeaderName, Message, reply};
 use sipedge::store::Store;
+use sipedge::transport::Proto;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

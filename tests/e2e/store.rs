@@ -3,9 +3,9 @@
 //! `scripts/postgres-test.sh` starts one), MySQL/MariaDB with the `mysql` feature
 //! (`SIPEDGE_TEST_MYSQL_URL`, `scripts/mariadb-test.sh`). Asserts what is in the database, not what the code meant to write.
 
-use sipedge::config::Proto;
 use sipedge::registrar::location::Binding;
 use sipedge::store::{Store, StoreError, Subscriber};
+use sipedge::transport::Proto;
 
 use crate::harness::fresh_db;
 
