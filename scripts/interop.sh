@@ -87,8 +87,18 @@ failed=0
 # another service on this host may be using).
 next_port=$((port + 10))
 # callee NAME PORT SCENARIO CALLS: a SIPp callee in the background, bounded in calls and time.
+# A callee on a port an earlier one still holds (finishing its last ACK) would let the earlier
+# one swallow the first INVITE without answering: wait for it to exit first, bounded.
 callee() {
     local name=$1 cport=$2 scenario=$3 calls=$4
+    for _ in $(seq 1 100); do
+        pgrep -f -- "-p $cport -m" >/dev/null || break
+        sleep 0.1
+    done
+    if pgrep -f -- "-p $cport -m" >/dev/null; then
+        echo "FAIL  callee $name: port $cport still held by an earlier callee after 10 s"
+        failed=1
+    fi
     timeout 120 sipp -sf "$root/scripts/sipp/$scenario" -i 127.0.0.1 -p "$cport" -m "$calls" \
         -trace_err -error_file "$work/$name.err" -nostdin -bg >/dev/null 2>&1 &
     sleep 0.3

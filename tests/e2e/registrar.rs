@@ -51,6 +51,8 @@ struct Phone {
     cseq: u32,
     /// The last authenticated REGISTER sent.
     last_sent: String,
+    /// The Via sent-by and parameters (default: our socket, with `;rport`).
+    via: String,
 }
 
 impl Phone {
@@ -64,15 +66,16 @@ impl Phone {
             call_id: format!("reg-{user}-{}", addr.port()),
             cseq: 0,
             last_sent: String::new(),
+            via: format!("{addr};rport"),
         }
     }
 
     fn register_text(&mut self, to_user: &str, extra: &str) -> String {
         self.cseq += 1;
-        let (addr, user, cseq, call_id) = (self.addr, &self.user, self.cseq, &self.call_id);
+        let (via, user, cseq, call_id) = (&self.via, &self.user, self.cseq, &self.call_id);
         format!(
             "REGISTER sip:example.com SIP/2.0\r\n\
-Via: SIP/2.0/UDP {addr};branch=z9hG4bK-{call_id}-{cseq};rport\r\n\
+Via: SIP/2.0/UDP {via};branch=z9hG4bK-{call_id}-{cseq}\r\n\
 Max-Forwards: 70\r\n\
 From: <sip:{user}@example.com>;tag=t{cseq}\r\n\
 To: <sip:{to_user}@example.com>\r\n\
@@ -130,6 +133,32 @@ fn contact_uris(m: &Message) -> Vec<String> {
             ContactValue::Star => None,
         })
         .collect()
+}
+
+/// Issue #11: a phone behind NAT whose REGISTER has no `rport` (its Via names its private
+/// address and port) gets the 401 and the 200 at the address the REGISTER came from
+/// (force_rport, the one responder), not at its Via, which cannot be reached.
+#[tokio::test]
+async fn natted_register_without_rport_is_answered_at_its_source() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "carol", "pw").await;
+    let mut phone = Phone::new("carol").await;
+    phone.via = "10.0.0.9:5090".into();
+    let contact = "sip:carol@10.0.0.9:5090";
+    // `udp_exchange` receives on the phone's socket: a reply sent to 10.0.0.9:5090 would
+    // never arrive and the exchange would time out.
+    let r = phone
+        .register(&srv, "carol", "pw", &format!("Contact: <{contact}>\r\n"))
+        .await;
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(r.top_via().unwrap().param("received"), Some("127.0.0.1"));
+    // The binding keeps the private Contact, reached at the NAT mapping it came from.
+    let rows = srv.store.load_bindings(0).await.unwrap();
+    assert_eq!(
+        (rows[0].contact.as_str(), rows[0].received),
+        (contact, phone.addr)
+    );
+    srv.stop().await;
 }
 
 #[tokio::test]
