@@ -12,6 +12,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::security::Cidr;
+pub use crate::security::SecurityConfig;
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -683,23 +684,6 @@ impl LimitsConfig {
             registrar_cache_bytes: l.registrar_cache_bytes,
         })
     }
-}
-
-/// `[security]`, validated.
-#[derive(Debug, Clone)]
-pub struct SecurityConfig {
-    /// `None` = no per-source rate limit.
-    pub pike_requests: Option<u32>,
-    pub pike_window: Duration,
-    pub ban_time: Duration,
-    /// `None` = sources are never banned for failed authentication.
-    pub auth_failures: Option<u32>,
-    /// `None` = users are never locked.
-    pub auth_failures_user: Option<u32>,
-    pub auth_window: Duration,
-    pub trusted: Vec<Cidr>,
-    /// ≥ 1.
-    pub max_tracked: usize,
 }
 
 /// The validated configuration.

@@ -14,9 +14,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::log::LogLimit;
-use crate::nat::keepalive::Pinger;
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
+use crate::registrar::keepalive::Pinger;
 use crate::registrar::service::Registrar;
 use crate::transport::{Listeners, Proto, Receiver, Source, Transports};
 

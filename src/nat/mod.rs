@@ -1,9 +1,9 @@
-//! Far-end NAT traversal (the seed's nathelper usage): detection of phones behind NAT
-//! (`detect`, used for `;nat=yes` and flow tokens in our Record-Route, force_rport and the media
-//! decision) and keepalives to their bindings (`keepalive`).
+//! Far-end NAT traversal (the seed's nathelper usage), the pure part: detection of phones
+//! behind NAT (`detect`, used for `;nat=yes` and flow tokens in our Record-Route, force_rport
+//! and the media decision) and where a response goes. Keepalives to NATed bindings live with
+//! the bindings, in [`crate::registrar::keepalive`].
 
 pub mod detect;
-pub mod keepalive;
 
 use std::net::SocketAddr;
 

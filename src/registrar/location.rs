@@ -3,47 +3,10 @@
 //! purged at their deadline (no periodic scans), and the store behind it.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 
 use dashmap::DashMap;
 
-use crate::transport::Proto;
-
-/// One registered contact of an address-of-record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Binding {
-    /// `user@domain`, domain lower-cased.
-    pub aor: String,
-    /// The Contact URI exactly as the phone sent it.
-    pub contact: String,
-    /// Where the REGISTER came from: the phone's NAT binding, used to reach it.
-    pub received: SocketAddr,
-    pub transport: Proto,
-    /// Our socket the REGISTER arrived on.
-    pub local_socket: SocketAddr,
-    /// `server.instance_id` of the instance that owns the NAT binding.
-    pub instance: String,
-    /// Unix seconds.
-    pub expires: u64,
-    /// q-value in per-mille (0..=1000); 1000 when the phone gave none.
-    pub q: u16,
-    pub call_id: String,
-    pub cseq: u32,
-    pub user_agent: String,
-    /// Path header values (RFC 3327), comma-joined, as received.
-    pub path: String,
-    /// `+sip.instance` (RFC 5626), without quotes; empty when absent.
-    pub instance_urn: String,
-    /// Unix seconds of the last REGISTER that refreshed it.
-    pub updated: u64,
-}
-
-impl Binding {
-    /// Seconds left at `now`.
-    pub fn remaining(&self, now: u64) -> u64 {
-        self.expires.saturating_sub(now)
-    }
-}
+pub use crate::store::Binding;
 
 /// In-memory bindings plus their expiry index.
 #[derive(Debug, Default)]
@@ -192,6 +155,7 @@ impl Location {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::transport::Proto;
 
     pub(crate) fn binding(aor: &str, contact: &str, expires: u64, q: u16) -> Binding {
         Binding {

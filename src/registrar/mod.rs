@@ -4,9 +4,12 @@
 //! - [`register`]: the §10.3 rules as a pure decision.
 //! - [`cache`]: the bounded cache of sent responses, for retransmissions (Timer J).
 //! - [`location`]: bindings in memory with an expiry index.
+//! - [`keepalive`]: OPTIONS / CRLF pings to NATed bindings (nathelper's `natping`), removal
+//!   of the ones that stop answering.
 //! - [`service`]: the async side: authentication, sharded processing, store writes, replies.
 
 pub mod cache;
+pub mod keepalive;
 pub mod location;
 pub mod register;
 pub mod service;

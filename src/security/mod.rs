@@ -27,7 +27,22 @@ use tokio::time::Instant;
 pub use cidr::Cidr;
 use log::EventLog;
 
-use crate::config::SecurityConfig;
+/// `[security]`, validated.
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// `None` = no per-source rate limit.
+    pub pike_requests: Option<u32>,
+    pub pike_window: Duration,
+    pub ban_time: Duration,
+    /// `None` = sources are never banned for failed authentication.
+    pub auth_failures: Option<u32>,
+    /// `None` = users are never locked.
+    pub auth_failures_user: Option<u32>,
+    pub auth_window: Duration,
+    pub trusted: Vec<Cidr>,
+    /// ≥ 1.
+    pub max_tracked: usize,
+}
 
 /// Sweeps of a full map run at most this often, so a flood of new sources (spoofed UDP) does
 /// not turn each packet into a scan of the whole map.

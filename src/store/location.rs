@@ -7,8 +7,43 @@ use sqlx::any::AnyRow;
 
 use super::dialect::Dialect;
 use super::{Store, StoreError, from_i64, text, to_i64};
-use crate::registrar::location::Binding;
 use crate::transport::Proto;
+
+/// One registered contact of an address-of-record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// `user@domain`, domain lower-cased.
+    pub aor: String,
+    /// The Contact URI exactly as the phone sent it.
+    pub contact: String,
+    /// Where the REGISTER came from: the phone's NAT binding, used to reach it.
+    pub received: SocketAddr,
+    pub transport: Proto,
+    /// Our socket the REGISTER arrived on.
+    pub local_socket: SocketAddr,
+    /// `server.instance_id` of the instance that owns the NAT binding.
+    pub instance: String,
+    /// Unix seconds.
+    pub expires: u64,
+    /// q-value in per-mille (0..=1000); 1000 when the phone gave none.
+    pub q: u16,
+    pub call_id: String,
+    pub cseq: u32,
+    pub user_agent: String,
+    /// Path header values (RFC 3327), comma-joined, as received.
+    pub path: String,
+    /// `+sip.instance` (RFC 5626), without quotes; empty when absent.
+    pub instance_urn: String,
+    /// Unix seconds of the last REGISTER that refreshed it.
+    pub updated: u64,
+}
+
+impl Binding {
+    /// Seconds left at `now`.
+    pub fn remaining(&self, now: u64) -> u64 {
+        self.expires.saturating_sub(now)
+    }
+}
 
 const COLS: [&str; 14] = [
     "aor",

@@ -25,6 +25,7 @@ use sqlx::{AnyPool, Row, ValueRef};
 
 pub use cdr::Cdr;
 use dialect::Dialect;
+pub use location::Binding;
 pub use subscriber::Subscriber;
 
 /// Why a store operation failed.
