@@ -4,17 +4,19 @@
 //! REGISTERs are spread over shards by address-of-record: each shard handles its requests in
 //! order (so two REGISTERs of one AOR never race), and the UDP receive loops never wait for
 //! the store. A full shard queue answers 503 with Retry-After instead of queueing without
-//! bound. Each shard keeps the final responses it sent for 32 s (Timer J, RFC 3261
-//! §17.2.2), so a retransmitted REGISTER gets the same answer instead of a replayed nonce.
+//! bound. Each final response goes out through a non-INVITE server transaction that the shard
+//! keeps while it is Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP), so a retransmitted
+//! REGISTER gets the same answer instead of a replayed nonce.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::cache::ResponseCache;
+use super::cache::Completed;
 use super::location::Location;
 use super::register::{self, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
@@ -22,13 +24,11 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::sip::{Message, SipUri, reply};
 use crate::store::Store;
-use crate::transport::Source;
-use crate::transport::Transports;
+use crate::transaction::{self, ServerAction, ServerTxn, Timers};
+use crate::transport::{Proto, Source, Transports};
 
 /// REGISTERs waiting per shard before new ones get 503.
 const QUEUE: usize = 1024;
-/// How long a final response is kept for retransmissions: Timer J = 64·T1.
-const TIMER_J: u64 = 32;
 
 /// A REGISTER for one of our domains, from the pipeline.
 #[derive(Debug)]
@@ -106,12 +106,11 @@ fn txn_key(msg: &Message) -> Option<String> {
 
 async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usize) {
     let limits = &ctx.cfg.limits;
-    let mut sent = ResponseCache::new(
+    let mut sent = Completed::new(
         limits.registrar_cache / shards,
         limits.registrar_cache_bytes / shards,
-        TIMER_J,
     );
-    // The cache is swept on a timer, not only when the next REGISTER arrives: memory a
+    // The table is swept on a timer, not only when the next REGISTER arrives: memory a
     // flood left behind is returned within a second of its expiry.
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,25 +121,40 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usiz
                 None => break,
             },
             _ = sweep.tick() => {
-                sent.sweep(ctx.clock.unix());
+                sent.sweep(Instant::now());
                 continue;
             }
         };
-        let now = ctx.clock.unix();
+        let now = Instant::now();
         let key = txn_key(&job.msg);
-        let bytes = match key.as_ref().and_then(|k| sent.get(k, now)) {
+        let resend = key.as_ref().and_then(|k| sent.retransmission(k, now));
+        let bytes = match resend {
             Some(bytes) => {
                 debug!("REGISTER retransmission, resending the response");
-                bytes.to_vec()
+                bytes
             }
             None => {
-                let (status, bytes) = handle(&ctx, &job, now).await;
+                let (status, bytes) = handle(&ctx, &job, ctx.clock.unix()).await;
+                let reliable = job.source.proto != Proto::Udp;
+                let mut txn = ServerTxn::new(
+                    transaction::Kind::NonInvite,
+                    reliable,
+                    Timers::default(),
+                    now,
+                );
+                txn.respond(status, bytes, now);
+                let mut out = Vec::new();
+                while let Some(action) = txn.poll_action() {
+                    if let ServerAction::Send(b) = action {
+                        out = b;
+                    }
+                }
                 // Challenges are not kept: a retransmission gets a fresh one (one datagram per
                 // request either way), and a flood of unauthenticated REGISTERs holds nothing.
                 if let Some(k) = key.filter(|_| status != 401) {
-                    sent.insert(k, now, bytes.clone());
+                    sent.insert(k, txn, out.len());
                 }
-                bytes
+                out
             }
         };
         // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
