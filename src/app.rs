@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::config::{Config, MediaConfig};
 use crate::driver::{Driver, Server};
 use crate::media::session::{self, Media};
+use crate::metrics::Registry;
 use crate::proxy::pipeline::Core;
 use crate::proxy::stateful::Proxy;
 use crate::registrar::keepalive::Pinger;
@@ -52,6 +53,8 @@ pub struct App {
     pub media: Arc<Media>,
     /// Flood and brute-force state (its counters, for tests and `show`).
     pub security: Arc<Security>,
+    /// Every layer's counters: the shutdown line, `show`, `/metrics`.
+    pub metrics: Arc<Registry>,
 }
 
 /// Opens and migrates the store, loads the location service, binds the listeners and
@@ -139,6 +142,13 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         route_key,
         security.clone(),
     );
+    let metrics = Arc::new(Registry::new());
+    transports.register_metrics(&metrics);
+    security.register_metrics(&metrics);
+    location.register_metrics(&metrics);
+    pinger.register_metrics(&metrics);
+    proxy.register_metrics(&metrics);
+    media.register_metrics(&metrics);
     let driver = Arc::new(Driver {
         core,
         transports,
@@ -155,6 +165,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         store,
         location,
         security,
+        metrics,
     })
 }
 

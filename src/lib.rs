@@ -33,6 +33,7 @@ pub mod driver;
 pub mod fuzzing;
 pub mod log;
 pub mod media;
+pub mod metrics;
 pub mod nat;
 pub mod proxy;
 pub mod registrar;

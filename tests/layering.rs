@@ -31,7 +31,7 @@ const ORDER: [&str; 13] = [
     "sip",
 ];
 /// Used by every layer; they use nothing of the crate themselves.
-const UTILITIES: [&str; 2] = ["clock", "log"];
+const UTILITIES: [&str; 3] = ["clock", "log", "metrics"];
 /// Entry points and the fuzz harness: they may use anything.
 const TOP: [&str; 4] = ["main", "cmd", "fuzzing", "lib"];
 /// Files (or directories, with a trailing `/`) that are pure state machines and parsers.

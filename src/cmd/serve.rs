@@ -48,7 +48,7 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             .await
             .context("starting")
             .map_err(CmdError::Runtime)?;
-        let (server, store, media) = (app.server, app.store, app.media);
+        let (server, store, media, metrics) = (app.server, app.store, app.media, app.metrics);
         info!(
             version = env!("CARGO_PKG_VERSION"),
             advertise = %cfg.server.advertise,
@@ -71,7 +71,8 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             warn!("media sessions not all closed within {MEDIA_DRAIN:?}");
         }
         store.close().await;
-        info!("sipedge stopped");
+        metrics.refresh().await;
+        info!(counters = %metrics.summary(), "sipedge stopped");
         Ok(())
     })
 }

@@ -28,8 +28,10 @@
 //! side's SIP source is passed to the relay with its SDP, so a leg latches only to a source
 //! its party signalled (strict source, `sipedge_relay` `latch`).
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -46,6 +48,7 @@ use crate::media::cdr::CdrWriter;
 use crate::media::relay_client::{Done, RelayClient};
 use crate::media::report;
 use crate::media::sdp;
+use crate::metrics::{Kind, Refresh, Registry};
 use crate::sip::{HeaderName, Message};
 use crate::store::Store;
 
@@ -181,6 +184,24 @@ fn ids(msg: &Message) -> Option<CallIds<'_>> {
     })
 }
 
+/// The relay's counts as last read: the relay's control thread owns them, so they are
+/// fetched (one round trip) by [`Refresh`] before the registry is read.
+struct RelayGauges {
+    relay: RelayHandle,
+    ports: AtomicU64,
+    strangers: AtomicU64,
+}
+
+impl Refresh for RelayGauges {
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let c = self.relay.counts().await;
+            self.ports.store(c.ports_in_use as u64, Ordering::Relaxed);
+            self.strangers.store(c.strangers, Ordering::Relaxed);
+        })
+    }
+}
+
 impl Media {
     /// The media side over a started relay; failed CDRs go to `cdr_spool`.
     pub fn new(
@@ -219,6 +240,53 @@ impl Media {
             busy: r(1),
             caller_limit: r(2),
         }
+    }
+
+    /// Registers the media counters, and the relay's (read from its control thread by a
+    /// refresh hook before each read).
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        let me = Arc::downgrade(self);
+        m.gauge("media_calls", "Relayed calls in progress.", move || {
+            me.upgrade().map_or(0, |me| me.calls() as u64)
+        });
+        let me = Arc::downgrade(self);
+        m.gauge("media_sessions", "Relay sessions held.", move || {
+            me.upgrade().map_or(0, |me| me.sessions() as u64)
+        });
+        for (i, reason) in ["too_many_streams", "busy", "caller_limit"]
+            .into_iter()
+            .enumerate()
+        {
+            let me = Arc::downgrade(self);
+            m.labelled(
+                "media_offers_refused",
+                "Offers refused by a media limit.",
+                Kind::Counter,
+                &[("reason", reason)],
+                move || {
+                    me.upgrade()
+                        .map_or(0, |me| me.refusals[i].load(Ordering::Relaxed))
+                },
+            );
+        }
+        let relay = Arc::new(RelayGauges {
+            relay: self.relay().clone(),
+            ports: AtomicU64::new(0),
+            strangers: AtomicU64::new(0),
+        });
+        let r = relay.clone();
+        m.gauge(
+            "relay_ports_in_use",
+            "Relay UDP ports in use (2 per RTP/RTCP pair).",
+            move || r.ports.load(Ordering::Relaxed),
+        );
+        let r = relay.clone();
+        m.counter(
+            "relay_strangers_dropped",
+            "Datagrams dropped because their source was not the latched or a signalled one.",
+            move || r.strangers.load(Ordering::Relaxed),
+        );
+        m.on_refresh(relay);
     }
 
     /// The CDR writer (its spool path).

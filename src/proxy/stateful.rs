@@ -25,6 +25,7 @@ use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
 use crate::config::Config;
 use crate::media::session::Media;
+use crate::metrics::{Kind, Registry};
 use crate::sip::{Message, Rewrite, reply};
 use crate::transaction::{Timers, TxnKey, client_key, invite_key_for_cancel, server_key};
 use crate::transport::{Proto, Source, Transmit, Transports};
@@ -125,6 +126,49 @@ impl Proxy {
     fn post(&self, tx: &mpsc::Sender<Post>, event: Post) {
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
             self.stats.events_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Registers the proxy's counters and its live transactions.
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        type Field = fn(&ProxyStats) -> &AtomicU64;
+        let counters: [(&str, &str, Field); 3] = [
+            (
+                "proxy_stray_responses_dropped",
+                "Responses that matched no transaction and were not a verifiable 2xx.",
+                |s| &s.stray_dropped,
+            ),
+            (
+                "proxy_transactions_limited",
+                "Requests refused with 503 by limits.transactions(_per_ip).",
+                |s| &s.txn_limited,
+            ),
+            (
+                "proxy_events_dropped",
+                "Events for a transaction task dropped because its queue was full.",
+                |s| &s.events_dropped,
+            ),
+        ];
+        for (name, help, field) in counters {
+            let p = Arc::downgrade(self);
+            m.counter(name, help, move || {
+                p.upgrade().map_or(0, |p| field(&p.stats).load(Relaxed))
+            });
+        }
+        for (side, pick) in [("server", 0usize), ("client", 1)] {
+            let p = Arc::downgrade(self);
+            m.labelled(
+                "proxy_transactions",
+                "Transactions alive.",
+                Kind::Gauge,
+                &[("side", side)],
+                move || {
+                    p.upgrade().map_or(0, |p| {
+                        let (s, c) = p.transaction_count();
+                        [s, c][pick] as u64
+                    })
+                },
+            );
         }
     }
 

@@ -24,6 +24,7 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::config::{Config, PingMethod};
+use crate::metrics::Registry;
 use crate::nat::detect::is_private;
 use crate::registrar::location::{Binding, Location};
 use crate::sip::{Message, SipUri};
@@ -197,6 +198,22 @@ impl Pinger {
             pending: DashMap::new(),
             cycle_start: AtomicU64::new(0),
         }
+    }
+
+    /// Registers the ping counters.
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        let p = Arc::downgrade(self);
+        m.counter(
+            "nat_pings_sent",
+            "Keepalive pings sent to NATed bindings.",
+            move || p.upgrade().map_or(0, |p| p.counts().0),
+        );
+        let p = Arc::downgrade(self);
+        m.counter(
+            "nat_pings_answered",
+            "Keepalive OPTIONS pings answered.",
+            move || p.upgrade().map_or(0, |p| p.counts().1),
+        );
     }
 
     /// (pings sent, pings answered) so far.

@@ -3,8 +3,11 @@
 //! purged at their deadline (no periodic scans), and the store behind it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use dashmap::DashMap;
+
+use crate::metrics::Registry;
 
 pub use crate::store::Binding;
 
@@ -149,6 +152,20 @@ impl Location {
     /// Number of bindings.
     pub fn binding_count(&self) -> usize {
         self.by_aor.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Registers the binding and address-of-record gauges (walks the map at each read).
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        let l = Arc::downgrade(self);
+        m.gauge("registrar_bindings", "Registered contacts.", move || {
+            l.upgrade().map_or(0, |l| l.binding_count() as u64)
+        });
+        let l = Arc::downgrade(self);
+        m.gauge(
+            "registrar_aors",
+            "Addresses-of-record with a contact.",
+            move || l.upgrade().map_or(0, |l| l.by_aor.len() as u64),
+        );
     }
 }
 

@@ -18,6 +18,7 @@ pub mod cidr;
 mod log;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ use tokio::time::Instant;
 
 pub use cidr::Cidr;
 use log::EventLog;
+
+use crate::metrics::{Kind, Registry};
 
 /// `[security]`, validated.
 #[derive(Debug, Clone)]
@@ -444,6 +447,85 @@ impl Security {
     /// Logs a digest nonce count seen twice (a captured request replayed).
     pub fn nonce_replay(&self, peer: SocketAddr, user: &str, realm: &str, nc: u32, now: Instant) {
         self.log.nonce_replay(peer, user, realm, nc, now);
+    }
+
+    /// Registers the security counters; the gauges walk the maps at each read.
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        type Field = fn(&SecurityStats) -> u64;
+        let values: [(&str, &str, Kind, Field); 11] = [
+            (
+                "security_sources_tracked",
+                "Sources (IPv4 addresses, IPv6 /64s) tracked.",
+                Kind::Gauge,
+                |s| s.sources_tracked as u64,
+            ),
+            (
+                "security_bans_active",
+                "Sources banned now.",
+                Kind::Gauge,
+                |s| s.bans_active as u64,
+            ),
+            (
+                "security_users_locked",
+                "Users locked now.",
+                Kind::Gauge,
+                |s| s.users_locked as u64,
+            ),
+            (
+                "security_bans_pike",
+                "Bans for exceeding the rate limit.",
+                Kind::Counter,
+                |s| s.bans_pike,
+            ),
+            (
+                "security_bans_auth",
+                "Bans for failed authentications.",
+                Kind::Counter,
+                |s| s.bans_auth,
+            ),
+            (
+                "security_user_locks",
+                "Locks of a user.",
+                Kind::Counter,
+                |s| s.user_locks,
+            ),
+            (
+                "security_dropped",
+                "Messages dropped because their source was banned.",
+                Kind::Counter,
+                |s| s.dropped,
+            ),
+            (
+                "security_auth_failures",
+                "Failed authentications.",
+                Kind::Counter,
+                |s| s.auth_failures,
+            ),
+            (
+                "security_auth_refused_locked",
+                "Authentications refused because the user was locked.",
+                Kind::Counter,
+                |s| s.auth_refused_locked,
+            ),
+            (
+                "security_untracked",
+                "New sources let through untracked because the map was full.",
+                Kind::Counter,
+                |s| s.untracked,
+            ),
+            (
+                "security_log_suppressed",
+                "Security event lines held back by the log rate limit.",
+                Kind::Counter,
+                |s| s.log_suppressed,
+            ),
+        ];
+        for (name, help, kind, field) in values {
+            let sec = Arc::downgrade(self);
+            m.labelled(name, help, kind, &[], move || {
+                sec.upgrade().map_or(0, |s| field(&s.stats(Instant::now())))
+            });
+        }
     }
 
     /// The counters now. Walks both maps: for `show` and tests, not for every packet.

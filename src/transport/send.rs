@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
 use super::{Proto, Transmit};
+use crate::metrics::Registry;
 
 /// The send side of every socket: UDP sockets by local address, TCP connections by peer.
 ///
@@ -130,5 +131,49 @@ impl Transports {
     /// The transport counters.
     pub fn stats(&self) -> &TransportStats {
         &self.stats
+    }
+
+    /// Registers the transport's counters and its open connections.
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        type Field = fn(&TransportStats) -> &AtomicU64;
+        let counters: [(&str, &str, Field); 5] = [
+            (
+                "transport_udp_send_dropped",
+                "Datagrams dropped because the socket buffer was full or the send failed.",
+                |s| &s.udp_send_dropped,
+            ),
+            (
+                "transport_tcp_no_connection",
+                "Messages for a TCP peer with no connection (any more).",
+                |s| &s.tcp_no_connection,
+            ),
+            (
+                "transport_tcp_queue_overflow",
+                "TCP connections closed because their send queue overflowed.",
+                |s| &s.tcp_queue_overflow,
+            ),
+            (
+                "transport_tcp_refused",
+                "TCP connections refused by limits.tcp_connections(_per_ip).",
+                |s| &s.tcp_refused,
+            ),
+            (
+                "transport_tcp_timed_out",
+                "TCP connections closed for a message or a write that did not complete in time.",
+                |s| &s.tcp_timed_out,
+            ),
+        ];
+        for (name, help, field) in counters {
+            let t = Arc::downgrade(self);
+            m.counter(name, help, move || {
+                t.upgrade().map_or(0, |t| field(&t.stats).load(Relaxed))
+            });
+        }
+        let t = Arc::downgrade(self);
+        m.gauge(
+            "transport_tcp_connections",
+            "Open TCP connections.",
+            move || t.upgrade().map_or(0, |t| t.tcp_connections() as u64),
+        );
     }
 }

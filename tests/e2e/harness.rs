@@ -26,6 +26,7 @@ pub(crate) struct TestServer {
     pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
     pub(crate) media: Arc<sipedge::media::session::Media>,
     pub(crate) security: Arc<sipedge::security::Security>,
+    pub(crate) metrics: Arc<sipedge::metrics::Registry>,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
     stop: watch::Sender<bool>,
@@ -73,6 +74,7 @@ impl TestServer {
             proxy: app.proxy,
             media: app.media,
             security: app.security,
+            metrics: app.metrics,
             db_url: db_url.to_owned(),
             stop,
             task: Some(task),

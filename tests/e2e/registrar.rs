@@ -161,6 +161,47 @@ async fn natted_register_without_rport_is_answered_at_its_source() {
     srv.stop().await;
 }
 
+/// The counters registry sees what the layers did: the binding, a REGISTER whose
+/// authentication with a wrong password counts as one failure, and the exposition is
+/// Prometheus text.
+#[tokio::test]
+async fn the_registry_reports_every_layer() {
+    let srv = TestServer::start("", "").await;
+    add_user(&srv, "dave", "pw").await;
+    assert_eq!(srv.metrics.get("registrar_bindings"), Some(0));
+    let mut phone = Phone::new("dave").await;
+    let r = phone
+        .register(&srv, "dave", "pw", "Contact: <sip:dave@10.0.0.7:5060>\r\n")
+        .await;
+    assert_eq!(r.status(), Some(200));
+    let r = phone
+        .register(
+            &srv,
+            "dave",
+            "wrong",
+            "Contact: <sip:dave@10.0.0.7:5060>\r\n",
+        )
+        .await;
+    assert_eq!(r.status(), Some(401));
+    srv.metrics.refresh().await;
+    assert_eq!(srv.metrics.get("registrar_bindings"), Some(1));
+    assert_eq!(srv.metrics.get("registrar_aors"), Some(1));
+    assert_eq!(srv.metrics.get("security_auth_failures"), Some(1));
+    assert_eq!(srv.metrics.get("relay_ports_in_use"), Some(0));
+    let text = srv.metrics.encode();
+    assert!(text.contains("\nsipedge_registrar_bindings 1\n"), "{text}");
+    assert!(
+        text.contains("\nsipedge_security_auth_failures_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sipedge_proxy_transactions{side=\"server\"} 0\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn register_authenticate_persist_restart() {
     let srv = TestServer::start("", "").await;
