@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::auth::mac::RouteKey;
 use crate::auth::nonce::NonceKey;
@@ -17,7 +17,8 @@ use crate::metrics::Registry;
 use crate::proxy::pipeline::Core;
 use crate::proxy::stateful::Proxy;
 use crate::registrar::keepalive::Pinger;
-use crate::registrar::location::Location;
+use crate::registrar::location::LocationService;
+use crate::registrar::location::WriteThrough;
 use crate::registrar::service::{Context, Registrar};
 use crate::security::Security;
 use crate::store::{Store, StoreError};
@@ -49,7 +50,7 @@ pub struct App {
     pub server: Server,
     pub proxy: Arc<Proxy>,
     pub store: Store,
-    pub location: Arc<Location>,
+    pub location: Arc<WriteThrough>,
     pub media: Arc<Media>,
     /// Flood and brute-force state (its counters, for tests and `show`).
     pub security: Arc<Security>,
@@ -81,10 +82,15 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
             "cannot read the CDR spool; it is left for the next start"
         ),
     }
-    let location = Arc::new(Location::new());
-    let bindings = store.load_bindings(clock.unix()).await?;
-    info!(bindings = bindings.len(), "location service loaded");
-    location.load(bindings).await;
+    let location = Arc::new(WriteThrough::load(store.clone(), clock.unix()).await?);
+    info!(
+        bindings = location.binding_count(),
+        "location service loaded"
+    );
+    tokio::spawn(
+        WriteThrough::expire(Arc::downgrade(&location), clock.clone())
+            .instrument(info_span!("registrar_expiry")),
+    );
 
     let route_key = RouteKey::derive(&key);
     let security = Arc::new(Security::new(cfg.security.clone(), clock.now()));
@@ -110,7 +116,6 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         cfg.clone(),
         location.clone(),
         transports.clone(),
-        store.clone(),
         clock.clone(),
         &local,
     ));
@@ -118,7 +123,6 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     let registrar = Registrar::start(
         Arc::new(Context {
             cfg: cfg.clone(),
-            store: store.clone(),
             location: location.clone(),
             transports: transports.clone(),
             auth: auth.clone(),

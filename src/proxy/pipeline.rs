@@ -16,7 +16,7 @@ use super::sanity::{self, Verdict};
 use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
 use crate::config::{Config, MediaMode, RelayForeign};
-use crate::registrar::location::Location;
+use crate::registrar::location::LocationService;
 use crate::registrar::service::Job;
 use crate::security::Security;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
@@ -164,7 +164,7 @@ pub struct Core {
     cfg: Arc<Config>,
     /// Addresses of the bound sockets (the real ports when the config asked for port 0).
     local: Vec<(Proto, SocketAddr)>,
-    location: Option<Arc<Location>>,
+    location: Option<Arc<dyn LocationService>>,
     clock: Arc<dyn Clock>,
     /// The per-source rate limit and bans, checked before anything else.
     security: Arc<Security>,
@@ -186,7 +186,7 @@ impl Core {
     pub fn new(
         cfg: Arc<Config>,
         local: Vec<(Proto, SocketAddr)>,
-        location: Option<Arc<Location>>,
+        location: Option<Arc<dyn LocationService>>,
         clock: Arc<dyn Clock>,
         key: RouteKey,
         security: Arc<Security>,
@@ -610,7 +610,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::clock::SystemClock;
-    use crate::registrar::location::Binding;
+    use crate::registrar::location::{Binding, Location};
 
     fn core() -> Core {
         let cfg = Config::from_toml(

@@ -26,9 +26,8 @@ use crate::clock::Clock;
 use crate::config::{Config, PingMethod};
 use crate::metrics::Registry;
 use crate::nat::detect::is_private;
-use crate::registrar::location::{Binding, Location};
+use crate::registrar::location::{Binding, LocationService};
 use crate::sip::{Message, SipUri};
-use crate::store::Store;
 use crate::transport::{Proto, Transmit, Transports};
 
 /// How many parts an interval is cut into.
@@ -145,9 +144,8 @@ pub fn seq_of_branch(branch: &str) -> Option<u64> {
 /// Sends the pings and counts their answers.
 pub struct Pinger {
     cfg: Arc<Config>,
-    location: Arc<Location>,
+    location: Arc<dyn LocationService>,
     transports: Arc<Transports>,
-    store: Store,
     clock: Arc<dyn Clock>,
     /// Our UDP sockets: local address → address written in Via.
     vias: HashMap<SocketAddr, SocketAddr>,
@@ -170,9 +168,8 @@ pub struct Pinger {
 impl Pinger {
     pub fn new(
         cfg: Arc<Config>,
-        location: Arc<Location>,
+        location: Arc<dyn LocationService>,
         transports: Arc<Transports>,
-        store: Store,
         clock: Arc<dyn Clock>,
         local: &[(Proto, SocketAddr)],
     ) -> Self {
@@ -186,7 +183,6 @@ impl Pinger {
             cfg,
             location,
             transports,
-            store,
             clock,
             vias,
             salt,
@@ -331,20 +327,17 @@ impl Pinger {
             }
             return;
         }
-        if self
-            .location
-            .remove_if_unchanged(&b.aor, &b.contact, b.updated)
-        {
-            self.failures().await.forget(&b.aor, &b.contact);
-            if let Err(error) = self
-                .store
-                .save_bindings(&b.aor, &[], std::slice::from_ref(&b.contact))
-                .await
-            {
+        // Removed from memory first, so a store error still takes the binding out of service
+        // (a restart would bring it back; its next missed pings remove it again).
+        match self.location.remove_unreachable(b).await {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(error) => {
                 warn!(%error, aor = %b.aor, "removing an unreachable binding from the store");
             }
-            warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "binding removed: keepalives unanswered");
         }
+        self.failures().await.forget(&b.aor, &b.contact);
+        warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "binding removed: keepalives unanswered");
     }
 }
 

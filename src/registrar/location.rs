@@ -1,15 +1,175 @@
-//! The location service (Kamailio `usrloc` in WRITE_THROUGH mode): bindings by
-//! address-of-record in memory for lookups, an expiry index so that expired bindings are
-//! purged at their deadline (no periodic scans), and the store behind it.
+//! The location service (Kamailio `usrloc`).
+//!
+//! - [`LocationService`]: what the registrar, the proxy and the keepalives need of the
+//!   bindings — the seam a location shared by several instances implements later.
+//! - [`WriteThrough`]: today's service, usrloc's WRITE_THROUGH mode: every change is in the
+//!   store before it is in memory (nothing is acknowledged that a restart would lose), lookups
+//!   read memory only, and expired bindings are purged at their deadline (no periodic scans).
+//! - [`Location`]: the memory side, bindings by address-of-record plus the expiry index.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use dashmap::DashMap;
+use tracing::{error, info};
 
+use crate::clock::Clock;
 use crate::metrics::Registry;
-
 pub use crate::store::Binding;
+use crate::store::{Store, StoreError};
+
+/// A boxed future borrowing the service (the trait is used as `dyn`).
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The bindings as the rest of the server sees them (usrloc's API).
+pub trait LocationService: Send + Sync + std::fmt::Debug {
+    /// The live bindings of an AOR at `now` (unix seconds), highest q first. Never waits: it
+    /// is called on the request path.
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding>;
+
+    /// A copy of every binding (the keepalive walk, `show registrations`).
+    fn snapshot(&self) -> Vec<Binding>;
+
+    /// Applies a REGISTER's change to one AOR: `upsert` and `remove` (contact URIs) are what
+    /// changes, `after` is the AOR's bindings once applied. Done when it is durable.
+    fn save<'a>(
+        &'a self,
+        aor: &'a str,
+        upsert: &'a [Binding],
+        remove: &'a [String],
+        after: Vec<Binding>,
+    ) -> Pending<'a, Result<(), StoreError>>;
+
+    /// Removes a binding that stopped answering keepalives, unless a REGISTER refreshed it
+    /// since `b.updated`. True when it was removed.
+    fn remove_unreachable<'a>(&'a self, b: &'a Binding) -> Pending<'a, Result<bool, StoreError>>;
+
+    /// Bindings held.
+    fn binding_count(&self) -> usize;
+
+    /// Addresses-of-record with at least one binding.
+    fn aor_count(&self) -> usize;
+}
+
+/// Bindings in memory, written through to the store.
+#[derive(Debug)]
+pub struct WriteThrough {
+    memory: Location,
+    store: Store,
+}
+
+impl WriteThrough {
+    /// Loads the live bindings of the store (at `now`) into memory.
+    pub async fn load(store: Store, now: u64) -> Result<Self, StoreError> {
+        let memory = Location::new();
+        memory.load(store.load_bindings(now).await?).await;
+        Ok(Self { memory, store })
+    }
+
+    /// Purges expired bindings at their deadline, from memory and the store, until the
+    /// service is dropped: sleeps until the earliest deadline, or until an earlier one
+    /// appears. Holds the service weakly.
+    pub async fn expire(me: Weak<Self>, clock: Arc<dyn Clock>) {
+        loop {
+            let Some(this) = me.upgrade() else {
+                return;
+            };
+            let now = clock.unix();
+            let wait = match this.memory.next_deadline().await {
+                Some(t) if t <= now => Duration::ZERO,
+                Some(t) => Duration::from_secs(t - now),
+                None => Duration::from_secs(3600),
+            };
+            if !wait.is_zero() {
+                // Sleep without holding the service: it may be dropped meanwhile.
+                let changed = this.memory.changed.clone();
+                drop(this);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = changed.notified() => continue,
+                }
+            }
+            let Some(this) = me.upgrade() else {
+                return;
+            };
+            let now = clock.unix();
+            let expired = this.memory.purge(now).await;
+            for b in &expired {
+                info!(aor = %b.aor, contact = %b.contact, "registration expired");
+            }
+            if !expired.is_empty() {
+                if let Err(e) = this.store.delete_expired(now).await {
+                    error!(error = %e, "deleting expired bindings from the store failed");
+                }
+            }
+        }
+    }
+
+    /// Registers the binding and address-of-record gauges (walks the map at each read).
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        let l = Arc::downgrade(self);
+        m.gauge("registrar_bindings", "Registered contacts.", move || {
+            l.upgrade().map_or(0, |l| l.binding_count() as u64)
+        });
+        let l = Arc::downgrade(self);
+        m.gauge(
+            "registrar_aors",
+            "Addresses-of-record with a contact.",
+            move || l.upgrade().map_or(0, |l| l.aor_count() as u64),
+        );
+    }
+}
+
+impl LocationService for WriteThrough {
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+        self.memory.lookup(aor, now)
+    }
+
+    fn snapshot(&self) -> Vec<Binding> {
+        self.memory.snapshot()
+    }
+
+    fn save<'a>(
+        &'a self,
+        aor: &'a str,
+        upsert: &'a [Binding],
+        remove: &'a [String],
+        after: Vec<Binding>,
+    ) -> Pending<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.store.save_bindings(aor, upsert, remove).await?;
+            self.memory.set(aor, after).await;
+            Ok(())
+        })
+    }
+
+    fn remove_unreachable<'a>(&'a self, b: &'a Binding) -> Pending<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            // Memory first: the binding is out of service even if the store fails.
+            if !self
+                .memory
+                .remove_if_unchanged(&b.aor, &b.contact, b.updated)
+            {
+                return Ok(false);
+            }
+            self.store
+                .save_bindings(&b.aor, &[], std::slice::from_ref(&b.contact))
+                .await?;
+            Ok(true)
+        })
+    }
+
+    fn binding_count(&self) -> usize {
+        self.memory.binding_count()
+    }
+
+    fn aor_count(&self) -> usize {
+        self.memory.aor_count()
+    }
+}
 
 /// In-memory bindings plus their expiry index.
 #[derive(Debug, Default)]
@@ -19,7 +179,7 @@ pub struct Location {
     /// deadline here), which the purge checks against the live binding.
     expiry: tokio::sync::Mutex<BTreeSet<(u64, String, String)>>,
     /// Wakes the purge task when a deadline earlier than the one it sleeps on appears.
-    pub(crate) changed: tokio::sync::Notify,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Location {
@@ -153,19 +313,41 @@ impl Location {
     pub fn binding_count(&self) -> usize {
         self.by_aor.iter().map(|e| e.value().len()).sum()
     }
+}
 
-    /// Registers the binding and address-of-record gauges (walks the map at each read).
-    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
-        let l = Arc::downgrade(self);
-        m.gauge("registrar_bindings", "Registered contacts.", move || {
-            l.upgrade().map_or(0, |l| l.binding_count() as u64)
-        });
-        let l = Arc::downgrade(self);
-        m.gauge(
-            "registrar_aors",
-            "Addresses-of-record with a contact.",
-            move || l.upgrade().map_or(0, |l| l.by_aor.len() as u64),
-        );
+/// Memory only (usrloc's `db_mode = 0`): for tests, and for a server that keeps nothing.
+impl LocationService for Location {
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+        Self::lookup(self, aor, now)
+    }
+
+    fn snapshot(&self) -> Vec<Binding> {
+        Self::snapshot(self)
+    }
+
+    fn save<'a>(
+        &'a self,
+        aor: &'a str,
+        _upsert: &'a [Binding],
+        _remove: &'a [String],
+        after: Vec<Binding>,
+    ) -> Pending<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.set(aor, after).await;
+            Ok(())
+        })
+    }
+
+    fn remove_unreachable<'a>(&'a self, b: &'a Binding) -> Pending<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.remove_if_unchanged(&b.aor, &b.contact, b.updated)) })
+    }
+
+    fn binding_count(&self) -> usize {
+        Self::binding_count(self)
+    }
+
+    fn aor_count(&self) -> usize {
+        Self::aor_count(self)
     }
 }
 

@@ -17,13 +17,12 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::cache::Completed;
-use super::location::Location;
+use super::location::LocationService;
 use super::register::{self, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::sip::{Message, SipUri, reply};
-use crate::store::Store;
 use crate::transaction::{self, ServerAction, ServerTxn, Timers};
 use crate::transport::{Proto, Source, Transports};
 
@@ -40,8 +39,7 @@ pub struct Job {
 /// What the registrar shares between its shards.
 pub struct Context {
     pub cfg: Arc<Config>,
-    pub store: Store,
-    pub location: Arc<Location>,
+    pub location: Arc<dyn LocationService>,
     pub transports: Arc<Transports>,
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
@@ -54,7 +52,7 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// Starts `shards` shard tasks and the expiry task.
+    /// Starts `shards` shard tasks.
     pub fn start(ctx: Arc<Context>, shards: usize) -> Self {
         let n = shards.max(1);
         let shards = (0..n)
@@ -66,12 +64,6 @@ impl Registrar {
                 tx
             })
             .collect();
-        // The expiry task holds the context weakly: when the shards end (the server stopped),
-        // the context and its sockets are released.
-        let location = ctx.location.clone();
-        tokio::spawn(
-            expiry(Arc::downgrade(&ctx), location).instrument(info_span!("registrar_expiry")),
-        );
         Self { shards }
     }
 
@@ -229,8 +221,13 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     if decision.is_change() {
         // Write-through: nothing is acknowledged that the store does not hold.
         if let Err(e) = ctx
-            .store
-            .save_bindings(&aor, &decision.upsert, &decision.remove)
+            .location
+            .save(
+                &aor,
+                &decision.upsert,
+                &decision.remove,
+                decision.after.clone(),
+            )
             .await
         {
             error!(error = %e, %aor, "saving bindings failed");
@@ -242,45 +239,10 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
         for c in &decision.remove {
             info!(%aor, contact = %c, "unregistered");
         }
-        ctx.location.set(&aor, decision.after.clone()).await;
     }
     let date = reply::http_date(now);
     let mut extra: Vec<(&str, String)> = register::contact_headers(&decision.after, now);
     extra.push(("Date", date));
     let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
     respond(200, "OK", &extra)
-}
-
-/// Purges expired bindings at their deadline: sleeps until the earliest one, or until a new
-/// earlier one appears.
-async fn expiry(ctx: std::sync::Weak<Context>, location: Arc<Location>) {
-    loop {
-        let Some(now) = ctx.upgrade().map(|c| c.clock.unix()) else {
-            return;
-        };
-        let wait = match location.next_deadline().await {
-            Some(t) if t <= now => Duration::ZERO,
-            Some(t) => Duration::from_secs(t - now),
-            None => Duration::from_secs(3600),
-        };
-        if !wait.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = location.changed.notified() => continue,
-            }
-        }
-        let Some(ctx) = ctx.upgrade() else {
-            return;
-        };
-        let now = ctx.clock.unix();
-        let expired = location.purge(now).await;
-        for b in &expired {
-            info!(aor = %b.aor, contact = %b.contact, "registration expired");
-        }
-        if !expired.is_empty() {
-            if let Err(e) = ctx.store.delete_expired(now).await {
-                error!(error = %e, "deleting expired bindings from the store failed");
-            }
-        }
-    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sipedge::clock::SystemClock;
 use sipedge::config::Config;
-use sipedge::registrar::location::{Binding, Location};
+use sipedge::registrar::location::{Binding, WriteThrough};
 use sipedge::sip::{Framing, HeaderName, Message, reply};
 use sipedge::store::Store;
 use sipedge::transport::Proto;
@@ -22,7 +22,7 @@ pub(crate) struct TestServer {
     pub(crate) udp: SocketAddr,
     pub(crate) tcp: SocketAddr,
     pub(crate) store: Store,
-    pub(crate) location: Arc<Location>,
+    pub(crate) location: Arc<WriteThrough>,
     pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
     pub(crate) media: Arc<sipedge::media::session::Media>,
     pub(crate) security: Arc<sipedge::security::Security>,
@@ -79,6 +79,21 @@ impl TestServer {
             stop,
             task: Some(task),
         }
+    }
+
+    /// Replaces the bindings of `aor`, through the location service (store and memory).
+    pub(crate) async fn set_bindings(&self, aor: &str, bindings: Vec<Binding>) {
+        use sipedge::registrar::location::LocationService;
+        let old: Vec<String> = self
+            .location
+            .lookup(aor, 0)
+            .into_iter()
+            .map(|b| b.contact)
+            .collect();
+        self.location
+            .save(aor, &bindings, &old, bindings.clone())
+            .await
+            .unwrap();
     }
 
     /// Stops the server and waits for its loops to end.

@@ -151,7 +151,7 @@ async fn expect_rtp(sock: &UdpSocket, relay: SocketAddr, n: usize, ssrc: u32) {
 async fn server(ports: &str, callee: SocketAddr) -> TestServer {
     let srv = TestServer::start("", &media_config(ports)).await;
     let b = binding("bob@example.com", format!("sip:bob@{callee}"), callee);
-    srv.location.set(&b.aor, vec![b.clone()]).await;
+    srv.set_bindings(&b.aor, vec![b.clone()]).await;
     srv
 }
 
@@ -320,7 +320,7 @@ async fn every_ending_gives_the_ports_back() {
     )
     .await;
     let b = binding("bob@example.com", format!("sip:bob@{}", bob.addr), bob.addr);
-    srv.location.set(&b.aor, vec![b.clone()]).await;
+    srv.set_bindings(&b.aor, vec![b.clone()]).await;
 
     // CANCEL while ringing.
     alice.send(srv.udp, &invite(alice.addr, "c1", 4000)).await;
@@ -401,23 +401,22 @@ async fn every_ending_gives_the_ports_back() {
 async fn forked_early_media_and_the_winning_2xx() {
     let (alice, desk, mobile) = (Ua::new().await, Ua::new().await, Ua::new().await);
     let srv = TestServer::start("", &media_config("42200-42249")).await;
-    srv.location
-        .set(
-            "bob@example.com",
-            vec![
-                binding(
-                    "bob@example.com",
-                    format!("sip:bob@{}", desk.addr),
-                    desk.addr,
-                ),
-                binding(
-                    "bob@example.com",
-                    format!("sip:bob@{}", mobile.addr),
-                    mobile.addr,
-                ),
-            ],
-        )
-        .await;
+    srv.set_bindings(
+        "bob@example.com",
+        vec![
+            binding(
+                "bob@example.com",
+                format!("sip:bob@{}", desk.addr),
+                desk.addr,
+            ),
+            binding(
+                "bob@example.com",
+                format!("sip:bob@{}", mobile.addr),
+                mobile.addr,
+            ),
+        ],
+    )
+    .await;
     let alice_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let a_port = alice_rtp.local_addr().unwrap().port();
     alice.send(srv.udp, &invite(alice.addr, "f1", a_port)).await;

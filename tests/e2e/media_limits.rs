@@ -69,7 +69,7 @@ async fn server(ports: &str, media_extra: &str, bob: SocketAddr, db: &str) -> Te
     let extra = format!("[media]\nports = \"{ports}\"\nmode = \"always\"\n{media_extra}");
     let srv = TestServer::start_on(db, "127.0.0.1:0", "", &extra).await;
     let b = binding("bob@example.com", format!("sip:bob@{bob}"), bob);
-    srv.location.set(&b.aor, vec![b.clone()]).await;
+    srv.set_bindings(&b.aor, vec![b.clone()]).await;
     srv
 }
 

@@ -2,6 +2,7 @@
 //! ones keep the binding; a phone that stops answering is removed (`nat.ping_remove`); CRLF
 //! mode sends bare CRLFs.
 
+use sipedge::registrar::location::LocationService;
 use std::time::Duration;
 
 use sipedge::sip::{Framing, Message, reply};
@@ -37,7 +38,7 @@ async fn options_keepalives_every_interval_and_unanswered_binding_removed() {
         .save_bindings(&b.aor, std::slice::from_ref(&b), &[])
         .await
         .unwrap();
-    srv.location.set(&b.aor, vec![b.clone()]).await;
+    srv.set_bindings(&b.aor, vec![b.clone()]).await;
 
     // Answer three pings; they come one interval apart.
     let mut arrivals = Vec::new();
@@ -91,7 +92,7 @@ async fn crlf_keepalives() {
         phone.local_addr().unwrap(),
     );
     b.local_socket = srv.udp;
-    srv.location.set(&b.aor, vec![b.clone()]).await;
+    srv.set_bindings(&b.aor, vec![b.clone()]).await;
     for _ in 0..2 {
         assert_eq!(recv(&phone).await.0, b"\r\n\r\n");
     }

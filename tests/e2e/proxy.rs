@@ -200,19 +200,18 @@ async fn registered_user_fork_cancel_the_loser() {
     let srv = TestServer::start("", "").await;
     let (desk, mobile) = (Ua::new().await, Ua::new().await);
     // Contacts as the phones would write them (private addresses), reached at their flows.
-    srv.location
-        .set(
-            "bob@example.com",
-            vec![
-                binding("bob@example.com", "sip:bob@10.0.0.7:5060".into(), desk.addr),
-                binding(
-                    "bob@example.com",
-                    "sip:bob@10.0.0.8:5060".into(),
-                    mobile.addr,
-                ),
-            ],
-        )
-        .await;
+    srv.set_bindings(
+        "bob@example.com",
+        vec![
+            binding("bob@example.com", "sip:bob@10.0.0.7:5060".into(), desk.addr),
+            binding(
+                "bob@example.com",
+                "sip:bob@10.0.0.8:5060".into(),
+                mobile.addr,
+            ),
+        ],
+    )
+    .await;
     let caller = Ua::new().await;
     caller
         .send(
@@ -401,16 +400,15 @@ async fn retransmitted_invite_is_absorbed_and_transactions_drain() {
 async fn in_dialog_requests_follow_the_nat_bindings() {
     let srv = TestServer::start("", "").await;
     let phone = Ua::new().await;
-    srv.location
-        .set(
+    srv.set_bindings(
+        "bob@example.com",
+        vec![binding(
             "bob@example.com",
-            vec![binding(
-                "bob@example.com",
-                "sip:bob@10.0.0.7:5060".into(),
-                phone.addr,
-            )],
-        )
-        .await;
+            "sip:bob@10.0.0.7:5060".into(),
+            phone.addr,
+        )],
+    )
+    .await;
     let caller = Ua::new().await;
     let text = invite("sip:bob@example.com", caller.addr, "nat1", "").replace(
         &format!("Contact: <sip:alice@{}>", caller.addr),

@@ -3,6 +3,7 @@
 //! and a restart on the same database that still serves the binding. The digest response is
 //! computed here with the md-5 crate, independently of sipedge's auth module.
 
+use sipedge::registrar::location::LocationService;
 use std::net::SocketAddr;
 
 use md5::{Digest, Md5};
