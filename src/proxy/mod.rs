@@ -7,3 +7,5 @@ pub mod response;
 pub mod sanity;
 pub mod stateful;
 pub mod txn;
+#[cfg(test)]
+mod txn_tests;

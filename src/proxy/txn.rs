@@ -553,12 +553,7 @@ impl ProxyTxn {
         while let Some(a) = self.server.poll_action() {
             match a {
                 ServerAction::Send(bytes) => {
-                    let out = Transmit {
-                        proto: self.source.proto,
-                        local: self.source.local,
-                        dest: crate::nat::response_dest(&self.msg, self.source, self.nated),
-                        bytes,
-                    };
+                    let out = self.upstream(bytes);
                     self.transmits.push_back(out);
                 }
                 ServerAction::AckTimeout => tracing::debug!("no ACK for our final response"),
@@ -661,7 +656,8 @@ impl ProxyTxn {
             && b.role != Role::Direct
             && self.ctx.media
             && (200..300).contains(&status);
-        if (101..200).contains(&status) && b.cancel_pending {
+        // RFC 3261 §9.1: any provisional, 100 included, lets the CANCEL go.
+        if (100..200).contains(&status) && b.cancel_pending {
             b.cancel_pending = false;
             self.send_cancel(idx, now);
         }
@@ -669,7 +665,20 @@ impl ProxyTxn {
         if let Some(up) = d.forward
             && let Some(bytes) = upstream_copy(&up, body)
         {
-            self.server.respond(up.status().unwrap_or(0), bytes, now);
+            let up_status = up.status().unwrap_or(0);
+            if self.invite
+                && (200..300).contains(&up_status)
+                && self.server.final_status().is_some_and(|s| s >= 300)
+            {
+                // RFC 3261 §16.7 step 5: every 2xx to an INVITE goes upstream, also one that
+                // crossed our own final (a 487 for the caller's CANCEL, Timer C's 408). The
+                // server transaction has completed with that final, so it goes statelessly;
+                // the caller ACKs and ends the call.
+                let out = self.upstream(bytes);
+                self.transmits.push_back(out);
+            } else {
+                self.server.respond(up_status, bytes, now);
+            }
         }
         if first_2xx {
             self.media_final = true;
@@ -718,6 +727,16 @@ impl ProxyTxn {
         }
     }
 
+    /// A response to the caller, addressed by [`crate::nat::response_dest`].
+    fn upstream(&self, bytes: Vec<u8>) -> Transmit {
+        Transmit {
+            proto: self.source.proto,
+            local: self.source.local,
+            dest: crate::nat::response_dest(&self.msg, self.source, self.nated),
+            bytes,
+        }
+    }
+
     fn local_response(&self, status: u16, extra: &[(&str, &str)]) -> Vec<u8> {
         reply::response(
             &self.msg,
@@ -733,6 +752,12 @@ impl ProxyTxn {
     fn cancel_pending(&mut self, now: Instant) {
         let pending: Vec<(usize, bool)> = self.rc.pending().collect();
         for (idx, provisional) in pending {
+            // The response context counts the provisionals that go upstream; a 100 (hop by
+            // hop) also lets the CANCEL go (RFC 3261 §9.1).
+            let provisional = provisional
+                || self.branches.get(idx).is_some_and(
+                    |b| matches!(&b.leg, Leg::Sent { txn, .. } if txn.got_provisional()),
+                );
             if provisional {
                 self.send_cancel(idx, now);
             } else if let Some(b) = self.branches.get_mut(idx) {
@@ -744,6 +769,10 @@ impl ProxyTxn {
 
     /// Starts a CANCEL client transaction on branch `idx` (once).
     fn send_cancel(&mut self, idx: usize, now: Instant) {
+        // RFC 3261 §9.1: a non-INVITE is never cancelled; it ends by its final or Timer F.
+        if !self.invite {
+            return;
+        }
         let b = &mut self.branches[idx];
         if b.cancel.is_some() {
             return;
