@@ -651,9 +651,11 @@ impl ProxyTxn {
         let Some(b) = self.branches.get_mut(idx) else {
             return false;
         };
+        // The first 2xx ends the media negotiation of every branch, also when it comes from a
+        // branch that is not relayed: the relayed forks give their sessions back now.
         let first_2xx = self.invite
             && !self.media_final
-            && b.role != Role::Direct
+            && self.plan.media.is_some()
             && self.ctx.media
             && (200..300).contains(&status);
         // RFC 3261 §9.1: any provisional, 100 included, lets the CANCEL go.

@@ -1076,3 +1076,42 @@ fn a_non_invite_gets_one_final_only() {
     h.at(200);
     assert!(h.answer(1, false, &carol.msg, 200).is_empty());
 }
+
+#[test]
+fn a_2xx_from_a_branch_not_relayed_still_finishes_the_relayed_ones() {
+    // `media = "nat"`: Bob registered behind NAT (a flow) is relayed, Carol is not.
+    let mut work = forward(&[BOB, CAROL], Some(MediaMode::Nat));
+    if let Work::Forward { plan, .. } = &mut work {
+        plan.targets[0].flow = Some(crate::proxy::forward::Flow {
+            proto: Proto::Udp,
+            addr: addr(BOB),
+        });
+    }
+    let (mut h, sent) = Harness::start(ctx(true), request("INVITE", Some(OFFER)), work);
+    // Carol's branch goes out at once with the caller's SDP; Bob's waits for the relay.
+    assert_upstream(&sent[one_idx(to(&sent, CALLER))], 100);
+    let carol = sent[one_idx(to(&sent, CAROL))].msg.clone();
+    assert_eq!(carol.body(), OFFER.as_bytes());
+    let ops = h.take_media();
+    assert!(
+        matches!(
+            ops.as_slice(),
+            [MediaOp::Offer {
+                idx: 0,
+                role: Role::Relay,
+                ..
+            }]
+        ),
+        "{ops:?}"
+    );
+    h.t.handle_offer(h.now, 0, Ok(Some(RELAY_OFFER.as_bytes().to_vec())));
+    assert_eq!(h.drain().len(), 1, "Bob's INVITE with the relay's SDP");
+    h.take_events();
+
+    // Carol (not relayed) answers: the relayed branch's session must be given back now, not
+    // when the relay's offer timeout notices it (a leaked media session otherwise).
+    h.at(300);
+    let sent = h.answer(1, false, &carol, 200);
+    assert!(sent.iter().any(|s| s.status() == Some(200)), "{sent:?}");
+    assert_finished(&mut h, 200, false);
+}
