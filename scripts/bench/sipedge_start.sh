@@ -63,6 +63,14 @@ url = "sqlite://$SIPEDGE_RUNDIR/sipedge.db"
 [registrar]
 max_expires = 3600
 
+# Throughput, not flood protection, is measured here: finished UDP transactions are kept 32 s
+# (RFC 3261 Timer J/K, RFC 6026 Timer L/M), so at N calls/s about 64·N of them are alive; the
+# default limits.transactions (50,000) would refuse calls above ~780/s. Kamailio's bench config
+# has no such cap (its tm lives in 2 GB of shm).
+[limits]
+transactions = 1000000
+transactions_per_ip = 1000000
+
 [media]
 mode = "$media"
 
