@@ -200,6 +200,15 @@ else
     echo "FAIL  transactions left after the calls: ${stopped:-no shutdown line}"
     failed=1
 fi
+# Every response of the calls found its transaction (a response that beats the table entry of
+# the request it answers is dropped as stray and costs the callee a retransmission).
+strays=$(grep -o 'proxy_stray_responses_dropped=[0-9]*' "$work/sipedge.2.log" | tail -1)
+if [ -z "$strays" ] && grep -q "sipedge stopped" "$work/sipedge.2.log"; then
+    echo "ok    no stray response dropped"
+else
+    echo "FAIL  responses dropped as stray: ${strays:-no shutdown line}"
+    failed=1
+fi
 
 
 if grep -q "panicked" "$work"/sipedge.*.log; then

@@ -11,7 +11,8 @@ use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::config::{Config, MediaConfig};
-use crate::driver::{Driver, Server};
+use crate::control::{self, Control};
+use crate::driver::{Driver, Server, SipCounters};
 use crate::media::session::{self, Media};
 use crate::metrics::Registry;
 use crate::proxy::pipeline::Core;
@@ -40,6 +41,9 @@ pub enum StartError {
     /// The media relay could not start (its threads or sockets).
     #[error("media relay: {0}")]
     Relay(std::io::Error),
+    /// The control endpoint could not bind `control.listen`.
+    #[error("control.listen {0}: {1}")]
+    Control(std::net::SocketAddr, std::io::Error),
     /// The stored nonce secret is not 64 hex digits.
     #[error("meta.nonce_secret in the database is not 64 hex digits")]
     Secret,
@@ -56,6 +60,8 @@ pub struct App {
     pub security: Arc<Security>,
     /// Every layer's counters: the shutdown line, `show`, `/metrics`.
     pub metrics: Arc<Registry>,
+    /// The loopback control endpoint, bound (`None` when `control.listen = ""`).
+    pub control: Option<Control>,
 }
 
 /// Opens and migrates the store, loads the location service, binds the listeners and
@@ -153,6 +159,35 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     pinger.register_metrics(&metrics);
     proxy.register_metrics(&metrics);
     media.register_metrics(&metrics);
+    let counters = Arc::new(SipCounters::default());
+    counters.register_metrics(&metrics);
+    metrics.labelled(
+        "build_info",
+        "The running version.",
+        crate::metrics::Kind::Gauge,
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        || 1,
+    );
+    let control = match cfg.control {
+        Some(addr) => Some(
+            Control::bind(
+                addr,
+                control::State {
+                    location: location.clone(),
+                    media: media.clone(),
+                    proxy: proxy.clone(),
+                    metrics: metrics.clone(),
+                    store: store.clone(),
+                    clock: clock.clone(),
+                    instance: cfg.server.instance_id.clone(),
+                    started: clock.unix(),
+                },
+            )
+            .await
+            .map_err(|e| StartError::Control(addr, e))?,
+        ),
+        None => None,
+    };
     let driver = Arc::new(Driver {
         core,
         transports,
@@ -161,6 +196,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         auth,
         pinger,
         clock,
+        counters,
     });
     Ok(App {
         media,
@@ -170,6 +206,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         location,
         security,
         metrics,
+        control,
     })
 }
 

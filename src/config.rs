@@ -61,6 +61,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub security: RawSecurity,
+    #[serde(default)]
+    pub control: RawControl,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -157,6 +159,27 @@ impl Default for RawLimits {
             registrar_cache_bytes: 16 << 20,
         }
     }
+}
+
+/// `[control]`: the loopback HTTP endpoint of `sipedge show`, `/metrics` and the web page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// A loopback `IP:PORT`, or `""` to turn the endpoint off. Default `127.0.0.1:8060`.
+    #[serde(default = "default_control_listen")]
+    pub listen: String,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            listen: default_control_listen(),
+        }
+    }
+}
+
+fn default_control_listen() -> String {
+    "127.0.0.1:8060".into()
 }
 
 /// `[database]`
@@ -374,6 +397,33 @@ fn default_fr_timer() -> u64 {
 fn default_fr_inv_timer() -> u64 {
     120
 }
+/// The control endpoint answers anyone who can connect, without credentials: it must not be
+/// reachable from the network, so only loopback addresses are accepted.
+fn validate_control(c: &RawControl) -> Result<Option<SocketAddr>, ConfigError> {
+    if c.listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = c.listen.parse().map_err(|_| {
+        invalid(
+            "control.listen",
+            format!(
+                "{:?} is not IP:PORT (e.g. \"127.0.0.1:8060\"; \"\" turns it off)",
+                c.listen
+            ),
+        )
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(invalid(
+            "control.listen",
+            format!(
+                "{addr} is not a loopback address: the endpoint has no authentication, so it \
+                 listens on 127.0.0.1 or ::1 only (reach it remotely through an SSH tunnel)"
+            ),
+        ));
+    }
+    Ok(Some(addr))
+}
+
 fn default_db_url() -> String {
     "sqlite://data/sipedge.db".into()
 }
@@ -697,6 +747,8 @@ pub struct Config {
     pub media: MediaConfig,
     pub limits: LimitsConfig,
     pub security: SecurityConfig,
+    /// The control endpoint's address (loopback), `None` = off.
+    pub control: Option<SocketAddr>,
     pub routes: Vec<Route>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
@@ -1058,6 +1110,7 @@ impl Config {
         }
 
         let limits = LimitsConfig::validate(&raw.limits, server.max_message_size)?;
+        let control = validate_control(&raw.control)?;
 
         // Record the derived values so that `check-config` shows what will run.
         raw.server.advertise = Some(server.advertise.to_string());
@@ -1074,6 +1127,7 @@ impl Config {
             media,
             limits,
             security,
+            control,
             routes,
             advertise_source,
             effective: raw,

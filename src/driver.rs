@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -14,11 +15,96 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
 use crate::log::LogLimit;
+use crate::metrics::{Kind, Registry};
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
 use crate::registrar::keepalive::Pinger;
 use crate::registrar::service::Registrar;
 use crate::transport::{Listeners, Proto, Receiver, Source, Transports};
+
+/// Request methods counted by name; others count as `other`.
+const METHODS: [&str; 14] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "PRACK",
+    "UPDATE",
+    "INFO",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "MESSAGE",
+    "REFER",
+    "other",
+];
+
+/// What the driver counts (Kamailio's `core:rcv_requests_*`, `core:rcv_replies_*xx`).
+#[derive(Debug, Default)]
+pub struct SipCounters {
+    /// Requests received (well-formed, not dropped by the flood gate), by [`METHODS`].
+    requests: [AtomicU64; METHODS.len()],
+    /// Responses received, by class 1xx..6xx.
+    responses: [AtomicU64; 6],
+    /// REGISTERs answered 503 because the registrar's queue was full.
+    registrar_overload: AtomicU64,
+}
+
+impl SipCounters {
+    fn request(&self, method: &str) {
+        let i = METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or(METHODS.len() - 1);
+        self.requests[i].fetch_add(1, Relaxed);
+    }
+
+    fn response(&self, status: u16) {
+        if let Some(c) = self
+            .responses
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Registers the requests by method, responses by class and registrar overloads.
+    pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
+        for (i, method) in METHODS.iter().enumerate() {
+            let c = Arc::downgrade(self);
+            m.labelled(
+                "sip_requests_received",
+                "SIP requests received, by method.",
+                Kind::Counter,
+                &[("method", method)],
+                move || c.upgrade().map_or(0, |c| c.requests[i].load(Relaxed)),
+            );
+        }
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"]
+            .iter()
+            .enumerate()
+        {
+            let c = Arc::downgrade(self);
+            m.labelled(
+                "sip_responses_received",
+                "SIP responses received, by status class.",
+                Kind::Counter,
+                &[("class", class)],
+                move || c.upgrade().map_or(0, |c| c.responses[i].load(Relaxed)),
+            );
+        }
+        let c = Arc::downgrade(self);
+        m.counter(
+            "registrar_overload",
+            "REGISTERs answered 503 because the registrar's queue was full.",
+            move || {
+                c.upgrade()
+                    .map_or(0, |c| c.registrar_overload.load(Relaxed))
+            },
+        );
+    }
+}
 
 /// Every service a received message can go to.
 pub struct Driver {
@@ -29,6 +115,7 @@ pub struct Driver {
     pub auth: Arc<Authenticator>,
     pub pinger: Arc<Pinger>,
     pub clock: Arc<dyn Clock>,
+    pub counters: Arc<SipCounters>,
 }
 
 impl Receiver for Driver {
@@ -50,12 +137,14 @@ impl Driver {
             Dispatch::Nothing => {}
             Dispatch::Send(out) => self.transports.send(out),
             Dispatch::Response(msg, source) => {
+                self.counters.response(msg.status().unwrap_or(0));
                 if self.pinger.on_response(&msg) {
                     return;
                 }
                 self.proxy.on_response(*msg, source)
             }
             Dispatch::Request(msg, source) => {
+                self.counters.request(msg.method().unwrap_or_default());
                 if self.proxy.absorb(&msg, source) {
                     return;
                 }
@@ -80,7 +169,9 @@ impl Driver {
                 }
             }
             Dispatch::Register(job) => {
+                self.counters.request("REGISTER");
                 if let Err(job) = self.registrar.submit(job) {
+                    self.counters.registrar_overload.fetch_add(1, Relaxed);
                     // Overload: tell the phone when to retry instead of queueing without bound.
                     static LOG: LogLimit = LogLimit::new();
                     if let Some(suppressed) = LOG.allow() {

@@ -27,6 +27,7 @@ pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod driver;
 /// Entry points for the fuzz targets (`fuzz/`) into crate-private pure code. Not a stable API.
 #[doc(hidden)]

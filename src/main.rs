@@ -62,6 +62,16 @@ enum Command {
         #[command(subcommand)]
         action: DbAction,
     },
+    /// Live state of the running server, from its control endpoint ([control] listen).
+    Show {
+        what: cmd::show::What,
+        /// Print the endpoint's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The control endpoint's address (default: control.listen of the configuration).
+        #[arg(long)]
+        control: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,5 +132,10 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
         Command::Db { action } => match action {
             DbAction::Migrate => cmd::db::migrate(config),
         },
+        Command::Show {
+            what,
+            json,
+            control,
+        } => cmd::show::run(config, what, json, control),
     }
 }

@@ -4,7 +4,7 @@
 //! Layers, top first; a module may use any module listed after it:
 //!
 //! ```text
-//! main, cmd, fuzzing → app → driver → proxy → media → registrar → nat → auth → store
+//! main, cmd, fuzzing → app → control → driver → proxy → media → registrar → nat → auth → store
 //!   → config → security → transaction → transport → sip      (clock, log: utilities for all)
 //! ```
 //!
@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-const ORDER: [&str; 13] = [
+const ORDER: [&str; 14] = [
     "app",
+    "control",
     "driver",
     "proxy",
     "media",

@@ -250,6 +250,11 @@ pub struct Counts {
     /// Datagrams dropped since start because their source was not the latched or a signalled
     /// one (strict-source latching), over all sessions.
     pub strangers: u64,
+    /// Datagrams forwarded since start (RTP and RTCP), and their payload bytes.
+    pub forwarded: u64,
+    pub forwarded_bytes: u64,
+    /// Datagrams received and not forwarded since start (strangers included).
+    pub dropped: u64,
 }
 
 /// Errors of the relay's control API.

@@ -232,6 +232,16 @@ async fn exchange(io: IoMode, port_min: u16) {
             sessions: 1,
             ports_in_use: 4,
             strangers: 1,
+            // The relay-wide totals are the session's: everything accepted was forwarded.
+            forwarded: stats.caller.pkts
+                + stats.caller.rtcp_pkts
+                + stats.callee.pkts
+                + stats.callee.rtcp_pkts,
+            forwarded_bytes: stats.caller.bytes
+                + stats.caller.rtcp_bytes
+                + stats.callee.bytes
+                + stats.callee.rtcp_bytes,
+            dropped: stats.caller.dropped + stats.callee.dropped,
         }
     );
     assert_eq!(stats.caller.strangers, 1);
@@ -485,7 +495,7 @@ async fn exhaustion_and_a_port_held_elsewhere() {
         Counts {
             sessions: 1,
             ports_in_use: 4,
-            strangers: 0,
+            ..Counts::default()
         }
     );
     relay.delete(alloc.id).await.unwrap();

@@ -3,6 +3,7 @@
 pub(crate) mod check_config;
 pub(crate) mod db;
 pub(crate) mod serve;
+pub(crate) mod show;
 pub(crate) mod user;
 
 use std::path::{Path, PathBuf};

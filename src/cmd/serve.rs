@@ -49,6 +49,7 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             .context("starting")
             .map_err(CmdError::Runtime)?;
         let (server, store, media, metrics) = (app.server, app.store, app.media, app.metrics);
+        let control = app.control;
         info!(
             version = env!("CARGO_PKG_VERSION"),
             advertise = %cfg.server.advertise,
@@ -56,12 +57,16 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             "sipedge started"
         );
         let (stop_tx, stop_rx) = watch::channel(false);
+        let controlling = control.map(|c| tokio::spawn(c.run(stop_rx.clone())));
         let serving = tokio::spawn(server.run(stop_rx));
         let signal = wait_for_signal().await;
         info!(signal, "shutting down");
         let _ = stop_tx.send(true);
         if tokio::time::timeout(DRAIN, serving).await.is_err() {
             warn!("listeners did not stop within {DRAIN:?}");
+        }
+        if let Some(c) = controlling {
+            let _ = tokio::time::timeout(DRAIN, c).await;
         }
         // Always, even when the listeners did not stop: every call's stats line and CDR.
         if tokio::time::timeout(MEDIA_DRAIN, sipedge::app::shutdown_media(&media))

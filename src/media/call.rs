@@ -411,6 +411,22 @@ impl Call {
         }
     }
 
+    /// What `sipedge show calls` lists of this call: its state and the session carrying its
+    /// media now (the answering fork's, or before an answer the first fork's that has one).
+    pub(crate) fn view(&self) -> (&'static str, Option<&Session>) {
+        let state = match self.state {
+            CallState::Offered => "offered",
+            CallState::Early => "early",
+            CallState::Confirmed { .. } => "confirmed",
+            CallState::TimedOut { .. } => "timed-out",
+            CallState::Ended => "ended",
+        };
+        let session = self
+            .winner_session()
+            .or_else(|| self.branches.iter().find_map(|b| b.session.as_ref()));
+        (state, session)
+    }
+
     fn winner_session(&self) -> Option<&Session> {
         self.winner().and_then(|w| self.session(w))
     }

@@ -45,6 +45,9 @@ struct Inner {
     backoff: Vec<Duration>,
     /// One append at a time, so lines never interleave.
     spool_lock: Mutex<()>,
+    /// Records the store refused (spooled or lost), since start: the metric of CDR write
+    /// failures.
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl CdrWriter {
@@ -62,6 +65,7 @@ impl CdrWriter {
                 spool,
                 backoff,
                 spool_lock: Mutex::new(()),
+                failed: std::sync::atomic::AtomicU64::new(0),
             }),
             retrying: Mutex::new(JoinSet::new()),
             closing,
@@ -101,6 +105,11 @@ impl CdrWriter {
     pub fn spool_path(&self) -> &Path {
         &self.inner.spool
     }
+
+    /// Records the store refused since start (spooled, or lost when the spool failed too).
+    pub fn spooled(&self) -> u64 {
+        self.inner.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Inner {
@@ -131,6 +140,8 @@ impl Inner {
 
     /// Appends the CDR to the spool file; if that fails too, logs it whole.
     async fn spool(&self, cdr: &Cdr) {
+        self.failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _guard = self.spool_lock.lock().await;
         let path = self.spool.clone();
         let record = cdr.clone();

@@ -184,12 +184,56 @@ fn ids(msg: &Message) -> Option<CallIds<'_>> {
     })
 }
 
+/// A call in progress as `sipedge show calls` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveCall {
+    pub call_id: String,
+    pub from: String,
+    pub to: String,
+    /// `offered`, `early`, `confirmed`, `timed-out` or `ended`.
+    pub state: &'static str,
+    pub start_unix: u64,
+    pub answer_unix: Option<u64>,
+    /// Who the call is counted against: `user:NAME` or `ip:ADDR`.
+    pub caller: String,
+    /// Relay RTP ports per stream: (facing the caller, facing the callee).
+    pub ports: Vec<(u16, u16)>,
+    /// What the relay received from the caller and from the callee so far.
+    pub from_caller: Option<LegView>,
+    pub from_callee: Option<LegView>,
+}
+
+/// One direction's live figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LegView {
+    pub packets: u64,
+    pub bytes: u64,
+    pub lost: u64,
+    pub jitter_ms: f64,
+    pub dropped: u64,
+}
+
+impl From<&sipedge_relay::LegStats> for LegView {
+    fn from(s: &sipedge_relay::LegStats) -> Self {
+        Self {
+            packets: s.pkts,
+            bytes: s.bytes,
+            lost: s.lost,
+            jitter_ms: s.jitter_ms,
+            dropped: s.dropped,
+        }
+    }
+}
+
 /// The relay's counts as last read: the relay's control thread owns them, so they are
 /// fetched (one round trip) by [`Refresh`] before the registry is read.
 struct RelayGauges {
     relay: RelayHandle,
     ports: AtomicU64,
     strangers: AtomicU64,
+    forwarded: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl Refresh for RelayGauges {
@@ -198,6 +242,10 @@ impl Refresh for RelayGauges {
             let c = self.relay.counts().await;
             self.ports.store(c.ports_in_use as u64, Ordering::Relaxed);
             self.strangers.store(c.strangers, Ordering::Relaxed);
+            self.forwarded.store(c.forwarded, Ordering::Relaxed);
+            self.forwarded_bytes
+                .store(c.forwarded_bytes, Ordering::Relaxed);
+            self.dropped.store(c.dropped, Ordering::Relaxed);
         })
     }
 }
@@ -273,6 +321,9 @@ impl Media {
             relay: self.relay().clone(),
             ports: AtomicU64::new(0),
             strangers: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            forwarded_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         });
         let r = relay.clone();
         m.gauge(
@@ -286,7 +337,72 @@ impl Media {
             "Datagrams dropped because their source was not the latched or a signalled one.",
             move || r.strangers.load(Ordering::Relaxed),
         );
+        let r = relay.clone();
+        m.counter(
+            "relay_forwarded_packets",
+            "RTP and RTCP datagrams forwarded.",
+            move || r.forwarded.load(Ordering::Relaxed),
+        );
+        let r = relay.clone();
+        m.counter(
+            "relay_forwarded_bytes",
+            "Payload bytes of the datagrams forwarded.",
+            move || r.forwarded_bytes.load(Ordering::Relaxed),
+        );
+        let r = relay.clone();
+        m.counter(
+            "relay_dropped_packets",
+            "Datagrams received on relay ports and not forwarded.",
+            move || r.dropped.load(Ordering::Relaxed),
+        );
+        let me = Arc::downgrade(self);
+        m.counter(
+            "cdr_write_failures",
+            "Call records the store refused (then spooled to media.cdr_spool).",
+            move || me.upgrade().map_or(0, |me| me.cdr.spooled()),
+        );
         m.on_refresh(relay);
+    }
+
+    /// The calls in progress with their live relay figures, for `sipedge show calls` and the
+    /// web page: at most `max`, oldest first.
+    pub async fn live_calls(&self, max: usize) -> Vec<LiveCall> {
+        let calls: Vec<Arc<Mutex<Call>>> = self.calls.iter().map(|e| e.value().clone()).collect();
+        let mut out = Vec::new();
+        for call in calls {
+            let (mut live, id) = {
+                let c = call.lock().await;
+                let (state, session) = c.view();
+                let live = LiveCall {
+                    call_id: c.call_id.clone(),
+                    from: c.from_uri.clone(),
+                    to: c.to_uri.clone(),
+                    state,
+                    start_unix: c.start_unix,
+                    answer_unix: c.answer_unix,
+                    caller: c.caller.clone(),
+                    ports: session.map_or_else(Vec::new, |s| {
+                        s.ports
+                            .iter()
+                            .map(|p| (p.caller.rtp, p.callee.rtp))
+                            .collect()
+                    }),
+                    from_caller: None,
+                    from_callee: None,
+                };
+                (live, session.map(|s| s.id))
+            };
+            if let Some(id) = id
+                && let Ok(stats) = self.relay.handle().query(id).await
+            {
+                live.from_caller = Some(LegView::from(&stats.caller));
+                live.from_callee = Some(LegView::from(&stats.callee));
+            }
+            out.push(live);
+        }
+        out.sort_by_key(|c| c.start_unix);
+        out.truncate(max);
+        out
     }
 
     /// The CDR writer (its spool path).

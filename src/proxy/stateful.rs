@@ -172,6 +172,27 @@ impl Proxy {
         }
     }
 
+    /// Up to `max` live transactions of each side, for `sipedge show transactions`:
+    /// (side, method, branch, sent-by).
+    pub fn transactions(&self, max: usize) -> Vec<(&'static str, TxnKey)> {
+        let server = self
+            .server
+            .iter()
+            .take(max)
+            .map(|e| ("server", e.key().clone()));
+        let client = self.client.iter().take(max).map(|e| {
+            (
+                if e.value().2 {
+                    "client-cancel"
+                } else {
+                    "client"
+                },
+                e.key().clone(),
+            )
+        });
+        server.chain(client).collect()
+    }
+
     /// Transactions alive (server and client), for logs, tests and `show`.
     pub fn transaction_count(&self) -> (usize, usize) {
         (self.server.len(), self.client.len())
@@ -590,9 +611,9 @@ impl Proxy {
         bound: &mut Vec<TxnKey>,
     ) {
         loop {
-            while let Some(out) = t.poll_transmit() {
-                self.transports.send(out);
-            }
+            // Table changes before the transmits: a callee on a fast link answers within
+            // microseconds, on another receive thread, and its response must find the client
+            // transaction (Bind) already in the table, or it is dropped as stray.
             while let Some(e) = t.poll_event() {
                 match e {
                     TableEvent::Bind { key, idx, cancel } => {
@@ -608,6 +629,9 @@ impl Proxy {
                         self.server.remove(key);
                     }
                 }
+            }
+            while let Some(out) = t.poll_transmit() {
+                self.transports.send(out);
             }
             let Some(op) = t.poll_media() else { return };
             let Some(media) = &self.media else { continue };
@@ -766,7 +790,7 @@ async fn authorize(
     {
         Outcome::Authorized { username } => {
             if need == AuthNeed::Route && from_user.as_deref() != Some(username.as_str()) {
-                warn!(auth.user = %username, from.user = ?from_user, "From does not match the credentials");
+                warn!(auth.user = %username, from.user = from_user.as_deref().unwrap_or(""), "From does not match the credentials");
                 return Err((403, reply_now(403, "Use From ID", &[])));
             }
             Ok(username)

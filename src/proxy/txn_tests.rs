@@ -1115,3 +1115,50 @@ fn a_2xx_from_a_branch_not_relayed_still_finishes_the_relayed_ones() {
     assert!(sent.iter().any(|s| s.status() == Some(200)), "{sent:?}");
     assert_finished(&mut h, 200, false);
 }
+
+/// One parse per message: the received INVITE is forwarded, and the callee's responses go
+/// upstream, by span edits of the parsed message — nothing in the proxy core parses again.
+#[test]
+fn a_forwarded_invite_and_its_responses_are_not_parsed_again() {
+    let parses = || crate::sip::parse::PARSES.with(std::cell::Cell::get);
+    let t0 = t0();
+    let req = request("INVITE", Some(OFFER));
+    let before = parses();
+    let mut t = ProxyTxn::new(ctx(false), req, source(), forward(&[BOB], None), t0);
+    let mut out = Vec::new();
+    while let Some(tx) = t.poll_transmit() {
+        out.push(tx);
+    }
+    assert_eq!(
+        parses(),
+        before,
+        "the INVITE went out without a second parse"
+    );
+    let to_bob = out
+        .iter()
+        .find(|tx| tx.dest == addr(BOB))
+        .expect("forwarded");
+    let fwd = parse(&to_bob.bytes);
+    let (r180, r200) = (uas(&fwd, 180, None), uas(&fwd, 200, Some(ANSWER)));
+    let before = parses();
+    for (ms, resp) in [(100, r180), (200, r200)] {
+        t.handle(
+            t0 + Duration::from_millis(ms),
+            Input::Response {
+                idx: 0,
+                cancel: false,
+                resp,
+            },
+        );
+    }
+    let mut up = 0;
+    while let Some(tx) = t.poll_transmit() {
+        up += usize::from(tx.dest == addr(CALLER));
+    }
+    assert_eq!(up, 2, "180 and 200 relayed");
+    assert_eq!(
+        parses(),
+        before,
+        "the responses went up without a second parse"
+    );
+}

@@ -158,6 +158,8 @@ pub struct Pinger {
     /// Pings answered, for tests and the log.
     answered: AtomicU64,
     sent: AtomicU64,
+    /// Bindings that reached `nat.ping_failures` unanswered pings in a row.
+    unreachable_count: AtomicU64,
     /// Seq → binding, for answers (bounded: entries older than one interval are dropped).
     pending: DashMap<u64, ()>,
     /// The first sequence number of the previous interval (pending answers older than it
@@ -190,6 +192,7 @@ impl Pinger {
             failures: tokio::sync::Mutex::new(Failures::default()),
             answers: DashMap::new(),
             answered: AtomicU64::new(0),
+            unreachable_count: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pending: DashMap::new(),
             cycle_start: AtomicU64::new(0),
@@ -209,6 +212,15 @@ impl Pinger {
             "nat_pings_answered",
             "Keepalive OPTIONS pings answered.",
             move || p.upgrade().map_or(0, |p| p.counts().1),
+        );
+        let p = Arc::downgrade(self);
+        m.counter(
+            "nat_bindings_unreachable",
+            "NATed bindings that left nat.ping_failures keepalives in a row unanswered.",
+            move || {
+                p.upgrade()
+                    .map_or(0, |p| p.unreachable_count.load(Ordering::Relaxed))
+            },
         );
     }
 
@@ -321,6 +333,9 @@ impl Pinger {
 
     /// A binding stopped answering.
     async fn unreachable(&self, b: &Binding, misses: u32) {
+        if misses == self.cfg.nat.ping_failures {
+            self.unreachable_count.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.cfg.nat.ping_remove {
             if misses == self.cfg.nat.ping_failures {
                 warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "NATed contact does not answer keepalives");

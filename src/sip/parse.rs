@@ -12,6 +12,12 @@ use std::ops::Range;
 use super::header::HeaderName;
 use super::scan::{is_lws, is_token, trim};
 
+#[cfg(test)]
+thread_local! {
+    /// Messages parsed on this thread: tests count the parses of a code path.
+    pub(crate) static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// What makes a message unacceptable. The `Display` form is the reason phrase of the 400 (or
 /// 505) that answers it, so it names the part at fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -124,6 +130,8 @@ impl Message {
     /// Indexes `input`. Fails only when no start line can be recognised; other problems are
     /// left in [`Self::defect`].
     pub fn parse(input: &[u8], framing: Framing) -> Result<Self, Malformed> {
+        #[cfg(test)]
+        PARSES.with(|p| p.set(p.get() + 1));
         // RFC 3261 §7.5: CRLFs before the start line are ignored (they are also keepalives).
         let lead = input.iter().take_while(|&&b| is_lws(b)).count();
         if lead == input.len() {

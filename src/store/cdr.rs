@@ -49,6 +49,7 @@ const COLS: [&str; 16] = [
 pub(super) struct Sql {
     insert: String,
     summary: String,
+    recent: String,
 }
 
 impl Sql {
@@ -57,6 +58,7 @@ impl Sql {
             insert: d.insert("cdr", &COLS),
             summary: d
                 .sql("SELECT reason, status, caller_pkts, callee_pkts FROM cdr WHERE call_id = ?"),
+            recent: d.sql("SELECT * FROM cdr ORDER BY end_ts DESC LIMIT ?"),
         }
     }
 }
@@ -84,6 +86,38 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The `limit` most recently ended calls, newest first, every column by name (for the
+    /// control endpoint: new columns appear without a change here).
+    pub async fn recent_cdrs(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
+        use sqlx::{Column, Row as _};
+        let rows = sqlx::query(&self.sql.cdr.recent)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let mut m = serde_json::Map::new();
+                for col in r.columns() {
+                    let name = col.name();
+                    let v = if let Ok(v) = r.try_get::<Option<i64>, _>(name) {
+                        serde_json::json!(v)
+                    } else if let Ok(v) = r.try_get::<Option<f64>, _>(name) {
+                        serde_json::json!(v)
+                    } else if let Ok(v) = r.try_get::<Option<String>, _>(name) {
+                        serde_json::json!(v)
+                    } else if let Ok(v) = r.try_get::<Option<Vec<u8>>, _>(name) {
+                        serde_json::json!(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    m.insert(name.to_owned(), v);
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect())
     }
 
     /// The call records of one Call-ID: (reason, status, caller pkts, callee pkts).

@@ -92,7 +92,7 @@ async fn serve_answers_and_stops_on_sigterm() {
     let path = temp_config(
         "serve.toml",
         &format!(
-            "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n[database]\nurl = \"{}\"\n",
+            "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n[database]\nurl = \"{}\"\n[control]\nlisten = \"127.0.0.1:0\"\n",
             crate::harness::fresh_db()
         ),
     );
@@ -109,7 +109,7 @@ async fn serve_answers_and_stops_on_sigterm() {
             .next()
             .expect("server exited before listening")
             .unwrap();
-        if line.contains("listening")
+        if line.contains("listening transport=\"udp\"")
             && let Some(rest) = line.split(" addr=").nth(1)
         {
             break rest

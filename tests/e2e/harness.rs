@@ -27,6 +27,8 @@ pub(crate) struct TestServer {
     pub(crate) media: Arc<sipedge::media::session::Media>,
     pub(crate) security: Arc<sipedge::security::Security>,
     pub(crate) metrics: Arc<sipedge::metrics::Registry>,
+    /// The control endpoint's address.
+    pub(crate) control: SocketAddr,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
     stop: watch::Sender<bool>,
@@ -49,7 +51,8 @@ impl TestServer {
             .try_init();
         let text = format!(
             "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
-             domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n{extra}"
+             domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n\
+             [control]\nlisten = \"127.0.0.1:0\"\n{extra}"
         );
         let cfg = Config::from_toml(&text, || "127.0.0.1".parse().unwrap()).unwrap();
         let app = sipedge::app::build(Arc::new(cfg), Arc::new(SystemClock))
@@ -65,6 +68,11 @@ impl TestServer {
         };
         let (udp, tcp) = (addr(Proto::Udp), addr(Proto::Tcp));
         let (stop, rx) = watch::channel(false);
+        let control = app
+            .control
+            .expect("the harness turns the control endpoint on");
+        let control_addr = control.local_addr().unwrap();
+        tokio::spawn(control.run(rx.clone()));
         let task = tokio::spawn(app.server.run(rx));
         Self {
             udp,
@@ -75,6 +83,7 @@ impl TestServer {
             media: app.media,
             security: app.security,
             metrics: app.metrics,
+            control: control_addr,
             db_url: db_url.to_owned(),
             stop,
             task: Some(task),

@@ -18,7 +18,7 @@ fn media_config(ports: &str) -> String {
     )
 }
 
-fn sdp(rtp_port: u16) -> String {
+pub(crate) fn sdp(rtp_port: u16) -> String {
     format!(
         "v=0\r\no=- 7 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
          m=audio {rtp_port} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
@@ -26,7 +26,7 @@ fn sdp(rtp_port: u16) -> String {
 }
 
 /// (connection address, first m= port, o= version) of a message's SDP.
-fn sdp_of(m: &Message) -> (String, u16, String) {
+pub(crate) fn sdp_of(m: &Message) -> (String, u16, String) {
     let body = std::str::from_utf8(m.body()).unwrap();
     let line = |p: &str| {
         body.lines()
@@ -51,7 +51,7 @@ fn with_sdp(text: &str, body: &str) -> String {
     )
 }
 
-fn invite(caller: SocketAddr, call_id: &str, rtp: u16) -> String {
+pub(crate) fn invite(caller: SocketAddr, call_id: &str, rtp: u16) -> String {
     let text = format!(
         "INVITE sip:bob@example.com SIP/2.0\r\n\
 Via: SIP/2.0/UDP {caller};branch=z9hG4bK-{call_id};rport\r\n\
@@ -67,7 +67,7 @@ Content-Length: 0\r\n\r\n"
 }
 
 /// The callee's answer: Record-Route copied, a fixed To-tag, optional SDP.
-fn answer(
+pub(crate) fn answer(
     req: &Message,
     from: SocketAddr,
     callee: SocketAddr,
@@ -90,7 +90,7 @@ fn answer(
 }
 
 /// A request from the caller inside the dialog, along the route set.
-fn in_dialog(
+pub(crate) fn in_dialog(
     method: &str,
     cseq: u32,
     caller: SocketAddr,
@@ -112,7 +112,7 @@ Content-Length: 0\r\n\r\n",
     )
 }
 
-fn routes_of(m: &Message) -> Vec<String> {
+pub(crate) fn routes_of(m: &Message) -> Vec<String> {
     m.route_set(HeaderName::RecordRoute)
         .unwrap()
         .iter()
@@ -121,7 +121,7 @@ fn routes_of(m: &Message) -> Vec<String> {
 }
 
 /// A 172-byte RTP packet (PCMU, 20 ms).
-fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
+pub(crate) fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
     let mut p = vec![0x80, 0x00];
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
@@ -148,7 +148,7 @@ async fn expect_rtp(sock: &UdpSocket, relay: SocketAddr, n: usize, ssrc: u32) {
 }
 
 /// The server with one registered callee, bob, at `callee`.
-async fn server(ports: &str, callee: SocketAddr) -> TestServer {
+pub(crate) async fn server(ports: &str, callee: SocketAddr) -> TestServer {
     let srv = TestServer::start("", &media_config(ports)).await;
     let b = binding("bob@example.com", format!("sip:bob@{callee}"), callee);
     srv.set_bindings(&b.aor, vec![b.clone()]).await;

@@ -9,13 +9,13 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::worker::{self, LegSockets, WorkerCmd, WorkerConfig, WorkerHandle};
+use super::worker::{self, LegSockets, Totals, WorkerCmd, WorkerConfig, WorkerHandle};
 use crate::forward::Timeouts;
 use crate::ports::PortPool;
 use crate::{
@@ -47,8 +47,8 @@ struct Control {
     sessions: HashMap<SessionId, Owned>,
     next_id: u64,
     events: mpsc::UnboundedSender<Closed>,
-    /// Datagrams the workers dropped as strangers.
-    strangers: Arc<AtomicU64>,
+    /// What the workers forwarded and dropped.
+    totals: Arc<Totals>,
 }
 
 pub(crate) fn start(
@@ -81,16 +81,11 @@ pub(crate) fn start(
         v6: cfg.bind.is_ipv6(),
     };
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
-    let strangers = Arc::new(AtomicU64::new(0));
+    let totals = Arc::new(Totals::default());
     let mut workers = Vec::with_capacity(n);
     for i in 0..n {
         // On error the workers started so far see their channel close and exit.
-        workers.push(worker::spawn(
-            i,
-            wcfg,
-            closed_tx.clone(),
-            strangers.clone(),
-        )?);
+        workers.push(worker::spawn(i, wcfg, closed_tx.clone(), totals.clone())?);
     }
     drop(closed_tx);
 
@@ -104,7 +99,7 @@ pub(crate) fn start(
         sessions: HashMap::new(),
         next_id: 1,
         events: events_tx,
-        strangers,
+        totals,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -219,7 +214,10 @@ impl Control {
                 let _ = reply.send(Counts {
                     sessions: self.sessions.len(),
                     ports_in_use: self.pool.in_use() * 2,
-                    strangers: self.strangers.load(Ordering::Relaxed),
+                    strangers: self.totals.strangers.load(Ordering::Relaxed),
+                    forwarded: self.totals.forwarded.load(Ordering::Relaxed),
+                    forwarded_bytes: self.totals.bytes.load(Ordering::Relaxed),
+                    dropped: self.totals.dropped.load(Ordering::Relaxed),
                 });
             }
             // Handled by `run`.

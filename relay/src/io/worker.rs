@@ -98,13 +98,27 @@ pub(crate) struct WorkerHandle {
     pub(crate) thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts worker `index`. Closed sessions are reported on `closed`; datagrams dropped as
-/// strangers are added to `strangers` (shared by every worker).
+/// Relay-wide totals since start, shared by every worker: one atomic add per batch, not per
+/// packet.
+#[derive(Debug, Default)]
+pub(crate) struct Totals {
+    /// Datagrams dropped as strangers (strict-source latching).
+    pub(crate) strangers: AtomicU64,
+    /// Datagrams handed to the kernel to forward, and their payload bytes.
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    /// Datagrams received and not forwarded (strangers, malformed, truncated, no destination
+    /// yet).
+    pub(crate) dropped: AtomicU64,
+}
+
+/// Starts worker `index`. Closed sessions are reported on `closed`; relay-wide counts go to
+/// `totals` (shared by every worker).
 pub(crate) fn spawn(
     index: usize,
     cfg: WorkerConfig,
     closed: mpsc::UnboundedSender<Closed>,
-    strangers: Arc<AtomicU64>,
+    totals: Arc<Totals>,
 ) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     // The runtime is built on the new thread (a runtime must not be dropped inside another
@@ -127,7 +141,7 @@ pub(crate) fn spawn(
                 }
             };
             let span = tracing::info_span!("relay_worker", worker = index);
-            LocalSet::new().block_on(&rt, run(cfg, rx, closed, strangers).instrument(span));
+            LocalSet::new().block_on(&rt, run(cfg, rx, closed, totals).instrument(span));
         })?;
     ready_rx
         .recv()
@@ -189,14 +203,14 @@ struct Worker {
     pending: Vec<Pending>,
     send_list: Vec<Transmit>,
     send: SendCounters,
-    /// Relay-wide count of datagrams from strangers (strict-source latching).
-    strangers: Arc<AtomicU64>,
+    /// Relay-wide totals.
+    totals: Arc<Totals>,
     recv_warn: RateLimit,
     send_warn: RateLimit,
 }
 
 impl Worker {
-    fn new(cfg: WorkerConfig, strangers: Arc<AtomicU64>) -> io::Result<Self> {
+    fn new(cfg: WorkerConfig, totals: Arc<Totals>) -> io::Result<Self> {
         let ports = usize::from(cfg.port_max - cfg.port_min) + 1;
         Ok(Self {
             relay: Relay::new(cfg.port_min, cfg.pairs, cfg.timeouts),
@@ -209,7 +223,7 @@ impl Worker {
             pending: Vec::with_capacity(BATCH),
             send_list: Vec::with_capacity(BATCH),
             send: SendCounters::default(),
-            strangers,
+            totals,
             recv_warn: RateLimit::default(),
             send_warn: RateLimit::default(),
         })
@@ -230,25 +244,42 @@ impl Worker {
         let drained = n < BATCH;
         let now = Instant::now();
         self.pending.clear();
+        let (mut bytes, mut dropped, mut strangers) = (0u64, 0u64, 0u64);
         for i in 0..n {
             let meta = self.io.meta(i);
             if meta.truncated {
                 // A cut datagram is useless to the peer and would corrupt its stats.
                 self.relay.on_truncated(port);
+                dropped += 1;
                 continue;
             }
             let Some(src) = meta.src else { continue };
-            match self.relay.on_packet(now, port, src, self.io.payload(i)) {
-                Verdict::Forward { out_port, dst } => self.pending.push(Pending {
-                    slot: i,
-                    out_port,
-                    dst,
-                }),
-                Verdict::Drop(DropReason::Stranger) => {
-                    self.strangers.fetch_add(1, Ordering::Relaxed);
+            let payload = self.io.payload(i);
+            match self.relay.on_packet(now, port, src, payload) {
+                Verdict::Forward { out_port, dst } => {
+                    bytes += payload.len() as u64;
+                    self.pending.push(Pending {
+                        slot: i,
+                        out_port,
+                        dst,
+                    });
                 }
-                Verdict::Drop(_) => {}
+                Verdict::Drop(DropReason::Stranger) => {
+                    strangers += 1;
+                    dropped += 1;
+                }
+                Verdict::Drop(_) => dropped += 1,
             }
+        }
+        let t = &self.totals;
+        if !self.pending.is_empty() {
+            t.forwarded
+                .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
+            t.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            t.dropped.fetch_add(dropped, Ordering::Relaxed);
+            t.strangers.fetch_add(strangers, Ordering::Relaxed);
         }
         self.send_grouped(now);
         Ok(Batch { drained })
@@ -352,9 +383,9 @@ async fn run(
     cfg: WorkerConfig,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     closed: mpsc::UnboundedSender<Closed>,
-    strangers: Arc<AtomicU64>,
+    totals: Arc<Totals>,
 ) {
-    let worker = match Worker::new(cfg, strangers) {
+    let worker = match Worker::new(cfg, totals) {
         Ok(w) => w,
         Err(error) => {
             tracing::error!(%error, "relay worker: no epoll instance; it serves nothing");
