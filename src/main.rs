@@ -62,6 +62,25 @@ enum Command {
         #[command(subcommand)]
         action: DbAction,
     },
+    /// Call records (one per call).
+    Cdr {
+        #[command(subcommand)]
+        action: CdrAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CdrAction {
+    /// Print the call records to standard output, oldest first.
+    Export {
+        /// Only the calls that started at or after this time: unix seconds or RFC 3339
+        /// (2026-12-05T07:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// csv (a header line, then one line per call) or json (one object per line).
+        #[arg(long, value_enum, default_value = "csv")]
+        format: cmd::cdr::Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +140,11 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
         },
         Command::Db { action } => match action {
             DbAction::Migrate => cmd::db::migrate(config),
+        },
+        Command::Cdr { action } => match action {
+            CdrAction::Export { since, format } => {
+                cmd::cdr::export(config, since.as_deref(), format)
+            }
         },
     }
 }
