@@ -13,8 +13,10 @@ use crate::clock::Clock;
 use crate::config::{Config, MediaConfig};
 use crate::control::{self, Control};
 use crate::driver::{Driver, Server, SipCounters};
+use crate::media::cdr::CdrWriter;
 use crate::media::session::{self, Media};
 use crate::metrics::Registry;
+use crate::proxy::accounting::Accounting;
 use crate::proxy::pipeline::Core;
 use crate::proxy::stateful::Proxy;
 use crate::registrar::keepalive::Pinger;
@@ -136,13 +138,24 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         }),
         shards,
     );
-    let media = start_media(&cfg.media, store.clone(), clock.clone())?;
+    // One CDR writer (retries, then the spool) for every call: relayed ones are written by
+    // the media side, the others by accounting (README "Accounting").
+    let cdr = Arc::new(CdrWriter::new(store.clone(), cfg.media.cdr_spool.clone()));
+    let media = start_media(&cfg.media, cdr.clone(), clock.clone())?;
+    let acc = Arc::new(Accounting::new(
+        cdr,
+        clock.clone(),
+        cfg.limits.dialogs,
+        cfg.limits.dialog_max_age,
+    ));
+    tokio::spawn(Accounting::sweep(Arc::downgrade(&acc)).instrument(info_span!("acc_sweep")));
     let proxy = Arc::new(Proxy::new(
         cfg.clone(),
         transports.clone(),
         local.clone(),
         route_key.clone(),
         Some(media.clone()),
+        acc,
     ));
     let core = Core::new(
         cfg.clone(),
@@ -231,7 +244,7 @@ fn transport_limits(cfg: &Config) -> Limits {
 /// Starts the relay engine and the task that turns its timeouts into closed calls.
 fn start_media(
     m: &MediaConfig,
-    store: Store,
+    cdr: Arc<CdrWriter>,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<Media>, StartError> {
     // Media sockets bind the advertised address when it is ours, else every address (a host
@@ -259,14 +272,7 @@ fn start_media(
         max_sessions: m.max_sessions.min(m.ports.pairs() / 2).max(1),
         max_sessions_per_caller: m.max_sessions_per_caller,
     };
-    let media = Arc::new(Media::new(
-        relay,
-        m.address,
-        store,
-        clock,
-        limits,
-        m.cdr_spool.clone(),
-    ));
+    let media = Arc::new(Media::new(relay, m.address, cdr, clock, limits));
     let on_closed = media.clone();
     tokio::spawn(async move {
         while let Some(c) = closed.recv().await {

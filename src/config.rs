@@ -142,6 +142,12 @@ pub struct RawLimits {
     pub registrar_cache: usize,
     /// ... and their bytes at most. Default 16777216 (16 MiB).
     pub registrar_cache_bytes: usize,
+    /// Answered calls (not relayed) waiting for their BYE to complete their CDR row; beyond
+    /// it the oldest is written with reason "evicted" (and counted). Default 100000.
+    pub dialogs: usize,
+    /// Seconds an answered call (not relayed) may wait for its BYE; then its CDR row is
+    /// written with reason "timeout". Default 14400 (4 h).
+    pub dialog_max_age: u64,
 }
 
 impl Default for RawLimits {
@@ -157,6 +163,8 @@ impl Default for RawLimits {
             transaction_memory: 16 << 20,
             registrar_cache: 20_000,
             registrar_cache_bytes: 16 << 20,
+            dialogs: 100_000,
+            dialog_max_age: 4 * 3600,
         }
     }
 }
@@ -674,6 +682,8 @@ pub struct LimitsConfig {
     pub transaction_memory: usize,
     pub registrar_cache: usize,
     pub registrar_cache_bytes: usize,
+    pub dialogs: usize,
+    pub dialog_max_age: Duration,
 }
 
 impl LimitsConfig {
@@ -684,6 +694,7 @@ impl LimitsConfig {
             ("limits.transactions", l.transactions),
             ("limits.transactions_per_ip", l.transactions_per_ip),
             ("limits.registrar_cache", l.registrar_cache),
+            ("limits.dialogs", l.dialogs),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -696,6 +707,13 @@ impl LimitsConfig {
             if !(1..=3600).contains(&v) {
                 return Err(invalid(key, "must be between 1 and 3600 seconds"));
             }
+        }
+        // A call longer than a week is not a call any more; a minute is shorter than some.
+        if !(60..=7 * 86_400).contains(&l.dialog_max_age) {
+            return Err(invalid(
+                "limits.dialog_max_age",
+                "must be between 60 and 604800 seconds",
+            ));
         }
         if l.tcp_send_queue < max_message_size {
             return Err(invalid(
@@ -732,6 +750,8 @@ impl LimitsConfig {
             transaction_memory: l.transaction_memory,
             registrar_cache: l.registrar_cache,
             registrar_cache_bytes: l.registrar_cache_bytes,
+            dialogs: l.dialogs,
+            dialog_max_age: Duration::from_secs(l.dialog_max_age),
         })
     }
 }
@@ -1507,6 +1527,8 @@ mod tests {
                 "limits.tcp_write_timeout",
             ),
             ("[limits]\ntcp_send_queue = 100", "limits.tcp_send_queue"),
+            ("[limits]\ndialogs = 0", "limits.dialogs"),
+            ("[limits]\ndialog_max_age = 10", "limits.dialog_max_age"),
             (
                 "[limits]\ntransactions_per_ip = 0",
                 "limits.transactions_per_ip",

@@ -154,6 +154,10 @@ impl Driver {
                         self.transports.send(out);
                     }
                     Routed::Absorb => debug!("absorbed"),
+                    Routed::NotFound(out) => {
+                        debug!("not found: answered statefully, accounted");
+                        self.proxy.not_found(*msg, source, out, self.clock.unix());
+                    }
                     Routed::Forward(plan) => {
                         debug!(?plan, "forward");
                         let fut = self.proxy.clone().forward(
@@ -217,6 +221,9 @@ impl Server {
         let receiver: Arc<dyn Receiver> = self.driver;
         self.listeners.run(receiver, shutdown).await;
         let _ = keepalive.await;
+        // The answered calls still waiting for their BYE get their rows (reason "shutdown");
+        // the relayed ones are written by the media shutdown that follows.
+        proxy.accounting().shutdown().await;
         let (servers, clients) = proxy.transaction_count();
         info!(
             transactions.server = servers,

@@ -12,6 +12,8 @@
 //! - [`nat`]: far-end NAT detection (nathelper's tests, pure) and keepalives to NATed bindings.
 //! - [`media`]: SDP offer/answer rewrite (pure) and the media session of each relayed dialog,
 //!   driving the in-process relay engine (the `sipedge-relay` crate) through its channel API.
+//! - [`acc`]: accounting: one `cdr` row per call (which calls, the dialogs waiting for their
+//!   BYE); relayed calls are written by [`media`] with their media figures.
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
 //! - [`security`]: per-source rate limit and bans, failed-authentication bans and user locks,
@@ -23,6 +25,7 @@
 //! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
 //! [`proxy::pipeline::Core::handle`] and sends what it returns.
 
+pub mod acc;
 pub mod app;
 pub mod auth;
 pub mod clock;

@@ -72,6 +72,25 @@ enum Command {
         #[arg(long)]
         control: Option<std::net::SocketAddr>,
     },
+    /// Call records (one per call).
+    Cdr {
+        #[command(subcommand)]
+        action: CdrAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CdrAction {
+    /// Print the call records to standard output, oldest first.
+    Export {
+        /// Only the calls that started at or after this time: unix seconds or RFC 3339
+        /// (2026-12-05T07:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// csv (a header line, then one line per call) or json (one object per line).
+        #[arg(long, value_enum, default_value = "csv")]
+        format: cmd::cdr::Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,5 +156,10 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
             json,
             control,
         } => cmd::show::run(config, what, json, control),
+        Command::Cdr { action } => match action {
+            CdrAction::Export { since, format } => {
+                cmd::cdr::export(config, since.as_deref(), format)
+            }
+        },
     }
 }

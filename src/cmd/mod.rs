@@ -1,5 +1,6 @@
 //! The subcommands. `anyhow` is used here and in `main.rs` only.
 
+pub(crate) mod cdr;
 pub(crate) mod check_config;
 pub(crate) mod db;
 pub(crate) mod serve;

@@ -75,7 +75,8 @@ fn hashes(cfg: &Config, user: &str, domain: &str, pw: &str) -> (String, String) 
     )
 }
 
-async fn open(cfg: &Config) -> Result<Store, CmdError> {
+/// Opens and migrates the store (also for `cdr export`).
+pub(crate) async fn open(cfg: &Config) -> Result<Store, CmdError> {
     let store = Store::connect(&cfg.database_url)
         .await
         .context("opening the database")

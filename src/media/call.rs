@@ -18,6 +18,7 @@ use sipedge_relay::{
     Allocation, Direction as RelayDirection, Endpoint, SessionId, SessionStats, Side, StreamPorts,
 };
 
+use crate::acc::{Hangup, Start};
 use crate::media::sdp::{Direction, SdpInfo};
 
 /// Why a call's media ended (the `reason` field of the stats line and the CDR).
@@ -267,6 +268,11 @@ pub(crate) struct Call {
     pub(crate) caller: String,
     /// The INVITE's final status.
     pub(crate) invite: Invite,
+    /// The call's accounting record (route, authenticated user, source), from the proxy
+    /// when the final went upstream; the CDR row takes its columns from it.
+    pub(crate) acc: Option<Start>,
+    /// Who sent the BYE that ended the call.
+    pub(crate) hangup: Option<Hangup>,
     state: CallState,
     branches: Vec<Branch>,
     /// Per side ([`Side::Caller`], [`Side::Callee`]), where its last SIP message with SDP
@@ -360,6 +366,8 @@ impl Call {
             answer_unix: None,
             caller,
             invite: Invite::Pending,
+            acc: None,
+            hangup: None,
             state: CallState::Offered,
             branches: Vec::new(),
             sources: [None, None],

@@ -273,6 +273,10 @@ mod tests {
             reason: "bye".into(),
             caller: (3000, 516_000, 2, 1.25),
             callee: (2999, 515_828, 0, 0.5),
+            route: "location".into(),
+            outcome: "answered".into(),
+            relayed: true,
+            ..Cdr::default()
         }
     }
 
@@ -288,6 +292,21 @@ mod tests {
     fn spool_round_trip_keeps_order_and_bad_lines() {
         let p = temp("roundtrip.spool");
         assert_eq!(read(&p).unwrap(), (vec![], vec![]), "no spool: nothing");
+        // A line an older sipedge spooled (before the accounting columns) still loads.
+        std::fs::write(
+            &p,
+            "{\"call_id\":\"old\",\"from_uri\":\"f\",\"to_uri\":\"t\",\"start\":1,\
+             \"answer\":null,\"end\":2,\"status\":487,\"reason\":\"cancel\",\
+             \"caller\":[0,0,0,0.0],\"callee\":[0,0,0,0.0]}\n",
+        )
+        .unwrap();
+        let (old, bad) = read(&p).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(
+            (old[0].call_id.as_str(), old[0].route.as_str()),
+            ("old", "")
+        );
+        std::fs::remove_file(&p).unwrap();
         append(&p, &cdr("a")).unwrap();
         append(&p, &cdr("b")).unwrap();
         // A line cut by a crash mid-write, then a good one after it.

@@ -30,7 +30,6 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +39,7 @@ use sipedge_relay::{Closed, RelayError, RelayHandle, SessionId, SessionStats, Si
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
+use crate::acc::{self, Hangup};
 use crate::clock::Clock;
 use crate::media::call::CallIds;
 pub use crate::media::call::EndReason;
@@ -50,7 +50,6 @@ use crate::media::report;
 use crate::media::sdp;
 use crate::metrics::{Kind, Refresh, Registry};
 use crate::sip::{HeaderName, Message};
-use crate::store::Store;
 
 /// Why the media layer refuses an SDP offer: the request is answered with
 /// [`Refused::status`] instead of being forwarded.
@@ -152,7 +151,8 @@ pub struct Media {
     refusals: [AtomicU64; 3],
     /// Shutting down: no new sessions.
     closing: AtomicBool,
-    cdr: CdrWriter,
+    /// Shared with accounting (the calls that are not relayed).
+    cdr: Arc<CdrWriter>,
     clock: Arc<dyn Clock>,
 }
 
@@ -251,14 +251,13 @@ impl Refresh for RelayGauges {
 }
 
 impl Media {
-    /// The media side over a started relay; failed CDRs go to `cdr_spool`.
+    /// The media side over a started relay; its calls' rows go through `cdr`.
     pub fn new(
         relay: RelayHandle,
         address: IpAddr,
-        store: Store,
+        cdr: Arc<CdrWriter>,
         clock: Arc<dyn Clock>,
         limits: Limits,
-        cdr_spool: PathBuf,
     ) -> Self {
         Self {
             relay: RelayClient::new(relay),
@@ -270,7 +269,7 @@ impl Media {
             limits,
             refusals: Default::default(),
             closing: AtomicBool::new(false),
-            cdr: CdrWriter::new(store, cdr_spool),
+            cdr,
             clock,
         }
     }
@@ -513,32 +512,52 @@ impl Media {
 
     /// The final status of an initial INVITE went upstream (`cancelled`: a CANCEL arrived). A
     /// 2xx frees the losing forks; anything else ends the call (its stats line and CDR).
-    pub async fn finished(&self, req: &Message, status: u16, cancelled: bool) {
-        let Some(ids) = ids(req) else { return };
+    ///
+    /// `acc` is the call's accounting record: a relayed call keeps it for its CDR row (route,
+    /// authenticated user, source). It is given back when this call is not relayed after all
+    /// (no session, refused by a media limit, answered by a branch that is not relayed): the
+    /// caller writes that row, so that every call has exactly one.
+    pub async fn finished(
+        &self,
+        req: &Message,
+        status: u16,
+        cancelled: bool,
+        acc: Option<acc::Start>,
+    ) -> Option<acc::Start> {
+        let Some(ids) = ids(req) else { return acc };
         let key = (ids.call_id.to_owned(), ids.from_tag.to_owned());
         let Some(call) = self.calls.get(&key).map(|c| c.clone()) else {
-            return;
+            return acc;
         };
         let mut c = call.lock().await;
         match c.finished(status, cancelled, self.clock.unix()) {
-            Finished::Nothing => {}
+            Finished::Nothing => acc,
             Finished::Report(reason, stats) => {
                 self.calls.remove(&key);
+                c.acc = acc;
                 self.report(&c, reason, &stats).await;
+                None
             }
             Finished::Answered { delete, forget } => {
-                if forget {
+                let back = if forget {
                     self.calls.remove(&key);
-                }
+                    acc
+                } else {
+                    c.acc = acc;
+                    None
+                };
                 drop(c);
                 for id in delete {
                     self.forget(id);
                     let _ = self.relay.delete(id).await;
                 }
+                back
             }
             Finished::End(reason) => {
+                c.acc = acc;
                 drop(c);
                 self.end(&key, reason).await;
+                None
             }
         }
     }
@@ -706,9 +725,15 @@ impl Media {
             .await
     }
 
-    /// BYE: ends the dialog's media.
+    /// BYE: ends the dialog's media. `tags` are the BYE's (From, To): the caller's tag in
+    /// From means the caller hung up.
     async fn bye(&self, call_id: &str, tags: (&str, Option<&str>)) {
-        if let Some((key, _)) = self.find(call_id, tags) {
+        if let Some((key, call)) = self.find(call_id, tags) {
+            call.lock().await.hangup = Some(if key.1 == tags.0 {
+                Hangup::Caller
+            } else {
+                Hangup::Callee
+            });
             self.end(&key, EndReason::Bye).await;
         }
     }

@@ -1,6 +1,7 @@
 //! The request pipeline (sanity → local decisions → routing → forwarding) and the reply
 //! pipeline (the response context of a stateful proxy).
 
+pub mod accounting;
 pub mod forward;
 pub mod pipeline;
 pub mod response;

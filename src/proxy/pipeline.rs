@@ -74,6 +74,10 @@ pub enum Routed {
     Forward(Box<Plan>),
     /// Nothing to do (an ACK for us).
     Absorb,
+    /// The location service has no binding for this initial INVITE, and the call counts for
+    /// accounting ([`crate::acc::counts_not_found`]): answered with this 404 through a server
+    /// transaction (retransmissions absorbed), and given its CDR row.
+    NotFound(Transmit),
 }
 
 /// Where a request goes and how.
@@ -100,6 +104,9 @@ pub struct Plan {
     /// An initial INVITE's media policy (`[[route]].media`, `media.mode` for registered
     /// users); `None` for every other request (in-dialog ones follow their dialog).
     pub media: Option<MediaMode>,
+    /// The accounting name of the route an initial INVITE took (the `cdr` table's `route`):
+    /// the `[[route]]` name, "location" or "foreign"; `None` for every other request.
+    pub route: Option<String>,
 }
 
 /// One branch before name resolution.
@@ -380,6 +387,7 @@ impl Core {
                     caller_flow: None,
                     sender_nated,
                     media: None,
+                    route: None,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -444,6 +452,7 @@ impl Core {
                     match forward_to(uri_text, auth) {
                         Routed::Forward(mut plan) => {
                             plan.record_route = record_route;
+                            plan.route = (method == "INVITE").then(|| "foreign".to_owned());
                             Routed::Forward(plan)
                         }
                         other => other,
@@ -500,6 +509,7 @@ impl Core {
                 caller_flow,
                 sender_nated,
                 media: (method == "INVITE").then_some(rule.media),
+                route: (method == "INVITE").then(|| rule.name.clone()),
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -510,7 +520,14 @@ impl Core {
             .map(|l| l.lookup(&aor, self.unix_now()))
             .unwrap_or_default();
         if bindings.is_empty() {
-            return reply(404, "User Not Found");
+            let out = self.reply(msg, source, 404, "User Not Found", &[]);
+            // A call to one of our users who is not registered is a call outcome (README
+            // "Accounting") when it comes from one of our users or a `[[route]]` next hop; a
+            // scanner's probe is answered statelessly and leaves no row.
+            if method == "INVITE" && crate::acc::counts_not_found(&self.cfg, msg, source.remote) {
+                return Routed::NotFound(out);
+            }
+            return Routed::Reply(out);
         }
         Routed::Forward(Box::new(Plan {
             targets: bindings
@@ -542,6 +559,7 @@ impl Core {
             caller_flow,
             sender_nated,
             media: (method == "INVITE").then_some(self.cfg.media.mode),
+            route: (method == "INVITE").then(|| "location".to_owned()),
         }))
     }
 
@@ -693,7 +711,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
             Dispatch::Register(_) => return Ok(Some(0)),
             Dispatch::Nothing | Dispatch::Response(..) => return Ok(None),
             Dispatch::Request(msg, source) => match c.route(&msg, source) {
-                Routed::Reply(out) => out,
+                Routed::Reply(out) | Routed::NotFound(out) => out,
                 Routed::Forward(plan) => return Err(plan),
                 Routed::Absorb => return Ok(None),
             },
@@ -752,8 +770,45 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
     }
 
     #[test]
+    fn which_404s_are_call_outcomes() {
+        let c = core();
+        let route = |from: &str, src: Source| {
+            let text = format!(
+                "INVITE sip:nobody@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9\r\n\
+From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 INVITE\r\n\r\n"
+            );
+            let msg = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
+            c.route(&msg, src)
+        };
+        // One of our users calls someone who is not registered: a call outcome.
+        assert!(matches!(
+            route("sip:a@example.com", src()),
+            Routed::NotFound(_)
+        ));
+        // A scanner from elsewhere: a plain stateless 404.
+        assert!(matches!(
+            route("sip:100@198.51.100.9", src()),
+            Routed::Reply(_)
+        ));
+        // ... unless it comes from a [[route]] next hop (the provider's inbound call).
+        let provider = Source {
+            remote: "192.0.2.80:5060".parse().unwrap(),
+            ..src()
+        };
+        assert!(matches!(
+            route("sip:+15550001@carrier.example", provider),
+            Routed::NotFound(_)
+        ));
+    }
+
+    #[test]
     fn routing_rules_and_location() {
         let plan = decide("INVITE", "sip:1234@example.com", "").unwrap_err();
+        assert_eq!(
+            plan.route.as_deref(),
+            Some("pbx"),
+            "accounted as the rule's name"
+        );
         assert_eq!(
             plan.targets[0].dest,
             Dest::Host("pbx.example.net".into(), 5070)
@@ -767,6 +822,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
         assert_eq!(plan.auth, Some(AuthNeed::Route));
         // A registered user: the Request-URI becomes the contact, sent to the flow.
         let plan = decide("INVITE", "sip:carol@example.com", "").unwrap_err();
+        assert_eq!(plan.route.as_deref(), Some("location"));
         assert_eq!(plan.targets.len(), 1);
         assert_eq!(
             plan.targets[0].ruri.as_deref(),
@@ -784,6 +840,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
         )
         .unwrap_err();
         assert!(plan.pop_route && plan.nat && !plan.record_route);
+        assert_eq!(plan.route, None, "in-dialog: not accounted");
         assert_eq!(
             plan.targets[0].dest,
             Dest::Addr("10.0.0.9:5062".parse().unwrap())

@@ -18,9 +18,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::accounting::Accounting;
 use super::forward;
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
 use super::txn::{self, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
+use crate::acc;
 use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
 use crate::config::Config;
@@ -63,6 +65,8 @@ pub struct Proxy {
     client: DashMap<TxnKey, (mpsc::Sender<Post>, usize, bool)>,
     /// The media relay side, when enabled.
     media: Option<Arc<Media>>,
+    /// The CDR rows of the calls that are not relayed, and their dialogs until the BYE.
+    acc: Arc<Accounting>,
     /// Transactions in flight per source IP (`limits.transactions_per_ip`).
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// Bytes of outsized messages held by live transactions (`limits.transaction_memory`).
@@ -89,6 +93,7 @@ impl Proxy {
         local: Vec<(Proto, SocketAddr)>,
         key: RouteKey,
         media: Option<Arc<Media>>,
+        acc: Arc<Accounting>,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
@@ -105,6 +110,7 @@ impl Proxy {
         };
         Self {
             media,
+            acc,
             cfg,
             transports,
             ctx,
@@ -155,6 +161,18 @@ impl Proxy {
                 p.upgrade().map_or(0, |p| field(&p.stats).load(Relaxed))
             });
         }
+        let p = Arc::downgrade(self);
+        m.gauge(
+            "acc_dialogs",
+            "Answered calls (not relayed) waiting for their BYE to complete their CDR row.",
+            move || p.upgrade().map_or(0, |p| p.acc.dialogs()),
+        );
+        let p = Arc::downgrade(self);
+        m.counter(
+            "acc_dialogs_evicted",
+            "Answered calls whose CDR row was written early (reason evicted) by limits.dialogs.",
+            move || p.upgrade().map_or(0, |p| p.acc.evicted()),
+        );
         for (side, pick) in [("server", 0usize), ("client", 1)] {
             let p = Arc::downgrade(self);
             m.labelled(
@@ -314,6 +332,26 @@ impl Proxy {
         self.media.as_ref()
     }
 
+    /// The accounting of the calls that are not relayed.
+    pub fn accounting(&self) -> &Arc<Accounting> {
+        &self.acc
+    }
+
+    /// The location service's 404 to an initial INVITE that counts as a call outcome
+    /// ([`super::pipeline::Routed::NotFound`]): answered through a server transaction, so
+    /// that its retransmissions are absorbed and the call gets exactly one row (route
+    /// "local"). Under `limits.transactions` the 404 goes statelessly, without a row.
+    pub fn not_found(self: &Arc<Self>, msg: Message, source: Source, out: Transmit, now_unix: u64) {
+        match self.reserve(&msg, source) {
+            Ok(res) => {
+                let start = acc::Start::of(&msg, source.remote, acc::LOCAL, None, now_unix);
+                self.launch(res, msg, source, Work::Reply(out.bytes), start);
+            }
+            Err(Refusal::Owned) => {}
+            Err(Refusal::Limit(_)) => self.transports.send(out),
+        }
+    }
+
     /// Carries out a routing plan for a new request: proxy authentication when the plan asks
     /// for it (the seed's `proxy_authorize` + `check_from` + `consume_credentials`), name
     /// resolution, then the transaction task. Runs off the receive loop.
@@ -378,8 +416,16 @@ impl Proxy {
                         .send(self.upstream(&msg, source, bytes, nated));
                     return;
                 }
-                Err((_, bytes)) => return self.launch(res, msg, source, Work::Reply(bytes)),
+                // Refused by authentication: no row (README "Accounting").
+                Err((_, bytes)) => return self.launch(res, msg, source, Work::Reply(bytes), None),
             }
+        }
+        // Past authentication: an initial INVITE is a call, whatever happens to it now.
+        let start = plan.route.as_deref().and_then(|route| {
+            acc::Start::of(&msg, source.remote, route, auth_user.as_deref(), now_unix)
+        });
+        if msg.method() == Some("BYE") {
+            self.acc.bye(&msg).await;
         }
         let resolved = resolve(&plan.targets).await;
         let mut kept = Plan {
@@ -395,7 +441,7 @@ impl Proxy {
         }
         if dests.is_empty() {
             let bytes = reply_now(503, "Service Unavailable", &[("Retry-After", "30")]);
-            return self.launch(res, msg, source, Work::Reply(bytes));
+            return self.launch(res, msg, source, Work::Reply(bytes), start);
         }
         self.launch(
             res,
@@ -407,6 +453,7 @@ impl Proxy {
                 strip_proxy_auth,
                 auth_user,
             },
+            start,
         );
     }
 
@@ -512,12 +559,14 @@ impl Proxy {
 
     /// Runs the transaction task for a reserved request: forward it along `work`, or answer
     /// it locally (statefully: retransmissions get the same answer, the ACK is absorbed).
+    /// `start`: the call's accounting record, when its outcome gets a CDR row.
     pub fn launch(
         self: &Arc<Self>,
         mut res: Reservation,
         msg: Message,
         source: Source,
         work: Work,
+        start: Option<acc::Start>,
     ) {
         let span = info_span!(
             "txn",
@@ -536,7 +585,7 @@ impl Proxy {
         };
         tokio::spawn(
             async move {
-                proxy.run(res, msg, source, work).await;
+                proxy.run(res, msg, source, work, start).await;
                 drop(guard);
             }
             .instrument(span),
@@ -545,7 +594,14 @@ impl Proxy {
 
     /// The task owning one proxied request: feeds its [`ProxyTxn`] with the network, its
     /// timers and the media layer's answers, and carries out what it asks for.
-    async fn run(self: Arc<Self>, res: Reservation, msg: Message, source: Source, work: Work) {
+    async fn run(
+        self: Arc<Self>,
+        res: Reservation,
+        msg: Message,
+        source: Source,
+        work: Work,
+        start: Option<acc::Start>,
+    ) {
         let Reservation {
             key,
             tx,
@@ -557,9 +613,10 @@ impl Proxy {
         // sent its final only waits out its timers (bounded by the total limit).
         let mut slot = Some(slot);
         let mut bound: Vec<TxnKey> = Vec::new();
+        let mut call = CallAcc { start, ready: None };
         let mut t = ProxyTxn::new(self.ctx.clone(), msg, source, work, Instant::now());
         loop {
-            self.carry_out(&mut t, &key, &tx, &mut slot, &mut bound)
+            self.carry_out(&mut t, &key, &tx, &mut slot, &mut bound, &mut call)
                 .await;
             if t.is_done() {
                 break;
@@ -602,6 +659,9 @@ impl Proxy {
 
     /// Sends, updates the tables and performs the media steps the core asks for, until it
     /// asks for nothing more. Media steps are awaited one by one, before the next input.
+    /// The call's row: when the final goes upstream ([`TableEvent::Final`]) the record is
+    /// ready; the media layer takes it for a relayed call (its `Finished` step comes in the
+    /// same drain), else it is written here once the core asks for nothing more.
     async fn carry_out(
         &self,
         t: &mut ProxyTxn,
@@ -609,6 +669,7 @@ impl Proxy {
         tx: &mpsc::Sender<Post>,
         slot: &mut Option<TxnSlot>,
         bound: &mut Vec<TxnKey>,
+        call: &mut CallAcc,
     ) {
         loop {
             // Table changes before the transmits: a callee on a fast link answers within
@@ -623,7 +684,14 @@ impl Proxy {
                     TableEvent::Unbind(k) => {
                         self.client.remove(&k);
                     }
-                    TableEvent::Final => drop(slot.take()),
+                    TableEvent::Final => {
+                        drop(slot.take());
+                        if let Some(status) = t.final_status()
+                            && let Some(s) = call.start.take()
+                        {
+                            call.ready = Some((s, status));
+                        }
+                    }
                     // A later copy of the request is new.
                     TableEvent::ServerDone => {
                         self.server.remove(key);
@@ -633,7 +701,14 @@ impl Proxy {
             while let Some(out) = t.poll_transmit() {
                 self.transports.send(out);
             }
-            let Some(op) = t.poll_media() else { return };
+            let Some(op) = t.poll_media() else {
+                if let Some((s, status)) = call.ready.take() {
+                    self.acc
+                        .finished(s, status, t.answer_tag(), t.cancelled())
+                        .await;
+                }
+                return;
+            };
             let Some(media) = &self.media else { continue };
             match op {
                 MediaOp::Offer {
@@ -665,7 +740,10 @@ impl Proxy {
                     t.handle_answer(Instant::now(), idx, resp, body);
                 }
                 MediaOp::Finished { status, cancelled } => {
-                    media.finished(t.request(), status, cancelled).await;
+                    let start = call.ready.take().map(|(s, _)| s);
+                    let back = media.finished(t.request(), status, cancelled, start).await;
+                    // Not a relayed call after all: the row is ours.
+                    call.ready = back.map(|s| (s, status));
                 }
             }
         }
@@ -680,6 +758,13 @@ impl Proxy {
             bytes,
         }
     }
+}
+
+/// The accounting of one transaction's call: the record until the final goes upstream, then
+/// the record and the final status until the media layer or [`Accounting`] takes it.
+struct CallAcc {
+    start: Option<acc::Start>,
+    ready: Option<(acc::Start, u16)>,
 }
 
 /// A claimed server transaction, not yet running.

@@ -235,6 +235,9 @@ pub struct ProxyTxn {
     /// The initial INVITE's final response was reported to media.
     media_final: bool,
     cancelled: bool,
+    /// The To-tag of the 2xx that went upstream as the INVITE's final (the callee's tag of
+    /// the dialog accounting waits on).
+    answer_tag: Option<String>,
     final_reported: bool,
     server_done: bool,
     /// Some branch was forwarded (not every one was refused by media).
@@ -285,6 +288,7 @@ impl ProxyTxn {
             media_refused: None,
             media_final: false,
             cancelled: false,
+            answer_tag: None,
             final_reported: false,
             server_done: false,
             sent_any: false,
@@ -408,6 +412,21 @@ impl ProxyTxn {
     /// Where the request came from.
     pub fn source(&self) -> Source {
         self.source
+    }
+
+    /// The final status that went upstream, once one did ([`Event::Final`]).
+    pub fn final_status(&self) -> Option<u16> {
+        self.server.final_status()
+    }
+
+    /// Whether the caller sent a CANCEL.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// The To-tag of the 2xx that answered the INVITE (the callee's side of the dialog).
+    pub fn answer_tag(&self) -> Option<&str> {
+        self.answer_tag.as_deref()
     }
 
     /// An input from the network.
@@ -679,6 +698,12 @@ impl ProxyTxn {
                 let out = self.upstream(bytes);
                 self.transmits.push_back(out);
             } else {
+                if self.invite
+                    && (200..300).contains(&up_status)
+                    && self.server.final_status().is_none()
+                {
+                    self.answer_tag = up.to().ok().and_then(|t| t.tag()).map(str::to_owned);
+                }
                 self.server.respond(up_status, bytes, now);
             }
         }

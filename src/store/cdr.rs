@@ -1,12 +1,16 @@
-//! The `cdr` table: one call record per relayed call.
+//! The `cdr` table: one call record per call (see [`crate::acc`] for which calls, and README
+//! "Accounting"): read back by `sipedge cdr export`.
 
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
 use super::dialect::Dialect;
-use super::{Store, StoreError, text, to_i64};
+use super::{Store, StoreError, from_i64, text, to_i64};
 
-/// One call record (`cdr` table). Serialisable: the CDR spool keeps it as a JSON line.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// One call record (`cdr` table). Serialisable: the CDR spool keeps it as a JSON line, and
+/// `cdr export --format json` prints it. The fields added in schema version 2 default when
+/// absent, so a spool written by an older sipedge still loads.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Cdr {
     pub call_id: String,
     pub from_uri: String,
@@ -17,15 +21,36 @@ pub struct Cdr {
     pub end: u64,
     /// Final status of the INVITE (0 when none was seen).
     pub status: u16,
-    /// Why the media session closed: bye, cancel, failed, timeout, shutdown.
+    /// Why the call ended: bye, cancel, failed, timeout, evicted, shutdown.
     pub reason: String,
-    /// Received from the caller: packets, bytes, lost, jitter (ms).
+    /// Received from the caller: packets, bytes, lost, jitter (ms). Zero when not relayed.
     pub caller: (u64, u64, u64, f64),
     /// Received from the callee.
     pub callee: (u64, u64, u64, f64),
+    /// The Request-URI of the INVITE as received.
+    #[serde(default)]
+    pub request_uri: String,
+    /// The `[[route]]` name, "location", "foreign" or "local" (answered by sipedge itself).
+    #[serde(default)]
+    pub route: String,
+    /// The user proxy authentication verified ('' when none was asked for).
+    #[serde(default)]
+    pub auth_user: String,
+    /// ip:port the INVITE came from.
+    #[serde(default)]
+    pub source: String,
+    /// answered, failed or cancelled.
+    #[serde(default)]
+    pub outcome: String,
+    /// Who sent the BYE: caller or callee ('' when the call did not end by a BYE).
+    #[serde(default)]
+    pub hangup: String,
+    /// Whether the media went through the relay (the media figures are then filled).
+    #[serde(default)]
+    pub relayed: bool,
 }
 
-const COLS: [&str; 16] = [
+const COLS: [&str; 23] = [
     "call_id",
     "from_uri",
     "to_uri",
@@ -42,7 +67,17 @@ const COLS: [&str; 16] = [
     "callee_bytes",
     "callee_lost",
     "callee_jitter_ms",
+    "request_uri",
+    "route",
+    "auth_user",
+    "source",
+    "outcome",
+    "hangup",
+    "relayed",
 ];
+
+/// Rows per query of [`Store::cdrs_since`]: an export of a large table holds one page.
+const EXPORT_PAGE: u32 = 5000;
 
 /// The table's queries in one dialect.
 #[derive(Debug)]
@@ -50,6 +85,8 @@ pub(super) struct Sql {
     insert: String,
     summary: String,
     recent: String,
+    since: String,
+    by_call: String,
 }
 
 impl Sql {
@@ -59,12 +96,67 @@ impl Sql {
             summary: d
                 .sql("SELECT reason, status, caller_pkts, callee_pkts FROM cdr WHERE call_id = ?"),
             recent: d.sql("SELECT * FROM cdr ORDER BY end_ts DESC LIMIT ?"),
+            since: d.sql(&format!(
+                "SELECT {} FROM cdr WHERE start_ts >= ? \
+                 ORDER BY start_ts, call_id, end_ts LIMIT ? OFFSET ?",
+                COLS.join(", ")
+            )),
+            by_call: d.sql(&format!(
+                "SELECT {} FROM cdr WHERE call_id = ? ORDER BY start_ts, end_ts",
+                COLS.join(", ")
+            )),
         }
     }
 }
 
+/// A text column added by a later migration: '' in rows written before it (NULL).
+fn opt_text(r: &AnyRow, col: &str) -> Result<String, StoreError> {
+    use sqlx::ValueRef;
+    if r.try_get_raw(col)?.is_null() {
+        return Ok(String::new());
+    }
+    text(r, col)
+}
+
+fn int(r: &AnyRow, col: &str) -> Result<u64, StoreError> {
+    Ok(from_i64(r.try_get::<i64, _>(col)?))
+}
+
+fn leg(r: &AnyRow, side: &str) -> Result<(u64, u64, u64, f64), StoreError> {
+    Ok((
+        int(r, &format!("{side}_pkts"))?,
+        int(r, &format!("{side}_bytes"))?,
+        int(r, &format!("{side}_lost"))?,
+        r.try_get(format!("{side}_jitter_ms").as_str())?,
+    ))
+}
+
+fn row(r: &AnyRow) -> Result<Cdr, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt { table: "cdr", what };
+    let status = r.try_get::<i64, _>("status")?;
+    Ok(Cdr {
+        call_id: text(r, "call_id")?,
+        from_uri: text(r, "from_uri")?,
+        to_uri: text(r, "to_uri")?,
+        start: int(r, "start_ts")?,
+        answer: r.try_get::<Option<i64>, _>("answer_ts")?.map(from_i64),
+        end: r.try_get::<Option<i64>, _>("end_ts")?.map_or(0, from_i64),
+        status: u16::try_from(status).map_err(|_| corrupt(format!("status {status}")))?,
+        reason: text(r, "reason")?,
+        caller: leg(r, "caller")?,
+        callee: leg(r, "callee")?,
+        request_uri: opt_text(r, "request_uri")?,
+        route: opt_text(r, "route")?,
+        auth_user: opt_text(r, "auth_user")?,
+        source: opt_text(r, "source")?,
+        outcome: opt_text(r, "outcome")?,
+        hangup: opt_text(r, "hangup")?,
+        relayed: r.try_get::<i64, _>("relayed")? != 0,
+    })
+}
+
 impl Store {
-    /// Writes one call record (one per relayed call, when its media session closes).
+    /// Writes one call record.
     pub async fn insert_cdr(&self, c: &Cdr) -> Result<(), StoreError> {
         sqlx::query(&self.sql.cdr.insert)
             .bind(&c.call_id)
@@ -83,6 +175,13 @@ impl Store {
             .bind(to_i64(c.callee.1))
             .bind(to_i64(c.callee.2))
             .bind(c.callee.3)
+            .bind(&c.request_uri)
+            .bind(&c.route)
+            .bind(&c.auth_user)
+            .bind(&c.source)
+            .bind(&c.outcome)
+            .bind(&c.hangup)
+            .bind(i64::from(c.relayed))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -139,5 +238,26 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    /// Page `page` (of [`EXPORT_PAGE`] rows) of the calls that started at or after `since`
+    /// (unix seconds), oldest first. An empty page is the end.
+    pub async fn cdrs_since(&self, since: u64, page: u32) -> Result<Vec<Cdr>, StoreError> {
+        let rows = sqlx::query(&self.sql.cdr.since)
+            .bind(to_i64(since))
+            .bind(i64::from(EXPORT_PAGE))
+            .bind(i64::from(page) * i64::from(EXPORT_PAGE))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row).collect()
+    }
+
+    /// Every call record of one Call-ID, whole.
+    pub async fn cdrs_of(&self, call_id: &str) -> Result<Vec<Cdr>, StoreError> {
+        let rows = sqlx::query(&self.sql.cdr.by_call)
+            .bind(call_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row).collect()
     }
 }

@@ -9,7 +9,10 @@ use super::{Store, StoreError, to_i64};
 
 /// Schema migrations, applied in order. Never change what one renders to on a backend where it
 /// has shipped; add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_cdr_accounting.sql")),
+];
 
 /// The bookkeeping queries in one dialect.
 #[derive(Debug)]
@@ -98,7 +101,12 @@ mod tests {
         for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
             for (version, sql) in MIGRATIONS {
                 let stmts = render(d, *version, sql).unwrap();
-                assert!(stmts.iter().all(|s| s.starts_with("CREATE")), "{d:?}");
+                assert!(
+                    stmts
+                        .iter()
+                        .all(|s| s.starts_with("CREATE") || s.starts_with("ALTER TABLE")),
+                    "{d:?}"
+                );
                 assert!(!stmts.iter().any(|s| s.contains(['{', '}'])), "{d:?}");
             }
         }
@@ -128,5 +136,14 @@ mod tests {
             .collect();
         assert_eq!(tables.len(), 4);
         assert!(tables.iter().all(|s| s.ends_with("COLLATE=utf8mb4_bin")));
+        // Version 2 adds the accounting columns one statement each (SQLite adds one column
+        // per ALTER TABLE), the same in every dialect, and the index of `cdr export --since`.
+        let v2 = render(Dialect::Sqlite, 2, MIGRATIONS[1].1).unwrap();
+        assert_eq!(v2.len(), 8, "{v2:#?}");
+        assert_eq!(v2[0], "ALTER TABLE cdr ADD COLUMN request_uri TEXT");
+        assert_eq!(v2[7], "CREATE INDEX cdr_start ON cdr (start_ts)");
+        for d in [Dialect::Postgres, Dialect::Mysql] {
+            assert_eq!(render(d, 2, MIGRATIONS[1].1).unwrap(), v2, "{d:?}");
+        }
     }
 }

@@ -322,3 +322,85 @@ fn log_format_json_writes_json_lines() {
     assert_eq!(hop["level"], "WARN");
     assert_eq!(hop["fields"]["route"], "x");
 }
+
+/// `cdr export`: CSV with a header and JSON lines, `--since` in unix seconds and RFC 3339, and
+/// a bad `--since` is a usage error (exit 2).
+#[tokio::test]
+async fn cdr_export() {
+    let db = crate::harness::fresh_db();
+    let store = sipedge::store::Store::connect(&db).await.unwrap();
+    store.migrate().await.unwrap();
+    let row = |call_id: &str, start: u64| sipedge::store::Cdr {
+        call_id: call_id.into(),
+        from_uri: "sip:alice@example.com".into(),
+        to_uri: "sip:1234@example.com".into(),
+        request_uri: "sip:1234@example.com".into(),
+        start,
+        answer: Some(start + 2),
+        end: start + 62,
+        status: 200,
+        reason: "bye".into(),
+        outcome: "answered".into(),
+        hangup: "caller".into(),
+        route: "pbx".into(),
+        source: "192.0.2.1:5060".into(),
+        ..Default::default()
+    };
+    // 2026-12-05T07:00:00Z and an hour later.
+    store
+        .insert_cdr(&row("early", 1_796_454_000))
+        .await
+        .unwrap();
+    store.insert_cdr(&row("late", 1_796_457_600)).await.unwrap();
+    store.close().await;
+    let path = temp_config(
+        "cdr.toml",
+        &format!("[server]\ndomains = [\"example.com\"]\n[database]\nurl = \"{db}\"\n"),
+    );
+    let export = |args: &[&str]| {
+        let out = sipedge()
+            .arg("-c")
+            .arg(&path)
+            .args(["cdr", "export"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            err,
+        )
+    };
+    let (code, csv, err) = export(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[0].starts_with("call_id,start,answer,end,duration,status,outcome"));
+    assert!(
+        lines[1].starts_with(
+            "early,1796454000,1796454002,1796454062,60,200,answered,bye,caller,pbx,,192.0.2.1:5060,"
+        ),
+        "{csv}"
+    );
+    assert!(lines[2].starts_with("late,"), "{csv}");
+    for since in ["1796454001", "2026-12-05T08:00:00+01:00"] {
+        let (code, json, err) = export(&["--since", since, "--format", "json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let rows: Vec<sipedge::store::Cdr> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.call_id.as_str()).collect();
+        let want: &[&str] = if since.starts_with("2026") {
+            &["early", "late"]
+        } else {
+            &["late"]
+        };
+        assert_eq!(ids, want, "--since {since}");
+        assert_eq!(rows[0].route, "pbx");
+    }
+    let (code, _, err) = export(&["--since", "yesterday"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--since"), "{err}");
+}

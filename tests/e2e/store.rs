@@ -194,6 +194,13 @@ async fn store_contract_on_every_backend() {
             reason: "cancel".into(),
             caller: (5, 800, 1, 2.5),
             callee: (7, 1120, 0, 0.0),
+            request_uri: "sip:bob@example.com".into(),
+            route: "location".into(),
+            auth_user: "alice".into(),
+            source: "192.0.2.1:5060".into(),
+            outcome: "cancelled".into(),
+            hangup: String::new(),
+            relayed: true,
         };
         store.insert_cdr(&cdr).await.unwrap();
         assert_eq!(
@@ -201,6 +208,15 @@ async fn store_contract_on_every_backend() {
             vec![("cancel".to_owned(), 487, 5, 7)],
             "{name}"
         );
+        // Read back whole, through the export query.
+        assert_eq!(
+            store.cdrs_of("call-1@example.com").await.unwrap(),
+            vec![cdr.clone()],
+            "{name}"
+        );
+        assert_eq!(store.cdrs_since(10, 0).await.unwrap(), vec![cdr.clone()]);
+        assert!(store.cdrs_since(11, 0).await.unwrap().is_empty(), "{name}");
+        assert!(store.cdrs_since(0, 1).await.unwrap().is_empty(), "{name}");
         store.close().await;
     }
 }
