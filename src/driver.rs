@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
+use crate::config::{Config, LiveConfig};
 use crate::log::LogLimit;
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
 use crate::proxy::stateful::Proxy;
@@ -22,6 +23,8 @@ use crate::transport::{Listeners, Proto, Receiver, Source, Transports};
 
 /// Every service a received message can go to.
 pub struct Driver {
+    /// Loaded once per received message: everything done for it uses that snapshot.
+    pub config: Arc<LiveConfig>,
     pub core: Core,
     pub transports: Arc<Transports>,
     pub registrar: Registrar,
@@ -33,8 +36,9 @@ pub struct Driver {
 
 impl Receiver for Driver {
     fn receive(&self, bytes: &[u8], source: Source) {
-        let d = self.core.handle(bytes, source);
-        self.execute(d);
+        let cfg = self.config.load();
+        let d = self.core.handle(&cfg, bytes, source);
+        self.execute(cfg, d);
     }
 
     fn admit(&self, ip: IpAddr) -> bool {
@@ -45,7 +49,7 @@ impl Receiver for Driver {
 impl Driver {
     /// Carries out what the core decided. Never waits: slow work (authentication, name
     /// resolution, the registrar's store write) runs in tasks of its own.
-    fn execute(&self, d: Dispatch) {
+    fn execute(&self, cfg: Arc<Config>, d: Dispatch) {
         match d {
             Dispatch::Nothing => {}
             Dispatch::Send(out) => self.transports.send(out),
@@ -59,7 +63,7 @@ impl Driver {
                 if self.proxy.absorb(&msg, source) {
                     return;
                 }
-                match self.core.route(&msg, source) {
+                match self.core.route(&cfg, &msg, source) {
                     Routed::Reply(out) => {
                         debug!(sip.status = %crate::sip::reply::status_of(&out.bytes), "answering locally");
                         self.transports.send(out);
@@ -68,6 +72,7 @@ impl Driver {
                     Routed::Forward(plan) => {
                         debug!(?plan, "forward");
                         let fut = self.proxy.clone().forward(
+                            cfg,
                             *msg,
                             source,
                             *plan,

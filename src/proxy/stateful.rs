@@ -53,7 +53,6 @@ enum Post {
 
 /// The proxy's transaction tables.
 pub struct Proxy {
-    cfg: Arc<Config>,
     transports: Arc<Transports>,
     /// What every request's core needs (sockets, timers, the route key).
     ctx: txn::Context,
@@ -84,7 +83,7 @@ pub struct ProxyStats {
 
 impl Proxy {
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: &Config,
         transports: Arc<Transports>,
         local: Vec<(Proto, SocketAddr)>,
         key: RouteKey,
@@ -105,7 +104,6 @@ impl Proxy {
         };
         Self {
             media,
-            cfg,
             transports,
             ctx,
             server: DashMap::new(),
@@ -295,9 +293,11 @@ impl Proxy {
 
     /// Carries out a routing plan for a new request: proxy authentication when the plan asks
     /// for it (the seed's `proxy_authorize` + `check_from` + `consume_credentials`), name
-    /// resolution, then the transaction task. Runs off the receive loop.
+    /// resolution, then the transaction task. Runs off the receive loop. `cfg` is the
+    /// configuration the request was routed with (its limits apply).
     pub async fn forward(
         self: Arc<Self>,
+        cfg: Arc<Config>,
         msg: Message,
         source: Source,
         plan: Plan,
@@ -314,7 +314,7 @@ impl Proxy {
             }
             return;
         }
-        let res = match self.reserve(&msg, source) {
+        let res = match self.reserve(&cfg, &msg, source) {
             Ok(res) => res,
             Err(Refusal::Owned) => {
                 debug!("request already has a transaction");
@@ -337,7 +337,7 @@ impl Proxy {
                 None => Err((500, reply_now(500, "Server Internal Error", &[]))),
                 Some(a) => {
                     let peer = source.remote;
-                    authorize(a, &msg, peer, need, now_unix, &reply_now, &self.cfg).await
+                    authorize(a, &msg, peer, need, now_unix, &reply_now, &cfg).await
                 }
             };
             match verdict {
@@ -438,9 +438,14 @@ impl Proxy {
     /// name resolution), so that its retransmissions are absorbed meanwhile. `None` when the
     /// request already has an owner (it was a retransmission after all) or when
     /// `limits.transactions(_per_ip)` are reached.
-    pub fn reserve(&self, msg: &Message, source: Source) -> Result<Reservation, Refusal> {
+    pub fn reserve(
+        &self,
+        cfg: &Config,
+        msg: &Message,
+        source: Source,
+    ) -> Result<Reservation, Refusal> {
         let key = server_key(msg).ok_or(Refusal::Owned)?;
-        let limits = &self.cfg.limits;
+        let limits = &cfg.limits;
         if self.server.len() >= limits.transactions {
             return Err(Refusal::Limit("limits.transactions"));
         }
