@@ -190,6 +190,28 @@ run call-10pct-loss    u1 uac_call.xml               100 20 -s 1234 -lost 10 -re
 wait_callees() { for _ in $(seq 1 100); do pgrep -f "sipp -sf $root/scripts/sipp/uas" >/dev/null || return 0; sleep 0.1; done; }
 wait_callees
 
+# Reload (SIGHUP) on a running server: the ring route moves to a new next hop, the same process
+# goes on serving, and the next calls ring there.
+ring2_port=$((port + 5))
+sed -i "s/127.0.0.1:$ring_port\"/127.0.0.1:$ring2_port\"/" "$work/sipedge.toml"
+kill -HUP "$server_pid"
+reloaded=""
+for _ in $(seq 1 50); do
+    reloaded=$(grep "configuration reloaded" "$work/sipedge.2.log" | tail -1 || true)
+    [ -n "$reloaded" ] && break
+    sleep 0.1
+done
+if kill -0 "$server_pid" 2>/dev/null && [[ "$reloaded" == *"changed=route"* ]]; then
+    echo "ok    SIGHUP: configuration reloaded (route), same process"
+else
+    echo "FAIL  SIGHUP: ${reloaded:-no reload line}"
+    failed=1
+fi
+run options-after-reload u1 options.xml              20 20
+callee ring-reloaded "$ring2_port" uas_ring.xml 10
+run call-cancel-reloaded u1 uac_cancel.xml           10 10 -s 9003
+wait_callees
+
 # Every transaction ends: server ones at once, client ones after Timer D (32 s on UDP).
 sleep 34
 stop_server

@@ -2,6 +2,7 @@
 //! location service loaded from the store, listeners, registrar. Used by `sipedge serve` and
 //! by the end-to-end tests, so both run the same wiring.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use tracing::{Instrument, info, info_span, warn};
@@ -10,7 +11,7 @@ use crate::auth::mac::RouteKey;
 use crate::auth::nonce::NonceKey;
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
-use crate::config::{Config, MediaConfig};
+use crate::config::{Config, ConfigError, LiveConfig, MediaConfig};
 use crate::control::{self, Control};
 use crate::driver::{Driver, Server, SipCounters};
 use crate::media::cdr::CdrWriter;
@@ -64,6 +65,8 @@ pub struct App {
     pub metrics: Arc<Registry>,
     /// The loopback control endpoint, bound (`None` when `control.listen = ""`).
     pub control: Option<Control>,
+    /// Applies a new configuration to the running server (SIGHUP, `sipedge reload`).
+    pub reloader: Reloader,
 }
 
 /// Opens and migrates the store, loads the location service, binds the listeners and
@@ -100,6 +103,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
             .instrument(info_span!("registrar_expiry")),
     );
 
+    let live = Arc::new(LiveConfig::new(cfg.clone()));
     let route_key = RouteKey::derive(&key);
     let security = Arc::new(Security::new(cfg.security.clone(), clock.now()));
     let listen: Vec<_> = cfg
@@ -121,7 +125,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         clock.clone(),
     ));
     let pinger = Arc::new(Pinger::new(
-        cfg.clone(),
+        live.clone(),
         location.clone(),
         transports.clone(),
         clock.clone(),
@@ -130,7 +134,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let registrar = Registrar::start(
         Arc::new(Context {
-            cfg: cfg.clone(),
+            cfg: live.clone(),
             location: location.clone(),
             transports: transports.clone(),
             auth: auth.clone(),
@@ -150,7 +154,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     ));
     tokio::spawn(Accounting::sweep(Arc::downgrade(&acc)).instrument(info_span!("acc_sweep")));
     let proxy = Arc::new(Proxy::new(
-        cfg.clone(),
+        &cfg,
         transports.clone(),
         local.clone(),
         route_key.clone(),
@@ -158,7 +162,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         acc,
     ));
     let core = Core::new(
-        cfg.clone(),
+        &cfg,
         local,
         Some(location.clone()),
         clock.clone(),
@@ -201,7 +205,14 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         ),
         None => None,
     };
+    let reloader = Reloader {
+        serial: Arc::default(),
+        config: live.clone(),
+        security: security.clone(),
+        log_level: None,
+    };
     let driver = Arc::new(Driver {
+        config: live,
         core,
         transports,
         registrar,
@@ -220,7 +231,133 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         security,
         metrics,
         control,
+        reloader,
     })
+}
+
+/// Sets the log filter (from `server.log_level`); `Err` says why the filter was not taken.
+pub type LogLevelHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Keys now in effect ([`crate::config::LIVE_KEYS`]).
+    pub live: Vec<String>,
+    /// Changed keys that wait for a restart (their running values are kept).
+    pub restart: Vec<String>,
+}
+
+/// Applies a new configuration to a running server, all of it at once: every request loads
+/// one snapshot of the configuration ([`LiveConfig`]), so it sees the old settings or the new
+/// ones. What a reload cannot change (sockets, sizes fixed at start: see
+/// [`crate::config::LIVE_KEYS`]) keeps its running value and is named in a warning. Calls up
+/// and transactions under way are not touched. SIGHUP and `sipedge reload` end here.
+#[derive(Clone)]
+pub struct Reloader {
+    /// One reload at a time (a signal and the control endpoint may ask together): each one
+    /// starts from what the previous one stored.
+    serial: Arc<tokio::sync::Mutex<()>>,
+    config: Arc<LiveConfig>,
+    security: Arc<Security>,
+    /// `None`: the log filter is not the configuration's to set (tests; `--log-level` given).
+    log_level: Option<LogLevelHook>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("log_level", &self.log_level.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Lets reloads set the log filter from `server.log_level`.
+    pub fn with_log_level(mut self, hook: LogLevelHook) -> Self {
+        self.log_level = Some(hook);
+        self
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> Arc<Config> {
+        self.config.load()
+    }
+
+    /// Reads and validates `path`, then [`Reloader::reload`]s. A file that cannot be read or
+    /// is invalid is refused with a warning naming the key; the running configuration stays.
+    pub async fn reload_file(&self, path: &Path) -> Result<Reloaded, ConfigError> {
+        match Config::load(path) {
+            Ok(new) => self.reload(new).await,
+            Err(error) => {
+                warn!(
+                    config = %path.display(),
+                    key = error.key().unwrap_or("(file)"),
+                    %error,
+                    "configuration not reloaded: the file is invalid; the running configuration is kept"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Applies the live keys of `new` (already validated) and logs one line: `configuration
+    /// reloaded` with the changed keys, plus a warning naming the changed keys that need a
+    /// restart. Refused (with a warning, nothing applied) when the new live values do not
+    /// fit the running restart-only ones.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded, ConfigError> {
+        let _one_at_a_time = self.serial.lock().await;
+        let running = self.config.load();
+        let plan = match running.reload(&new) {
+            Ok(plan) => plan,
+            Err(error) => {
+                warn!(
+                    key = error.key().unwrap_or("(file)"),
+                    %error,
+                    "configuration not reloaded: it does not fit the settings that need a restart; the running configuration is kept"
+                );
+                return Err(error);
+            }
+        };
+        let cfg = Arc::new(plan.config);
+        let changed = |key: &str| plan.live.iter().any(|k| k == key);
+        // The log filter first, so that a level raised to info shows the lines below.
+        if changed("server.log_level") {
+            let level = cfg.server.log_level.as_deref().unwrap_or("info");
+            match &self.log_level {
+                Some(set) => {
+                    if let Err(error) = set(level) {
+                        warn!(%error, level, "server.log_level not applied");
+                    }
+                }
+                None => info!(
+                    level,
+                    "server.log_level not applied: --log-level or RUST_LOG sets the log filter"
+                ),
+            }
+        }
+        if plan.live.iter().any(|k| k.starts_with("security.")) {
+            self.security.set_config(cfg.security.clone());
+        }
+        self.config.store(cfg);
+        let list = |keys: &[String]| {
+            if keys.is_empty() {
+                "none".to_owned()
+            } else {
+                keys.join(",")
+            }
+        };
+        info!(changed = %list(&plan.live), "configuration reloaded");
+        if !plan.restart.is_empty() {
+            warn!(
+                keys = %list(&plan.restart),
+                "configuration changes not applied: these keys need a restart"
+            );
+        }
+        Ok(Reloaded {
+            live: plan.live,
+            restart: plan.restart,
+        })
+    }
 }
 
 /// What the transport layer needs of the configuration.

@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
@@ -29,6 +30,17 @@ pub enum ConfigError {
     /// A value of the right type that sipedge cannot use.
     #[error("{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+impl ConfigError {
+    /// The dotted key at fault, or `None` when the file could not be read.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Io { .. } => None,
+            Self::Syntax { key, .. } => Some(key),
+            Self::Invalid { key, .. } => Some(key),
+        }
+    }
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -109,6 +121,14 @@ pub struct RawServer {
     /// (Kamailio `fr_inv_timer`, Timer C). Default 120.
     #[serde(default = "default_fr_inv_timer")]
     pub fr_inv_timer: u64,
+    /// Log filter (`error` … `trace`, or a tracing filter such as "sipedge=debug"); a reload
+    /// applies it. `--log-level` and `RUST_LOG` win over it. Default: unset (`info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// File `serve` writes its process id to (and removes at stop), for `sipedge reload`.
+    /// Default: unset (no file).
+    #[serde(default)]
+    pub pid_file: Option<String>,
 }
 
 /// `[limits]`: what one peer (or all of them) can make the server hold. The defaults suit a
@@ -615,6 +635,9 @@ pub struct ServerConfig {
     pub tcp_idle_timeout: Duration,
     pub fr_timer: Duration,
     pub fr_inv_timer: Duration,
+    /// Tracing filter directives, checked.
+    pub log_level: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -945,6 +968,24 @@ impl Config {
                 return Err(invalid(key, "must be between 1 and 3600 seconds"));
             }
         }
+        let log_level = match s.log_level.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(invalid("server.log_level", "must not be empty")),
+            Some(l) => {
+                tracing_subscriber::EnvFilter::try_new(l).map_err(|e| {
+                    invalid(
+                        "server.log_level",
+                        format!("{l:?} is not a log filter: {e}"),
+                    )
+                })?;
+                Some(l.to_owned())
+            }
+        };
+        let pid_file = match s.pid_file.as_deref() {
+            None => None,
+            Some("") => return Err(invalid("server.pid_file", "must not be empty")),
+            Some(p) => Some(PathBuf::from(p)),
+        };
         let server = ServerConfig {
             listen,
             advertise,
@@ -957,6 +998,8 @@ impl Config {
             tcp_idle_timeout: Duration::from_secs(s.tcp_idle_timeout),
             fr_timer: Duration::from_secs(s.fr_timer),
             fr_inv_timer: Duration::from_secs(s.fr_inv_timer),
+            log_level,
+            pid_file,
         };
 
         let url = &raw.database.url;
@@ -1192,6 +1235,210 @@ impl Config {
             .domains
             .iter()
             .any(|d| d.eq_ignore_ascii_case(host))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload (SIGHUP, `sipedge reload`).
+
+/// The keys a reload applies to a running server; every other key needs a restart. This list
+/// is the one place that says so: [`Config::reload`] keeps the running value of every key
+/// not listed, so a component that reads a restart-only key from the live configuration
+/// still sees the value it was built with. A key belongs here only when everything that
+/// reads it takes the live configuration per request or per round:
+///
+/// - `route` (all `[[route]]` rules), `server.relay_foreign`, `media.mode`: the routing core,
+///   per request;
+/// - `limits.transactions*`, `limits.transaction_memory`: the proxy, per request;
+/// - `registrar.*`: the registrar, per REGISTER;
+/// - `nat.*`: the keepalive pinger, per round (a new interval starts a new schedule);
+/// - `security.*`: the flood and brute-force state takes the new thresholds as a whole
+///   (bans and counts in progress are kept);
+/// - `server.log_level`: the log filter (unless `--log-level` or `RUST_LOG` is given).
+///
+/// Restart-only, and why: the sockets and addresses (`server.listen`, `advertise`,
+/// `instance_id`, `media.address`, `media.ports`), thread counts (`*.workers`), the store
+/// (`database.url`, `media.cdr_spool`), sizes fixed at start (`server.max_message_size`,
+/// `limits.tcp_*`, `limits.registrar_cache*`), the transaction timers and Max-Forwards
+/// (`server.fr_timer`, `fr_inv_timer`, `max_forwards`, `tcp_idle_timeout`), `server.domains`
+/// (subscribers and registrations are stored under their domain, and three components check
+/// it), `[auth]` (the realm is part of every stored HA1; nonces in flight carry the TTL), the
+/// relay's timeouts and session limits (`media.*_timeout`, `media.max_*`: the relay takes
+/// them at start), and `server.pid_file`.
+pub const LIVE_KEYS: &[&str] = &[
+    "route",
+    "server.relay_foreign",
+    "server.log_level",
+    "media.mode",
+    "limits.transactions",
+    "limits.transactions_per_ip",
+    "limits.transaction_memory",
+    "registrar.default_expires",
+    "registrar.min_expires",
+    "registrar.max_expires",
+    "registrar.max_contacts",
+    "nat.ping_interval",
+    "nat.ping_method",
+    "nat.ping_failures",
+    "nat.ping_remove",
+    "security.pike_requests",
+    "security.pike_window",
+    "security.ban_time",
+    "security.auth_failures",
+    "security.auth_failures_user",
+    "security.auth_window",
+    "security.trusted",
+    "security.max_tracked",
+];
+
+/// What a reload from one configuration to another does.
+#[derive(Debug)]
+pub struct Reload {
+    /// The configuration to run on: the new file's live keys, the running values of the others.
+    pub config: Config,
+    /// Changed keys that take effect now (dotted, `route` for the `[[route]]` rules), sorted.
+    pub live: Vec<String>,
+    /// Changed keys that wait for a restart, sorted.
+    pub restart: Vec<String>,
+}
+
+impl Config {
+    /// The reload from `self` (running) to `new` (just read and validated): which keys changed,
+    /// split by [`LIVE_KEYS`], and the configuration that applies the live ones only. The
+    /// comparison is on the effective values, so a default written out is no change. `Err`
+    /// when the mix is itself invalid (a live limit checked against a restart-only size).
+    pub fn reload(&self, new: &Self) -> Result<Reload, ConfigError> {
+        let old = self.effective_table();
+        let mut merged = new.effective_table();
+        let (mut live, mut restart) = (Vec::new(), Vec::new());
+        for (table, key) in changed_keys(&old, &merged) {
+            let dotted = match &key {
+                Some(k) => format!("{table}.{k}"),
+                None => table.clone(),
+            };
+            if LIVE_KEYS.contains(&dotted.as_str()) {
+                live.push(dotted);
+            } else {
+                let running = value_at(&old, &table, key.as_deref()).cloned();
+                set_value(&mut merged, &table, key.as_deref(), running);
+                restart.push(dotted);
+            }
+        }
+        let raw: RawConfig =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    key: "(reload)".into(),
+                    message: e.message().to_owned(),
+                })?;
+        // Every derived value is written out in the effective form, so the primary address
+        // is never asked for; the running one would be the answer anyway.
+        let advertise = self.server.advertise;
+        let config = Self::validate(raw, || advertise)?;
+        Ok(Reload {
+            config,
+            live,
+            restart,
+        })
+    }
+
+    /// The effective configuration as a TOML table.
+    fn effective_table(&self) -> toml::Table {
+        // invariant: RawConfig serialises to a TOML table (see `effective_toml`).
+        match toml::Value::try_from(&self.effective).expect("RawConfig serialises to TOML") {
+            toml::Value::Table(t) => t,
+            _ => toml::Table::new(),
+        }
+    }
+}
+
+/// The `(table, key)` pairs whose values differ, in table and key order; `key` is `None` for
+/// a top-level value (`route`, the array of `[[route]]` tables).
+fn changed_keys(a: &toml::Table, b: &toml::Table) -> Vec<(String, Option<String>)> {
+    let mut tables: Vec<&String> = a.keys().chain(b.keys()).collect();
+    tables.sort();
+    tables.dedup();
+    let mut out = Vec::new();
+    for table in tables {
+        match (a.get(table), b.get(table)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                out.extend(
+                    keys.into_iter()
+                        .filter(|k| x.get(*k) != y.get(*k))
+                        .map(|k| (table.clone(), Some(k.clone()))),
+                );
+            }
+            (x, y) if x != y => out.push((table.clone(), None)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The value of `table.key` (or of `table` itself when `key` is `None`).
+fn value_at<'a>(t: &'a toml::Table, table: &str, key: Option<&str>) -> Option<&'a toml::Value> {
+    let top = t.get(table)?;
+    match key {
+        None => Some(top),
+        Some(k) => top.as_table()?.get(k),
+    }
+}
+
+/// Sets (or, for `None`, removes) the value of `table.key` (or of `table`).
+fn set_value(t: &mut toml::Table, table: &str, key: Option<&str>, v: Option<toml::Value>) {
+    let (slot, name) = match key {
+        None => (t, table),
+        Some(k) => {
+            let entry = t
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(inner) = entry.as_table_mut() else {
+                return;
+            };
+            (inner, k)
+        }
+    };
+    match v {
+        Some(v) => slot.insert(name.to_owned(), v),
+        None => slot.remove(name),
+    };
+}
+
+/// The configuration a running server reads, swapped whole by a reload and read without a
+/// lock. A reader takes one snapshot ([`LiveConfig::load`]) per request or per round and
+/// uses only it, so a request sees the old settings or the new ones, never a mix.
+#[derive(Debug)]
+pub struct LiveConfig {
+    current: arc_swap::ArcSwap<Config>,
+    /// Bumped after each swap, for tasks that sleep on a setting (the keepalive interval).
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl LiveConfig {
+    pub fn new(cfg: Arc<Config>) -> Self {
+        Self {
+            current: arc_swap::ArcSwap::new(cfg),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn load(&self) -> Arc<Config> {
+        self.current.load_full()
+    }
+
+    /// Replaces the configuration; requests already under way keep the one they loaded.
+    pub fn store(&self, cfg: Arc<Config>) {
+        self.current.store(cfg);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever the configuration is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }
 
@@ -1511,6 +1758,12 @@ mod tests {
             ("[server]\nadvertise = \"example.com\"", "server.advertise"),
             ("[server]\nmax_message_size = 10", "server.max_message_size"),
             ("[server]\nmax_forwards = 300", "server.max_forwards"),
+            ("[server]\nlog_level = \"\"", "server.log_level"),
+            (
+                "[server]\nlog_level = \"info,sipedge=loud\"",
+                "server.log_level",
+            ),
+            ("[server]\npid_file = \"\"", "server.pid_file"),
             (
                 "[server]\nrelay_foreign = \"maybe\"",
                 "server.relay_foreign",
@@ -1563,6 +1816,129 @@ mod tests {
         ] {
             assert_eq!(err_key(text), key, "{text}");
         }
+    }
+
+    /// The diff of two configurations: live keys take the new value, restart-only keys keep
+    /// the running one and are reported; defaults written out are no change.
+    #[test]
+    fn reload_applies_live_keys_and_keeps_restart_keys() {
+        let base = "[server]\nlisten = [\"udp:127.0.0.1:5060\"]\npid_file = \"/run/a.pid\"\n\
+                    [[route]]\nname = 'pbx'\nuser = '^1'\nnext_hop = '10.0.0.1'\n";
+        let old = parse(base).unwrap();
+        let same = parse(&format!(
+            "{base}[nat]\nping_interval = 30\n[limits]\ntransactions = 50000\n"
+        ))
+        .unwrap();
+        let r = old.reload(&same).unwrap();
+        assert!(r.live.is_empty() && r.restart.is_empty(), "{r:?}");
+
+        let text = "[server]\nlisten = [\"udp:127.0.0.1:5070\"]\nrelay_foreign = \"deny\"\n\
+                    log_level = \"debug\"\n[nat]\nping_interval = 10\n\
+                    [limits]\ntransactions = 10\ntcp_connections = 5\n\
+                    [media]\nidle_timeout = 5\nmode = \"always\"\n[security]\npike_requests = 5\n\
+                    [registrar]\nmax_contacts = 2\n\
+                    [[route]]\nname = 'pbx'\nuser = '^1'\nnext_hop = '10.0.0.2'\n";
+        let new = parse(text).unwrap();
+        let r = old.reload(&new).unwrap();
+        assert_eq!(
+            r.live,
+            [
+                "limits.transactions",
+                "media.mode",
+                "nat.ping_interval",
+                "registrar.max_contacts",
+                "route",
+                "security.pike_requests",
+                "server.log_level",
+                "server.relay_foreign",
+            ]
+        );
+        assert_eq!(
+            r.restart,
+            [
+                "limits.tcp_connections",
+                "media.idle_timeout",
+                "server.instance_id",
+                "server.listen",
+                "server.pid_file",
+            ]
+        );
+        let c = &r.config;
+        // Live: the new values.
+        assert_eq!(c.routes[0].next_hop_host, "10.0.0.2");
+        assert_eq!(c.server.relay_foreign, RelayForeign::Deny);
+        assert_eq!(c.server.log_level.as_deref(), Some("debug"));
+        assert_eq!(c.nat.ping_interval, Some(Duration::from_secs(10)));
+        assert_eq!(c.limits.transactions, 10);
+        assert_eq!(c.media.mode, MediaMode::Always);
+        assert_eq!(c.security.pike_requests, Some(5));
+        assert_eq!(c.registrar.max_contacts, 2);
+        // Restart-only: the running values, also for a key the new file removed.
+        assert_eq!(c.server.listen, old.server.listen);
+        assert_eq!(c.server.instance_id, "127.0.0.1:5060");
+        assert_eq!(c.server.pid_file, Some(PathBuf::from("/run/a.pid")));
+        assert_eq!(c.limits.tcp_connections, 4096);
+        assert_eq!(c.media.idle_timeout, Duration::from_secs(60));
+        // Reading the same file again: nothing more applies, the restart keys still wait.
+        let again = r.config.reload(&new).unwrap();
+        assert!(again.live.is_empty(), "{again:?}");
+        assert_eq!(again.restart, r.restart);
+        // Back to the first file: a removed live key returns to its default.
+        let back = r.config.reload(&old).unwrap();
+        assert!(
+            back.live.contains(&"server.log_level".to_owned()),
+            "{back:?}"
+        );
+        assert_eq!(back.config.server.log_level, None);
+        assert!(back.restart.is_empty(), "{back:?}");
+    }
+
+    /// A live key checked against a restart-only one: the mix must be valid too.
+    #[test]
+    fn reload_refuses_an_invalid_mix() {
+        let old = parse("").unwrap();
+        let new = parse("[server]\nmax_message_size = 1024\n[limits]\ntransaction_memory = 3072\n")
+            .unwrap();
+        let e = old.reload(&new).unwrap_err();
+        assert_eq!(e.key(), Some("limits.transaction_memory"), "{e}");
+    }
+
+    /// Every live key names a key of the file (a typo here would make a key restart-only).
+    #[test]
+    fn live_keys_exist() {
+        let cfg = parse("[server]\nlog_level = \"info\"").unwrap();
+        let table = cfg.effective_table();
+        for key in LIVE_KEYS {
+            let (t, k) = match key.split_once('.') {
+                Some((t, k)) => (t, Some(k)),
+                None => (*key, None),
+            };
+            assert!(value_at(&table, t, k).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn live_config_swaps_whole_and_tells_watchers() {
+        let live = LiveConfig::new(Arc::new(parse("").unwrap()));
+        let changed = live.subscribe();
+        let before = live.load();
+        live.store(Arc::new(
+            parse("[server]\nrelay_foreign = \"open\"").unwrap(),
+        ));
+        assert!(changed.has_changed().unwrap());
+        assert_eq!(live.load().server.relay_foreign, RelayForeign::Open);
+        // A snapshot taken before is unchanged.
+        assert_eq!(before.server.relay_foreign, RelayForeign::Authenticated);
+    }
+
+    #[test]
+    fn log_level_and_pid_file() {
+        let cfg = parse("[server]\nlog_level = \"sipedge=debug,info\"\npid_file = \"/run/s.pid\"")
+            .unwrap();
+        assert_eq!(cfg.server.log_level.as_deref(), Some("sipedge=debug,info"));
+        assert_eq!(cfg.server.pid_file, Some(PathBuf::from("/run/s.pid")));
+        let cfg = parse("").unwrap();
+        assert_eq!((cfg.server.log_level, cfg.server.pid_file), (None, None));
     }
 
     #[test]

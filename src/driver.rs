@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::service::Authenticator;
 use crate::clock::Clock;
+use crate::config::{Config, LiveConfig};
 use crate::log::LogLimit;
 use crate::metrics::{Kind, Registry};
 use crate::proxy::pipeline::{Core, Dispatch, Routed};
@@ -108,6 +109,8 @@ impl SipCounters {
 
 /// Every service a received message can go to.
 pub struct Driver {
+    /// Loaded once per received message: everything done for it uses that snapshot.
+    pub config: Arc<LiveConfig>,
     pub core: Core,
     pub transports: Arc<Transports>,
     pub registrar: Registrar,
@@ -120,8 +123,9 @@ pub struct Driver {
 
 impl Receiver for Driver {
     fn receive(&self, bytes: &[u8], source: Source) {
-        let d = self.core.handle(bytes, source);
-        self.execute(d);
+        let cfg = self.config.load();
+        let d = self.core.handle(&cfg, bytes, source);
+        self.execute(cfg, d);
     }
 
     fn admit(&self, ip: IpAddr) -> bool {
@@ -132,7 +136,7 @@ impl Receiver for Driver {
 impl Driver {
     /// Carries out what the core decided. Never waits: slow work (authentication, name
     /// resolution, the registrar's store write) runs in tasks of its own.
-    fn execute(&self, d: Dispatch) {
+    fn execute(&self, cfg: Arc<Config>, d: Dispatch) {
         match d {
             Dispatch::Nothing => {}
             Dispatch::Send(out) => self.transports.send(out),
@@ -148,7 +152,7 @@ impl Driver {
                 if self.proxy.absorb(&msg, source) {
                     return;
                 }
-                match self.core.route(&msg, source) {
+                match self.core.route(&cfg, &msg, source) {
                     Routed::Reply(out) => {
                         debug!(sip.status = %crate::sip::reply::status_of(&out.bytes), "answering locally");
                         self.transports.send(out);
@@ -156,11 +160,13 @@ impl Driver {
                     Routed::Absorb => debug!("absorbed"),
                     Routed::NotFound(out) => {
                         debug!("not found: answered statefully, accounted");
-                        self.proxy.not_found(*msg, source, out, self.clock.unix());
+                        self.proxy
+                            .not_found(&cfg, *msg, source, out, self.clock.unix());
                     }
                     Routed::Forward(plan) => {
                         debug!(?plan, "forward");
                         let fut = self.proxy.clone().forward(
+                            cfg,
                             *msg,
                             source,
                             *plan,

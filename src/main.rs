@@ -16,10 +16,11 @@ mod cmd;
 )]
 struct Cli {
     /// Log filter: error, warn, info, debug, trace (or a tracing filter such as
-    /// "sipedge=debug"). RUST_LOG, when set, takes precedence. sqlx stays at warn unless the
-    /// filter names it or is "trace".
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// "sipedge=debug"). Default: info, or `server.log_level` for `serve`; given here, it
+    /// wins over the configuration. RUST_LOG, when set, takes precedence. sqlx stays at warn
+    /// unless the filter names it or is "trace".
+    #[arg(long, global = true)]
+    log_level: Option<String>,
 
     /// Log line format: "text" (human-readable) or "json" (one object per line).
     #[arg(
@@ -48,8 +49,15 @@ struct ConfigArg {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the proxy until SIGINT or SIGTERM.
+    /// Run the proxy until SIGINT or SIGTERM; SIGHUP reloads the configuration.
     Serve,
+    /// Make the running server reload its configuration (SIGHUP to the pid in
+    /// `server.pid_file`, or to --pid). The file is validated first.
+    Reload {
+        /// The server's process id, instead of `server.pid_file`.
+        #[arg(long)]
+        pid: Option<i32>,
+    },
     /// Validate the configuration and print the effective values; exit 2 if it is invalid.
     CheckConfig,
     /// Manage subscribers (stored as HA1 hashes, never in plaintext).
@@ -125,7 +133,7 @@ enum DbAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_tracing(&cli.log_level, cli.log_format);
+    cmd::init_tracing(cli.log_level.as_deref(), cli.log_format);
     let result =
         cmd::config_path(cli.cfg.config.as_deref()).and_then(|config| run(cli.command, &config));
     match result {
@@ -141,6 +149,7 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
     match command {
         Command::Serve => cmd::serve::run(config),
         Command::CheckConfig => cmd::check_config::run(config),
+        Command::Reload { pid } => cmd::reload::run(config, pid),
         Command::User { action } => match action {
             UserAction::Add { user, password } => cmd::user::add(config, &user, password),
             UserAction::Del { user } => cmd::user::del(config, &user),

@@ -3,12 +3,15 @@
 pub(crate) mod cdr;
 pub(crate) mod check_config;
 pub(crate) mod db;
+pub(crate) mod reload;
 pub(crate) mod serve;
 pub(crate) mod show;
 pub(crate) mod user;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
+use sipedge::app::LogLevelHook;
 use sipedge::config::{CONFIG_SEARCH_PATH, Config, ConfigError, find_config};
 use tracing_subscriber::EnvFilter;
 
@@ -139,22 +142,65 @@ pub(crate) fn filter_directives(level: &str) -> String {
     }
 }
 
-pub(crate) fn init_tracing(level: &str, format: LogFormat) {
-    let filter = std::env::var("RUST_LOG")
+/// How the log filter of this process may be changed after start.
+struct LogControl {
+    /// Replaces the filter.
+    set: LogLevelHook,
+    /// `--log-level` or `RUST_LOG` chose the filter: `server.log_level` does not apply.
+    pinned: bool,
+}
+
+static LOG_CONTROL: OnceLock<LogControl> = OnceLock::new();
+
+/// The filter for a `--log-level`/`RUST_LOG`/`server.log_level` value.
+fn env_filter(level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(filter_directives(level)).map_err(|e| e.to_string())
+}
+
+/// The hook that sets the log filter from the configuration's `server.log_level`, or `None`
+/// when the command line (`--log-level`) or `RUST_LOG` chose the filter: they win.
+pub(crate) fn config_log_level() -> Option<LogLevelHook> {
+    LOG_CONTROL
+        .get()
+        .filter(|c| !c.pinned)
+        .map(|c| c.set.clone())
+}
+
+/// Installs the subscriber. `level` is `--log-level` when given; `RUST_LOG`, when set, wins
+/// over it, and either one wins over the configuration's `server.log_level`.
+pub(crate) fn init_tracing(level: Option<&str>, format: LogFormat) {
+    let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|env| !env.trim().is_empty())
-        .and_then(|env| EnvFilter::try_new(filter_directives(&env)).ok())
-        .or_else(|| EnvFilter::try_new(filter_directives(level)).ok())
+        .and_then(|env| env_filter(&env).ok());
+    let pinned = from_env.is_some() || level.is_some();
+    let filter = from_env
+        .or_else(|| env_filter(level.unwrap_or("info")).ok())
         .unwrap_or_else(|| EnvFilter::new(filter_directives("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().with_ansi(false).init(),
-    }
+    let set: LogLevelHook = match format {
+        LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |level: &str| -> Result<(), String> {
+                handle.reload(env_filter(level)?).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_ansi(false).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |level: &str| -> Result<(), String> {
+                handle.reload(env_filter(level)?).map_err(|e| e.to_string())
+            })
+        }
+    };
+    let _ = LOG_CONTROL.set(LogControl { set, pinned });
     // A panic is a bug, not an outage: the task that panicked ends (its loop is restarted by
     // its supervisor) and the line says where, inside the span of the message being handled
     // (peer.addr, Call-ID).

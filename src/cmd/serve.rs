@@ -1,6 +1,7 @@
-//! `sipedge serve`: bind, run until SIGINT/SIGTERM, shut down cleanly.
+//! `sipedge serve`: bind, run until SIGINT/SIGTERM, shut down cleanly; SIGHUP reloads the
+//! configuration file ([`sipedge::app::Reloader`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,13 @@ const MEDIA_DRAIN: Duration = Duration::from_secs(15);
 
 pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
     let cfg = Arc::new(load_config(path)?);
+    // `server.log_level` unless the command line or RUST_LOG chose the filter.
+    let log_level = super::config_log_level();
+    if let (Some(set), Some(level)) = (&log_level, &cfg.server.log_level)
+        && let Err(error) = set(level)
+    {
+        warn!(%error, level, "server.log_level not applied");
+    }
     info!(config = %path.display(), "configuration loaded");
     warn_about(&cfg);
     // Before any socket: the configured limits, not the default 1024 files, bound what
@@ -43,6 +51,8 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         .context("starting the runtime")
         .map_err(CmdError::Runtime)?;
     rt.block_on(async move {
+        // From here on SIGHUP reloads; its default action would end the process.
+        let mut signals = Signals::new();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let app = sipedge::app::build(cfg.clone(), clock)
             .await
@@ -50,6 +60,14 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             .map_err(CmdError::Runtime)?;
         let (server, store, media, metrics) = (app.server, app.store, app.media, app.metrics);
         let control = app.control;
+        let reloader = match log_level {
+            Some(set) => app.reloader.with_log_level(set),
+            None => app.reloader,
+        };
+        let pid_file = match &cfg.server.pid_file {
+            Some(file) => Some(PidFile::write(file).map_err(CmdError::Runtime)?),
+            None => None,
+        };
         info!(
             version = env!("CARGO_PKG_VERSION"),
             advertise = %cfg.server.advertise,
@@ -59,7 +77,21 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let controlling = control.map(|c| tokio::spawn(c.run(stop_rx.clone())));
         let serving = tokio::spawn(server.run(stop_rx));
-        let signal = wait_for_signal().await;
+        let signal = loop {
+            match signals.next().await {
+                Signal::Stop(name) => break name,
+                Signal::Reload => {
+                    // One line either way: `configuration reloaded`, or why not.
+                    if let Ok(reloaded) = reloader.reload_file(path).await
+                        && reloaded.live.iter().any(|k| k == "route")
+                    {
+                        // The next hops may be new names: check them off the runtime.
+                        let cfg = reloader.current();
+                        tokio::task::spawn_blocking(move || warn_about_routes(&cfg));
+                    }
+                }
+            }
+        };
         info!(signal, "shutting down");
         let _ = stop_tx.send(true);
         if tokio::time::timeout(DRAIN, serving).await.is_err() {
@@ -77,9 +109,34 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         }
         store.close().await;
         metrics.refresh().await;
+        if let Some(p) = pid_file {
+            p.remove();
+        }
         info!(counters = %metrics.summary(), "sipedge stopped");
         Ok(())
     })
+}
+
+/// `server.pid_file` while the server runs.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id (a failure stops the start: the operator asked for the file).
+    fn write(path: &Path) -> anyhow::Result<Self> {
+        std::fs::write(path, format!("{}\n", std::process::id())).with_context(|| {
+            format!("writing the pid file {} (server.pid_file)", path.display())
+        })?;
+        Ok(Self(path.to_owned()))
+    }
+
+    /// Removes the file if it still holds our id (another server may have taken it over).
+    fn remove(self) {
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|t| t.trim() == std::process::id().to_string());
+        if ours && let Err(error) = std::fs::remove_file(&self.0) {
+            warn!(%error, pid_file = %self.0.display(), "cannot remove the pid file");
+        }
+    }
 }
 
 /// How long the startup check waits for the next hops' names to resolve.
@@ -92,6 +149,12 @@ pub(crate) fn warn_about(cfg: &Config) {
     if let Some(message) = cfg.advertise_warning() {
         warn!(server.advertise = %cfg.server.advertise, "{message}");
     }
+    warn_about_routes(cfg);
+}
+
+/// The warnings about `[[route]]` next hops that do not resolve (at start and after a reload
+/// that changed the routes). Blocks up to [`RESOLVE_WAIT`].
+fn warn_about_routes(cfg: &Config) {
     for (route, next_hop, error) in unresolved_next_hops(cfg, RESOLVE_WAIT) {
         warn!(
             route = %route,
@@ -164,18 +227,53 @@ fn unresolved_next_hops(cfg: &Config, wait: Duration) -> Vec<(String, String, St
     bad
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            warn!(%error, "cannot watch SIGTERM; only SIGINT stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// What a signal asks of the server.
+enum Signal {
+    /// SIGINT or SIGTERM (named): shut down cleanly.
+    Stop(&'static str),
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+/// The signals `serve` handles. Each is watched from creation on: a SIGHUP during startup is
+/// taken (and served once running) instead of ending the process.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(error) => {
+                warn!(%error, "cannot watch {name}");
+                None
+            }
+        };
+        Self {
+            term: watch(SignalKind::terminate(), "SIGTERM"),
+            int: watch(SignalKind::interrupt(), "SIGINT"),
+            hup: watch(SignalKind::hangup(), "SIGHUP"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+    }
+
+    async fn next(&mut self) -> Signal {
+        // A signal that cannot be watched is never received (its default action applies).
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            if let Some(s) = s
+                && s.recv().await.is_some()
+            {
+                return;
+            }
+            std::future::pending::<()>().await
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => Signal::Stop("SIGINT"),
+            _ = recv(&mut self.term) => Signal::Stop("SIGTERM"),
+            _ = recv(&mut self.hup) => Signal::Reload,
+        }
     }
 }

@@ -166,9 +166,11 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
     })
 }
 
-/// The signalling core: configuration plus the sockets we own (for the "myself" check).
+/// The signalling core: the sockets we own (for the "myself" check) and the state shared
+/// with the other services. The configuration comes with each call: the driver loads one
+/// snapshot of the live configuration per message, so a reload never changes the rules in
+/// the middle of a request.
 pub struct Core {
-    cfg: Arc<Config>,
     /// Addresses of the bound sockets (the real ports when the config asked for port 0).
     local: Vec<(Proto, SocketAddr)>,
     location: Option<Arc<dyn LocationService>>,
@@ -191,7 +193,7 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: &Config,
         local: Vec<(Proto, SocketAddr)>,
         location: Option<Arc<dyn LocationService>>,
         clock: Arc<dyn Clock>,
@@ -203,7 +205,6 @@ impl Core {
             .map(|(_, a)| format!("{}:{}", cfg.server.advertise, a.port()))
             .collect();
         Self {
-            cfg,
             local,
             location,
             clock,
@@ -218,10 +219,6 @@ impl Core {
         &self.local
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// The flood and brute-force state (for the TCP accept loop: [`Security::is_banned`]).
     pub fn security(&self) -> &Arc<Security> {
         &self.security
@@ -229,7 +226,7 @@ impl Core {
 
     /// Handles one received message; returns what the I/O side must do. The first step is
     /// the per-source rate limit and ban check ([`Security::allow`]).
-    pub fn handle(&self, bytes: &[u8], source: Source) -> Dispatch {
+    pub fn handle(&self, cfg: &Config, bytes: &[u8], source: Source) -> Dispatch {
         let framing = match source.proto {
             Proto::Udp => Framing::Datagram,
             Proto::Tcp => Framing::Stream,
@@ -238,7 +235,7 @@ impl Core {
         if !self.security.allow(source.remote, self.clock.now()) {
             return Dispatch::Nothing;
         }
-        match sanity::check(bytes, framing, self.cfg.server.max_message_size) {
+        match sanity::check(bytes, framing, cfg.server.max_message_size) {
             Verdict::Drop(reason) => {
                 debug!(peer.addr = %source.remote, ?reason, "dropping message");
                 Dispatch::Nothing
@@ -257,7 +254,7 @@ impl Core {
                     && msg
                         .request_uri()
                         .and_then(|u| SipUri::parse(u).ok())
-                        .is_some_and(|u| self.is_myself(&u, source));
+                        .is_some_and(|u| self.is_myself(cfg, &u, source));
                 if for_registrar {
                     return Dispatch::Register(Box::new(Job { msg, source }));
                 }
@@ -269,7 +266,7 @@ impl Core {
     /// The routing decision for a request that matched no transaction (DESIGN §4 steps 2-6,
     /// the seed's main route): loose routing, in-dialog forwarding, the `[[route]]` rules, the
     /// location service, `relay_foreign`, and the requests answered locally.
-    pub fn route(&self, msg: &Message, source: Source) -> Routed {
+    pub fn route(&self, cfg: &Config, msg: &Message, source: Source) -> Routed {
         // invariant: sanity checked the method, Request-URI and Call-ID of this request.
         let method = msg.method().unwrap_or_default();
         let uri_text = msg.request_uri().unwrap_or_default();
@@ -284,7 +281,7 @@ impl Core {
         let Ok(uri) = SipUri::parse(uri_text) else {
             return reply(400, "Malformed Request-URI");
         };
-        let for_us = self.is_myself(&uri, source);
+        let for_us = self.is_myself(cfg, &uri, source);
         let max_forwards = msg.max_forwards().ok().flatten();
         let in_dialog = msg.to().ok().and_then(|t| t.tag().map(|_| ())).is_some();
 
@@ -314,14 +311,14 @@ impl Core {
             return reply(400, "Malformed Route header");
         };
         let for_us = if strict_route {
-            self.is_myself(&uri, source)
+            self.is_myself(cfg, &uri, source)
         } else {
             for_us
         };
         let pop_route = routes
             .first()
             .and_then(|r| SipUri::parse(r.uri).ok())
-            .is_some_and(|u| self.is_myself(&u, source));
+            .is_some_and(|u| self.is_myself(cfg, &u, source));
         let route_verified = pop_route && routes.first().is_some_and(|r| verified(r.uri));
         if pop_route && in_dialog && !route_verified {
             // A Route naming us that we did not write for this dialog: following what comes
@@ -427,7 +424,7 @@ impl Core {
             return match (&next_route, for_us) {
                 (Some(r), _) => forward_to(r, None),
                 (None, false) if pop_route => forward_to(uri_text, None),
-                (None, false) => match self.cfg.server.relay_foreign {
+                (None, false) => match cfg.server.relay_foreign {
                     RelayForeign::Deny => reply(403, "Relaying Forbidden"),
                     RelayForeign::Open => forward_to(uri_text, None),
                     RelayForeign::Authenticated => forward_to(uri_text, Some(AuthNeed::Foreign)),
@@ -444,10 +441,10 @@ impl Core {
         }
         if !for_us {
             let record_route = creates_dialog(method);
-            return match self.cfg.server.relay_foreign {
+            return match cfg.server.relay_foreign {
                 RelayForeign::Deny => reply(403, "Relaying Forbidden"),
                 RelayForeign::Open | RelayForeign::Authenticated => {
-                    let auth = (self.cfg.server.relay_foreign == RelayForeign::Authenticated)
+                    let auth = (cfg.server.relay_foreign == RelayForeign::Authenticated)
                         .then_some(AuthNeed::Foreign);
                     match forward_to(uri_text, auth) {
                         Routed::Forward(mut plan) => {
@@ -487,7 +484,7 @@ impl Core {
             debug!(peer.addr = %source.remote, "caller is behind NAT");
         }
         // The [[route]] rules, first match wins (the seed's extension/PSTN routing).
-        if let Some(rule) = self.cfg.routes.iter().find(|r| r.user.is_match(user)) {
+        if let Some(rule) = cfg.routes.iter().find(|r| r.user.is_match(user)) {
             debug!(route = %rule.name, user, "route matched");
             return Routed::Forward(Box::new(Plan {
                 targets: vec![Hop {
@@ -524,7 +521,7 @@ impl Core {
             // A call to one of our users who is not registered is a call outcome (README
             // "Accounting") when it comes from one of our users or a `[[route]]` next hop; a
             // scanner's probe is answered statelessly and leaves no row.
-            if method == "INVITE" && crate::acc::counts_not_found(&self.cfg, msg, source.remote) {
+            if method == "INVITE" && crate::acc::counts_not_found(cfg, msg, source.remote) {
                 return Routed::NotFound(out);
             }
             return Routed::Reply(out);
@@ -558,7 +555,7 @@ impl Core {
             nat: caller_nated,
             caller_flow,
             sender_nated,
-            media: (method == "INVITE").then_some(self.cfg.media.mode),
+            media: (method == "INVITE").then_some(cfg.media.mode),
             route: (method == "INVITE").then(|| "location".to_owned()),
         }))
     }
@@ -579,7 +576,7 @@ impl Core {
 
     /// RFC 3261 §16.4 / Kamailio `myself`: the URI names one of our domains or one of our
     /// addresses, on one of our ports.
-    fn is_myself(&self, uri: &SipUri<'_>, source: Source) -> bool {
+    fn is_myself(&self, cfg: &Config, uri: &SipUri<'_>, source: Source) -> bool {
         let port_ok = |port: Option<u16>| match port {
             None => {
                 self.local
@@ -592,7 +589,7 @@ impl Core {
             }
             Some(p) => self.local.iter().any(|(_, a)| a.port() == p),
         };
-        if self.cfg.is_local_domain(uri.host) {
+        if cfg.is_local_domain(uri.host) {
             return uri.port.is_none() || port_ok(uri.port);
         }
         let Some(ip) = uri.ip() else {
@@ -601,7 +598,7 @@ impl Core {
         // A wildcard socket (0.0.0.0) serves every local address; the ones we can know without
         // asking the kernel for each packet's destination are the advertised address, the
         // address a TCP connection was accepted on, and loopback.
-        let ours = ip == self.cfg.server.advertise
+        let ours = ip == cfg.server.advertise
             || ip == source.local.ip()
             || self
                 .local
@@ -630,7 +627,7 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::registrar::location::{Binding, Location};
 
-    fn core() -> Core {
+    fn core() -> (Core, Config) {
         let cfg = Config::from_toml(
             "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n\
              [[route]]\nname=\"pbx\"\nuser='^[0-9]{3,4}$'\nnext_hop=\"pbx.example.net:5070\"\n\
@@ -662,14 +659,15 @@ mod tests {
                 updated: 0,
             }],
         ));
-        Core::new(
-            Arc::new(cfg),
+        let core = Core::new(
+            &cfg,
             vec![(Proto::Udp, "127.0.0.1:5060".parse().unwrap())],
             Some(location),
             Arc::new(SystemClock),
             key(),
             Arc::new(Security::new(cfg_security, tokio::time::Instant::now())),
-        )
+        );
+        (core, cfg)
     }
 
     fn key() -> RouteKey {
@@ -705,12 +703,12 @@ mod tests {
             "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9;rport\r\n\
 From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 {method}\r\n{extra}\r\n"
         );
-        let c = core();
-        let out = match c.handle(text.as_bytes(), src()) {
+        let (c, cfg) = core();
+        let out = match c.handle(&cfg, text.as_bytes(), src()) {
             Dispatch::Send(out) => out,
             Dispatch::Register(_) => return Ok(Some(0)),
             Dispatch::Nothing | Dispatch::Response(..) => return Ok(None),
-            Dispatch::Request(msg, source) => match c.route(&msg, source) {
+            Dispatch::Request(msg, source) => match c.route(&cfg, &msg, source) {
                 Routed::Reply(out) | Routed::NotFound(out) => out,
                 Routed::Forward(plan) => return Err(plan),
                 Routed::Absorb => return Ok(None),
@@ -778,7 +776,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <{uri}>{totag}\r\nCall-ID: t1\r\nCSeq: 1 
 From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 INVITE\r\n\r\n"
             );
             let msg = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
-            c.route(&msg, src)
+            c.0.route(&c.1, &msg, src)
         };
         // One of our users calls someone who is not registered: a call outcome.
         assert!(matches!(

@@ -55,7 +55,6 @@ enum Post {
 
 /// The proxy's transaction tables.
 pub struct Proxy {
-    cfg: Arc<Config>,
     transports: Arc<Transports>,
     /// What every request's core needs (sockets, timers, the route key).
     ctx: txn::Context,
@@ -88,7 +87,7 @@ pub struct ProxyStats {
 
 impl Proxy {
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: &Config,
         transports: Arc<Transports>,
         local: Vec<(Proto, SocketAddr)>,
         key: RouteKey,
@@ -111,7 +110,6 @@ impl Proxy {
         Self {
             media,
             acc,
-            cfg,
             transports,
             ctx,
             server: DashMap::new(),
@@ -341,8 +339,15 @@ impl Proxy {
     /// ([`super::pipeline::Routed::NotFound`]): answered through a server transaction, so
     /// that its retransmissions are absorbed and the call gets exactly one row (route
     /// "local"). Under `limits.transactions` the 404 goes statelessly, without a row.
-    pub fn not_found(self: &Arc<Self>, msg: Message, source: Source, out: Transmit, now_unix: u64) {
-        match self.reserve(&msg, source) {
+    pub fn not_found(
+        self: &Arc<Self>,
+        cfg: &Config,
+        msg: Message,
+        source: Source,
+        out: Transmit,
+        now_unix: u64,
+    ) {
+        match self.reserve(cfg, &msg, source) {
             Ok(res) => {
                 let start = acc::Start::of(&msg, source.remote, acc::LOCAL, None, now_unix);
                 self.launch(res, msg, source, Work::Reply(out.bytes), start);
@@ -354,9 +359,11 @@ impl Proxy {
 
     /// Carries out a routing plan for a new request: proxy authentication when the plan asks
     /// for it (the seed's `proxy_authorize` + `check_from` + `consume_credentials`), name
-    /// resolution, then the transaction task. Runs off the receive loop.
+    /// resolution, then the transaction task. Runs off the receive loop. `cfg` is the
+    /// configuration the request was routed with (its limits apply).
     pub async fn forward(
         self: Arc<Self>,
+        cfg: Arc<Config>,
         msg: Message,
         source: Source,
         plan: Plan,
@@ -373,7 +380,7 @@ impl Proxy {
             }
             return;
         }
-        let res = match self.reserve(&msg, source) {
+        let res = match self.reserve(&cfg, &msg, source) {
             Ok(res) => res,
             Err(Refusal::Owned) => {
                 debug!("request already has a transaction");
@@ -396,7 +403,7 @@ impl Proxy {
                 None => Err((500, reply_now(500, "Server Internal Error", &[]))),
                 Some(a) => {
                     let peer = source.remote;
-                    authorize(a, &msg, peer, need, now_unix, &reply_now, &self.cfg).await
+                    authorize(a, &msg, peer, need, now_unix, &reply_now, &cfg).await
                 }
             };
             match verdict {
@@ -506,9 +513,14 @@ impl Proxy {
     /// name resolution), so that its retransmissions are absorbed meanwhile. `None` when the
     /// request already has an owner (it was a retransmission after all) or when
     /// `limits.transactions(_per_ip)` are reached.
-    pub fn reserve(&self, msg: &Message, source: Source) -> Result<Reservation, Refusal> {
+    pub fn reserve(
+        &self,
+        cfg: &Config,
+        msg: &Message,
+        source: Source,
+    ) -> Result<Reservation, Refusal> {
         let key = server_key(msg).ok_or(Refusal::Owned)?;
-        let limits = &self.cfg.limits;
+        let limits = &cfg.limits;
         if self.server.len() >= limits.transactions {
             return Err(Refusal::Limit("limits.transactions"));
         }

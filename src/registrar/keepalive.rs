@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::clock::Clock;
-use crate::config::{Config, PingMethod};
+use crate::config::{LiveConfig, NatConfig, PingMethod};
 use crate::metrics::Registry;
 use crate::nat::detect::is_private;
 use crate::registrar::location::{Binding, LocationService};
@@ -141,9 +141,19 @@ pub fn seq_of_branch(branch: &str) -> Option<u64> {
     u64::from_str_radix(rest.split('-').next()?, 16).ok()
 }
 
+/// Resolves at the next reload. The sender lives in the [`LiveConfig`] the pinger holds, so
+/// it is never dropped while the pinger runs; if it were, this would wait forever (no more
+/// reloads) instead of spinning.
+async fn next_reload(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Sends the pings and counts their answers.
 pub struct Pinger {
-    cfg: Arc<Config>,
+    /// `[nat]` is live: loaded once per slot, and a new interval starts a new schedule.
+    cfg: Arc<LiveConfig>,
     location: Arc<dyn LocationService>,
     transports: Arc<Transports>,
     clock: Arc<dyn Clock>,
@@ -169,16 +179,18 @@ pub struct Pinger {
 
 impl Pinger {
     pub fn new(
-        cfg: Arc<Config>,
+        cfg: Arc<LiveConfig>,
         location: Arc<dyn LocationService>,
         transports: Arc<Transports>,
         clock: Arc<dyn Clock>,
         local: &[(Proto, SocketAddr)],
     ) -> Self {
+        // `server.advertise` needs a restart: read once.
+        let advertise = cfg.load().server.advertise;
         let vias = local
             .iter()
             .filter(|(p, _)| *p == Proto::Udp)
-            .map(|(_, a)| (*a, SocketAddr::new(cfg.server.advertise, a.port())))
+            .map(|(_, a)| (*a, SocketAddr::new(advertise, a.port())))
             .collect();
         let salt = format!("{:x}", clock.unix() ^ u64::from(std::process::id()) << 32);
         Self {
@@ -260,28 +272,45 @@ impl Pinger {
         f
     }
 
-    /// Pings until `shutdown`; does nothing when `nat.ping_interval` is 0.
+    /// Pings until `shutdown`. `nat.ping_interval` is read again after each reload: a new
+    /// interval starts a new schedule, 0 stops the pings until a reload sets one.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let Some(interval) = self.cfg.nat.ping_interval else {
-            return;
-        };
-        let mut tick = tokio::time::interval(interval / SLOTS);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut slot_now = 0u32;
+        let mut reloaded = self.cfg.subscribe();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
+            let interval = self.cfg.load().nat.ping_interval;
+            let Some(interval) = interval else {
+                tokio::select! {
+                    _ = next_reload(&mut reloaded) => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            };
+            let mut tick = tokio::time::interval(interval / SLOTS);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut slot_now = 0u32;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                    _ = next_reload(&mut reloaded) => {
+                        if self.cfg.load().nat.ping_interval == Some(interval) {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                self.ping_slot(slot_now).await;
+                slot_now = (slot_now + 1) % SLOTS;
             }
-            self.ping_slot(slot_now).await;
-            slot_now = (slot_now + 1) % SLOTS;
         }
     }
 
     /// Pings every binding of one slot.
     async fn ping_slot(&self, which: u32) {
+        let cfg = self.cfg.load();
+        let nat = &cfg.nat;
         let now = self.clock.unix();
-        let instance = &self.cfg.server.instance_id;
+        let instance = &cfg.server.instance_id;
         let all = self.location.snapshot();
         if which == 0 {
             // Once per interval: answers older than the previous interval no longer count,
@@ -307,7 +336,7 @@ impl Pinger {
                 continue;
             };
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let bytes = match self.cfg.nat.ping_method {
+            let bytes = match nat.ping_method {
                 PingMethod::Options => options_request(&b, via, seq, &self.salt),
                 // RFC 5626 §4.4.1 uses CRLF over streams; over UDP phones ignore the bare CRLF,
                 // which is all the router needs to see.
@@ -320,24 +349,24 @@ impl Pinger {
                 dest: b.received,
                 bytes,
             });
-            if self.cfg.nat.ping_method == PingMethod::Crlf {
+            if nat.ping_method == PingMethod::Crlf {
                 continue;
             }
             self.pending.insert(seq, ());
             let misses = self.failures().await.on_sent(&b.aor, &b.contact, seq);
-            if misses >= self.cfg.nat.ping_failures {
-                self.unreachable(&b, misses).await;
+            if misses >= nat.ping_failures {
+                self.unreachable(nat, &b, misses).await;
             }
         }
     }
 
     /// A binding stopped answering.
-    async fn unreachable(&self, b: &Binding, misses: u32) {
-        if misses == self.cfg.nat.ping_failures {
+    async fn unreachable(&self, nat: &NatConfig, b: &Binding, misses: u32) {
+        if misses == nat.ping_failures {
             self.unreachable_count.fetch_add(1, Ordering::Relaxed);
         }
-        if !self.cfg.nat.ping_remove {
-            if misses == self.cfg.nat.ping_failures {
+        if !nat.ping_remove {
+            if misses == nat.ping_failures {
                 warn!(aor = %b.aor, contact = %b.contact, peer.addr = %b.received, misses, "NATed contact does not answer keepalives");
             }
             return;

@@ -21,7 +21,7 @@ use super::location::LocationService;
 use super::register::{self, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::sip::{Message, SipUri, reply};
 use crate::transaction::{self, ServerAction, ServerTxn, Timers};
 use crate::transport::{Proto, Source, Transports};
@@ -38,7 +38,8 @@ pub struct Job {
 
 /// What the registrar shares between its shards.
 pub struct Context {
-    pub cfg: Arc<Config>,
+    /// Loaded once per REGISTER (`[registrar]` is live; see [`crate::config::LIVE_KEYS`]).
+    pub cfg: Arc<LiveConfig>,
     pub location: Arc<dyn LocationService>,
     pub transports: Arc<Transports>,
     pub auth: Arc<Authenticator>,
@@ -97,7 +98,8 @@ fn txn_key(msg: &Message) -> Option<String> {
 }
 
 async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usize) {
-    let limits = &ctx.cfg.limits;
+    // Sized once: `limits.registrar_cache*` need a restart.
+    let limits = ctx.cfg.load().limits.clone();
     let mut sent = Completed::new(
         limits.registrar_cache / shards,
         limits.registrar_cache_bytes / shards,
@@ -157,6 +159,7 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usiz
 
 /// Processes one REGISTER and returns the response: its status and bytes.
 async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
+    let cfg = ctx.cfg.load();
     let msg = &job.msg;
     let src = job.source.remote;
     let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
@@ -171,7 +174,7 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     let (Some(user), domain) = (to_uri.user, to_uri.host.to_ascii_lowercase()) else {
         return respond(400, "To has no user part", &[]);
     };
-    if !ctx.cfg.is_local_domain(&domain) {
+    if !cfg.is_local_domain(&domain) {
         return respond(403, "Domain Not Served Here", &[]);
     }
     let aor = format!("{user}@{domain}");
@@ -206,11 +209,11 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     let origin = Origin {
         aor: &aor,
         source: job.source,
-        instance: &ctx.cfg.server.instance_id,
+        instance: &cfg.server.instance_id,
         now,
     };
     let current = ctx.location.lookup(&aor, now);
-    let decision = match register::decide(&ctx.cfg.registrar, msg, origin, &current) {
+    let decision = match register::decide(&cfg.registrar, msg, origin, &current) {
         Ok(d) => d,
         Err(r) => {
             let extra: Vec<(&str, &str)> =

@@ -152,15 +152,53 @@ pub struct FailureVerdict {
     pub user_locked: bool,
 }
 
-/// The shared flood and brute-force state. One per server, shared by the transport entry
-/// point (rate limit, bans) and the authenticator (failures, locks).
+/// The thresholds in force, swapped whole by a reload ([`Security::set_config`]).
 #[derive(Debug)]
-pub struct Security {
+struct Params {
     cfg: SecurityConfig,
     /// GCRA emission interval: `pike_window / pike_requests`.
     interval: Duration,
     /// GCRA burst tolerance: `pike_window - interval` (a burst of `pike_requests` passes).
     tolerance: Duration,
+}
+
+impl Params {
+    fn new(cfg: SecurityConfig) -> Self {
+        let (interval, tolerance) = match cfg.pike_requests {
+            Some(n) => {
+                let interval = cfg.pike_window / n;
+                (interval, cfg.pike_window.saturating_sub(interval))
+            }
+            None => (Duration::ZERO, Duration::ZERO),
+        };
+        Self {
+            cfg,
+            interval,
+            tolerance,
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.cfg.trusted.iter().any(|n| n.contains(ip))
+    }
+
+    /// GCRA: whether a message at `now` fits the rate; if so, charges it.
+    fn conforms(&self, tat: &mut Instant, now: Instant) -> bool {
+        let t = (*tat).max(now);
+        if t - now > self.tolerance {
+            return false;
+        }
+        *tat = t + self.interval;
+        true
+    }
+}
+
+/// The shared flood and brute-force state. One per server, shared by the transport entry
+/// point (rate limit, bans) and the authenticator (failures, locks).
+#[derive(Debug)]
+pub struct Security {
+    /// Each call reads one snapshot of them, without a lock.
+    params: arc_swap::ArcSwap<Params>,
     /// The time `last_sweep_*` are counted from.
     base: Instant,
     sources: DashMap<IpAddr, Source>,
@@ -177,16 +215,8 @@ pub struct Security {
 impl Security {
     /// Empty state; `now` is any instant before the first call.
     pub fn new(cfg: SecurityConfig, now: Instant) -> Self {
-        let (interval, tolerance) = match cfg.pike_requests {
-            Some(n) => {
-                let interval = cfg.pike_window / n;
-                (interval, cfg.pike_window.saturating_sub(interval))
-            }
-            None => (Duration::ZERO, Duration::ZERO),
-        };
         Self {
-            interval,
-            tolerance,
+            params: arc_swap::ArcSwap::from_pointee(Params::new(cfg)),
             base: now,
             sources: DashMap::new(),
             sources_len: AtomicUsize::new(0),
@@ -196,25 +226,31 @@ impl Security {
             last_sweep_users: AtomicU64::new(0),
             counters: Counters::default(),
             log: EventLog::new(now),
-            cfg,
         }
+    }
+
+    /// New thresholds (a reload): they apply from the next call on. What is under way is
+    /// kept: bans and locks run to their end, counts go on against the new limits.
+    pub fn set_config(&self, cfg: SecurityConfig) {
+        self.params.store(Arc::new(Params::new(cfg)));
     }
 
     /// True when `ip` is in `security.trusted`.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.cfg.trusted.iter().any(|n| n.contains(ip))
+        self.params.load().is_trusted(ip)
     }
 
     /// Whether a message just received from `peer` is processed (`false`: drop it silently).
     /// Counts it against the source's rate; a source over `pike_requests` per `pike_window`
     /// is banned for `ban_time`. Called for every received message, before parsing.
     pub fn allow(&self, peer: SocketAddr, now: Instant) -> bool {
+        let p = self.params.load();
         let ip = peer.ip();
-        if self.is_trusted(ip) {
+        if p.is_trusted(ip) {
             return true;
         }
         let key = cidr::source_key(ip);
-        let pike = self.cfg.pike_requests;
+        let pike = p.cfg.pike_requests;
         match self.sources.get_mut(&key) {
             Some(mut s) => {
                 if s.banned(now) {
@@ -225,10 +261,10 @@ impl Security {
                     // A ban that ended starts again with a full budget.
                     s.tat = now;
                 }
-                if pike.is_none() || self.conforms(&mut s.tat, now) {
+                if pike.is_none() || p.conforms(&mut s.tat, now) {
                     return true;
                 }
-                s.banned_until = Some(now + self.cfg.ban_time);
+                s.banned_until = Some(now + p.cfg.ban_time);
             }
             None => {
                 if pike.is_some() {
@@ -236,8 +272,8 @@ impl Security {
                     // limit there is nothing to count: a source gets an entry with its first
                     // failed authentication.
                     let mut s = Source::new(now);
-                    self.conforms(&mut s.tat, now);
-                    self.insert_source(key, s, now);
+                    p.conforms(&mut s.tat, now);
+                    self.insert_source(&p, key, s, now);
                 }
                 return true;
             }
@@ -247,36 +283,26 @@ impl Security {
         let limit = format_args!(
             "{} messages per {} s",
             pike.unwrap_or_default(),
-            self.cfg.pike_window.as_secs()
+            p.cfg.pike_window.as_secs()
         );
-        self.log.ban(peer, "pike", self.cfg.ban_time, &limit);
+        self.log.ban(peer, "pike", p.cfg.ban_time, &limit);
         false
     }
 
     /// Whether `ip` is banned now, without counting anything: for the TCP accept loop, to
     /// close a banned source's new connections at once.
     pub fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
-        !self.is_trusted(ip)
+        !self.params.load().is_trusted(ip)
             && self
                 .sources
                 .get(&cidr::source_key(ip))
                 .is_some_and(|s| s.banned(now))
     }
 
-    /// GCRA: whether a message at `now` fits the rate; if so, charges it.
-    fn conforms(&self, tat: &mut Instant, now: Instant) -> bool {
-        let t = (*tat).max(now);
-        if t - now > self.tolerance {
-            return false;
-        }
-        *tat = t + self.interval;
-        true
-    }
-
-    fn insert_source(&self, key: IpAddr, s: Source, now: Instant) -> bool {
-        if self.sources_len.load(Relaxed) >= self.cfg.max_tracked {
-            self.sweep_sources(now);
-            if self.sources_len.load(Relaxed) >= self.cfg.max_tracked {
+    fn insert_source(&self, p: &Params, key: IpAddr, s: Source, now: Instant) -> bool {
+        if self.sources_len.load(Relaxed) >= p.cfg.max_tracked {
+            self.sweep_sources(p, now);
+            if self.sources_len.load(Relaxed) >= p.cfg.max_tracked {
                 self.counters.untracked.fetch_add(1, Relaxed);
                 return false;
             }
@@ -288,20 +314,20 @@ impl Security {
     }
 
     /// Forgets idle sources, at most once per [`SWEEP_EVERY`].
-    fn sweep_sources(&self, now: Instant) {
+    fn sweep_sources(&self, p: &Params, now: Instant) {
         if !self.sweep_due(&self.last_sweep_sources, now) {
             return;
         }
-        let window = self.cfg.auth_window;
+        let window = p.cfg.auth_window;
         self.sources.retain(|_, s| !s.idle(now, window));
         self.sources_len.store(self.sources.len(), Relaxed);
     }
 
-    fn sweep_users(&self, now: Instant) {
+    fn sweep_users(&self, p: &Params, now: Instant) {
         if !self.sweep_due(&self.last_sweep_users, now) {
             return;
         }
-        let window = self.cfg.auth_window;
+        let window = p.cfg.auth_window;
         self.users.retain(|_, u| !u.idle(now, window));
         self.users_len.store(self.users.len(), Relaxed);
     }
@@ -326,7 +352,8 @@ impl Security {
         realm: &str,
         now: Instant,
     ) -> bool {
-        if self.cfg.auth_failures_user.is_none() || self.is_trusted(peer.ip()) {
+        let p = self.params.load();
+        if p.cfg.auth_failures_user.is_none() || p.is_trusted(peer.ip()) {
             return false;
         }
         let key = user_key(user, domain);
@@ -355,14 +382,15 @@ impl Security {
         reason: &'static str,
         now: Instant,
     ) -> FailureVerdict {
+        let p = self.params.load();
         self.counters.auth_failures.fetch_add(1, Relaxed);
         self.log.auth_failed(peer, username, realm, reason, now);
         let mut verdict = FailureVerdict::default();
-        if self.is_trusted(peer.ip()) {
+        if p.is_trusted(peer.ip()) {
             return verdict;
         }
-        let window = self.cfg.auth_window;
-        if let Some(limit) = self.cfg.auth_failures {
+        let window = p.cfg.auth_window;
+        if let Some(limit) = p.cfg.auth_failures {
             let key = cidr::source_key(peer.ip());
             let ban = {
                 let mut fresh = None;
@@ -374,12 +402,12 @@ impl Security {
                 let ban = count_failure(&mut s.fails, &mut s.fails_since, limit, window, now)
                     && !s.banned(now);
                 if ban {
-                    s.banned_until = Some(now + self.cfg.ban_time);
+                    s.banned_until = Some(now + p.cfg.ban_time);
                     s.fails = 0;
                 }
                 drop(entry);
                 if let Some(s) = fresh {
-                    self.insert_source(key, s, now);
+                    self.insert_source(&p, key, s, now);
                 }
                 ban
             };
@@ -388,18 +416,18 @@ impl Security {
                 self.counters.bans_auth.fetch_add(1, Relaxed);
                 let limit =
                     format_args!("{limit} failed authentications in {} s", window.as_secs());
-                self.log.ban(peer, "auth", self.cfg.ban_time, &limit);
+                self.log.ban(peer, "auth", p.cfg.ban_time, &limit);
             }
         }
-        if let (Some(limit), Some(domain)) = (self.cfg.auth_failures_user, known_domain) {
+        if let (Some(limit), Some(domain)) = (p.cfg.auth_failures_user, known_domain) {
             let key = user_key(username, domain);
             let lock = {
                 if !self.users.contains_key(&key)
-                    && self.users_len.load(Relaxed) >= self.cfg.max_tracked
+                    && self.users_len.load(Relaxed) >= p.cfg.max_tracked
                 {
-                    self.sweep_users(now);
+                    self.sweep_users(&p, now);
                 }
-                if self.users_len.load(Relaxed) >= self.cfg.max_tracked
+                if self.users_len.load(Relaxed) >= p.cfg.max_tracked
                     && !self.users.contains_key(&key)
                 {
                     false
@@ -416,7 +444,7 @@ impl Security {
                     let lock = count_failure(&mut u.fails, &mut u.fails_since, limit, window, now)
                         && !u.locked(now);
                     if lock {
-                        u.locked_until = Some(now + self.cfg.ban_time);
+                        u.locked_until = Some(now + p.cfg.ban_time);
                         u.fails = 0;
                     }
                     lock
@@ -426,7 +454,7 @@ impl Security {
                 verdict.user_locked = true;
                 self.counters.user_locks.fetch_add(1, Relaxed);
                 self.log
-                    .user_lock(peer, username, realm, self.cfg.ban_time, limit, window);
+                    .user_lock(peer, username, realm, p.cfg.ban_time, limit, window);
             }
         }
         verdict
@@ -437,7 +465,7 @@ impl Security {
         if let Some(mut s) = self.sources.get_mut(&cidr::source_key(peer.ip())) {
             s.fails = 0;
         }
-        if self.cfg.auth_failures_user.is_some()
+        if self.params.load().cfg.auth_failures_user.is_some()
             && let Some(mut u) = self.users.get_mut(&user_key(user, domain))
         {
             u.fails = 0;

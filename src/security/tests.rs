@@ -336,3 +336,23 @@ fn allow_cost() {
     println!("Security::allow: {ns} ns per message over 10,000 sources ({passed} passed)");
     assert_eq!(passed, n);
 }
+
+/// A reload's new thresholds apply from the next message; a ban in progress runs to its end.
+#[test]
+fn new_thresholds_apply_at_once_and_bans_in_progress_stay() {
+    let t0 = Instant::now();
+    let sec = Security::new(
+        cfg("pike_requests = 4\npike_window = 2\nban_time = 60\ntrusted = []"),
+        t0,
+    );
+    let (a, b) = (peer("203.0.113.5:5060"), peer("203.0.113.6:5060"));
+    assert_eq!(burst(&sec, a, 5, t0), 4, "banned at the fifth");
+    sec.set_config(cfg(
+        "pike_requests = 20\npike_window = 2\nban_time = 60\ntrusted = [\"203.0.113.6/32\"]",
+    ));
+    assert_eq!(burst(&sec, b, 100, t0), 100, "newly trusted");
+    let c = peer("203.0.113.7:5060");
+    assert_eq!(burst(&sec, c, 21, t0), 20, "the new budget");
+    assert!(!sec.allow(a, t0 + Duration::from_secs(30)), "still banned");
+    assert!(sec.allow(a, t0 + Duration::from_secs(61)));
+}

@@ -404,3 +404,167 @@ async fn cdr_export() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--since"), "{err}");
 }
+
+/// The server's log lines, read on a thread so that a test can wait for one with a bound.
+struct LogLines(std::sync::mpsc::Receiver<String>);
+
+impl LogLines {
+    fn new(stderr: std::process::ChildStderr) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// Reads until a line containing `what`; panics after 10 s or at the end of the log.
+    fn until(&self, what: &str) -> String {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no log line with {what:?}; seen: {seen:#?}"),
+            }
+        }
+    }
+}
+
+/// SIGHUP and `sipedge reload` reload the configuration file of a running `serve`: the
+/// process stays up and serves, logs `configuration reloaded` with the changed keys, takes
+/// `server.log_level`, refuses an invalid file; the pid file is written and removed.
+#[tokio::test]
+async fn serve_reloads_on_sighup_and_on_sipedge_reload() {
+    let dir = std::env::temp_dir().join(format!("sipedge-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("reload.pid");
+    let db = crate::harness::fresh_db();
+    let text = |extra: &str| {
+        format!(
+            "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n\
+             pid_file = \"{}\"\n{extra}\n[database]\nurl = \"{db}\"\n\
+             [control]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"ring\"\nuser = '^9'\nnext_hop = \"127.0.0.1:5999\"\n",
+            pid_file.display()
+        )
+    };
+    let path = temp_config("reload.toml", &text(""));
+    let mut child = sipedge()
+        .args(["serve", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = LogLines::new(child.stderr.take().unwrap());
+    // "sipedge started" comes first, then the listeners say where they are.
+    log.until("sipedge started");
+    let line = log.until("listening transport=\"udp\"");
+    let addr: std::net::SocketAddr = line
+        .split(" addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = child.id();
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string()
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let options = |id: &str| request("OPTIONS", "sip:example.com", me, id, "");
+
+    // kill -HUP: a new next hop and a log level; the process stays and serves.
+    std::fs::write(&path, text("log_level = \"debug\"").replace("5999", "5998")).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let line = log.until("configuration reloaded");
+    assert!(line.contains("changed=route,server.log_level"), "{line}");
+    let resp = udp_exchange(&sock, addr, options("hup").as_bytes()).await;
+    assert_eq!(resp.status(), Some(200));
+    log.until("DEBUG");
+
+    // An invalid file: refused, naming the key; still serving.
+    std::fs::write(&path, text("max_forwards = 0")).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let line = log.until("configuration not reloaded");
+    assert!(line.contains("server.max_forwards"), "{line}");
+    // `sipedge reload` checks the file first: nothing is sent.
+    let out = sipedge()
+        .args(["reload", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.max_forwards"));
+
+    // `sipedge reload` with a valid file: SIGHUP to the pid in server.pid_file.
+    std::fs::write(
+        &path,
+        text("log_level = \"debug\"\nrelay_foreign = \"deny\""),
+    )
+    .unwrap();
+    let out = sipedge()
+        .args(["reload", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("pid {pid}")));
+    let line = log.until("configuration reloaded");
+    // Against the running configuration: the 5998 route is still in force.
+    assert!(
+        line.contains("changed=route,server.relay_foreign"),
+        "{line}"
+    );
+    let resp = udp_exchange(&sock, addr, options("cli").as_bytes()).await;
+    assert_eq!(resp.status(), Some(200));
+
+    // A process that is not sipedge is never signalled.
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = sipedge()
+        .args(["reload", "--pid", &other.id().to_string(), "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not sipedge"));
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "sleep was not signalled"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    log.until("sipedge stopped");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!pid_file.exists(), "the pid file is removed at stop");
+}

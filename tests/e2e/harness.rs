@@ -31,6 +31,10 @@ pub(crate) struct TestServer {
     pub(crate) control: SocketAddr,
     /// The database URL, to restart on the same store.
     pub(crate) db_url: String,
+    /// Applies a new configuration, as SIGHUP does in `serve`.
+    pub(crate) reloader: sipedge::app::Reloader,
+    /// The `server.listen` UDP entry the server started with (a reload writes it again).
+    listen_udp: String,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -49,11 +53,8 @@ impl TestServer {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let text = format!(
-            "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
-             domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n\
-             [control]\nlisten = \"127.0.0.1:0\"\n{extra}"
-        );
+        let listen_udp = udp.to_owned();
+        let text = config_text(udp, db_url, server_extra, extra);
         let cfg = Config::from_toml(&text, || "127.0.0.1".parse().unwrap()).unwrap();
         let app = sipedge::app::build(Arc::new(cfg), Arc::new(SystemClock))
             .await
@@ -85,9 +86,36 @@ impl TestServer {
             metrics: app.metrics,
             control: control_addr,
             db_url: db_url.to_owned(),
+            reloader: app.reloader,
+            listen_udp,
             stop,
             task: Some(task),
         }
+    }
+
+    /// Reloads from a configuration file written like [`TestServer::start`]'s (same sockets
+    /// and database), through the path SIGHUP takes.
+    pub(crate) async fn reload(
+        &self,
+        server_extra: &str,
+        extra: &str,
+    ) -> Result<sipedge::app::Reloaded, sipedge::config::ConfigError> {
+        let text = config_text(&self.listen_udp, &self.db_url, server_extra, extra);
+        self.reload_text(&text).await
+    }
+
+    /// Reloads from a configuration file with exactly `text`.
+    pub(crate) async fn reload_text(
+        &self,
+        text: &str,
+    ) -> Result<sipedge::app::Reloaded, sipedge::config::ConfigError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("sipedge-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("reload{}.toml", N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, text).unwrap();
+        self.reloader.reload_file(&path).await
     }
 
     /// Replaces the bindings of `aor`, through the location service (store and memory).
@@ -114,6 +142,15 @@ impl TestServer {
         sipedge::app::shutdown_media(&self.media).await;
         self.store.close().await;
     }
+}
+
+/// The configuration file of a test server.
+fn config_text(udp: &str, db_url: &str, server_extra: &str, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
+         domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n\
+         [control]\nlisten = \"127.0.0.1:0\"\n{extra}"
+    )
 }
 
 /// A new SQLite database URL in the temp directory.

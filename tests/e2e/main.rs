@@ -14,6 +14,7 @@ mod nat;
 mod proxy;
 mod public;
 mod registrar;
+mod reload;
 mod security;
 mod store;
 mod transport;
