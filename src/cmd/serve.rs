@@ -93,6 +93,9 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             }
         };
         info!(signal, "shutting down");
+        // Read while every layer is still up (the registry holds them weakly).
+        metrics.refresh().await;
+        let counters = metrics.summary();
         let _ = stop_tx.send(true);
         if tokio::time::timeout(DRAIN, serving).await.is_err() {
             warn!("listeners did not stop within {DRAIN:?}");
@@ -108,11 +111,10 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             warn!("media sessions not all closed within {MEDIA_DRAIN:?}");
         }
         store.close().await;
-        metrics.refresh().await;
         if let Some(p) = pid_file {
             p.remove();
         }
-        info!(counters = %metrics.summary(), "sipedge stopped");
+        info!(%counters, "sipedge stopped");
         Ok(())
     })
 }
