@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::forward::{self, Local, Options, RouteEdit, Target};
 use super::pipeline::{Hop, Plan};
-use super::response::{Final, ResponseContext};
+use super::response::{Challenge, Conclusion, Final, ResponseContext};
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
@@ -562,8 +562,8 @@ impl ProxyTxn {
             }
             break;
         }
-        if let Some(best) = self.rc.conclude().filter(|_| !self.answered_locally) {
-            self.conclude(best, now);
+        if let Some(c) = self.rc.conclude().filter(|_| !self.answered_locally) {
+            self.conclude(c, now);
         }
         if self.server.final_status().is_some() && !self.final_reported {
             self.final_reported = true;
@@ -717,12 +717,13 @@ impl ProxyTxn {
         d.cancel_others
     }
 
-    /// The best final response goes upstream (RFC 3261 §16.7 step 6).
-    fn conclude(&mut self, best: Final, now: Instant) {
+    /// The best final response goes upstream (RFC 3261 §16.7 step 6), with the other
+    /// branches' challenges when it is a 401/407 (step 7).
+    fn conclude(&mut self, Conclusion { best, challenges }: Conclusion, now: Instant) {
         let (status, bytes) = match best {
             Final::Received(resp) => {
                 let status = resp.status().unwrap_or(500);
-                match upstream_copy(&resp, None) {
+                match upstream_copy_with(&resp, None, &challenges) {
                     Some(b) => (status, b),
                     // A downstream UA answered with only our Via (it built the response from
                     // our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it, so the
@@ -837,6 +838,16 @@ impl ProxyTxn {
 /// A downstream response with our Via removed (and the relay's SDP), ready to go upstream;
 /// `None` when no Via would be left (the response was meant for us, RFC 3261 §16.7 step 3).
 fn upstream_copy(resp: &Message, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    upstream_copy_with(resp, body, &[])
+}
+
+/// [`upstream_copy`], adding `challenges` (other branches' challenges, RFC 3261 §16.7 step 7)
+/// at the end of the header section, values unmodified.
+fn upstream_copy_with(
+    resp: &Message,
+    body: Option<Vec<u8>>,
+    challenges: &[Challenge],
+) -> Option<Vec<u8>> {
     if resp.vias().ok()?.len() < 2 {
         return None;
     }
@@ -844,6 +855,9 @@ fn upstream_copy(resp: &Message, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
     rw.pop_via().ok()?;
     if let Some(body) = body {
         rw.replace_body(body);
+    }
+    for c in challenges {
+        rw.insert_header(None, c.name.as_str(), &c.value);
     }
     Some(rw.finish())
 }

@@ -736,6 +736,65 @@ fn a_503_from_the_only_branch_goes_up_as_500() {
     assert_upstream(up, 500);
 }
 
+/// A callee's challenge to `req`: `status` 401 (WWW-Authenticate) or 407
+/// (Proxy-Authenticate) for `realm`.
+fn challenge(req: &Message, status: u16, realm: &str) -> Message {
+    let name = if status == 401 {
+        "WWW-Authenticate"
+    } else {
+        "Proxy-Authenticate"
+    };
+    let value = format!("Digest realm=\"{realm}\", nonce=\"n-{realm}\", algorithm=MD5");
+    parse(&reply::response(
+        req,
+        addr(PROXY),
+        status,
+        reply::reason(status),
+        &[(name, &value)],
+    ))
+}
+
+#[test]
+fn forked_challenges_go_up_in_one_response() {
+    // RFC 3261 §16.7 step 7: both branches challenge; the caller gets one 401 carrying both
+    // branches' challenges, after the last branch answered.
+    let (mut h, fwd) = invite_to(&[BOB, CAROL]);
+    h.at(300);
+    let resp = challenge(&fwd[0].msg, 401, "bob.example");
+    let ack = one(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp,
+    }));
+    assert_hop_request(&ack, "ACK", &fwd[0], BOB);
+
+    h.at(500);
+    let resp = challenge(&fwd[1].msg, 407, "carol.example");
+    let sent = h.input(Input::Response {
+        idx: 1,
+        cancel: false,
+        resp,
+    });
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let up = &sent[one_idx(to(&sent, CALLER))];
+    assert_upstream(up, 401);
+    let values = |name| {
+        up.msg
+            .headers_named(name)
+            .map(|h| up.msg.str_at(h.value.clone()).expect("UTF-8").to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        values(HeaderName::WwwAuthenticate),
+        vec!["Digest realm=\"bob.example\", nonce=\"n-bob.example\", algorithm=MD5"]
+    );
+    assert_eq!(
+        values(HeaderName::ProxyAuthenticate),
+        vec!["Digest realm=\"carol.example\", nonce=\"n-carol.example\", algorithm=MD5"]
+    );
+    assert_eq!(h.take_events(), vec![Event::Final]);
+}
+
 #[test]
 fn non_invite_gets_no_trying_and_its_final_relayed() {
     let (mut h, sent) = Harness::start(ctx(false), request("MESSAGE", None), forward(&[BOB], None));

@@ -254,6 +254,63 @@ async fn registered_user_fork_cancel_the_loser() {
     srv.stop().await;
 }
 
+#[tokio::test]
+async fn forked_challenges_reach_the_caller_in_one_response() {
+    // RFC 3261 §16.7 step 7: both of bob's phones challenge (different realms); the caller
+    // gets one 401 with both WWW-Authenticate values and the phones get their ACKs.
+    let srv = TestServer::start("", "").await;
+    let (desk, mobile) = (Ua::new().await, Ua::new().await);
+    srv.set_bindings(
+        "bob@example.com",
+        vec![
+            binding("bob@example.com", "sip:bob@10.0.0.7:5060".into(), desk.addr),
+            binding(
+                "bob@example.com",
+                "sip:bob@10.0.0.8:5060".into(),
+                mobile.addr,
+            ),
+        ],
+    )
+    .await;
+    let caller = Ua::new().await;
+    caller
+        .send(
+            srv.udp,
+            &invite("sip:bob@example.com", caller.addr, "forkauth1", ""),
+        )
+        .await;
+    for (ua, realm) in [(&desk, "desk.example"), (&mobile, "mobile.example")] {
+        let (inv, from) = ua.recv().await;
+        let value = format!("Digest realm=\"{realm}\", nonce=\"{realm}-n\"");
+        let resp = reply::response(
+            &inv,
+            from,
+            401,
+            "Unauthorized",
+            &[("WWW-Authenticate", &value)],
+        );
+        ua.sock.send_to(&resp, from).await.unwrap();
+        let (ack, _) = ua.recv().await;
+        assert_eq!(ack.method(), Some("ACK"), "the proxy ACKs each challenge");
+    }
+    let (up, _) = caller.recv().await;
+    assert_eq!(up.status(), Some(401));
+    let mut realms: Vec<String> = up
+        .headers_named(HeaderName::WwwAuthenticate)
+        .map(|h| up.str_at(h.value.clone()).unwrap().to_owned())
+        .collect();
+    realms.sort();
+    assert_eq!(
+        realms,
+        vec![
+            "Digest realm=\"desk.example\", nonce=\"desk.example-n\"".to_owned(),
+            "Digest realm=\"mobile.example\", nonce=\"mobile.example-n\"".to_owned(),
+        ]
+    );
+    caller.silent().await;
+    srv.stop().await;
+}
+
 /// A call on the PBX route that rang and was cancelled by the caller; the PBX has answered
 /// the forwarded CANCEL with 200 and still owes the INVITE its 487.
 struct Cancelled {
