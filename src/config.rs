@@ -371,6 +371,25 @@ pub struct RawRoute {
     /// "always" | "nat" | "never". Default "nat".
     #[serde(default = "default_media_mode")]
     pub media: MediaMode,
+    /// The caller identity asserted towards this next hop on an initial INVITE from an
+    /// authenticated subscriber (needs `auth = true`): "pai" (`P-Asserted-Identity`, RFC 3325),
+    /// "rpid" (`Remote-Party-ID`) or "none". Default "none".
+    #[serde(default)]
+    pub identity: Identity,
+}
+
+/// How a route asserts the caller's identity (`[[route]] identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// `P-Asserted-Identity: <sip:CALLER_ID@DOMAIN>` (RFC 3325 §9.1).
+    Pai,
+    /// `Remote-Party-ID: <sip:CALLER_ID@DOMAIN>;party=calling;id-type=subscriber;screen=yes`
+    /// (draft-ietf-sip-privacy-04, the seed's `rpid_suffix`).
+    Rpid,
+    /// Nothing asserted.
+    #[default]
+    None,
 }
 
 /// Policy for out-of-dialog requests to domains that are not ours.
@@ -619,6 +638,7 @@ pub struct Route {
     pub next_hop_port: u16,
     pub auth: bool,
     pub media: MediaMode,
+    pub identity: Identity,
 }
 
 #[derive(Debug, Clone)]
@@ -1162,6 +1182,16 @@ impl Config {
             })?;
             let (host, port) = parse_host_port(&r.next_hop)
                 .map_err(|e| invalid("route.next_hop", format!("route {:?}: {e}", r.name)))?;
+            if r.identity != Identity::None && !r.auth {
+                return Err(invalid(
+                    "route.identity",
+                    format!(
+                        "route {:?}: asserting the caller's identity needs auth = true (only an \
+                         authenticated subscriber has a caller ID)",
+                        r.name
+                    ),
+                ));
+            }
             routes.push(Route {
                 name: r.name.clone(),
                 user,
@@ -1169,6 +1199,7 @@ impl Config {
                 next_hop_port: port,
                 auth: r.auth,
                 media: r.media,
+                identity: r.identity,
             });
         }
 
@@ -1812,6 +1843,10 @@ mod tests {
             (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\n[[route]]\nname='a'\nuser='1'\nnext_hop='h'",
                 "route.name",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nidentity='pai'",
+                "route.identity",
             ),
         ] {
             assert_eq!(err_key(text), key, "{text}");

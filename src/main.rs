@@ -109,6 +109,18 @@ enum UserAction {
         user: String,
         #[arg(long)]
         password: Option<String>,
+        /// The number asserted for this subscriber on routes with `identity`
+        /// (P-Asserted-Identity / Remote-Party-ID); default: the username.
+        #[arg(long)]
+        caller_id: Option<String>,
+    },
+    /// Change a subscriber's settings.
+    Set {
+        user: String,
+        /// The number asserted on routes with `identity`; "" clears it (the username is
+        /// asserted then).
+        #[arg(long)]
+        caller_id: String,
     },
     /// Delete a subscriber and their registrations.
     Del { user: String },
@@ -121,7 +133,7 @@ enum UserAction {
     /// List subscribers.
     List,
     /// Add or update many subscribers from a file ("-" = standard input), one
-    /// `USER[@DOMAIN];PASSWORD` per line (the SIPp injection format).
+    /// `USER[@DOMAIN];PASSWORD[;caller_id=NUM]` per line (the SIPp injection format).
     Import { file: PathBuf },
 }
 
@@ -151,7 +163,12 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
         Command::CheckConfig => cmd::check_config::run(config),
         Command::Reload { pid } => cmd::reload::run(config, pid),
         Command::User { action } => match action {
-            UserAction::Add { user, password } => cmd::user::add(config, &user, password),
+            UserAction::Add {
+                user,
+                password,
+                caller_id,
+            } => cmd::user::add(config, &user, password, caller_id),
+            UserAction::Set { user, caller_id } => cmd::user::set(config, &user, &caller_id),
             UserAction::Del { user } => cmd::user::del(config, &user),
             UserAction::Passwd { user, password } => cmd::user::passwd(config, &user, password),
             UserAction::List => cmd::user::list(config),

@@ -51,8 +51,12 @@ impl Kind {
 /// The outcome of a check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The request carries valid credentials of this subscriber.
-    Authorized { username: String },
+    /// The request carries valid credentials of this subscriber (with its caller ID, for
+    /// the identity a route asserts).
+    Authorized {
+        username: String,
+        caller_id: Option<String>,
+    },
     /// Challenge (again); `stale` when the credentials were right but the nonce expired.
     Challenge { stale: bool },
     /// The store failed: answer 500.
@@ -218,7 +222,7 @@ impl Authenticator {
         // ages out, at most HA1_CACHE_TTL).
         let cached = self.cached(&creds.username, domain, now);
         let verified = match cached {
-            Some(sub) if verify(&sub) => true,
+            Some(sub) if verify(&sub) => Some(sub),
             _ => match self.store.subscriber(&creds.username, domain).await {
                 Err(e) => {
                     error!(error = %e, "subscriber lookup failed");
@@ -231,14 +235,14 @@ impl Authenticator {
                 }
                 Ok(Some(sub)) => {
                     let ok = verify(&sub);
-                    self.remember(sub, now);
-                    ok
+                    self.remember(sub.clone(), now);
+                    ok.then_some(sub)
                 }
             },
         };
-        if !verified {
+        let Some(sub) = verified else {
             return failed("password", true);
-        }
+        };
         // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
         let nc = creds.nc.unwrap_or(1);
         if !self
@@ -254,6 +258,7 @@ impl Authenticator {
         self.security.auth_ok(peer, &creds.username, domain);
         Outcome::Authorized {
             username: creds.username,
+            caller_id: sub.caller_id,
         }
     }
 
@@ -318,6 +323,7 @@ mod tests {
                 ha1_md5: ha1(DigestAlgorithm::Md5, "alice", REALM, "s3cret"),
                 ha1_sha256: ha1(DigestAlgorithm::Sha256, "alice", REALM, "s3cret"),
                 created: 0,
+                caller_id: None,
             })
             .await
             .unwrap();
@@ -386,6 +392,7 @@ mod tests {
     fn authorized() -> Outcome {
         Outcome::Authorized {
             username: "alice".into(),
+            caller_id: None,
         }
     }
 

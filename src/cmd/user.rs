@@ -1,5 +1,6 @@
-//! `sipedge user add|del|passwd|list`: subscribers, stored as HA1 hashes (MD5 and SHA-256)
-//! for the realm they will authenticate in; the plaintext password is never stored.
+//! `sipedge user add|set|del|passwd|list|import`: subscribers, stored as HA1 hashes (MD5 and
+//! SHA-256) for the realm they will authenticate in (the plaintext password is never stored),
+//! and their caller ID (the number a route with `identity` asserts).
 
 use std::io::{BufRead, IsTerminal as _};
 use std::path::Path;
@@ -66,6 +67,25 @@ fn password(given: Option<String>) -> Result<String, CmdError> {
     Ok(pw)
 }
 
+/// A caller ID as given on the command line or in an import file: the user part of the
+/// asserted `sip:` URI, so digits and the few characters numbers and names use
+/// (`+`, `-`, `.`, `_`, `*`, `~`), at most 64. Empty means none.
+fn caller_id(given: &str) -> Result<Option<String>, CmdError> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let ok = given.len() <= 64
+        && given
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._*~".contains(&b));
+    if !ok {
+        return Err(CmdError::Usage(anyhow!(
+            "caller ID {given:?}: use at most 64 letters, digits and + - . _ * ~"
+        )));
+    }
+    Ok(Some(given.to_owned()))
+}
+
 /// HA1 hashes for the realm this subscriber will be challenged in.
 fn hashes(cfg: &Config, user: &str, domain: &str, pw: &str) -> (String, String) {
     let realm = cfg.auth.realm.as_deref().unwrap_or(domain);
@@ -89,9 +109,15 @@ pub(crate) async fn open(cfg: &Config) -> Result<Store, CmdError> {
     Ok(store)
 }
 
-pub(crate) fn add(path: &Path, spec: &str, pw: Option<String>) -> Result<(), CmdError> {
+pub(crate) fn add(
+    path: &Path,
+    spec: &str,
+    pw: Option<String>,
+    caller: Option<String>,
+) -> Result<(), CmdError> {
     let cfg = load_config(path)?;
     let (user, domain) = split_user(&cfg, spec)?;
+    let caller_id = caller_id(caller.as_deref().unwrap_or_default())?;
     let pw = password(pw)?;
     let (ha1_md5, ha1_sha256) = hashes(&cfg, &user, &domain, &pw);
     runtime()?.block_on(async {
@@ -102,6 +128,7 @@ pub(crate) fn add(path: &Path, spec: &str, pw: Option<String>) -> Result<(), Cmd
             ha1_md5,
             ha1_sha256,
             created: SystemClock.unix(),
+            caller_id,
         };
         match store.add_subscriber(&s).await {
             Ok(()) => {
@@ -135,6 +162,28 @@ pub(crate) fn passwd(path: &Path, spec: &str, pw: Option<String>) -> Result<(), 
     })
 }
 
+/// `user set USER --caller-id NUM`: changes what a subscriber's calls assert ("" clears it:
+/// the username is asserted then).
+pub(crate) fn set(path: &Path, spec: &str, caller: &str) -> Result<(), CmdError> {
+    let cfg = load_config(path)?;
+    let (user, domain) = split_user(&cfg, spec)?;
+    let id = caller_id(caller)?;
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        match store.set_caller_id(&user, &domain, id.as_deref()).await {
+            Ok(true) => {
+                match id {
+                    Some(id) => println!("caller ID of {user}@{domain} set to {id}"),
+                    None => println!("caller ID of {user}@{domain} cleared"),
+                }
+                Ok(())
+            }
+            Ok(false) => Err(CmdError::Usage(anyhow!("no subscriber {user}@{domain}"))),
+            Err(e) => Err(CmdError::Runtime(e.into())),
+        }
+    })
+}
+
 pub(crate) fn del(path: &Path, spec: &str) -> Result<(), CmdError> {
     let cfg = load_config(path)?;
     let (user, domain) = split_user(&cfg, spec)?;
@@ -160,7 +209,10 @@ pub(crate) fn list(path: &Path) -> Result<(), CmdError> {
             .await
             .map_err(|e| CmdError::Runtime(e.into()))?;
         for s in subs {
-            println!("{}@{}", s.username, s.domain);
+            match s.caller_id {
+                Some(id) => println!("{}@{} caller-id={id}", s.username, s.domain),
+                None => println!("{}@{}", s.username, s.domain),
+            }
         }
         Ok(())
     })
@@ -168,7 +220,10 @@ pub(crate) fn list(path: &Path) -> Result<(), CmdError> {
 
 /// `user import FILE`: one subscriber per line, `USER[@DOMAIN];PASSWORD` (the SIPp injection
 /// format; `SEQUENTIAL`/`RANDOM` header lines, blank lines and `#` comments are skipped) or
-/// `USER[@DOMAIN] PASSWORD`. Existing subscribers get the new password. One transaction.
+/// `USER[@DOMAIN] PASSWORD`, optionally followed by a `caller_id=NUM` field (`;` or white
+/// space before it; other further fields are ignored, as SIPp files have their own).
+/// Existing subscribers get the new password, and the caller ID when one is given. One
+/// transaction.
 pub(crate) fn import(path: &Path, file: &Path) -> Result<(), CmdError> {
     let cfg = load_config(path)?;
     let text = if file.as_os_str() == "-" {
@@ -199,7 +254,17 @@ pub(crate) fn import(path: &Path, file: &Path) -> Result<(), CmdError> {
                     i + 1
                 ))
             })?;
-        let pw = pw.split(';').next().unwrap_or_default().trim();
+        let mut fields = pw.split(';');
+        let mut pw = fields.next().unwrap_or_default().trim();
+        let mut caller = fields.find_map(|f| f.trim().strip_prefix("caller_id="));
+        if caller.is_none()
+            && let Some((p, c)) = pw.rsplit_once(char::is_whitespace)
+            && let Some(c) = c.strip_prefix("caller_id=")
+        {
+            pw = p.trim();
+            caller = Some(c);
+        }
+        let caller = caller.map(caller_id).transpose()?.flatten();
         if pw.is_empty() {
             return Err(CmdError::Usage(anyhow!(
                 "{}:{}: empty password",
@@ -215,6 +280,7 @@ pub(crate) fn import(path: &Path, file: &Path) -> Result<(), CmdError> {
             ha1_md5,
             ha1_sha256,
             created: now,
+            caller_id: caller,
         });
     }
     runtime()?.block_on(async {

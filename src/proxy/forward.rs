@@ -1,7 +1,8 @@
 //! Building the request a proxy forwards (RFC 3261 §16.6): new Request-URI when retargeted,
 //! Max-Forwards decremented (and capped), Record-Route on dialog-creating requests (two when
 //! the request changes transport), our Via on top with a branch that a retransmission maps
-//! to again, credentials meant for us removed. Everything else is forwarded byte for byte.
+//! to again, credentials meant for us removed, identity headers of untrusted senders removed
+//! and ours added (RFC 3325 §5). Everything else is forwarded byte for byte.
 //!
 //! Pure: message in, bytes out.
 
@@ -9,6 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 
 use crate::auth::mac::{ROUTE_MAC_PARAM, RouteKey};
+use crate::config::Identity;
 use crate::sip::{HeaderName, Message, Rewrite};
 use crate::transport::Proto;
 
@@ -67,8 +69,54 @@ impl Flow {
     }
 }
 
+/// The identity headers of a forwarded request (RFC 3325).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityEdit {
+    /// The sender is outside our trust domain (not in `security.trusted`): the
+    /// `P-Asserted-Identity`, `P-Preferred-Identity` and `Remote-Party-ID` it wrote are
+    /// removed (RFC 3325 §5: an identity is only passed on from a trusted element).
+    pub strip: bool,
+    /// Our assertion for the authenticated caller (`[[route]] identity`). It replaces any
+    /// identity header the request carried (RFC 3325 §6: the proxy that asserts removes
+    /// `P-Preferred-Identity`).
+    pub assert: Option<Asserted>,
+}
+
+/// One identity header we add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asserted {
+    /// [`HeaderName::PAssertedIdentity`] or [`HeaderName::RemotePartyId`].
+    pub name: HeaderName,
+    pub value: String,
+}
+
+impl Asserted {
+    /// The header a route's `identity` asks for, for `user` (the caller ID, or the username)
+    /// in `domain`; `None` for `identity = "none"`. RPID carries the seed's `rpid_suffix`.
+    pub fn new(mode: Identity, user: &str, domain: &str) -> Option<Self> {
+        let uri = format!("<sip:{user}@{domain}>");
+        match mode {
+            Identity::Pai => Some(Self {
+                name: HeaderName::PAssertedIdentity,
+                value: uri,
+            }),
+            Identity::Rpid => Some(Self {
+                name: HeaderName::RemotePartyId,
+                value: format!("{uri};party=calling;id-type=subscriber;screen=yes"),
+            }),
+            Identity::None => None,
+        }
+    }
+}
+
+const IDENTITY_HEADERS: [HeaderName; 3] = [
+    HeaderName::PAssertedIdentity,
+    HeaderName::PPreferredIdentity,
+    HeaderName::RemotePartyId,
+];
+
 /// What the pipeline decided about the forwarded copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Add Record-Route (dialog-creating requests).
     pub record_route: bool,
@@ -91,6 +139,8 @@ pub struct Options {
     /// Our Route header on top is removed (loose routing), or the last one, which became the
     /// Request-URI (strict-route compatibility), RFC 3261 §16.4.
     pub route: RouteEdit,
+    /// Identity headers removed and added (RFC 3325).
+    pub identity: IdentityEdit,
 }
 
 /// What happens to the Route set of a forwarded request (RFC 3261 §16.4, §16.6 step 6).
@@ -257,6 +307,14 @@ pub fn request(
     if opts.strip_proxy_auth {
         rw.remove_headers(HeaderName::ProxyAuthorization);
     }
+    if opts.identity.strip || opts.identity.assert.is_some() {
+        for name in IDENTITY_HEADERS {
+            rw.remove_headers(name);
+        }
+    }
+    if let Some(a) = &opts.identity.assert {
+        rw.insert_header(None, a.name.as_str(), &a.value);
+    }
     if let (Some(src), Ok(via)) = (opts.source, msg.top_via()) {
         if opts.force_rport {
             rw.force_via_rport(&via, src);
@@ -308,6 +366,7 @@ Content-Length: 0\r\n\r\n";
             source: None,
             force_rport: false,
             route: RouteEdit::Keep,
+            identity: IdentityEdit::default(),
         }
     }
 
@@ -461,5 +520,97 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(f.max_forwards().unwrap(), Some(69));
         assert!(f.top_via().unwrap().is_reliable());
         assert!(f.header(HeaderName::ProxyAuthorization).is_some());
+    }
+
+    /// The INVITE with a forged identity in every form a phone could write it.
+    const FORGED: &str = "INVITE sip:15551234567@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 203.0.113.9:5060;branch=z9hG4bKf1\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:15551234567@example.com>\r\n\
+P-Asserted-Identity: <sip:+18005550100@example.com>\r\n\
+Call-ID: f2\r\n\
+p-preferred-identity: <sip:boss@example.com>\r\n\
+Remote-Party-ID: <sip:911@example.com>;party=calling;screen=yes\r\n\
+CSeq: 1 INVITE\r\n\
+Content-Length: 0\r\n\r\n";
+
+    fn forward_with(identity: IdentityEdit) -> Message {
+        let m = Message::parse(FORGED.as_bytes(), Framing::Datagram).unwrap();
+        let target = Target {
+            ruri: None,
+            dest: "192.0.2.80:5060".parse().unwrap(),
+            proto: Proto::Udp,
+        };
+        let o = Options {
+            identity,
+            ..opts(false, false, false, 70)
+        };
+        let out = request(
+            &m,
+            &target,
+            (local(5060), Proto::Udp),
+            local(5060),
+            "z9hG4bKx",
+            o,
+            &key(),
+            None,
+        );
+        Message::parse(&out, Framing::Datagram).unwrap()
+    }
+
+    fn values(m: &Message, name: HeaderName) -> Vec<&str> {
+        m.headers_named(name)
+            .map(|h| m.str_at(h.value.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn identity_headers_of_untrusted_senders_are_removed_ours_added() {
+        // Trusted sender, nothing asserted: forwarded as received.
+        let f = forward_with(IdentityEdit::default());
+        assert_eq!(
+            values(&f, HeaderName::PAssertedIdentity),
+            ["<sip:+18005550100@example.com>"]
+        );
+        assert_eq!(values(&f, HeaderName::PPreferredIdentity).len(), 1);
+        assert_eq!(values(&f, HeaderName::RemotePartyId).len(), 1);
+
+        // Untrusted sender (RFC 3325 §5): all three go, the rest stays.
+        let f = forward_with(IdentityEdit {
+            strip: true,
+            assert: None,
+        });
+        for name in IDENTITY_HEADERS {
+            assert!(values(&f, name).is_empty(), "{name:?}");
+        }
+        assert_eq!(f.call_id().unwrap(), "f2");
+        assert_eq!(f.cseq().unwrap().seq, 1);
+
+        // Our assertion replaces whatever the request carried.
+        let pai = Asserted::new(Identity::Pai, "+15550001111", "example.com");
+        let f = forward_with(IdentityEdit {
+            strip: true,
+            assert: pai,
+        });
+        assert_eq!(
+            values(&f, HeaderName::PAssertedIdentity),
+            ["<sip:+15550001111@example.com>"]
+        );
+        assert!(values(&f, HeaderName::PPreferredIdentity).is_empty());
+        assert!(values(&f, HeaderName::RemotePartyId).is_empty());
+
+        // RPID with the seed's rpid_suffix; even from a trusted sender, ours is the only one.
+        let rpid = Asserted::new(Identity::Rpid, "alice", "example.com");
+        let f = forward_with(IdentityEdit {
+            strip: false,
+            assert: rpid,
+        });
+        assert_eq!(
+            values(&f, HeaderName::RemotePartyId),
+            ["<sip:alice@example.com>;party=calling;id-type=subscriber;screen=yes"]
+        );
+        assert!(values(&f, HeaderName::PAssertedIdentity).is_empty());
+        assert!(Asserted::new(Identity::None, "alice", "example.com").is_none());
     }
 }

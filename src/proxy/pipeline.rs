@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use super::forward::{Flow, creates_dialog};
+use super::forward::{Flow, IdentityEdit, creates_dialog};
 use super::sanity::{self, Verdict};
 use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
-use crate::config::{Config, MediaMode, RelayForeign};
-use crate::registrar::location::LocationService;
+use crate::config::{Config, Identity, MediaMode, RelayForeign};
+use crate::registrar::location::{Binding, LocationService};
 use crate::registrar::service::Job;
 use crate::security::Security;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
@@ -107,6 +107,12 @@ pub struct Plan {
     /// The accounting name of the route an initial INVITE took (the `cdr` table's `route`):
     /// the `[[route]]` name, "location" or "foreign"; `None` for every other request.
     pub route: Option<String>,
+    /// The identity an initial INVITE's `[[route]]` asserts for its authenticated caller
+    /// (`None` for every other request).
+    pub assert_identity: Identity,
+    /// The identity headers of the forwarded copy: set by the proxy once it knows whether the
+    /// sender is trusted and who authenticated ([`IdentityEdit`]).
+    pub identity: IdentityEdit,
 }
 
 /// One branch before name resolution.
@@ -164,6 +170,43 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
         proto,
         flow: None,
     })
+}
+
+/// Where a registered contact is reached (Kamailio `fix_nated_register` + `lookup`).
+///
+/// - A REGISTER that came through NAT ([`Binding::nated`]): at the address it came from,
+///   with the Contact as Request-URI. (Over TCP a phone's source port is not the Via's, so a
+///   phone's TCP registration counts as NATed and is reached over its connection.) When that address is not the Contact's, the binding
+///   goes into our Record-Route (`;fe=`) for the dialog's later requests.
+/// - Otherwise (a public phone, or a contact registered by a third party): at the Contact
+///   URI, resolved like any URI next hop ([`hop_for_uri`]); a Contact we cannot reach that
+///   way (`sips:`) falls back to the address the REGISTER came from.
+fn binding_hop(b: Binding) -> Hop {
+    let at_flow = |b: Binding| {
+        let contact_addr = SipUri::parse(&b.contact)
+            .ok()
+            .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
+        let flow = (contact_addr != Some(b.received)).then_some(Flow {
+            proto: b.transport,
+            addr: b.received,
+        });
+        Hop {
+            ruri: Some(b.contact),
+            dest: Dest::Addr(b.received),
+            proto: b.transport,
+            flow,
+        }
+    };
+    if b.nated {
+        return at_flow(b);
+    }
+    match hop_for_uri(&b.contact) {
+        Some(hop) => Hop {
+            ruri: Some(b.contact),
+            ..hop
+        },
+        None => at_flow(b),
+    }
 }
 
 /// The signalling core: the sockets we own (for the "myself" check) and the state shared
@@ -385,6 +428,8 @@ impl Core {
                     sender_nated,
                     media: None,
                     route: None,
+                    assert_identity: Identity::None,
+                    identity: IdentityEdit::default(),
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -507,6 +552,12 @@ impl Core {
                 sender_nated,
                 media: (method == "INVITE").then_some(rule.media),
                 route: (method == "INVITE").then(|| rule.name.clone()),
+                assert_identity: if method == "INVITE" && !in_dialog {
+                    rule.identity
+                } else {
+                    Identity::None
+                },
+                identity: IdentityEdit::default(),
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -527,26 +578,7 @@ impl Core {
             return Routed::Reply(out);
         }
         Routed::Forward(Box::new(Plan {
-            targets: bindings
-                .into_iter()
-                .map(|b| {
-                    // A contact that is not where the REGISTER came from is behind NAT: its
-                    // binding goes into our Record-Route for the dialog's later requests.
-                    let contact_addr = SipUri::parse(&b.contact)
-                        .ok()
-                        .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
-                    let flow = (contact_addr != Some(b.received)).then_some(Flow {
-                        proto: b.transport,
-                        addr: b.received,
-                    });
-                    Hop {
-                        ruri: Some(b.contact),
-                        dest: Dest::Addr(b.received),
-                        proto: b.transport,
-                        flow,
-                    }
-                })
-                .collect(),
+            targets: bindings.into_iter().map(binding_hop).collect(),
             record_route,
             pop_route,
             strict_route: false,
@@ -557,6 +589,8 @@ impl Core {
             sender_nated,
             media: (method == "INVITE").then_some(cfg.media.mode),
             route: (method == "INVITE").then(|| "location".to_owned()),
+            assert_identity: Identity::None,
+            identity: IdentityEdit::default(),
         }))
     }
 
@@ -646,6 +680,7 @@ mod tests {
                 aor: "carol@example.com".into(),
                 contact: "sip:carol@10.0.0.9:5062".into(),
                 received: "203.0.113.4:41000".parse().unwrap(),
+                nated: true,
                 transport: Proto::Udp,
                 local_socket: "127.0.0.1:5060".parse().unwrap(),
                 instance: "i".into(),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::accounting::Accounting;
-use super::forward;
+use super::forward::{self, Asserted};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
 use super::txn::{self, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::acc;
@@ -373,6 +373,9 @@ impl Proxy {
         let reply_now = |status: u16, reason: &str, extra: &[(&str, &str)]| {
             reply::response(&msg, source.remote, status, reason, extra)
         };
+        let mut plan = plan;
+        // RFC 3325 §5: identity headers pass only from inside our trust domain.
+        plan.identity.strip = !cfg.security.is_trusted(source.remote.ip());
         if plan.stateless {
             let dests = resolve(&plan.targets).await;
             if let Some(Some(dest)) = dests.first() {
@@ -409,7 +412,12 @@ impl Proxy {
             match verdict {
                 Ok(user) => {
                     strip_proxy_auth = true;
-                    auth_user = Some(user);
+                    // The caller's number, or its username when none is set (README "Caller
+                    // identity").
+                    let asserted_user = user.caller_id.as_deref().unwrap_or(&user.username);
+                    plan.identity.assert =
+                        Asserted::new(plan.assert_identity, asserted_user, &user.domain);
+                    auth_user = Some(user.username);
                 }
                 Err((407, bytes)) => {
                     // A challenge is sent once, without a server transaction: it is never
@@ -858,6 +866,14 @@ impl Drop for TxnSlot {
 /// Proxy authentication of the caller (407 challenges), then `check_from` for `[[route]]`
 /// rules: the From user must be the authenticated user. `Ok` holds that user, `Err` the
 /// response to send.
+/// A subscriber that passed proxy authentication.
+struct AuthUser {
+    username: String,
+    /// The From domain it authenticated in (one of ours).
+    domain: String,
+    caller_id: Option<String>,
+}
+
 async fn authorize(
     auth: &Authenticator,
     msg: &Message,
@@ -866,7 +882,7 @@ async fn authorize(
     now: u64,
     reply_now: &impl Fn(u16, &str, &[(&str, &str)]) -> Vec<u8>,
     cfg: &Config,
-) -> Result<String, (u16, Vec<u8>)> {
+) -> Result<AuthUser, (u16, Vec<u8>)> {
     let from = msg.from().ok().and_then(|f| {
         let uri = crate::sip::SipUri::parse(f.uri).ok()?;
         Some((uri.user.map(str::to_owned), uri.host.to_ascii_lowercase()))
@@ -885,12 +901,19 @@ async fn authorize(
         .check(msg, peer, AuthKind::Proxy, &realm, &domain, now)
         .await
     {
-        Outcome::Authorized { username } => {
+        Outcome::Authorized {
+            username,
+            caller_id,
+        } => {
             if need == AuthNeed::Route && from_user.as_deref() != Some(username.as_str()) {
                 warn!(auth.user = %username, from.user = from_user.as_deref().unwrap_or(""), "From does not match the credentials");
                 return Err((403, reply_now(403, "Use From ID", &[])));
             }
-            Ok(username)
+            Ok(AuthUser {
+                username,
+                domain,
+                caller_id,
+            })
         }
         Outcome::Challenge { stale } => {
             let headers = auth.challenge(AuthKind::Proxy, &realm, now, stale);

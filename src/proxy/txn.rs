@@ -107,6 +107,7 @@ impl Context {
             source: Some(source.remote),
             force_rport,
             route,
+            identity: plan.identity.clone(),
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,

@@ -361,6 +361,7 @@ pub(crate) mod tests {
             aor: aor.into(),
             contact: contact.into(),
             received: "192.0.2.1:5060".parse().unwrap(),
+            nated: true,
             transport: Proto::Udp,
             local_socket: "127.0.0.1:5060".parse().unwrap(),
             instance: "i".into(),

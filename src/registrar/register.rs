@@ -126,6 +126,12 @@ pub fn decide(
         .collect::<Vec<_>>()
         .join(", ");
 
+    // Kamailio `fix_nated_register`: a REGISTER that came through NAT (nathelper's tests:
+    // a private Contact, or a Via sent-by other than the source) has its contacts reached at
+    // the address it came from; otherwise at the Contact URI itself (a public phone, or a
+    // registration made on a phone's behalf by a PBX or a provisioning tool).
+    let nated = crate::nat::detect::detect(req, origin.source.remote).is_nated();
+
     let mut after = live.clone();
     let mut upsert = Vec::new();
     let mut remove = Vec::new();
@@ -186,6 +192,7 @@ pub fn decide(
             aor: origin.aor.to_owned(),
             contact: addr.uri.to_owned(),
             received: origin.source.remote,
+            nated,
             transport: origin.source.proto,
             local_socket: origin.source.local,
             instance: origin.instance.to_owned(),
@@ -304,6 +311,28 @@ CSeq: {cseq} REGISTER\r\n{headers}Content-Length: 0\r\n\r\n"
         now: u64,
     ) -> Result<Decision, Rejection> {
         decide(&cfg(), &reg(cseq, headers), origin(now), current)
+    }
+
+    #[test]
+    fn nated_register_is_reached_at_its_source_a_public_one_at_its_contact() {
+        // NATed: the Via says 10.0.0.2, the packet came from 203.0.113.9 (and the Contact is
+        // private too).
+        let d = apply(&[], 1, "Contact: <sip:a@10.0.0.2>\r\n", 1000).unwrap();
+        assert!(d.after[0].nated);
+        // A private Contact alone is enough (Via sent-by = source).
+        let public_via = |contact: &str| {
+            let text = format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.9:40000;branch=z9hG4bK1\r\n\
+From: <sip:alice@example.com>;tag=f\r\nTo: <sip:alice@example.com>\r\nCall-ID: reg-2\r\n\
+CSeq: 1 REGISTER\r\nContact: <{contact}>\r\nContent-Length: 0\r\n\r\n"
+            );
+            let m = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
+            decide(&cfg(), &m, origin(1000), &[]).unwrap().after[0].nated
+        };
+        assert!(public_via("sip:a@192.168.1.5:5060"));
+        // Public Contact, Via = source: a third party registering a public contact (here on
+        // another host than the sender) is not NATed, so the Contact is used.
+        assert!(!public_via("sip:a@198.51.100.77:5070"));
     }
 
     #[test]

@@ -185,7 +185,7 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
         .check(msg, src, Kind::Www, &realm, &domain, now)
         .await
     {
-        Outcome::Authorized { username } => username,
+        Outcome::Authorized { username, .. } => username,
         Outcome::Challenge { stale } => {
             let headers = ctx.auth.challenge(Kind::Www, &realm, now, stale);
             let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();

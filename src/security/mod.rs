@@ -47,6 +47,14 @@ pub struct SecurityConfig {
     pub max_tracked: usize,
 }
 
+impl SecurityConfig {
+    /// `security.trusted` holds `ip`: never rate limited or banned, and inside our trust
+    /// domain for identity headers (RFC 3325 §5, [`crate::proxy::forward::IdentityEdit`]).
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+}
+
 /// Sweeps of a full map run at most this often, so a flood of new sources (spoofed UDP) does
 /// not turn each packet into a scan of the whole map.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -179,7 +187,7 @@ impl Params {
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.cfg.trusted.iter().any(|n| n.contains(ip))
+        self.cfg.is_trusted(ip)
     }
 
     /// GCRA: whether a message at `now` fits the rate; if so, charges it.

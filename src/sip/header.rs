@@ -26,6 +26,11 @@ pub enum HeaderName {
     ProxyRequire,
     Path,
     UserAgent,
+    /// RFC 3325 identity headers, and the older Remote-Party-ID (removed from untrusted
+    /// senders' requests).
+    PAssertedIdentity,
+    PPreferredIdentity,
+    RemotePartyId,
     /// Any other header, matched by its name bytes.
     Other,
 }
@@ -55,6 +60,9 @@ impl HeaderName {
             Self::ProxyRequire => "Proxy-Require",
             Self::Path => "Path",
             Self::UserAgent => "User-Agent",
+            Self::PAssertedIdentity => "P-Asserted-Identity",
+            Self::PPreferredIdentity => "P-Preferred-Identity",
+            Self::RemotePartyId => "Remote-Party-ID",
             Self::Other => "",
         }
     }
@@ -97,6 +105,9 @@ impl HeaderName {
             (b"proxy-require", HeaderName::ProxyRequire),
             (b"path", HeaderName::Path),
             (b"user-agent", HeaderName::UserAgent),
+            (b"p-asserted-identity", HeaderName::PAssertedIdentity),
+            (b"p-preferred-identity", HeaderName::PPreferredIdentity),
+            (b"remote-party-id", HeaderName::RemotePartyId),
         ];
         LONG.iter()
             .find(|(long, _)| long.eq_ignore_ascii_case(name))
@@ -139,6 +150,9 @@ mod tests {
             ("cALL-iD", HeaderName::CallId),
             ("RECORD-ROUTE", HeaderName::RecordRoute),
             ("X-Custom", HeaderName::Other),
+            ("p-asserted-identity", HeaderName::PAssertedIdentity),
+            ("P-Preferred-Identity", HeaderName::PPreferredIdentity),
+            ("Remote-Party-Id", HeaderName::RemotePartyId),
         ] {
             assert_eq!(HeaderName::from_bytes(wire.as_bytes()), want, "{wire}");
         }

@@ -16,8 +16,14 @@ pub struct Binding {
     pub aor: String,
     /// The Contact URI exactly as the phone sent it.
     pub contact: String,
-    /// Where the REGISTER came from: the phone's NAT binding, used to reach it.
+    /// Where the REGISTER came from: the phone's NAT binding, used to reach it when
+    /// [`Binding::nated`].
     pub received: SocketAddr,
+    /// nathelper's tests said the REGISTER came through NAT (a private Contact, or a Via
+    /// sent-by other than the source; Kamailio `fix_nated_register`): the contact is reached
+    /// at `received`. Otherwise at its Contact URI (a public phone, or a registration made
+    /// on its behalf by a third party).
+    pub nated: bool,
     pub transport: Proto,
     /// Our socket the REGISTER arrived on.
     pub local_socket: SocketAddr,
@@ -45,7 +51,7 @@ impl Binding {
     }
 }
 
-const COLS: [&str; 14] = [
+const COLS: [&str; 15] = [
     "aor",
     "contact",
     "received",
@@ -60,6 +66,7 @@ const COLS: [&str; 14] = [
     "path",
     "instance_urn",
     "updated",
+    "nated",
 ];
 const KEY: [&str; 2] = ["aor", "contact"];
 
@@ -154,6 +161,7 @@ impl Store {
             .bind(&b.path)
             .bind(&b.instance_urn)
             .bind(to_i64(b.updated))
+            .bind(i64::from(b.nated))
     }
 }
 
@@ -189,5 +197,6 @@ fn from_row(r: &AnyRow) -> Result<Binding, StoreError> {
         path: text(r, "path")?,
         instance_urn: text(r, "instance_urn")?,
         updated: from_i64(r.try_get("updated")?),
+        nated: r.try_get::<i64, _>("nated")? != 0,
     })
 }

@@ -12,6 +12,10 @@ use super::{Store, StoreError, to_i64};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_cdr_accounting.sql")),
+    (
+        3,
+        include_str!("../../migrations/0003_identity_contacts.sql"),
+    ),
 ];
 
 /// The bookkeeping queries in one dialect.
@@ -144,6 +148,18 @@ mod tests {
         assert_eq!(v2[7], "CREATE INDEX cdr_start ON cdr (start_ts)");
         for d in [Dialect::Postgres, Dialect::Mysql] {
             assert_eq!(render(d, 2, MIGRATIONS[1].1).unwrap(), v2, "{d:?}");
+        }
+        // Version 3: the subscriber's caller ID and the binding's NAT flag, alike everywhere.
+        let v3 = render(Dialect::Sqlite, 3, MIGRATIONS[2].1).unwrap();
+        assert_eq!(
+            v3,
+            [
+                "ALTER TABLE subscriber ADD COLUMN caller_id TEXT",
+                "ALTER TABLE location ADD COLUMN nated BIGINT NOT NULL DEFAULT 1",
+            ]
+        );
+        for d in [Dialect::Postgres, Dialect::Mysql] {
+            assert_eq!(render(d, 3, MIGRATIONS[2].1).unwrap(), v3, "{d:?}");
         }
     }
 }

@@ -213,6 +213,14 @@ fn text(r: &AnyRow, col: &str) -> Result<String, StoreError> {
     Ok(r.try_get(col)?)
 }
 
+/// A nullable text column (`NULL` → `None`), read like [`text`].
+fn optional_text(r: &AnyRow, col: &str) -> Result<Option<String>, StoreError> {
+    if r.try_get_raw(col)?.is_null() {
+        return Ok(None);
+    }
+    text(r, col).map(Some)
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }

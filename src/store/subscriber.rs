@@ -4,7 +4,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::dialect::Dialect;
-use super::{Store, StoreError, from_i64, text, to_i64};
+use super::{Store, StoreError, from_i64, optional_text, text, to_i64};
 
 /// A subscriber: HA1 hashes only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,9 +14,19 @@ pub struct Subscriber {
     pub ha1_md5: String,
     pub ha1_sha256: String,
     pub created: u64,
+    /// The number asserted for this subscriber (`P-Asserted-Identity` / `Remote-Party-ID` on
+    /// routes with `identity`); `None`: the username is asserted.
+    pub caller_id: Option<String>,
 }
 
-const COLS: [&str; 5] = ["username", "domain", "ha1_md5", "ha1_sha256", "created"];
+const COLS: [&str; 6] = [
+    "username",
+    "domain",
+    "ha1_md5",
+    "ha1_sha256",
+    "created",
+    "caller_id",
+];
 const KEY: [&str; 2] = ["username", "domain"];
 
 /// The table's queries in one dialect.
@@ -25,6 +35,7 @@ pub(super) struct Sql {
     insert: String,
     upsert: String,
     set_hashes: String,
+    set_caller_id: String,
     delete: String,
     delete_bindings: String,
     get: String,
@@ -39,6 +50,9 @@ impl Sql {
             upsert: d.upsert("subscriber", &COLS, &KEY, &["ha1_md5", "ha1_sha256"]),
             set_hashes: d.sql(
                 "UPDATE subscriber SET ha1_md5 = ?, ha1_sha256 = ? WHERE username = ? AND domain = ?",
+            ),
+            set_caller_id: d.sql(
+                "UPDATE subscriber SET caller_id = ? WHERE username = ? AND domain = ?",
             ),
             delete: d.sql("DELETE FROM subscriber WHERE username = ? AND domain = ?"),
             delete_bindings: d.sql("DELETE FROM location WHERE aor = ?"),
@@ -60,6 +74,7 @@ fn bind<'q>(
         .bind(&s.ha1_md5)
         .bind(&s.ha1_sha256)
         .bind(to_i64(s.created))
+        .bind(s.caller_id.as_deref())
 }
 
 impl Store {
@@ -75,12 +90,21 @@ impl Store {
     }
 
     /// Adds or replaces many subscribers in one transaction (bulk import); returns how many.
+    /// An existing subscriber keeps its caller ID unless the new row has one.
     pub async fn upsert_subscribers(&self, subs: &[Subscriber]) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
         for s in subs {
             bind(sqlx::query(&self.sql.subscriber.upsert), s)
                 .execute(&mut *tx)
                 .await?;
+            if let Some(id) = &s.caller_id {
+                sqlx::query(&self.sql.subscriber.set_caller_id)
+                    .bind(id)
+                    .bind(&s.username)
+                    .bind(&s.domain)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(subs.len())
@@ -97,6 +121,23 @@ impl Store {
         let r = sqlx::query(&self.sql.subscriber.set_hashes)
             .bind(ha1_md5)
             .bind(ha1_sha256)
+            .bind(username)
+            .bind(domain)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Sets (or with `None` clears) the caller ID of an existing subscriber; false if there
+    /// is none.
+    pub async fn set_caller_id(
+        &self,
+        username: &str,
+        domain: &str,
+        caller_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(&self.sql.subscriber.set_caller_id)
+            .bind(caller_id)
             .bind(username)
             .bind(domain)
             .execute(&self.pool)
@@ -154,5 +195,6 @@ fn from_row(r: &AnyRow) -> Result<Subscriber, StoreError> {
         ha1_md5: text(r, "ha1_md5")?,
         ha1_sha256: text(r, "ha1_sha256")?,
         created: from_i64(r.try_get("created")?),
+        caller_id: optional_text(r, "caller_id")?,
     })
 }

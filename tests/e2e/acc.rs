@@ -219,6 +219,7 @@ async fn busy_after_authentication() {
             ha1_md5: md5_hex("alice:example.com:secret"),
             ha1_sha256: "unused".into(),
             created: 0,
+            caller_id: None,
         })
         .await
         .unwrap();

@@ -229,6 +229,61 @@ async fn user_commands() {
     assert_eq!(out.status.code(), Some(0));
     let out = run(&["user", "del", "frank"], "");
     assert_eq!(out.status.code(), Some(2));
+
+    // Caller IDs: given at add, changed and cleared by set, shown by list, stored.
+    let out = run(
+        &[
+            "user",
+            "add",
+            "hal",
+            "--password",
+            "x",
+            "--caller-id",
+            "+15551230002",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(&["user", "list"], "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hal@example.com caller-id=+15551230002\n"
+    );
+    let stored = |user: &'static str| {
+        let db = db.clone();
+        async move {
+            let store = sipedge::store::Store::connect(&db).await.unwrap();
+            let s = store
+                .subscriber(user, "example.com")
+                .await
+                .unwrap()
+                .unwrap();
+            store.close().await;
+            s.caller_id
+        }
+    };
+    assert_eq!(stored("hal").await.as_deref(), Some("+15551230002"));
+    let out = run(&["user", "set", "hal", "--caller-id", "2002"], "");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stored("hal").await.as_deref(), Some("2002"));
+    let out = run(&["user", "set", "hal", "--caller-id", "<sip:x>"], "");
+    assert_eq!(out.status.code(), Some(2), "not a URI user part");
+    assert_eq!(stored("hal").await.as_deref(), Some("2002"), "unchanged");
+    let out = run(&["user", "set", "nobody", "--caller-id", "1"], "");
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["user", "set", "hal", "--caller-id", ""], "");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stored("hal").await, None, "cleared");
+
+    // Import: a caller_id= field after the password, in both line formats.
+    let out = run(
+        &["user", "import", "-"],
+        "SEQUENTIAL\nivy;pw1;caller_id=+15551230003\njoe pass word caller_id=3003\nkim;pw3\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stored("ivy").await.as_deref(), Some("+15551230003"));
+    assert_eq!(stored("joe").await.as_deref(), Some("3003"));
+    assert_eq!(stored("kim").await, None);
 }
 
 /// Issue #12 item 6: outside the repository (no `config/sipedge.toml` in the working

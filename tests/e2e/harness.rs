@@ -205,6 +205,7 @@ pub(crate) fn binding(aor: &str, contact: String, received: SocketAddr) -> Bindi
         aor: aor.into(),
         contact,
         received,
+        nated: true,
         transport: Proto::Udp,
         local_socket: "127.0.0.1:5060".parse().unwrap(),
         instance: "test".into(),

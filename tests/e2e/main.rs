@@ -8,6 +8,7 @@ mod cli;
 mod control;
 mod corpus;
 mod harness;
+mod identity;
 mod media;
 mod media_limits;
 mod nat;

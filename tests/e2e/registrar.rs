@@ -29,6 +29,7 @@ async fn add_user(srv: &TestServer, user: &str, pw: &str) {
             ha1_md5: md5_hex(&format!("{user}:example.com:{pw}")),
             ha1_sha256: "unused".into(),
             created: 0,
+            caller_id: None,
         })
         .await
         .unwrap();
@@ -333,6 +334,7 @@ async fn sha256_client_registers() {
             ha1_md5: md5_hex("erin:example.com:pw"),
             ha1_sha256: sha256_hex("erin:example.com:pw"),
             created: 0,
+            caller_id: None,
         })
         .await
         .unwrap();

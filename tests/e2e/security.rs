@@ -110,6 +110,7 @@ async fn password_guessing_is_cut_off_while_others_register() {
             ha1_md5: md5_hex("alice:example.com:4711"),
             ha1_sha256: "unused".into(),
             created: 0,
+            caller_id: None,
         })
         .await
         .unwrap();

@@ -45,6 +45,7 @@ fn binding(aor: &str, contact: &str, expires: u64) -> Binding {
         aor: aor.into(),
         contact: contact.into(),
         received: "203.0.113.7:40123".parse().unwrap(),
+        nated: false,
         transport: Proto::Tcp,
         local_socket: "198.51.100.1:5060".parse().unwrap(),
         instance: "edge-1".into(),
@@ -72,6 +73,7 @@ async fn store_contract_on_every_backend() {
             ha1_md5: "a".repeat(32),
             ha1_sha256: "b".repeat(64),
             created: 1,
+            caller_id: None,
         };
         store.add_subscriber(&s).await.unwrap();
         assert!(
@@ -99,6 +101,59 @@ async fn store_contract_on_every_backend() {
             (got.ha1_md5.as_str(), got.ha1_sha256.as_str()),
             ("c", "d"),
             "{name}"
+        );
+        // The caller ID: set, read back, kept by an import without one, cleared.
+        assert!(
+            store
+                .set_caller_id("alice", "example.com", Some("+15551230001"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .set_caller_id("nobody", "example.com", Some("1"))
+                .await
+                .unwrap()
+        );
+        let caller_id = |store: &Store| {
+            let store = store.clone();
+            async move {
+                store
+                    .subscriber("alice", "example.com")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .caller_id
+            }
+        };
+        assert_eq!(
+            caller_id(&store).await.as_deref(),
+            Some("+15551230001"),
+            "{name}"
+        );
+        store
+            .upsert_subscribers(std::slice::from_ref(&s))
+            .await
+            .unwrap();
+        assert_eq!(
+            caller_id(&store).await.as_deref(),
+            Some("+15551230001"),
+            "{name}: an import without a caller ID keeps it"
+        );
+        let with_id = Subscriber {
+            caller_id: Some("2002".into()),
+            ..s.clone()
+        };
+        store
+            .upsert_subscribers(std::slice::from_ref(&with_id))
+            .await
+            .unwrap();
+        assert_eq!(caller_id(&store).await.as_deref(), Some("2002"), "{name}");
+        assert!(
+            store
+                .set_caller_id("alice", "example.com", None)
+                .await
+                .unwrap()
         );
         assert_eq!(
             store
