@@ -27,6 +27,12 @@
 #   3. keepalives every nat.ping_interval: well-formed OPTIONS answered by the phone, then
 #      (after a restart with ping_method = "crlf") CRLF datagrams; >= 3 pings with intervals
 #      within ±30 % of the interval;
+#   2c. a contact registered by a third party: se-third (198.51.100.21, public, no NAT)
+#      registers carol with Contact sip:carol@198.51.100.22:5060 (se-contact, public). The store
+#      says received=198.51.100.21:5060, nated=0; alice (NATed) calls carol: the INVITE reaches
+#      se-contact at the Contact (public_uas.xml checks its Request-URI), the call completes, and
+#      se-third gets nothing (README "Which address a contact is reached at"). Calls to the
+#      NATed phones in step 2 still go through their routers' mappings;
 #   4. a phone that stops answering OPTIONS: after nat.ping_failures pings a WARN line names its
 #      binding, which stays (ping_remove = false); after a restart with ping_remove = true the
 #      binding is removed from the store (and logged); the phone that answers keeps its binding.
@@ -109,18 +115,29 @@ show_sipp_failure() {  # $1 = name (files $vwork/$1.*)
 # port it registered from, so its NAT mapping is reused), bounded. Prints nothing; returns
 # SIPp's exit status.
 sipp_phone() {
-    local i=$1 name=$2 scenario=$3
-    shift 3
-    ip netns exec "${PHONE_NS[$i]}" timeout 60 sipp -sf "$sipp_dir/$scenario" \
-        -i "${PHONE_IP[$i]}" -p "$SIP" -t u1 -aa -timeout 40s -timeout_error \
+    local i=$1
+    shift
+    sipp_at "${PHONE_NS[$i]}" "${PHONE_IP[$i]}" "$@"
+}
+
+# sipp_at NAMESPACE IP NAME SCENARIO [args...]: the same on any host of the topology.
+sipp_at() {
+    local ns=$1 addr=$2 name=$3 scenario=$4
+    shift 4
+    ip netns exec "$ns" timeout 60 sipp -sf "$sipp_dir/$scenario" \
+        -i "$addr" -p "$SIP" -t u1 -aa -timeout 40s -timeout_error \
         -trace_stat -stf "$vwork/$name.csv" -trace_err -error_file "$vwork/$name.err" \
         -trace_msg -message_file "$vwork/$name.msg" -trace_logs -log_file "$vwork/$name.log" \
         -nostdin "$@" >"$vwork/$name.out" 2>&1
 }
 
 wait_port_bound() {  # $1 = phone index: until something listens on its UDP 5060 (bounded)
+    wait_ns_bound "${PHONE_NS[$1]}"
+}
+
+wait_ns_bound() {  # $1 = namespace: until something listens on its UDP 5060 (bounded)
     for _ in $(seq 1 50); do
-        if [ -n "$(ip netns exec "${PHONE_NS[$1]}" ss -Hlun "sport = :$SIP" 2>/dev/null)" ]; then return 0; fi
+        if [ -n "$(ip netns exec "$1" ss -Hlun "sport = :$SIP" 2>/dev/null)" ]; then return 0; fi
         sleep 0.1
     done
     return 1
@@ -269,6 +286,79 @@ media_call() {
     fi
 }
 
+# third_party: se-third registers carol's contact on se-contact (both public, no NAT); alice
+# (behind NAT) calls carol, who must be reached at her Contact on se-contact, while se-third,
+# where the REGISTER came from, gets nothing.
+third_party() {
+    local name="third-party" rows contact received transport nated stop="$vwork/third-party.stop"
+    local lpid uas_pid rc_uac=0 rc_uas=0 seen
+    if sipp_at "$THIRD_NS" "$THIRD_IP" "$name-register" third_party_register.xml -m 1 -s "$THIRD_USER" \
+        -au "$THIRD_USER" -ap "$THIRD_PASS" -key contact "$CONTACT_IP:$SIP" "$SERVER_IP:$SIP"; then
+        ok "$variant: $THIRD_IP registered $THIRD_USER with Contact sip:$THIRD_USER@$CONTACT_IP:$SIP (401, digest, 200)"
+    else
+        fail "$variant: third-party registration of $THIRD_USER from $THIRD_IP (sipp exit $?)"
+        show_sipp_failure "$name-register"
+        return
+    fi
+    rows=$(python3 "$helpers/location.py" --nated "$vwork/sipedge.db" "$THIRD_USER@$SERVER_IP" 2>&1) || rows="(store not readable: $rows)"
+    IFS='|' read -r _ contact received transport nated <<<"$rows"
+    if [ "$contact" = "sip:$THIRD_USER@$CONTACT_IP:$SIP" ] && [ "$received" = "$THIRD_IP:$SIP" ] && [ "$nated" = 0 ]; then
+        ok "$variant: location $THIRD_USER@$SERVER_IP contact=$contact received=$received nated=$nated (not NATed: reached at the Contact)"
+    else
+        fail "$variant: location $THIRD_USER@$SERVER_IP: ${rows:-none}" \
+            "(expected contact sip:$THIRD_USER@$CONTACT_IP:$SIP, received $THIRD_IP:$SIP, nated 0)"
+    fi
+    # What reaches the registering host meanwhile (it must be nothing).
+    rm -f "$stop"
+    ip netns exec "$THIRD_NS" timeout 60 python3 - "$THIRD_IP" "$SIP" "$stop" >"$vwork/$name.listener" 2>&1 <<'PY' &
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(0.2)
+print("ready", flush=True)
+got = []
+while not os.path.exists(sys.argv[3]):
+    try:
+        data, _ = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    got.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+print("received %d" % len(got))
+for line in got:
+    print(line)
+PY
+    lpid=$!
+    bg_pids+=("$lpid")
+    sipp_at "$CONTACT_NS" "$CONTACT_IP" "$name.uas" public_uas.xml -s "$THIRD_USER" &
+    uas_pid=$!
+    bg_pids+=("$uas_pid")
+    if ! wait_ns_bound "$CONTACT_NS" || ! wait_ns_bound "$THIRD_NS"; then
+        fail "$variant: $name: the callee's SIPp or the listener did not bind"
+        touch "$stop"
+        kill -TERM "$uas_pid" 2>/dev/null || true; wait "$uas_pid" "$lpid" 2>/dev/null || true
+        return
+    fi
+    sipp_phone 1 "$name.uac" nat_uac.xml -m 1 -s "$THIRD_USER" -key me "${PHONE_USER[1]}" "$SERVER_IP:$SIP" || rc_uac=$?
+    wait "$uas_pid" || rc_uas=$?
+    touch "$stop"
+    wait "$lpid" || true
+    calls_total=$((calls_total + 1))
+    if [ "$rc_uac" = 0 ] && [ "$rc_uas" = 0 ]; then
+        ok "$variant: ${PHONE_USER[1]} calls $THIRD_USER: INVITE reached $CONTACT_IP:$SIP addressed to the registered Contact, INVITE/180/200/ACK/BYE/200 complete"
+    else
+        calls_failed=$((calls_failed + 1))
+        fail "$variant: ${PHONE_USER[1]} calls $THIRD_USER at $CONTACT_IP (caller sipp exit $rc_uac, callee sipp exit $rc_uas)"
+        echo "      caller:"; show_sipp_failure "$name.uac"
+        echo "      callee:"; show_sipp_failure "$name.uas"
+    fi
+    seen=$(grep '^received ' "$vwork/$name.listener" || echo "received ?")
+    if [ "$seen" = "received 0" ]; then
+        ok "$variant: $THIRD_IP, where the REGISTER came from, received nothing during the call"
+    else
+        fail "$variant: $THIRD_IP, where the REGISTER came from, $seen: $(grep -v '^received\|^ready' "$vwork/$name.listener" | head -n 3 | tr '\n' ' ')"
+    fi
+}
+
 # listen I NAME SECONDS [listener args...]: phone I's port 5060 held by the keepalive listener.
 listen() {
     local i=$1 name=$2 secs=$3
@@ -370,6 +460,7 @@ run_variant() {  # $1 = name, $2 = MASQUERADE options
     for i in 1 2; do
         "$bin" user add "${PHONE_USER[$i]}" --password "${PHONE_PASS[$i]}" -c "$vwork/options.toml" >/dev/null
     done
+    "$bin" user add "$THIRD_USER" --password "$THIRD_PASS" -c "$vwork/options.toml" >/dev/null
     start_server "$vwork/options.toml" options
 
     # 1. registration behind NAT, and the binding in the store
@@ -390,6 +481,9 @@ run_variant() {  # $1 = name, $2 = MASQUERADE options
     call 1 2 callee
     call 2 1 caller
     call 2 1 callee
+
+    # 2c. a contact registered by a third party, on public-looking addresses: called at its Contact
+    third_party
 
     # 2b. two-way audio through the relay, each way: SDP with private addresses, RTP through NATs
     media_call 1 2

@@ -30,7 +30,7 @@ nat_lock() {
 server_pid=""
 
 NS_PUB=se-pub
-NS_ALL=(se-pub se-nat1 se-nat2 se-phone1 se-phone2)
+NS_ALL=(se-pub se-nat1 se-nat2 se-phone1 se-phone2 se-third se-contact)
 SERVER_IP=198.51.100.1
 PING_INTERVAL=2
 PING_FAILURES=3
@@ -44,6 +44,14 @@ ROUTER_LAN=("" 10.0.1.1     192.168.2.1)
 PHONE_IP=(""  10.0.1.2     192.168.2.2)
 PHONE_USER=("" alice        bob)
 PHONE_PASS=("" alice-secret-1 bob-secret-2)
+# Two public hosts on the server's net, no NAT: THIRD registers a contact that lives on CONTACT
+# (a PBX or a provisioning tool registering a phone), as user THIRD_USER.
+THIRD_NS=se-third
+THIRD_IP=198.51.100.21
+CONTACT_NS=se-contact
+CONTACT_IP=198.51.100.22
+THIRD_USER=carol
+THIRD_PASS=carol-secret-3
 
 # Kill what runs inside our namespaces (only this script starts processes there), then delete
 # them: the veths, the bridge and the iptables rules live in them and go with them.
@@ -106,6 +114,18 @@ setup_topology() {  # $1 = extra MASQUERADE options ("" or "--random-fully")
         ip netns exec "$nat" sysctl -qw net.ipv4.ip_forward=1
         # shellcheck disable=SC2086
         ip netns exec "$nat" iptables -t nat -A POSTROUTING -o wan0 -j MASQUERADE $1
+    done
+    # The public hosts: straight on the bridge, nothing between them and the server.
+    local ns addr n=0
+    for ns in "$THIRD_NS" "$CONTACT_NS"; do
+        n=$((n + 1))
+        if [ "$ns" = "$THIRD_NS" ]; then addr=$THIRD_IP; else addr=$CONTACT_IP; fi
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+        ip -n "$NS_PUB" link add "host$n" type veth peer name eth0 netns "$ns"
+        ip -n "$NS_PUB" link set "host$n" master br0 up
+        ip -n "$ns" addr add "$addr/24" dev eth0
+        ip -n "$ns" link set eth0 up
     done
     # The public side cannot reach the private nets: only the routers' mappings lead there.
     for i in 1 2; do

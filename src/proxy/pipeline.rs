@@ -180,7 +180,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
 ///   goes into our Record-Route (`;fe=`) for the dialog's later requests.
 /// - Otherwise (a public phone, or a contact registered by a third party): at the Contact
 ///   URI, resolved like any URI next hop ([`hop_for_uri`]); a Contact we cannot reach that
-///   way (`sips:`) falls back to the address the REGISTER came from.
+///   way falls back to the address the REGISTER came from.
 fn binding_hop(b: Binding) -> Hop {
     let at_flow = |b: Binding| {
         let contact_addr = SipUri::parse(&b.contact)
@@ -878,6 +878,50 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             plan.targets[0].dest,
             Dest::Addr("10.0.0.9:5062".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn a_binding_is_reached_at_its_nat_binding_only_when_nated() {
+        let b = |contact: &str, nated: bool| Binding {
+            aor: "carol@example.com".into(),
+            contact: contact.into(),
+            received: "203.0.113.4:41000".parse().unwrap(),
+            nated,
+            transport: Proto::Udp,
+            local_socket: "127.0.0.1:5060".parse().unwrap(),
+            instance: "i".into(),
+            expires: u64::MAX,
+            q: 1000,
+            call_id: "c".into(),
+            cseq: 1,
+            user_agent: String::new(),
+            path: String::new(),
+            instance_urn: String::new(),
+            updated: 0,
+        };
+        let flow = Flow {
+            proto: Proto::Udp,
+            addr: "203.0.113.4:41000".parse().unwrap(),
+        };
+        // NATed (Kamailio fix_nated_register): at the source, recorded as `;fe=`.
+        let hop = binding_hop(b("sip:carol@10.0.0.9:5062", true));
+        assert_eq!(hop.dest, Dest::Addr(flow.addr));
+        assert_eq!(hop.flow, Some(flow));
+        assert_eq!(hop.ruri.as_deref(), Some("sip:carol@10.0.0.9:5062"));
+        // Not NATed (a third party registered it): at the Contact, with its transport; no flow.
+        let hop = binding_hop(b("sip:carol@198.51.100.20:5070;transport=tcp", false));
+        assert_eq!(hop.dest, Dest::Addr("198.51.100.20:5070".parse().unwrap()));
+        assert_eq!((hop.proto, hop.flow), (Proto::Tcp, None));
+        assert_eq!(
+            hop.ruri.as_deref(),
+            Some("sip:carol@198.51.100.20:5070;transport=tcp")
+        );
+        // A host name is resolved like any next hop.
+        let hop = binding_hop(b("sip:carol@pbx.example.net", false));
+        assert_eq!(hop.dest, Dest::Host("pbx.example.net".into(), 5060));
+        // A Contact that is no SIP URI we can reach: the source, as before.
+        let hop = binding_hop(b("tel:+15551230000", false));
+        assert_eq!(hop.dest, Dest::Addr(flow.addr));
     }
 
     #[test]

@@ -37,11 +37,12 @@ pub const SLOTS: u32 = 10;
 /// before the proxy looks for a transaction.
 pub const BRANCH_PREFIX: &str = "z9hG4bK-ka-";
 
-/// True when `b` needs keepalives from this instance: a UDP binding registered here whose
-/// Contact is private or is not where the REGISTER came from (nathelper's
-/// `fix_nated_register` condition).
+/// True when `b` needs keepalives from this instance: a UDP binding registered here through
+/// NAT ([`Binding::nated`], nathelper's `fix_nated_register` condition) whose Contact is
+/// private or is not where the REGISTER came from. A binding reached at its Contact (a
+/// public phone, a third-party registration) holds no NAT binding open.
 pub fn needs_ping(b: &Binding, instance: &str) -> bool {
-    if b.transport != Proto::Udp || b.instance != instance {
+    if b.transport != Proto::Udp || b.instance != instance || !b.nated {
         return false;
     }
     let Ok(uri) = SipUri::parse(&b.contact) else {
@@ -411,6 +412,10 @@ mod tests {
             &binding("sip:a@203.0.113.9:5060", "203.0.113.9:40000", Proto::Udp),
             "i1"
         ));
+        // A contact registered by a third party (not NATed): reached at its Contact, no ping.
+        let mut third_party = binding("sip:a@198.51.100.7:5060", "203.0.113.9:5060", Proto::Udp);
+        third_party.nated = false;
+        assert!(!needs_ping(&third_party, "i1"));
         // Public Contact where the REGISTER came from: not NATed.
         assert!(!needs_ping(
             &binding("sip:a@203.0.113.9:5060", "203.0.113.9:5060", Proto::Udp),
