@@ -1673,6 +1673,8 @@ mod tests {
         assert!(!cfg.routes[0].user.is_match("12345"));
         assert!(cfg.routes[1].user.is_match("15551234567"));
         assert!(cfg.routes[1].auth);
+        assert_eq!(cfg.routes[1].identity, Identity::Rpid);
+        assert_eq!(cfg.routes[0].identity, Identity::None, "the default");
         // The effective config is itself a valid config file.
         let again = parse(&cfg.effective_toml()).unwrap();
         assert_eq!(again.server.advertise, cfg.server.advertise);
