@@ -236,6 +236,8 @@ fn registrations(state: &State) -> Value {
                     "aor": b.aor,
                     "contact": b.contact,
                     "received": b.received.to_string(),
+                    // Reached at `received` (true) or at the Contact (false).
+                    "nated": b.nated,
                     "transport": b.transport.as_str().to_ascii_lowercase(),
                     "local_socket": b.local_socket.to_string(),
                     "expires_in": b.remaining(now),
