@@ -47,6 +47,9 @@ pub enum StartError {
     /// The control endpoint could not bind `control.listen`.
     #[error("control.listen {0}: {1}")]
     Control(std::net::SocketAddr, std::io::Error),
+    /// The `[tls]` files could not be used (read again at start).
+    #[error("{0}")]
+    Tls(#[from] crate::transport::tls::TlsSetupError),
     /// The stored nonce secret is not 64 hex digits.
     #[error("meta.nonce_secret in the database is not 64 hex digits")]
     Secret,
@@ -112,7 +115,12 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         .iter()
         .map(|l| (l.proto, l.addr))
         .collect();
-    let listeners = Listeners::bind(&listen, transport_limits(&cfg))
+    // The files were checked with the configuration; they are read again here (a reload
+    // does not change them: restart-only).
+    let tls = cfg
+        .tls
+        .build(crate::transport::tls::system_roots)?;
+    let listeners = Listeners::bind(&listen, transport_limits(&cfg), Some(tls))
         .await
         .map_err(StartError::Bind)?;
     let local = listeners.local_addrs().to_vec();
@@ -375,6 +383,8 @@ fn transport_limits(cfg: &Config) -> Limits {
         tcp_message_timeout: l.tcp_message_timeout,
         tcp_write_timeout: l.tcp_write_timeout,
         tcp_send_queue: l.tcp_send_queue,
+        tcp_connect_timeout: l.tcp_connect_timeout,
+        tcp_connects: l.tcp_connects,
     }
 }
 

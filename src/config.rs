@@ -75,6 +75,8 @@ pub struct RawConfig {
     pub security: RawSecurity,
     #[serde(default)]
     pub control: RawControl,
+    #[serde(default)]
+    pub tls: RawTls,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -150,6 +152,11 @@ pub struct RawLimits {
     /// Bytes queued for one TCP connection at most; a peer that does not read is
     /// disconnected when its queue is full, and nobody else waits for it. Default 262144.
     pub tcp_send_queue: usize,
+    /// Seconds a connection we open (to a next hop or a contact) may take to be established
+    /// (TLS: before the handshake); the messages waiting for it then fail. Default 5.
+    pub tcp_connect_timeout: u64,
+    /// Connections being opened at once, at most; beyond it a send fails at once. Default 256.
+    pub tcp_connects: usize,
     /// Proxy transactions alive in total (pending, or waiting out their RFC 3261 timers after
     /// the final response); beyond it new requests get 503. Default 50000.
     pub transactions: usize,
@@ -178,6 +185,8 @@ impl Default for RawLimits {
             tcp_message_timeout: 10,
             tcp_write_timeout: 10,
             tcp_send_queue: 256 * 1024,
+            tcp_connect_timeout: 5,
+            tcp_connects: 256,
             transactions: 50_000,
             transactions_per_ip: 2000,
             transaction_memory: 16 << 20,
@@ -187,6 +196,36 @@ impl Default for RawLimits {
             dialog_max_age: 4 * 3600,
         }
     }
+}
+
+/// `[tls]`: certificates for `tls:` listeners and for the TLS connections we open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Our certificate chain, PEM, leaf first. Required when `server.listen` has a `tls:`
+    /// socket; also offered to servers that ask for a client certificate. Default: unset.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// The certificate's private key, PEM. Required with `certificate`. Default: unset.
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// CA certificates (PEM) the servers we connect to are verified against. Default:
+    /// unset (the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Verify the certificate (chain and name) of the servers we connect to. Default true.
+    #[serde(default = "default_true")]
+    pub verify_server: bool,
+    /// Seconds a TLS handshake (either side) may take. Default 5.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_handshake_timeout() -> u64 {
+    5
 }
 
 /// `[control]`: the loopback HTTP endpoint of `sipedge show`, `/metrics` and the web page.
@@ -581,13 +620,15 @@ default_via_serde!(
     RawAuth,
     RawNat,
     RawMedia,
-    RawSecurity
+    RawSecurity,
+    RawTls
 );
 
 // ---------------------------------------------------------------------------------------------
 // The validated form.
 
 use crate::transport::Proto;
+use crate::transport::tls::TlsSettings;
 
 /// One `server.listen` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -606,7 +647,8 @@ impl std::str::FromStr for Listen {
         let proto = match proto.to_ascii_lowercase().as_str() {
             "udp" => Proto::Udp,
             "tcp" => Proto::Tcp,
-            other => return Err(format!("transport {other:?} is not udp or tcp")),
+            "tls" => Proto::Tls,
+            other => return Err(format!("transport {other:?} is not udp, tcp or tls")),
         };
         let addr = addr
             .parse()
@@ -720,6 +762,8 @@ pub struct LimitsConfig {
     pub tcp_message_timeout: Duration,
     pub tcp_write_timeout: Duration,
     pub tcp_send_queue: usize,
+    pub tcp_connect_timeout: Duration,
+    pub tcp_connects: usize,
     pub transactions: usize,
     pub transactions_per_ip: usize,
     pub transaction_memory: usize,
@@ -734,6 +778,7 @@ impl LimitsConfig {
         for (key, v) in [
             ("limits.tcp_connections", l.tcp_connections),
             ("limits.tcp_connections_per_ip", l.tcp_connections_per_ip),
+            ("limits.tcp_connects", l.tcp_connects),
             ("limits.transactions", l.transactions),
             ("limits.transactions_per_ip", l.transactions_per_ip),
             ("limits.registrar_cache", l.registrar_cache),
@@ -746,6 +791,7 @@ impl LimitsConfig {
         for (key, v) in [
             ("limits.tcp_message_timeout", l.tcp_message_timeout),
             ("limits.tcp_write_timeout", l.tcp_write_timeout),
+            ("limits.tcp_connect_timeout", l.tcp_connect_timeout),
         ] {
             if !(1..=3600).contains(&v) {
                 return Err(invalid(key, "must be between 1 and 3600 seconds"));
@@ -788,6 +834,8 @@ impl LimitsConfig {
             tcp_message_timeout: Duration::from_secs(l.tcp_message_timeout),
             tcp_write_timeout: Duration::from_secs(l.tcp_write_timeout),
             tcp_send_queue: l.tcp_send_queue,
+            tcp_connect_timeout: Duration::from_secs(l.tcp_connect_timeout),
+            tcp_connects: l.tcp_connects,
             transactions: l.transactions,
             transactions_per_ip: l.transactions_per_ip.min(l.transactions),
             transaction_memory: l.transaction_memory,
@@ -812,6 +860,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// The control endpoint's address (loopback), `None` = off.
     pub control: Option<SocketAddr>,
+    /// `[tls]`, its files checked (they are read again at start).
+    pub tls: TlsSettings,
     pub routes: Vec<Route>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
@@ -1205,6 +1255,7 @@ impl Config {
 
         let limits = LimitsConfig::validate(&raw.limits, server.max_message_size)?;
         let control = validate_control(&raw.control)?;
+        let tls = validate_tls(&raw.tls, &server.listen)?;
 
         // Record the derived values so that `check-config` shows what will run.
         raw.server.advertise = Some(server.advertise.to_string());
@@ -1222,6 +1273,7 @@ impl Config {
             limits,
             security,
             control,
+            tls,
             routes,
             advertise_source,
             effective: raw,
@@ -1471,6 +1523,48 @@ impl LiveConfig {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
     }
+}
+
+/// `[tls]`: a `tls:` listener needs a certificate and its key; every file given must be
+/// readable PEM of the right kind (read now, so that `check-config` names the bad key).
+fn validate_tls(t: &RawTls, listen: &[Listen]) -> Result<TlsSettings, ConfigError> {
+    let path = |key: &'static str, v: &Option<String>| -> Result<Option<PathBuf>, ConfigError> {
+        match v.as_deref() {
+            None => Ok(None),
+            Some("") => Err(invalid(key, "must not be empty")),
+            Some(p) => Ok(Some(PathBuf::from(p))),
+        }
+    };
+    let settings = TlsSettings {
+        certificate: path("tls.certificate", &t.certificate)?,
+        private_key: path("tls.private_key", &t.private_key)?,
+        ca_file: path("tls.ca_file", &t.ca_file)?,
+        verify_server: t.verify_server,
+        handshake_timeout: Duration::from_secs(t.handshake_timeout),
+    };
+    if !(1..=60).contains(&t.handshake_timeout) {
+        return Err(invalid(
+            "tls.handshake_timeout",
+            "must be between 1 and 60 seconds",
+        ));
+    }
+    if let Some(l) = listen.iter().find(|l| l.proto == Proto::Tls) {
+        for (key, v) in [
+            ("tls.certificate", &settings.certificate),
+            ("tls.private_key", &settings.private_key),
+        ] {
+            if v.is_none() {
+                return Err(invalid(
+                    key,
+                    format!("is required by the listener tls:{}", l.addr),
+                ));
+            }
+        }
+    }
+    settings
+        .build(|| None)
+        .map_err(|e| invalid(e.key, e.reason))?;
+    Ok(settings)
 }
 
 fn validate_security(s: &RawSecurity) -> Result<SecurityConfig, ConfigError> {
@@ -1760,6 +1854,7 @@ mod tests {
             "media",
             "limits",
             "security",
+            "tls",
         ] {
             let text = format!("[{table}]\nbogus_key = 1\n");
             assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");

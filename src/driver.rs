@@ -5,7 +5,7 @@
 //!
 //! Built by [`crate::app`] with everything it needs; nothing is set afterwards.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -130,6 +130,10 @@ impl Receiver for Driver {
 
     fn admit(&self, ip: IpAddr) -> bool {
         !self.core.security().is_banned(ip, self.clock.now())
+    }
+
+    fn transport_failed(&self, proto: Proto, dest: SocketAddr, unsent: Vec<Vec<u8>>) {
+        self.proxy.transport_failed(proto, dest, unsent);
     }
 }
 

@@ -16,7 +16,7 @@ use crate::transport::{Proto, Source, Transmit};
 /// nathelper's tests) is answered at its source address even without `rport`.
 pub fn response_dest(req: &Message, source: Source, nated: bool) -> SocketAddr {
     match source.proto {
-        Proto::Tcp => source.remote,
+        Proto::Tcp | Proto::Tls => source.remote,
         Proto::Udp if nated => source.remote,
         Proto::Udp => req
             .top_via()

@@ -40,11 +40,12 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The Record-Route parameter value: `u~IP~PORT` or `t~IP~PORT`.
+    /// The Record-Route parameter value: `u~IP~PORT`, `t~IP~PORT` or `s~IP~PORT` (TLS).
     pub fn token(self) -> String {
         let p = match self.proto {
             Proto::Udp => 'u',
             Proto::Tcp => 't',
+            Proto::Tls => 's',
         };
         format!("{p}~{}~{}", self.addr.ip(), self.addr.port())
     }
@@ -55,6 +56,7 @@ impl Flow {
         let proto = match it.next()? {
             "u" => Proto::Udp,
             "t" => Proto::Tcp,
+            "s" => Proto::Tls,
             _ => return None,
         };
         let ip: std::net::IpAddr = it.next()?.parse().ok()?;
@@ -237,6 +239,7 @@ pub fn record_route_uri(
     let transport = match proto {
         Proto::Udp => "",
         Proto::Tcp => ";transport=tcp",
+        Proto::Tls => ";transport=tls",
     };
     let nat = if opts.nat { ";nat=yes" } else { "" };
     let mut flows = String::new();
@@ -322,10 +325,7 @@ pub fn request(
             rw.set_via_received(&via, src);
         }
     }
-    let transport = match target.proto {
-        Proto::Udp => "UDP",
-        Proto::Tcp => "TCP",
-    };
+    let transport = target.proto.as_str();
     rw.push_via(&format!(
         "SIP/2.0/{transport} {};branch={branch}",
         hostport(outbound)

@@ -145,21 +145,19 @@ pub enum AuthNeed {
 }
 
 /// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
-/// 5060, transport parameter). `None` for what we cannot reach as asked: a `sips:` URI or
-/// `transport=tls` needs TLS, which sipedge does not speak yet, and sending it over plain TCP
-/// would silently drop the security the sender asked for (answered 416).
+/// the transport's default, transport parameter). A `sips:` URI goes over TLS whatever
+/// transport it names (RFC 3261 §26.2.2, RFC 5630 §3.1.3): never in clear; so does
+/// `transport=tls`. `None` for what is not a SIP URI (answered 416).
 pub fn hop_for_uri(text: &str) -> Option<Hop> {
     let uri = SipUri::parse(text).ok()?;
-    if uri.secure {
-        return None;
-    }
     let proto = match uri.transport() {
+        _ if uri.secure => Proto::Tls,
         Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
-        Some(t) if t.eq_ignore_ascii_case("tls") => return None,
+        Some(t) if t.eq_ignore_ascii_case("tls") => Proto::Tls,
         _ => Proto::Udp,
     };
     let host = uri.param("maddr").unwrap_or(uri.host);
-    let port = uri.port.unwrap_or(5060);
+    let port = uri.port.unwrap_or(proto.default_port());
     let dest = match host.parse::<std::net::IpAddr>() {
         Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
         Err(_) => Dest::Host(host.to_owned(), port),
@@ -272,7 +270,7 @@ impl Core {
     pub fn handle(&self, cfg: &Config, bytes: &[u8], source: Source) -> Dispatch {
         let framing = match source.proto {
             Proto::Udp => Framing::Datagram,
-            Proto::Tcp => Framing::Stream,
+            Proto::Tcp | Proto::Tls => Framing::Stream,
         };
         // Floods and banned sources: dropped unread and unanswered (Kamailio pike).
         if !self.security.allow(source.remote, self.clock.now()) {
@@ -983,13 +981,21 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
 
     #[test]
     fn secure_uris_are_never_sent_over_plain_transports() {
-        assert!(hop_for_uri("sips:bob@192.0.2.9").is_none());
-        assert!(hop_for_uri("sip:bob@192.0.2.9;transport=tls").is_none());
+        let sips = hop_for_uri("sips:bob@192.0.2.9").unwrap();
+        assert_eq!(sips.proto, Proto::Tls);
+        assert_eq!(sips.dest, Dest::Addr("192.0.2.9:5061".parse().unwrap()));
+        // Never in clear, whatever transport a sips: URI names.
+        let sips_tcp = hop_for_uri("sips:bob@192.0.2.9:5070;transport=tcp").unwrap();
+        assert_eq!(sips_tcp.proto, Proto::Tls);
+        let tls = hop_for_uri("sip:bob@example.net;transport=TLS").unwrap();
+        assert_eq!(tls.proto, Proto::Tls);
+        assert_eq!(tls.dest, Dest::Host("example.net".into(), 5061));
         let tcp = hop_for_uri("sip:bob@192.0.2.9;transport=TCP").unwrap();
         assert_eq!(tcp.proto, Proto::Tcp);
         assert_eq!(tcp.dest, Dest::Addr("192.0.2.9:5060".parse().unwrap()));
-        // In a dialog of ours, a sips: remote target is refused, not downgraded.
+        // In a dialog of ours, a sips: remote target is followed over TLS, not downgraded.
         let route = format!("Route: <{}>\r\n", signed("sip:127.0.0.1:5060;lr"));
-        assert_eq!(decide("BYE", "sips:bob@192.0.2.9", &route), Ok(Some(416)));
+        let plan = decide("BYE", "sips:bob@192.0.2.9", &route).expect_err("forwarded");
+        assert_eq!(plan.targets[0].proto, Proto::Tls);
     }
 }

@@ -281,6 +281,26 @@ impl Proxy {
         }
     }
 
+    /// Messages that could not be sent because no connection to `dest` could be opened
+    /// (RFC 3261 §8.1.3.1: a transport failure counts as a 503 from that hop): every request
+    /// of ours among them gets a locally made `503 Service Unavailable`, fed to its client
+    /// transaction like a received response, so that the branch ends now (or fails over)
+    /// instead of waiting for Timer B/F. Responses and ACKs have nobody waiting.
+    pub fn transport_failed(&self, proto: Proto, dest: SocketAddr, unsent: Vec<Vec<u8>>) {
+        for bytes in unsent {
+            let Some(resp) = transport_failure_response(&bytes, dest) else {
+                continue;
+            };
+            debug!(peer.addr = %dest, transport = proto.as_str(), "transport failure: 503 for the branch");
+            let source = Source {
+                proto,
+                remote: dest,
+                local: self.ctx.socket_for(proto),
+            };
+            self.on_response(resp, source);
+        }
+    }
+
     /// A 2xx retransmission after our transaction ended: pop our Via, send to the next —
     /// only if our branch's MAC binds it to that address. False when not forwarded.
     fn forward_stray(&self, resp: &Message) -> bool {
@@ -310,11 +330,11 @@ impl Proxy {
         if rw.pop_via().is_err() {
             return false;
         }
-        let proto = if next.is_reliable() {
+        let proto = Proto::from_token(next.transport).unwrap_or(if next.is_reliable() {
             Proto::Tcp
         } else {
             Proto::Udp
-        };
+        });
         let out = Transmit {
             proto,
             local: self.ctx.socket_for(proto),
@@ -450,6 +470,10 @@ impl Proxy {
         let mut dests = Vec::new();
         for (hop, dest) in plan.targets.iter().zip(resolved) {
             if let Some(d) = dest {
+                // RFC 5922 §4: a TLS hop's certificate must name the host we resolved.
+                if let (Proto::Tls, Dest::Host(host, _)) = (hop.proto, &hop.dest) {
+                    self.transports.set_tls_name(d, host);
+                }
                 kept.targets.push(hop.clone());
                 dests.push(d);
             }
@@ -928,6 +952,17 @@ async fn authorize(
     }
 }
 
+/// The 503 a request we sent gets when it could not be sent: `None` for what is not a
+/// request waiting for a response (a response, an ACK, bytes that do not parse).
+fn transport_failure_response(bytes: &[u8], dest: SocketAddr) -> Option<Message> {
+    let req = Message::parse(bytes, crate::sip::Framing::Datagram).ok()?;
+    if !req.is_request() || req.method() == Some("ACK") {
+        return None;
+    }
+    let resp = reply::response(&req, dest, 503, "Service Unavailable", &[]);
+    Message::parse(&resp, crate::sip::Framing::Datagram).ok()
+}
+
 /// Resolves the hops of a plan: addresses as they are, names through the system resolver
 /// (A/AAAA; NAPTR/SRV is not done). A name that does not resolve drops its branch.
 pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
@@ -945,4 +980,31 @@ pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_request_gets_a_503_for_its_own_branch() {
+        let dest: SocketAddr = "192.0.2.9:5061".parse().unwrap();
+        let req = b"INVITE sip:bob@192.0.2.9 SIP/2.0\r\n\
+Via: SIP/2.0/TLS 192.0.2.1:5061;branch=z9hG4bKours\r\n\
+Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bKcaller\r\n\
+From: <sip:a@example.com>;tag=1\r\nTo: <sip:bob@192.0.2.9>\r\nCall-ID: c1\r\n\
+CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let resp = transport_failure_response(req, dest).expect("a 503");
+        assert_eq!(resp.status(), Some(503));
+        let key = client_key(&resp).expect("matches a client transaction");
+        assert_eq!(key.branch, "z9hG4bKours");
+        assert_eq!(key.method, "INVITE");
+        let ack = String::from_utf8_lossy(req).replacen("INVITE", "ACK", 2);
+        assert!(transport_failure_response(ack.as_bytes(), dest).is_none());
+        let ok = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 192.0.2.1:5061;branch=z9hG4bKx\r\n\
+From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\nCall-ID: c1\r\n\
+CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        assert!(transport_failure_response(ok, dest).is_none());
+        assert!(transport_failure_response(b"garbage", dest).is_none());
+    }
 }

@@ -175,10 +175,9 @@ fn from_row(r: &AnyRow) -> Result<Binding, StoreError> {
         v.parse().map_err(|_| corrupt(format!("{col} = {v:?}")))
     };
     let transport = text(r, "transport")?;
-    let transport = match transport.as_str() {
-        "UDP" => Proto::Udp,
-        "TCP" => Proto::Tcp,
-        other => return Err(corrupt(format!("transport = {other:?}"))),
+    let transport = match Proto::from_token(&transport) {
+        Some(p) => p,
+        None => return Err(corrupt(format!("transport = {transport:?}"))),
     };
     let q: f64 = r.try_get("q")?;
     Ok(Binding {

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span};
 
+use super::send::Job;
+use super::tls::Tls;
 use super::{Limits, Proto, Receiver, Transports, tcp, udp};
 
 /// Receive buffer asked of the kernel for each UDP socket: a registration storm after a
@@ -19,19 +21,29 @@ const UDP_RCVBUF: usize = 4 << 20;
 /// Bound sockets, ready to run.
 pub struct Listeners {
     udp: Vec<Arc<UdpSocket>>,
-    tcp: Vec<TcpListener>,
+    /// `tcp:` and `tls:` listeners.
+    tcp: Vec<(Proto, TcpListener)>,
     local: Vec<(Proto, SocketAddr)>,
     transports: Arc<Transports>,
+    /// The connector's work, from [`Transports::send`].
+    jobs: mpsc::Receiver<Job>,
     limits: Limits,
 }
 
 impl Listeners {
-    /// Binds every socket of `listen`. Errors name the socket.
-    pub async fn bind(listen: &[(Proto, SocketAddr)], limits: Limits) -> io::Result<Self> {
+    /// Binds every socket of `listen`. Errors name the socket. `tls` serves `tls:`
+    /// listeners (one without a certificate is an error) and the connections we open over
+    /// TLS; without it, TLS sends fail (and are reported).
+    pub async fn bind(
+        listen: &[(Proto, SocketAddr)],
+        limits: Limits,
+        tls: Option<Tls>,
+    ) -> io::Result<Self> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut local = Vec::new();
-        let mut transports = Transports::new(limits.tcp_send_queue);
+        let has_acceptor = tls.as_ref().is_some_and(|t| t.acceptor.is_some());
+        let (mut transports, jobs) = Transports::new(limits, tls);
         for &(proto, addr) in listen {
             let ctx = |e: io::Error| {
                 let t = proto.as_str().to_lowercase();
@@ -45,10 +57,16 @@ impl Listeners {
                     udp.push(sock);
                     local.push((Proto::Udp, addr));
                 }
-                Proto::Tcp => {
+                Proto::Tcp | Proto::Tls => {
+                    if proto == Proto::Tls && !has_acceptor {
+                        return Err(ctx(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "no TLS certificate (tls.certificate, tls.private_key)",
+                        )));
+                    }
                     let listener = TcpListener::bind(addr).await.map_err(ctx)?;
-                    local.push((Proto::Tcp, listener.local_addr()?));
-                    tcp.push(listener);
+                    local.push((proto, listener.local_addr()?));
+                    tcp.push((proto, listener));
                 }
             }
         }
@@ -57,6 +75,7 @@ impl Listeners {
             tcp,
             local,
             transports: Arc::new(transports),
+            jobs,
             limits,
         })
     }
@@ -91,26 +110,33 @@ impl Listeners {
                 ));
             }
         }
-        let conns = Arc::new(tcp::ConnCount::default());
-        for listener in self.tcp {
+        let ctx = Arc::new(tcp::Ctx {
+            receiver: receiver.clone(),
+            transports: self.transports.clone(),
+            limits: self.limits,
+        });
+        let acceptor = self.transports.tls.as_ref().and_then(|t| t.acceptor.clone());
+        for (proto, listener) in self.tcp {
             let addr = listener.local_addr().ok();
-            info!(transport = "tcp", addr = %fmt_addr(addr), "listening");
-            let span = info_span!("tcp", local.addr = %fmt_addr(addr));
-            let ctx = Arc::new(tcp::Ctx {
-                listener,
-                receiver: receiver.clone(),
-                transports: self.transports.clone(),
-                limits: self.limits,
-                conns: conns.clone(),
-            });
-            let stop = shutdown.clone();
+            let name = proto.as_str().to_lowercase();
+            info!(transport = %name, addr = %fmt_addr(addr), "listening");
+            let span = info_span!("tcp", local.addr = %fmt_addr(addr), transport = %name);
+            let listener = Arc::new(listener);
+            let acceptor = (proto == Proto::Tls).then(|| acceptor.clone()).flatten();
+            let (ctx, stop) = (ctx.clone(), shutdown.clone());
             tasks.spawn(supervise(
                 "tcp_accept",
-                move || tcp::accept_loop(ctx.clone(), stop.clone()),
+                move || {
+                    tcp::accept_loop(listener.clone(), acceptor.clone(), ctx.clone(), stop.clone())
+                },
                 span,
                 shutdown.clone(),
             ));
         }
+        // The connector spawns a task per job: a panic in one cannot stop it.
+        tasks.spawn(
+            tcp::connector(self.jobs, ctx, shutdown.clone()).instrument(info_span!("connector")),
+        );
         while tasks.join_next().await.is_some() {}
     }
 }

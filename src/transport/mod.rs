@@ -5,13 +5,16 @@
 //! ```text
 //!   bind(listen, Limits) ─► Listeners::run(receiver) ─► Receiver::receive(bytes, Source)
 //!                                                      ▲
-//!   anyone ─► Transports::send(Transmit) ─► UDP socket / per-connection TCP queue (never waits)
+//!   anyone ─► Transports::send(Transmit) ─► UDP socket / per-connection TCP/TLS queue (never waits)
+//!                                            └► no connection yet: connect on demand (tcp.rs),
+//!                                               or Receiver::transport_failed
 //! ```
 
 pub mod framing;
 mod listen;
 mod send;
 mod tcp;
+pub mod tls;
 mod udp;
 
 use std::net::{IpAddr, SocketAddr};
@@ -25,20 +28,41 @@ pub use send::{TransportStats, Transports};
 pub enum Proto {
     Udp,
     Tcp,
+    /// TLS over TCP (RFC 3261 §26.2.1): framed like TCP.
+    Tls,
 }
 
 impl Proto {
-    /// The Via transport token (`UDP`, `TCP`).
+    /// The Via transport token (`UDP`, `TCP`, `TLS`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Udp => "UDP",
             Self::Tcp => "TCP",
+            Self::Tls => "TLS",
         }
     }
 
     /// Whether the transport delivers reliably (no retransmissions, RFC 3261 §17).
     pub fn is_reliable(self) -> bool {
-        self == Self::Tcp
+        match self {
+            Self::Udp => false,
+            Self::Tcp | Self::Tls => true,
+        }
+    }
+
+    /// The transport of a Via token (`UDP`, `TCP`, `TLS`, any case); `None` for others.
+    pub fn from_token(token: &str) -> Option<Self> {
+        [Self::Udp, Self::Tcp, Self::Tls]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(token))
+    }
+
+    /// The port a URI without one means (RFC 3263 §4.2: 5061 for TLS).
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Udp | Self::Tcp => 5060,
+            Self::Tls => 5061,
+        }
     }
 }
 
@@ -50,9 +74,9 @@ pub struct Source {
     pub local: SocketAddr,
 }
 
-/// A message to send. Over UDP it leaves from the socket bound to `local`; over TCP it goes
-/// through the connection to `dest` (RFC 3261 §18.2.2: responses use the connection the
-/// request came in on).
+/// A message to send. Over UDP it leaves from the socket bound to `local`; over TCP and TLS
+/// it goes through the connection to `dest` (RFC 3261 §18.2.2: responses use the connection
+/// the request came in on), which is opened when there is none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub proto: Proto,
@@ -70,6 +94,11 @@ pub trait Receiver: Send + Sync + 'static {
 
     /// Whether a TCP connection from `ip` may be accepted at all (banned sources are not).
     fn admit(&self, ip: IpAddr) -> bool;
+
+    /// A connection to `dest` could not be opened (refused, timed out, TLS handshake or
+    /// certificate failed, or a limit): `unsent` are the messages that were waiting for it,
+    /// never sent. Called on a task of the transport; it must not wait either.
+    fn transport_failed(&self, proto: Proto, dest: SocketAddr, unsent: Vec<Vec<u8>>);
 }
 
 /// What the transport layer is told by the configuration (`[server]`, `[limits]`).
@@ -88,6 +117,11 @@ pub struct Limits {
     pub tcp_message_timeout: Duration,
     /// A write must drain within this; also the kernel's TCP_USER_TIMEOUT.
     pub tcp_write_timeout: Duration,
-    /// Bytes queued per TCP connection at most; beyond, the connection is closed.
+    /// Bytes queued per TCP connection at most; beyond, the connection is closed. Also the
+    /// queue of a connection we are still opening.
     pub tcp_send_queue: usize,
+    /// A connection we open must be established within this (TLS: plus the handshake).
+    pub tcp_connect_timeout: Duration,
+    /// Connections we are opening at once, at most; beyond, a send fails at once.
+    pub tcp_connects: usize,
 }

@@ -1,39 +1,40 @@
-//! TCP: the accept loop and one task per connection. Messages are cut out of the stream by
+//! TCP and TLS: the accept loops, the connector (connections we open on demand), and one
+//! task per connection, whichever side opened it. Messages are cut out of the stream by
 //! [`super::framing`]; answers go back on the same connection (RFC 3261 §18.2.2), which is
-//! registered under the peer's address so that later requests to that flow reuse it.
+//! registered under its transport and the peer's address so that later messages to that
+//! flow reuse it (a phone registered over TLS is called over its own connection).
 //!
 //! What one peer can hold is bounded (`[limits]`): connections in total and per source IP,
 //! the time a message may take to arrive (slowloris), the bytes queued for a peer that does
 //! not read and the time a write may take. Writes never block the sender: they go into the
 //! connection's queue, and the connection's own writer task drains it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::framing::{Frame, FrameError, StreamFramer};
-use super::send::Conn;
-use super::{Limits, Proto, Receiver, Source, Transmit, Transports};
+use super::send::{Conn, Job};
+use super::{Limits, Proto, Receiver, Source, Transmit, Transports, tls};
 use crate::sip::{Framing, Message, reply};
 
-/// What an accept loop and its connections share.
+/// What the accept loops, the connector and every connection share.
 pub(super) struct Ctx {
-    pub(super) listener: TcpListener,
     pub(super) receiver: Arc<dyn Receiver>,
     pub(super) transports: Arc<Transports>,
     pub(super) limits: Limits,
-    pub(super) conns: Arc<ConnCount>,
 }
 
-/// Open connections, in total and per source IP.
+/// Open connections, in total and per peer IP.
 #[derive(Debug, Default)]
 pub(super) struct ConnCount {
     total: AtomicUsize,
@@ -41,14 +42,14 @@ pub(super) struct ConnCount {
 }
 
 /// One admitted connection; releases its place when dropped.
-struct Admitted {
+pub(super) struct Admitted {
     count: Arc<ConnCount>,
     ip: IpAddr,
 }
 
 impl ConnCount {
-    /// Takes a place for a connection from `ip`, unless a limit is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<Admitted> {
+    /// Takes a place for a connection from (or to) `ip`, unless a limit is reached.
+    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<Admitted> {
         if self.total.fetch_add(1, Relaxed) >= limits.tcp_connections {
             self.total.fetch_sub(1, Relaxed);
             return None;
@@ -77,19 +78,30 @@ impl Drop for Admitted {
     }
 }
 
-pub(super) async fn accept_loop(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
-    let local = match ctx.listener.local_addr() {
+/// Accepts on one `tcp:` or `tls:` listener (`acceptor` set) until shutdown.
+pub(super) async fn accept_loop(
+    listener: Arc<TcpListener>,
+    acceptor: Option<TlsAcceptor>,
+    ctx: Arc<Ctx>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let local = match listener.local_addr() {
         Ok(a) => a,
         Err(error) => {
             warn!(%error, "TCP listener has no local address; not accepting");
             return;
         }
     };
+    let proto = if acceptor.is_some() {
+        Proto::Tls
+    } else {
+        Proto::Tcp
+    };
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
-            r = ctx.listener.accept() => r,
+            r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, remote)) => {
@@ -97,7 +109,7 @@ pub(super) async fn accept_loop(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) 
                 if !ctx.receiver.admit(remote.ip()) {
                     continue;
                 }
-                let Some(place) = ctx.conns.admit(remote.ip(), &ctx.limits) else {
+                let Some(place) = ctx.transports.conns.admit(remote.ip(), &ctx.limits) else {
                     // Closed at once (dropped): the peer sees a reset, nothing is read.
                     ctx.transports.stats().tcp_refused.fetch_add(1, Relaxed);
                     crate::security_event!(
@@ -110,16 +122,43 @@ pub(super) async fn accept_loop(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) 
                 // The accepted socket knows which of our addresses the peer connected to,
                 // even on a wildcard listener.
                 let source = Source {
-                    proto: Proto::Tcp,
+                    proto,
                     remote,
                     local: stream.local_addr().unwrap_or(local),
                 };
-                let span = debug_span!("conn", peer.addr = %remote, local.addr = %local);
+                let span = debug_span!("conn", peer.addr = %remote, local.addr = %local, transport = proto.as_str());
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(
                     async move {
-                        connection(stream, source, &ctx, shutdown).await;
+                        tune(&stream, ctx.limits.tcp_write_timeout);
+                        match acceptor {
+                            None => accepted_conn(stream, source, &ctx, shutdown).await,
+                            Some(acceptor) => {
+                                let timeout = ctx
+                                    .transports
+                                    .tls
+                                    .as_ref()
+                                    .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+                                let stats = ctx.transports.stats();
+                                match tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                                {
+                                    Ok(Ok(tls)) => {
+                                        stats.tls_handshake_ok.fetch_add(1, Relaxed);
+                                        accepted_conn(tls, source, &ctx, shutdown).await;
+                                    }
+                                    Ok(Err(error)) => {
+                                        stats.tls_handshake_failed.fetch_add(1, Relaxed);
+                                        debug!(%error, "TLS handshake failed");
+                                    }
+                                    Err(_) => {
+                                        stats.tls_handshake_failed.fetch_add(1, Relaxed);
+                                        debug!("TLS handshake timed out");
+                                    }
+                                }
+                            }
+                        }
                         // The place is released when the connection is over (or its task
                         // panicked: the drop runs while unwinding).
                         drop(place);
@@ -139,6 +178,165 @@ pub(super) async fn accept_loop(ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) 
     }
 }
 
+/// Registers an accepted connection under its peer, then serves it.
+async fn accepted_conn<S>(stream: S, source: Source, ctx: &Ctx, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (conn, rx) = Conn::new();
+    ctx.transports
+        .register((source.proto, source.remote), conn.clone());
+    serve(stream, source, ctx, conn, rx, shutdown).await;
+}
+
+/// Runs the connector: starts every connection [`Transports::send`] asks for, and reports
+/// the messages that could not be sent. Each job runs in a task of its own, so a slow
+/// connect or a panicking report holds up nothing else.
+pub(super) async fn connector(
+    mut jobs: mpsc::Receiver<Job>,
+    ctx: Arc<Ctx>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let job = tokio::select! {
+            _ = shutdown.changed() => break,
+            j = jobs.recv() => match j {
+                Some(j) => j,
+                None => break,
+            },
+        };
+        match job {
+            Job::Connect {
+                proto,
+                dest,
+                conn,
+                rx,
+                place,
+            } => {
+                let span = debug_span!("conn", peer.addr = %dest, transport = proto.as_str(), outgoing = true);
+                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                tokio::spawn(
+                    async move {
+                        outgoing(proto, dest, conn, rx, &ctx, shutdown).await;
+                        drop(place);
+                    }
+                    .instrument(span),
+                );
+            }
+            Job::Failed {
+                proto,
+                dest,
+                unsent,
+            } => {
+                let ctx = ctx.clone();
+                tokio::spawn(
+                    async move { ctx.receiver.transport_failed(proto, dest, unsent) }
+                        .in_current_span(),
+                );
+            }
+        }
+    }
+}
+
+/// Releases a place in `limits.tcp_connects` when the connect is over, however it ends.
+struct Connecting<'a>(&'a Transports);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.connect_done();
+    }
+}
+
+/// Opens one connection (`limits.tcp_connect_timeout`; TLS: then the handshake, verifying
+/// the server's certificate against the hop's name), then serves it like an accepted one.
+/// On failure the queued messages are handed to [`Receiver::transport_failed`].
+async fn outgoing(
+    proto: Proto,
+    dest: SocketAddr,
+    conn: Conn,
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    ctx: &Ctx,
+    shutdown: watch::Receiver<bool>,
+) {
+    let t = &ctx.transports;
+    let connecting = Connecting(t);
+    let connected =
+        tokio::time::timeout(ctx.limits.tcp_connect_timeout, TcpStream::connect(dest)).await;
+    let stream = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => return failed(ctx, proto, dest, &conn, rx, &error.to_string()),
+        Err(_) => return failed(ctx, proto, dest, &conn, rx, "connect timed out"),
+    };
+    tune(&stream, ctx.limits.tcp_write_timeout);
+    let source = Source {
+        proto,
+        remote: dest,
+        local: stream.local_addr().unwrap_or(dest),
+    };
+    match (proto, &t.tls) {
+        (Proto::Tls, Some(tls)) => {
+            let name = t.tls_name(dest);
+            let server_name = tls::server_name(name.as_deref(), dest);
+            let hs = tokio::time::timeout(
+                tls.handshake_timeout,
+                tls.connector.connect(server_name, stream),
+            )
+            .await;
+            let stream = match hs {
+                Ok(Ok(s)) => s,
+                Ok(Err(error)) => {
+                    t.stats().tls_handshake_failed.fetch_add(1, Relaxed);
+                    let reason = format!(
+                        "TLS handshake with {}: {error}",
+                        name.as_deref().unwrap_or("(no name: the IP address)")
+                    );
+                    return failed(ctx, proto, dest, &conn, rx, &reason);
+                }
+                Err(_) => {
+                    t.stats().tls_handshake_failed.fetch_add(1, Relaxed);
+                    return failed(ctx, proto, dest, &conn, rx, "TLS handshake timed out");
+                }
+            };
+            t.stats().tls_handshake_ok.fetch_add(1, Relaxed);
+            t.stats().connect_ok.fetch_add(1, Relaxed);
+            drop(connecting);
+            debug!(name = name.as_deref(), "TLS connection open");
+            serve(stream, source, ctx, conn, rx, shutdown).await;
+        }
+        (Proto::Tls, None) => failed(ctx, proto, dest, &conn, rx, "TLS is not available"),
+        (Proto::Tcp | Proto::Udp, _) => {
+            t.stats().connect_ok.fetch_add(1, Relaxed);
+            drop(connecting);
+            serve(stream, source, ctx, conn, rx, shutdown).await;
+        }
+    }
+}
+
+/// A connection could not be opened: forget it, log once per second, and hand what waited
+/// for it to the receiver.
+fn failed(
+    ctx: &Ctx,
+    proto: Proto,
+    dest: SocketAddr,
+    conn: &Conn,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    reason: &str,
+) {
+    let t = &ctx.transports;
+    t.stats().connect_failed.fetch_add(1, Relaxed);
+    t.unregister((proto, dest), &conn.tx);
+    rx.close();
+    let mut unsent = Vec::new();
+    while let Ok(bytes) = rx.try_recv() {
+        unsent.push(bytes);
+    }
+    static LOG: crate::log::LogLimit = crate::log::LogLimit::new();
+    if let Some(suppressed) = LOG.allow() {
+        warn!(peer.addr = %dest, transport = proto.as_str(), reason, unsent = unsent.len(), suppressed, "connection failed");
+    }
+    ctx.receiver.transport_failed(proto, dest, unsent);
+}
+
 /// Keepalive probes and a bound on unacknowledged data, so that a peer that vanished (or
 /// stopped reading) is noticed by the kernel too.
 fn tune(stream: &TcpStream, write_timeout: Duration) {
@@ -156,23 +354,22 @@ fn tune(stream: &TcpStream, write_timeout: Duration) {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Serves one registered connection (TCP or TLS, accepted or opened) until it closes.
+async fn serve<S>(
+    stream: S,
     source: Source,
     ctx: &Ctx,
+    conn: Conn,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let limits = &ctx.limits;
-    tune(&stream, limits.tcp_write_timeout);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let conn = Conn {
-        tx: tx.clone(),
-        queued: Arc::new(AtomicUsize::new(0)),
-        close: Arc::new(Notify::new()),
-    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let tx = conn.tx.clone();
     let transports = &ctx.transports;
-    transports.register_tcp(source.remote, conn.clone());
+    let key = (source.proto, source.remote);
     debug!("connection open");
 
     let write_timeout = limits.tcp_write_timeout;
@@ -182,7 +379,12 @@ async fn connection(
         async move {
             while let Some(bytes) = rx.recv().await {
                 let len = bytes.len();
-                match tokio::time::timeout(write_timeout, wr.write_all(&bytes)).await {
+                // TLS: the flush pushes the records out of the session's buffer.
+                let write = async {
+                    wr.write_all(&bytes).await?;
+                    wr.flush().await
+                };
+                match tokio::time::timeout(write_timeout, write).await {
                     Ok(Ok(())) => {
                         queued.fetch_sub(len, Relaxed);
                     }
@@ -206,7 +408,6 @@ async fn connection(
         }
         .in_current_span(),
     );
-
     let idle = limits.tcp_idle_timeout;
     let message_timeout = limits.tcp_message_timeout;
     let mut framer = StreamFramer::new(limits.max_message_size);
@@ -260,7 +461,7 @@ async fn connection(
                     // RFC 5626 §4.4.1: answer a CRLFCRLF ping with a CRLF pong.
                     idle_deadline = Instant::now() + idle;
                     transports.send(Transmit {
-                        proto: Proto::Tcp,
+                        proto: source.proto,
                         local: source.local,
                         dest: source.remote,
                         bytes: b"\r\n".to_vec(),
@@ -281,7 +482,7 @@ async fn connection(
                             let bytes =
                                 reply::response(&msg, source.remote, 513, "Message Too Large", &[]);
                             transports.send(Transmit {
-                                proto: Proto::Tcp,
+                                proto: source.proto,
                                 local: source.local,
                                 dest: source.remote,
                                 bytes,
@@ -303,7 +504,7 @@ async fn connection(
             (_, None) => Some(Instant::now() + message_timeout),
         };
     }
-    transports.unregister_tcp(source.remote, &tx);
+    transports.unregister(key, &tx);
     drop(tx);
     drop(conn);
     // The writer gets what was queued before the close (a 513, say), bounded by its timeout.
@@ -326,6 +527,8 @@ mod tests {
             tcp_message_timeout: secs,
             tcp_write_timeout: secs,
             tcp_send_queue: 1 << 16,
+            tcp_connect_timeout: secs,
+            tcp_connects: 8,
         }
     }
 

@@ -21,6 +21,8 @@ pub(crate) const WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct TestServer {
     pub(crate) udp: SocketAddr,
     pub(crate) tcp: SocketAddr,
+    /// The `tls:` listener, when the server was started with one ([`TestServer::start_tls`]).
+    pub(crate) tls: Option<SocketAddr>,
     pub(crate) store: Store,
     pub(crate) location: Arc<WriteThrough>,
     pub(crate) proxy: Arc<sipedge::proxy::stateful::Proxy>,
@@ -35,6 +37,8 @@ pub(crate) struct TestServer {
     pub(crate) reloader: sipedge::app::Reloader,
     /// The `server.listen` UDP entry the server started with (a reload writes it again).
     listen_udp: String,
+    /// More `server.listen` entries (quoted, comma-separated), after the UDP and TCP ones.
+    listen_extra: String,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -46,15 +50,38 @@ impl TestServer {
         Self::start_on(&fresh_db(), "127.0.0.1:0", server_extra, extra).await
     }
 
+    /// Starts a server like [`TestServer::start`], with a `tls:127.0.0.1:0` listener too
+    /// (`extra` must then hold a `[tls]` table with its certificate).
+    pub(crate) async fn start_tls(server_extra: &str, extra: &str) -> Self {
+        Self::start_with(
+            &fresh_db(),
+            "127.0.0.1:0",
+            ", \"tls:127.0.0.1:0\"",
+            server_extra,
+            extra,
+        )
+        .await
+    }
+
     /// Starts a server on a given database and UDP address (to restart on the same ones).
     pub(crate) async fn start_on(db_url: &str, udp: &str, server_extra: &str, extra: &str) -> Self {
+        Self::start_with(db_url, udp, "", server_extra, extra).await
+    }
+
+    async fn start_with(
+        db_url: &str,
+        udp: &str,
+        listen_extra: &str,
+        server_extra: &str,
+        extra: &str,
+    ) -> Self {
         // RUST_LOG=sipedge=debug shows the server's log in a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let listen_udp = udp.to_owned();
-        let text = config_text(udp, db_url, server_extra, extra);
+        let text = config_text(udp, listen_extra, db_url, server_extra, extra);
         let cfg = Config::from_toml(&text, || "127.0.0.1".parse().unwrap()).unwrap();
         let app = sipedge::app::build(Arc::new(cfg), Arc::new(SystemClock))
             .await
@@ -68,6 +95,12 @@ impl TestServer {
                 .unwrap()
         };
         let (udp, tcp) = (addr(Proto::Udp), addr(Proto::Tcp));
+        let tls = app
+            .server
+            .local_addrs()
+            .iter()
+            .find(|(proto, _)| *proto == Proto::Tls)
+            .map(|(_, a)| *a);
         let (stop, rx) = watch::channel(false);
         let control = app
             .control
@@ -78,6 +111,7 @@ impl TestServer {
         Self {
             udp,
             tcp,
+            tls,
             store: app.store,
             location: app.location,
             proxy: app.proxy,
@@ -88,6 +122,7 @@ impl TestServer {
             db_url: db_url.to_owned(),
             reloader: app.reloader,
             listen_udp,
+            listen_extra: listen_extra.to_owned(),
             stop,
             task: Some(task),
         }
@@ -100,7 +135,13 @@ impl TestServer {
         server_extra: &str,
         extra: &str,
     ) -> Result<sipedge::app::Reloaded, sipedge::config::ConfigError> {
-        let text = config_text(&self.listen_udp, &self.db_url, server_extra, extra);
+        let text = config_text(
+            &self.listen_udp,
+            &self.listen_extra,
+            &self.db_url,
+            server_extra,
+            extra,
+        );
         self.reload_text(&text).await
     }
 
@@ -145,9 +186,15 @@ impl TestServer {
 }
 
 /// The configuration file of a test server.
-fn config_text(udp: &str, db_url: &str, server_extra: &str, extra: &str) -> String {
+fn config_text(
+    udp: &str,
+    listen_extra: &str,
+    db_url: &str,
+    server_extra: &str,
+    extra: &str,
+) -> String {
     format!(
-        "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"]\n\
+        "[server]\nlisten = [\"udp:{udp}\", \"tcp:127.0.0.1:0\"{listen_extra}]\n\
          domains = [\"example.com\"]\n{server_extra}\n[database]\nurl = \"{db_url}\"\n\
          [control]\nlisten = \"127.0.0.1:0\"\n{extra}"
     )

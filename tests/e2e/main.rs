@@ -18,4 +18,5 @@ mod registrar;
 mod reload;
 mod security;
 mod store;
+mod tls;
 mod transport;
