@@ -75,6 +75,8 @@ pub struct RawConfig {
     pub security: RawSecurity,
     #[serde(default)]
     pub control: RawControl,
+    #[serde(default)]
+    pub dns: RawDns,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -363,14 +365,69 @@ pub struct RawRoute {
     pub name: String,
     /// Regular expression matched against the Request-URI user part.
     pub user: String,
-    /// `host[:port]` of the next hop (port default 5060).
-    pub next_hop: String,
+    /// The next hop: `host`, `host:port` or a `sip:` URI (with `;transport=`), or a list of
+    /// them tried in order (failover). A name without a port is resolved per RFC 3263
+    /// (NAPTR, SRV, then A/AAAA on 5060).
+    pub next_hop: RawNextHops,
+    /// Milliseconds a next hop may stay silent (not even a 100) before the next one in the
+    /// list (or the next SRV target) is tried; only when one remains. Default 2000.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub failover_timeout_ms: u64,
     /// Require proxy authentication and From user = authenticated user. Default false.
     #[serde(default)]
     pub auth: bool,
     /// "always" | "nat" | "never". Default "nat".
     #[serde(default = "default_media_mode")]
     pub media: MediaMode,
+}
+
+/// `[[route]].next_hop`: one next hop or a list (serde untagged).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawNextHops {
+    One(String),
+    List(Vec<String>),
+}
+
+impl RawNextHops {
+    fn items(&self) -> &[String] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::List(v) => v,
+        }
+    }
+}
+
+/// `[dns]`: the resolver of next hops (RFC 3263).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// Name servers, `ip` or `ip:port` (port 53). Default: empty = the system's
+    /// (/etc/resolv.conf).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Milliseconds a query waits for an answer before it is tried again. Default 2000.
+    #[serde(default = "default_dns_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Tries per query and server. Default 2.
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: usize,
+    /// Answers kept in the cache (each for its TTL). Default 1024.
+    #[serde(default = "default_dns_cache_size")]
+    pub cache_size: u64,
+}
+
+fn default_failover_timeout_ms() -> u64 {
+    2000
+}
+fn default_dns_timeout_ms() -> u64 {
+    2000
+}
+fn default_dns_attempts() -> usize {
+    2
+}
+fn default_dns_cache_size() -> u64 {
+    1024
 }
 
 /// Policy for out-of-dialog requests to domains that are not ours.
@@ -562,7 +619,8 @@ default_via_serde!(
     RawAuth,
     RawNat,
     RawMedia,
-    RawSecurity
+    RawSecurity,
+    RawDns
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -615,10 +673,91 @@ impl PortRange {
 pub struct Route {
     pub name: String,
     pub user: Regex,
-    pub next_hop_host: String,
-    pub next_hop_port: u16,
+    /// At least one; tried in this order.
+    pub next_hops: Vec<NextHop>,
+    /// `failover_timeout_ms`: a silent next hop is left for the next one after this.
+    pub failover_timeout: Duration,
     pub auth: bool,
     pub media: MediaMode,
+}
+
+/// One `[[route]].next_hop` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// A name or an IP address (IPv6 without brackets).
+    pub host: String,
+    /// `None`: RFC 3263 picks it (SRV for a name, 5060 for an address).
+    pub port: Option<u16>,
+    /// `;transport=` of a `sip:` URI; `None`: NAPTR/SRV pick it, else UDP.
+    pub transport: Option<Proto>,
+}
+
+impl NextHop {
+    /// Parses `host`, `host:port`, `[v6]:port` or `sip:host[:port][;transport=udp|tcp]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("sips:") {
+            // TLS arrives with `Proto::Tls` (issue #13, another branch): until then a `sips:`
+            // next hop would go in clear, so it is refused here.
+            return Err(format!("{s:?}: sips: needs TLS, which is not available"));
+        }
+        if lower.starts_with("sip:") {
+            let uri = crate::sip::SipUri::parse(s).map_err(|_| format!("{s:?} is not a SIP URI"))?;
+            let transport = match uri.transport() {
+                None => None,
+                Some(t) if t.eq_ignore_ascii_case("udp") => Some(Proto::Udp),
+                Some(t) if t.eq_ignore_ascii_case("tcp") => Some(Proto::Tcp),
+                Some(t) => return Err(format!("{s:?}: transport {t:?} is not udp or tcp")),
+            };
+            if uri.port == Some(0) {
+                return Err(format!("{s:?}: 0 is not a port"));
+            }
+            let (host, _) = split_host_port(uri.host)?;
+            return Ok(Self {
+                host,
+                port: uri.port,
+                transport,
+            });
+        }
+        let (host, port) = split_host_port(s)?;
+        Ok(Self {
+            host,
+            port,
+            transport: None,
+        })
+    }
+
+    /// The IP address, when the host is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        if let Some(t) = self.transport {
+            write!(f, ";transport={}", t.as_str().to_ascii_lowercase())?;
+        }
+        Ok(())
+    }
+}
+
+/// `[dns]`, validated.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Empty: the system's name servers.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub attempts: usize,
+    pub cache_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -792,6 +931,7 @@ pub struct Config {
     pub security: SecurityConfig,
     /// The control endpoint's address (loopback), `None` = off.
     pub control: Option<SocketAddr>,
+    pub dns: DnsConfig,
     pub routes: Vec<Route>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
@@ -1160,13 +1300,30 @@ impl Config {
             let user = Regex::new(&r.user).map_err(|e| {
                 invalid("route.user", format!("route {:?}: bad regex: {e}", r.name))
             })?;
-            let (host, port) = parse_host_port(&r.next_hop)
+            let next_hops = r
+                .next_hop
+                .items()
+                .iter()
+                .map(|h| NextHop::parse(h))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid("route.next_hop", format!("route {:?}: {e}", r.name)))?;
+            if next_hops.is_empty() {
+                return Err(invalid(
+                    "route.next_hop",
+                    format!("route {:?}: the list is empty", r.name),
+                ));
+            }
+            if r.failover_timeout_ms == 0 {
+                return Err(invalid(
+                    "route.failover_timeout_ms",
+                    format!("route {:?}: must be at least 1", r.name),
+                ));
+            }
             routes.push(Route {
                 name: r.name.clone(),
                 user,
-                next_hop_host: host,
-                next_hop_port: port,
+                next_hops,
+                failover_timeout: Duration::from_millis(r.failover_timeout_ms),
                 auth: r.auth,
                 media: r.media,
             });
@@ -1174,6 +1331,7 @@ impl Config {
 
         let limits = LimitsConfig::validate(&raw.limits, server.max_message_size)?;
         let control = validate_control(&raw.control)?;
+        let dns = validate_dns(&raw.dns)?;
 
         // Record the derived values so that `check-config` shows what will run.
         raw.server.advertise = Some(server.advertise.to_string());
@@ -1191,6 +1349,7 @@ impl Config {
             limits,
             security,
             control,
+            dns,
             routes,
             advertise_source,
             effective: raw,
@@ -1504,6 +1663,49 @@ fn parse_port_range(s: &str) -> Result<PortRange, String> {
     Ok(PortRange { min, max })
 }
 
+/// `[dns]` → [`DnsConfig`].
+fn validate_dns(d: &RawDns) -> Result<DnsConfig, ConfigError> {
+    let mut servers = Vec::with_capacity(d.servers.len());
+    for s in &d.servers {
+        let addr = match s.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "dns.servers",
+                    format!("{s:?} is not ip or ip:port (IPv6 as [addr]:port)"),
+                )
+            })?,
+        };
+        servers.push(addr);
+    }
+    if d.timeout_ms == 0 {
+        return Err(invalid("dns.timeout_ms", "must be at least 1"));
+    }
+    if d.attempts == 0 {
+        return Err(invalid("dns.attempts", "must be at least 1"));
+    }
+    Ok(DnsConfig {
+        servers,
+        timeout: Duration::from_millis(d.timeout_ms),
+        attempts: d.attempts,
+        cache_size: d.cache_size,
+    })
+}
+
+/// `host`, `host:port` or `[v6]:port` with the port optional.
+fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+    if !s.starts_with('[') && s.matches(':').count() > 1 {
+        // A bare IPv6 address (as SipUri gives it, brackets removed).
+        return s
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| (s.to_owned(), None))
+            .map_err(|_| format!("{s:?} is not host[:port]"));
+    }
+    let explicit = s.starts_with('[') && s.contains("]:") || !s.starts_with('[') && s.contains(':');
+    let (host, port) = parse_host_port(s)?;
+    Ok((host, explicit.then_some(port)))
+}
+
 fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(v6) = s.strip_prefix('[') {
         let (h, rest) = v6
@@ -1727,6 +1929,7 @@ mod tests {
             "media",
             "limits",
             "security",
+            "dns",
         ] {
             let text = format!("[{table}]\nbogus_key = 1\n");
             assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");
@@ -1865,7 +2068,7 @@ mod tests {
         );
         let c = &r.config;
         // Live: the new values.
-        assert_eq!(c.routes[0].next_hop_host, "10.0.0.2");
+        assert_eq!(c.routes[0].next_hops[0].host, "10.0.0.2");
         assert_eq!(c.server.relay_foreign, RelayForeign::Deny);
         assert_eq!(c.server.log_level.as_deref(), Some("debug"));
         assert_eq!(c.nat.ping_interval, Some(Duration::from_secs(10)));

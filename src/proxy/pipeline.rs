@@ -107,6 +107,10 @@ pub struct Plan {
     /// The accounting name of the route an initial INVITE took (the `cdr` table's `route`):
     /// the `[[route]]` name, "location" or "foreign"; `None` for every other request.
     pub route: Option<String>,
+    /// `[[route]].failover_timeout_ms`: a branch whose next hop sends nothing at all (not
+    /// even a 100) for this long moves to its next alternate, if one remains. `None`: only a
+    /// 503, a timeout or a transport error moves it.
+    pub failover_timeout: Option<std::time::Duration>,
 }
 
 /// One branch before name resolution.
@@ -119,13 +123,37 @@ pub struct Hop {
     /// The callee's NAT binding when it differs from its Contact, recorded in our
     /// Record-Route (`;fe=`).
     pub flow: Option<Flow>,
+    /// The hops tried in turn when this one fails (a `[[route]]`'s later next hops): a 503, a
+    /// timeout or an unreachable hop moves the branch on (README "Next hops and failover").
+    pub failover: Vec<Hop>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
     Addr(SocketAddr),
+    /// A name with a port: A/AAAA only (RFC 3263 §4.2).
     Host(String, u16),
+    /// A name without a port: NAPTR, SRV, then A/AAAA on 5060 (RFC 3263 §4); `transport` is
+    /// the URI's `;transport=` (`None`: NAPTR/SRV choose, else UDP).
+    Name {
+        host: String,
+        transport: Option<Proto>,
+    },
+}
+
+impl Dest {
+    /// The destination of `host[:port]` with an explicit `transport` or none.
+    pub fn of(host: &str, port: Option<u16>, transport: Option<Proto>) -> Self {
+        match (host.parse::<std::net::IpAddr>(), port) {
+            (Ok(ip), p) => Self::Addr(SocketAddr::new(ip, p.unwrap_or(5060))),
+            (Err(_), Some(p)) => Self::Host(host.to_owned(), p),
+            (Err(_), None) => Self::Name {
+                host: host.to_owned(),
+                transport,
+            },
+        }
+    }
 }
 
 /// Why proxy authentication is required.
@@ -138,31 +166,29 @@ pub enum AuthNeed {
     Foreign,
 }
 
-/// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
-/// 5060, transport parameter). `None` for what we cannot reach as asked: a `sips:` URI or
-/// `transport=tls` needs TLS, which sipedge does not speak yet, and sending it over plain TCP
-/// would silently drop the security the sender asked for (answered 416).
+/// The next hop of a SIP URI (RFC 3263 §4: `maddr`, else host; port; transport parameter; a
+/// name without a port is resolved through NAPTR/SRV by the shell). `None` for what we cannot
+/// reach as asked: a `sips:` URI or `transport=tls` needs TLS, which sipedge does not speak
+/// yet, and sending it over plain TCP would silently drop the security the sender asked for
+/// (answered 416).
 pub fn hop_for_uri(text: &str) -> Option<Hop> {
     let uri = SipUri::parse(text).ok()?;
     if uri.secure {
         return None;
     }
-    let proto = match uri.transport() {
-        Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
+    let transport = match uri.transport() {
+        Some(t) if t.eq_ignore_ascii_case("tcp") => Some(Proto::Tcp),
         Some(t) if t.eq_ignore_ascii_case("tls") => return None,
-        _ => Proto::Udp,
+        Some(t) if t.eq_ignore_ascii_case("udp") => Some(Proto::Udp),
+        _ => None,
     };
     let host = uri.param("maddr").unwrap_or(uri.host);
-    let port = uri.port.unwrap_or(5060);
-    let dest = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
-        Err(_) => Dest::Host(host.to_owned(), port),
-    };
     Some(Hop {
         ruri: None,
-        dest,
-        proto,
+        dest: Dest::of(host, uri.port, transport),
+        proto: transport.unwrap_or(Proto::Udp),
         flow: None,
+        failover: Vec::new(),
     })
 }
 
@@ -385,6 +411,7 @@ impl Core {
                     sender_nated,
                     media: None,
                     route: None,
+                    failover_timeout: None,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -486,17 +513,27 @@ impl Core {
         // The [[route]] rules, first match wins (the seed's extension/PSTN routing).
         if let Some(rule) = cfg.routes.iter().find(|r| r.user.is_match(user)) {
             debug!(route = %rule.name, user, "route matched");
+            // The next hops in order: the first is the branch, the others its failover.
+            let mut hops = rule.next_hops.iter().map(|h| Hop {
+                // The seed's rewritehostport: the next hop sees itself in the Request-URI (an
+                // address without a port gets 5060 written, as before; a name without one
+                // stays without, so the next hop may use SRV too).
+                ruri: Some(uri.with_host(
+                    &h.host,
+                    h.port.or_else(|| h.ip().map(|_| 5060)),
+                )),
+                dest: Dest::of(&h.host, h.port, h.transport),
+                proto: h.transport.unwrap_or(Proto::Udp),
+                flow: None,
+                failover: Vec::new(),
+            });
+            // Config validation gives every route at least one next hop.
+            let Some(mut first) = hops.next() else {
+                return reply(500, "Server Internal Error");
+            };
+            first.failover = hops.collect();
             return Routed::Forward(Box::new(Plan {
-                targets: vec![Hop {
-                    // The seed's rewritehostport: the next hop sees itself in the Request-URI.
-                    ruri: Some(uri.with_hostport(&rule.next_hop_host, rule.next_hop_port)),
-                    dest: match rule.next_hop_host.parse::<std::net::IpAddr>() {
-                        Ok(ip) => Dest::Addr(SocketAddr::new(ip, rule.next_hop_port)),
-                        Err(_) => Dest::Host(rule.next_hop_host.clone(), rule.next_hop_port),
-                    },
-                    proto: Proto::Udp,
-                    flow: None,
-                }],
+                targets: vec![first],
                 record_route,
                 pop_route,
                 strict_route: false,
@@ -507,6 +544,7 @@ impl Core {
                 sender_nated,
                 media: (method == "INVITE").then_some(rule.media),
                 route: (method == "INVITE").then(|| rule.name.clone()),
+                failover_timeout: Some(rule.failover_timeout),
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -544,6 +582,7 @@ impl Core {
                         dest: Dest::Addr(b.received),
                         proto: b.transport,
                         flow,
+                        failover: Vec::new(),
                     }
                 })
                 .collect(),
@@ -557,6 +596,7 @@ impl Core {
             sender_nated,
             media: (method == "INVITE").then_some(cfg.media.mode),
             route: (method == "INVITE").then(|| "location".to_owned()),
+            failover_timeout: None,
         }))
     }
 
