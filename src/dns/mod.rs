@@ -16,7 +16,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use self::select::{Naptr, SplitMix, Srv, Step};
 use crate::config::DnsConfig;
@@ -70,7 +70,17 @@ impl Resolver {
     pub fn new(cfg: &DnsConfig) -> Result<Self, DnsError> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if cfg.servers.is_empty() {
-            TokioResolver::builder(provider).map_err(|e| DnsError::Setup(e.to_string()))?
+            match TokioResolver::builder(provider.clone()) {
+                Ok(b) => b,
+                Err(error) => {
+                    // A host without /etc/resolv.conf still serves addresses; names fail.
+                    warn!(%error, "cannot read the system's DNS configuration: next hops by name will not resolve (set [dns] servers)");
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(Vec::new()),
+                        provider,
+                    )
+                }
+            }
         } else {
             let servers = cfg
                 .servers
