@@ -702,7 +702,8 @@ impl NextHop {
             return Err(format!("{s:?}: sips: needs TLS, which is not available"));
         }
         if lower.starts_with("sip:") {
-            let uri = crate::sip::SipUri::parse(s).map_err(|_| format!("{s:?} is not a SIP URI"))?;
+            let uri =
+                crate::sip::SipUri::parse(s).map_err(|_| format!("{s:?} is not a SIP URI"))?;
             let transport = match uri.transport() {
                 None => None,
                 Some(t) if t.eq_ignore_ascii_case("udp") => Some(Proto::Udp),

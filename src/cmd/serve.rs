@@ -191,13 +191,12 @@ async fn unresolved_next_hops(cfg: &Config, wait: Duration) -> Vec<(String, Stri
     for (i, h) in hops.iter().cloned().enumerate() {
         let dns = dns.clone();
         set.spawn(async move {
-            let why = match tokio::time::timeout(wait, dns.resolve(&h.host, h.port, h.transport))
-                .await
-            {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within {wait:?}")),
-            };
+            let why =
+                match tokio::time::timeout(wait, dns.resolve(&h.host, h.port, h.transport)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {wait:?}")),
+                };
             (i, why)
         });
     }

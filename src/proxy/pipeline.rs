@@ -125,7 +125,7 @@ pub struct Hop {
     pub flow: Option<Flow>,
     /// The hops tried in turn when this one fails (a `[[route]]`'s later next hops): a 503, a
     /// timeout or an unreachable hop moves the branch on (README "Next hops and failover").
-    pub failover: Vec<Hop>,
+    pub failover: Vec<Self>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
@@ -518,10 +518,7 @@ impl Core {
                 // The seed's rewritehostport: the next hop sees itself in the Request-URI (an
                 // address without a port gets 5060 written, as before; a name without one
                 // stays without, so the next hop may use SRV too).
-                ruri: Some(uri.with_host(
-                    &h.host,
-                    h.port.or_else(|| h.ip().map(|_| 5060)),
-                )),
+                ruri: Some(uri.with_host(&h.host, h.port.or_else(|| h.ip().map(|_| 5060)))),
                 dest: Dest::of(&h.host, h.port, h.transport),
                 proto: h.transport.unwrap_or(Proto::Udp),
                 flow: None,

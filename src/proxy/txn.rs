@@ -519,9 +519,10 @@ impl ProxyTxn {
     /// Whether branch `idx` may move to its next alternate now: one remains, the caller has
     /// not cancelled, the branch is not being cancelled, and no final went upstream.
     fn can_fail_over(&self, idx: usize) -> bool {
-        self.branches.get(idx).is_some_and(|b| {
-            !b.alternates.is_empty() && !b.cancel_pending && b.cancel.is_none()
-        }) && !self.cancelled
+        self.branches
+            .get(idx)
+            .is_some_and(|b| !b.alternates.is_empty() && !b.cancel_pending && b.cancel.is_none())
+            && !self.cancelled
             && self.server.final_status().is_none()
     }
 
@@ -529,7 +530,13 @@ impl ProxyTxn {
     /// it still owes an ACK and absorbs retransmissions of the final it got) or dropped
     /// quietly (nothing was received, so there is nothing to CANCEL or ACK), and its key is
     /// unbound then. False when no alternate remains.
-    fn fail_over(&mut self, idx: usize, reason: FailoverReason, retire: bool, now: Instant) -> bool {
+    fn fail_over(
+        &mut self,
+        idx: usize,
+        reason: FailoverReason,
+        retire: bool,
+        now: Instant,
+    ) -> bool {
         if !self.can_fail_over(idx) {
             return false;
         }
@@ -605,7 +612,10 @@ impl ProxyTxn {
                 if let Some(b) = self.branches.get_mut(idx) {
                     // A response to an earlier attempt (a retransmitted 503) goes to the
                     // client transaction that is finishing it.
-                    let via = resp.top_via().ok().and_then(|v| v.branch().map(str::to_owned));
+                    let via = resp
+                        .top_via()
+                        .ok()
+                        .and_then(|v| v.branch().map(str::to_owned));
                     if !cancel
                         && let Some(r) = b
                             .retired

@@ -1226,11 +1226,19 @@ fn a_503_moves_the_branch_to_its_next_alternate() {
     let (mut h, bob) = invite_with_alternate(None);
     h.at(400);
     let sent = h.answer(0, false, &bob.msg, 503);
-    assert_eq!(sent.len(), 2, "the ACK to BOB and the INVITE to CAROL: {sent:?}");
+    assert_eq!(
+        sent.len(),
+        2,
+        "the ACK to BOB and the INVITE to CAROL: {sent:?}"
+    );
     assert_hop_request(&sent[one_idx(to(&sent, BOB))], "ACK", &bob, BOB);
     let carol = &sent[one_idx(to(&sent, CAROL))];
     let branch = assert_forwarded(carol, CAROL);
-    assert_ne!(branch, bob.branch(), "a new client transaction, a new Via branch");
+    assert_ne!(
+        branch,
+        bob.branch(),
+        "a new client transaction, a new Via branch"
+    );
     assert_eq!(carol.cseq(), (1, "INVITE".to_owned()));
     assert_eq!(
         h.take_events(),
@@ -1319,7 +1327,11 @@ fn a_silent_next_hop_is_left_after_the_failover_timeout() {
     let mut log = Vec::new();
     while !log.iter().any(|(_, d, _)| *d == addr(CAROL)) {
         for s in h.fire().expect("Timer A or the failover timer") {
-            log.push((h.elapsed().as_millis(), s.tx.dest, s.method().map(str::to_owned)));
+            log.push((
+                h.elapsed().as_millis(),
+                s.tx.dest,
+                s.method().map(str::to_owned),
+            ));
         }
     }
     let invite = Some("INVITE".to_owned());
@@ -1332,18 +1344,21 @@ fn a_silent_next_hop_is_left_after_the_failover_timeout() {
         ]
     );
     let events = h.take_events();
-    assert_eq!(events[..2], [
-        Event::Unbind(key(&bob.branch(), "INVITE")),
-        failover_event(BOB, CAROL, FailoverReason::Silent),
-    ]);
+    assert_eq!(
+        events[..2],
+        [
+            Event::Unbind(key(&bob.branch(), "INVITE")),
+            failover_event(BOB, CAROL, FailoverReason::Silent),
+        ]
+    );
     // BOB's retransmissions stopped: everything after goes to CAROL (the last, so no
     // failover timer now) until her Timer B.
     let rest = h.run_out();
     assert!(rest.iter().all(|(_, s)| s.tx.dest != addr(BOB)), "{rest:?}");
     assert!(
-        rest.iter()
-            .any(|(at, s)| s.tx.dest == addr(CALLER) && s.status() == Some(408)
-                && *at == Duration::from_secs(34)),
+        rest.iter().any(|(at, s)| s.tx.dest == addr(CALLER)
+            && s.status() == Some(408)
+            && *at == Duration::from_secs(34)),
         "408 at 2 s + 64·T1: {rest:?}"
     );
 }
@@ -1363,11 +1378,18 @@ fn no_failover_after_the_caller_cancelled() {
     h.at(100);
     assert_upstream(&one(h.input(Input::Cancel)), 487);
     // The failover timer is off, and a 503 now is only ACKed.
-    assert!(h.t.poll_timeout().is_some_and(|d| d - h.t0 == Duration::from_millis(500)));
+    assert!(
+        h.t.poll_timeout()
+            .is_some_and(|d| d - h.t0 == Duration::from_millis(500))
+    );
     h.at(300);
     let sent = h.answer(0, false, &bob.msg, 503);
     assert_hop_request(&one(sent), "ACK", &bob, BOB);
-    assert!(!h.take_events().iter().any(|e| matches!(e, Event::Failover { .. })));
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { .. }))
+    );
 }
 
 #[test]
@@ -1392,7 +1414,11 @@ fn no_failover_after_a_final_went_upstream() {
     let out = h.answer(0, false, &sent[bob].msg, 503);
     assert!(to(&out, CAROL).is_empty(), "{out:?}");
     assert_hop_request(&out[one_idx(to(&out, BOB))], "ACK", &sent[bob], BOB);
-    assert!(!h.take_events().iter().any(|e| matches!(e, Event::Failover { .. })));
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { .. }))
+    );
 }
 
 #[test]
@@ -1412,7 +1438,11 @@ fn failover_keeps_the_media_session_of_the_branch() {
     h.at(400);
     let sent = h.answer(0, false, &bob.msg, 503);
     let carol = &sent[one_idx(to(&sent, CAROL))];
-    assert_eq!(carol.msg.body(), RELAY_OFFER.as_bytes(), "the relay's SDP again");
+    assert_eq!(
+        carol.msg.body(),
+        RELAY_OFFER.as_bytes(),
+        "the relay's SDP again"
+    );
     assert_ne!(carol.branch(), id);
     // CAROL's answer goes to media under the branch's first id: the same relay session.
     h.at(500);

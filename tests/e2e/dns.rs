@@ -78,7 +78,13 @@ impl TestDns {
 
     async fn queries(&self, name: &str, kind: &str) -> usize {
         let key = format!("{name} {kind}");
-        self.zone.lock().await.queries.get(&key).copied().unwrap_or(0)
+        self.zone
+            .lock()
+            .await
+            .queries
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// `[dns]` pointing at this server.
@@ -96,7 +102,11 @@ impl Zone {
         resp.metadata.response_code = ResponseCode::NoError;
         for q in &query.queries {
             resp.add_query(q.clone());
-            let name = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            let name = q
+                .name()
+                .to_ascii()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
             let kind = q.query_type();
             *self.queries.entry(format!("{name} {kind}")).or_default() += 1;
             let owner = q.name().clone();
@@ -189,7 +199,10 @@ async fn srv_failover_from_a_silent_target_to_the_next_priority() {
     let caller = Ua::new().await;
     let started = tokio::time::Instant::now();
     caller
-        .send(srv.udp, &invite("sip:1234@example.com", caller.addr, "srv-fo"))
+        .send(
+            srv.udp,
+            &invite("sip:1234@example.com", caller.addr, "srv-fo"),
+        )
         .await;
 
     // The priority-10 target gets the INVITE first (and says nothing).
@@ -239,7 +252,11 @@ async fn srv_weights_spread_calls_within_a_priority() {
     .await;
     dns.a("heavy.pbx.test", Ipv4Addr::LOCALHOST).await;
     dns.a("light.pbx.test", Ipv4Addr::LOCALHOST).await;
-    let srv = TestServer::start("", &format!("{}{}", dns.config(), route("\"pbx.test\"", ""))).await;
+    let srv = TestServer::start(
+        "",
+        &format!("{}{}", dns.config(), route("\"pbx.test\"", "")),
+    )
+    .await;
     let caller = Ua::new().await;
 
     // Both callees answer every INVITE with 200 at once; count who got each call.
@@ -281,11 +298,18 @@ async fn the_dns_cache_honours_the_ttl() {
     let dns = TestDns::start(1).await;
     let old = Ua::new().await;
     let new = Ua::new().await;
-    dns.srv("_sip._udp.pbx.test", &[(10, 1, old.addr.port(), "old.pbx.test")])
-        .await;
+    dns.srv(
+        "_sip._udp.pbx.test",
+        &[(10, 1, old.addr.port(), "old.pbx.test")],
+    )
+    .await;
     dns.a("old.pbx.test", Ipv4Addr::LOCALHOST).await;
     dns.a("new.pbx.test", Ipv4Addr::LOCALHOST).await;
-    let srv = TestServer::start("", &format!("{}{}", dns.config(), route("\"pbx.test\"", ""))).await;
+    let srv = TestServer::start(
+        "",
+        &format!("{}{}", dns.config(), route("\"pbx.test\"", "")),
+    )
+    .await;
     // The startup check (`serve`) is not run in-process: the first call does the lookups.
     let caller = Ua::new().await;
     let call = |id: &'static str| invite("sip:1234@example.com", caller.addr, id);
@@ -296,8 +320,11 @@ async fn the_dns_cache_honours_the_ttl() {
     assert_eq!(dns.queries("_sip._udp.pbx.test", "SRV").await, 1);
 
     // The record changes; within its TTL the cached answer is used (no new query).
-    dns.srv("_sip._udp.pbx.test", &[(10, 1, new.addr.port(), "new.pbx.test")])
-        .await;
+    dns.srv(
+        "_sip._udp.pbx.test",
+        &[(10, 1, new.addr.port(), "new.pbx.test")],
+    )
+    .await;
     caller.send(srv.udp, &call("ttl2")).await;
     let (m, from) = old.recv().await;
     assert_eq!(m.call_id().unwrap(), "ttl2");
@@ -313,7 +340,11 @@ async fn the_dns_cache_honours_the_ttl() {
     new.answer(&m, from, 200, "new").await;
     assert_eq!(caller.recv().await.0.status(), Some(200));
     assert_eq!(dns.queries("_sip._udp.pbx.test", "SRV").await, 2);
-    assert!(recv_within(&old, Duration::from_millis(200)).await.is_none());
+    assert!(
+        recv_within(&old, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
     srv.stop().await;
 }
 
@@ -328,7 +359,10 @@ async fn a_next_hop_list_fails_over_on_503() {
     .await;
     let caller = Ua::new().await;
     caller
-        .send(srv.udp, &invite("sip:1234@example.com", caller.addr, "list503"))
+        .send(
+            srv.udp,
+            &invite("sip:1234@example.com", caller.addr, "list503"),
+        )
         .await;
     let (inv, from) = first.recv().await;
     assert_eq!(
@@ -363,7 +397,10 @@ async fn a_name_that_does_not_resolve_gets_503_and_counts_queries() {
     .await;
     let caller = Ua::new().await;
     caller
-        .send(srv.udp, &invite("sip:1234@example.com", caller.addr, "nores"))
+        .send(
+            srv.udp,
+            &invite("sip:1234@example.com", caller.addr, "nores"),
+        )
         .await;
     let (r, _) = caller.recv().await;
     assert_eq!(r.status(), Some(503));
