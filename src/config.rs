@@ -1941,6 +1941,58 @@ mod tests {
     }
 
     #[test]
+    fn next_hops_parse_as_one_or_a_list() {
+        let route = |hop: &str| {
+            parse(&format!("[[route]]\nname='a'\nuser='1'\nnext_hop={hop}\n"))
+                .unwrap()
+                .routes
+                .remove(0)
+        };
+        let r = route("'pbx.example.net'");
+        assert_eq!(
+            r.next_hops,
+            [NextHop {
+                host: "pbx.example.net".into(),
+                port: None,
+                transport: None
+            }]
+        );
+        assert_eq!(r.failover_timeout, Duration::from_secs(2), "the default");
+        let r = route(
+            "['10.0.0.1:5070', 'sip:backup.example.net;transport=TCP', 'sip:[2001:db8::1]:5062', '[2001:db8::2]']",
+        );
+        let shown: Vec<String> = r.next_hops.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.1:5070",
+                "backup.example.net;transport=tcp",
+                "[2001:db8::1]:5062",
+                "[2001:db8::2]"
+            ]
+        );
+        assert_eq!(r.next_hops[0].ip(), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(r.next_hops[1].transport, Some(Proto::Tcp));
+        assert_eq!(r.next_hops[3].port, None);
+    }
+
+    #[test]
+    fn dns_servers_default_to_port_53_and_the_system_when_empty() {
+        let c = parse("[dns]\nservers = ['127.0.0.1', '[::1]:5353']\ntimeout_ms = 300\n").unwrap();
+        assert_eq!(
+            c.dns.servers,
+            [
+                "127.0.0.1:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.dns.timeout, Duration::from_millis(300));
+        let c = parse("").unwrap();
+        assert!(c.dns.servers.is_empty());
+        assert_eq!((c.dns.attempts, c.dns.cache_size), (2, 1024));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("[media]\nports = \"30001-40000\"", "media.ports"),
@@ -2013,6 +2065,29 @@ mod tests {
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h:0'",
                 "route.next_hop",
             ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop=[]",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='sips:h'",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='sip:h;transport=sctp'",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop=['h', 'bad host']",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nfailover_timeout_ms=0",
+                "route.failover_timeout_ms",
+            ),
+            ("[dns]\nservers = ['resolver.example']", "dns.servers"),
+            ("[dns]\ntimeout_ms = 0", "dns.timeout_ms"),
+            ("[dns]\nattempts = 0", "dns.attempts"),
             (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\n[[route]]\nname='a'\nuser='1'\nnext_hop='h'",
                 "route.name",

@@ -661,6 +661,8 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::clock::SystemClock;
     use crate::registrar::location::{Binding, Location};
 
@@ -668,7 +670,9 @@ mod tests {
         let cfg = Config::from_toml(
             "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n\
              [[route]]\nname=\"pbx\"\nuser='^[0-9]{3,4}$'\nnext_hop=\"pbx.example.net:5070\"\n\
-             [[route]]\nname=\"provider\"\nuser='^1[0-9]{10}$'\nnext_hop=\"192.0.2.80\"\nauth=true\n",
+             [[route]]\nname=\"provider\"\nuser='^1[0-9]{10}$'\nnext_hop=\"192.0.2.80\"\nauth=true\n\
+             [[route]]\nname=\"trunk\"\nuser='^9[0-9]+$'\nfailover_timeout_ms=700\n\
+             next_hop=[\"provider.example\", \"sip:[2001:db8::1]:5062;transport=tcp\", \"192.0.2.90\"]\n",
             || "127.0.0.1".parse().unwrap(),
         )
         .unwrap();
@@ -834,6 +838,71 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             route("sip:+15550001@carrier.example", provider),
             Routed::NotFound(_)
         ));
+    }
+
+    #[test]
+    fn a_next_hop_list_gives_the_branch_its_failover_hops() {
+        let plan = decide("INVITE", "sip:91234567@example.com", "").unwrap_err();
+        assert_eq!(plan.targets.len(), 1, "one branch, tried serially");
+        assert_eq!(plan.failover_timeout, Some(Duration::from_millis(700)));
+        let first = &plan.targets[0];
+        assert_eq!(
+            first.dest,
+            Dest::Name {
+                host: "provider.example".into(),
+                transport: None
+            },
+            "a name without a port: RFC 3263 NAPTR/SRV"
+        );
+        assert_eq!(first.ruri.as_deref(), Some("sip:91234567@provider.example"));
+        let [v6, v4] = first.failover.as_slice() else {
+            panic!("two failover hops: {:?}", first.failover);
+        };
+        assert_eq!(v6.dest, Dest::Addr("[2001:db8::1]:5062".parse().unwrap()));
+        assert_eq!(v6.proto, Proto::Tcp);
+        assert_eq!(v6.ruri.as_deref(), Some("sip:91234567@[2001:db8::1]:5062"));
+        assert_eq!(v4.dest, Dest::Addr("192.0.2.90:5060".parse().unwrap()));
+        assert_eq!(v4.proto, Proto::Udp);
+        assert_eq!(v4.ruri.as_deref(), Some("sip:91234567@192.0.2.90:5060"));
+        // A route without failover_timeout_ms has the default, 2 s.
+        assert_eq!(
+            decide("INVITE", "sip:1234@example.com", "")
+                .unwrap_err()
+                .failover_timeout,
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn uri_hops_follow_rfc_3263_for_port_and_transport() {
+        let hop = |u: &str| hop_for_uri(u).expect("a reachable URI");
+        assert_eq!(
+            hop("sip:bob@example.net").dest,
+            Dest::Name {
+                host: "example.net".into(),
+                transport: None
+            }
+        );
+        let tcp = hop("sip:bob@example.net;transport=tcp");
+        assert_eq!(
+            (tcp.dest, tcp.proto),
+            (
+                Dest::Name {
+                    host: "example.net".into(),
+                    transport: Some(Proto::Tcp)
+                },
+                Proto::Tcp
+            )
+        );
+        assert_eq!(
+            hop("sip:bob@example.net:5070").dest,
+            Dest::Host("example.net".into(), 5070)
+        );
+        assert_eq!(
+            hop("sip:bob@192.0.2.4").dest,
+            Dest::Addr("192.0.2.4:5060".parse().unwrap())
+        );
+        assert!(hop_for_uri("sips:bob@example.net").is_none());
     }
 
     #[test]
