@@ -223,11 +223,11 @@ pub fn counts_not_found(cfg: &Config, msg: &Message, source: SocketAddr) -> bool
         })
         .unwrap_or(false);
     from_ours
-        || cfg.routes.iter().any(|r| {
-            r.next_hop_host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip == source.ip())
-        })
+        || cfg
+            .routes
+            .iter()
+            .flat_map(|r| &r.next_hops)
+            .any(|h| h.ip() == Some(source.ip()))
 }
 
 /// The `call ended` line: one per call, whoever writes its row (STYLE §2.7 `info`).

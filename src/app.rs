@@ -53,6 +53,9 @@ pub enum StartError {
     /// The stored nonce secret is not 64 hex digits.
     #[error("meta.nonce_secret in the database is not 64 hex digits")]
     Secret,
+    /// The DNS resolver could not be set up (`[dns]`, /etc/resolv.conf).
+    #[error("dns: {0}")]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// A server ready to run, and its store (to close on shutdown).
@@ -161,6 +164,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         cfg.limits.dialog_max_age,
     ));
     tokio::spawn(Accounting::sweep(Arc::downgrade(&acc)).instrument(info_span!("acc_sweep")));
+    let dns = Arc::new(crate::dns::Resolver::new(&cfg.dns)?);
     let proxy = Arc::new(Proxy::new(
         &cfg,
         transports.clone(),
@@ -168,6 +172,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         route_key.clone(),
         Some(media.clone()),
         acc,
+        dns,
     ));
     let core = Core::new(
         &cfg,

@@ -77,6 +77,8 @@ pub struct RawConfig {
     pub control: RawControl,
     #[serde(default)]
     pub tls: RawTls,
+    #[serde(default)]
+    pub dns: RawDns,
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -402,8 +404,14 @@ pub struct RawRoute {
     pub name: String,
     /// Regular expression matched against the Request-URI user part.
     pub user: String,
-    /// `host[:port]` of the next hop (port default 5060).
-    pub next_hop: String,
+    /// The next hop: `host`, `host:port` or a `sip:` URI (with `;transport=`), or a list of
+    /// them tried in order (failover). A name without a port is resolved per RFC 3263
+    /// (NAPTR, SRV, then A/AAAA on 5060).
+    pub next_hop: RawNextHops,
+    /// Milliseconds a next hop may stay silent (not even a 100) before the next one in the
+    /// list (or the next SRV target) is tried; only when one remains. Default 2000.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub failover_timeout_ms: u64,
     /// Require proxy authentication and From user = authenticated user. Default false.
     #[serde(default)]
     pub auth: bool,
@@ -429,6 +437,55 @@ pub enum Identity {
     /// Nothing asserted.
     #[default]
     None,
+}
+
+/// `[[route]].next_hop`: one next hop or a list (serde untagged).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawNextHops {
+    One(String),
+    List(Vec<String>),
+}
+
+impl RawNextHops {
+    fn items(&self) -> &[String] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::List(v) => v,
+        }
+    }
+}
+
+/// `[dns]`: the resolver of next hops (RFC 3263).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// Name servers, `ip` or `ip:port` (port 53). Default: empty = the system's
+    /// (/etc/resolv.conf).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Milliseconds a query waits for an answer before it is tried again. Default 2000.
+    #[serde(default = "default_dns_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Tries per query and server. Default 2.
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: usize,
+    /// Answers kept in the cache (each for its TTL). Default 1024.
+    #[serde(default = "default_dns_cache_size")]
+    pub cache_size: u64,
+}
+
+fn default_failover_timeout_ms() -> u64 {
+    2000
+}
+fn default_dns_timeout_ms() -> u64 {
+    2000
+}
+fn default_dns_attempts() -> usize {
+    2
+}
+fn default_dns_cache_size() -> u64 {
+    1024
 }
 
 /// Policy for out-of-dialog requests to domains that are not ours.
@@ -621,7 +678,8 @@ default_via_serde!(
     RawNat,
     RawMedia,
     RawSecurity,
-    RawTls
+    RawTls,
+    RawDns
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -676,11 +734,91 @@ impl PortRange {
 pub struct Route {
     pub name: String,
     pub user: Regex,
-    pub next_hop_host: String,
-    pub next_hop_port: u16,
+    /// At least one; tried in this order.
+    pub next_hops: Vec<NextHop>,
+    /// `failover_timeout_ms`: a silent next hop is left for the next one after this.
+    pub failover_timeout: Duration,
     pub auth: bool,
     pub media: MediaMode,
     pub identity: Identity,
+}
+
+/// One `[[route]].next_hop` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// A name or an IP address (IPv6 without brackets).
+    pub host: String,
+    /// `None`: RFC 3263 picks it (SRV for a name, 5060 for an address).
+    pub port: Option<u16>,
+    /// `;transport=` of a `sip:` URI; `None`: NAPTR/SRV pick it, else UDP.
+    pub transport: Option<Proto>,
+}
+
+impl NextHop {
+    /// Parses `host`, `host:port`, `[v6]:port` or `sip:host[:port][;transport=udp|tcp]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("sip:") || lower.starts_with("sips:") {
+            let uri =
+                crate::sip::SipUri::parse(s).map_err(|_| format!("{s:?} is not a SIP URI"))?;
+            // A `sips:` next hop goes over TLS whatever transport it names (RFC 3261 §26.2.2).
+            let transport = match uri.transport() {
+                _ if uri.secure => Some(Proto::Tls),
+                None => None,
+                Some(t) if t.eq_ignore_ascii_case("udp") => Some(Proto::Udp),
+                Some(t) if t.eq_ignore_ascii_case("tcp") => Some(Proto::Tcp),
+                Some(t) if t.eq_ignore_ascii_case("tls") => Some(Proto::Tls),
+                Some(t) => return Err(format!("{s:?}: transport {t:?} is not udp, tcp or tls")),
+            };
+            if uri.port == Some(0) {
+                return Err(format!("{s:?}: 0 is not a port"));
+            }
+            let (host, _) = split_host_port(uri.host)?;
+            return Ok(Self {
+                host,
+                port: uri.port,
+                transport,
+            });
+        }
+        let (host, port) = split_host_port(s)?;
+        Ok(Self {
+            host,
+            port,
+            transport: None,
+        })
+    }
+
+    /// The IP address, when the host is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        if let Some(t) = self.transport {
+            write!(f, ";transport={}", t.as_str().to_ascii_lowercase())?;
+        }
+        Ok(())
+    }
+}
+
+/// `[dns]`, validated.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Empty: the system's name servers.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub attempts: usize,
+    pub cache_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -862,6 +1000,7 @@ pub struct Config {
     pub control: Option<SocketAddr>,
     /// `[tls]`, its files checked (they are read again at start).
     pub tls: TlsSettings,
+    pub dns: DnsConfig,
     pub routes: Vec<Route>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
@@ -1230,7 +1369,12 @@ impl Config {
             let user = Regex::new(&r.user).map_err(|e| {
                 invalid("route.user", format!("route {:?}: bad regex: {e}", r.name))
             })?;
-            let (host, port) = parse_host_port(&r.next_hop)
+            let next_hops = r
+                .next_hop
+                .items()
+                .iter()
+                .map(|h| NextHop::parse(h))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid("route.next_hop", format!("route {:?}: {e}", r.name)))?;
             if r.identity != Identity::None && !r.auth {
                 return Err(invalid(
@@ -1242,11 +1386,23 @@ impl Config {
                     ),
                 ));
             }
+            if next_hops.is_empty() {
+                return Err(invalid(
+                    "route.next_hop",
+                    format!("route {:?}: the list is empty", r.name),
+                ));
+            }
+            if r.failover_timeout_ms == 0 {
+                return Err(invalid(
+                    "route.failover_timeout_ms",
+                    format!("route {:?}: must be at least 1", r.name),
+                ));
+            }
             routes.push(Route {
                 name: r.name.clone(),
                 user,
-                next_hop_host: host,
-                next_hop_port: port,
+                next_hops,
+                failover_timeout: Duration::from_millis(r.failover_timeout_ms),
                 auth: r.auth,
                 media: r.media,
                 identity: r.identity,
@@ -1256,6 +1412,7 @@ impl Config {
         let limits = LimitsConfig::validate(&raw.limits, server.max_message_size)?;
         let control = validate_control(&raw.control)?;
         let tls = validate_tls(&raw.tls, &server.listen)?;
+        let dns = validate_dns(&raw.dns)?;
 
         // Record the derived values so that `check-config` shows what will run.
         raw.server.advertise = Some(server.advertise.to_string());
@@ -1274,6 +1431,7 @@ impl Config {
             security,
             control,
             tls,
+            dns,
             routes,
             advertise_source,
             effective: raw,
@@ -1629,6 +1787,49 @@ fn parse_port_range(s: &str) -> Result<PortRange, String> {
     Ok(PortRange { min, max })
 }
 
+/// `[dns]` → [`DnsConfig`].
+fn validate_dns(d: &RawDns) -> Result<DnsConfig, ConfigError> {
+    let mut servers = Vec::with_capacity(d.servers.len());
+    for s in &d.servers {
+        let addr = match s.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "dns.servers",
+                    format!("{s:?} is not ip or ip:port (IPv6 as [addr]:port)"),
+                )
+            })?,
+        };
+        servers.push(addr);
+    }
+    if d.timeout_ms == 0 {
+        return Err(invalid("dns.timeout_ms", "must be at least 1"));
+    }
+    if d.attempts == 0 {
+        return Err(invalid("dns.attempts", "must be at least 1"));
+    }
+    Ok(DnsConfig {
+        servers,
+        timeout: Duration::from_millis(d.timeout_ms),
+        attempts: d.attempts,
+        cache_size: d.cache_size,
+    })
+}
+
+/// `host`, `host:port` or `[v6]:port` with the port optional.
+fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+    if !s.starts_with('[') && s.matches(':').count() > 1 {
+        // A bare IPv6 address (as SipUri gives it, brackets removed).
+        return s
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| (s.to_owned(), None))
+            .map_err(|_| format!("{s:?} is not host[:port]"));
+    }
+    let explicit = s.starts_with('[') && s.contains("]:") || !s.starts_with('[') && s.contains(':');
+    let (host, port) = parse_host_port(s)?;
+    Ok((host, explicit.then_some(port)))
+}
+
 fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(v6) = s.strip_prefix('[') {
         let (h, rest) = v6
@@ -1855,6 +2056,7 @@ mod tests {
             "limits",
             "security",
             "tls",
+            "dns",
         ] {
             let text = format!("[{table}]\nbogus_key = 1\n");
             assert_eq!(err_key(&text), format!("{table}.bogus_key"), "{table}");
@@ -1862,6 +2064,58 @@ mod tests {
         let text = "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nbogus_key=1\n";
         assert_eq!(err_key(text), "route.bogus_key");
         assert_eq!(err_key("bogus_top = 1\n"), "bogus_top");
+    }
+
+    #[test]
+    fn next_hops_parse_as_one_or_a_list() {
+        let route = |hop: &str| {
+            parse(&format!("[[route]]\nname='a'\nuser='1'\nnext_hop={hop}\n"))
+                .unwrap()
+                .routes
+                .remove(0)
+        };
+        let r = route("'pbx.example.net'");
+        assert_eq!(
+            r.next_hops,
+            [NextHop {
+                host: "pbx.example.net".into(),
+                port: None,
+                transport: None
+            }]
+        );
+        assert_eq!(r.failover_timeout, Duration::from_secs(2), "the default");
+        let r = route(
+            "['10.0.0.1:5070', 'sip:backup.example.net;transport=TCP', 'sip:[2001:db8::1]:5062', '[2001:db8::2]']",
+        );
+        let shown: Vec<String> = r.next_hops.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.1:5070",
+                "backup.example.net;transport=tcp",
+                "[2001:db8::1]:5062",
+                "[2001:db8::2]"
+            ]
+        );
+        assert_eq!(r.next_hops[0].ip(), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(r.next_hops[1].transport, Some(Proto::Tcp));
+        assert_eq!(r.next_hops[3].port, None);
+    }
+
+    #[test]
+    fn dns_servers_default_to_port_53_and_the_system_when_empty() {
+        let c = parse("[dns]\nservers = ['127.0.0.1', '[::1]:5353']\ntimeout_ms = 300\n").unwrap();
+        assert_eq!(
+            c.dns.servers,
+            [
+                "127.0.0.1:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.dns.timeout, Duration::from_millis(300));
+        let c = parse("").unwrap();
+        assert!(c.dns.servers.is_empty());
+        assert_eq!((c.dns.attempts, c.dns.cache_size), (2, 1024));
     }
 
     #[test]
@@ -1938,6 +2192,29 @@ mod tests {
                 "route.next_hop",
             ),
             (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop=[]",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='sips:h'",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='sip:h;transport=sctp'",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop=['h', 'bad host']",
+                "route.next_hop",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nfailover_timeout_ms=0",
+                "route.failover_timeout_ms",
+            ),
+            ("[dns]\nservers = ['resolver.example']", "dns.servers"),
+            ("[dns]\ntimeout_ms = 0", "dns.timeout_ms"),
+            ("[dns]\nattempts = 0", "dns.attempts"),
+            (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\n[[route]]\nname='a'\nuser='1'\nnext_hop='h'",
                 "route.name",
             ),
@@ -1997,7 +2274,7 @@ mod tests {
         );
         let c = &r.config;
         // Live: the new values.
-        assert_eq!(c.routes[0].next_hop_host, "10.0.0.2");
+        assert_eq!(c.routes[0].next_hops[0].host, "10.0.0.2");
         assert_eq!(c.server.relay_foreign, RelayForeign::Deny);
         assert_eq!(c.server.log_level.as_deref(), Some("debug"));
         assert_eq!(c.nat.ping_interval, Some(Duration::from_secs(10)));

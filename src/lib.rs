@@ -14,6 +14,8 @@
 //!   driving the in-process relay engine (the `sipedge-relay` crate) through its channel API.
 //! - [`acc`]: accounting: one `cdr` row per call (which calls, the dialogs waiting for their
 //!   BYE); relayed calls are written by [`media`] with their media figures.
+//! - [`dns`]: next hops by name (RFC 3263: NAPTR, SRV with priority and weight, A/AAAA)
+//!   through hickory-resolver's TTL cache; the selection rules are pure ([`dns::select`]).
 //! - [`store`]: sqlx on SQLite (default) or PostgreSQL: subscribers, location, CDRs.
 //! - [`auth`]: digest authentication (RFC 7616/8760) and stateless nonces. Pure.
 //! - [`security`]: per-source rate limit and bans, failed-authentication bans and user locks,
@@ -31,6 +33,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod driver;
 /// Entry points for the fuzz targets (`fuzz/`) into crate-private pure code. Not a stable API.
 #[doc(hidden)]

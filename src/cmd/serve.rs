@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::net::ToSocketAddrs as _;
-
 use anyhow::Context as _;
 use sipedge::clock::{Clock, SystemClock};
 use sipedge::config::Config;
@@ -85,9 +83,9 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
                     if let Ok(reloaded) = reloader.reload_file(path).await
                         && reloaded.live.iter().any(|k| k == "route")
                     {
-                        // The next hops may be new names: check them off the runtime.
+                        // The next hops may be new names: check them without holding up signals.
                         let cfg = reloader.current();
-                        tokio::task::spawn_blocking(move || warn_about_routes(&cfg));
+                        tokio::spawn(async move { warn_about_routes(&cfg).await });
                     }
                 }
             }
@@ -146,18 +144,25 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 
 /// Startup warnings about a configuration that is valid but likely wrong: an advertised
 /// address picked automatically that peers cannot reach, and `[[route]]` next hops that do not
-/// resolve (their calls would get 503). Also run by `check-config`.
+/// resolve (their calls would get 503). Also run by `check-config`. Runs before the server's
+/// runtime exists, on a small one of its own.
 pub(crate) fn warn_about(cfg: &Config) {
     if let Some(message) = cfg.advertise_warning() {
         warn!(server.advertise = %cfg.server.advertise, "{message}");
     }
-    warn_about_routes(cfg);
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(warn_about_routes(cfg)),
+        Err(error) => warn!(%error, "cannot check the next hops"),
+    }
 }
 
 /// The warnings about `[[route]]` next hops that do not resolve (at start and after a reload
-/// that changed the routes). Blocks up to [`RESOLVE_WAIT`].
-fn warn_about_routes(cfg: &Config) {
-    for (route, next_hop, error) in unresolved_next_hops(cfg, RESOLVE_WAIT) {
+/// that changed the routes). Takes up to [`RESOLVE_WAIT`].
+async fn warn_about_routes(cfg: &Config) {
+    for (route, next_hop, error) in unresolved_next_hops(cfg, RESOLVE_WAIT).await {
         warn!(
             route = %route,
             next_hop = %next_hop,
@@ -167,64 +172,50 @@ fn warn_about_routes(cfg: &Config) {
     }
 }
 
-/// The routes whose next hop does not resolve within `wait`, as (route, host:port, why). One
-/// plain `getaddrinfo` per distinct next hop, each on its own thread so that a slow resolver
-/// costs `wait` once, not once per route; a lookup still running at the deadline is left to
-/// finish on its own (its thread holds nothing).
-fn unresolved_next_hops(cfg: &Config, wait: Duration) -> Vec<(String, String, String)> {
-    let mut hops: Vec<(String, u16)> = Vec::new();
-    for r in &cfg.routes {
-        let hop = (r.next_hop_host.clone(), r.next_hop_port);
-        if !hops.contains(&hop) {
-            hops.push(hop);
+/// The routes' next hops that do not resolve within `wait` through `[dns]` (RFC 3263:
+/// NAPTR, SRV, A/AAAA), as (route, next hop, why). Each distinct next hop is looked up once,
+/// all at the same time, so a slow resolver costs `wait` once. A route whose list has other
+/// next hops that resolve still gets a line for the one that does not.
+async fn unresolved_next_hops(cfg: &Config, wait: Duration) -> Vec<(String, String, String)> {
+    let dns = match sipedge::dns::Resolver::new(&cfg.dns) {
+        Ok(d) => Arc::new(d),
+        Err(e) => return vec![("*".into(), "[dns]".into(), e.to_string())],
+    };
+    let mut hops: Vec<sipedge::config::NextHop> = Vec::new();
+    for h in cfg.routes.iter().flat_map(|r| &r.next_hops) {
+        if !hops.contains(h) {
+            hops.push(h.clone());
         }
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    for (i, (host, port)) in hops.iter().cloned().enumerate() {
-        let thread_tx = tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("resolve".into())
-            .spawn(move || {
-                let result = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|mut a| a.next().is_some());
-                let _ = thread_tx.send((i, result));
-            });
-        if let Err(error) = spawned {
-            let _ = tx.send((i, Err(error)));
-        }
+    let mut set = tokio::task::JoinSet::new();
+    for (i, h) in hops.iter().cloned().enumerate() {
+        let dns = dns.clone();
+        set.spawn(async move {
+            let why =
+                match tokio::time::timeout(wait, dns.resolve(&h.host, h.port, h.transport)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {wait:?}")),
+                };
+            (i, why)
+        });
     }
-    drop(tx);
-    // None: not answered yet.
-    let mut results: Vec<Option<Result<bool, std::io::Error>>> =
-        hops.iter().map(|_| None).collect();
-    let deadline = tokio::time::Instant::now() + wait;
-    while results.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((i, r)) => results[i] = Some(r),
-            Err(_) => break,
+    let mut results: Vec<Option<String>> = vec![None; hops.len()];
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, why)) = done {
+            results[i] = why;
         }
     }
     let mut bad = Vec::new();
     for r in &cfg.routes {
-        let Some(i) = hops
-            .iter()
-            .position(|(h, p)| *h == r.next_hop_host && *p == r.next_hop_port)
-        else {
-            continue;
-        };
-        let why = match &results[i] {
-            Some(Ok(true)) => continue,
-            Some(Ok(false)) => "no address".to_owned(),
-            Some(Err(e)) => e.to_string(),
-            None => format!("no answer within {wait:?}"),
-        };
-        bad.push((
-            r.name.clone(),
-            format!("{}:{}", r.next_hop_host, r.next_hop_port),
-            why,
-        ));
+        for h in &r.next_hops {
+            let Some(i) = hops.iter().position(|x| x == h) else {
+                continue;
+            };
+            if let Some(why) = &results[i] {
+                bad.push((r.name.clone(), h.to_string(), why.clone()));
+            }
+        }
     }
     bad
 }

@@ -113,6 +113,10 @@ pub struct Plan {
     /// The identity headers of the forwarded copy: set by the proxy once it knows whether the
     /// sender is trusted and who authenticated ([`IdentityEdit`]).
     pub identity: IdentityEdit,
+    /// `[[route]].failover_timeout_ms`: a branch whose next hop sends nothing at all (not
+    /// even a 100) for this long moves to its next alternate, if one remains. `None`: only a
+    /// 503, a timeout or a transport error moves it.
+    pub failover_timeout: Option<std::time::Duration>,
 }
 
 /// One branch before name resolution.
@@ -125,13 +129,40 @@ pub struct Hop {
     /// The callee's NAT binding when it differs from its Contact, recorded in our
     /// Record-Route (`;fe=`).
     pub flow: Option<Flow>,
+    /// The hops tried in turn when this one fails (a `[[route]]`'s later next hops): a 503, a
+    /// timeout or an unreachable hop moves the branch on (README "Next hops and failover").
+    pub failover: Vec<Self>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
     Addr(SocketAddr),
+    /// A name with a port: A/AAAA only (RFC 3263 §4.2).
     Host(String, u16),
+    /// A name without a port: NAPTR, SRV, then A/AAAA on 5060 (RFC 3263 §4); `transport` is
+    /// the URI's `;transport=` (`None`: NAPTR/SRV choose, else UDP).
+    Name {
+        host: String,
+        transport: Option<Proto>,
+    },
+}
+
+impl Dest {
+    /// The destination of `host[:port]` with an explicit `transport` or none.
+    pub fn of(host: &str, port: Option<u16>, transport: Option<Proto>) -> Self {
+        match (host.parse::<std::net::IpAddr>(), port) {
+            (Ok(ip), p) => Self::Addr(SocketAddr::new(
+                ip,
+                p.unwrap_or(transport.map_or(5060, Proto::default_port)),
+            )),
+            (Err(_), Some(p)) => Self::Host(host.to_owned(), p),
+            (Err(_), None) => Self::Name {
+                host: host.to_owned(),
+                transport,
+            },
+        }
+    }
 }
 
 /// Why proxy authentication is required.
@@ -144,29 +175,26 @@ pub enum AuthNeed {
     Foreign,
 }
 
-/// The next hop of a SIP URI (RFC 3263 §4 without NAPTR/SRV: `maddr`, else host, port or
-/// the transport's default, transport parameter). A `sips:` URI goes over TLS whatever
-/// transport it names (RFC 3261 §26.2.2, RFC 5630 §3.1.3): never in clear; so does
-/// `transport=tls`. `None` for what is not a SIP URI (answered 416).
+/// The next hop of a SIP URI (RFC 3263 §4: `maddr`, else host; port; transport parameter; a
+/// name without a port is resolved through NAPTR/SRV by the shell). A `sips:` URI goes over
+/// TLS whatever transport it names (RFC 3261 §26.2.2, RFC 5630 §3.1.3): never in clear; so
+/// does `transport=tls`. `None` for what is not a SIP URI (answered 416).
 pub fn hop_for_uri(text: &str) -> Option<Hop> {
     let uri = SipUri::parse(text).ok()?;
-    let proto = match uri.transport() {
-        _ if uri.secure => Proto::Tls,
-        Some(t) if t.eq_ignore_ascii_case("tcp") => Proto::Tcp,
-        Some(t) if t.eq_ignore_ascii_case("tls") => Proto::Tls,
-        _ => Proto::Udp,
+    let transport = match uri.transport() {
+        _ if uri.secure => Some(Proto::Tls),
+        Some(t) if t.eq_ignore_ascii_case("tcp") => Some(Proto::Tcp),
+        Some(t) if t.eq_ignore_ascii_case("tls") => Some(Proto::Tls),
+        Some(t) if t.eq_ignore_ascii_case("udp") => Some(Proto::Udp),
+        _ => None,
     };
     let host = uri.param("maddr").unwrap_or(uri.host);
-    let port = uri.port.unwrap_or(proto.default_port());
-    let dest = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
-        Err(_) => Dest::Host(host.to_owned(), port),
-    };
     Some(Hop {
         ruri: None,
-        dest,
-        proto,
+        dest: Dest::of(host, uri.port, transport),
+        proto: transport.unwrap_or(Proto::Udp),
         flow: None,
+        failover: Vec::new(),
     })
 }
 
@@ -193,6 +221,7 @@ fn binding_hop(b: Binding) -> Hop {
             dest: Dest::Addr(b.received),
             proto: b.transport,
             flow,
+            failover: Vec::new(),
         }
     };
     if b.nated {
@@ -428,6 +457,7 @@ impl Core {
                     route: None,
                     assert_identity: Identity::None,
                     identity: IdentityEdit::default(),
+                    failover_timeout: None,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -529,17 +559,29 @@ impl Core {
         // The [[route]] rules, first match wins (the seed's extension/PSTN routing).
         if let Some(rule) = cfg.routes.iter().find(|r| r.user.is_match(user)) {
             debug!(route = %rule.name, user, "route matched");
+            // The next hops in order: the first is the branch, the others its failover.
+            let mut hops = rule.next_hops.iter().map(|h| Hop {
+                // The seed's rewritehostport: the next hop sees itself in the Request-URI (an
+                // address without a port gets 5060 written, as before; a name without one
+                // stays without, so the next hop may use SRV too).
+                ruri: Some(uri.with_host(
+                    &h.host,
+                    h.port.or_else(|| {
+                        h.ip().map(|_| h.transport.map_or(5060, Proto::default_port))
+                    }),
+                )),
+                dest: Dest::of(&h.host, h.port, h.transport),
+                proto: h.transport.unwrap_or(Proto::Udp),
+                flow: None,
+                failover: Vec::new(),
+            });
+            // Config validation gives every route at least one next hop.
+            let Some(mut first) = hops.next() else {
+                return reply(500, "Server Internal Error");
+            };
+            first.failover = hops.collect();
             return Routed::Forward(Box::new(Plan {
-                targets: vec![Hop {
-                    // The seed's rewritehostport: the next hop sees itself in the Request-URI.
-                    ruri: Some(uri.with_hostport(&rule.next_hop_host, rule.next_hop_port)),
-                    dest: match rule.next_hop_host.parse::<std::net::IpAddr>() {
-                        Ok(ip) => Dest::Addr(SocketAddr::new(ip, rule.next_hop_port)),
-                        Err(_) => Dest::Host(rule.next_hop_host.clone(), rule.next_hop_port),
-                    },
-                    proto: Proto::Udp,
-                    flow: None,
-                }],
+                targets: vec![first],
                 record_route,
                 pop_route,
                 strict_route: false,
@@ -556,6 +598,7 @@ impl Core {
                     Identity::None
                 },
                 identity: IdentityEdit::default(),
+                failover_timeout: Some(rule.failover_timeout),
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -589,6 +632,7 @@ impl Core {
             route: (method == "INVITE").then(|| "location".to_owned()),
             assert_identity: Identity::None,
             identity: IdentityEdit::default(),
+            failover_timeout: None,
         }))
     }
 
@@ -656,6 +700,8 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::clock::SystemClock;
     use crate::registrar::location::{Binding, Location};
 
@@ -663,7 +709,9 @@ mod tests {
         let cfg = Config::from_toml(
             "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n\
              [[route]]\nname=\"pbx\"\nuser='^[0-9]{3,4}$'\nnext_hop=\"pbx.example.net:5070\"\n\
-             [[route]]\nname=\"provider\"\nuser='^1[0-9]{10}$'\nnext_hop=\"192.0.2.80\"\nauth=true\n",
+             [[route]]\nname=\"provider\"\nuser='^1[0-9]{10}$'\nnext_hop=\"192.0.2.80\"\nauth=true\n\
+             [[route]]\nname=\"trunk\"\nuser='^9[0-9]+$'\nfailover_timeout_ms=700\n\
+             next_hop=[\"provider.example\", \"sip:[2001:db8::1]:5062;transport=tcp\", \"192.0.2.90\"]\n",
             || "127.0.0.1".parse().unwrap(),
         )
         .unwrap();
@@ -830,6 +878,71 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             route("sip:+15550001@carrier.example", provider),
             Routed::NotFound(_)
         ));
+    }
+
+    #[test]
+    fn a_next_hop_list_gives_the_branch_its_failover_hops() {
+        let plan = decide("INVITE", "sip:91234567@example.com", "").unwrap_err();
+        assert_eq!(plan.targets.len(), 1, "one branch, tried serially");
+        assert_eq!(plan.failover_timeout, Some(Duration::from_millis(700)));
+        let first = &plan.targets[0];
+        assert_eq!(
+            first.dest,
+            Dest::Name {
+                host: "provider.example".into(),
+                transport: None
+            },
+            "a name without a port: RFC 3263 NAPTR/SRV"
+        );
+        assert_eq!(first.ruri.as_deref(), Some("sip:91234567@provider.example"));
+        let [v6, v4] = first.failover.as_slice() else {
+            panic!("two failover hops: {:?}", first.failover);
+        };
+        assert_eq!(v6.dest, Dest::Addr("[2001:db8::1]:5062".parse().unwrap()));
+        assert_eq!(v6.proto, Proto::Tcp);
+        assert_eq!(v6.ruri.as_deref(), Some("sip:91234567@[2001:db8::1]:5062"));
+        assert_eq!(v4.dest, Dest::Addr("192.0.2.90:5060".parse().unwrap()));
+        assert_eq!(v4.proto, Proto::Udp);
+        assert_eq!(v4.ruri.as_deref(), Some("sip:91234567@192.0.2.90:5060"));
+        // A route without failover_timeout_ms has the default, 2 s.
+        assert_eq!(
+            decide("INVITE", "sip:1234@example.com", "")
+                .unwrap_err()
+                .failover_timeout,
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn uri_hops_follow_rfc_3263_for_port_and_transport() {
+        let hop = |u: &str| hop_for_uri(u).expect("a reachable URI");
+        assert_eq!(
+            hop("sip:bob@example.net").dest,
+            Dest::Name {
+                host: "example.net".into(),
+                transport: None
+            }
+        );
+        let tcp = hop("sip:bob@example.net;transport=tcp");
+        assert_eq!(
+            (tcp.dest, tcp.proto),
+            (
+                Dest::Name {
+                    host: "example.net".into(),
+                    transport: Some(Proto::Tcp)
+                },
+                Proto::Tcp
+            )
+        );
+        assert_eq!(
+            hop("sip:bob@example.net:5070").dest,
+            Dest::Host("example.net".into(), 5070)
+        );
+        assert_eq!(
+            hop("sip:bob@192.0.2.4").dest,
+            Dest::Addr("192.0.2.4:5060".parse().unwrap())
+        );
+        assert!(hop_for_uri("sips:bob@example.net").is_none());
     }
 
     #[test]

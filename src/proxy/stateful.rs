@@ -16,16 +16,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::accounting::Accounting;
 use super::forward::{self, Asserted};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
-use super::txn::{self, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
+use super::txn::{self, Attempt, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::acc;
 use crate::auth::mac::RouteKey;
 use crate::auth::service::{Authenticator, Kind as AuthKind, Outcome};
 use crate::config::Config;
+use crate::dns::Resolver;
 use crate::media::session::Media;
 use crate::metrics::{Kind, Registry};
 use crate::sip::{Message, Rewrite, reply};
@@ -70,6 +71,8 @@ pub struct Proxy {
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// Bytes of outsized messages held by live transactions (`limits.transaction_memory`).
     large_bytes: Arc<AtomicUsize>,
+    /// Next hops by name (RFC 3263).
+    dns: Arc<Resolver>,
     stats: ProxyStats,
 }
 
@@ -83,6 +86,8 @@ pub struct ProxyStats {
     /// Events for a transaction task dropped because its queue was full (retransmission
     /// storms; the peer retransmits).
     pub events_dropped: AtomicU64,
+    /// Branches moved to their next alternate (503, timeout, unreachable, silent).
+    pub failovers: AtomicU64,
 }
 
 impl Proxy {
@@ -93,6 +98,7 @@ impl Proxy {
         key: RouteKey,
         media: Option<Arc<Media>>,
         acc: Arc<Accounting>,
+        dns: Arc<Resolver>,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
@@ -116,6 +122,7 @@ impl Proxy {
             client: DashMap::new(),
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
+            dns,
             stats: ProxyStats::default(),
         }
     }
@@ -136,7 +143,7 @@ impl Proxy {
     /// Registers the proxy's counters and its live transactions.
     pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
         type Field = fn(&ProxyStats) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 3] = [
+        let counters: [(&str, &str, Field); 4] = [
             (
                 "proxy_stray_responses_dropped",
                 "Responses that matched no transaction and were not a verifiable 2xx.",
@@ -152,7 +159,13 @@ impl Proxy {
                 "Events for a transaction task dropped because its queue was full.",
                 |s| &s.events_dropped,
             ),
+            (
+                "proxy_failovers",
+                "Branches sent on to their next alternate next hop (503, timeout, unreachable, silent).",
+                |s| &s.failovers,
+            ),
         ];
+        self.dns.register_metrics(m);
         for (name, help, field) in counters {
             let p = Arc::downgrade(self);
             m.counter(name, help, move || {
@@ -397,9 +410,9 @@ impl Proxy {
         // RFC 3325 §5: identity headers pass only from inside our trust domain.
         plan.identity.strip = !cfg.security.is_trusted(source.remote.ip());
         if plan.stateless {
-            let dests = resolve(&plan.targets).await;
-            if let Some(Some(dest)) = dests.first() {
-                self.forward_stateless(&msg, source, &plan, *dest).await;
+            let dests = resolve(&self.dns, &plan.targets).await;
+            if let Some(a) = dests.first().and_then(|d| d.first()) {
+                self.forward_stateless(&msg, source, &plan, a).await;
             }
             return;
         }
@@ -462,20 +475,23 @@ impl Proxy {
         if msg.method() == Some("BYE") {
             self.acc.bye(&msg).await;
         }
-        let resolved = resolve(&plan.targets).await;
+        let resolved = resolve(&self.dns, &plan.targets).await;
         let mut kept = Plan {
             targets: Vec::new(),
             ..plan.clone()
         };
         let mut dests = Vec::new();
-        for (hop, dest) in plan.targets.iter().zip(resolved) {
-            if let Some(d) = dest {
-                // RFC 5922 §4: a TLS hop's certificate must name the host we resolved.
-                if let (Proto::Tls, Dest::Host(host, _)) = (hop.proto, &hop.dest) {
-                    self.transports.set_tls_name(d, host);
+        for (hop, attempts) in plan.targets.iter().zip(resolved) {
+            // RFC 5922 §4: a TLS hop's certificate must name the host we resolved (the
+            // domain, not an SRV target).
+            for a in attempts.iter().filter(|a| a.hop.proto == Proto::Tls) {
+                if let Dest::Host(host, _) | Dest::Name { host, .. } = &a.hop.dest {
+                    self.transports.set_tls_name(a.dest, host);
                 }
+            }
+            if !attempts.is_empty() {
                 kept.targets.push(hop.clone());
-                dests.push(d);
+                dests.push(attempts);
             }
         }
         if dests.is_empty() {
@@ -496,17 +512,16 @@ impl Proxy {
         );
     }
 
-    /// Forwards an ACK for a 2xx (end-to-end, no transaction).
+    /// Forwards an ACK for a 2xx (end-to-end, no transaction) to the first place of its
+    /// next hop.
     pub async fn forward_stateless(
         &self,
         msg: &Message,
         source: Source,
         plan: &Plan,
-        dest: SocketAddr,
+        attempt: &Attempt,
     ) {
-        let Some(hop) = plan.targets.first() else {
-            return;
-        };
+        let (hop, dest) = (&attempt.hop, attempt.dest);
         let sent_by = msg
             .top_via()
             .map(|v| format!("{}:{}", v.host, v.port.unwrap_or(5060)));
@@ -740,6 +755,15 @@ impl Proxy {
                     TableEvent::ServerDone => {
                         self.server.remove(key);
                     }
+                    TableEvent::Failover {
+                        idx,
+                        from,
+                        to,
+                        reason,
+                    } => {
+                        self.stats.failovers.fetch_add(1, Relaxed);
+                        info!(branch = idx, %from, %to, reason = reason.as_str(), "next hop failed: trying the next one");
+                    }
                 }
             }
             while let Some(out) = t.poll_transmit() {
@@ -963,21 +987,41 @@ fn transport_failure_response(bytes: &[u8], dest: SocketAddr) -> Option<Message>
     Message::parse(&resp, crate::sip::Framing::Datagram).ok()
 }
 
-/// Resolves the hops of a plan: addresses as they are, names through the system resolver
-/// (A/AAAA; NAPTR/SRV is not done). A name that does not resolve drops its branch.
-pub async fn resolve(hops: &[Hop]) -> Vec<Option<SocketAddr>> {
+/// Resolves the hops of a plan, each with its failover hops, into the places of its branch
+/// in order: addresses as they are, names per RFC 3263 (NAPTR, SRV, A/AAAA; one SRV name
+/// gives its targets in priority and weight order). At most [`crate::dns::MAX_TARGETS`]
+/// places per branch; a hop none of whose names resolves gets none (its branch is dropped).
+pub async fn resolve(dns: &Resolver, hops: &[Hop]) -> Vec<Vec<Attempt>> {
     let mut out = Vec::with_capacity(hops.len());
-    for h in hops {
-        out.push(match &h.dest {
-            Dest::Addr(a) => Some(*a),
-            Dest::Host(host, port) => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(mut addrs) => addrs.next(),
-                Err(error) => {
-                    warn!(%host, %error, "next hop does not resolve");
-                    None
-                }
-            },
-        });
+    for first in hops {
+        let mut attempts = Vec::new();
+        for hop in std::iter::once(first).chain(&first.failover) {
+            let at = |dest: SocketAddr, proto: Proto| Attempt {
+                hop: Hop {
+                    proto,
+                    failover: Vec::new(),
+                    ..hop.clone()
+                },
+                dest,
+            };
+            let found = match &hop.dest {
+                Dest::Addr(a) => Ok(vec![crate::dns::Next {
+                    addr: *a,
+                    proto: hop.proto,
+                }]),
+                Dest::Host(host, port) => dns.resolve(host, Some(*port), Some(hop.proto)).await,
+                Dest::Name { host, transport } => dns.resolve(host, None, *transport).await,
+            };
+            match found {
+                Ok(places) => attempts.extend(places.into_iter().map(|n| at(n.addr, n.proto))),
+                Err(error) => warn!(%error, "next hop does not resolve"),
+            }
+            if attempts.len() >= crate::dns::MAX_TARGETS {
+                attempts.truncate(crate::dns::MAX_TARGETS);
+                break;
+            }
+        }
+        out.push(attempts);
     }
     out
 }

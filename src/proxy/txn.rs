@@ -13,6 +13,14 @@
 //! Media steps are requests to the shell ([`MediaOp`]) whose results come back through
 //! `handle_offer` / `handle_answer`. The shell completes each before it feeds the next input,
 //! so a branch's responses keep their order.
+//!
+//! Failover (Kamailio's dispatcher with a tm `failure_route`): a branch may carry alternate
+//! destinations ([`Attempt`]s, from a `[[route]]` list or the SRV targets of a name). When its
+//! client transaction ends in a 503, a local 408 without any provisional (Timer B/F) or a
+//! transport error, or when its next hop stays silent (not even a 100) for the plan's
+//! `failover_timeout`, and the caller has not cancelled and no final went upstream, the
+//! branch is sent again to the next alternate on a new client transaction with a new Via
+//! branch ([`ProxyTxn::restart_branch`]); its media session key (`Branch.id`) stays.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -115,13 +123,21 @@ impl Context {
     }
 }
 
+/// One resolved place for a branch: the hop (its Request-URI and transport) and its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub hop: Hop,
+    pub dest: SocketAddr,
+}
+
 /// What the transaction task does with its request.
 #[derive(Debug)]
 pub enum Work {
-    /// Forward along the plan; `dests[i]` is the resolved address of `plan.targets[i]`.
+    /// Forward along the plan; `dests[i]` are the resolved places of `plan.targets[i]` in
+    /// failover order (the first is tried first; never empty).
     Forward {
         plan: Plan,
-        dests: Vec<SocketAddr>,
+        dests: Vec<Vec<Attempt>>,
         strip_proxy_auth: bool,
         /// The user proxy authentication verified (media sessions count against it).
         auth_user: Option<String>,
@@ -188,6 +204,37 @@ pub enum Event {
     Final,
     /// The server transaction is over: a later copy of the request is a new request.
     ServerDone,
+    /// Branch `idx` left `from` for its next alternate `to` (README "Next hops and failover").
+    Failover {
+        idx: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        reason: FailoverReason,
+    },
+}
+
+/// Why a branch moved to its next alternate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverReason {
+    /// The next hop answered 503 Service Unavailable.
+    Unavailable,
+    /// No final and no provisional before Timer B/F (a local 408).
+    Timeout,
+    /// The next hop could not be reached (a transport error, a failed connect).
+    Unreachable,
+    /// Nothing at all, not even a 100, within the route's `failover_timeout_ms`.
+    Silent,
+}
+
+impl FailoverReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "503",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Silent => "no response within failover_timeout_ms",
+        }
+    }
 }
 
 /// Where a branch is.
@@ -205,6 +252,10 @@ enum Leg {
 struct Branch {
     /// Our branch id (the media session key of an initial INVITE's branch).
     id: String,
+    /// The Via branch of the current attempt (`id` for the first; a new one per failover).
+    via: String,
+    /// Failovers so far (0: the first destination).
+    attempt: usize,
     hop: Hop,
     dest: SocketAddr,
     role: Role,
@@ -213,6 +264,25 @@ struct Branch {
     cancel: Option<(ClientTxn, TxnKey)>,
     /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
     cancel_pending: bool,
+    /// The places still to try, in order.
+    alternates: VecDeque<Attempt>,
+    /// The body the request carried when forwarded (the relay's SDP), for a resend.
+    body: Option<Vec<u8>>,
+    /// When the current attempt was sent, and whether anything came back from it.
+    sent_at: Instant,
+    answered: bool,
+    /// Client transactions of earlier attempts that finish on their own (the ACK of a 503
+    /// and its retransmissions, Timer D).
+    retired: Vec<Retired>,
+}
+
+/// A client transaction left behind by a failover.
+#[derive(Debug)]
+struct Retired {
+    txn: Box<ClientTxn>,
+    key: TxnKey,
+    dest: SocketAddr,
+    proto: Proto,
 }
 
 /// The state of one proxied request. See the module documentation.
@@ -309,23 +379,32 @@ impl ProxyTxn {
             let trying = reply::response(&t.msg, source.remote, 100, "Trying", &[]);
             t.server.respond(100, trying, now);
         }
-        t.start_branches(&dests, now);
+        t.start_branches(dests, now);
         t.drive(now);
         t
     }
 
-    fn start_branches(&mut self, dests: &[SocketAddr], now: Instant) {
+    /// Our Via branch for forwarded copy `index` of the request (RFC 3261 §16.6 step 8).
+    fn branch_for(&self, index: usize) -> String {
         let key = crate::transaction::server_key(&self.msg);
         let (incoming, sent_by) = key
             .as_ref()
             .map_or(("", ""), |k| (k.branch.as_str(), k.sent_by.as_str()));
         let upstream = crate::nat::response_dest(&self.msg, self.source, self.nated);
+        forward::branch_id(&self.msg, incoming, sent_by, index, &self.ctx.key, upstream)
+    }
+
+    fn start_branches(&mut self, dests: Vec<Vec<Attempt>>, now: Instant) {
         let in_dialog = self.msg.to().ok().and_then(|t| t.tag()).is_some();
         let bye = self.msg.method() == Some("BYE");
         let has_body = !self.msg.body().is_empty();
         let targets = std::mem::take(&mut self.plan.targets);
-        for (i, (hop, dest)) in targets.iter().zip(dests).enumerate() {
-            let id = forward::branch_id(&self.msg, incoming, sent_by, i, &self.ctx.key, upstream);
+        for (i, (hop, attempts)) in targets.iter().zip(dests).enumerate() {
+            let mut attempts = VecDeque::from(attempts);
+            let Some(first) = attempts.pop_front() else {
+                continue;
+            };
+            let id = self.branch_for(i);
             let role = match self.plan.media {
                 Some(mode) if relay_decision(mode, self.plan.sender_nated, hop) => Role::Relay,
                 Some(_) => Role::Direct,
@@ -341,24 +420,32 @@ impl ProxyTxn {
                     Role::Direct => false,
                     Role::InDialog => bye || has_body,
                 };
+            let idx = self.branches.len();
             self.branches.push(Branch {
                 id: id.clone(),
-                hop: hop.clone(),
-                dest: *dest,
+                via: id.clone(),
+                attempt: 0,
+                hop: first.hop,
+                dest: first.dest,
                 role,
                 leg: Leg::Offering,
                 cancel: None,
                 cancel_pending: false,
+                alternates: attempts,
+                body: None,
+                sent_at: now,
+                answered: false,
+                retired: Vec::new(),
             });
             if offer {
                 self.media.push_back(MediaOp::Offer {
-                    idx: i,
+                    idx,
                     branch: id,
                     role,
                     auth_user: self.auth_user.clone(),
                 });
             } else {
-                self.send(i, None, now);
+                self.send(idx, None, now);
             }
         }
         self.plan.targets = targets;
@@ -374,15 +461,15 @@ impl ProxyTxn {
             self.source,
             &b.hop,
             b.dest,
-            &b.id,
+            &b.via,
             &self.plan,
             self.strip_proxy_auth,
             self.nated,
-            body,
+            body.clone(),
         );
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
-            branch: b.id.clone(),
+            branch: b.via.clone(),
             sent_by: forward::hostport(outbound),
             method: self.msg.method().unwrap_or_default().to_owned(),
         };
@@ -398,11 +485,94 @@ impl ProxyTxn {
             idx,
             cancel: false,
         });
-        self.branches[idx].leg = Leg::Sent {
+        let b = &mut self.branches[idx];
+        b.leg = Leg::Sent {
             txn: Box::new(txn),
             key,
         };
+        b.body = body;
+        b.sent_at = now;
+        b.answered = false;
         self.sent_any = true;
+    }
+
+    /// Sends branch `idx` again, to `next`, on a new client transaction with a new Via branch
+    /// (RFC 3261 §16.6 step 8: one branch per forwarded copy), with the body it was first
+    /// forwarded with. The branch's media session key (`Branch.id`) stays, so its relay
+    /// session serves whichever attempt answers. The caller has taken the previous client
+    /// transaction off the branch ([`ProxyTxn::fail_over`]).
+    fn restart_branch(&mut self, idx: usize, next: Attempt, now: Instant) {
+        let Some(b) = self.branches.get_mut(idx) else {
+            return;
+        };
+        b.attempt += 1;
+        // Distinct from every first attempt's index (branches are far fewer than 2^16).
+        let index = idx + (b.attempt << 16);
+        let via = self.branch_for(index);
+        let b = &mut self.branches[idx];
+        b.via = via;
+        b.hop = next.hop;
+        b.dest = next.dest;
+        let body = b.body.take();
+        self.send(idx, body, now);
+    }
+
+    /// Whether branch `idx` may move to its next alternate now: one remains, the caller has
+    /// not cancelled, the branch is not being cancelled, and no final went upstream.
+    fn can_fail_over(&self, idx: usize) -> bool {
+        self.branches
+            .get(idx)
+            .is_some_and(|b| !b.alternates.is_empty() && !b.cancel_pending && b.cancel.is_none())
+            && !self.cancelled
+            && self.server.final_status().is_none()
+    }
+
+    /// Moves branch `idx` to its next alternate. Its client transaction is retired (`retire`:
+    /// it still owes an ACK and absorbs retransmissions of the final it got) or dropped
+    /// quietly (nothing was received, so there is nothing to CANCEL or ACK), and its key is
+    /// unbound then. False when no alternate remains.
+    fn fail_over(
+        &mut self,
+        idx: usize,
+        reason: FailoverReason,
+        retire: bool,
+        now: Instant,
+    ) -> bool {
+        if !self.can_fail_over(idx) {
+            return false;
+        }
+        let b = &mut self.branches[idx];
+        let Some(next) = b.alternates.pop_front() else {
+            return false;
+        };
+        if let Leg::Sent { txn, key } = std::mem::replace(&mut b.leg, Leg::Over) {
+            if retire {
+                b.retired.push(Retired {
+                    txn,
+                    key,
+                    dest: b.dest,
+                    proto: b.hop.proto,
+                });
+            } else {
+                self.events.push_back(Event::Unbind(key));
+            }
+        }
+        self.events.push_back(Event::Failover {
+            idx,
+            from: b.dest,
+            to: next.dest,
+            reason,
+        });
+        self.restart_branch(idx, next, now);
+        true
+    }
+
+    /// When branch `idx`'s silent next hop is left for the next alternate, if it may be.
+    fn failover_deadline(&self, idx: usize) -> Option<Instant> {
+        let timeout = self.plan.failover_timeout?;
+        let b = self.branches.get(idx)?;
+        (matches!(b.leg, Leg::Sent { .. }) && !b.answered && self.can_fail_over(idx))
+            .then(|| b.sent_at + timeout)
     }
 
     /// The received request.
@@ -441,6 +611,25 @@ impl ProxyTxn {
             }
             Input::Response { idx, cancel, resp } => {
                 if let Some(b) = self.branches.get_mut(idx) {
+                    // A response to an earlier attempt (a retransmitted 503) goes to the
+                    // client transaction that is finishing it.
+                    let via = resp
+                        .top_via()
+                        .ok()
+                        .and_then(|v| v.branch().map(str::to_owned));
+                    if !cancel
+                        && let Some(r) = b
+                            .retired
+                            .iter_mut()
+                            .find(|r| via.as_deref() == Some(r.key.branch.as_str()))
+                    {
+                        r.txn.on_response(resp, now);
+                        self.drive(now);
+                        return;
+                    }
+                    if !cancel {
+                        b.answered = true;
+                    }
                     let txn = match (cancel, &mut b.leg, &mut b.cancel) {
                         (false, Leg::Sent { txn, .. }, _) => Some(&mut **txn),
                         (true, _, Some((txn, _))) => Some(txn),
@@ -464,6 +653,14 @@ impl ProxyTxn {
             }
             if let Some((c, _)) = &mut b.cancel {
                 c.on_timer(now);
+            }
+            for r in &mut b.retired {
+                r.txn.on_timer(now);
+            }
+        }
+        for idx in 0..self.branches.len() {
+            if self.failover_deadline(idx).is_some_and(|d| d <= now) {
+                self.fail_over(idx, FailoverReason::Silent, false, now);
             }
         }
         self.drive(now);
@@ -527,12 +724,19 @@ impl ProxyTxn {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.branches
             .iter()
-            .flat_map(|b| {
+            .enumerate()
+            .flat_map(|(idx, b)| {
                 let txn = match &b.leg {
                     Leg::Sent { txn, .. } => txn.poll_timeout(),
                     _ => None,
                 };
-                [txn, b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout())]
+                [
+                    txn,
+                    b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout()),
+                    self.failover_deadline(idx),
+                ]
+                .into_iter()
+                .chain(b.retired.iter().map(|r| r.txn.poll_timeout()))
             })
             .flatten()
             .chain(self.server.poll_timeout())
@@ -546,7 +750,7 @@ impl ProxyTxn {
             && self
                 .branches
                 .iter()
-                .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none())
+                .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none() && b.retired.is_empty())
     }
 
     /// Runs the branches' and the server transaction's actions until nothing moves.
@@ -556,6 +760,7 @@ impl ProxyTxn {
             for idx in 0..self.branches.len() {
                 cancel_others |= self.drain_branch(idx, now);
                 self.drain_cancel(idx);
+                self.drain_retired(idx);
             }
             if cancel_others {
                 self.cancel_pending(now);
@@ -609,6 +814,13 @@ impl ProxyTxn {
                 }
                 ClientAction::PassUp(resp) => {
                     let status = resp.status().unwrap_or(0);
+                    // RFC 3263 §4.3 / Kamailio's failure_route: a 503 moves the branch to its
+                    // next alternate, if it may; the caller never sees that 503.
+                    if status == 503 && self.fail_over(idx, FailoverReason::Unavailable, true, now)
+                    {
+                        continue;
+                    }
+                    let b = &mut self.branches[idx];
                     if self.ctx.media && b.role != Role::Direct && (101..300).contains(&status) {
                         // The media layer sees it first; `handle_answer` continues.
                         self.media.push_back(MediaOp::Answer {
@@ -623,19 +835,62 @@ impl ProxyTxn {
                     }
                 }
                 ClientAction::Timeout => {
+                    let provisional = txn.got_provisional();
+                    // Timer B/F without any provisional: the next hop is down, try the next.
+                    if !provisional && self.fail_over(idx, FailoverReason::Timeout, false, now) {
+                        continue;
+                    }
                     self.rc.on_local_final(idx, 408);
                     // Timer C (RFC 3261 §16.8): a branch that answered provisionally is
                     // cancelled; one that never answered is dropped.
-                    if txn.got_provisional() {
+                    if provisional {
                         self.send_cancel(idx, now);
                     }
                 }
-                ClientAction::TransportError => self.rc.on_local_final(idx, 503),
+                ClientAction::TransportError => {
+                    // RFC 3261 §8.1.3.1: a transport failure is a local 503; like a received
+                    // one, it moves the branch on.
+                    if !self.fail_over(idx, FailoverReason::Unreachable, false, now) {
+                        self.rc.on_local_final(idx, 503);
+                    }
+                }
                 ClientAction::Terminated => {
                     let key = key.clone();
                     b.leg = Leg::Over;
                     self.events.push_back(Event::Unbind(key));
                 }
+            }
+        }
+    }
+
+    /// Sends what the retired client transactions of branch `idx` ask for (an ACK, its
+    /// retransmissions) and drops those that ended.
+    fn drain_retired(&mut self, idx: usize) {
+        let b = &mut self.branches[idx];
+        let mut i = 0;
+        while i < b.retired.len() {
+            let r = &mut b.retired[i];
+            let mut over = false;
+            while let Some(a) = r.txn.poll_action() {
+                match a {
+                    ClientAction::Send(bytes) => self.transmits.push_back(Transmit {
+                        proto: r.proto,
+                        local: self.ctx.socket_for(r.proto),
+                        dest: r.dest,
+                        bytes,
+                    }),
+                    ClientAction::Terminated => over = true,
+                    // Its final was taken when it was retired; nothing else goes up.
+                    ClientAction::PassUp(_)
+                    | ClientAction::Timeout
+                    | ClientAction::TransportError => {}
+                }
+            }
+            if over {
+                let r = b.retired.remove(i);
+                self.events.push_back(Event::Unbind(r.key));
+            } else {
+                i += 1;
             }
         }
     }
@@ -816,7 +1071,7 @@ impl ProxyTxn {
         };
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
-            branch: b.id.clone(),
+            branch: b.via.clone(),
             sent_by: forward::hostport(outbound),
             method: "CANCEL".to_owned(),
         };

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::forward::BRANCH_PREFIX;
 use super::pipeline::{Dest, Hop, Plan};
-use super::txn::{Context, Event, Input, MediaOp, ProxyTxn, Role, Work};
+use super::txn::{Attempt, Context, Event, FailoverReason, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
@@ -27,6 +27,7 @@ const PROXY: &str = "198.51.100.1:5060";
 const CALLER: &str = "192.0.2.10:5060";
 const BOB: &str = "192.0.2.20:5062";
 const CAROL: &str = "192.0.2.30:5064";
+const DAVE: &str = "192.0.2.40:5066";
 
 const OFFER: &str = "v=0\r\no=alice 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\n\
 t=0 0\r\nm=audio 40000 RTP/AVP 0\r\n";
@@ -91,6 +92,14 @@ fn hop(dest: &str, proto: Proto) -> Hop {
         dest: Dest::Addr(addr(dest)),
         proto,
         flow: None,
+        failover: Vec::new(),
+    }
+}
+
+fn attempt(dest: &str, proto: Proto) -> Attempt {
+    Attempt {
+        hop: hop(dest, proto),
+        dest: addr(dest),
     }
 }
 
@@ -107,7 +116,7 @@ fn forward_over(dests: &[&str], proto: Proto, media: Option<MediaMode>) -> Work 
             media,
             ..Plan::default()
         },
-        dests: dests.iter().map(|d| addr(d)).collect(),
+        dests: dests.iter().map(|d| vec![attempt(d, proto)]).collect(),
         strip_proxy_auth: false,
         auth_user: None,
     }
@@ -1220,4 +1229,294 @@ fn a_forwarded_invite_and_its_responses_are_not_parsed_again() {
         before,
         "the responses went up without a second parse"
     );
+}
+
+// ---- Failover (README "Next hops and failover") ----
+
+/// An INVITE (with `media`) whose branches try `branches[i]` in order, each UDP; a silent
+/// next hop is left after `silent_ms` when set.
+fn failover_work(branches: &[&[&str]], silent_ms: Option<u64>, media: Option<MediaMode>) -> Work {
+    Work::Forward {
+        plan: Plan {
+            targets: branches.iter().map(|b| hop(b[0], Proto::Udp)).collect(),
+            record_route: true,
+            media,
+            failover_timeout: silent_ms.map(Duration::from_millis),
+            ..Plan::default()
+        },
+        dests: branches
+            .iter()
+            .map(|b| b.iter().map(|d| attempt(d, Proto::Udp)).collect())
+            .collect(),
+        strip_proxy_auth: false,
+        auth_user: None,
+    }
+}
+
+/// Starts an INVITE to BOB with CAROL as its alternate; returns the INVITE to BOB.
+fn invite_with_alternate(silent_ms: Option<u64>) -> (Harness, Sent) {
+    let (mut h, sent) = Harness::start(
+        ctx(false),
+        request("INVITE", None),
+        failover_work(&[&[BOB, CAROL]], silent_ms, None),
+    );
+    assert_upstream(&sent[one_idx(to(&sent, CALLER))], 100);
+    let inv = &sent[one_idx(to(&sent, BOB))];
+    let branch = assert_forwarded(inv, BOB);
+    assert_eq!(h.take_events(), vec![bind(&branch, 0)]);
+    let inv = sent
+        .into_iter()
+        .find(|s| s.tx.dest == addr(BOB))
+        .expect("checked above");
+    (h, inv)
+}
+
+fn failover_event(from: &str, to: &str, reason: FailoverReason) -> Event {
+    Event::Failover {
+        idx: 0,
+        from: addr(from),
+        to: addr(to),
+        reason,
+    }
+}
+
+#[test]
+fn a_503_moves_the_branch_to_its_next_alternate() {
+    let (mut h, bob) = invite_with_alternate(None);
+    h.at(400);
+    let sent = h.answer(0, false, &bob.msg, 503);
+    assert_eq!(
+        sent.len(),
+        2,
+        "the ACK to BOB and the INVITE to CAROL: {sent:?}"
+    );
+    assert_hop_request(&sent[one_idx(to(&sent, BOB))], "ACK", &bob, BOB);
+    let carol = &sent[one_idx(to(&sent, CAROL))];
+    let branch = assert_forwarded(carol, CAROL);
+    assert_ne!(
+        branch,
+        bob.branch(),
+        "a new client transaction, a new Via branch"
+    );
+    assert_eq!(carol.cseq(), (1, "INVITE".to_owned()));
+    assert_eq!(
+        h.take_events(),
+        vec![
+            failover_event(BOB, CAROL, FailoverReason::Unavailable),
+            bind(&branch, 0)
+        ]
+    );
+    // BOB retransmits its 503: ACKed again by the retired transaction, nothing goes up.
+    h.at(600);
+    let sent = h.answer(0, false, &bob.msg, 503);
+    assert_hop_request(&one(sent), "ACK", &bob, BOB);
+    // CAROL answers: that goes upstream.
+    h.at(700);
+    assert_upstream(&one(h.answer(0, false, &carol.msg, 180)), 180);
+    let ok = h.answer(0, false, &carol.msg, 200);
+    assert_upstream(&one(ok), 200);
+    assert!(h.take_events().contains(&Event::Final));
+    // Timer D ends BOB's transaction: its key is unbound.
+    h.run_out();
+    assert!(
+        h.take_events()
+            .contains(&Event::Unbind(key(&bob.branch(), "INVITE")))
+    );
+}
+
+#[test]
+fn a_503_from_the_last_alternate_goes_up_as_500() {
+    let (mut h, bob) = invite_with_alternate(None);
+    h.at(400);
+    let sent = h.answer(0, false, &bob.msg, 503);
+    let carol = sent
+        .into_iter()
+        .find(|s| s.tx.dest == addr(CAROL))
+        .expect("the INVITE to CAROL");
+    h.at(500);
+    let sent = h.answer(0, false, &carol.msg, 503);
+    assert_hop_request(&sent[one_idx(to(&sent, CAROL))], "ACK", &carol, CAROL);
+    assert_upstream(&sent[one_idx(to(&sent, CALLER))], 500);
+    assert!(to(&sent, BOB).is_empty());
+}
+
+#[test]
+fn timer_b_without_a_provisional_moves_the_branch_on() {
+    let (mut h, bob) = invite_with_alternate(None);
+    let mut carol = None;
+    while carol.is_none() {
+        for s in h.fire().expect("Timer A or B") {
+            assert_ne!(s.tx.dest, addr(CALLER), "nothing goes up: {s:?}");
+            if s.tx.dest == addr(CAROL) {
+                carol = Some(s);
+            }
+        }
+    }
+    // Timer B (64·T1) on BOB, then the same request to CAROL; BOB is not sent anything else.
+    assert_eq!(h.elapsed(), Duration::from_secs(32));
+    let carol = carol.expect("loop ends on it");
+    let branch = assert_forwarded(&carol, CAROL);
+    assert_eq!(
+        h.take_events(),
+        vec![
+            Event::Unbind(key(&bob.branch(), "INVITE")),
+            failover_event(BOB, CAROL, FailoverReason::Timeout),
+            bind(&branch, 0)
+        ]
+    );
+    // CAROL is silent too and is the last: its Timer B answers the caller 408.
+    let mut up = Vec::new();
+    while up.is_empty() {
+        for s in h.fire().expect("Timer A or B") {
+            assert_ne!(s.tx.dest, addr(BOB));
+            if s.tx.dest == addr(CALLER) {
+                up.push(s);
+            }
+        }
+    }
+    assert_eq!(h.elapsed(), Duration::from_secs(64));
+    assert_upstream(&one(up), 408);
+}
+
+#[test]
+fn a_silent_next_hop_is_left_after_the_failover_timeout() {
+    let (mut h, bob) = invite_with_alternate(Some(2_000));
+    // Timer A retransmits at 500 and 1500; at 2000 the branch moves on, without a CANCEL
+    // (nothing was received from BOB).
+    let mut log = Vec::new();
+    while !log.iter().any(|(_, d, _)| *d == addr(CAROL)) {
+        for s in h.fire().expect("Timer A or the failover timer") {
+            log.push((
+                h.elapsed().as_millis(),
+                s.tx.dest,
+                s.method().map(str::to_owned),
+            ));
+        }
+    }
+    let invite = Some("INVITE".to_owned());
+    assert_eq!(
+        log,
+        vec![
+            (500, addr(BOB), invite.clone()),
+            (1_500, addr(BOB), invite.clone()),
+            (2_000, addr(CAROL), invite.clone()),
+        ]
+    );
+    let events = h.take_events();
+    assert_eq!(
+        events[..2],
+        [
+            Event::Unbind(key(&bob.branch(), "INVITE")),
+            failover_event(BOB, CAROL, FailoverReason::Silent),
+        ]
+    );
+    // BOB's retransmissions stopped: everything after goes to CAROL (the last, so no
+    // failover timer now) until her Timer B.
+    let rest = h.run_out();
+    assert!(rest.iter().all(|(_, s)| s.tx.dest != addr(BOB)), "{rest:?}");
+    assert!(
+        rest.iter().any(|(at, s)| s.tx.dest == addr(CALLER)
+            && s.status() == Some(408)
+            && *at == Duration::from_secs(34)),
+        "408 at 2 s + 64·T1: {rest:?}"
+    );
+}
+
+#[test]
+fn a_next_hop_that_sent_100_is_not_left_by_the_failover_timer() {
+    let (mut h, bob) = invite_with_alternate(Some(2_000));
+    h.at(300);
+    assert!(h.answer(0, false, &bob.msg, 100).is_empty());
+    let next = h.t.poll_timeout().expect("Timer C");
+    assert!(next - h.t0 > Duration::from_secs(60), "{:?}", next - h.t0);
+}
+
+#[test]
+fn no_failover_after_the_caller_cancelled() {
+    let (mut h, bob) = invite_with_alternate(Some(2_000));
+    h.at(100);
+    assert_upstream(&one(h.input(Input::Cancel)), 487);
+    // The failover timer is off, and a 503 now is only ACKed.
+    assert!(
+        h.t.poll_timeout()
+            .is_some_and(|d| d - h.t0 == Duration::from_millis(500))
+    );
+    h.at(300);
+    let sent = h.answer(0, false, &bob.msg, 503);
+    assert_hop_request(&one(sent), "ACK", &bob, BOB);
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { .. }))
+    );
+}
+
+#[test]
+fn no_failover_after_a_final_went_upstream() {
+    // Branch 0 tries BOB then CAROL; branch 1 is DAVE, who answers first.
+    let (mut h, sent) = Harness::start(
+        ctx(false),
+        request("INVITE", None),
+        failover_work(&[&[BOB, CAROL], &[DAVE]], None, None),
+    );
+    let bob = sent
+        .iter()
+        .position(|s| s.tx.dest == addr(BOB))
+        .expect("INVITE to BOB");
+    let dave = sent
+        .iter()
+        .position(|s| s.tx.dest == addr(DAVE))
+        .expect("INVITE to DAVE");
+    h.at(200);
+    assert_upstream(&one(h.answer(1, false, &sent[dave].msg, 200)), 200);
+    h.at(300);
+    let out = h.answer(0, false, &sent[bob].msg, 503);
+    assert!(to(&out, CAROL).is_empty(), "{out:?}");
+    assert_hop_request(&out[one_idx(to(&out, BOB))], "ACK", &sent[bob], BOB);
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { .. }))
+    );
+}
+
+#[test]
+fn failover_keeps_the_media_session_of_the_branch() {
+    let (mut h, sent) = Harness::start(
+        ctx(true),
+        request("INVITE", Some(OFFER)),
+        failover_work(&[&[BOB, CAROL]], None, Some(MediaMode::Always)),
+    );
+    assert_upstream(&one(sent), 100);
+    let id = match h.take_media().pop() {
+        Some(MediaOp::Offer { branch, .. }) => branch,
+        other => panic!("expected the offer, got {other:?}"),
+    };
+    h.at(20);
+    let bob = offer_ok(&mut h, 0, &id, BOB);
+    h.at(400);
+    let sent = h.answer(0, false, &bob.msg, 503);
+    let carol = &sent[one_idx(to(&sent, CAROL))];
+    assert_eq!(
+        carol.msg.body(),
+        RELAY_OFFER.as_bytes(),
+        "the relay's SDP again"
+    );
+    assert_ne!(carol.branch(), id);
+    // CAROL's answer goes to media under the branch's first id: the same relay session.
+    h.at(500);
+    let resp = uas(&carol.msg, 200, Some(ANSWER));
+    assert!(
+        h.input(Input::Response {
+            idx: 0,
+            cancel: false,
+            resp
+        })
+        .is_empty()
+    );
+    let resp = expect_answer(&mut h, 0, &id, CAROL, 200);
+    h.t.handle_answer(h.now, 0, resp, Some(RELAY_ANSWER.as_bytes().to_vec()));
+    let up = one(h.drain());
+    assert_upstream(&up, 200);
+    assert_eq!(up.msg.body(), RELAY_ANSWER.as_bytes());
 }

@@ -131,6 +131,12 @@ impl<'a> SipUri<'a> {
     /// The same URI with another host and port (Kamailio's `rewritehostport`): scheme, user,
     /// password, parameters and headers are kept as written.
     pub fn with_hostport(&self, host: &str, port: u16) -> String {
+        self.with_host(host, Some(port))
+    }
+
+    /// [`SipUri::with_hostport`] where the port may be left out (a name to be resolved
+    /// through SRV, RFC 3263 §4.2).
+    pub fn with_host(&self, host: &str, port: Option<u16>) -> String {
         let scheme = if self.secure { "sips" } else { "sip" };
         let mut out = format!("{scheme}:");
         if let Some(user) = self.user {
@@ -142,9 +148,12 @@ impl<'a> SipUri<'a> {
             out.push('@');
         }
         if host.contains(':') {
-            out.push_str(&format!("[{host}]:{port}"));
+            out.push_str(&format!("[{host}]"));
         } else {
-            out.push_str(&format!("{host}:{port}"));
+            out.push_str(host);
+        }
+        if let Some(port) = port {
+            out.push_str(&format!(":{port}"));
         }
         if !self.params.is_empty() {
             out.push(';');

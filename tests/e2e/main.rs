@@ -7,6 +7,7 @@ mod acc;
 mod cli;
 mod control;
 mod corpus;
+mod dns;
 mod harness;
 mod identity;
 mod media;

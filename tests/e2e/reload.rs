@@ -132,8 +132,8 @@ async fn a_reloaded_route_takes_the_next_invite_and_an_invalid_file_is_refused()
     assert_eq!(inv.call_id().unwrap(), "refused");
     old_pbx.silent().await;
     assert_eq!(
-        srv.reloader.current().routes[0].next_hop_port,
-        new_pbx.addr.port()
+        srv.reloader.current().routes[0].next_hops[0].port,
+        Some(new_pbx.addr.port())
     );
     srv.stop().await;
 }
