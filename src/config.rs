@@ -78,6 +78,9 @@ pub struct RawConfig {
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
+    /// Provider accounts (`[[trunk]]`) that routes reference by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trunk: Vec<RawTrunk>,
 }
 
 /// `[server]`
@@ -371,6 +374,50 @@ pub struct RawRoute {
     /// "always" | "nat" | "never". Default "nat".
     #[serde(default = "default_media_mode")]
     pub media: MediaMode,
+    /// The `[[trunk]]` (by name) whose credentials answer the next hop's 401/407. Default
+    /// none: challenges are relayed to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<String>,
+}
+
+/// `[[trunk]]`: an account at a provider (Kamailio `uac`: `uac_auth()` credentials and a
+/// `uac_reg` registration).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrunk {
+    /// Referenced by `[[route]].trunk`; used in logs and metrics.
+    pub name: String,
+    /// The account: the user part of the registered AOR and the digest username.
+    pub username: String,
+    /// The password; exactly one of `password` and `password_file` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the password (first line, trailing newline removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Answer only challenges of this realm. Default "" = any realm.
+    #[serde(default)]
+    pub realm: String,
+    /// The digest username when it differs from `username`. Default: `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_username: Option<String>,
+    /// REGISTER to the provider and keep the registration fresh. Default false.
+    #[serde(default)]
+    pub register: bool,
+    /// The Expires asked for, seconds. Default 600.
+    #[serde(default = "default_register_expires")]
+    pub register_expires: u64,
+    /// `host[:port]` of the registrar (also the AOR's domain). Default: the next hop of the
+    /// first `[[route]]` that uses this trunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registrar: Option<String>,
+    /// The user part of the Contact we register. Default: `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_user: Option<String>,
+}
+
+fn default_register_expires() -> u64 {
+    600
 }
 
 /// Policy for out-of-dialog requests to domains that are not ours.
@@ -425,6 +472,102 @@ fn default_fr_timer() -> u64 {
 fn default_fr_inv_timer() -> u64 {
     120
 }
+/// The `[[trunk]]` tables: unique names, one password source, a registrar when registering
+/// (given, or the next hop of the first route that uses the trunk).
+fn validate_trunks(raw: &RawConfig) -> Result<Vec<Arc<Trunk>>, ConfigError> {
+    let mut out: Vec<Arc<Trunk>> = Vec::with_capacity(raw.trunk.len());
+    for (i, t) in raw.trunk.iter().enumerate() {
+        if t.name.is_empty() {
+            return Err(invalid(
+                "trunk.name",
+                format!("trunk #{} has an empty name", i + 1),
+            ));
+        }
+        if out.iter().any(|o| o.name == t.name) {
+            return Err(invalid("trunk.name", format!("{:?} is used twice", t.name)));
+        }
+        let token = |s: &str| !s.is_empty() && s.bytes().all(crate::sip::scan::is_token);
+        if !token(&t.username) {
+            return Err(invalid(
+                "trunk.username",
+                format!("trunk {:?}: {:?} is not a SIP user token", t.name, t.username),
+            ));
+        }
+        let password = match (&t.password, &t.password_file) {
+            (Some(p), None) => p.clone(),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    invalid(
+                        "trunk.password_file",
+                        format!("trunk {:?}: reading {file}: {e}", t.name),
+                    )
+                })?;
+                text.lines().next().unwrap_or_default().to_owned()
+            }
+            _ => {
+                return Err(invalid(
+                    "trunk.password",
+                    format!(
+                        "trunk {:?}: set exactly one of password and password_file",
+                        t.name
+                    ),
+                ));
+            }
+        };
+        let registration = if t.register {
+            if !(30..=86_400).contains(&t.register_expires) {
+                return Err(invalid(
+                    "trunk.register_expires",
+                    format!("trunk {:?}: must be 30..86400 seconds", t.name),
+                ));
+            }
+            let target = match &t.registrar {
+                Some(r) => r.clone(),
+                None => raw
+                    .route
+                    .iter()
+                    .find(|r| r.trunk.as_deref() == Some(t.name.as_str()))
+                    .map(|r| r.next_hop.clone())
+                    .ok_or_else(|| {
+                        invalid(
+                            "trunk.registrar",
+                            format!(
+                                "trunk {:?}: register = true needs a registrar or a [[route]] using the trunk",
+                                t.name
+                            ),
+                        )
+                    })?,
+            };
+            let (host, port) = parse_host_port(&target)
+                .map_err(|e| invalid("trunk.registrar", format!("trunk {:?}: {e}", t.name)))?;
+            let contact_user = t.contact_user.clone().unwrap_or_else(|| t.username.clone());
+            if !token(&contact_user) {
+                return Err(invalid(
+                    "trunk.contact_user",
+                    format!("trunk {:?}: {contact_user:?} is not a SIP user token", t.name),
+                ));
+            }
+            Some(Registration {
+                host,
+                port,
+                expires: Duration::from_secs(t.register_expires),
+                contact_user,
+            })
+        } else {
+            None
+        };
+        out.push(Arc::new(Trunk {
+            name: t.name.clone(),
+            username: t.username.clone(),
+            auth_username: t.auth_username.clone().unwrap_or_else(|| t.username.clone()),
+            password,
+            realm: (!t.realm.is_empty()).then(|| t.realm.clone()),
+            registration,
+        }));
+    }
+    Ok(out)
+}
+
 /// The control endpoint answers anyone who can connect, without credentials: it must not be
 /// reachable from the network, so only loopback addresses are accepted.
 fn validate_control(c: &RawControl) -> Result<Option<SocketAddr>, ConfigError> {
@@ -619,6 +762,45 @@ pub struct Route {
     pub next_hop_port: u16,
     pub auth: bool,
     pub media: MediaMode,
+    /// `[[route]].trunk`: the credentials that answer the next hop's challenges.
+    pub trunk: Option<Arc<Trunk>>,
+}
+
+/// A validated `[[trunk]]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Trunk {
+    pub name: String,
+    pub username: String,
+    /// The digest username (`auth_username`, else `username`).
+    pub auth_username: String,
+    pub password: String,
+    /// Only challenges of this realm are answered; `None` = any.
+    pub realm: Option<String>,
+    /// `register = true`: where and how to register.
+    pub registration: Option<Registration>,
+}
+
+impl std::fmt::Debug for Trunk {
+    // The password never reaches a log line (plans are logged at debug level).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trunk")
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registration of a trunk (`register = true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The registrar's host (also the AOR's domain) and port.
+    pub host: String,
+    pub port: u16,
+    /// `register_expires`.
+    pub expires: Duration,
+    /// The user part of our Contact.
+    pub contact_user: String,
 }
 
 #[derive(Debug, Clone)]
@@ -793,6 +975,8 @@ pub struct Config {
     /// The control endpoint's address (loopback), `None` = off.
     pub control: Option<SocketAddr>,
     pub routes: Vec<Route>,
+    /// The `[[trunk]]` accounts, in file order.
+    pub trunks: Vec<Arc<Trunk>>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
     /// The file with every default and derived value filled in (what `check-config` prints).
@@ -1146,6 +1330,7 @@ impl Config {
 
         let security = validate_security(&raw.security)?;
 
+        let trunks = validate_trunks(&raw)?;
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.iter().enumerate() {
             if r.name.is_empty() {
@@ -1162,6 +1347,21 @@ impl Config {
             })?;
             let (host, port) = parse_host_port(&r.next_hop)
                 .map_err(|e| invalid("route.next_hop", format!("route {:?}: {e}", r.name)))?;
+            let trunk = match &r.trunk {
+                None => None,
+                Some(name) => Some(
+                    trunks
+                        .iter()
+                        .find(|t| &t.name == name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            invalid(
+                                "route.trunk",
+                                format!("route {:?}: no [[trunk]] named {name:?}", r.name),
+                            )
+                        })?,
+                ),
+            };
             routes.push(Route {
                 name: r.name.clone(),
                 user,
@@ -1169,6 +1369,7 @@ impl Config {
                 next_hop_port: port,
                 auth: r.auth,
                 media: r.media,
+                trunk,
             });
         }
 
@@ -1192,6 +1393,7 @@ impl Config {
             security,
             control,
             routes,
+            trunks,
             advertise_source,
             effective: raw,
         })

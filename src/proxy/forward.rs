@@ -91,6 +91,33 @@ pub struct Options {
     /// Our Route header on top is removed (loose routing), or the last one, which became the
     /// Request-URI (strict-route compatibility), RFC 3261 §16.4.
     pub route: RouteEdit,
+    /// Added to the CSeq number: a trunk's authenticated re-send went out with the caller's
+    /// CSeq + 1, so the dialog's later requests from the caller follow (recorded in our
+    /// Record-Route as `;cs=N;ft=<caller's From tag>`, [`cseq_params`]).
+    pub cseq_offset: u32,
+}
+
+/// The Record-Route parameters of a dialog whose caller-side CSeq numbers are `offset` below
+/// the provider's: `;cs=N;ft=TAG` (the caller's From tag, Kamailio's `append_fromtag`, so
+/// the direction of a later request is known). Characters of the tag that a URI parameter
+/// cannot carry are %-escaped (RFC 3261 §25.1 `paramchar`).
+pub fn cseq_params(offset: u32, from_tag: &str) -> String {
+    let mut s = format!(";cs={offset};ft=");
+    s.push_str(&escape_param(from_tag));
+    s
+}
+
+/// `text` with every byte outside `unreserved / param-unreserved` %-escaped.
+pub fn escape_param(text: &str) -> String {
+    let mut s = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()[]/:&+$".contains(&b) {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
 }
 
 /// What happens to the Route set of a forwarded request (RFC 3261 §16.4, §16.6 step 6).
@@ -134,6 +161,16 @@ pub fn branch_id(
         loop_cookie(msg),
         h.finish()
     );
+    let mac = key.branch_mac(&core, upstream);
+    format!("{core}-{mac}")
+}
+
+/// The branch of a request re-sent on the same branch (a trunk's credentials): the branch
+/// with `-a` added to its core, signed again for `upstream` like [`branch_id`], so that a
+/// stray 2xx of it is still forwarded and a loop still recognised.
+pub fn retry_branch(branch: &str, key: &RouteKey, upstream: SocketAddr) -> String {
+    let core = branch.rsplit_once('-').map_or(branch, |(core, _)| core);
+    let core = format!("{core}-a");
     let mac = key.branch_mac(&core, upstream);
     format!("{core}-{mac}")
 }
@@ -198,6 +235,9 @@ pub fn record_route_uri(
         flows.push_str(";fe=");
         flows.push_str(&f.token());
     }
+    if opts.cseq_offset != 0 {
+        flows.push_str(&cseq_params(opts.cseq_offset, from_tag));
+    }
     let uri = format!("sip:{}{transport};lr{nat}{flows}", hostport(local));
     let mac = key.route_mac(call_id, from_tag, &uri);
     format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
@@ -237,6 +277,11 @@ pub fn request(
         None => opts.max_forwards_cap,
     };
     rw.set_max_forwards(mf);
+    if opts.cseq_offset != 0
+        && let Ok(cseq) = msg.cseq()
+    {
+        rw.set_cseq(cseq.seq.saturating_add(opts.cseq_offset));
+    }
     if opts.record_route {
         // RFC 3261 §16.6 step 4; RFC 5658 double Record-Route when the transport changes.
         // The top value faces the next hop, the second the previous hop.
@@ -308,6 +353,7 @@ Content-Length: 0\r\n\r\n";
             source: None,
             force_rport: false,
             route: RouteEdit::Keep,
+            cseq_offset: 0,
         }
     }
 

@@ -15,7 +15,7 @@ use super::forward::{Flow, creates_dialog};
 use super::sanity::{self, Verdict};
 use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
-use crate::config::{Config, MediaMode, RelayForeign};
+use crate::config::{Config, MediaMode, RelayForeign, Trunk};
 use crate::registrar::location::LocationService;
 use crate::registrar::service::Job;
 use crate::security::Security;
@@ -107,6 +107,9 @@ pub struct Plan {
     /// The accounting name of the route an initial INVITE took (the `cdr` table's `route`):
     /// the `[[route]]` name, "location" or "foreign"; `None` for every other request.
     pub route: Option<String>,
+    /// Added to the CSeq of the forwarded copy: an in-dialog request of the caller in a
+    /// dialog whose INVITE a trunk re-sent with credentials (`;cs=` in our Route).
+    pub cseq_offset: u32,
 }
 
 /// One branch before name resolution.
@@ -119,6 +122,8 @@ pub struct Hop {
     /// The callee's NAT binding when it differs from its Contact, recorded in our
     /// Record-Route (`;fe=`).
     pub flow: Option<Flow>,
+    /// `[[route]].trunk`: a 401/407 from this hop is answered with these credentials.
+    pub trunk: Option<Arc<Trunk>>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
@@ -163,6 +168,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
         dest,
         proto,
         flow: None,
+        trunk: None,
     })
 }
 
@@ -362,6 +368,17 @@ impl Core {
                     _ => None,
                 }
             });
+        // A trunk re-sent the dialog's INVITE with CSeq + N (`;cs=N;ft=TAG` in our Route): the
+        // caller's later requests (From tag TAG) go on N higher; the provider's are untouched.
+        let cseq_offset = route_verified
+            .then(|| routes.first().and_then(|r| SipUri::parse(r.uri).ok()))
+            .flatten()
+            .and_then(|our| {
+                let n: u32 = our.param("cs")?.parse().ok()?;
+                let caller = our.param("ft")? == super::forward::escape_param(from_tag);
+                caller.then_some(n)
+            })
+            .unwrap_or(0);
         let forward_to = |uri_text: &str, plan_auth| -> Routed {
             match hop_for_uri(uri_text) {
                 Some(mut hop) => Routed::Forward(Box::new(Plan {
@@ -385,6 +402,7 @@ impl Core {
                     sender_nated,
                     media: None,
                     route: None,
+                    cseq_offset,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -496,6 +514,7 @@ impl Core {
                     },
                     proto: Proto::Udp,
                     flow: None,
+                    trunk: rule.trunk.clone(),
                 }],
                 record_route,
                 pop_route,
@@ -507,6 +526,7 @@ impl Core {
                 sender_nated,
                 media: (method == "INVITE").then_some(rule.media),
                 route: (method == "INVITE").then(|| rule.name.clone()),
+                cseq_offset: 0,
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -544,6 +564,7 @@ impl Core {
                         dest: Dest::Addr(b.received),
                         proto: b.transport,
                         flow,
+                        trunk: None,
                     }
                 })
                 .collect(),
@@ -557,6 +578,7 @@ impl Core {
             sender_nated,
             media: (method == "INVITE").then_some(cfg.media.mode),
             route: (method == "INVITE").then(|| "location".to_owned()),
+            cseq_offset: 0,
         }))
     }
 

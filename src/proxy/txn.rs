@@ -10,6 +10,13 @@
 //! never reads a clock, a socket or a task: [`super::stateful`] feeds it and carries out what
 //! it returns, and the unit tests drive it on virtual time.
 //!
+//! A branch towards a `[[trunk]]` answers the first 401/407 of its next hop itself (Kamailio's
+//! `uac_auth()`): the challenge is not relayed; the same request goes again with the trunk's
+//! credentials, CSeq + 1 and a new Via branch, in a new client transaction
+//! ([`ProxyTxn::answer_challenge`]). A second challenge means the credentials are wrong: the
+//! caller gets a 403 naming trunk authentication (the provider's 407 would ask the phone for
+//! a password it does not have). Responses going upstream carry the caller's CSeq again.
+//!
 //! Media steps are requests to the shell ([`MediaOp`]) whose results come back through
 //! `handle_offer` / `handle_answer`. The shell completes each before it feeds the next input,
 //! so a branch's responses keep their order.
@@ -22,11 +29,12 @@ use tokio::time::Instant;
 use super::forward::{self, Local, Options, RouteEdit, Target};
 use super::pipeline::{Hop, Plan};
 use super::response::{Final, ResponseContext};
+use crate::auth::digest;
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
 pub use crate::media::session::Role;
-use crate::sip::{Message, reply};
+use crate::sip::{Framing, HeaderName, Message, Rewrite, reply};
 use crate::transaction::{ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey};
 use crate::transport::{Proto, Source, Transmit};
 
@@ -107,6 +115,7 @@ impl Context {
             source: Some(source.remote),
             force_rport,
             route,
+            cseq_offset: plan.cseq_offset,
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,
@@ -212,7 +221,19 @@ struct Branch {
     cancel: Option<(ClientTxn, TxnKey)>,
     /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
     cancel_pending: bool,
+    /// The body the branch's request carries instead of the received one (the relay's SDP),
+    /// kept for a trunk's authenticated re-send.
+    body: Option<Vec<u8>>,
+    /// The trunk's credentials went out on this branch: another challenge means they are
+    /// wrong.
+    auth_sent: bool,
+    /// The challenged client transaction of a re-sent branch: it ACKs (and absorbs) the
+    /// 401/407 until it terminates.
+    spent: Option<(Box<ClientTxn>, TxnKey)>,
 }
+
+/// The reason phrase of the 403 a caller gets when a trunk's credentials are refused.
+pub const TRUNK_REJECTED: &str = "Forbidden (trunk authentication failed)";
 
 /// The state of one proxied request. See the module documentation.
 #[derive(Debug)]
@@ -242,6 +263,8 @@ pub struct ProxyTxn {
     server_done: bool,
     /// Some branch was forwarded (not every one was refused by media).
     sent_any: bool,
+    /// A trunk's credentials were challenged again: the caller's 403 says so.
+    trunk_rejected: bool,
     transmits: VecDeque<Transmit>,
     media: VecDeque<MediaOp>,
     events: VecDeque<Event>,
@@ -292,6 +315,7 @@ impl ProxyTxn {
             final_reported: false,
             server_done: false,
             sent_any: false,
+            trunk_rejected: false,
             transmits: VecDeque::new(),
             media: VecDeque::new(),
             events: VecDeque::new(),
@@ -348,6 +372,9 @@ impl ProxyTxn {
                 leg: Leg::Offering,
                 cancel: None,
                 cancel_pending: false,
+                body: None,
+                auth_sent: false,
+                spent: None,
             });
             if offer {
                 self.media.push_back(MediaOp::Offer {
@@ -377,7 +404,7 @@ impl ProxyTxn {
             &self.plan,
             self.strip_proxy_auth,
             self.nated,
-            body,
+            body.clone(),
         );
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
@@ -401,7 +428,126 @@ impl ProxyTxn {
             txn: Box::new(txn),
             key,
         };
+        let b = &mut self.branches[idx];
+        if b.hop.trunk.is_some() {
+            b.body = body;
+        }
         self.sent_any = true;
+    }
+
+    /// A 401/407 `resp` on branch `idx`, whose hop belongs to a trunk: answered with the
+    /// trunk's credentials (Kamailio `uac_auth()`). True when the challenge is handled here
+    /// (re-sent, or refused a second time: the caller gets [`TRUNK_REJECTED`]); false when it
+    /// goes upstream as today (no challenge for the trunk's realm, or the caller cancelled).
+    fn answer_challenge(&mut self, idx: usize, resp: &Message, now: Instant) -> bool {
+        let Some(b) = self.branches.get(idx) else {
+            return false;
+        };
+        let Some(trunk) = b.hop.trunk.clone() else {
+            return false;
+        };
+        let status = resp.status().unwrap_or(0);
+        if b.auth_sent {
+            tracing::warn!(
+                trunk = %trunk.name,
+                sip.status = status,
+                peer.addr = %b.dest,
+                "trunk credentials rejected"
+            );
+            self.trunk_rejected = true;
+            self.rc.on_local_final(idx, 403);
+            return true;
+        }
+        if self.cancelled {
+            return false;
+        }
+        let (header, answer_name) = match status {
+            401 => (HeaderName::WwwAuthenticate, "Authorization"),
+            _ => (HeaderName::ProxyAuthenticate, "Proxy-Authorization"),
+        };
+        let challenge = resp
+            .headers_named(header)
+            .filter_map(|h| resp.str_at(h.value.clone()))
+            .filter_map(|v| digest::parse_challenge(v).ok())
+            .find(|c| trunk.realm.as_ref().is_none_or(|r| *r == c.realm));
+        let Some(challenge) = challenge else {
+            tracing::debug!(trunk = %trunk.name, "no challenge the trunk can answer: relayed");
+            return false;
+        };
+        let upstream = crate::nat::response_dest(&self.msg, self.source, self.nated);
+        let method = self.msg.method().unwrap_or_default();
+        let uri = b
+            .hop
+            .ruri
+            .as_deref()
+            .or(self.msg.request_uri())
+            .unwrap_or_default();
+        // The client nonce only has to be unpredictable to the server: a MAC of its nonce.
+        let cnonce = self.ctx.key.branch_mac(&challenge.nonce, b.dest);
+        let credentials = digest::authorization(
+            &challenge,
+            &digest::Answer {
+                username: &trunk.auth_username,
+                password: &trunk.password,
+                method,
+                uri,
+                cnonce: &cnonce,
+                nc: 1,
+            },
+        );
+        let id = forward::retry_branch(&b.id, &self.ctx.key, upstream);
+        // CSeq + 1 (RFC 3261 §22.2: a request with credentials is a new request); our
+        // Record-Route records the offset for the dialog's later requests.
+        let mut plan = self.plan.clone();
+        plan.cseq_offset = plan.cseq_offset.saturating_add(1);
+        let built = self.ctx.build(
+            &self.msg,
+            self.source,
+            &b.hop,
+            b.dest,
+            &id,
+            &plan,
+            self.strip_proxy_auth,
+            self.nated,
+            b.body.clone(),
+        );
+        let Ok(parsed) = Message::parse(&built, Framing::Stream) else {
+            return false;
+        };
+        let mut rw = Rewrite::new(&parsed);
+        rw.insert_header(None, answer_name, &credentials);
+        let bytes = rw.finish();
+        let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
+        let key = TxnKey {
+            branch: id,
+            sent_by: forward::hostport(outbound),
+            method: method.to_owned(),
+        };
+        let kind = if self.invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let txn = ClientTxn::new(kind, bytes, b.hop.proto.is_reliable(), self.ctx.timers, now);
+        tracing::info!(trunk = %trunk.name, sip.status = status, dest = %b.dest, "answering the trunk's challenge");
+        self.events.push_back(Event::Bind {
+            key: key.clone(),
+            idx,
+            cancel: false,
+        });
+        let b = &mut self.branches[idx];
+        let old = std::mem::replace(
+            &mut b.leg,
+            Leg::Sent {
+                txn: Box::new(txn),
+                key,
+            },
+        );
+        if let Leg::Sent { txn, key } = old {
+            b.spent = Some((txn, key));
+        }
+        b.auth_sent = true;
+        true
     }
 
     /// The received request.
@@ -440,9 +586,14 @@ impl ProxyTxn {
             }
             Input::Response { idx, cancel, resp } => {
                 if let Some(b) = self.branches.get_mut(idx) {
-                    let txn = match (cancel, &mut b.leg, &mut b.cancel) {
-                        (false, Leg::Sent { txn, .. }, _) => Some(&mut **txn),
-                        (true, _, Some((txn, _))) => Some(txn),
+                    let top = resp.top_via().ok().and_then(|v| v.branch().map(str::to_owned));
+                    let txn = match (cancel, &mut b.leg, &mut b.cancel, &mut b.spent) {
+                        // A retransmitted challenge of a branch a trunk re-sent.
+                        (false, _, _, Some((txn, key))) if top.as_deref() == Some(&key.branch) => {
+                            Some(&mut **txn)
+                        }
+                        (false, Leg::Sent { txn, .. }, _, _) => Some(&mut **txn),
+                        (true, _, Some((txn, _)), _) => Some(txn),
                         _ => None,
                     };
                     if let Some(txn) = txn {
@@ -462,6 +613,9 @@ impl ProxyTxn {
                 txn.on_timer(now);
             }
             if let Some((c, _)) = &mut b.cancel {
+                c.on_timer(now);
+            }
+            if let Some((c, _)) = &mut b.spent {
                 c.on_timer(now);
             }
         }
@@ -531,7 +685,11 @@ impl ProxyTxn {
                     Leg::Sent { txn, .. } => txn.poll_timeout(),
                     _ => None,
                 };
-                [txn, b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout())]
+                [
+                    txn,
+                    b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout()),
+                    b.spent.as_ref().and_then(|(c, _)| c.poll_timeout()),
+                ]
             })
             .flatten()
             .chain(self.server.poll_timeout())
@@ -545,7 +703,7 @@ impl ProxyTxn {
             && self
                 .branches
                 .iter()
-                .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none())
+                .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none() && b.spent.is_none())
     }
 
     /// Runs the branches' and the server transaction's actions until nothing moves.
@@ -555,6 +713,7 @@ impl ProxyTxn {
             for idx in 0..self.branches.len() {
                 cancel_others |= self.drain_branch(idx, now);
                 self.drain_cancel(idx);
+                self.drain_spent(idx);
             }
             if cancel_others {
                 self.cancel_pending(now);
@@ -608,6 +767,13 @@ impl ProxyTxn {
                 }
                 ClientAction::PassUp(resp) => {
                     let status = resp.status().unwrap_or(0);
+                    if matches!(status, 401 | 407)
+                        && b.hop.trunk.is_some()
+                        && self.answer_challenge(idx, &resp, now)
+                    {
+                        continue;
+                    }
+                    let b = &mut self.branches[idx];
                     if self.ctx.media && b.role != Role::Direct && (101..300).contains(&status) {
                         // The media layer sees it first; `handle_answer` continues.
                         self.media.push_back(MediaOp::Answer {
@@ -663,6 +829,32 @@ impl ProxyTxn {
         }
     }
 
+    /// Runs the challenged client transaction of branch `idx` (its ACK, absorbed
+    /// retransmissions) until it terminates.
+    fn drain_spent(&mut self, idx: usize) {
+        let b = &mut self.branches[idx];
+        let Some((c, key)) = &mut b.spent else {
+            return;
+        };
+        while let Some(a) = c.poll_action() {
+            match a {
+                ClientAction::Send(bytes) => self.transmits.push_back(Transmit {
+                    proto: b.hop.proto,
+                    local: self.ctx.socket_for(b.hop.proto),
+                    dest: b.dest,
+                    bytes,
+                }),
+                ClientAction::Terminated => {
+                    self.events.push_back(Event::Unbind(key.clone()));
+                    b.spent = None;
+                    return;
+                }
+                // The challenge was answered already; a retransmission of it changes nothing.
+                ClientAction::PassUp(_) | ClientAction::Timeout | ClientAction::TransportError => {}
+            }
+        }
+    }
+
     /// A response of branch `idx` goes through the response context (after media, with the
     /// relay's SDP in `body`). True when the other branches must be cancelled.
     fn pass_up(&mut self, idx: usize, resp: Message, body: Option<Vec<u8>>, now: Instant) -> bool {
@@ -684,7 +876,7 @@ impl ProxyTxn {
         }
         let d = self.rc.on_response(idx, resp);
         if let Some(up) = d.forward
-            && let Some(bytes) = upstream_copy(&up, body)
+            && let Some(bytes) = upstream_copy(&up, body, self.caller_cseq())
         {
             let up_status = up.status().unwrap_or(0);
             if self.invite
@@ -722,7 +914,7 @@ impl ProxyTxn {
         let (status, bytes) = match best {
             Final::Received(resp) => {
                 let status = resp.status().unwrap_or(500);
-                match upstream_copy(&resp, None) {
+                match upstream_copy(&resp, None, self.caller_cseq()) {
                     Some(b) => (status, b),
                     // A downstream UA answered with only our Via (it built the response from
                     // our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it, so the
@@ -765,13 +957,19 @@ impl ProxyTxn {
     }
 
     fn local_response(&self, status: u16, extra: &[(&str, &str)]) -> Vec<u8> {
-        reply::response(
-            &self.msg,
-            self.source.remote,
-            status,
-            reply::reason(status),
-            extra,
-        )
+        let reason = if status == 403 && self.trunk_rejected {
+            TRUNK_REJECTED
+        } else {
+            reply::reason(status)
+        };
+        reply::response(&self.msg, self.source.remote, status, reason, extra)
+    }
+
+    /// The CSeq number of the request as the caller sent it: responses go upstream with it,
+    /// also those to a trunk's re-send (CSeq + 1) or to an in-dialog request sent on with the
+    /// dialog's offset.
+    fn caller_cseq(&self) -> Option<u32> {
+        self.msg.cseq().ok().map(|c| c.seq)
     }
 
     /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
@@ -834,14 +1032,20 @@ impl ProxyTxn {
     }
 }
 
-/// A downstream response with our Via removed (and the relay's SDP), ready to go upstream;
-/// `None` when no Via would be left (the response was meant for us, RFC 3261 §16.7 step 3).
-fn upstream_copy(resp: &Message, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+/// A downstream response with our Via removed (and the relay's SDP), ready to go upstream
+/// with the caller's CSeq number `cseq`; `None` when no Via would be left (the response was
+/// meant for us, RFC 3261 §16.7 step 3).
+fn upstream_copy(resp: &Message, body: Option<Vec<u8>>, cseq: Option<u32>) -> Option<Vec<u8>> {
     if resp.vias().ok()?.len() < 2 {
         return None;
     }
     let mut rw = crate::sip::Rewrite::new(resp);
     rw.pop_via().ok()?;
+    if let (Some(seq), Ok(theirs)) = (cseq, resp.cseq())
+        && theirs.seq != seq
+    {
+        rw.set_cseq(seq);
+    }
     if let Some(body) = body {
         rw.replace_body(body);
     }
