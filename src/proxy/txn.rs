@@ -1002,7 +1002,7 @@ impl ProxyTxn {
         if b.cancel.is_some() {
             return;
         }
-        let Leg::Sent { txn, .. } = &mut b.leg else {
+        let Leg::Sent { txn, key: sent } = &mut b.leg else {
             return;
         };
         // RFC 3261 §9.1: once cancelled, the INVITE waits 64·T1 at most for its final.
@@ -1012,7 +1012,8 @@ impl ProxyTxn {
         };
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
-            branch: b.id.clone(),
+            // The branch of the INVITE sent last (a trunk's re-send has its own).
+            branch: sent.branch.clone(),
             sent_by: forward::hostport(outbound),
             method: "CANCEL".to_owned(),
         };
