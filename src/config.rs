@@ -490,7 +490,10 @@ fn validate_trunks(raw: &RawConfig) -> Result<Vec<Arc<Trunk>>, ConfigError> {
         if !token(&t.username) {
             return Err(invalid(
                 "trunk.username",
-                format!("trunk {:?}: {:?} is not a SIP user token", t.name, t.username),
+                format!(
+                    "trunk {:?}: {:?} is not a SIP user token",
+                    t.name, t.username
+                ),
             ));
         }
         let password = match (&t.password, &t.password_file) {
@@ -544,7 +547,10 @@ fn validate_trunks(raw: &RawConfig) -> Result<Vec<Arc<Trunk>>, ConfigError> {
             if !token(&contact_user) {
                 return Err(invalid(
                     "trunk.contact_user",
-                    format!("trunk {:?}: {contact_user:?} is not a SIP user token", t.name),
+                    format!(
+                        "trunk {:?}: {contact_user:?} is not a SIP user token",
+                        t.name
+                    ),
                 ));
             }
             Some(Registration {
@@ -559,7 +565,10 @@ fn validate_trunks(raw: &RawConfig) -> Result<Vec<Arc<Trunk>>, ConfigError> {
         out.push(Arc::new(Trunk {
             name: t.name.clone(),
             username: t.username.clone(),
-            auth_username: t.auth_username.clone().unwrap_or_else(|| t.username.clone()),
+            auth_username: t
+                .auth_username
+                .clone()
+                .unwrap_or_else(|| t.username.clone()),
             password,
             realm: (!t.realm.is_empty()).then(|| t.realm.clone()),
             registration,

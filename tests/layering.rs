@@ -4,7 +4,7 @@
 //! Layers, top first; a module may use any module listed after it:
 //!
 //! ```text
-//! main, cmd, fuzzing → app → control → driver → proxy → media → acc → registrar → nat → auth → store
+//! main, cmd, fuzzing → app → control → driver → proxy → trunk → media → acc → registrar → nat → auth → store
 //!   → config → security → transaction → transport → sip      (clock, log: utilities for all)
 //! ```
 //!
@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-const ORDER: [&str; 15] = [
+const ORDER: [&str; 16] = [
     "app",
     "control",
     "driver",
     "proxy",
+    "trunk",
     "media",
     "acc",
     "registrar",
@@ -37,7 +38,7 @@ const UTILITIES: [&str; 3] = ["clock", "log", "metrics"];
 /// Entry points and the fuzz harness: they may use anything.
 const TOP: [&str; 4] = ["main", "cmd", "fuzzing", "lib"];
 /// Files (or directories, with a trailing `/`) that are pure state machines and parsers.
-const PURE: [&str; 12] = [
+const PURE: [&str; 13] = [
     "acc.rs",
     "sip/",
     "transaction/",
@@ -50,6 +51,7 @@ const PURE: [&str; 12] = [
     "media/sdp.rs",
     "nat/detect.rs",
     "auth/digest.rs",
+    "trunk/register.rs",
 ];
 /// Macros exported at the crate root, and the module that defines them.
 const MACROS: [(&str, &str); 1] = [("security_event", "log")];

@@ -577,7 +577,13 @@ pub fn parse_challenge(value: &str) -> Result<Challenge, DigestError> {
     };
     let qop_auth = match &qop {
         None => false,
-        Some(list) if list.split(',').any(|q| q.trim().eq_ignore_ascii_case("auth")) => true,
+        Some(list)
+            if list
+                .split(',')
+                .any(|q| q.trim().eq_ignore_ascii_case("auth")) =>
+        {
+            true
+        }
         Some(_) => return Err(DigestError::UnsupportedQop),
     };
     Ok(Challenge {
@@ -1236,7 +1242,12 @@ mod tests {
                 c.opaque.as_deref(),
                 Some("FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS")
             );
-            let h = ha1(c.algorithm, "Mufasa", "http-auth@example.org", "Circle of Life");
+            let h = ha1(
+                c.algorithm,
+                "Mufasa",
+                "http-auth@example.org",
+                "Circle of Life",
+            );
             assert!(verify(&h, "GET", &c));
         }
     }
@@ -1293,7 +1304,10 @@ mod tests {
                 "Digest realm=\"r\", nonce=\"n\", qop=\"auth-int\"",
                 DigestError::UnsupportedQop,
             ),
-            ("Digest realm=\"r\", realm=\"s\", nonce=\"n\"", DigestError::Duplicate("realm")),
+            (
+                "Digest realm=\"r\", realm=\"s\", nonce=\"n\"",
+                DigestError::Duplicate("realm"),
+            ),
             ("Digest realm=\"r\" nonce=\"n\"", DigestError::Syntax),
         ] {
             assert_eq!(parse_challenge(bad), Err(err), "{bad}");

@@ -894,6 +894,35 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
         );
     }
 
+    /// A trunk re-sent the INVITE with CSeq + 1 (`;cs=1;ft=TAG` in our Record-Route): the
+    /// caller's BYE and ACK go on with the offset, the other party's requests without.
+    #[test]
+    fn trunk_cseq_offset_follows_the_callers_requests_only() {
+        let offset = |method: &str, route: &str| {
+            decide(
+                method,
+                "sip:p@192.0.2.50:5060",
+                &format!("Route: <{}>\r\n", signed(route)),
+            )
+            .unwrap_err()
+            .cseq_offset
+        };
+        // decide()'s requests carry From tag 1.
+        let callers = "sip:127.0.0.1:5060;lr;cs=1;ft=1";
+        assert_eq!(offset("BYE", callers), 1);
+        assert_eq!(offset("ACK", callers), 1);
+        let other_party = "sip:127.0.0.1:5060;lr;cs=1;ft=zz";
+        assert_eq!(offset("BYE", other_party), 0);
+        assert_eq!(offset("BYE", "sip:127.0.0.1:5060;lr"), 0);
+        // The parameters count only under our MAC.
+        let forged = decide(
+            "BYE",
+            "sip:p@192.0.2.50:5060",
+            "Route: <sip:127.0.0.1:5060;lr;cs=1;ft=1>\r\n",
+        );
+        assert_eq!(forged.map_err(|p| p.cseq_offset), Ok(Some(403)));
+    }
+
     #[test]
     fn routes_we_did_not_sign_are_not_followed() {
         let bye = |route: &str| decide("BYE", "sip:victim@192.0.2.99:5060", route);

@@ -586,7 +586,10 @@ impl ProxyTxn {
             }
             Input::Response { idx, cancel, resp } => {
                 if let Some(b) = self.branches.get_mut(idx) {
-                    let top = resp.top_via().ok().and_then(|v| v.branch().map(str::to_owned));
+                    let top = resp
+                        .top_via()
+                        .ok()
+                        .and_then(|v| v.branch().map(str::to_owned));
                     let txn = match (cancel, &mut b.leg, &mut b.cancel, &mut b.spent) {
                         // A retransmitted challenge of a branch a trunk re-sent.
                         (false, _, _, Some((txn, key))) if top.as_deref() == Some(&key.branch) => {

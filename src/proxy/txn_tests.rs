@@ -1196,7 +1196,10 @@ fn trunk_invite() -> (Harness, Sent) {
         auth_user: None,
     };
     let (mut h, sent) = Harness::start(ctx(false), request("INVITE", None), work);
-    let fwd = one(sent.into_iter().filter(|s| s.tx.dest == addr(PROVIDER)).collect());
+    let fwd = one(sent
+        .into_iter()
+        .filter(|s| s.tx.dest == addr(PROVIDER))
+        .collect());
     assert_forwarded(&fwd, PROVIDER);
     h.take_events();
     (h, fwd)
@@ -1242,9 +1245,15 @@ fn trunk_challenge_is_answered_with_credentials_and_never_relayed() {
     }));
     assert!(up.is_empty(), "the caller never sees the 407: {up:?}");
     assert_eq!(down.len(), 2, "{down:?}");
-    let ack = down.iter().find(|s| s.method() == Some("ACK")).expect("ACK");
+    let ack = down
+        .iter()
+        .find(|s| s.method() == Some("ACK"))
+        .expect("ACK");
     assert_hop_request(ack, "ACK", &inv, PROVIDER);
-    let again = down.iter().find(|s| s.method() == Some("INVITE")).expect("re-sent");
+    let again = down
+        .iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
     assert_eq!(again.method(), Some("INVITE"));
     assert_eq!(again.cseq(), (2, "INVITE".to_owned()), "CSeq + 1");
     assert_ne!(again.branch(), inv.branch(), "a new branch");
@@ -1259,7 +1268,10 @@ fn trunk_challenge_is_answered_with_credentials_and_never_relayed() {
         .header_str(HeaderName::ProxyAuthorization)
         .expect("Proxy-Authorization");
     let c = digest::parse_credentials(value).unwrap();
-    assert_eq!((c.username.as_str(), c.realm.as_str()), ("acct1", PROVIDER_REALM));
+    assert_eq!(
+        (c.username.as_str(), c.realm.as_str()),
+        ("acct1", PROVIDER_REALM)
+    );
     assert_eq!(c.uri, format!("sip:bob@{PROVIDER}"));
     let ha1 = digest::ha1(c.algorithm, "acct1", PROVIDER_REALM, "s3cret");
     assert!(digest::verify(&ha1, "INVITE", &c));
@@ -1297,8 +1309,14 @@ fn trunk_credentials_challenged_again_give_the_caller_a_403() {
         cancel: false,
         resp: challenge(&inv.msg, 401, "n1"),
     }));
-    let again = down.into_iter().find(|s| s.method() == Some("INVITE")).expect("re-sent");
-    assert!(again.msg.header(HeaderName::Authorization).is_some(), "401 → Authorization");
+    let again = down
+        .into_iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
+    assert!(
+        again.msg.header(HeaderName::Authorization).is_some(),
+        "401 → Authorization"
+    );
     h.at(200);
     let (down, up) = split(h.input(Input::Response {
         idx: 0,
@@ -1340,7 +1358,10 @@ fn trunk_caller_cancel_after_the_re_send_cancels_the_re_sent_invite() {
         cancel: false,
         resp: challenge(&inv.msg, 407, "n1"),
     }));
-    let again = down.into_iter().find(|s| s.method() == Some("INVITE")).expect("re-sent");
+    let again = down
+        .into_iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
     h.take_events();
     h.at(300);
     assert_upstream(&one(h.answer(0, false, &again.msg, 180)), 180);
