@@ -547,6 +547,8 @@ impl ProxyTxn {
             b.spent = Some((txn, key));
         }
         b.auth_sent = true;
+        // The challenged transaction's ACK leaves before the new request.
+        self.drain_spent(idx);
         true
     }
 

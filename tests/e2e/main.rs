@@ -18,3 +18,4 @@ mod reload;
 mod security;
 mod store;
 mod transport;
+mod trunk;
