@@ -1433,11 +1433,18 @@ impl Config {
         ))
     }
 
-    /// The effective configuration as TOML: every default and derived value written out.
+    /// The effective configuration as TOML: every default and derived value written out,
+    /// trunk passwords hidden (`check-config` output ends up in tickets and chats).
     pub fn effective_toml(&self) -> String {
+        let mut shown = self.effective.clone();
+        for t in &mut shown.trunk {
+            if t.password.is_some() {
+                t.password = Some("(hidden)".to_owned());
+            }
+        }
         // invariant: RawConfig holds only strings, numbers, bools, enums and arrays of tables,
         // all of which TOML can represent.
-        toml::to_string_pretty(&self.effective).expect("RawConfig serialises to TOML")
+        toml::to_string_pretty(&shown).expect("RawConfig serialises to TOML")
     }
 
     /// True if `host` (a domain or address from a URI) names this server.
@@ -1836,6 +1843,43 @@ mod tests {
         format!("{head}{examples}")
     }
 
+    /// `password_file`: its first line; the realm "" means any; defaults filled in.
+    #[test]
+    fn trunk_password_file_and_defaults() {
+        let dir = std::env::temp_dir().join(format!("sipedge-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("trunk.pass");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let cfg = parse(&format!(
+            "[[route]]\nname='p'\nuser='^1'\nnext_hop='192.0.2.80:5080'\ntrunk='t'\n\
+             [[trunk]]\nname='t'\nusername='acct'\npassword_file='{}'\nregister=true\n",
+            file.display()
+        ))
+        .unwrap();
+        let t = &cfg.trunks[0];
+        assert_eq!(t.password, "s3cret");
+        assert_eq!(
+            (t.auth_username.as_str(), t.realm.as_deref()),
+            ("acct", None)
+        );
+        let reg = t.registration.as_ref().unwrap();
+        assert_eq!((reg.host.as_str(), reg.port), ("192.0.2.80", 5080));
+        assert_eq!(reg.contact_user, "acct");
+        assert_eq!(reg.expires, Duration::from_secs(600));
+        assert!(!format!("{t:?}").contains("s3cret"), "never in a log line");
+        let inline = parse("[[trunk]]\nname='t'\nusername='acct'\npassword='s3cret'\n").unwrap();
+        assert_eq!(inline.trunks[0].password, "s3cret");
+        let shown = inline.effective_toml();
+        assert!(
+            shown.contains("[[trunk]]") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(std::sync::Arc::ptr_eq(
+            cfg.routes[0].trunk.as_ref().unwrap(),
+            t
+        ));
+    }
+
     #[test]
     fn seed_file_is_valid() {
         let text = include_str!("../config/sipedge.toml");
@@ -1849,6 +1893,18 @@ mod tests {
         // The examples are valid once uncommented.
         let cfg = parse(&seed_with_routes()).unwrap();
         assert_eq!(cfg.routes.len(), 2);
+        assert_eq!(cfg.trunks.len(), 1);
+        let provider = cfg.routes.iter().find(|r| r.name == "provider").unwrap();
+        let trunk = provider
+            .trunk
+            .as_ref()
+            .expect("the provider route uses the trunk");
+        let reg = trunk.registration.as_ref().expect("it registers");
+        assert_eq!(
+            (reg.host.as_str(), reg.port),
+            ("sip.provider.example", 5060)
+        );
+        assert_eq!(reg.expires, Duration::from_secs(600));
         assert!(cfg.routes[0].user.is_match("1234"));
         assert!(!cfg.routes[0].user.is_match("12345"));
         assert!(cfg.routes[1].user.is_match("15551234567"));
@@ -1944,6 +2000,8 @@ mod tests {
         }
         let text = "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nbogus_key=1\n";
         assert_eq!(err_key(text), "route.bogus_key");
+        let text = "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nbogus_key=1\n";
+        assert_eq!(err_key(text), "trunk.bogus_key");
         assert_eq!(err_key("bogus_top = 1\n"), "bogus_top");
     }
 
@@ -2023,6 +2081,31 @@ mod tests {
             (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\n[[route]]\nname='a'\nuser='1'\nnext_hop='h'",
                 "route.name",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\ntrunk='nope'",
+                "route.trunk",
+            ),
+            ("[[trunk]]\nname='t'\nusername='u'", "trunk.password"),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\npassword_file='/x'",
+                "trunk.password",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nregister=true",
+                "trunk.registrar",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nregister=true\nregistrar='h'\nregister_expires=5",
+                "trunk.register_expires",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\n[[trunk]]\nname='t'\nusername='u'\npassword='p'",
+                "trunk.name",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword_file='/nonexistent/sipedge-pass'",
+                "trunk.password_file",
             ),
         ] {
             assert_eq!(err_key(text), key, "{text}");
