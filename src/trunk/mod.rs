@@ -243,14 +243,14 @@ impl Runner {
             while let Some(e) = c.poll_event() {
                 match e {
                     RegEvent::Registered { expires } => {
-                        info!(trunk = c.name(), expires, "trunk registered");
+                        info!(trunk = %c.name(), expires, "trunk registered");
                     }
                     RegEvent::Failed { status } => {
-                        warn!(trunk = c.name(), status, "trunk registration failed");
+                        warn!(trunk = %c.name(), status, "trunk registration failed");
                         // The next attempt resolves the name again.
                         self.dests[i] = None;
                     }
-                    RegEvent::Unregistered => info!(trunk = c.name(), "trunk unregistered"),
+                    RegEvent::Unregistered => info!(trunk = %c.name(), "trunk unregistered"),
                 }
             }
             if let Some((_, s)) = shared.states.get(i) {
@@ -269,7 +269,7 @@ impl Runner {
         let found = match tokio::net::lookup_host(&target).await {
             Ok(mut addrs) => addrs.next(),
             Err(error) => {
-                warn!(trunk = self.clients[i].name(), %error, registrar = %target, "cannot resolve the trunk's registrar");
+                warn!(trunk = %self.clients[i].name(), %error, registrar = %target, "cannot resolve the trunk's registrar");
                 None
             }
         };
