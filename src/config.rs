@@ -1482,7 +1482,9 @@ impl Config {
 /// (subscribers and registrations are stored under their domain, and three components check
 /// it), `[auth]` (the realm is part of every stored HA1; nonces in flight carry the TTL), the
 /// relay's timeouts and session limits (`media.*_timeout`, `media.max_*`: the relay takes
-/// them at start), and `server.pid_file`.
+/// them at start), `server.pid_file`, and `trunk` (the `[[trunk]]` accounts: their
+/// registrations start with the server; a reload whose routes name a trunk the running
+/// configuration does not have is refused, naming `route.trunk`).
 pub const LIVE_KEYS: &[&str] = &[
     "route",
     "server.relay_foreign",
