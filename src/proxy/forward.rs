@@ -107,6 +107,24 @@ pub fn cseq_params(offset: u32, from_tag: &str) -> String {
     s
 }
 
+/// The caller's CSeq number of a response to a request a trunk re-sent with CSeq + N (a
+/// stray 2xx retransmission, after the transaction): our Record-Route in it, signed for its
+/// dialog, says N (`;cs=`) and whose request it was (`;ft=`, the caller's From tag). `None`:
+/// the CSeq stays as it is.
+pub fn callers_cseq(resp: &Message, key: &RouteKey) -> Option<u32> {
+    let call_id = resp.call_id().ok()?;
+    let from_tag = resp.from().ok()?.tag()?;
+    let seq = resp.cseq().ok()?.seq;
+    let rr = resp.route_set(HeaderName::RecordRoute).ok()?;
+    rr.iter()
+        .filter(|r| key.verify_route(call_id, &[from_tag], r.uri))
+        .filter_map(|r| crate::sip::SipUri::parse(r.uri).ok())
+        .find_map(|u| {
+            let n: u32 = u.param("cs")?.parse().ok()?;
+            (u.param("ft")? == escape_param(from_tag)).then(|| seq.saturating_sub(n))
+        })
+}
+
 /// `text` with every byte outside `unreserved / param-unreserved` %-escaped.
 pub fn escape_param(text: &str) -> String {
     let mut s = String::with_capacity(text.len());
@@ -507,5 +525,27 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(f.max_forwards().unwrap(), Some(69));
         assert!(f.top_via().unwrap().is_reliable());
         assert!(f.header(HeaderName::ProxyAuthorization).is_some());
+    }
+
+    /// A stray 2xx of a re-sent INVITE goes upstream with the caller's CSeq: only when our
+    /// signed Record-Route in it records the offset for the caller's tag.
+    #[test]
+    fn stray_2xx_of_a_re_sent_invite_gets_the_callers_cseq() {
+        let key = key();
+        let resp = |rr: &str, tag: &str| {
+            let text = format!(
+                "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-se-1\r\n\
+                 Record-Route: <{rr}>\r\nFrom: <sip:a@x>;tag={tag}\r\nTo: <sip:b@x>;tag=p\r\n\
+                 Call-ID: f1\r\nCSeq: 3 INVITE\r\nContent-Length: 0\r\n\r\n"
+            );
+            Message::parse(text.as_bytes(), Framing::Datagram).unwrap()
+        };
+        let uri = format!("sip:192.0.2.1:5060;lr{}", cseq_params(1, "c~1"));
+        let signed = format!("{uri}{ROUTE_MAC_PARAM}{}", key.route_mac("f1", "c~1", &uri));
+        assert_eq!(callers_cseq(&resp(&signed, "c~1"), &key), Some(2));
+        // Another dialog's tag, or a Record-Route we did not sign: unchanged.
+        assert_eq!(callers_cseq(&resp(&signed, "other"), &key), None);
+        assert_eq!(callers_cseq(&resp(&uri, "c~1"), &key), None);
+        assert_eq!(escape_param("a b;c"), "a%20b%3Bc");
     }
 }

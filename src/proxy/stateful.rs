@@ -310,7 +310,7 @@ impl Proxy {
         if rw.pop_via().is_err() {
             return false;
         }
-        if let Some(seq) = self.callers_cseq(resp) {
+        if let Some(seq) = forward::callers_cseq(resp, &self.ctx.key) {
             rw.set_cseq(seq);
         }
         let proto = if next.is_reliable() {
@@ -326,23 +326,6 @@ impl Proxy {
         };
         self.transports.send(out);
         true
-    }
-
-    /// The caller's CSeq number of a stray 2xx to an INVITE that a trunk re-sent with CSeq + N:
-    /// our signed Record-Route in it says N (`;cs=`) and whose the request was (`;ft=`, the
-    /// caller's From tag). `None`: the CSeq stays.
-    fn callers_cseq(&self, resp: &Message) -> Option<u32> {
-        let call_id = resp.call_id().ok()?;
-        let from_tag = resp.from().ok()?.tag()?;
-        let seq = resp.cseq().ok()?.seq;
-        let rr = resp.route_set(crate::sip::HeaderName::RecordRoute).ok()?;
-        rr.iter()
-            .filter(|r| self.ctx.key.verify_route(call_id, &[from_tag], r.uri))
-            .filter_map(|r| crate::sip::SipUri::parse(r.uri).ok())
-            .find_map(|u| {
-                let n: u32 = u.param("cs")?.parse().ok()?;
-                (u.param("ft")? == forward::escape_param(from_tag)).then(|| seq.saturating_sub(n))
-            })
     }
 
     /// The media side, when enabled.
