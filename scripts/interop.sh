@@ -232,6 +232,72 @@ else
     failed=1
 fi
 
+# A trunk (issue #13): sipedge registers to a provider stand-in (401, then 200 for a digest SIPp
+# verifies) and answers its 407 to the INVITE with the trunk's credentials; the caller, a phone
+# that authenticated to sipedge, completes its call and never sees the provider's 407. A second
+# instance with its own configuration, so that its REGISTER reaches only this provider.
+trunk_port=$((port + 6)); trunk_provider_port=$((port + 7)); trunk_caller_port=$((port + 8))
+cat > "$work/trunk.toml" <<TOML
+[server]
+listen = ["udp:127.0.0.1:$trunk_port"]
+domains = ["127.0.0.1"]
+[database]
+url = "sqlite://$work/trunk.db"
+[control]
+listen = ""
+[nat]
+ping_interval = 0
+[[route]]
+name = "trunk"
+user = '^2[0-9]{10}\$'
+next_hop = "127.0.0.1:$trunk_provider_port"
+media = "never"
+auth = true
+trunk = "sippprov"
+[[trunk]]
+name = "sippprov"
+username = "acct1"
+password = "s3cret"
+realm = "sipp.provider"
+register = true
+TOML
+"$bin" check-config -c "$work/trunk.toml" >/dev/null
+"$bin" user import -c "$work/trunk.toml" "$one_user" >/dev/null
+timeout 60 sipp -sf "$root/scripts/sipp/trunk_provider.xml" -i 127.0.0.1 -p "$trunk_provider_port" \
+    -m 2 -timeout 50s -timeout_error -trace_err -error_file "$work/trunk-provider.err" -nostdin \
+    >"$work/trunk-provider.out" 2>&1 &
+provider_pid=$!
+sleep 0.3
+RUST_LOG=info "$bin" serve -c "$work/trunk.toml" 2>"$work/sipedge.trunk.log" &
+server_pid=$!
+registered=""
+for _ in $(seq 1 100); do
+    registered=$(grep "trunk registered" "$work/sipedge.trunk.log" || true)
+    [ -n "$registered" ] && break
+    sleep 0.1
+done
+if [[ "$registered" == *"trunk=sippprov"*"expires=600"* ]]; then
+    echo "ok    trunk registered at the provider stand-in (401, then 200 for a verified digest)"
+else
+    echo "FAIL  trunk registration: ${registered:-no 'trunk registered' line}"
+    grep -i trunk "$work/sipedge.trunk.log" | tail -n 5 || true
+    failed=1
+fi
+if timeout 60 sipp -sf "$root/scripts/sipp/uac_call_auth.xml" -t u1 -i 127.0.0.1 -p "$trunk_caller_port" \
+    -m 1 -s 25551234567 -inf "$one_user" -auth_uri "25551234567@127.0.0.1:$trunk_port" \
+    -timeout 30s -timeout_error -trace_err -error_file "$work/trunk-call.err" \
+    -nostdin "127.0.0.1:$trunk_port" >"$work/trunk-call.out" 2>&1 \
+    && wait "$provider_pid"; then
+    echo "ok    trunk-call: authenticated phone; provider's 407 answered with the trunk's credentials (CSeq + 1), ACK/BYE CSeq shifted, call completed"
+else
+    echo "FAIL  trunk-call (the caller's sipp, or the provider stand-in's checks)"
+    tail -n 8 "$work/trunk-call.out" "$work/trunk-provider.out" 2>/dev/null || true
+    tail -c 1500 "$work/trunk-call.err" "$work/trunk-provider.err" 2>/dev/null || true
+    failed=1
+fi
+kill "$provider_pid" 2>/dev/null || true
+stop_server
+
 
 if grep -q "panicked" "$work"/sipedge.*.log; then
     echo "FAIL  sipedge panicked" >&2

@@ -27,6 +27,7 @@ use crate::registrar::service::{Context, Registrar};
 use crate::security::Security;
 use crate::store::{Store, StoreError};
 use crate::transport::{Limits, Listeners};
+use crate::trunk::Trunks;
 use sipedge_relay::{IoMode, RelayConfig};
 
 /// Why the server could not start.
@@ -142,6 +143,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         clock.clone(),
         &local,
     ));
+    let trunks = Trunks::new(&cfg, &local, transports.clone(), clock.clone());
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let registrar = Registrar::start(
         Arc::new(Context {
@@ -187,6 +189,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     security.register_metrics(&metrics);
     location.register_metrics(&metrics);
     pinger.register_metrics(&metrics);
+    trunks.register_metrics(&metrics);
     proxy.register_metrics(&metrics);
     media.register_metrics(&metrics);
     let counters = Arc::new(SipCounters::default());
@@ -232,6 +235,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         proxy: proxy.clone(),
         auth,
         pinger,
+        trunks,
         clock,
         counters,
     });

@@ -82,6 +82,9 @@ pub struct RawConfig {
     /// Routing rules, first match wins.
     #[serde(default)]
     pub route: Vec<RawRoute>,
+    /// Provider accounts (`[[trunk]]`) that routes reference by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trunk: Vec<RawTrunk>,
 }
 
 /// `[server]`
@@ -486,6 +489,50 @@ fn default_dns_attempts() -> usize {
 }
 fn default_dns_cache_size() -> u64 {
     1024
+    /// The `[[trunk]]` (by name) whose credentials answer the next hop's 401/407. Default
+    /// none: challenges are relayed to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<String>,
+}
+
+/// `[[trunk]]`: an account at a provider (Kamailio `uac`: `uac_auth()` credentials and a
+/// `uac_reg` registration).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrunk {
+    /// Referenced by `[[route]].trunk`; used in logs and metrics.
+    pub name: String,
+    /// The account: the user part of the registered AOR and the digest username.
+    pub username: String,
+    /// The password; exactly one of `password` and `password_file` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the password (first line, trailing newline removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Answer only challenges of this realm. Default "" = any realm.
+    #[serde(default)]
+    pub realm: String,
+    /// The digest username when it differs from `username`. Default: `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_username: Option<String>,
+    /// REGISTER to the provider and keep the registration fresh. Default false.
+    #[serde(default)]
+    pub register: bool,
+    /// The Expires asked for, seconds. Default 600.
+    #[serde(default = "default_register_expires")]
+    pub register_expires: u64,
+    /// `host[:port]` of the registrar (also the AOR's domain). Default: the next hop of the
+    /// first `[[route]]` that uses this trunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registrar: Option<String>,
+    /// The user part of the Contact we register. Default: `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_user: Option<String>,
+}
+
+fn default_register_expires() -> u64 {
+    600
 }
 
 /// Policy for out-of-dialog requests to domains that are not ours.
@@ -540,6 +587,116 @@ fn default_fr_timer() -> u64 {
 fn default_fr_inv_timer() -> u64 {
     120
 }
+/// The `[[trunk]]` tables: unique names, one password source, a registrar when registering
+/// (given, or the next hop of the first route that uses the trunk).
+fn validate_trunks(raw: &RawConfig) -> Result<Vec<Arc<Trunk>>, ConfigError> {
+    let mut out: Vec<Arc<Trunk>> = Vec::with_capacity(raw.trunk.len());
+    for (i, t) in raw.trunk.iter().enumerate() {
+        if t.name.is_empty() {
+            return Err(invalid(
+                "trunk.name",
+                format!("trunk #{} has an empty name", i + 1),
+            ));
+        }
+        if out.iter().any(|o| o.name == t.name) {
+            return Err(invalid("trunk.name", format!("{:?} is used twice", t.name)));
+        }
+        let token = |s: &str| !s.is_empty() && s.bytes().all(crate::sip::scan::is_token);
+        if !token(&t.username) {
+            return Err(invalid(
+                "trunk.username",
+                format!(
+                    "trunk {:?}: {:?} is not a SIP user token",
+                    t.name, t.username
+                ),
+            ));
+        }
+        let password = match (&t.password, &t.password_file) {
+            (Some(p), None) => p.clone(),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    invalid(
+                        "trunk.password_file",
+                        format!("trunk {:?}: reading {file}: {e}", t.name),
+                    )
+                })?;
+                text.lines().next().unwrap_or_default().to_owned()
+            }
+            _ => {
+                return Err(invalid(
+                    "trunk.password",
+                    format!(
+                        "trunk {:?}: set exactly one of password and password_file",
+                        t.name
+                    ),
+                ));
+            }
+        };
+        let registration = if t.register {
+            if !(30..=86_400).contains(&t.register_expires) {
+                return Err(invalid(
+                    "trunk.register_expires",
+                    format!("trunk {:?}: must be 30..86400 seconds", t.name),
+                ));
+            }
+            let target = match &t.registrar {
+                Some(r) => r.clone(),
+                None => raw
+                    .route
+                    .iter()
+                    .find(|r| r.trunk.as_deref() == Some(t.name.as_str()))
+                    .and_then(|r| r.next_hop.items().first().cloned())
+                    .ok_or_else(|| {
+                        invalid(
+                            "trunk.registrar",
+                            format!(
+                                "trunk {:?}: register = true needs a registrar or a [[route]] using the trunk",
+                                t.name
+                            ),
+                        )
+                    })?,
+            };
+            // `host[:port]` or a `sip:` URI, like a next hop (the first of a route's list).
+            let hop = NextHop::parse(&target)
+                .map_err(|e| invalid("trunk.registrar", format!("trunk {:?}: {e}", t.name)))?;
+            let port = hop
+                .port
+                .unwrap_or(hop.transport.map_or(5060, Proto::default_port));
+            let host = hop.host;
+            let contact_user = t.contact_user.clone().unwrap_or_else(|| t.username.clone());
+            if !token(&contact_user) {
+                return Err(invalid(
+                    "trunk.contact_user",
+                    format!(
+                        "trunk {:?}: {contact_user:?} is not a SIP user token",
+                        t.name
+                    ),
+                ));
+            }
+            Some(Registration {
+                host,
+                port,
+                expires: Duration::from_secs(t.register_expires),
+                contact_user,
+            })
+        } else {
+            None
+        };
+        out.push(Arc::new(Trunk {
+            name: t.name.clone(),
+            username: t.username.clone(),
+            auth_username: t
+                .auth_username
+                .clone()
+                .unwrap_or_else(|| t.username.clone()),
+            password,
+            realm: (!t.realm.is_empty()).then(|| t.realm.clone()),
+            registration,
+        }));
+    }
+    Ok(out)
+}
+
 /// The control endpoint answers anyone who can connect, without credentials: it must not be
 /// reachable from the network, so only loopback addresses are accepted.
 fn validate_control(c: &RawControl) -> Result<Option<SocketAddr>, ConfigError> {
@@ -741,6 +898,8 @@ pub struct Route {
     pub auth: bool,
     pub media: MediaMode,
     pub identity: Identity,
+    /// `[[route]].trunk`: the credentials that answer the next hop's challenges.
+    pub trunk: Option<Arc<Trunk>>,
 }
 
 /// One `[[route]].next_hop` entry.
@@ -819,6 +978,43 @@ pub struct DnsConfig {
     pub timeout: Duration,
     pub attempts: usize,
     pub cache_size: u64,
+}
+
+/// A validated `[[trunk]]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Trunk {
+    pub name: String,
+    pub username: String,
+    /// The digest username (`auth_username`, else `username`).
+    pub auth_username: String,
+    pub password: String,
+    /// Only challenges of this realm are answered; `None` = any.
+    pub realm: Option<String>,
+    /// `register = true`: where and how to register.
+    pub registration: Option<Registration>,
+}
+
+impl std::fmt::Debug for Trunk {
+    // The password never reaches a log line (plans are logged at debug level).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trunk")
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registration of a trunk (`register = true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The registrar's host (also the AOR's domain) and port.
+    pub host: String,
+    pub port: u16,
+    /// `register_expires`.
+    pub expires: Duration,
+    /// The user part of our Contact.
+    pub contact_user: String,
 }
 
 #[derive(Debug, Clone)]
@@ -1002,6 +1198,8 @@ pub struct Config {
     pub tls: TlsSettings,
     pub dns: DnsConfig,
     pub routes: Vec<Route>,
+    /// The `[[trunk]]` accounts, in file order.
+    pub trunks: Vec<Arc<Trunk>>,
     /// Where `server.advertise` came from (for the startup warning).
     advertise_source: AdvertiseSource,
     /// The file with every default and derived value filled in (what `check-config` prints).
@@ -1355,6 +1553,7 @@ impl Config {
 
         let security = validate_security(&raw.security)?;
 
+        let trunks = validate_trunks(&raw)?;
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.iter().enumerate() {
             if r.name.is_empty() {
@@ -1398,6 +1597,21 @@ impl Config {
                     format!("route {:?}: must be at least 1", r.name),
                 ));
             }
+            let trunk = match &r.trunk {
+                None => None,
+                Some(name) => Some(
+                    trunks
+                        .iter()
+                        .find(|t| &t.name == name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            invalid(
+                                "route.trunk",
+                                format!("route {:?}: no [[trunk]] named {name:?}", r.name),
+                            )
+                        })?,
+                ),
+            };
             routes.push(Route {
                 name: r.name.clone(),
                 user,
@@ -1406,6 +1620,7 @@ impl Config {
                 auth: r.auth,
                 media: r.media,
                 identity: r.identity,
+                trunk,
             });
         }
 
@@ -1433,6 +1648,7 @@ impl Config {
             tls,
             dns,
             routes,
+            trunks,
             advertise_source,
             effective: raw,
         })
@@ -1463,11 +1679,18 @@ impl Config {
         ))
     }
 
-    /// The effective configuration as TOML: every default and derived value written out.
+    /// The effective configuration as TOML: every default and derived value written out,
+    /// trunk passwords hidden (`check-config` output ends up in tickets and chats).
     pub fn effective_toml(&self) -> String {
+        let mut shown = self.effective.clone();
+        for t in &mut shown.trunk {
+            if t.password.is_some() {
+                t.password = Some("(hidden)".to_owned());
+            }
+        }
         // invariant: RawConfig holds only strings, numbers, bools, enums and arrays of tables,
         // all of which TOML can represent.
-        toml::to_string_pretty(&self.effective).expect("RawConfig serialises to TOML")
+        toml::to_string_pretty(&shown).expect("RawConfig serialises to TOML")
     }
 
     /// True if `host` (a domain or address from a URI) names this server.
@@ -1505,7 +1728,9 @@ impl Config {
 /// (subscribers and registrations are stored under their domain, and three components check
 /// it), `[auth]` (the realm is part of every stored HA1; nonces in flight carry the TTL), the
 /// relay's timeouts and session limits (`media.*_timeout`, `media.max_*`: the relay takes
-/// them at start), and `server.pid_file`.
+/// them at start), `server.pid_file`, and `trunk` (the `[[trunk]]` accounts: their
+/// registrations start with the server; a reload whose routes name a trunk the running
+/// configuration does not have is refused, naming `route.trunk`).
 pub const LIVE_KEYS: &[&str] = &[
     "route",
     "server.relay_foreign",
@@ -1951,6 +2176,43 @@ mod tests {
         format!("{head}{examples}")
     }
 
+    /// `password_file`: its first line; the realm "" means any; defaults filled in.
+    #[test]
+    fn trunk_password_file_and_defaults() {
+        let dir = std::env::temp_dir().join(format!("sipedge-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("trunk.pass");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let cfg = parse(&format!(
+            "[[route]]\nname='p'\nuser='^1'\nnext_hop='192.0.2.80:5080'\ntrunk='t'\n\
+             [[trunk]]\nname='t'\nusername='acct'\npassword_file='{}'\nregister=true\n",
+            file.display()
+        ))
+        .unwrap();
+        let t = &cfg.trunks[0];
+        assert_eq!(t.password, "s3cret");
+        assert_eq!(
+            (t.auth_username.as_str(), t.realm.as_deref()),
+            ("acct", None)
+        );
+        let reg = t.registration.as_ref().unwrap();
+        assert_eq!((reg.host.as_str(), reg.port), ("192.0.2.80", 5080));
+        assert_eq!(reg.contact_user, "acct");
+        assert_eq!(reg.expires, Duration::from_secs(600));
+        assert!(!format!("{t:?}").contains("s3cret"), "never in a log line");
+        let inline = parse("[[trunk]]\nname='t'\nusername='acct'\npassword='s3cret'\n").unwrap();
+        assert_eq!(inline.trunks[0].password, "s3cret");
+        let shown = inline.effective_toml();
+        assert!(
+            shown.contains("[[trunk]]") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(std::sync::Arc::ptr_eq(
+            cfg.routes[0].trunk.as_ref().unwrap(),
+            t
+        ));
+    }
+
     #[test]
     fn seed_file_is_valid() {
         let text = include_str!("../config/sipedge.toml");
@@ -1964,6 +2226,18 @@ mod tests {
         // The examples are valid once uncommented.
         let cfg = parse(&seed_with_routes()).unwrap();
         assert_eq!(cfg.routes.len(), 2);
+        assert_eq!(cfg.trunks.len(), 1);
+        let provider = cfg.routes.iter().find(|r| r.name == "provider").unwrap();
+        let trunk = provider
+            .trunk
+            .as_ref()
+            .expect("the provider route uses the trunk");
+        let reg = trunk.registration.as_ref().expect("it registers");
+        assert_eq!(
+            (reg.host.as_str(), reg.port),
+            ("sip.provider.example", 5060)
+        );
+        assert_eq!(reg.expires, Duration::from_secs(600));
         assert!(cfg.routes[0].user.is_match("1234"));
         assert!(!cfg.routes[0].user.is_match("12345"));
         assert!(cfg.routes[1].user.is_match("15551234567"));
@@ -2063,6 +2337,8 @@ mod tests {
         }
         let text = "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nbogus_key=1\n";
         assert_eq!(err_key(text), "route.bogus_key");
+        let text = "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nbogus_key=1\n";
+        assert_eq!(err_key(text), "trunk.bogus_key");
         assert_eq!(err_key("bogus_top = 1\n"), "bogus_top");
     }
 
@@ -2221,6 +2497,31 @@ mod tests {
             (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\nidentity='pai'",
                 "route.identity",
+            ),
+            (
+                "[[route]]\nname='a'\nuser='1'\nnext_hop='h'\ntrunk='nope'",
+                "route.trunk",
+            ),
+            ("[[trunk]]\nname='t'\nusername='u'", "trunk.password"),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\npassword_file='/x'",
+                "trunk.password",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nregister=true",
+                "trunk.registrar",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\nregister=true\nregistrar='h'\nregister_expires=5",
+                "trunk.register_expires",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword='p'\n[[trunk]]\nname='t'\nusername='u'\npassword='p'",
+                "trunk.name",
+            ),
+            (
+                "[[trunk]]\nname='t'\nusername='u'\npassword_file='/nonexistent/sipedge-pass'",
+                "trunk.password_file",
             ),
         ] {
             assert_eq!(err_key(text), key, "{text}");

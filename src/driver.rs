@@ -22,6 +22,7 @@ use crate::proxy::stateful::Proxy;
 use crate::registrar::keepalive::Pinger;
 use crate::registrar::service::Registrar;
 use crate::transport::{Listeners, Proto, Receiver, Source, Transports};
+use crate::trunk::Trunks;
 
 /// Request methods counted by name; others count as `other`.
 const METHODS: [&str; 14] = [
@@ -117,6 +118,8 @@ pub struct Driver {
     pub proxy: Arc<Proxy>,
     pub auth: Arc<Authenticator>,
     pub pinger: Arc<Pinger>,
+    /// The trunks' REGISTER clients (their responses are theirs).
+    pub trunks: Arc<Trunks>,
     pub clock: Arc<dyn Clock>,
     pub counters: Arc<SipCounters>,
 }
@@ -146,7 +149,7 @@ impl Driver {
             Dispatch::Send(out) => self.transports.send(out),
             Dispatch::Response(msg, source) => {
                 self.counters.response(msg.status().unwrap_or(0));
-                if self.pinger.on_response(&msg) {
+                if self.pinger.on_response(&msg) || self.trunks.on_response(&msg) {
                     return;
                 }
                 self.proxy.on_response(*msg, source)
@@ -227,10 +230,18 @@ impl Server {
                 .run(shutdown.clone())
                 .instrument(info_span!("keepalive")),
         );
+        let trunks = tokio::spawn(
+            self.driver
+                .trunks
+                .clone()
+                .run(shutdown.clone())
+                .instrument(info_span!("trunk_registration")),
+        );
         let proxy = self.driver.proxy.clone();
         let receiver: Arc<dyn Receiver> = self.driver;
         self.listeners.run(receiver, shutdown).await;
         let _ = keepalive.await;
+        let _ = trunks.await;
         // The answered calls still waiting for their BYE get their rows (reason "shutdown");
         // the relayed ones are written by the media shutdown that follows.
         proxy.accounting().shutdown().await;

@@ -49,3 +49,4 @@ pub mod sip;
 pub mod store;
 pub mod transaction;
 pub mod transport;
+pub mod trunk;

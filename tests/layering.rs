@@ -4,8 +4,8 @@
 //! Layers, top first; a module may use any module listed after it:
 //!
 //! ```text
-//! main, cmd, fuzzing → app → control → driver → proxy → media → acc → registrar → nat → auth → store
-//!   → dns → config → security → transaction → transport → sip      (clock, log: utilities for all)
+//! main, cmd, fuzzing → app → control → driver → proxy → trunk → media → acc → registrar → nat → auth
+//!   → store → dns → config → security → transaction → transport → sip      (clock, log: utilities for all)
 //! ```
 //!
 //! Test code (a `#[cfg(test)] mod` body, files named `tests.rs` or `*_tests.rs`) is exempt: a
@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-const ORDER: [&str; 16] = [
+const ORDER: [&str; 17] = [
     "app",
     "control",
     "driver",
     "proxy",
+    "trunk",
     "media",
     "acc",
     "registrar",
@@ -52,6 +53,7 @@ const PURE: [&str; 13] = [
     "nat/detect.rs",
     "auth/digest.rs",
     "dns/select.rs",
+    "trunk/register.rs",
 ];
 /// Macros exported at the crate root, and the module that defines them.
 const MACROS: [(&str, &str); 1] = [("security_event", "log")];

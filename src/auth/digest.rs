@@ -8,6 +8,11 @@
 //! (RFC 2069 compatibility, which RFC 3261 §22.4 still requires servers to accept); `auth-int`
 //! is refused because sipedge never offers it.
 //!
+//! The client side (sipedge answering a provider's challenge with a trunk's credentials,
+//! Kamailio's `uac_auth()`): [`parse_challenge`] reads a `WWW-Authenticate` /
+//! `Proxy-Authenticate` value and [`authorization`] writes the credentials that answer it,
+//! with `qop=auth` (cnonce, nc) when the challenge offers it, RFC 2069 style when it does not.
+//!
 //! Pure: no I/O, no clock. The parser never panics, whatever the input.
 
 use md5::Md5;
@@ -495,6 +500,158 @@ fn push_quoted(s: &mut String, text: &str) {
         }
     }
     s.push('"');
+}
+
+/// A parsed `WWW-Authenticate` / `Proxy-Authenticate` digest challenge (RFC 7616 §3.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub realm: String,
+    pub nonce: String,
+    pub opaque: Option<String>,
+    /// MD5 when the parameter is absent.
+    pub algorithm: DigestAlgorithm,
+    /// The challenge offers `qop=auth` (in its comma-separated `qop` list).
+    pub qop_auth: bool,
+    /// `stale=true`: the nonce expired, the credentials were right.
+    pub stale: bool,
+}
+
+/// Reads a challenge. `Err` for another scheme, a broken parameter list, a missing `realm` or
+/// `nonce`, an algorithm other than MD5/SHA-256, or a `qop` list without `auth` (only
+/// `auth-int`, which we cannot compute without the body).
+pub fn parse_challenge(value: &str) -> Result<Challenge, DigestError> {
+    let b = value.as_bytes();
+    let end = b.len();
+    let mut i = skip_lws(b, 0, end);
+    let scheme_start = i;
+    while i < end && is_token(b[i]) {
+        i += 1;
+    }
+    if !b[scheme_start..i].eq_ignore_ascii_case(b"Digest") || (i < end && !is_lws(b[i])) {
+        return Err(DigestError::NotDigest);
+    }
+    let (mut realm, mut nonce, mut opaque, mut algorithm, mut qop, mut stale) =
+        (None, None, None, None, None, None);
+    i = skip_lws(b, i, end);
+    while i < end {
+        let name_start = i;
+        while i < end && is_token(b[i]) {
+            i += 1;
+        }
+        let name = &b[name_start..i];
+        i = skip_lws(b, i, end);
+        if name.is_empty() || i >= end || b[i] != b'=' {
+            return Err(DigestError::Syntax);
+        }
+        i = skip_lws(b, i + 1, end);
+        let (val, next) = read_value(b, i)?;
+        i = skip_lws(b, next, end);
+        let slot = match name.to_ascii_lowercase().as_slice() {
+            b"realm" => Some((&mut realm, "realm")),
+            b"nonce" => Some((&mut nonce, "nonce")),
+            b"opaque" => Some((&mut opaque, "opaque")),
+            b"algorithm" => Some((&mut algorithm, "algorithm")),
+            b"qop" => Some((&mut qop, "qop")),
+            b"stale" => Some((&mut stale, "stale")),
+            // domain, charset, userhash and extensions: not needed to answer.
+            _ => None,
+        };
+        if let Some((slot, name)) = slot {
+            if slot.is_some() {
+                return Err(DigestError::Duplicate(name));
+            }
+            *slot = Some(val);
+        }
+        if i < end {
+            if b[i] != b',' {
+                return Err(DigestError::Syntax);
+            }
+            i = skip_lws(b, i + 1, end);
+        }
+    }
+    let algorithm = match algorithm {
+        None => DigestAlgorithm::Md5,
+        Some(a) if a.eq_ignore_ascii_case("MD5") => DigestAlgorithm::Md5,
+        Some(a) if a.eq_ignore_ascii_case("SHA-256") => DigestAlgorithm::Sha256,
+        Some(_) => return Err(DigestError::UnsupportedAlgorithm),
+    };
+    let qop_auth = match &qop {
+        None => false,
+        Some(list)
+            if list
+                .split(',')
+                .any(|q| q.trim().eq_ignore_ascii_case("auth")) =>
+        {
+            true
+        }
+        Some(_) => return Err(DigestError::UnsupportedQop),
+    };
+    Ok(Challenge {
+        realm: realm.ok_or(DigestError::Missing("realm"))?,
+        nonce: nonce.ok_or(DigestError::Missing("nonce"))?,
+        opaque,
+        algorithm,
+        qop_auth,
+        stale: stale.is_some_and(|s| s.eq_ignore_ascii_case("true")),
+    })
+}
+
+/// What the client side puts into its answer besides the challenge: who, what, and the
+/// client nonce and count (used only with `qop=auth`).
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub username: &'a str,
+    pub password: &'a str,
+    pub method: &'a str,
+    /// The digest-uri: the Request-URI of the request being authorised.
+    pub uri: &'a str,
+    pub cnonce: &'a str,
+    pub nc: u32,
+}
+
+/// The `Authorization` / `Proxy-Authorization` value answering `ch` (RFC 7616 §3.4; RFC 2069
+/// form when the challenge has no `qop`).
+pub fn authorization(ch: &Challenge, a: &Answer<'_>) -> String {
+    let ha1 = ha1(ch.algorithm, a.username, &ch.realm, a.password);
+    let nc_raw = format!("{:08x}", a.nc);
+    let c = Credentials {
+        username: a.username.to_owned(),
+        realm: ch.realm.clone(),
+        nonce: ch.nonce.clone(),
+        uri: a.uri.to_owned(),
+        response: String::new(),
+        algorithm: ch.algorithm,
+        qop: ch.qop_auth.then(|| "auth".to_owned()),
+        nc: ch.qop_auth.then_some(a.nc),
+        nc_raw: ch.qop_auth.then(|| nc_raw.clone()),
+        cnonce: ch.qop_auth.then(|| a.cnonce.to_owned()),
+        opaque: ch.opaque.clone(),
+    };
+    let response = expected_response(ch.algorithm, &ha1, a.method, &c);
+    let mut s = String::with_capacity(256);
+    s.push_str("Digest username=");
+    push_quoted(&mut s, a.username);
+    s.push_str(", realm=");
+    push_quoted(&mut s, &ch.realm);
+    s.push_str(", nonce=");
+    push_quoted(&mut s, &ch.nonce);
+    s.push_str(", uri=");
+    push_quoted(&mut s, a.uri);
+    s.push_str(", response=\"");
+    s.push_str(&response);
+    s.push_str("\", algorithm=");
+    s.push_str(algorithm_token(ch.algorithm));
+    if ch.qop_auth {
+        s.push_str(", qop=auth, nc=");
+        s.push_str(&nc_raw);
+        s.push_str(", cnonce=");
+        push_quoted(&mut s, a.cnonce);
+    }
+    if let Some(o) = &ch.opaque {
+        s.push_str(", opaque=");
+        push_quoted(&mut s, o);
+    }
+    s
 }
 
 #[cfg(test)]
@@ -1053,5 +1210,112 @@ mod tests {
         // Appending garbage to a valid value is sometimes still valid (e.g. trailing
         // white space), so some inputs parse; the point is that none panicked.
         assert!(parsed > 0);
+    }
+
+    /// RFC 7616 §3.9.1: the challenge and the client's answer, MD5 and SHA-256.
+    #[test]
+    fn client_answers_the_rfc7616_example() {
+        for (alg, expected) in [("MD5", RFC7616_MD5), ("SHA-256", RFC7616_SHA256)] {
+            let ch = parse_challenge(&format!(
+                "Digest\r\n realm=\"http-auth@example.org\",\r\n qop=\"auth, auth-int\",\r\n \
+                 algorithm={alg},\r\n nonce=\"7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v\",\r\n \
+                 opaque=\"FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS\""
+            ))
+            .unwrap();
+            assert!(ch.qop_auth);
+            let value = authorization(
+                &ch,
+                &Answer {
+                    username: "Mufasa",
+                    password: "Circle of Life",
+                    method: "GET",
+                    uri: "/dir/index.html",
+                    cnonce: "f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ",
+                    nc: 1,
+                },
+            );
+            // Our own server side reads it back and checks it.
+            let c = parse_credentials(&value).unwrap();
+            assert_eq!(c.response, expected, "{alg}");
+            assert_eq!(c.nc_raw.as_deref(), Some("00000001"));
+            assert_eq!(
+                c.opaque.as_deref(),
+                Some("FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS")
+            );
+            let h = ha1(
+                c.algorithm,
+                "Mufasa",
+                "http-auth@example.org",
+                "Circle of Life",
+            );
+            assert!(verify(&h, "GET", &c));
+        }
+    }
+
+    /// No qop in the challenge: the RFC 2069 form, no cnonce or nc.
+    #[test]
+    fn client_answers_without_qop() {
+        let ch = parse_challenge(
+            "Digest realm=\"testrealm@host.com\", nonce=\"dcd98b7102dd2f0e8b11d0f600bfb0c093\"",
+        )
+        .unwrap();
+        assert!(!ch.qop_auth);
+        assert_eq!(ch.algorithm, DigestAlgorithm::Md5);
+        let value = authorization(
+            &ch,
+            &Answer {
+                username: "Mufasa",
+                password: "Circle Of Life",
+                method: "GET",
+                uri: "/dir/index.html",
+                cnonce: "unused",
+                nc: 1,
+            },
+        );
+        let c = parse_credentials(&value).unwrap();
+        assert_eq!(c.response, "670fd8c2df070c60b045671b8b24ff02");
+        assert_eq!((c.qop, c.cnonce, c.nc), (None, None, None));
+    }
+
+    #[test]
+    fn challenge_parsing() {
+        let ch = parse_challenge(&challenge(
+            DigestAlgorithm::Sha256,
+            "example.com",
+            "n\"1",
+            "",
+            true,
+        ))
+        .unwrap();
+        assert_eq!(ch.realm, "example.com");
+        assert_eq!(ch.nonce, "n\"1");
+        assert_eq!(ch.algorithm, DigestAlgorithm::Sha256);
+        assert!(ch.qop_auth && ch.stale);
+        assert_eq!(ch.opaque, None);
+        for (bad, err) in [
+            ("Basic realm=\"x\"", DigestError::NotDigest),
+            ("Digest nonce=\"n\"", DigestError::Missing("realm")),
+            ("Digest realm=\"r\"", DigestError::Missing("nonce")),
+            (
+                "Digest realm=\"r\", nonce=\"n\", algorithm=MD5-sess",
+                DigestError::UnsupportedAlgorithm,
+            ),
+            (
+                "Digest realm=\"r\", nonce=\"n\", qop=\"auth-int\"",
+                DigestError::UnsupportedQop,
+            ),
+            (
+                "Digest realm=\"r\", realm=\"s\", nonce=\"n\"",
+                DigestError::Duplicate("realm"),
+            ),
+            ("Digest realm=\"r\" nonce=\"n\"", DigestError::Syntax),
+        ] {
+            assert_eq!(parse_challenge(bad), Err(err), "{bad}");
+        }
+        // Every truncation is an error or a challenge, never a panic.
+        let full = "Digest realm=\"a\\\"b\", nonce=\"xyz\", qop=\"auth\", opaque=\"o\"";
+        for n in 0..full.len() {
+            let _ = parse_challenge(&full[..n]);
+        }
     }
 }

@@ -143,6 +143,51 @@ pub struct Options {
     pub route: RouteEdit,
     /// Identity headers removed and added (RFC 3325).
     pub identity: IdentityEdit,
+    /// Added to the CSeq number: a trunk's authenticated re-send went out with the caller's
+    /// CSeq + 1, so the dialog's later requests from the caller follow (recorded in our
+    /// Record-Route as `;cs=N;ft=<caller's From tag>`, [`cseq_params`]).
+    pub cseq_offset: u32,
+}
+
+/// The Record-Route parameters of a dialog whose caller-side CSeq numbers are `offset` below
+/// the provider's: `;cs=N;ft=TAG` (the caller's From tag, Kamailio's `append_fromtag`, so
+/// the direction of a later request is known). Characters of the tag that a URI parameter
+/// cannot carry are %-escaped (RFC 3261 §25.1 `paramchar`).
+pub fn cseq_params(offset: u32, from_tag: &str) -> String {
+    let mut s = format!(";cs={offset};ft=");
+    s.push_str(&escape_param(from_tag));
+    s
+}
+
+/// The caller's CSeq number of a response to a request a trunk re-sent with CSeq + N (a
+/// stray 2xx retransmission, after the transaction): our Record-Route in it, signed for its
+/// dialog, says N (`;cs=`) and whose request it was (`;ft=`, the caller's From tag). `None`:
+/// the CSeq stays as it is.
+pub fn callers_cseq(resp: &Message, key: &RouteKey) -> Option<u32> {
+    let call_id = resp.call_id().ok()?;
+    let from_tag = resp.from().ok()?.tag()?;
+    let seq = resp.cseq().ok()?.seq;
+    let rr = resp.route_set(HeaderName::RecordRoute).ok()?;
+    rr.iter()
+        .filter(|r| key.verify_route(call_id, &[from_tag], r.uri))
+        .filter_map(|r| crate::sip::SipUri::parse(r.uri).ok())
+        .find_map(|u| {
+            let n: u32 = u.param("cs")?.parse().ok()?;
+            (u.param("ft")? == escape_param(from_tag)).then(|| seq.saturating_sub(n))
+        })
+}
+
+/// `text` with every byte outside `unreserved / param-unreserved` %-escaped.
+pub fn escape_param(text: &str) -> String {
+    let mut s = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()[]/:&+$".contains(&b) {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
 }
 
 /// What happens to the Route set of a forwarded request (RFC 3261 §16.4, §16.6 step 6).
@@ -251,6 +296,9 @@ pub fn record_route_uri(
         flows.push_str(";fe=");
         flows.push_str(&f.token());
     }
+    if opts.cseq_offset != 0 {
+        flows.push_str(&cseq_params(opts.cseq_offset, from_tag));
+    }
     let uri = format!("sip:{}{transport};lr{nat}{flows}", hostport(local));
     let mac = key.route_mac(call_id, from_tag, &uri);
     format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
@@ -290,6 +338,11 @@ pub fn request(
         None => opts.max_forwards_cap,
     };
     rw.set_max_forwards(mf);
+    if opts.cseq_offset != 0
+        && let Ok(cseq) = msg.cseq()
+    {
+        rw.set_cseq(cseq.seq.saturating_add(opts.cseq_offset));
+    }
     if opts.record_route {
         // RFC 3261 §16.6 step 4; RFC 5658 double Record-Route when the transport changes.
         // The top value faces the next hop, the second the previous hop.
@@ -367,6 +420,7 @@ Content-Length: 0\r\n\r\n";
             force_rport: false,
             route: RouteEdit::Keep,
             identity: IdentityEdit::default(),
+            cseq_offset: 0,
         }
     }
 
@@ -612,5 +666,27 @@ Content-Length: 0\r\n\r\n";
         );
         assert!(values(&f, HeaderName::PAssertedIdentity).is_empty());
         assert!(Asserted::new(Identity::None, "alice", "example.com").is_none());
+    }
+
+    /// A stray 2xx of a re-sent INVITE goes upstream with the caller's CSeq: only when our
+    /// signed Record-Route in it records the offset for the caller's tag.
+    #[test]
+    fn stray_2xx_of_a_re_sent_invite_gets_the_callers_cseq() {
+        let key = key();
+        let resp = |rr: &str, tag: &str| {
+            let text = format!(
+                "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-se-1\r\n\
+                 Record-Route: <{rr}>\r\nFrom: <sip:a@x>;tag={tag}\r\nTo: <sip:b@x>;tag=p\r\n\
+                 Call-ID: f1\r\nCSeq: 3 INVITE\r\nContent-Length: 0\r\n\r\n"
+            );
+            Message::parse(text.as_bytes(), Framing::Datagram).unwrap()
+        };
+        let uri = format!("sip:192.0.2.1:5060;lr{}", cseq_params(1, "c~1"));
+        let signed = format!("{uri}{ROUTE_MAC_PARAM}{}", key.route_mac("f1", "c~1", &uri));
+        assert_eq!(callers_cseq(&resp(&signed, "c~1"), &key), Some(2));
+        // Another dialog's tag, or a Record-Route we did not sign: unchanged.
+        assert_eq!(callers_cseq(&resp(&signed, "other"), &key), None);
+        assert_eq!(callers_cseq(&resp(&uri, "c~1"), &key), None);
+        assert_eq!(escape_param("a b;c"), "a%20b%3Bc");
     }
 }

@@ -15,7 +15,7 @@ use super::forward::{Flow, IdentityEdit, creates_dialog};
 use super::sanity::{self, Verdict};
 use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
-use crate::config::{Config, Identity, MediaMode, RelayForeign};
+use crate::config::{Config, Identity, MediaMode, RelayForeign, Trunk};
 use crate::registrar::location::{Binding, LocationService};
 use crate::registrar::service::Job;
 use crate::security::Security;
@@ -117,6 +117,9 @@ pub struct Plan {
     /// even a 100) for this long moves to its next alternate, if one remains. `None`: only a
     /// 503, a timeout or a transport error moves it.
     pub failover_timeout: Option<std::time::Duration>,
+    /// Added to the CSeq of the forwarded copy: an in-dialog request of the caller in a
+    /// dialog whose INVITE a trunk re-sent with credentials (`;cs=` in our Route).
+    pub cseq_offset: u32,
 }
 
 /// One branch before name resolution.
@@ -132,6 +135,8 @@ pub struct Hop {
     /// The hops tried in turn when this one fails (a `[[route]]`'s later next hops): a 503, a
     /// timeout or an unreachable hop moves the branch on (README "Next hops and failover").
     pub failover: Vec<Self>,
+    /// `[[route]].trunk`: a 401/407 from this hop is answered with these credentials.
+    pub trunk: Option<Arc<Trunk>>,
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
@@ -195,6 +200,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
         proto: transport.unwrap_or(Proto::Udp),
         flow: None,
         failover: Vec::new(),
+        trunk: None,
     })
 }
 
@@ -222,6 +228,7 @@ fn binding_hop(b: Binding) -> Hop {
             proto: b.transport,
             flow,
             failover: Vec::new(),
+            trunk: None,
         }
     };
     if b.nated {
@@ -432,6 +439,17 @@ impl Core {
                     _ => None,
                 }
             });
+        // A trunk re-sent the dialog's INVITE with CSeq + N (`;cs=N;ft=TAG` in our Route): the
+        // caller's later requests (From tag TAG) go on N higher; the provider's are untouched.
+        let cseq_offset = route_verified
+            .then(|| routes.first().and_then(|r| SipUri::parse(r.uri).ok()))
+            .flatten()
+            .and_then(|our| {
+                let n: u32 = our.param("cs")?.parse().ok()?;
+                let caller = our.param("ft")? == super::forward::escape_param(from_tag);
+                caller.then_some(n)
+            })
+            .unwrap_or(0);
         let forward_to = |uri_text: &str, plan_auth| -> Routed {
             match hop_for_uri(uri_text) {
                 Some(mut hop) => Routed::Forward(Box::new(Plan {
@@ -458,6 +476,7 @@ impl Core {
                     assert_identity: Identity::None,
                     identity: IdentityEdit::default(),
                     failover_timeout: None,
+                    cseq_offset,
                 })),
                 None => Routed::Reply(self.reply(msg, source, 416, "Unsupported URI Scheme", &[])),
             }
@@ -574,6 +593,8 @@ impl Core {
                 proto: h.transport.unwrap_or(Proto::Udp),
                 flow: None,
                 failover: Vec::new(),
+                // Each next hop of the route is the trunk's (its failover hops too).
+                trunk: rule.trunk.clone(),
             });
             // Config validation gives every route at least one next hop.
             let Some(mut first) = hops.next() else {
@@ -599,6 +620,7 @@ impl Core {
                 },
                 identity: IdentityEdit::default(),
                 failover_timeout: Some(rule.failover_timeout),
+                cseq_offset: 0,
             }));
         }
         // The location service: every contact of the AOR, reached at the flow it registered from.
@@ -633,6 +655,7 @@ impl Core {
             assert_identity: Identity::None,
             identity: IdentityEdit::default(),
             failover_timeout: None,
+            cseq_offset: 0,
         }))
     }
 
@@ -1060,6 +1083,35 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             dest("sip:pbx@192.0.2.50:5060", fc_only),
             binding("192.0.2.50:5060")
         );
+    }
+
+    /// A trunk re-sent the INVITE with CSeq + 1 (`;cs=1;ft=TAG` in our Record-Route): the
+    /// caller's BYE and ACK go on with the offset, the other party's requests without.
+    #[test]
+    fn trunk_cseq_offset_follows_the_callers_requests_only() {
+        let offset = |method: &str, route: &str| {
+            decide(
+                method,
+                "sip:p@192.0.2.50:5060",
+                &format!("Route: <{}>\r\n", signed(route)),
+            )
+            .unwrap_err()
+            .cseq_offset
+        };
+        // decide()'s requests carry From tag 1.
+        let callers = "sip:127.0.0.1:5060;lr;cs=1;ft=1";
+        assert_eq!(offset("BYE", callers), 1);
+        assert_eq!(offset("ACK", callers), 1);
+        let other_party = "sip:127.0.0.1:5060;lr;cs=1;ft=zz";
+        assert_eq!(offset("BYE", other_party), 0);
+        assert_eq!(offset("BYE", "sip:127.0.0.1:5060;lr"), 0);
+        // The parameters count only under our MAC.
+        let forged = decide(
+            "BYE",
+            "sip:p@192.0.2.50:5060",
+            "Route: <sip:127.0.0.1:5060;lr;cs=1;ft=1>\r\n",
+        );
+        assert_eq!(forged.map_err(|p| p.cseq_offset), Ok(Some(403)));
     }
 
     #[test]

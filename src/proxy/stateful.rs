@@ -343,6 +343,9 @@ impl Proxy {
         if rw.pop_via().is_err() {
             return false;
         }
+        if let Some(seq) = forward::callers_cseq(resp, &self.ctx.key) {
+            rw.set_cseq(seq);
+        }
         let proto = Proto::from_token(next.transport).unwrap_or(if next.is_reliable() {
             Proto::Tcp
         } else {

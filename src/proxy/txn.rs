@@ -10,6 +10,13 @@
 //! never reads a clock, a socket or a task: [`super::stateful`] feeds it and carries out what
 //! it returns, and the unit tests drive it on virtual time.
 //!
+//! A branch towards a `[[trunk]]` answers the first 401/407 of its next hop itself (Kamailio's
+//! `uac_auth()`): the challenge is not relayed; the same request goes again with the trunk's
+//! credentials, CSeq + 1 and a new Via branch, in a new client transaction
+//! ([`ProxyTxn::answer_challenge`]). A second challenge means the credentials are wrong: the
+//! caller gets a 403 naming trunk authentication (the provider's 407 would ask the phone for
+//! a password it does not have). Responses going upstream carry the caller's CSeq again.
+//!
 //! Media steps are requests to the shell ([`MediaOp`]) whose results come back through
 //! `handle_offer` / `handle_answer`. The shell completes each before it feeds the next input,
 //! so a branch's responses keep their order.
@@ -30,11 +37,12 @@ use tokio::time::Instant;
 use super::forward::{self, Local, Options, RouteEdit, Target};
 use super::pipeline::{Hop, Plan};
 use super::response::{Challenge, Conclusion, Final, ResponseContext};
+use crate::auth::digest;
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
 pub use crate::media::session::Role;
-use crate::sip::{Message, reply};
+use crate::sip::{Framing, HeaderName, Message, Rewrite, reply};
 use crate::transaction::{ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey};
 use crate::transport::{Proto, Source, Transmit};
 
@@ -116,6 +124,7 @@ impl Context {
             force_rport,
             route,
             identity: plan.identity.clone(),
+            cseq_offset: plan.cseq_offset,
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,
@@ -266,6 +275,9 @@ struct Branch {
     cancel_pending: bool,
     /// The places still to try, in order.
     alternates: VecDeque<Attempt>,
+    /// The trunk's credentials went out on this attempt: another challenge means they are
+    /// wrong.
+    auth_sent: bool,
     /// The body the request carried when forwarded (the relay's SDP), for a resend.
     body: Option<Vec<u8>>,
     /// When the current attempt was sent, and whether anything came back from it.
@@ -284,6 +296,9 @@ struct Retired {
     dest: SocketAddr,
     proto: Proto,
 }
+
+/// The reason phrase of the 403 a caller gets when a trunk's credentials are refused.
+pub const TRUNK_REJECTED: &str = "Forbidden (trunk authentication failed)";
 
 /// The state of one proxied request. See the module documentation.
 #[derive(Debug)]
@@ -313,6 +328,8 @@ pub struct ProxyTxn {
     server_done: bool,
     /// Some branch was forwarded (not every one was refused by media).
     sent_any: bool,
+    /// A trunk's credentials were challenged again: the caller's 403 says so.
+    trunk_rejected: bool,
     transmits: VecDeque<Transmit>,
     media: VecDeque<MediaOp>,
     events: VecDeque<Event>,
@@ -363,6 +380,7 @@ impl ProxyTxn {
             final_reported: false,
             server_done: false,
             sent_any: false,
+            trunk_rejected: false,
             transmits: VecDeque::new(),
             media: VecDeque::new(),
             events: VecDeque::new(),
@@ -436,6 +454,7 @@ impl ProxyTxn {
                 sent_at: now,
                 answered: false,
                 retired: Vec::new(),
+                auth_sent: false,
             });
             if offer {
                 self.media.push_back(MediaOp::Offer {
@@ -513,6 +532,8 @@ impl ProxyTxn {
         b.via = via;
         b.hop = next.hop;
         b.dest = next.dest;
+        // A new next hop challenges on its own: the trunk's credentials are not spent there.
+        b.auth_sent = false;
         let body = b.body.take();
         self.send(idx, body, now);
     }
@@ -575,6 +596,135 @@ impl ProxyTxn {
             .then(|| b.sent_at + timeout)
     }
 
+    /// A 401/407 `resp` on branch `idx`, whose hop belongs to a trunk: answered with the
+    /// trunk's credentials (Kamailio `uac_auth()`). True when the challenge is handled here
+    /// (re-sent, or refused a second time: the caller gets [`TRUNK_REJECTED`]); false when it
+    /// goes upstream as today (no challenge for the trunk's realm, or the caller cancelled).
+    fn answer_challenge(&mut self, idx: usize, resp: &Message, now: Instant) -> bool {
+        let Some(b) = self.branches.get(idx) else {
+            return false;
+        };
+        let Some(trunk) = b.hop.trunk.clone() else {
+            return false;
+        };
+        let status = resp.status().unwrap_or(0);
+        if b.auth_sent {
+            tracing::warn!(
+                trunk = %trunk.name,
+                sip.status = status,
+                peer.addr = %b.dest,
+                "trunk credentials rejected"
+            );
+            self.trunk_rejected = true;
+            self.rc.on_local_final(idx, 403);
+            return true;
+        }
+        if self.cancelled {
+            return false;
+        }
+        let (header, answer_name) = match status {
+            401 => (HeaderName::WwwAuthenticate, "Authorization"),
+            _ => (HeaderName::ProxyAuthenticate, "Proxy-Authorization"),
+        };
+        let challenge = resp
+            .headers_named(header)
+            .filter_map(|h| resp.str_at(h.value.clone()))
+            .filter_map(|v| digest::parse_challenge(v).ok())
+            .find(|c| trunk.realm.as_ref().is_none_or(|r| *r == c.realm));
+        let Some(challenge) = challenge else {
+            tracing::debug!(trunk = %trunk.name, "no challenge the trunk can answer: relayed");
+            return false;
+        };
+        let method = self.msg.method().unwrap_or_default();
+        let uri = b
+            .hop
+            .ruri
+            .as_deref()
+            .or(self.msg.request_uri())
+            .unwrap_or_default();
+        // The client nonce only has to be unpredictable to the server: a MAC of its nonce.
+        let cnonce = self.ctx.key.branch_mac(&challenge.nonce, b.dest);
+        let credentials = digest::authorization(
+            &challenge,
+            &digest::Answer {
+                username: &trunk.auth_username,
+                password: &trunk.password,
+                method,
+                uri,
+                cnonce: &cnonce,
+                nc: 1,
+            },
+        );
+        // A new Via branch, as for a failover (RFC 3261 §16.6 step 8); the media key stays.
+        let attempt = b.attempt + 1;
+        let id = self.branch_for(idx + (attempt << 16));
+        let b = &self.branches[idx];
+        // CSeq + 1 (RFC 3261 §22.2: a request with credentials is a new request); our
+        // Record-Route records the offset for the dialog's later requests.
+        let mut plan = self.plan.clone();
+        plan.cseq_offset = plan.cseq_offset.saturating_add(1);
+        let built = self.ctx.build(
+            &self.msg,
+            self.source,
+            &b.hop,
+            b.dest,
+            &id,
+            &plan,
+            self.strip_proxy_auth,
+            self.nated,
+            b.body.clone(),
+        );
+        let Ok(parsed) = Message::parse(&built, Framing::Stream) else {
+            return false;
+        };
+        let mut rw = Rewrite::new(&parsed);
+        rw.insert_header(None, answer_name, &credentials);
+        let bytes = rw.finish();
+        let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
+        let key = TxnKey {
+            branch: id,
+            sent_by: forward::hostport(outbound),
+            method: method.to_owned(),
+        };
+        let kind = if self.invite {
+            Kind::Invite
+        } else {
+            Kind::NonInvite
+        };
+        let txn = ClientTxn::new(kind, bytes, b.hop.proto.is_reliable(), self.ctx.timers, now);
+        tracing::info!(trunk = %trunk.name, sip.status = status, dest = %b.dest, "answering the trunk's challenge");
+        self.events.push_back(Event::Bind {
+            key: key.clone(),
+            idx,
+            cancel: false,
+        });
+        let b = &mut self.branches[idx];
+        let old = std::mem::replace(
+            &mut b.leg,
+            Leg::Sent {
+                txn: Box::new(txn),
+                key,
+            },
+        );
+        // The challenged transaction is retired: it ACKs the 401/407 and absorbs its
+        // retransmissions until Timer D.
+        if let Leg::Sent { txn, key } = old {
+            b.retired.push(Retired {
+                txn,
+                key,
+                dest: b.dest,
+                proto: b.hop.proto,
+            });
+        }
+        b.attempt = attempt;
+        b.via = id;
+        b.auth_sent = true;
+        b.sent_at = now;
+        b.answered = true;
+        // The challenged transaction's ACK leaves before the new request.
+        self.drain_retired(idx);
+        true
+    }
     /// The received request.
     pub fn request(&self) -> &Message {
         &self.msg
@@ -815,8 +965,12 @@ impl ProxyTxn {
                 ClientAction::PassUp(resp) => {
                     let status = resp.status().unwrap_or(0);
                     // RFC 3263 §4.3 / Kamailio's failure_route: a 503 moves the branch to its
-                    // next alternate, if it may; the caller never sees that 503.
-                    if status == 503 && self.fail_over(idx, FailoverReason::Unavailable, true, now)
+                    // next alternate, if it may; the caller never sees that 503. A trunk's
+                    // challenge is answered with its credentials (Kamailio's uac_auth()).
+                    if (status == 503 && self.fail_over(idx, FailoverReason::Unavailable, true, now))
+                        || (matches!(status, 401 | 407)
+                            && b.hop.trunk.is_some()
+                            && self.answer_challenge(idx, &resp, now))
                     {
                         continue;
                     }
@@ -940,7 +1094,7 @@ impl ProxyTxn {
         }
         let d = self.rc.on_response(idx, resp);
         if let Some(up) = d.forward
-            && let Some(bytes) = upstream_copy(&up, body)
+            && let Some(bytes) = upstream_copy(&up, body, self.caller_cseq())
         {
             let up_status = up.status().unwrap_or(0);
             if self.invite
@@ -979,7 +1133,7 @@ impl ProxyTxn {
         let (status, bytes) = match best {
             Final::Received(resp) => {
                 let status = resp.status().unwrap_or(500);
-                match upstream_copy_with(&resp, None, &challenges) {
+                match upstream_copy_with(&resp, None, &challenges, self.caller_cseq()) {
                     Some(b) => (status, b),
                     // A downstream UA answered with only our Via (it built the response from
                     // our CANCEL, say): RFC 3261 §16.7 step 3 forbids forwarding it, so the
@@ -1022,13 +1176,19 @@ impl ProxyTxn {
     }
 
     fn local_response(&self, status: u16, extra: &[(&str, &str)]) -> Vec<u8> {
-        reply::response(
-            &self.msg,
-            self.source.remote,
-            status,
-            reply::reason(status),
-            extra,
-        )
+        let reason = if status == 403 && self.trunk_rejected {
+            TRUNK_REJECTED
+        } else {
+            reply::reason(status)
+        };
+        reply::response(&self.msg, self.source.remote, status, reason, extra)
+    }
+
+    /// The CSeq number of the request as the caller sent it: responses go upstream with it,
+    /// also those to a trunk's re-send (CSeq + 1) or to an in-dialog request sent on with the
+    /// dialog's offset.
+    fn caller_cseq(&self) -> Option<u32> {
+        self.msg.cseq().ok().map(|c| c.seq)
     }
 
     /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
@@ -1061,7 +1221,7 @@ impl ProxyTxn {
         if b.cancel.is_some() {
             return;
         }
-        let Leg::Sent { txn, .. } = &mut b.leg else {
+        let Leg::Sent { txn, key: sent } = &mut b.leg else {
             return;
         };
         // RFC 3261 §9.1: once cancelled, the INVITE waits 64·T1 at most for its final.
@@ -1071,7 +1231,8 @@ impl ProxyTxn {
         };
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
-            branch: b.via.clone(),
+            // The branch of the INVITE sent last (a trunk's re-send has its own).
+            branch: sent.branch.clone(),
             sent_by: forward::hostport(outbound),
             method: "CANCEL".to_owned(),
         };
@@ -1091,10 +1252,11 @@ impl ProxyTxn {
     }
 }
 
-/// A downstream response with our Via removed (and the relay's SDP), ready to go upstream;
-/// `None` when no Via would be left (the response was meant for us, RFC 3261 §16.7 step 3).
-fn upstream_copy(resp: &Message, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    upstream_copy_with(resp, body, &[])
+/// A downstream response with our Via removed (and the relay's SDP), ready to go upstream
+/// with the caller's CSeq number `cseq`; `None` when no Via would be left (the response was
+/// meant for us, RFC 3261 §16.7 step 3).
+fn upstream_copy(resp: &Message, body: Option<Vec<u8>>, cseq: Option<u32>) -> Option<Vec<u8>> {
+    upstream_copy_with(resp, body, &[], cseq)
 }
 
 /// [`upstream_copy`], adding `challenges` (other branches' challenges, RFC 3261 §16.7 step 7)
@@ -1103,12 +1265,18 @@ fn upstream_copy_with(
     resp: &Message,
     body: Option<Vec<u8>>,
     challenges: &[Challenge],
+    cseq: Option<u32>,
 ) -> Option<Vec<u8>> {
     if resp.vias().ok()?.len() < 2 {
         return None;
     }
     let mut rw = crate::sip::Rewrite::new(resp);
     rw.pop_via().ok()?;
+    if let (Some(seq), Ok(theirs)) = (cseq, resp.cseq())
+        && theirs.seq != seq
+    {
+        rw.set_cseq(seq);
+    }
     if let Some(body) = body {
         rw.replace_body(body);
     }

@@ -93,6 +93,7 @@ fn hop(dest: &str, proto: Proto) -> Hop {
         proto,
         flow: None,
         failover: Vec::new(),
+        trunk: None,
     }
 }
 
@@ -1519,4 +1520,220 @@ fn failover_keeps_the_media_session_of_the_branch() {
     let up = one(h.drain());
     assert_upstream(&up, 200);
     assert_eq!(up.msg.body(), RELAY_ANSWER.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trunk credentials (Kamailio `uac_auth()`).
+
+const PROVIDER: &str = "203.0.113.50:5060";
+const PROVIDER_REALM: &str = "voip.example.net";
+
+fn trunk() -> std::sync::Arc<crate::config::Trunk> {
+    std::sync::Arc::new(crate::config::Trunk {
+        name: "carrier".to_owned(),
+        username: "acct1".to_owned(),
+        auth_username: "acct1".to_owned(),
+        password: "s3cret".to_owned(),
+        realm: None,
+        registration: None,
+    })
+}
+
+/// An INVITE to the provider through a trunk route; returns the harness and the INVITE.
+fn trunk_invite() -> (Harness, Sent) {
+    let mut plan_hop = hop(PROVIDER, Proto::Udp);
+    plan_hop.trunk = Some(trunk());
+    let work = Work::Forward {
+        plan: Plan {
+            targets: vec![plan_hop.clone()],
+            record_route: true,
+            ..Plan::default()
+        },
+        dests: vec![vec![Attempt {
+            hop: plan_hop,
+            dest: addr(PROVIDER),
+        }]],
+        strip_proxy_auth: false,
+        auth_user: None,
+    };
+    let (mut h, sent) = Harness::start(ctx(false), request("INVITE", None), work);
+    let fwd = one(sent
+        .into_iter()
+        .filter(|s| s.tx.dest == addr(PROVIDER))
+        .collect());
+    assert_forwarded(&fwd, PROVIDER);
+    h.take_events();
+    (h, fwd)
+}
+
+/// The provider's challenge to `req`.
+fn challenge(req: &Message, status: u16, nonce: &str) -> Message {
+    let ch = crate::auth::digest::challenge(
+        crate::config::DigestAlgorithm::Md5,
+        PROVIDER_REALM,
+        nonce,
+        "",
+        false,
+    );
+    let name = if status == 401 {
+        "WWW-Authenticate"
+    } else {
+        "Proxy-Authenticate"
+    };
+    parse(&reply::response(
+        req,
+        addr(PROXY),
+        status,
+        reply::reason(status),
+        &[(name, &ch)],
+    ))
+}
+
+/// Splits what was sent into (to the provider, to the caller).
+fn split(sent: Vec<Sent>) -> (Vec<Sent>, Vec<Sent>) {
+    sent.into_iter().partition(|s| s.tx.dest == addr(PROVIDER))
+}
+
+#[test]
+fn trunk_challenge_is_answered_with_credentials_and_never_relayed() {
+    use crate::auth::digest;
+    let (mut h, inv) = trunk_invite();
+    h.at(100);
+    let (down, up) = split(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&inv.msg, 407, "n1"),
+    }));
+    assert!(up.is_empty(), "the caller never sees the 407: {up:?}");
+    assert_eq!(down.len(), 2, "{down:?}");
+    let ack = down
+        .iter()
+        .find(|s| s.method() == Some("ACK"))
+        .expect("ACK");
+    assert_hop_request(ack, "ACK", &inv, PROVIDER);
+    let again = down
+        .iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
+    assert_eq!(again.method(), Some("INVITE"));
+    assert_eq!(again.cseq(), (2, "INVITE".to_owned()), "CSeq + 1");
+    assert_ne!(again.branch(), inv.branch(), "a new branch");
+    assert!(again.branch().starts_with(BRANCH_PREFIX));
+    for name in [HeaderName::CallId, HeaderName::From, HeaderName::To] {
+        assert_eq!(again.msg.header_str(name), inv.msg.header_str(name));
+    }
+    assert_eq!(again.msg.request_uri(), inv.msg.request_uri());
+    // The credentials verify with the server side of our digest code.
+    let value = again
+        .msg
+        .header_str(HeaderName::ProxyAuthorization)
+        .expect("Proxy-Authorization");
+    let c = digest::parse_credentials(value).unwrap();
+    assert_eq!(
+        (c.username.as_str(), c.realm.as_str()),
+        ("acct1", PROVIDER_REALM)
+    );
+    assert_eq!(c.uri, format!("sip:bob@{PROVIDER}"));
+    let ha1 = digest::ha1(c.algorithm, "acct1", PROVIDER_REALM, "s3cret");
+    assert!(digest::verify(&ha1, "INVITE", &c));
+    // The offset and the caller's tag are in our (signed) Record-Route.
+    let rr = again.msg.route_set(HeaderName::RecordRoute).expect("RR");
+    assert!(rr[0].uri.contains(";cs=1;ft=a1;m="), "{rr:?}");
+    assert_eq!(h.take_events(), vec![bind(&again.branch(), 0)]);
+
+    // The provider rings and answers the re-send: upstream with the caller's CSeq.
+    h.at(300);
+    let up = one(h.answer(0, false, &again.msg, 180));
+    assert_upstream(&up, 180);
+    h.at(500);
+    let up = one(h.answer(0, false, &again.msg, 200));
+    assert_upstream(&up, 200);
+    // A retransmitted 407 is absorbed by the challenged transaction (its ACK again).
+    h.at(600);
+    let sent = h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&inv.msg, 407, "n1"),
+    });
+    let ack = one(sent);
+    assert_hop_request(&ack, "ACK", &inv, PROVIDER);
+    h.run_out();
+    assert!(h.t.is_done());
+}
+
+#[test]
+fn trunk_credentials_challenged_again_give_the_caller_a_403() {
+    let (mut h, inv) = trunk_invite();
+    h.at(100);
+    let (down, _) = split(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&inv.msg, 401, "n1"),
+    }));
+    let again = down
+        .into_iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
+    assert!(
+        again.msg.header(HeaderName::Authorization).is_some(),
+        "401 → Authorization"
+    );
+    h.at(200);
+    let (down, up) = split(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&again.msg, 401, "n2"),
+    }));
+    let ack = one(down);
+    assert_eq!(ack.method(), Some("ACK"));
+    assert_eq!(ack.cseq(), (2, "ACK".to_owned()));
+    let up = one(up);
+    assert_upstream(&up, 403);
+    let line = String::from_utf8_lossy(&up.tx.bytes);
+    assert!(line.starts_with(&format!("SIP/2.0 403 {}\r\n", super::txn::TRUNK_REJECTED)));
+    assert!(up.msg.header(HeaderName::WwwAuthenticate).is_none());
+}
+
+#[test]
+fn trunk_none_on_the_branch_relays_the_challenge() {
+    let (mut h, fwd) = invite_to(&[BOB]);
+    h.at(100);
+    let sent = h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&fwd[0].msg, 407, "n1"),
+    });
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_hop_request(&sent[one_idx(to(&sent, BOB))], "ACK", &fwd[0], BOB);
+    let up = &sent[one_idx(to(&sent, CALLER))];
+    assert_upstream(up, 407);
+    assert!(up.msg.header(HeaderName::ProxyAuthenticate).is_some());
+}
+
+#[test]
+fn trunk_caller_cancel_after_the_re_send_cancels_the_re_sent_invite() {
+    let (mut h, inv) = trunk_invite();
+    h.at(100);
+    let (down, _) = split(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: challenge(&inv.msg, 407, "n1"),
+    }));
+    let again = down
+        .into_iter()
+        .find(|s| s.method() == Some("INVITE"))
+        .expect("re-sent");
+    h.take_events();
+    h.at(300);
+    assert_upstream(&one(h.answer(0, false, &again.msg, 180)), 180);
+    h.at(1_000);
+    let cancel = one(h.input(Input::Cancel));
+    assert_eq!(cancel.method(), Some("CANCEL"));
+    assert_eq!(cancel.branch(), again.branch(), "the re-sent transaction");
+    assert_eq!(cancel.cseq(), (2, "CANCEL".to_owned()));
+    assert_eq!(h.take_events(), vec![bind_cancel(&again.branch(), 0)]);
+    h.at(1_050);
+    assert!(h.answer(0, true, &cancel.msg, 200).is_empty());
+    let (_, up) = split(h.answer(0, false, &again.msg, 487));
+    assert_upstream(&one(up), 487);
 }

@@ -126,6 +126,16 @@ impl<'m> Rewrite<'m> {
         }
     }
 
+    /// Writes a new CSeq number, keeping the method (a trunk's authenticated re-send and the
+    /// in-dialog CSeq offset it causes). Nothing happens without a CSeq header.
+    pub fn set_cseq(&mut self, seq: u32) {
+        let (Some(h), Ok(cseq)) = (self.msg.header(HeaderName::CSeq), self.msg.cseq()) else {
+            return;
+        };
+        let value = format!("{seq} {}", cseq.method);
+        self.push(h.value.clone(), value);
+    }
+
     /// Removes every header with this name.
     pub fn remove_headers(&mut self, name: HeaderName) {
         let spans: Vec<_> = self

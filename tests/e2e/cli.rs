@@ -9,13 +9,13 @@ use tokio::net::UdpSocket;
 
 use crate::harness::{request, udp_exchange};
 
-fn sipedge() -> Command {
+pub(crate) fn sipedge() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sipedge"));
     c.env_remove("SIPEDGE_CONFIG").env_remove("RUST_LOG");
     c
 }
 
-fn temp_config(name: &str, text: &str) -> PathBuf {
+pub(crate) fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sipedge-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
@@ -461,10 +461,10 @@ async fn cdr_export() {
 }
 
 /// The server's log lines, read on a thread so that a test can wait for one with a bound.
-struct LogLines(std::sync::mpsc::Receiver<String>);
+pub(crate) struct LogLines(std::sync::mpsc::Receiver<String>);
 
 impl LogLines {
-    fn new(stderr: std::process::ChildStderr) -> Self {
+    pub(crate) fn new(stderr: std::process::ChildStderr) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -477,7 +477,7 @@ impl LogLines {
     }
 
     /// Reads until a line containing `what`; panics after 10 s or at the end of the log.
-    fn until(&self, what: &str) -> String {
+    pub(crate) fn until(&self, what: &str) -> String {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut seen = Vec::new();
         loop {

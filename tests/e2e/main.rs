@@ -21,3 +21,4 @@ mod security;
 mod store;
 mod tls;
 mod transport;
+mod trunk;
