@@ -426,6 +426,10 @@ pub struct RawRoute {
     /// "rpid" (`Remote-Party-ID`) or "none". Default "none".
     #[serde(default)]
     pub identity: Identity,
+    /// The `[[trunk]]` (by name) whose credentials answer the next hop's 401/407. Default
+    /// none: challenges are relayed to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<String>,
 }
 
 /// How a route asserts the caller's identity (`[[route]] identity`).
@@ -489,10 +493,6 @@ fn default_dns_attempts() -> usize {
 }
 fn default_dns_cache_size() -> u64 {
     1024
-    /// The `[[trunk]]` (by name) whose credentials answer the next hop's 401/407. Default
-    /// none: challenges are relayed to the caller.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trunk: Option<String>,
 }
 
 /// `[[trunk]]`: an account at a provider (Kamailio `uac`: `uac_auth()` credentials and a

@@ -194,7 +194,7 @@ impl Resolver {
             }
             // No SRV at all: A/AAAA of the name itself, on 5060 (RFC 3263 §4.2).
             let proto = transport.unwrap_or(Proto::Udp);
-            return self.addresses(host, select::SIP_PORT, proto).await;
+            return self.addresses(host, proto.default_port(), proto).await;
         }
         out.truncate(MAX_TARGETS);
         debug!(%host, targets = out.len(), "next hop resolved");

@@ -36,7 +36,7 @@ pub enum Step {
 pub fn first_step(host: &str, port: Option<u16>, transport: Option<Proto>) -> Step {
     let proto = transport.unwrap_or(Proto::Udp);
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Step::Addr(SocketAddr::new(ip, port.unwrap_or(SIP_PORT)), proto);
+        return Step::Addr(SocketAddr::new(ip, port.unwrap_or(proto.default_port())), proto);
     }
     match (port, transport) {
         (Some(p), _) => Step::Host(host.to_owned(), p, proto),
@@ -45,20 +45,21 @@ pub fn first_step(host: &str, port: Option<u16>, transport: Option<Proto>) -> St
     }
 }
 
-/// `_sip._udp.host` / `_sip._tcp.host` (RFC 3263 §4.2).
+/// `_sip._udp.host` / `_sip._tcp.host` / `_sips._tcp.host` (RFC 3263 §4.2).
 pub fn srv_name(proto: Proto, host: &str) -> String {
-    // No wildcard: `Proto::Tls` (another branch of issue #13) must say `_sips._tcp` here.
     let label = match proto {
         Proto::Udp => "_sip._udp",
         Proto::Tcp => "_sip._tcp",
+        Proto::Tls => "_sips._tcp",
     };
     format!("{label}.{host}")
 }
 
 /// Without NAPTR records, the SRV names to try in our order of preference; the first that
-/// has records decides the transport (RFC 3263 §4.1), and with none, UDP.
+/// has records decides the transport (RFC 3263 §4.1), and with none, UDP. TLS comes last: a
+/// `sip:` URI does not ask for it, and a `sips:` one never gets here (its transport is TLS).
 pub fn srv_fallback(host: &str) -> Vec<(Proto, String)> {
-    [Proto::Udp, Proto::Tcp]
+    [Proto::Udp, Proto::Tcp, Proto::Tls]
         .into_iter()
         .map(|p| (p, srv_name(p, host)))
         .collect()
@@ -76,9 +77,8 @@ pub struct Naptr {
 }
 
 /// RFC 3263 §4.1: the NAPTR records with flag "S" and a service we speak, in (order,
-/// preference) order, as (transport, SRV name). `SIP+D2U` is UDP and `SIP+D2T` TCP.
-/// `SIPS+D2T` (TLS) is skipped: TLS comes with `Proto::Tls` on another branch of issue #13,
-/// and the lead wires it in at the merge.
+/// preference) order, as (transport, SRV name). `SIP+D2U` is UDP, `SIP+D2T` TCP and
+/// `SIPS+D2T` TLS.
 pub fn naptr_services(mut records: Vec<Naptr>) -> Vec<(Proto, String)> {
     records.sort_by_key(|r| (r.order, r.preference));
     records
@@ -88,6 +88,7 @@ pub fn naptr_services(mut records: Vec<Naptr>) -> Vec<(Proto, String)> {
             let proto = match r.services.to_ascii_uppercase().as_str() {
                 "SIP+D2U" => Proto::Udp,
                 "SIP+D2T" => Proto::Tcp,
+                "SIPS+D2T" => Proto::Tls,
                 _ => return None,
             };
             let name = r.replacement.trim_end_matches('.').to_owned();
@@ -250,8 +251,18 @@ mod tests {
             srv_fallback("example.net"),
             vec![
                 (Proto::Udp, "_sip._udp.example.net".to_owned()),
-                (Proto::Tcp, "_sip._tcp.example.net".to_owned())
+                (Proto::Tcp, "_sip._tcp.example.net".to_owned()),
+                (Proto::Tls, "_sips._tcp.example.net".to_owned())
             ]
+        );
+        // A sips: URI asks for TLS only; an address over TLS defaults to 5061.
+        assert_eq!(
+            first_step("example.net", None, Some(Proto::Tls)),
+            Step::Srv(Proto::Tls, "_sips._tcp.example.net".into())
+        );
+        assert_eq!(
+            first_step("192.0.2.1", None, Some(Proto::Tls)),
+            Step::Addr("192.0.2.1:5061".parse().unwrap(), Proto::Tls)
         );
     }
 
@@ -274,6 +285,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
+                (Proto::Tls, "_sips._tcp.example.net".to_owned()),
                 (Proto::Tcp, "_sip._tcp.example.net".to_owned()),
                 (Proto::Udp, "_sip._udp.example.net".to_owned())
             ]

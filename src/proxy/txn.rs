@@ -682,7 +682,7 @@ impl ProxyTxn {
         let bytes = rw.finish();
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
-            branch: id,
+            branch: id.clone(),
             sent_by: forward::hostport(outbound),
             method: method.to_owned(),
         };
@@ -725,6 +725,7 @@ impl ProxyTxn {
         self.drain_retired(idx);
         true
     }
+
     /// The received request.
     pub fn request(&self) -> &Message {
         &self.msg
@@ -964,12 +965,13 @@ impl ProxyTxn {
                 }
                 ClientAction::PassUp(resp) => {
                     let status = resp.status().unwrap_or(0);
+                    let trunk = b.hop.trunk.is_some();
                     // RFC 3263 §4.3 / Kamailio's failure_route: a 503 moves the branch to its
                     // next alternate, if it may; the caller never sees that 503. A trunk's
                     // challenge is answered with its credentials (Kamailio's uac_auth()).
                     if (status == 503 && self.fail_over(idx, FailoverReason::Unavailable, true, now))
                         || (matches!(status, 401 | 407)
-                            && b.hop.trunk.is_some()
+                            && trunk
                             && self.answer_challenge(idx, &resp, now))
                     {
                         continue;

@@ -1567,7 +1567,7 @@ fn trunk_invite() -> (Harness, Sent) {
 }
 
 /// The provider's challenge to `req`.
-fn challenge(req: &Message, status: u16, nonce: &str) -> Message {
+fn trunk_challenge(req: &Message, status: u16, nonce: &str) -> Message {
     let ch = crate::auth::digest::challenge(
         crate::config::DigestAlgorithm::Md5,
         PROVIDER_REALM,
@@ -1602,7 +1602,7 @@ fn trunk_challenge_is_answered_with_credentials_and_never_relayed() {
     let (down, up) = split(h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&inv.msg, 407, "n1"),
+        resp: trunk_challenge(&inv.msg, 407, "n1"),
     }));
     assert!(up.is_empty(), "the caller never sees the 407: {up:?}");
     assert_eq!(down.len(), 2, "{down:?}");
@@ -1653,7 +1653,7 @@ fn trunk_challenge_is_answered_with_credentials_and_never_relayed() {
     let sent = h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&inv.msg, 407, "n1"),
+        resp: trunk_challenge(&inv.msg, 407, "n1"),
     });
     let ack = one(sent);
     assert_hop_request(&ack, "ACK", &inv, PROVIDER);
@@ -1668,7 +1668,7 @@ fn trunk_credentials_challenged_again_give_the_caller_a_403() {
     let (down, _) = split(h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&inv.msg, 401, "n1"),
+        resp: trunk_challenge(&inv.msg, 401, "n1"),
     }));
     let again = down
         .into_iter()
@@ -1682,7 +1682,7 @@ fn trunk_credentials_challenged_again_give_the_caller_a_403() {
     let (down, up) = split(h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&again.msg, 401, "n2"),
+        resp: trunk_challenge(&again.msg, 401, "n2"),
     }));
     let ack = one(down);
     assert_eq!(ack.method(), Some("ACK"));
@@ -1701,7 +1701,7 @@ fn trunk_none_on_the_branch_relays_the_challenge() {
     let sent = h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&fwd[0].msg, 407, "n1"),
+        resp: trunk_challenge(&fwd[0].msg, 407, "n1"),
     });
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert_hop_request(&sent[one_idx(to(&sent, BOB))], "ACK", &fwd[0], BOB);
@@ -1717,7 +1717,7 @@ fn trunk_caller_cancel_after_the_re_send_cancels_the_re_sent_invite() {
     let (down, _) = split(h.input(Input::Response {
         idx: 0,
         cancel: false,
-        resp: challenge(&inv.msg, 407, "n1"),
+        resp: trunk_challenge(&inv.msg, 407, "n1"),
     }));
     let again = down
         .into_iter()

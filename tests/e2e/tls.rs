@@ -229,6 +229,7 @@ async fn phone_registered_over_tls_is_called_over_its_connection() {
             domain: "example.com".into(),
             ha1_md5: md5_hex("bob:example.com:pw"),
             ha1_sha256: "unused".into(),
+            caller_id: None,
             created: 0,
         })
         .await

@@ -102,6 +102,7 @@ async fn authenticated_invite(srv: &TestServer, phone: &Ua) {
             domain: "example.com".into(),
             ha1_md5: digest::ha1(DigestAlgorithm::Md5, "alice", "example.com", "secret"),
             ha1_sha256: "unused".into(),
+            caller_id: None,
             created: 0,
         })
         .await
