@@ -2472,10 +2472,6 @@ mod tests {
                 "route.next_hop",
             ),
             (
-                "[[route]]\nname='a'\nuser='1'\nnext_hop='sips:h'",
-                "route.next_hop",
-            ),
-            (
                 "[[route]]\nname='a'\nuser='1'\nnext_hop='sip:h;transport=sctp'",
                 "route.next_hop",
             ),

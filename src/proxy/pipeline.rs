@@ -965,7 +965,18 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             hop("sip:bob@192.0.2.4").dest,
             Dest::Addr("192.0.2.4:5060".parse().unwrap())
         );
-        assert!(hop_for_uri("sips:bob@example.net").is_none());
+        // A sips: URI: TLS, its SRV name `_sips._tcp` (RFC 3263 §4.1).
+        let sips = hop("sips:bob@example.net");
+        assert_eq!(
+            (sips.dest, sips.proto),
+            (
+                Dest::Name {
+                    host: "example.net".into(),
+                    transport: Some(Proto::Tls)
+                },
+                Proto::Tls
+            )
+        );
     }
 
     #[test]
@@ -1052,7 +1063,13 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
         );
         // A host name is resolved like any next hop.
         let hop = binding_hop(b("sip:carol@pbx.example.net", false));
-        assert_eq!(hop.dest, Dest::Host("pbx.example.net".into(), 5060));
+        assert_eq!(
+            hop.dest,
+            Dest::Name {
+                host: "pbx.example.net".into(),
+                transport: None
+            }
+        );
         // A Contact that is no SIP URI we can reach: the source, as before.
         let hop = binding_hop(b("tel:+15551230000", false));
         assert_eq!(hop.dest, Dest::Addr(flow.addr));
@@ -1154,7 +1171,13 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
         assert_eq!(sips_tcp.proto, Proto::Tls);
         let tls = hop_for_uri("sip:bob@example.net;transport=TLS").unwrap();
         assert_eq!(tls.proto, Proto::Tls);
-        assert_eq!(tls.dest, Dest::Host("example.net".into(), 5061));
+        assert_eq!(
+            tls.dest,
+            Dest::Name {
+                host: "example.net".into(),
+                transport: Some(Proto::Tls)
+            }
+        );
         let tcp = hop_for_uri("sip:bob@192.0.2.9;transport=TCP").unwrap();
         assert_eq!(tcp.proto, Proto::Tcp);
         assert_eq!(tcp.dest, Dest::Addr("192.0.2.9:5060".parse().unwrap()));
