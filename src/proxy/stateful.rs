@@ -914,9 +914,6 @@ impl Drop for TxnSlot {
     }
 }
 
-/// Proxy authentication of the caller (407 challenges), then `check_from` for `[[route]]`
-/// rules: the From user must be the authenticated user. `Ok` holds that user, `Err` the
-/// response to send.
 /// A subscriber that passed proxy authentication.
 struct AuthUser {
     username: String,
@@ -925,6 +922,9 @@ struct AuthUser {
     caller_id: Option<String>,
 }
 
+/// Proxy authentication of the caller (407 challenges), then `check_from` for `[[route]]`
+/// rules: the From user must be the authenticated user. `Ok` holds that user (with its domain
+/// and caller ID), `Err` the response to send.
 async fn authorize(
     auth: &Authenticator,
     msg: &Message,
