@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::accounting::Accounting;
 use super::forward;
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
+use super::probe::Prober;
 use super::txn::{self, Attempt, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::acc;
 use crate::auth::mac::RouteKey;
@@ -73,6 +74,8 @@ pub struct Proxy {
     large_bytes: Arc<AtomicUsize>,
     /// Next hops by name (RFC 3263).
     dns: Arc<Resolver>,
+    /// Which route next hops probing found down (`probe_interval`).
+    prober: Arc<Prober>,
     stats: ProxyStats,
 }
 
@@ -99,6 +102,7 @@ impl Proxy {
         media: Option<Arc<Media>>,
         acc: Arc<Accounting>,
         dns: Arc<Resolver>,
+        prober: Arc<Prober>,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
@@ -123,6 +127,7 @@ impl Proxy {
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
             dns,
+            prober,
             stats: ProxyStats::default(),
         }
     }
@@ -130,6 +135,11 @@ impl Proxy {
     /// The proxy's counters.
     pub fn stats(&self) -> &ProxyStats {
         &self.stats
+    }
+
+    /// The prober of route next hops.
+    pub fn prober(&self) -> &Arc<Prober> {
+        &self.prober
     }
 
     /// Hands an event to a transaction task without waiting: a task whose queue is full is
@@ -166,6 +176,7 @@ impl Proxy {
             ),
         ];
         self.dns.register_metrics(m);
+        self.prober.register_metrics(m);
         for (name, help, field) in counters {
             let p = Arc::downgrade(self);
             m.counter(name, help, move || {
@@ -387,7 +398,7 @@ impl Proxy {
             reply::response(&msg, source.remote, status, reason, extra)
         };
         if plan.stateless {
-            let dests = resolve(&self.dns, &plan.targets).await;
+            let dests = resolve(&self.dns, &self.prober, &plan.targets).await;
             if let Some(a) = dests.first().and_then(|d| d.first()) {
                 self.forward_stateless(&msg, source, &plan, a).await;
             }
@@ -447,7 +458,7 @@ impl Proxy {
         if msg.method() == Some("BYE") {
             self.acc.bye(&msg).await;
         }
-        let resolved = resolve(&self.dns, &plan.targets).await;
+        let resolved = resolve(&self.dns, &self.prober, &plan.targets).await;
         let mut kept = Plan {
             targets: Vec::new(),
             ..plan.clone()
@@ -930,7 +941,8 @@ async fn authorize(
 /// in order: addresses as they are, names per RFC 3263 (NAPTR, SRV, A/AAAA; one SRV name
 /// gives its targets in priority and weight order). At most [`crate::dns::MAX_TARGETS`]
 /// places per branch; a hop none of whose names resolves gets none (its branch is dropped).
-pub async fn resolve(dns: &Resolver, hops: &[Hop]) -> Vec<Vec<Attempt>> {
+/// Places that probing found down are left out, unless all of the branch's are.
+pub async fn resolve(dns: &Resolver, prober: &Prober, hops: &[Hop]) -> Vec<Vec<Attempt>> {
     let mut out = Vec::with_capacity(hops.len());
     for first in hops {
         let mut attempts = Vec::new();
@@ -959,6 +971,9 @@ pub async fn resolve(dns: &Resolver, hops: &[Hop]) -> Vec<Vec<Attempt>> {
                 attempts.truncate(crate::dns::MAX_TARGETS);
                 break;
             }
+        }
+        if attempts.iter().any(|a| !prober.is_down(a.dest)) {
+            attempts.retain(|a| !prober.is_down(a.dest));
         }
         out.push(attempts);
     }
