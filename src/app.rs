@@ -159,7 +159,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     let dns = Arc::new(crate::dns::Resolver::new(&cfg.dns)?);
     let prober = Arc::new(crate::proxy::probe::Prober::new(
         live.clone(),
-        dns.clone(),
+        dns,
         transports.clone(),
         &local,
         cfg.server.advertise,
@@ -171,7 +171,6 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         route_key.clone(),
         Some(media.clone()),
         acc,
-        dns,
         prober,
     ));
     let core = Core::new(

@@ -119,6 +119,11 @@ impl Prober {
         }
     }
 
+    /// The resolver the probes (and the proxy) use.
+    pub fn dns(&self) -> &Arc<Resolver> {
+        &self.dns
+    }
+
     /// Whether probing marked `place` down.
     pub fn is_down(&self, place: SocketAddr) -> bool {
         self.health.get(&place).is_some_and(|h| h.is_down())

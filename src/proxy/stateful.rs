@@ -101,7 +101,6 @@ impl Proxy {
         key: RouteKey,
         media: Option<Arc<Media>>,
         acc: Arc<Accounting>,
-        dns: Arc<Resolver>,
         prober: Arc<Prober>,
     ) -> Self {
         let timers = Timers {
@@ -126,7 +125,7 @@ impl Proxy {
             client: DashMap::new(),
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
-            dns,
+            dns: prober.dns().clone(),
             prober,
             stats: ProxyStats::default(),
         }
