@@ -167,6 +167,13 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     ));
     tokio::spawn(Accounting::sweep(Arc::downgrade(&acc)).instrument(info_span!("acc_sweep")));
     let dns = Arc::new(crate::dns::Resolver::new(&cfg.dns)?);
+    let prober = Arc::new(crate::proxy::probe::Prober::new(
+        live.clone(),
+        dns,
+        transports.clone(),
+        &local,
+        cfg.server.advertise,
+    ));
     let proxy = Arc::new(Proxy::new(
         &cfg,
         transports.clone(),
@@ -174,7 +181,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         route_key.clone(),
         Some(media.clone()),
         acc,
-        dns,
+        prober,
     ));
     let core = Core::new(
         &cfg,

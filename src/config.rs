@@ -415,6 +415,10 @@ pub struct RawRoute {
     /// list (or the next SRV target) is tried; only when one remains. Default 2000.
     #[serde(default = "default_failover_timeout_ms")]
     pub failover_timeout_ms: u64,
+    /// Seconds between OPTIONS probes to each place of the next hops; a place that leaves a
+    /// probe unanswered or answers 503 is skipped until it answers again. 0 = off. Default 0.
+    #[serde(default)]
+    pub probe_interval: u64,
     /// Require proxy authentication and From user = authenticated user. Default false.
     #[serde(default)]
     pub auth: bool,
@@ -895,6 +899,8 @@ pub struct Route {
     pub next_hops: Vec<NextHop>,
     /// `failover_timeout_ms`: a silent next hop is left for the next one after this.
     pub failover_timeout: Duration,
+    /// `probe_interval`, `None` = off.
+    pub probe_interval: Option<Duration>,
     pub auth: bool,
     pub media: MediaMode,
     pub identity: Identity,
@@ -1617,6 +1623,8 @@ impl Config {
                 user,
                 next_hops,
                 failover_timeout: Duration::from_millis(r.failover_timeout_ms),
+                probe_interval: (r.probe_interval > 0)
+                    .then(|| Duration::from_secs(r.probe_interval)),
                 auth: r.auth,
                 media: r.media,
                 identity: r.identity,

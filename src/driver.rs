@@ -149,7 +149,9 @@ impl Driver {
             Dispatch::Send(out) => self.transports.send(out),
             Dispatch::Response(msg, source) => {
                 self.counters.response(msg.status().unwrap_or(0));
-                if self.pinger.on_response(&msg) || self.trunks.on_response(&msg) {
+                if self.pinger.on_response(&msg)
+                    || self.trunks.on_response(&msg)
+                    || self.proxy.prober().on_response(&msg)
                     return;
                 }
                 self.proxy.on_response(*msg, source)
@@ -238,10 +240,18 @@ impl Server {
                 .instrument(info_span!("trunk_registration")),
         );
         let proxy = self.driver.proxy.clone();
+        let probing = tokio::spawn(
+            proxy
+                .prober()
+                .clone()
+                .run(shutdown.clone())
+                .instrument(info_span!("probe")),
+        );
         let receiver: Arc<dyn Receiver> = self.driver;
         self.listeners.run(receiver, shutdown).await;
         let _ = keepalive.await;
         let _ = trunks.await;
+        let _ = probing.await;
         // The answered calls still waiting for their BYE get their rows (reason "shutdown");
         // the relayed ones are written by the media shutdown that follows.
         proxy.accounting().shutdown().await;

@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod forward;
 pub mod pipeline;
+pub mod probe;
 pub mod response;
 pub mod sanity;
 pub mod stateful;

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::accounting::Accounting;
 use super::forward::{self, Asserted};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
+use super::probe::Prober;
 use super::txn::{self, Attempt, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
 use crate::acc;
 use crate::auth::mac::RouteKey;
@@ -73,6 +74,8 @@ pub struct Proxy {
     large_bytes: Arc<AtomicUsize>,
     /// Next hops by name (RFC 3263).
     dns: Arc<Resolver>,
+    /// Which route next hops probing found down (`probe_interval`).
+    prober: Arc<Prober>,
     stats: ProxyStats,
 }
 
@@ -98,7 +101,7 @@ impl Proxy {
         key: RouteKey,
         media: Option<Arc<Media>>,
         acc: Arc<Accounting>,
-        dns: Arc<Resolver>,
+        prober: Arc<Prober>,
     ) -> Self {
         let timers = Timers {
             fr: cfg.server.fr_timer,
@@ -122,7 +125,8 @@ impl Proxy {
             client: DashMap::new(),
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
-            dns,
+            dns: prober.dns().clone(),
+            prober,
             stats: ProxyStats::default(),
         }
     }
@@ -130,6 +134,11 @@ impl Proxy {
     /// The proxy's counters.
     pub fn stats(&self) -> &ProxyStats {
         &self.stats
+    }
+
+    /// The prober of route next hops.
+    pub fn prober(&self) -> &Arc<Prober> {
+        &self.prober
     }
 
     /// Hands an event to a transaction task without waiting: a task whose queue is full is
@@ -166,6 +175,7 @@ impl Proxy {
             ),
         ];
         self.dns.register_metrics(m);
+        self.prober.register_metrics(m);
         for (name, help, field) in counters {
             let p = Arc::downgrade(self);
             m.counter(name, help, move || {
@@ -413,7 +423,7 @@ impl Proxy {
         // RFC 3325 §5: identity headers pass only from inside our trust domain.
         plan.identity.strip = !cfg.security.is_trusted(source.remote.ip());
         if plan.stateless {
-            let dests = resolve(&self.dns, &plan.targets).await;
+            let dests = resolve(&self.dns, &self.prober, &plan.targets).await;
             if let Some(a) = dests.first().and_then(|d| d.first()) {
                 self.forward_stateless(&msg, source, &plan, a).await;
             }
@@ -478,7 +488,7 @@ impl Proxy {
         if msg.method() == Some("BYE") {
             self.acc.bye(&msg).await;
         }
-        let resolved = resolve(&self.dns, &plan.targets).await;
+        let resolved = resolve(&self.dns, &self.prober, &plan.targets).await;
         let mut kept = Plan {
             targets: Vec::new(),
             ..plan.clone()
@@ -994,7 +1004,8 @@ fn transport_failure_response(bytes: &[u8], dest: SocketAddr) -> Option<Message>
 /// in order: addresses as they are, names per RFC 3263 (NAPTR, SRV, A/AAAA; one SRV name
 /// gives its targets in priority and weight order). At most [`crate::dns::MAX_TARGETS`]
 /// places per branch; a hop none of whose names resolves gets none (its branch is dropped).
-pub async fn resolve(dns: &Resolver, hops: &[Hop]) -> Vec<Vec<Attempt>> {
+/// Places that probing found down are left out, unless all of the branch's are.
+pub async fn resolve(dns: &Resolver, prober: &Prober, hops: &[Hop]) -> Vec<Vec<Attempt>> {
     let mut out = Vec::with_capacity(hops.len());
     for first in hops {
         let mut attempts = Vec::new();
@@ -1023,6 +1034,9 @@ pub async fn resolve(dns: &Resolver, hops: &[Hop]) -> Vec<Vec<Attempt>> {
                 attempts.truncate(crate::dns::MAX_TARGETS);
                 break;
             }
+        }
+        if attempts.iter().any(|a| !prober.is_down(a.dest)) {
+            attempts.retain(|a| !prober.is_down(a.dest));
         }
         out.push(attempts);
     }

@@ -415,3 +415,90 @@ async fn a_name_that_does_not_resolve_gets_503_and_counts_queries() {
     }
     srv.stop().await;
 }
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+#[tokio::test]
+async fn probing_skips_a_next_hop_that_leaves_its_probes_unanswered() {
+    let dead = Ua::new().await;
+    let alive = Arc::new(Ua::new().await);
+    let srv = TestServer::start(
+        "",
+        &route(
+            &format!("[\"{}\", \"{}\"]", dead.addr, alive.addr),
+            "probe_interval = 1\n",
+        ),
+    )
+    .await;
+    // The live next hop answers its probes; INVITEs are handed to the test.
+    let (tx, mut invites) = tokio::sync::mpsc::channel(4);
+    let a = alive.clone();
+    let answering = tokio::spawn(async move {
+        while let Some((m, from)) = recv_within(&a, Duration::from_secs(8)).await {
+            match m.method() {
+                Some("OPTIONS") => a.answer(&m, from, 200, "alive").await,
+                Some("INVITE") => {
+                    let _ = tx.send((m, from)).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    let (probe, _) = dead.recv().await;
+    assert_eq!(probe.method(), Some("OPTIONS"));
+    assert!(
+        probe
+            .top_via()
+            .unwrap()
+            .branch()
+            .unwrap()
+            .starts_with("z9hG4bK-pr-")
+    );
+    let prober = srv.proxy.prober().clone();
+    until("the silent next hop is down", || prober.is_down(dead.addr)).await;
+    assert!(!prober.is_down(alive.addr));
+
+    // A call goes straight to the live next hop: the dead one gets only probes.
+    let caller = Ua::new().await;
+    caller
+        .send(
+            srv.udp,
+            &invite("sip:1234@example.com", caller.addr, "probed"),
+        )
+        .await;
+    let (inv, from) = tokio::time::timeout(Duration::from_secs(2), invites.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inv.call_id().unwrap(), "probed");
+    alive.answer(&inv, from, 200, "alive").await;
+    assert_eq!(caller.recv().await.0.status(), Some(200));
+    assert_eq!(srv.proxy.stats().failovers.load(Relaxed), 0);
+
+    // The dead one answers its probes (older ones queued first, they no longer count): up
+    // again once the awaited one is answered.
+    loop {
+        let (m, from) = dead.recv().await;
+        assert_eq!(
+            m.method(),
+            Some("OPTIONS"),
+            "no INVITE to a next hop that is down"
+        );
+        dead.answer(&m, from, 200, "dead").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !prober.is_down(dead.addr) {
+            break;
+        }
+    }
+    srv.stop().await;
+    answering.abort();
+}
