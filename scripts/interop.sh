@@ -261,7 +261,7 @@ password = "s3cret"
 realm = "sipp.provider"
 register = true
 TOML
-"$bin" check-config -c "$work/trunk.toml" >/dev/null
+"$bin" check-config -c "$work/trunk.toml" >/dev/null 2>&1
 "$bin" user import -c "$work/trunk.toml" "$one_user" >/dev/null
 timeout 60 sipp -sf "$root/scripts/sipp/trunk_provider.xml" -i 127.0.0.1 -p "$trunk_provider_port" \
     -m 2 -timeout 50s -timeout_error -trace_err -error_file "$work/trunk-provider.err" -nostdin \
