@@ -152,6 +152,7 @@ impl Driver {
                 if self.pinger.on_response(&msg)
                     || self.trunks.on_response(&msg)
                     || self.proxy.prober().on_response(&msg)
+                {
                     return;
                 }
                 self.proxy.on_response(*msg, source)
