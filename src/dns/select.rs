@@ -36,7 +36,10 @@ pub enum Step {
 pub fn first_step(host: &str, port: Option<u16>, transport: Option<Proto>) -> Step {
     let proto = transport.unwrap_or(Proto::Udp);
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Step::Addr(SocketAddr::new(ip, port.unwrap_or(proto.default_port())), proto);
+        return Step::Addr(
+            SocketAddr::new(ip, port.unwrap_or(proto.default_port())),
+            proto,
+        );
     }
     match (port, transport) {
         (Some(p), _) => Step::Host(host.to_owned(), p, proto),

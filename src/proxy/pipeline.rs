@@ -586,7 +586,8 @@ impl Core {
                 ruri: Some(uri.with_host(
                     &h.host,
                     h.port.or_else(|| {
-                        h.ip().map(|_| h.transport.map_or(5060, Proto::default_port))
+                        h.ip()
+                            .map(|_| h.transport.map_or(5060, Proto::default_port))
                     }),
                 )),
                 dest: Dest::of(&h.host, h.port, h.transport),

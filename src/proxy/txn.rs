@@ -969,7 +969,8 @@ impl ProxyTxn {
                     // RFC 3263 §4.3 / Kamailio's failure_route: a 503 moves the branch to its
                     // next alternate, if it may; the caller never sees that 503. A trunk's
                     // challenge is answered with its credentials (Kamailio's uac_auth()).
-                    if (status == 503 && self.fail_over(idx, FailoverReason::Unavailable, true, now))
+                    if (status == 503
+                        && self.fail_over(idx, FailoverReason::Unavailable, true, now))
                         || (matches!(status, 401 | 407)
                             && trunk
                             && self.answer_challenge(idx, &resp, now))
