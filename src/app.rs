@@ -117,9 +117,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         .collect();
     // The files were checked with the configuration; they are read again here (a reload
     // does not change them: restart-only).
-    let tls = cfg
-        .tls
-        .build(crate::transport::tls::system_roots)?;
+    let tls = cfg.tls.build(crate::transport::tls::system_roots)?;
     let listeners = Listeners::bind(&listen, transport_limits(&cfg), Some(tls))
         .await
         .map_err(StartError::Bind)?;

@@ -1838,7 +1838,9 @@ mod tests {
                 "tls.private_key",
             ),
             (
-                format!("{listen}[tls]\ncertificate = \"/nonexistent.pem\"\nprivate_key = \"{k}\"\n"),
+                format!(
+                    "{listen}[tls]\ncertificate = \"/nonexistent.pem\"\nprivate_key = \"{k}\"\n"
+                ),
                 "tls.certificate",
             ),
             // The files swapped: no certificate in the key file, no key in the certificate.
@@ -1850,11 +1852,20 @@ mod tests {
                 format!("{listen}[tls]\ncertificate = \"{c}\"\nprivate_key = \"{c}\"\n"),
                 "tls.private_key",
             ),
-            ("[tls]\nca_file = \"/nonexistent.pem\"\n".to_owned(), "tls.ca_file"),
+            (
+                "[tls]\nca_file = \"/nonexistent.pem\"\n".to_owned(),
+                "tls.ca_file",
+            ),
             (format!("[tls]\nca_file = \"{k}\"\n"), "tls.ca_file"),
             ("[tls]\nca_file = \"\"\n".to_owned(), "tls.ca_file"),
-            ("[tls]\nhandshake_timeout = 0\n".to_owned(), "tls.handshake_timeout"),
-            ("[limits]\ntcp_connects = 0\n".to_owned(), "limits.tcp_connects"),
+            (
+                "[tls]\nhandshake_timeout = 0\n".to_owned(),
+                "tls.handshake_timeout",
+            ),
+            (
+                "[limits]\ntcp_connects = 0\n".to_owned(),
+                "limits.tcp_connects",
+            ),
             (
                 "[limits]\ntcp_connect_timeout = 0\n".to_owned(),
                 "limits.tcp_connect_timeout",

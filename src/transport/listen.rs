@@ -115,7 +115,11 @@ impl Listeners {
             transports: self.transports.clone(),
             limits: self.limits,
         });
-        let acceptor = self.transports.tls.as_ref().and_then(|t| t.acceptor.clone());
+        let acceptor = self
+            .transports
+            .tls
+            .as_ref()
+            .and_then(|t| t.acceptor.clone());
         for (proto, listener) in self.tcp {
             let addr = listener.local_addr().ok();
             let name = proto.as_str().to_lowercase();
@@ -127,7 +131,12 @@ impl Listeners {
             tasks.spawn(supervise(
                 "tcp_accept",
                 move || {
-                    tcp::accept_loop(listener.clone(), acceptor.clone(), ctx.clone(), stop.clone())
+                    tcp::accept_loop(
+                        listener.clone(),
+                        acceptor.clone(),
+                        ctx.clone(),
+                        stop.clone(),
+                    )
                 },
                 span,
                 shutdown.clone(),

@@ -142,8 +142,7 @@ pub(super) async fn accept_loop(
                                     .as_ref()
                                     .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
                                 let stats = ctx.transports.stats();
-                                match tokio::time::timeout(timeout, acceptor.accept(stream)).await
-                                {
+                                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                                     Ok(Ok(tls)) => {
                                         stats.tls_handshake_ok.fetch_add(1, Relaxed);
                                         accepted_conn(tls, source, &ctx, shutdown).await;

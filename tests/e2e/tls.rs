@@ -40,7 +40,8 @@ struct Pki {
 
 impl Pki {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("sipedge-e2e-tls-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("sipedge-e2e-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -173,7 +174,13 @@ fn answer(req: &Message, status: u16, contact: &str) -> String {
         .map(|h| ("Record-Route", req.str_at(h.value.clone()).unwrap()))
         .collect();
     extra.push(("Contact", &contact));
-    let bytes = reply::response(req, "127.0.0.1:5060".parse().unwrap(), status, "Answer", &extra);
+    let bytes = reply::response(
+        req,
+        "127.0.0.1:5060".parse().unwrap(),
+        status,
+        "Answer",
+        &extra,
+    );
     String::from_utf8(bytes).unwrap()
 }
 
@@ -250,7 +257,10 @@ Call-ID: tls-reg\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:bob@{me};transport=tl
     phone.send(&register(1, "")).await;
     let ch = phone.recv().await;
     assert_eq!(ch.status(), Some(401));
-    let ch = ch.header_str(HeaderName::WwwAuthenticate).unwrap().to_owned();
+    let ch = ch
+        .header_str(HeaderName::WwwAuthenticate)
+        .unwrap()
+        .to_owned();
     let nonce = challenge_param(&ch, "nonce");
     let ha1 = md5_hex("bob:example.com:pw");
     let ha2 = md5_hex("REGISTER:sip:example.com");
@@ -261,14 +271,26 @@ uri=\"sip:example.com\", response=\"{response}\", algorithm=MD5, qop=auth, nc=00
 cnonce=\"c0ffee\"\r\n"
     );
     phone.send(&register(2, &auth)).await;
-    assert_eq!(phone.recv().await.status(), Some(200), "registered over TLS");
+    assert_eq!(
+        phone.recv().await.status(),
+        Some(200),
+        "registered over TLS"
+    );
 
     let caller = Ua::new().await;
     let invite = request("INVITE", "sip:bob@example.com", caller.addr, "tls-call", "");
     caller.send(srv.udp, &invite).await;
     let inv = phone.recv().await;
-    assert_eq!(inv.method(), Some("INVITE"), "the call comes over the phone's connection");
-    assert!(top_via(&inv).starts_with("SIP/2.0/TLS "), "{}", top_via(&inv));
+    assert_eq!(
+        inv.method(),
+        Some("INVITE"),
+        "the call comes over the phone's connection"
+    );
+    assert!(
+        top_via(&inv).starts_with("SIP/2.0/TLS "),
+        "{}",
+        top_via(&inv)
+    );
     // UDP in, TLS out: two Record-Route entries, the one facing the phone says TLS.
     let rr = record_routes(&inv);
     assert_eq!(rr.len(), 2, "{rr:?}");
@@ -306,14 +328,22 @@ async fn provider_on_tcp_is_connected_on_demand_and_the_connection_reused() {
     let mut peer = Peer::new(stream);
     let inv = peer.recv().await;
     assert_eq!(inv.method(), Some("INVITE"));
-    assert!(top_via(&inv).starts_with("SIP/2.0/TCP "), "{}", top_via(&inv));
+    assert!(
+        top_via(&inv).starts_with("SIP/2.0/TCP "),
+        "{}",
+        top_via(&inv)
+    );
     let rr = record_routes(&inv);
     assert_eq!(rr.len(), 2, "UDP in, TCP out: {rr:?}");
     assert!(rr[0].contains(";transport=tcp"), "{rr:?}");
     peer.send(&answer(&inv, 200, &format!("sip:pstn@{p};transport=tcp")))
         .await;
     let (ok, _) = caller.recv().await;
-    assert_eq!(ok.status(), Some(200), "the response came back on our connection");
+    assert_eq!(
+        ok.status(),
+        Some(200),
+        "the response came back on our connection"
+    );
 
     // A second call reuses the connection.
     caller
@@ -348,7 +378,10 @@ async fn provider_on_tls_is_verified_by_name_with_sni() {
     let caller = Ua::new().await;
     let ruri = format!("sip:pstn@localhost:{port};transport=tls");
     caller
-        .send(srv.udp, &request("INVITE", &ruri, caller.addr, "tls-prov", ""))
+        .send(
+            srv.udp,
+            &request("INVITE", &ruri, caller.addr, "tls-prov", ""),
+        )
         .await;
     let (stream, _) = tokio::time::timeout(WAIT, provider.accept())
         .await
@@ -358,9 +391,17 @@ async fn provider_on_tls_is_verified_by_name_with_sni() {
     assert_eq!(tls.get_ref().1.server_name(), Some("localhost"), "SNI");
     let mut peer = Peer::new(tls);
     let inv = peer.recv().await;
-    assert!(top_via(&inv).starts_with("SIP/2.0/TLS "), "{}", top_via(&inv));
-    peer.send(&answer(&inv, 200, &format!("sip:pstn@localhost:{port};transport=tls")))
-        .await;
+    assert!(
+        top_via(&inv).starts_with("SIP/2.0/TLS "),
+        "{}",
+        top_via(&inv)
+    );
+    peer.send(&answer(
+        &inv,
+        200,
+        &format!("sip:pstn@localhost:{port};transport=tls"),
+    ))
+    .await;
     assert_eq!(caller.recv().await.0.status(), Some(200));
     assert_eq!(srv.metrics.get("transport_tls_handshake_ok"), Some(1));
     srv.stop().await;
@@ -388,11 +429,17 @@ async fn provider_certificate_for_another_name_fails_the_call_at_once() {
     let started = Instant::now();
     let ruri = format!("sip:pstn@{p};transport=tls");
     caller
-        .send(srv.udp, &request("INVITE", &ruri, caller.addr, "tls-bad", ""))
+        .send(
+            srv.udp,
+            &request("INVITE", &ruri, caller.addr, "tls-bad", ""),
+        )
         .await;
     expect_server_error(&caller, started, Duration::from_secs(4)).await;
     let received = tokio::time::timeout(WAIT, served).await.unwrap().unwrap();
-    assert!(received.is_empty(), "nothing sent to a server we could not verify");
+    assert!(
+        received.is_empty(),
+        "nothing sent to a server we could not verify"
+    );
     assert!(srv.metrics.get("transport_tls_handshake_failed").unwrap() >= 1);
     assert!(srv.metrics.get("transport_connect_failed").unwrap() >= 1);
     srv.stop().await;
@@ -411,7 +458,9 @@ async fn sips_is_never_sent_in_clear() {
             tokio::time::timeout(Duration::from_secs(3), plain_tcp.accept()).await
         {
             let mut buf = vec![0u8; 4096];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+            {
                 seen.push(buf[..n].to_vec());
             }
             // Closed: the handshake fails.
@@ -442,9 +491,17 @@ async fn sips_is_never_sent_in_clear() {
     assert!(udp.is_err(), "nothing on plain UDP");
     for bytes in tokio::time::timeout(WAIT, tcp_seen).await.unwrap().unwrap() {
         // What reached the plain listener is a TLS ClientHello (record type 22), no SIP.
-        assert_eq!(bytes.first(), Some(&0x16), "{:?}", String::from_utf8_lossy(&bytes));
+        assert_eq!(
+            bytes.first(),
+            Some(&0x16),
+            "{:?}",
+            String::from_utf8_lossy(&bytes)
+        );
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("INVITE") && !text.contains("SIP/2.0"), "{text}");
+        assert!(
+            !text.contains("INVITE") && !text.contains("SIP/2.0"),
+            "{text}"
+        );
     }
     srv.stop().await;
 }
@@ -460,7 +517,10 @@ async fn connect_to_a_closed_port_fails_the_call_at_once() {
     let started = Instant::now();
     let ruri = format!("sip:pstn@{closed};transport=tcp");
     caller
-        .send(srv.udp, &request("INVITE", &ruri, caller.addr, "closed", ""))
+        .send(
+            srv.udp,
+            &request("INVITE", &ruri, caller.addr, "closed", ""),
+        )
         .await;
     expect_server_error(&caller, started, Duration::from_secs(2)).await;
     let failed = srv.metrics.get("transport_connect_failed").unwrap();
@@ -469,7 +529,10 @@ async fn connect_to_a_closed_port_fails_the_call_at_once() {
     // (The transaction's ACK for the 503 tries too, so the count is not exact.)
     let started = Instant::now();
     caller
-        .send(srv.udp, &request("INVITE", &ruri, caller.addr, "closed-2", ""))
+        .send(
+            srv.udp,
+            &request("INVITE", &ruri, caller.addr, "closed-2", ""),
+        )
         .await;
     expect_server_error(&caller, started, Duration::from_secs(2)).await;
     assert!(srv.metrics.get("transport_connect_failed").unwrap() > failed);
