@@ -2327,6 +2327,77 @@ mod tests {
     }
 
     #[test]
+    fn tls_listeners_need_a_certificate_and_its_key() {
+        let dir = std::env::temp_dir().join(format!("sipedge-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["sip.example.net".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let (c, k) = (c.display(), k.display());
+        let listen = "[server]\nlisten = [\"udp:0.0.0.0:5060\", \"tls:0.0.0.0:5061\"]\n";
+        let ok = parse(&format!(
+            "{listen}[tls]\ncertificate = \"{c}\"\nprivate_key = \"{k}\"\nca_file = \"{c}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.server.listen[1].proto, Proto::Tls);
+        assert!(ok.tls.verify_server, "verified by default");
+        assert_eq!(ok.tls.handshake_timeout, Duration::from_secs(5));
+        for (text, key) in [
+            (listen.to_owned(), "tls.certificate"),
+            (
+                format!("{listen}[tls]\ncertificate = \"{c}\"\n"),
+                "tls.private_key",
+            ),
+            (
+                format!(
+                    "{listen}[tls]\ncertificate = \"/nonexistent.pem\"\nprivate_key = \"{k}\"\n"
+                ),
+                "tls.certificate",
+            ),
+            // The files swapped: no certificate in the key file, no key in the certificate.
+            (
+                format!("{listen}[tls]\ncertificate = \"{k}\"\nprivate_key = \"{c}\"\n"),
+                "tls.certificate",
+            ),
+            (
+                format!("{listen}[tls]\ncertificate = \"{c}\"\nprivate_key = \"{c}\"\n"),
+                "tls.private_key",
+            ),
+            (
+                "[tls]\nca_file = \"/nonexistent.pem\"\n".to_owned(),
+                "tls.ca_file",
+            ),
+            (format!("[tls]\nca_file = \"{k}\"\n"), "tls.ca_file"),
+            ("[tls]\nca_file = \"\"\n".to_owned(), "tls.ca_file"),
+            (
+                "[tls]\nhandshake_timeout = 0\n".to_owned(),
+                "tls.handshake_timeout",
+            ),
+            (
+                "[limits]\ntcp_connects = 0\n".to_owned(),
+                "limits.tcp_connects",
+            ),
+            (
+                "[limits]\ntcp_connect_timeout = 0\n".to_owned(),
+                "limits.tcp_connect_timeout",
+            ),
+        ] {
+            assert_eq!(err_key(&text), key, "{text}");
+        }
+        // Without a tls: listener nothing is required: the client side uses the system roots.
+        let plain = parse("[tls]\nverify_server = false\n").unwrap();
+        assert!(!plain.tls.verify_server);
+        assert!(plain.tls.certificate.is_none());
+        assert_eq!(plain.limits.tcp_connect_timeout, Duration::from_secs(5));
+        assert_eq!(plain.limits.tcp_connects, 256);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_in_every_table() {
         for table in [
             "server",
