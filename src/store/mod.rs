@@ -10,6 +10,7 @@
 
 mod cdr;
 mod dialect;
+mod kamailio;
 mod location;
 mod meta;
 mod migrate;
@@ -25,6 +26,7 @@ use sqlx::{AnyPool, Row, ValueRef};
 
 pub use cdr::Cdr;
 use dialect::Dialect;
+pub use kamailio::{KamailioSubscriber, read_kamailio_subscribers};
 pub use location::Binding;
 pub use subscriber::Subscriber;
 

@@ -1,4 +1,8 @@
 //! The `subscriber` table: one row per user, HA1 hashes only.
+//!
+//! A subscriber imported from Kamailio/OpenSER has an MD5 HA1 and no SHA-256 one until their
+//! password is next set: the column holds `''` then (it is `NOT NULL` since version 1, and
+//! SQLite cannot drop a constraint without rebuilding the table), read back as `None`.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -12,7 +16,8 @@ pub struct Subscriber {
     pub username: String,
     pub domain: String,
     pub ha1_md5: String,
-    pub ha1_sha256: String,
+    /// `None` for a subscriber imported with an MD5 HA1 only (stored as `''`).
+    pub ha1_sha256: Option<String>,
     pub created: u64,
 }
 
@@ -58,7 +63,7 @@ fn bind<'q>(
     q.bind(&s.username)
         .bind(&s.domain)
         .bind(&s.ha1_md5)
-        .bind(&s.ha1_sha256)
+        .bind(s.ha1_sha256.as_deref().unwrap_or_default())
         .bind(to_i64(s.created))
 }
 
@@ -152,7 +157,7 @@ fn from_row(r: &AnyRow) -> Result<Subscriber, StoreError> {
         username: text(r, "username")?,
         domain: text(r, "domain")?,
         ha1_md5: text(r, "ha1_md5")?,
-        ha1_sha256: text(r, "ha1_sha256")?,
+        ha1_sha256: Some(text(r, "ha1_sha256")?).filter(|h| !h.is_empty()),
         created: from_i64(r.try_get("created")?),
     })
 }
