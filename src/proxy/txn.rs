@@ -107,6 +107,7 @@ impl Context {
             source: Some(source.remote),
             force_rport,
             route,
+            owner: hop.owner.map(|binding| (dest, binding)),
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,

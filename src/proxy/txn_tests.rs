@@ -91,6 +91,7 @@ fn hop(dest: &str, proto: Proto) -> Hop {
         dest: Dest::Addr(addr(dest)),
         proto,
         flow: None,
+        owner: None,
     }
 }
 

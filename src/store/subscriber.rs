@@ -121,10 +121,19 @@ impl Store {
             .bind(domain)
             .execute(&mut *tx)
             .await?;
+        let aor = format!("{username}@{domain}");
         sqlx::query(&self.sql.subscriber.delete_bindings)
-            .bind(format!("{username}@{domain}"))
+            .bind(&aor)
             .execute(&mut *tx)
             .await?;
+        if self.is_postgres() {
+            // Running instances drop the bindings from memory at once.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::LOCATION_CHANNEL)
+                .bind(&aor)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
