@@ -10,6 +10,8 @@ mod corpus;
 mod harness;
 mod media;
 mod media_limits;
+#[cfg(feature = "postgres")]
+mod multi;
 mod nat;
 mod proxy;
 mod public;

@@ -21,7 +21,7 @@ fn md5_hex(s: &str) -> String {
         .collect()
 }
 
-async fn add_user(srv: &TestServer, user: &str, pw: &str) {
+pub(crate) async fn add_user(srv: &TestServer, user: &str, pw: &str) {
     srv.store
         .add_subscriber(&Subscriber {
             username: user.into(),
@@ -44,9 +44,9 @@ fn challenge_param(ch: &str, name: &str) -> Option<String> {
     })
 }
 
-struct Phone {
-    sock: UdpSocket,
-    addr: SocketAddr,
+pub(crate) struct Phone {
+    pub(crate) sock: UdpSocket,
+    pub(crate) addr: SocketAddr,
     user: String,
     call_id: String,
     cseq: u32,
@@ -57,7 +57,7 @@ struct Phone {
 }
 
 impl Phone {
-    async fn new(user: &str) -> Self {
+    pub(crate) async fn new(user: &str) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
         Self {
@@ -87,7 +87,7 @@ CSeq: {cseq} REGISTER\r\n\
     }
 
     /// REGISTER, answer the 401 with credentials for `password`, return the final response.
-    async fn register(
+    pub(crate) async fn register(
         &mut self,
         srv: &TestServer,
         to_user: &str,
