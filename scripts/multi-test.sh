@@ -281,6 +281,80 @@ else
     fail "the call's CDR row: expected '$B_IP:$SIP answered', got '${cdr:-none}'"
 fi
 
+# 3b. The same with two-way audio through B's relay: the phone and the caller each play
+# g711a.pcap's RTP (scripts/nat/rtp_phone.py, symmetric RTP) to the relay address of the SDP
+# they got — B's — and count what comes back. The scenarios are nat-test's, with B's address
+# as the relay and the shared domain in the caller's URIs.
+PCAP=/usr/share/sip-tester/g711a.pcap
+[ -r "$PCAP" ] || die "$PCAP not found; it comes with SIPp: apt-get install -y sip-tester"
+sed 's/198\\\.51\\\.100\\\.1)/198\\.51\\.100\\.2)/' "$root/scripts/sipp/nat_uas_media.xml" >"$work/uas_media.xml"
+sed -e 's/198\\\.51\\\.100\\\.1)/198\\.51\\.100\\.2)/' -e 's/sip:\[service\]@\[remote_ip\]/sip:[service]@[domain]/g' \
+    -e 's/sip:\[me\]@\[remote_ip\]/sip:[me]@[domain]/g' "$root/scripts/sipp/nat_uac_media.xml" >"$work/uac_media.xml"
+grep -q '198\\.51\\.100\\.2)' "$work/uas_media.xml" && grep -q '198\\.51\\.100\\.2)' "$work/uac_media.xml" \
+    && grep -q 'sip:\[service\]@\[domain\]' "$work/uac_media.xml" || die "cannot derive the media scenarios from nat-test's"
+RTP_PORT=16000
+: >"$work/ctl-caller"; : >"$work/ctl-callee"
+ip netns exec "$NS_PHONE" timeout 45 python3 "$root/scripts/nat/rtp_phone.py" --bind "$PHONE_IP:$RTP_PORT" \
+    --ctl "$work/ctl-callee" --out "$work/rtp-callee.json" --pcap "$PCAP" --max-time 40 >"$work/rtp-callee.out" 2>&1 &
+pb=$!; pids+=("$pb")
+ip netns exec "$NS_PUB" timeout 45 python3 "$root/scripts/nat/rtp_phone.py" --bind "$CALLER_IP:$RTP_PORT" \
+    --ctl "$work/ctl-caller" --out "$work/rtp-caller.json" --pcap "$PCAP" --max-time 40 >"$work/rtp-caller.out" 2>&1 &
+pa=$!; pids+=("$pa")
+for _ in $(seq 1 50); do
+    grep -q '^ready' "$work/rtp-callee.out" 2>/dev/null && grep -q '^ready' "$work/rtp-caller.out" 2>/dev/null && break
+    sleep 0.1
+done
+ip netns exec "$NS_PHONE" timeout 60 sipp -sf "$work/uas_media.xml" -i "$PHONE_IP" -p "$SIP" -t u1 -aa -timeout 40s \
+    -timeout_error -trace_err -error_file "$work/media-callee.err" -nostdin -s "$USER" \
+    -key rtp_port "$RTP_PORT" -key ctl "$work/ctl-callee" >"$work/media-callee.out" 2>&1 &
+uas_pid=$!
+pids+=("$uas_pid")
+for _ in $(seq 1 50); do
+    [ -n "$(ip netns exec "$NS_PHONE" ss -Hlun "sport = :$SIP" 2>/dev/null)" ] && break
+    sleep 0.1
+done
+rc_uac=0 rc_uas=0
+ip netns exec "$NS_PUB" timeout 60 sipp -sf "$work/uac_media.xml" -i "$CALLER_IP" -p "$CALLER_PORT" -t u1 -aa \
+    -timeout 40s -timeout_error -trace_err -error_file "$work/media-caller.err" -nostdin -m 1 -d 8500 \
+    -s "$USER" -key me bob -key domain "$DOMAIN" -key rtp_port "$RTP_PORT" -key ctl "$work/ctl-caller" \
+    "$B_IP:$SIP" >"$work/media-caller.out" 2>&1 || rc_uac=$?
+wait "$uas_pid" || rc_uas=$?
+[ -s "$work/ctl-caller" ] || kill -TERM "$pa" 2>/dev/null || true
+[ -s "$work/ctl-callee" ] || kill -TERM "$pb" 2>/dev/null || true
+wait "$pa" || true
+wait "$pb" || true
+if [ "$rc_uac" = 0 ] && [ "$rc_uas" = 0 ]; then
+    ok "a call with audio arriving at B completes through A (the SDP each side got names B's relay $B_IP, no private c=)"
+else
+    fail "the call with audio at B (caller sipp exit $rc_uac, callee sipp exit $rc_uas)"
+    echo "      caller:"; show_failure media-caller
+    echo "      callee:"; show_failure media-callee
+fi
+media=$(python3 - "$work/rtp-caller.json" "$work/rtp-callee.json" "$B_IP" <<'PY'
+import json, sys
+try:
+    caller, callee = (json.load(open(p)) for p in sys.argv[1:3])
+except (OSError, ValueError) as e:
+    print(f"FAIL no RTP results: {e}"); sys.exit(0)
+relay = sys.argv[3]
+for me, other, name in ((caller, callee, "caller"), (callee, caller, "phone")):
+    to = me.get("to") or ""
+    got, sent = me.get("recv_from_to", 0), other.get("sent", 0)
+    # The relay forwards what one side sends once that side has latched and the other side's
+    # address is known (its first packet): allow a tenth lost to that start.
+    if to.startswith(relay + ":") and sent > 0 and got >= 0.9 * sent:
+        print(f"ok the {name} got {got} of the {sent} RTP packets the other sent, from B's relay {to}")
+    else:
+        print(f"FAIL the {name} got {got} of {sent} RTP packets from {to or 'nowhere'} (relay {relay})")
+PY
+)
+while IFS= read -r line; do
+    case $line in
+        "ok "*) ok "${line#ok }" ;;
+        *) fail "${line#FAIL }" ;;
+    esac
+done <<<"$media"
+
 # 4. A forged inter-instance Route from outside
 forged=$(ip netns exec "$NS_PUB" python3 - "$CALLER_IP" "$A_IP" "$SIP" "$ROUTER_PUB" "$binding" <<'PY'
 import socket, sys

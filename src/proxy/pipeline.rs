@@ -124,6 +124,19 @@ pub struct Hop {
     pub owner: Option<Flow>,
 }
 
+impl Hop {
+    /// The callee is behind NAT: its NAT binding (recorded by us, or by the instance owning
+    /// it) is not the address of its Contact.
+    pub fn callee_nated(&self) -> bool {
+        self.flow.is_some()
+            || self.owner.is_some_and(|binding| {
+                let contact = self.ruri.as_deref().and_then(|r| SipUri::parse(r).ok());
+                contact.and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))))
+                    != Some(binding.addr)
+            })
+    }
+}
+
 /// A next hop: an address (a registered flow) or a name to resolve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
@@ -1002,6 +1015,10 @@ From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\n
                 owner: Some(flow),
             }],
             "through the owner; the dead instance's binding is left out"
+        );
+        assert!(
+            plan.targets[0].callee_nated(),
+            "media: the callee is behind NAT"
         );
         assert_eq!(plan.route.as_deref(), Some("location"));
 

@@ -615,7 +615,9 @@ impl ProxyTxn {
                             idx,
                             branch: b.id.clone(),
                             role: b.role,
-                            from: b.dest,
+                            // Through the instance owning the callee's binding: the
+                            // party's packets come from that binding, not from the owner.
+                            from: b.hop.owner.map_or(b.dest, |binding| binding.addr),
                             resp,
                         });
                     } else {
@@ -856,6 +858,6 @@ pub fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
     match mode {
         MediaMode::Always => true,
         MediaMode::Never => false,
-        MediaMode::Nat => caller_nated || hop.flow.is_some(),
+        MediaMode::Nat => caller_nated || hop.callee_nated(),
     }
 }
