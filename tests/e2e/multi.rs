@@ -138,6 +138,30 @@ async fn two_instances_share_registrations_and_forward_to_the_owner() {
     let (r, _) = caller.recv().await;
     assert_eq!(r.status(), Some(404));
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+
+    // 5. The listening connections die (a database restart, a proxy timeout): the instances
+    // reconnect and read everything again, so a change made meanwhile still reaches B.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&sqlx::PgPool::connect(&url).await.unwrap())
+    .await
+    .unwrap();
+    assert!(killed >= 2, "both instances listen: {killed}");
+    let erin = "erin@example.com";
+    let mut binding = crate::harness::binding(erin, "sip:erin@10.0.0.7".into(), phone_ua.addr);
+    binding.instance = "a".into();
+    a.set_bindings(erin, vec![binding]).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    while b.location.lookup(erin, now()).is_empty() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        b.location.lookup(erin, now()).len(),
+        1,
+        "seen after the reconnection"
+    );
     a.stop().await;
     b.stop().await;
 }

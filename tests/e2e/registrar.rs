@@ -495,6 +495,25 @@ async fn kamailio_subscribers_register_with_their_old_passwords() {
     assert!(stdout.contains("skipped 1"), "{stdout}");
     assert!(stderr.contains("skipped olaf@other.example"), "{stderr}");
 
+    // The same from an export (`mysql -B -e 'SELECT * FROM subscriber'`: tab-separated).
+    let dump = cfg.with_extension("tsv");
+    std::fs::write(
+        &dump,
+        format!(
+            "id\tusername\tdomain\tpassword\tha1\tha1b\n3\tlars\texample.com\tLars-pw\t{}\t{}\n",
+            md5_hex("lars:example.com:Lars-pw"),
+            md5_hex("lars@example.com:example.com:Lars-pw")
+        ),
+    )
+    .unwrap();
+    let out = sipedge(&["user", "import", "--kamailio-dump", dump.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 1 subscriber(s)"));
     let srv = TestServer::start_on(
         &db,
         "127.0.0.1:0",
@@ -502,6 +521,16 @@ async fn kamailio_subscribers_register_with_their_old_passwords() {
         "[auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n",
     )
     .await;
+    let lars = srv
+        .store
+        .subscriber("lars", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (lars.ha1_md5, lars.ha1_sha256),
+        (md5_hex("lars:example.com:Lars-pw"), None)
+    );
     let kim = srv
         .store
         .subscriber("kim", "example.com")
