@@ -29,3 +29,6 @@ SQL
 
 export SIPEDGE_TEST_POSTGRES_URL="postgres://sipedge_test:$pw@127.0.0.1:$port/sipedge_test"
 cargo test --features postgres --test e2e store
+# Two instances on that database (README "Several instances"); after the store tests, since
+# both empty the tables.
+cargo test --features postgres --test e2e multi::

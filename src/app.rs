@@ -2,6 +2,7 @@
 //! location service loaded from the store, listeners, registrar. Used by `sipedge serve` and
 //! by the end-to-end tests, so both run the same wiring.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ use crate::registrar::location::WriteThrough;
 use crate::registrar::service::{Context, Registrar};
 use crate::security::Security;
 use crate::store::{Store, StoreError};
-use crate::transport::{Limits, Listeners};
+use crate::transport::{Limits, Listeners, Proto};
 use crate::trunk::Trunks;
 use sipedge_relay::{IoMode, RelayConfig};
 
@@ -79,7 +80,9 @@ pub struct App {
 /// Opens and migrates the store, loads the location service, binds the listeners and
 /// starts the registrar.
 pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, StartError> {
-    let store = Store::connect(&cfg.database_url).await?;
+    let store = Store::connect(&cfg.database_url)
+        .await?
+        .with_instance(&cfg.server.instance_id);
     let applied = store.migrate().await?;
     if applied > 0 {
         info!(applied, "database schema migrated");
@@ -100,15 +103,6 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
             "cannot read the CDR spool; it is left for the next start"
         ),
     }
-    let location = Arc::new(WriteThrough::load(store.clone(), clock.unix()).await?);
-    info!(
-        bindings = location.binding_count(),
-        "location service loaded"
-    );
-    tokio::spawn(
-        WriteThrough::expire(Arc::downgrade(&location), clock.clone())
-            .instrument(info_span!("registrar_expiry")),
-    );
 
     let live = Arc::new(LiveConfig::new(cfg.clone()));
     let route_key = RouteKey::derive(&key);
@@ -126,6 +120,41 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         .await
         .map_err(StartError::Bind)?;
     let local = listeners.local_addrs().to_vec();
+    // Where the other instances on a shared store reach us: the advertised address and our
+    // (first) UDP port.
+    let sip_address = SocketAddr::new(
+        cfg.server.advertise,
+        local
+            .iter()
+            .find(|(p, _)| *p == Proto::Udp)
+            .or(local.first())
+            .map_or(5060, |(_, a)| a.port()),
+    );
+    let location = Arc::new(
+        WriteThrough::load_shared(
+            store.clone(),
+            clock.unix(),
+            &cfg.server.instance_id,
+            sip_address,
+        )
+        .await?,
+    );
+    info!(
+        bindings = location.binding_count(),
+        shared = location.is_shared(),
+        instance = %cfg.server.instance_id,
+        "location service loaded"
+    );
+    tokio::spawn(
+        WriteThrough::expire(Arc::downgrade(&location), clock.clone())
+            .instrument(info_span!("registrar_expiry")),
+    );
+    if location.is_shared() {
+        tokio::spawn(
+            WriteThrough::follow(Arc::downgrade(&location), clock.clone())
+                .instrument(info_span!("location_follow")),
+        );
+    }
     let transports = listeners.transports();
     let auth = Arc::new(Authenticator::new(
         cfg.auth.clone(),

@@ -132,9 +132,28 @@ enum UserAction {
     },
     /// List subscribers.
     List,
-    /// Add or update many subscribers from a file ("-" = standard input), one
-    /// `USER[@DOMAIN];PASSWORD[;caller_id=NUM]` per line (the SIPp injection format).
-    Import { file: PathBuf },
+    /// Add or update many subscribers: from a file ("-" = standard input), one
+    /// `USER[@DOMAIN];PASSWORD[;caller_id=NUM]` per line (the SIPp injection format); or,
+    /// without plaintext,
+    /// from a Kamailio/OpenSER `subscriber` table (--kamailio URL) or an export of it
+    /// (--kamailio-dump FILE).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "kamailio", "kamailio_dump"])))]
+    Import {
+        file: Option<PathBuf>,
+        /// A Kamailio database: sqlite://PATH, postgres://USER:PW@HOST/DB or
+        /// mysql://USER:PW@HOST/DB; its `subscriber` table's username, domain and ha1 are read.
+        #[arg(long, value_name = "URL")]
+        kamailio: Option<String>,
+        /// An export of Kamailio's `subscriber` table: a header line naming the columns
+        /// (username, domain, ha1; others are ignored), fields separated by tabs (mysql -B) or
+        /// commas (psql --csv, sqlite3 -csv -header).
+        #[arg(long, value_name = "FILE")]
+        kamailio_dump: Option<PathBuf>,
+        /// The realm Kamailio hashed with, when it was not each subscriber's domain (kamctl and
+        /// the default kamailio.cfg use the domain).
+        #[arg(long, value_name = "REALM")]
+        kamailio_realm: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,7 +191,27 @@ fn run(command: Command, config: &Path) -> Result<(), cmd::CmdError> {
             UserAction::Del { user } => cmd::user::del(config, &user),
             UserAction::Passwd { user, password } => cmd::user::passwd(config, &user, password),
             UserAction::List => cmd::user::list(config),
-            UserAction::Import { file } => cmd::user::import(config, &file),
+            UserAction::Import {
+                file,
+                kamailio,
+                kamailio_dump,
+                kamailio_realm,
+            } => match (file, kamailio, kamailio_dump) {
+                (Some(file), _, _) => cmd::user::import(config, &file),
+                (None, Some(url), _) => cmd::user::import_kamailio(
+                    config,
+                    cmd::user::KamailioSource::Database(url),
+                    kamailio_realm.as_deref(),
+                ),
+                (None, None, Some(dump)) => cmd::user::import_kamailio(
+                    config,
+                    cmd::user::KamailioSource::Dump(dump),
+                    kamailio_realm.as_deref(),
+                ),
+                (None, None, None) => Err(cmd::CmdError::Usage(anyhow::anyhow!(
+                    "user import: give a FILE, --kamailio URL or --kamailio-dump FILE"
+                ))),
+            },
         },
         Command::Db { action } => match action {
             DbAction::Migrate => cmd::db::migrate(config),

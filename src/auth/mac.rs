@@ -10,6 +10,13 @@
 //!   (the previous hop), so a stray 2xx — one that matches no transaction any more — is
 //!   forwarded only to the hop we received the request from, never to a Via someone added.
 //!
+//! - the **inter-instance Route** (README "Several instances") that an instance pushes onto a
+//!   request it forwards to the instance owning the callee's binding carries `;m=` too, a MAC
+//!   in a domain of its own over the Call-ID, the From tag and the URI (the owner's address and
+//!   the `ob` flow token naming the phone's NAT binding): the owner sends the request to that
+//!   binding only when it verifies, so nobody outside can use the hop to reach NATed phones,
+//!   and no Record-Route of ours can be replayed as one.
+//!
 //! The key is derived from the per-install secret (`meta.nonce_secret`), so every instance
 //! sharing a store accepts the others' routes. Pure: no clock, no I/O.
 
@@ -94,6 +101,37 @@ impl RouteKey {
             ],
             ROUTE_MAC_HEX,
         )
+    }
+
+    /// The MAC of an inter-instance Route URI (`uri` up to the MAC parameter) for the request
+    /// of `call_id` with From tag `from_tag`.
+    pub fn owner_route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> String {
+        self.mac_hex(
+            &[
+                b"ob\0",
+                call_id.as_bytes(),
+                b"\0",
+                from_tag.as_bytes(),
+                b"\0",
+                uri.as_bytes(),
+            ],
+            ROUTE_MAC_HEX,
+        )
+    }
+
+    /// True when `uri` (a Route value, without `<>`) ends in an inter-instance MAC of ours
+    /// that verifies for `call_id` and `from_tag`.
+    pub fn verify_owner_route(&self, call_id: &str, from_tag: &str, uri: &str) -> bool {
+        let Some(at) = uri.rfind(ROUTE_MAC_PARAM) else {
+            return false;
+        };
+        let (signed, rest) = uri.split_at(at);
+        let given = &rest[ROUTE_MAC_PARAM.len()..];
+        given.len() == ROUTE_MAC_HEX
+            && ct_eq(
+                self.owner_route_mac(call_id, from_tag, signed).as_bytes(),
+                given.to_ascii_lowercase().as_bytes(),
+            )
     }
 
     /// True when `uri` (a Route value, without `<>`) ends in a MAC of ours that verifies for
@@ -200,6 +238,25 @@ mod tests {
         // Hex case is not significant.
         let upper = format!("{uri}{ROUTE_MAC_PARAM}{}", mac.to_ascii_uppercase());
         assert!(k.verify_route("call-1", &["tagA"], &upper));
+    }
+
+    #[test]
+    fn owner_routes_and_record_routes_do_not_mix() {
+        let k = key();
+        let uri = "sip:192.0.2.2:5060;lr;ob=u~203.0.113.4~41000";
+        let signed = format!("{uri}{ROUTE_MAC_PARAM}{}", k.owner_route_mac("c", "t", uri));
+        assert!(k.verify_owner_route("c", "t", &signed));
+        assert!(!k.verify_owner_route("c", "u", &signed), "other tag");
+        assert!(!k.verify_owner_route("d", "t", &signed), "other Call-ID");
+        let forged = signed.replace("203.0.113.4~41000", "198.51.100.9~5060");
+        assert!(!k.verify_owner_route("c", "t", &forged), "other binding");
+        assert!(!k.verify_route("c", &["t"], &signed), "not a Record-Route");
+        let rr = format!("{uri}{ROUTE_MAC_PARAM}{}", k.route_mac("c", "t", uri));
+        assert!(
+            !k.verify_owner_route("c", "t", &rr),
+            "a Record-Route is not one"
+        );
+        assert!(!k.verify_owner_route("c", "t", uri));
     }
 
     #[test]

@@ -212,17 +212,17 @@ impl Authenticator {
         let method = msg.method().unwrap_or_default();
         let verify = |sub: &Subscriber| {
             let ha1 = match creds.algorithm {
-                DigestAlgorithm::Md5 => &sub.ha1_md5,
-                DigestAlgorithm::Sha256 => &sub.ha1_sha256,
+                DigestAlgorithm::Md5 => Some(&sub.ha1_md5),
+                DigestAlgorithm::Sha256 => sub.ha1_sha256.as_ref(),
             };
-            digest::verify(ha1, method, &creds)
+            ha1.map(|ha1| digest::verify(ha1, method, &creds))
         };
         // A cached entry that verifies is enough; one that does not is read again from the
         // store, so a new password works at once (an old one keeps working until the entry
         // ages out, at most HA1_CACHE_TTL).
         let cached = self.cached(&creds.username, domain, now);
-        let verified = match cached {
-            Some(sub) if verify(&sub) => Some(sub),
+        let (verified, sub) = match cached {
+            Some(sub) if verify(&sub) == Some(true) => (Some(true), sub),
             _ => match self.store.subscriber(&creds.username, domain).await {
                 Err(e) => {
                     error!(error = %e, "subscriber lookup failed");
@@ -236,13 +236,20 @@ impl Authenticator {
                 Ok(Some(sub)) => {
                     let ok = verify(&sub);
                     self.remember(sub.clone(), now);
-                    ok.then_some(sub)
+                    (ok, sub)
                 }
             },
         };
-        let Some(sub) = verified else {
-            return failed("password", true);
+        let Some(verified) = verified else {
+            // A SHA-256 response for a subscriber imported with an MD5 HA1 only: not a wrong
+            // password (we cannot tell), so not counted; the new challenge offers MD5 alone
+            // (see `challenge_for`).
+            debug!(user = %creds.username, "no SHA-256 HA1 for this subscriber yet");
+            return Outcome::Challenge { stale: false };
         };
+        if !verified {
+            return failed("password", true);
+        }
         // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
         let nc = creds.nc.unwrap_or(1);
         if !self
@@ -262,6 +269,42 @@ impl Authenticator {
         }
     }
 
+    /// The challenge for a request whose user (To for REGISTER, From otherwise) is
+    /// `user@domain`: [`Self::challenge`], except that a subscriber without a SHA-256 HA1
+    /// (imported from Kamailio with an MD5 HA1, password not set since) is offered MD5 alone
+    /// when MD5 is configured, so that a client preferring SHA-256 does not answer with a
+    /// response we cannot check. An unknown user, or a store error, gets the full challenge.
+    pub async fn challenge_for(
+        &self,
+        kind: Kind,
+        realm: &str,
+        user: Option<&str>,
+        domain: &str,
+        now: u64,
+        stale: bool,
+    ) -> Vec<(&'static str, String)> {
+        let both = self.cfg.algorithms.contains(&DigestAlgorithm::Md5)
+            && self.cfg.algorithms.contains(&DigestAlgorithm::Sha256);
+        let Some(user) = user.filter(|_| both) else {
+            return self.challenge(kind, realm, now, stale);
+        };
+        let sub = match self.cached(user, domain, now) {
+            Some(sub) => Some(sub),
+            None => match self.store.subscriber(user, domain).await {
+                Ok(Some(sub)) => {
+                    self.remember(sub.clone(), now);
+                    Some(sub)
+                }
+                Ok(None) | Err(_) => None,
+            },
+        };
+        if sub.is_some_and(|s| s.ha1_sha256.is_none()) {
+            self.challenge_with(kind, realm, now, stale, &[DigestAlgorithm::Md5])
+        } else {
+            self.challenge(kind, realm, now, stale)
+        }
+    }
+
     /// The challenge headers: one per configured algorithm, in the configured order.
     pub fn challenge(
         &self,
@@ -270,12 +313,23 @@ impl Authenticator {
         now: u64,
         stale: bool,
     ) -> Vec<(&'static str, String)> {
+        self.challenge_with(kind, realm, now, stale, &self.cfg.algorithms)
+    }
+
+    /// One challenge header per algorithm of `algorithms`, all with the same nonce.
+    fn challenge_with(
+        &self,
+        kind: Kind,
+        realm: &str,
+        now: u64,
+        stale: bool,
+        algorithms: &[DigestAlgorithm],
+    ) -> Vec<(&'static str, String)> {
         static SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let salt = SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let n = nonce::issue(&self.key, now, salt, realm);
         let (_, _, header) = kind.challenge_status();
-        self.cfg
-            .algorithms
+        algorithms
             .iter()
             .map(|alg| (header, digest::challenge(*alg, realm, &n, "", stale)))
             .collect()
@@ -321,7 +375,7 @@ mod tests {
                 username: "alice".into(),
                 domain: REALM.into(),
                 ha1_md5: ha1(DigestAlgorithm::Md5, "alice", REALM, "s3cret"),
-                ha1_sha256: ha1(DigestAlgorithm::Sha256, "alice", REALM, "s3cret"),
+                ha1_sha256: Some(ha1(DigestAlgorithm::Sha256, "alice", REALM, "s3cret")),
                 created: 0,
                 caller_id: None,
             })
@@ -344,6 +398,16 @@ mod tests {
     /// A REGISTER to `sip:example.com` answering a fresh challenge of `auth`, hashed with
     /// `alg`, `password` and digest `uri`.
     fn register(auth: &Authenticator, alg: DigestAlgorithm, password: &str, uri: &str) -> Message {
+        register_as(auth, "alice", alg, password, uri)
+    }
+
+    fn register_as(
+        auth: &Authenticator,
+        user: &str,
+        alg: DigestAlgorithm,
+        password: &str,
+        uri: &str,
+    ) -> Message {
         let challenge = auth.challenge(Kind::Www, REALM, NOW, false);
         let nonce = challenge[0]
             .1
@@ -358,21 +422,17 @@ mod tests {
         };
         let header = |response: &str| {
             format!(
-                "Digest username=\"alice\", realm=\"{REALM}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+                "Digest username=\"{user}\", realm=\"{REALM}\", nonce=\"{nonce}\", uri=\"{uri}\", \
                  response=\"{response}\", algorithm={name}, qop=auth, nc=00000001, cnonce=\"c1\""
             )
         };
         let template = parse_credentials(&header(&zero)).unwrap();
-        let response = expected_response(
-            alg,
-            &ha1(alg, "alice", REALM, password),
-            "REGISTER",
-            &template,
-        );
+        let response =
+            expected_response(alg, &ha1(alg, user, REALM, password), "REGISTER", &template);
         let text = format!(
             "REGISTER sip:example.com SIP/2.0\r\n\
              Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK1\r\n\
-             From: <sip:alice@example.com>;tag=1\r\nTo: <sip:alice@example.com>\r\n\
+             From: <sip:{user}@example.com>;tag=1\r\nTo: <sip:{user}@example.com>\r\n\
              Call-ID: c1\r\nCSeq: 1 REGISTER\r\nAuthorization: {}\r\n\
              Content-Length: 0\r\n\r\n",
             header(&response)
@@ -558,5 +618,76 @@ mod tests {
             Outcome::Refuse { status: 403, .. }
         ));
         assert!(!security.allow(peer(a), tokio::time::Instant::now()));
+    }
+
+    /// A subscriber imported from Kamailio has an MD5 HA1 only: with both algorithms
+    /// configured they are offered MD5 alone, and a SHA-256 answer gets a new challenge (not
+    /// a 500, not a counted failure); their MD5 answer is accepted.
+    #[tokio::test]
+    async fn a_subscriber_without_a_sha256_ha1_authenticates_with_md5() {
+        let (auth, security) = authenticator("algorithms = [\"SHA-256\", \"MD5\"]", "").await;
+        auth.store
+            .add_subscriber(&Subscriber {
+                username: "kam".into(),
+                domain: REALM.into(),
+                ha1_md5: ha1(DigestAlgorithm::Md5, "kam", REALM, "old"),
+                ha1_sha256: None,
+                caller_id: None,
+                created: 0,
+            })
+            .await
+            .unwrap();
+        let offered = |headers: Vec<(&str, String)>| {
+            headers
+                .iter()
+                .map(|(_, v)| {
+                    v.split("algorithm=")
+                        .nth(1)
+                        .unwrap()
+                        .split(',')
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        let kam = auth
+            .challenge_for(Kind::Www, REALM, Some("kam"), REALM, NOW, false)
+            .await;
+        assert_eq!(offered(kam), ["MD5"]);
+        let alice = auth
+            .challenge_for(Kind::Www, REALM, Some("alice"), REALM, NOW, false)
+            .await;
+        assert_eq!(offered(alice), ["SHA-256", "MD5"]);
+        let nobody = auth
+            .challenge_for(Kind::Www, REALM, Some("nobody"), REALM, NOW, false)
+            .await;
+        assert_eq!(
+            offered(nobody),
+            ["SHA-256", "MD5"],
+            "unknown: the full challenge"
+        );
+
+        let a = "203.0.113.5:5060";
+        let sha = register_as(
+            &auth,
+            "kam",
+            DigestAlgorithm::Sha256,
+            "old",
+            "sip:example.com",
+        );
+        assert_eq!(check(&auth, &sha, a).await, CHALLENGE);
+        assert_eq!(security.stats(tokio::time::Instant::now()).auth_failures, 0);
+        let md5 = register_as(&auth, "kam", DigestAlgorithm::Md5, "old", "sip:example.com");
+        assert_eq!(
+            check(&auth, &md5, a).await,
+            Outcome::Authorized {
+                username: "kam".into(),
+                caller_id: None
+            }
+        );
+        let wrong = register_as(&auth, "kam", DigestAlgorithm::Md5, "new", "sip:example.com");
+        assert_eq!(check(&auth, &wrong, a).await, CHALLENGE);
+        assert_eq!(security.stats(tokio::time::Instant::now()).auth_failures, 1);
     }
 }

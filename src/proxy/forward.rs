@@ -143,6 +143,10 @@ pub struct Options {
     pub route: RouteEdit,
     /// Identity headers removed and added (RFC 3325).
     pub identity: IdentityEdit,
+    /// Forwarded to the instance owning the callee's binding (README "Several instances"):
+    /// its SIP address and the phone's NAT binding, written into a signed Route on top
+    /// ([`owner_route_uri`]).
+    pub owner: Option<(SocketAddr, Flow)>,
     /// Added to the CSeq number: a trunk's authenticated re-send went out with the caller's
     /// CSeq + 1, so the dialog's later requests from the caller follow (recorded in our
     /// Record-Route as `;cs=N;ft=<caller's From tag>`, [`cseq_params`]).
@@ -304,6 +308,23 @@ pub fn record_route_uri(
     format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
 }
 
+/// The inter-instance Route to the `owner` of a binding (its SIP address), naming the
+/// phone's NAT binding (`;ob=`), signed for the request of `call_id` with `from_tag`
+/// ([`RouteKey::owner_route_mac`]).
+pub fn owner_route_uri(
+    owner: SocketAddr,
+    binding: Flow,
+    key: &RouteKey,
+    (call_id, from_tag): (&str, &str),
+) -> String {
+    let uri = format!("sip:{owner};lr;{OWNER_PARAM}={}", binding.token());
+    let mac = key.owner_route_mac(call_id, from_tag, &uri);
+    format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
+}
+
+/// The parameter of an inter-instance Route that names the phone's NAT binding.
+pub const OWNER_PARAM: &str = "ob";
+
 /// Builds the forwarded request in one rewrite of the received bytes. `max_forwards` is the
 /// received value (already checked to be above 0 by sanity), `inbound` our side where the
 /// request arrived, `outbound` the side it leaves on, `branch` from [`branch_id`], `key`
@@ -359,6 +380,13 @@ pub fn request(
         } else {
             rw.push_record_route(&out_rr);
         }
+    }
+    if let Some((owner, binding)) = opts.owner {
+        let dialog = (
+            msg.call_id().unwrap_or_default(),
+            msg.from().ok().and_then(|f| f.tag()).unwrap_or_default(),
+        );
+        rw.push_route(&owner_route_uri(owner, binding, key, dialog));
     }
     if opts.strip_proxy_auth {
         rw.remove_headers(HeaderName::ProxyAuthorization);
@@ -421,6 +449,7 @@ Content-Length: 0\r\n\r\n";
             route: RouteEdit::Keep,
             identity: IdentityEdit::default(),
             cseq_offset: 0,
+            owner: None,
         }
     }
 

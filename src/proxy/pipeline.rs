@@ -16,7 +16,7 @@ use super::sanity::{self, Verdict};
 use crate::auth::mac::RouteKey;
 use crate::clock::Clock;
 use crate::config::{Config, Identity, MediaMode, RelayForeign, Trunk};
-use crate::registrar::location::{Binding, LocationService};
+use crate::registrar::location::{Binding, LocationService, Owner};
 use crate::registrar::service::Job;
 use crate::security::Security;
 use crate::sip::{Framing, HeaderName, Message, SipUri, reply};
@@ -137,6 +137,22 @@ pub struct Hop {
     pub failover: Vec<Self>,
     /// `[[route]].trunk`: a 401/407 from this hop is answered with these credentials.
     pub trunk: Option<Arc<Trunk>>,
+    /// `dest` is the instance owning the callee's binding, which sends the request out to
+    /// this NAT binding of the phone (README "Several instances"): a signed Route tells it.
+    pub owner: Option<Flow>,
+}
+
+impl Hop {
+    /// The callee is behind NAT: its NAT binding (recorded by us, or by the instance owning
+    /// it) is not the address of its Contact.
+    pub fn callee_nated(&self) -> bool {
+        self.flow.is_some()
+            || self.owner.is_some_and(|binding| {
+                let contact = self.ruri.as_deref().and_then(|r| SipUri::parse(r).ok());
+                contact.and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))))
+                    != Some(binding.addr)
+            })
+    }
 }
 
 /// A next hop: an address (a registered flow) or a name to resolve.
@@ -201,6 +217,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
         flow: None,
         failover: Vec::new(),
         trunk: None,
+        owner: None,
     })
 }
 
@@ -229,6 +246,7 @@ fn binding_hop(b: Binding) -> Hop {
             flow,
             failover: Vec::new(),
             trunk: None,
+            owner: None,
         }
     };
     if b.nated {
@@ -406,6 +424,65 @@ impl Core {
             }
             crate::security_event!("invalid_route", source.remote, sip.method = method);
             return reply(403, "Forbidden: Invalid Route");
+        }
+        // A request another instance forwards to us, the owner of the callee's binding
+        // (README "Several instances"): our Route on top carries the phone's NAT binding
+        // (`;ob=`) under an inter-instance MAC. Sent there, out of our socket, and recorded
+        // in our Record-Route like any NATed callee. One that does not verify is refused: the
+        // hop must not let anyone reach the phones behind NAT.
+        let owner_route = pop_route.then(|| routes.first()).flatten().filter(|r| {
+            SipUri::parse(r.uri).is_ok_and(|u| u.param(super::forward::OWNER_PARAM).is_some())
+        });
+        if let Some(r) = owner_route {
+            let binding = SipUri::parse(r.uri)
+                .ok()
+                .and_then(|u| u.param(super::forward::OWNER_PARAM).and_then(Flow::parse));
+            let signed = self.key.verify_owner_route(call_id, from_tag, r.uri);
+            return match binding {
+                Some(binding)
+                    if signed
+                        && !in_dialog
+                        && routes.len() == 1
+                        && method != "ACK"
+                        && method != "CANCEL" =>
+                {
+                    let contact_addr = SipUri::parse(uri_text)
+                        .ok()
+                        .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
+                    debug!(peer.addr = %source.remote, binding = %binding.addr, "forwarded by the instance that found the binding");
+                    Routed::Forward(Box::new(Plan {
+                        targets: vec![Hop {
+                            ruri: None,
+                            dest: Dest::Addr(binding.addr),
+                            proto: binding.proto,
+                            flow: (contact_addr != Some(binding.addr)).then_some(binding),
+                            failover: Vec::new(),
+                            trunk: None,
+                            owner: None,
+                        }],
+                        record_route: creates_dialog(method),
+                        pop_route: true,
+                        strict_route: false,
+                        auth: None,
+                        stateless: false,
+                        nat: false,
+                        caller_flow: None,
+                        sender_nated: false,
+                        media: None,
+                        route: None,
+                        ..Plan::default()
+                    }))
+                }
+                Some(_) if signed && method == "ACK" => Routed::Absorb,
+                // RFC 3261 §16.10: a CANCEL that matches no transaction.
+                Some(_) if signed && method == "CANCEL" => {
+                    reply(481, "Call/Transaction Does Not Exist")
+                }
+                _ => {
+                    crate::security_event!("invalid_route", source.remote, sip.method = method);
+                    reply(403, "Forbidden: Invalid Route")
+                }
+            };
         }
         let nat_marked = route_verified
             && routes
@@ -596,6 +673,7 @@ impl Core {
                 failover: Vec::new(),
                 // Each next hop of the route is the trunk's (its failover hops too).
                 trunk: rule.trunk.clone(),
+                owner: None,
             });
             // Config validation gives every route at least one next hop.
             let Some(mut first) = hops.next() else {
@@ -624,12 +702,30 @@ impl Core {
                 cseq_offset: 0,
             }));
         }
-        // The location service: every contact of the AOR, reached at the flow it registered from.
+        // The location service: every contact of the AOR, reached at the flow it registered
+        // from — through the instance owning that flow when it is another one, and not at all
+        // when that instance is dead (README "Several instances").
         let aor = format!("{user}@{}", uri.host.to_ascii_lowercase());
-        let bindings = self
+        let now = self.unix_now();
+        let bindings: Vec<(Binding, Owner)> = self
             .location
             .as_ref()
-            .map(|l| l.lookup(&aor, self.unix_now()))
+            .map(|l| {
+                l.lookup(&aor, now)
+                    .into_iter()
+                    .map(|b| {
+                        let owner = l.owner(&b, now);
+                        (b, owner)
+                    })
+                    .filter(|(b, owner)| {
+                        let gone = *owner == Owner::Gone;
+                        if gone {
+                            debug!(aor = %b.aor, instance = %b.instance, "binding of a dead instance: not used");
+                        }
+                        !gone
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         if bindings.is_empty() {
             let out = self.reply(msg, source, 404, "User Not Found", &[]);
@@ -642,7 +738,29 @@ impl Core {
             return Routed::Reply(out);
         }
         Routed::Forward(Box::new(Plan {
-            targets: bindings.into_iter().map(binding_hop).collect(),
+            targets: bindings
+                .into_iter()
+                .map(|(b, owner)| {
+                    if let Owner::At(instance) = owner {
+                        // The owner records the phone's flow in its own Record-Route; ours
+                        // has none, so in-dialog requests go through the owner too.
+                        let binding = Flow {
+                            proto: b.transport,
+                            addr: b.received,
+                        };
+                        return Hop {
+                            ruri: Some(b.contact),
+                            dest: Dest::Addr(instance),
+                            proto: Proto::Udp,
+                            flow: None,
+                            failover: Vec::new(),
+                            trunk: None,
+                            owner: Some(binding),
+                        };
+                    }
+                    binding_hop(b)
+                })
+                .collect(),
             record_route,
             pop_route,
             strict_route: false,
@@ -902,6 +1020,175 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
             route("sip:+15550001@carrier.example", provider),
             Routed::NotFound(_)
         ));
+    }
+
+    /// Bindings owned by instances "here", "a" (alive at 192.0.2.50:5060) and "dead".
+    #[derive(Debug)]
+    struct Shared(Location);
+
+    impl LocationService for Shared {
+        fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+            self.0.lookup(aor, now)
+        }
+        fn snapshot(&self) -> Vec<Binding> {
+            self.0.snapshot()
+        }
+        fn save<'a>(
+            &'a self,
+            aor: &'a str,
+            upsert: &'a [Binding],
+            remove: &'a [String],
+            after: Vec<Binding>,
+        ) -> crate::registrar::location::Pending<'a, Result<(), crate::store::StoreError>> {
+            LocationService::save(&self.0, aor, upsert, remove, after)
+        }
+        fn remove_unreachable<'a>(
+            &'a self,
+            b: &'a Binding,
+        ) -> crate::registrar::location::Pending<'a, Result<bool, crate::store::StoreError>>
+        {
+            LocationService::remove_unreachable(&self.0, b)
+        }
+        fn binding_count(&self) -> usize {
+            self.0.binding_count()
+        }
+        fn aor_count(&self) -> usize {
+            self.0.aor_count()
+        }
+        fn owner(&self, b: &Binding, _now: u64) -> Owner {
+            match b.instance.as_str() {
+                "here" => Owner::Here,
+                "a" => Owner::At("192.0.2.50:5060".parse().unwrap()),
+                _ => Owner::Gone,
+            }
+        }
+    }
+
+    /// README "Several instances": a binding owned by another instance is reached through it
+    /// (a signed Route naming the phone's NAT binding); one owned by a dead instance is not
+    /// used; the owner follows a signed Route to the binding and refuses a forged one.
+    #[test]
+    fn bindings_of_other_instances() {
+        let (_, cfg) = core();
+        let location = Arc::new(Shared(Location::new()));
+        let binding = |contact: &str, received: &str, instance: &str| Binding {
+            aor: "dora@example.com".into(),
+            contact: contact.into(),
+            received: received.parse().unwrap(),
+            transport: Proto::Udp,
+            local_socket: "127.0.0.1:5060".parse().unwrap(),
+            instance: instance.into(),
+            expires: u64::MAX,
+            q: 1000,
+            call_id: "c".into(),
+            cseq: 1,
+            user_agent: String::new(),
+            path: String::new(),
+            instance_urn: String::new(),
+            updated: 0,
+            nated: true,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(location.0.set(
+            "dora@example.com",
+            vec![
+                binding("sip:dora@10.0.0.5:5060", "203.0.113.5:41000", "a"),
+                binding("sip:dora@10.0.0.6:5060", "203.0.113.6:41000", "dead"),
+            ],
+        ));
+        let c = Core::new(
+            &cfg,
+            vec![(Proto::Udp, "127.0.0.1:5060".parse().unwrap())],
+            Some(location),
+            Arc::new(SystemClock),
+            key(),
+            Arc::new(Security::new(
+                cfg.security.clone(),
+                tokio::time::Instant::now(),
+            )),
+        );
+        let route = |extra: &str, ruri: &str| {
+            let text = format!(
+                "INVITE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7:40000;branch=z9hG4bK9;rport\r\n\
+From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\nCSeq: 1 INVITE\r\n{extra}\r\n"
+            );
+            let msg = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
+            c.route(&cfg, &msg, src())
+        };
+        let Routed::Forward(plan) = route("", "sip:dora@example.com") else {
+            panic!("forwarded")
+        };
+        let flow = Flow {
+            proto: Proto::Udp,
+            addr: "203.0.113.5:41000".parse().unwrap(),
+        };
+        assert_eq!(
+            plan.targets,
+            [Hop {
+                ruri: Some("sip:dora@10.0.0.5:5060".into()),
+                dest: Dest::Addr("192.0.2.50:5060".parse().unwrap()),
+                proto: Proto::Udp,
+                flow: None,
+                failover: Vec::new(),
+                trunk: None,
+                owner: Some(flow),
+            }],
+            "through the owner; the dead instance's binding is left out"
+        );
+        assert!(
+            plan.targets[0].callee_nated(),
+            "media: the callee is behind NAT"
+        );
+        assert_eq!(plan.route.as_deref(), Some("location"));
+
+        // At the owner: our signed Route with the binding.
+        let ours = super::super::forward::owner_route_uri(
+            "127.0.0.1:5060".parse().unwrap(),
+            flow,
+            &key(),
+            ("t1", "1"),
+        );
+        let Routed::Forward(plan) = route(&format!("Route: {ours}\r\n"), "sip:dora@10.0.0.5:5060")
+        else {
+            panic!("the owner forwards")
+        };
+        assert_eq!(
+            plan.targets,
+            [Hop {
+                ruri: None,
+                dest: Dest::Addr(flow.addr),
+                proto: Proto::Udp,
+                flow: Some(flow),
+                failover: Vec::new(),
+                trunk: None,
+                owner: None,
+            }]
+        );
+        assert!(
+            plan.pop_route && plan.record_route && plan.route.is_none() && plan.media.is_none()
+        );
+        // Forged: another binding under the same MAC, a Record-Route MAC, no MAC.
+        let status = |r: Routed| match r {
+            Routed::Reply(t) => Message::parse(&t.bytes, Framing::Datagram)
+                .unwrap()
+                .status(),
+            other => panic!("{other:?}"),
+        };
+        let forged = ours.replace("203.0.113.5~41000", "198.51.100.9~5060");
+        let rr = format!(
+            "<{}>",
+            signed("sip:127.0.0.1:5060;lr;ob=u~198.51.100.9~5060")
+        );
+        for bad in [
+            forged,
+            rr,
+            "<sip:127.0.0.1:5060;lr;ob=u~198.51.100.9~5060>".into(),
+        ] {
+            let r = route(&format!("Route: {bad}\r\n"), "sip:dora@10.0.0.5:5060");
+            assert_eq!(status(r), Some(403), "{bad}");
+        }
     }
 
     #[test]

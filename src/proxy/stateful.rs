@@ -977,7 +977,16 @@ async fn authorize(
             })
         }
         Outcome::Challenge { stale } => {
-            let headers = auth.challenge(AuthKind::Proxy, &realm, now, stale);
+            let headers = auth
+                .challenge_for(
+                    AuthKind::Proxy,
+                    &realm,
+                    from_user.as_deref(),
+                    &domain,
+                    now,
+                    stale,
+                )
+                .await;
             let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
             Err((407, reply_now(407, "Proxy Authentication Required", &extra)))
         }

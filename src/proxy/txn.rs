@@ -125,6 +125,7 @@ impl Context {
             route,
             identity: plan.identity.clone(),
             cseq_offset: plan.cseq_offset,
+            owner: hop.owner.map(|binding| (dest, binding)),
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,
@@ -984,7 +985,9 @@ impl ProxyTxn {
                             idx,
                             branch: b.id.clone(),
                             role: b.role,
-                            from: b.dest,
+                            // Through the instance owning the callee's binding: the
+                            // party's packets come from that binding, not from the owner.
+                            from: b.hop.owner.map_or(b.dest, |binding| binding.addr),
                             resp,
                         });
                     } else {
@@ -1296,6 +1299,6 @@ pub fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
     match mode {
         MediaMode::Always => true,
         MediaMode::Never => false,
-        MediaMode::Nat => caller_nated || hop.flow.is_some(),
+        MediaMode::Nat => caller_nated || hop.callee_nated(),
     }
 }

@@ -94,6 +94,7 @@ fn hop(dest: &str, proto: Proto) -> Hop {
         flow: None,
         failover: Vec::new(),
         trunk: None,
+        owner: None,
     }
 }
 

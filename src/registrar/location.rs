@@ -6,20 +6,48 @@
 //!   store before it is in memory (nothing is acknowledged that a restart would lose), lookups
 //!   read memory only, and expired bindings are purged at their deadline (no periodic scans).
 //! - [`Location`]: the memory side, bindings by address-of-record plus the expiry index.
+//!
+//! Several instances on one PostgreSQL (DESIGN §5, README "Several instances"): each write is
+//! notified to every instance in its transaction, and [`WriteThrough::follow`] re-reads the
+//! address-of-record it names into memory, so a registration, a de-registration or a removal
+//! at one instance is in every other's memory as soon as it is committed (an expiry needs no
+//! message: every instance purges at the same deadline). When the listening connection is
+//! lost, everything is read again on reconnection. Each instance records its SIP address and a
+//! heartbeat in the `instance` table; [`LocationService::owner`] says who reaches a binding's
+//! phone: this instance, another one (alive: a heartbeat within [`DEAD_AFTER`] seconds), or
+//! nobody (its owner died: the binding is not used until the phone registers again).
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
 use crate::metrics::Registry;
 pub use crate::store::Binding;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
+
+/// Seconds between two heartbeats of an instance sharing the store.
+pub const HEARTBEAT: u64 = 10;
+/// An instance whose last heartbeat is older than this (seconds) is taken for dead: the
+/// bindings it owns are not used, since the NAT bindings they point to lead to its sockets.
+pub const DEAD_AFTER: u64 = 3 * HEARTBEAT;
+
+/// Who can reach the phone of a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// This instance (the phone's NAT binding points at one of our sockets).
+    Here,
+    /// Another instance, alive, at this SIP address: requests go through it.
+    At(SocketAddr),
+    /// Another instance that is dead or unknown: the binding is not used.
+    Gone,
+}
 
 /// A boxed future borrowing the service (the trait is used as `dyn`).
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -52,6 +80,24 @@ pub trait LocationService: Send + Sync + std::fmt::Debug {
 
     /// Addresses-of-record with at least one binding.
     fn aor_count(&self) -> usize;
+
+    /// Who reaches the phone of `b` at `now` (unix seconds). One instance alone owns every
+    /// binding.
+    fn owner(&self, _b: &Binding, _now: u64) -> Owner {
+        Owner::Here
+    }
+}
+
+/// This instance among the others on one PostgreSQL.
+#[derive(Debug)]
+struct Cluster {
+    /// `server.instance_id`.
+    me: String,
+    /// Our SIP address, as the others reach us (`advertise:port`, UDP).
+    address: SocketAddr,
+    /// Every instance id → its SIP address and last heartbeat (bounded by what
+    /// [`Store::instances`] reads).
+    instances: DashMap<String, (SocketAddr, u64)>,
 }
 
 /// Bindings in memory, written through to the store.
@@ -59,6 +105,8 @@ pub trait LocationService: Send + Sync + std::fmt::Debug {
 pub struct WriteThrough {
     memory: Location,
     store: Store,
+    /// Set when the store is shared (PostgreSQL).
+    cluster: Option<Cluster>,
 }
 
 impl WriteThrough {
@@ -66,7 +114,169 @@ impl WriteThrough {
     pub async fn load(store: Store, now: u64) -> Result<Self, StoreError> {
         let memory = Location::new();
         memory.load(store.load_bindings(now).await?).await;
-        Ok(Self { memory, store })
+        Ok(Self {
+            memory,
+            store,
+            cluster: None,
+        })
+    }
+
+    /// Like [`Self::load`]; on PostgreSQL, also joins the instances sharing it: records our
+    /// SIP `address` under `instance` and reads the others'. Run [`Self::follow`] next.
+    pub async fn load_shared(
+        store: Store,
+        now: u64,
+        instance: &str,
+        address: SocketAddr,
+    ) -> Result<Self, StoreError> {
+        let mut me = Self::load(store, now).await?;
+        if me.store.is_postgres() {
+            me.cluster = Some(Cluster {
+                me: instance.to_owned(),
+                address,
+                instances: DashMap::new(),
+            });
+            me.heartbeat(now).await?;
+        }
+        Ok(me)
+    }
+
+    /// True when other instances may share the store.
+    pub fn is_shared(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Writes our heartbeat and reads every instance's.
+    async fn heartbeat(&self, now: u64) -> Result<(), StoreError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        self.store
+            .instance_heartbeat(&c.me, &c.address.to_string(), now)
+            .await?;
+        self.read_instances().await
+    }
+
+    async fn read_instances(&self) -> Result<(), StoreError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let all = self.store.instances().await?;
+        c.instances.retain(|id, _| all.iter().any(|i| &i.id == id));
+        for i in all {
+            match i.address.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    c.instances.insert(i.id, (addr, i.heartbeat));
+                }
+                Err(_) => {
+                    warn!(instance = %i.id, address = %i.address, "instance row with a bad address")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every live binding again (after the listening connection was lost: the
+    /// notifications sent meanwhile are gone).
+    async fn reload_all(&self, now: u64) -> Result<(), StoreError> {
+        let all = self.store.load_bindings(now).await?;
+        self.memory.replace_all(all).await;
+        Ok(())
+    }
+
+    /// Follows the other instances while the service lives (shared store only): listens for
+    /// changes and applies them to memory, heartbeats every [`HEARTBEAT`] seconds, and after a
+    /// lost connection reconnects (every second until it works) and reads everything again.
+    /// Holds the service weakly.
+    pub async fn follow(me: Weak<Self>, clock: Arc<dyn Clock>) {
+        let Some(store) = me.upgrade().map(|m| m.store.clone()) else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(HEARTBEAT));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut changes = match store.listen().await {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(error = %e, "cannot listen for location changes; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if me.strong_count() == 0 {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Listening from here: whatever changed before is in this read.
+            let mut synced = false;
+            loop {
+                let Some(this) = me.upgrade() else {
+                    return;
+                };
+                if !synced {
+                    match this.reload_all(clock.unix()).await {
+                        Ok(()) => {
+                            synced = true;
+                            info!(
+                                bindings = this.binding_count(),
+                                "location synchronised with the shared store"
+                            );
+                        }
+                        Err(e) => error!(error = %e, "reading the location table failed"),
+                    }
+                    if let Err(e) = this.read_instances().await {
+                        error!(error = %e, "reading the instance table failed");
+                    }
+                }
+                drop(this);
+                tokio::select! {
+                    r = changes.next() => {
+                        let Some(this) = me.upgrade() else {
+                            return;
+                        };
+                        match r {
+                            Ok(Some(Change::Location(aor))) => {
+                                let now = clock.unix();
+                                match this.store.load_aor(&aor, now).await {
+                                    Ok(v) => {
+                                        debug!(%aor, bindings = v.len(), "location change");
+                                        this.memory.set(&aor, v).await;
+                                    }
+                                    Err(e) => {
+                                        error!(error = %e, %aor, "reading a changed binding failed");
+                                        synced = false;
+                                    }
+                                }
+                            }
+                            Ok(Some(Change::Instance(id))) => {
+                                debug!(instance = %id, "instance heartbeat");
+                                if let Err(e) = this.read_instances().await {
+                                    error!(error = %e, "reading the instance table failed");
+                                }
+                            }
+                            Ok(None) => {
+                                // Listen again first, then read everything: nothing is lost
+                                // between the two.
+                                warn!("lost the location change notifications; reconnecting and reading everything again");
+                                break;
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "location change notifications failed; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        let Some(this) = me.upgrade() else {
+                            return;
+                        };
+                        if let Err(e) = this.heartbeat(clock.unix()).await {
+                            error!(error = %e, "instance heartbeat failed");
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Purges expired bindings at their deadline, from memory and the store, until the
@@ -169,6 +379,19 @@ impl LocationService for WriteThrough {
     fn aor_count(&self) -> usize {
         self.memory.aor_count()
     }
+
+    fn owner(&self, b: &Binding, now: u64) -> Owner {
+        let Some(c) = &self.cluster else {
+            return Owner::Here;
+        };
+        if b.instance == c.me {
+            return Owner::Here;
+        }
+        match c.instances.get(&b.instance).map(|e| *e.value()) {
+            Some((addr, heartbeat)) if now <= heartbeat + DEAD_AFTER => Owner::At(addr),
+            _ => Owner::Gone,
+        }
+    }
 }
 
 /// In-memory bindings plus their expiry index.
@@ -230,6 +453,26 @@ impl Location {
         let mut by: std::collections::HashMap<String, Vec<Binding>> = Default::default();
         for b in bindings {
             by.entry(b.aor.clone()).or_default().push(b);
+        }
+        for (aor, v) in by {
+            self.set(&aor, v).await;
+        }
+    }
+
+    /// Replaces every binding with `bindings` (read again from the store).
+    pub async fn replace_all(&self, bindings: Vec<Binding>) {
+        let mut by: std::collections::HashMap<String, Vec<Binding>> = Default::default();
+        for b in bindings {
+            by.entry(b.aor.clone()).or_default().push(b);
+        }
+        let gone: Vec<String> = self
+            .by_aor
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|aor| !by.contains_key(aor))
+            .collect();
+        for aor in gone {
+            self.set(&aor, Vec::new()).await;
         }
         for (aor, v) in by {
             self.set(&aor, v).await;

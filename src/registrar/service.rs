@@ -187,7 +187,10 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     {
         Outcome::Authorized { username, .. } => username,
         Outcome::Challenge { stale } => {
-            let headers = ctx.auth.challenge(Kind::Www, &realm, now, stale);
+            let headers = ctx
+                .auth
+                .challenge_for(Kind::Www, &realm, Some(user), &domain, now, stale)
+                .await;
             let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
             return respond(401, "Unauthorized", &extra);
         }

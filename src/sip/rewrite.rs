@@ -99,6 +99,19 @@ impl<'m> Rewrite<'m> {
         self.insert_header(idx, "Record-Route", value);
     }
 
+    /// Adds a Route header right after the Via headers: the next hop's Route when the
+    /// request had no other one left (an instance forwarding to the owner of a binding, README
+    /// "Several instances"; a Route of ours popped by [`Self::pop_route`] may be there too).
+    pub fn push_route(&mut self, value: &str) {
+        let idx = self
+            .msg
+            .headers()
+            .iter()
+            .rposition(|h| h.name == HeaderName::Via)
+            .map(|v| v + 1);
+        self.insert_header(idx, "Route", value);
+    }
+
     /// Like [`Self::set_via_received`], and adds `rport=<source port>` even when the client did
     /// not ask for it (Kamailio's `force_rport`, for clients behind NAT).
     pub fn force_via_rport(&mut self, via: &Via<'_>, source: SocketAddr) {

@@ -92,7 +92,7 @@ pub(super) struct Sql {
 impl Sql {
     pub(super) fn new(d: Dialect) -> Self {
         Self {
-            insert: d.insert("cdr", &COLS),
+            insert: d.insert("cdr", &[&COLS[..], &["instance"]].concat()),
             summary: d
                 .sql("SELECT reason, status, caller_pkts, callee_pkts FROM cdr WHERE call_id = ?"),
             recent: d.sql("SELECT * FROM cdr ORDER BY end_ts DESC LIMIT ?"),
@@ -182,6 +182,8 @@ impl Store {
             .bind(&c.outcome)
             .bind(&c.hangup)
             .bind(i64::from(c.relayed))
+            // Which instance wrote it: every instance on one database writes one table.
+            .bind(self.instance.as_ref())
             .execute(&self.pool)
             .await?;
         Ok(())

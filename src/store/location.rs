@@ -74,6 +74,7 @@ const KEY: [&str; 2] = ["aor", "contact"];
 #[derive(Debug)]
 pub(super) struct Sql {
     load: String,
+    load_aor: String,
     upsert: String,
     delete: String,
     delete_expired: String,
@@ -84,6 +85,10 @@ impl Sql {
         Self {
             load: d.sql(&format!(
                 "SELECT {} FROM location WHERE expires > ?",
+                COLS.join(", ")
+            )),
+            load_aor: d.sql(&format!(
+                "SELECT {} FROM location WHERE aor = ? AND expires > ?",
                 COLS.join(", ")
             )),
             upsert: d.upsert("location", &COLS, &KEY, &COLS[KEY.len()..]),
@@ -103,8 +108,19 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
+    /// The bindings of one address-of-record that have not expired at `now`.
+    pub async fn load_aor(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {
+        let rows = sqlx::query(&self.sql.location.load_aor)
+            .bind(aor)
+            .bind(to_i64(now))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
     /// Writes the new state of one address-of-record in a transaction: `upsert` are inserted
-    /// or replaced, `remove` (contact URIs) deleted.
+    /// or replaced, `remove` (contact URIs) deleted. On PostgreSQL the other instances are
+    /// notified in the same transaction ([`super::LOCATION_CHANNEL`]).
     pub async fn save_bindings(
         &self,
         aor: &str,
@@ -113,7 +129,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         // The common case, one contact refreshed: a single autocommit statement (a transaction
         // would cost three more round trips to the database thread).
-        if let ([b], []) = (upsert, remove) {
+        if let ([b], [], false) = (upsert, remove, self.is_postgres()) {
             self.upsert_binding(b).execute(&self.pool).await?;
             return Ok(());
         }
@@ -127,6 +143,13 @@ impl Store {
         }
         for b in upsert {
             self.upsert_binding(b).execute(&mut *tx).await?;
+        }
+        if self.is_postgres() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::LOCATION_CHANNEL)
+                .bind(aor)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/0003_identity_contacts.sql"),
     ),
+    (4, include_str!("../../migrations/0004_instances.sql")),
 ];
 
 /// The bookkeeping queries in one dialect.
@@ -161,5 +162,15 @@ mod tests {
         for d in [Dialect::Postgres, Dialect::Mysql] {
             assert_eq!(render(d, 3, MIGRATIONS[2].1).unwrap(), v3, "{d:?}");
         }
+        // Version 4: the instance table and the CDR's instance column.
+        let (_, v4) = MIGRATIONS.iter().find(|(v, _)| *v == 4).unwrap();
+        let v4 = render(Dialect::Mysql, 4, v4).unwrap();
+        assert_eq!(v4.len(), 2, "{v4:#?}");
+        assert!(
+            v4[0].contains("id        VARCHAR(255) NOT NULL PRIMARY KEY"),
+            "{}",
+            v4[0]
+        );
+        assert_eq!(v4[1], "ALTER TABLE cdr ADD COLUMN instance TEXT");
     }
 }

@@ -10,9 +10,12 @@
 
 mod cdr;
 mod dialect;
+mod instance;
+mod kamailio;
 mod location;
 mod meta;
 mod migrate;
+mod notify;
 mod subscriber;
 
 use std::path::Path;
@@ -25,7 +28,10 @@ use sqlx::{AnyPool, Row, ValueRef};
 
 pub use cdr::Cdr;
 use dialect::Dialect;
+pub use instance::Instance;
+pub use kamailio::{KamailioSubscriber, read_kamailio_subscribers};
 pub use location::Binding;
+pub use notify::{Change, Changes, INSTANCE_CHANNEL, LOCATION_CHANNEL};
 pub use subscriber::Subscriber;
 
 /// Why a store operation failed.
@@ -69,6 +75,10 @@ pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
     sql: Arc<Sql>,
+    /// The URL (PostgreSQL's change notifications need a connection of their own).
+    url: Arc<str>,
+    /// `server.instance_id`, written into the CDRs ([`Store::with_instance`]; '' by default).
+    instance: Arc<str>,
 }
 
 /// Every query of every table, rendered once in the store's dialect.
@@ -79,6 +89,7 @@ struct Sql {
     cdr: cdr::Sql,
     meta: meta::Sql,
     migrate: migrate::Sql,
+    instance: instance::Sql,
 }
 
 impl Sql {
@@ -89,6 +100,7 @@ impl Sql {
             cdr: cdr::Sql::new(d),
             meta: meta::Sql::new(d),
             migrate: migrate::Sql::new(d),
+            instance: instance::Sql::new(d),
         }
     }
 }
@@ -99,6 +111,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::from_url(url)?;
+        let given: Arc<str> = url.into();
         let url = match dialect {
             Dialect::Sqlite => sqlite_url(url)?,
             Dialect::Postgres | Dialect::Mysql => url.to_owned(),
@@ -128,7 +141,21 @@ impl Store {
             pool,
             dialect,
             sql: Arc::new(Sql::new(dialect)),
+            url: given,
+            instance: "".into(),
         })
+    }
+
+    /// The same store, writing `instance` (`server.instance_id`) into the CDRs.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// True for PostgreSQL: the backend several instances share, with change notifications
+    /// (DESIGN §5).
+    pub fn is_postgres(&self) -> bool {
+        self.dialect == Dialect::Postgres
     }
 
     /// True for the embedded SQLite backend.
@@ -139,7 +166,7 @@ impl Store {
     /// Empties every table (for tests on a shared database server).
     #[doc(hidden)]
     pub async fn reset_for_tests(&self) -> Result<(), StoreError> {
-        for table in ["subscriber", "location", "cdr", "meta"] {
+        for table in ["subscriber", "location", "cdr", "meta", "instance"] {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&self.pool)
                 .await?;

@@ -1,4 +1,8 @@
 //! The `subscriber` table: one row per user, HA1 hashes only.
+//!
+//! A subscriber imported from Kamailio/OpenSER has an MD5 HA1 and no SHA-256 one until their
+//! password is next set: the column holds `''` then (it is `NOT NULL` since version 1, and
+//! SQLite cannot drop a constraint without rebuilding the table), read back as `None`.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -12,7 +16,8 @@ pub struct Subscriber {
     pub username: String,
     pub domain: String,
     pub ha1_md5: String,
-    pub ha1_sha256: String,
+    /// `None` for a subscriber imported with an MD5 HA1 only (stored as `''`).
+    pub ha1_sha256: Option<String>,
     pub created: u64,
     /// The number asserted for this subscriber (`P-Asserted-Identity` / `Remote-Party-ID` on
     /// routes with `identity`); `None`: the username is asserted.
@@ -72,7 +77,7 @@ fn bind<'q>(
     q.bind(&s.username)
         .bind(&s.domain)
         .bind(&s.ha1_md5)
-        .bind(&s.ha1_sha256)
+        .bind(s.ha1_sha256.as_deref().unwrap_or_default())
         .bind(to_i64(s.created))
         .bind(s.caller_id.as_deref())
 }
@@ -157,10 +162,19 @@ impl Store {
             .bind(domain)
             .execute(&mut *tx)
             .await?;
+        let aor = format!("{username}@{domain}");
         sqlx::query(&self.sql.subscriber.delete_bindings)
-            .bind(format!("{username}@{domain}"))
+            .bind(&aor)
             .execute(&mut *tx)
             .await?;
+        if self.is_postgres() {
+            // Running instances drop the bindings from memory at once.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::LOCATION_CHANNEL)
+                .bind(&aor)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
@@ -193,7 +207,7 @@ fn from_row(r: &AnyRow) -> Result<Subscriber, StoreError> {
         username: text(r, "username")?,
         domain: text(r, "domain")?,
         ha1_md5: text(r, "ha1_md5")?,
-        ha1_sha256: text(r, "ha1_sha256")?,
+        ha1_sha256: Some(text(r, "ha1_sha256")?).filter(|h| !h.is_empty()),
         created: from_i64(r.try_get("created")?),
         caller_id: optional_text(r, "caller_id")?,
     })

@@ -217,7 +217,7 @@ async fn busy_after_authentication() {
             username: "alice".into(),
             domain: "example.com".into(),
             ha1_md5: md5_hex("alice:example.com:secret"),
-            ha1_sha256: "unused".into(),
+            ha1_sha256: Some("unused".into()),
             created: 0,
             caller_id: None,
         })

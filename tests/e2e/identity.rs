@@ -66,7 +66,7 @@ async fn server(provider: SocketAddr, pbx: SocketAddr, trusted: &str) -> TestSer
                 username: user.into(),
                 domain: "example.com".into(),
                 ha1_md5: md5_hex(&format!("{user}:example.com:secret")),
-                ha1_sha256: "unused".into(),
+                ha1_sha256: Some("unused".into()),
                 created: 0,
                 caller_id: caller_id.map(str::to_owned),
             })

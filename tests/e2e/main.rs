@@ -12,6 +12,8 @@ mod harness;
 mod identity;
 mod media;
 mod media_limits;
+#[cfg(feature = "postgres")]
+mod multi;
 mod nat;
 mod proxy;
 mod public;

@@ -21,13 +21,13 @@ fn md5_hex(s: &str) -> String {
         .collect()
 }
 
-async fn add_user(srv: &TestServer, user: &str, pw: &str) {
+pub(crate) async fn add_user(srv: &TestServer, user: &str, pw: &str) {
     srv.store
         .add_subscriber(&Subscriber {
             username: user.into(),
             domain: "example.com".into(),
             ha1_md5: md5_hex(&format!("{user}:example.com:{pw}")),
-            ha1_sha256: "unused".into(),
+            ha1_sha256: Some("unused".into()),
             created: 0,
             caller_id: None,
         })
@@ -45,9 +45,9 @@ fn challenge_param(ch: &str, name: &str) -> Option<String> {
     })
 }
 
-struct Phone {
-    sock: UdpSocket,
-    addr: SocketAddr,
+pub(crate) struct Phone {
+    pub(crate) sock: UdpSocket,
+    pub(crate) addr: SocketAddr,
     user: String,
     call_id: String,
     cseq: u32,
@@ -58,7 +58,7 @@ struct Phone {
 }
 
 impl Phone {
-    async fn new(user: &str) -> Self {
+    pub(crate) async fn new(user: &str) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
         Self {
@@ -88,7 +88,7 @@ CSeq: {cseq} REGISTER\r\n\
     }
 
     /// REGISTER, answer the 401 with credentials for `password`, return the final response.
-    async fn register(
+    pub(crate) async fn register(
         &mut self,
         srv: &TestServer,
         to_user: &str,
@@ -332,7 +332,7 @@ async fn sha256_client_registers() {
             username: "erin".into(),
             domain: "example.com".into(),
             ha1_md5: md5_hex("erin:example.com:pw"),
-            ha1_sha256: sha256_hex("erin:example.com:pw"),
+            ha1_sha256: Some(sha256_hex("erin:example.com:pw")),
             created: 0,
             caller_id: None,
         })
@@ -388,5 +388,204 @@ async fn new_password_works_at_once() {
         phone.register(&srv, "hank", "new", contact).await.status(),
         Some(200)
     );
+    srv.stop().await;
+}
+
+/// Kamailio's own `subscriber` schema (`/usr/share/kamailio/db_sqlite/standard-create.sql` and
+/// `auth_db-create.sql`, Debian package kamailio-sqlite-modules); when that package is
+/// installed, the copy must be what it ships.
+const KAMAILIO_SCHEMA: &str = "\
+CREATE TABLE version (
+    id INTEGER PRIMARY KEY NOT NULL,
+    table_name VARCHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_table_name_idx UNIQUE (table_name)
+);
+
+INSERT INTO version (table_name, table_version) values ('version','1');
+CREATE TABLE subscriber (
+    id INTEGER PRIMARY KEY NOT NULL,
+    username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    password VARCHAR(64) DEFAULT '' NOT NULL,
+    ha1 VARCHAR(128) DEFAULT '' NOT NULL,
+    ha1b VARCHAR(128) DEFAULT '' NOT NULL,
+    CONSTRAINT subscriber_account_idx UNIQUE (username, domain)
+);
+
+CREATE INDEX subscriber_username_idx ON subscriber (username);
+
+INSERT INTO version (table_name, table_version) values ('subscriber','7');
+";
+
+/// Issue #14: a Kamailio `subscriber` table (Kamailio's schema, kamctl's hashes: ha1 =
+/// MD5(user:domain:pw), ha1b = MD5(user@domain:domain:pw), and the plaintext kamctl keeps by
+/// default) is imported with `user import --kamailio sqlite://…`; the plaintext is not; a row
+/// for a domain we do not serve is skipped. The imported user registers with the old password,
+/// offered MD5 alone while SHA-256 is configured first, and gets SHA-256 once the password is
+/// set again.
+#[tokio::test]
+async fn kamailio_subscribers_register_with_their_old_passwords() {
+    let dir = std::path::Path::new("/usr/share/kamailio/db_sqlite");
+    if dir.is_dir() {
+        let shipped = ["standard-create.sql", "auth_db-create.sql"]
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
+            .concat();
+        let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(
+            norm(&shipped),
+            norm(KAMAILIO_SCHEMA),
+            "Kamailio's schema changed"
+        );
+    }
+    let kam_db = crate::harness::fresh_db();
+    let kam_path = kam_db.trim_start_matches("sqlite://").to_owned();
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("{kam_db}?mode=rwc"))
+            .await
+            .unwrap();
+        sqlx::raw_sql(KAMAILIO_SCHEMA).execute(&pool).await.unwrap();
+        for (user, domain, pw) in [
+            ("kim", "example.com", "Kam-old-pw1"),
+            ("olaf", "other.example", "Kam-old-pw2"),
+        ] {
+            sqlx::query(
+                "INSERT INTO subscriber (username, domain, password, ha1, ha1b) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(user)
+            .bind(domain)
+            .bind(pw)
+            .bind(md5_hex(&format!("{user}:{domain}:{pw}")))
+            .bind(md5_hex(&format!("{user}@{domain}:{domain}:{pw}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+    let db = crate::harness::fresh_db();
+    let cfg = std::env::temp_dir().join(format!("sipedge-kam-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\ndomains = [\"example.com\"]\n[database]\nurl = \"{db}\"\n\
+             [auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n"
+        ),
+    )
+    .unwrap();
+    let sipedge = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sipedge"))
+            .env_remove("SIPEDGE_CONFIG")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = sipedge(&[
+        "user",
+        "import",
+        "--kamailio",
+        &format!("sqlite://{kam_path}"),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("imported 1 subscriber(s)"), "{stdout}");
+    assert!(stdout.contains("skipped 1"), "{stdout}");
+    assert!(stderr.contains("skipped olaf@other.example"), "{stderr}");
+
+    // The same from an export (`mysql -B -e 'SELECT * FROM subscriber'`: tab-separated).
+    let dump = cfg.with_extension("tsv");
+    std::fs::write(
+        &dump,
+        format!(
+            "id\tusername\tdomain\tpassword\tha1\tha1b\n3\tlars\texample.com\tLars-pw\t{}\t{}\n",
+            md5_hex("lars:example.com:Lars-pw"),
+            md5_hex("lars@example.com:example.com:Lars-pw")
+        ),
+    )
+    .unwrap();
+    let out = sipedge(&["user", "import", "--kamailio-dump", dump.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 1 subscriber(s)"));
+    let srv = TestServer::start_on(
+        &db,
+        "127.0.0.1:0",
+        "",
+        "[auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n",
+    )
+    .await;
+    let lars = srv
+        .store
+        .subscriber("lars", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (lars.ha1_md5, lars.ha1_sha256),
+        (md5_hex("lars:example.com:Lars-pw"), None)
+    );
+    let kim = srv
+        .store
+        .subscriber("kim", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kim.ha1_md5, md5_hex("kim:example.com:Kam-old-pw1"));
+    assert_eq!(kim.ha1_sha256, None);
+    for f in [
+        db.trim_start_matches("sqlite://").to_owned(),
+        format!("{}-wal", db.trim_start_matches("sqlite://")),
+    ] {
+        if let Ok(bytes) = std::fs::read(&f) {
+            assert!(
+                !bytes.windows(11).any(|w| w == b"Kam-old-pw1"),
+                "plaintext in {f}"
+            );
+        }
+    }
+    let mut phone = Phone::new("kim").await;
+    let contact = "Contact: <sip:kim@10.0.0.8>\r\n";
+    let offered = |r: &Message| {
+        r.headers_named(HeaderName::WwwAuthenticate)
+            .map(|h| challenge_param(r.str_at(h.value.clone()).unwrap(), "algorithm").unwrap())
+            .collect::<Vec<_>>()
+    };
+    let first = phone.register_text("kim", contact);
+    let r = udp_exchange(&phone.sock, srv.udp, first.as_bytes()).await;
+    assert_eq!(offered(&r), ["MD5"], "no SHA-256 HA1 yet: MD5 alone");
+    let r = phone.register(&srv, "kim", "Kam-old-pw1", contact).await;
+    assert_eq!(r.status(), Some(200));
+    assert_eq!(srv.store.load_bindings(0).await.unwrap().len(), 1);
+
+    let out = sipedge(&["user", "passwd", "kim", "--password", "new-pw"]);
+    assert_eq!(out.status.code(), Some(0));
+    let kim = srv
+        .store
+        .subscriber("kim", "example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kim.ha1_sha256, Some(sha256_hex("kim:example.com:new-pw")));
+    // The hashes are cached up to 30 s; a fresh server reads them at once.
+    srv.stop().await;
+    let srv = TestServer::start_on(
+        &db,
+        "127.0.0.1:0",
+        "",
+        "[auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n",
+    )
+    .await;
+    let first = phone.register_text("kim", contact);
+    let r = udp_exchange(&phone.sock, srv.udp, first.as_bytes()).await;
+    assert_eq!(offered(&r), ["SHA-256", "MD5"]);
     srv.stop().await;
 }

@@ -108,7 +108,7 @@ async fn password_guessing_is_cut_off_while_others_register() {
             username: "alice".into(),
             domain: "example.com".into(),
             ha1_md5: md5_hex("alice:example.com:4711"),
-            ha1_sha256: "unused".into(),
+            ha1_sha256: Some("unused".into()),
             created: 0,
             caller_id: None,
         })

@@ -71,7 +71,7 @@ async fn store_contract_on_every_backend() {
             username: "alice".into(),
             domain: "example.com".into(),
             ha1_md5: "a".repeat(32),
-            ha1_sha256: "b".repeat(64),
+            ha1_sha256: Some("b".repeat(64)),
             created: 1,
             caller_id: None,
         };
@@ -98,8 +98,8 @@ async fn store_contract_on_every_backend() {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (got.ha1_md5.as_str(), got.ha1_sha256.as_str()),
-            ("c", "d"),
+            (got.ha1_md5.as_str(), got.ha1_sha256.as_deref()),
+            ("c", Some("d")),
             "{name}"
         );
         // The caller ID: set, read back, kept by an import without one, cleared.

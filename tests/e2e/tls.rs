@@ -235,7 +235,7 @@ async fn phone_registered_over_tls_is_called_over_its_connection() {
             username: "bob".into(),
             domain: "example.com".into(),
             ha1_md5: md5_hex("bob:example.com:pw"),
-            ha1_sha256: "unused".into(),
+            ha1_sha256: Some("unused".into()),
             caller_id: None,
             created: 0,
         })

@@ -101,7 +101,7 @@ async fn authenticated_invite(srv: &TestServer, phone: &Ua) {
             username: "alice".into(),
             domain: "example.com".into(),
             ha1_md5: digest::ha1(DigestAlgorithm::Md5, "alice", "example.com", "secret"),
-            ha1_sha256: "unused".into(),
+            ha1_sha256: Some("unused".into()),
             caller_id: None,
             created: 0,
         })
