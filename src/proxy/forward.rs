@@ -151,6 +151,8 @@ pub struct Options {
     /// CSeq + 1, so the dialog's later requests from the caller follow (recorded in our
     /// Record-Route as `;cs=N;ft=<caller's From tag>`, [`cseq_params`]).
     pub cseq_offset: u32,
+    /// A trunk's answer to a challenge: `Authorization` or `Proxy-Authorization` and its value.
+    pub credentials: Option<(&'static str, String)>,
 }
 
 /// The Record-Route parameters of a dialog whose caller-side CSeq numbers are `offset` below
@@ -399,6 +401,9 @@ pub fn request(
     if let Some(a) = &opts.identity.assert {
         rw.insert_header(None, a.name.as_str(), &a.value);
     }
+    if let Some((name, value)) = &opts.credentials {
+        rw.insert_header(None, name, value);
+    }
     if let (Some(src), Ok(via)) = (opts.source, msg.top_via()) {
         if opts.force_rport {
             rw.force_via_rport(&via, src);
@@ -449,6 +454,7 @@ Content-Length: 0\r\n\r\n";
             route: RouteEdit::Keep,
             identity: IdentityEdit::default(),
             cseq_offset: 0,
+            credentials: None,
             owner: None,
         }
     }

@@ -149,8 +149,7 @@ impl Hop {
         self.flow.is_some()
             || self.owner.is_some_and(|binding| {
                 let contact = self.ruri.as_deref().and_then(|r| SipUri::parse(r).ok());
-                contact.and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))))
-                    != Some(binding.addr)
+                contact.and_then(|u| u.socket_addr()) != Some(binding.addr)
             })
     }
 }
@@ -232,9 +231,7 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
 ///   way falls back to the address the REGISTER came from.
 fn binding_hop(b: Binding) -> Hop {
     let at_flow = |b: Binding| {
-        let contact_addr = SipUri::parse(&b.contact)
-            .ok()
-            .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
+        let contact_addr = SipUri::parse(&b.contact).ok().and_then(|u| u.socket_addr());
         let flow = (contact_addr != Some(b.received)).then_some(Flow {
             proto: b.transport,
             addr: b.received,
@@ -446,9 +443,7 @@ impl Core {
                         && method != "ACK"
                         && method != "CANCEL" =>
                 {
-                    let contact_addr = SipUri::parse(uri_text)
-                        .ok()
-                        .and_then(|u| u.ip().map(|ip| SocketAddr::new(ip, u.port.unwrap_or(5060))));
+                    let contact_addr = SipUri::parse(uri_text).ok().and_then(|u| u.socket_addr());
                     debug!(peer.addr = %source.remote, binding = %binding.addr, "forwarded by the instance that found the binding");
                     Routed::Forward(Box::new(Plan {
                         targets: vec![Hop {
@@ -847,6 +842,27 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::registrar::location::{Binding, Location};
 
+    /// A UDP binding of `aor` for `contact`, registered from `received` at `instance`.
+    fn binding(aor: &str, contact: &str, received: &str, instance: &str, nated: bool) -> Binding {
+        Binding {
+            aor: aor.into(),
+            contact: contact.into(),
+            received: received.parse().unwrap(),
+            nated,
+            transport: Proto::Udp,
+            local_socket: "127.0.0.1:5060".parse().unwrap(),
+            instance: instance.into(),
+            expires: u64::MAX,
+            q: 1000,
+            call_id: "c".into(),
+            cseq: 1,
+            user_agent: String::new(),
+            path: String::new(),
+            instance_urn: String::new(),
+            updated: 0,
+        }
+    }
+
     fn core() -> (Core, Config) {
         let cfg = Config::from_toml(
             "[server]\nlisten=[\"udp:127.0.0.1:5060\"]\ndomains=[\"example.com\"]\nrelay_foreign=\"deny\"\n\
@@ -864,23 +880,13 @@ mod tests {
             .unwrap();
         rt.block_on(location.set(
             "carol@example.com",
-            vec![Binding {
-                aor: "carol@example.com".into(),
-                contact: "sip:carol@10.0.0.9:5062".into(),
-                received: "203.0.113.4:41000".parse().unwrap(),
-                nated: true,
-                transport: Proto::Udp,
-                local_socket: "127.0.0.1:5060".parse().unwrap(),
-                instance: "i".into(),
-                expires: u64::MAX,
-                q: 1000,
-                call_id: "c".into(),
-                cseq: 1,
-                user_agent: String::new(),
-                path: String::new(),
-                instance_urn: String::new(),
-                updated: 0,
-            }],
+            vec![binding(
+                "carol@example.com",
+                "sip:carol@10.0.0.9:5062",
+                "203.0.113.4:41000",
+                "i",
+                true,
+            )],
         ));
         let core = Core::new(
             &cfg,
@@ -1071,22 +1077,8 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
     fn bindings_of_other_instances() {
         let (_, cfg) = core();
         let location = Arc::new(Shared(Location::new()));
-        let binding = |contact: &str, received: &str, instance: &str| Binding {
-            aor: "dora@example.com".into(),
-            contact: contact.into(),
-            received: received.parse().unwrap(),
-            transport: Proto::Udp,
-            local_socket: "127.0.0.1:5060".parse().unwrap(),
-            instance: instance.into(),
-            expires: u64::MAX,
-            q: 1000,
-            call_id: "c".into(),
-            cseq: 1,
-            user_agent: String::new(),
-            path: String::new(),
-            instance_urn: String::new(),
-            updated: 0,
-            nated: true,
+        let binding = |contact: &str, received: &str, instance: &str| {
+            binding("dora@example.com", contact, received, instance, true)
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -1315,22 +1307,14 @@ From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\n
 
     #[test]
     fn a_binding_is_reached_at_its_nat_binding_only_when_nated() {
-        let b = |contact: &str, nated: bool| Binding {
-            aor: "carol@example.com".into(),
-            contact: contact.into(),
-            received: "203.0.113.4:41000".parse().unwrap(),
-            nated,
-            transport: Proto::Udp,
-            local_socket: "127.0.0.1:5060".parse().unwrap(),
-            instance: "i".into(),
-            expires: u64::MAX,
-            q: 1000,
-            call_id: "c".into(),
-            cseq: 1,
-            user_agent: String::new(),
-            path: String::new(),
-            instance_urn: String::new(),
-            updated: 0,
+        let b = |contact: &str, nated: bool| {
+            binding(
+                "carol@example.com",
+                contact,
+                "203.0.113.4:41000",
+                "i",
+                nated,
+            )
         };
         let flow = Flow {
             proto: Proto::Udp,

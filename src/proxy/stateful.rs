@@ -557,9 +557,9 @@ impl Proxy {
                 .flatten(),
             _ => None,
         };
-        let bytes = self
-            .ctx
-            .build(msg, source, hop, dest, &branch, plan, false, nated, body);
+        let bytes = self.ctx.build(
+            msg, source, hop, dest, &branch, plan, false, nated, body, None,
+        );
         debug!(%dest, "forwarding statelessly");
         self.transports.send(Transmit {
             proto: hop.proto,

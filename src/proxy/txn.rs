@@ -42,7 +42,7 @@ use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
 pub use crate::media::session::Role;
-use crate::sip::{Framing, HeaderName, Message, Rewrite, reply};
+use crate::sip::{HeaderName, Message, reply};
 use crate::transaction::{ClientAction, ClientTxn, Kind, ServerAction, ServerTxn, Timers, TxnKey};
 use crate::transport::{Proto, Source, Transmit};
 
@@ -99,6 +99,7 @@ impl Context {
         strip_proxy_auth: bool,
         force_rport: bool,
         body: Option<Vec<u8>>,
+        credentials: Option<(&'static str, String)>,
     ) -> Vec<u8> {
         let target = Target {
             ruri: hop.ruri.clone(),
@@ -124,8 +125,11 @@ impl Context {
             force_rport,
             route,
             identity: plan.identity.clone(),
-            cseq_offset: plan.cseq_offset,
+            // RFC 3261 §22.2: a request with credentials is a new request, CSeq + 1; our
+            // Record-Route records the offset for the dialog's later requests.
+            cseq_offset: plan.cseq_offset + u32::from(credentials.is_some()),
             owner: hop.owner.map(|binding| (dest, binding)),
+            credentials,
         };
         forward::request(
             msg, &target, inbound, outbound, branch, opts, &self.key, body,
@@ -473,6 +477,19 @@ impl ProxyTxn {
 
     /// Forwards branch `idx` (with the relay's SDP when `body` is set).
     fn send(&mut self, idx: usize, body: Option<Vec<u8>>, now: Instant) {
+        self.send_with(idx, body, None, now);
+    }
+
+    /// [`Self::send`], with a trunk's `credentials` when set: a new client transaction on the
+    /// branch's current Via branch replaces the leg (whoever still needs the old one has
+    /// taken it off first).
+    fn send_with(
+        &mut self,
+        idx: usize,
+        body: Option<Vec<u8>>,
+        credentials: Option<(&'static str, String)>,
+        now: Instant,
+    ) {
         let Some(b) = self.branches.get(idx) else {
             return;
         };
@@ -486,6 +503,7 @@ impl ProxyTxn {
             self.strip_proxy_auth,
             self.nated,
             body.clone(),
+            credentials,
         );
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
         let key = TxnKey {
@@ -656,60 +674,14 @@ impl ProxyTxn {
                 nc: 1,
             },
         );
+        tracing::info!(trunk = %trunk.name, sip.status = status, dest = %b.dest, "answering the trunk's challenge");
         // A new Via branch, as for a failover (RFC 3261 §16.6 step 8); the media key stays.
         let attempt = b.attempt + 1;
-        let id = self.branch_for(idx + (attempt << 16));
-        let b = &self.branches[idx];
-        // CSeq + 1 (RFC 3261 §22.2: a request with credentials is a new request); our
-        // Record-Route records the offset for the dialog's later requests.
-        let mut plan = self.plan.clone();
-        plan.cseq_offset = plan.cseq_offset.saturating_add(1);
-        let built = self.ctx.build(
-            &self.msg,
-            self.source,
-            &b.hop,
-            b.dest,
-            &id,
-            &plan,
-            self.strip_proxy_auth,
-            self.nated,
-            b.body.clone(),
-        );
-        let Ok(parsed) = Message::parse(&built, Framing::Stream) else {
-            return false;
-        };
-        let mut rw = Rewrite::new(&parsed);
-        rw.insert_header(None, answer_name, &credentials);
-        let bytes = rw.finish();
-        let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
-        let key = TxnKey {
-            branch: id.clone(),
-            sent_by: forward::hostport(outbound),
-            method: method.to_owned(),
-        };
-        let kind = if self.invite {
-            Kind::Invite
-        } else {
-            Kind::NonInvite
-        };
-        let txn = ClientTxn::new(kind, bytes, b.hop.proto.is_reliable(), self.ctx.timers, now);
-        tracing::info!(trunk = %trunk.name, sip.status = status, dest = %b.dest, "answering the trunk's challenge");
-        self.events.push_back(Event::Bind {
-            key: key.clone(),
-            idx,
-            cancel: false,
-        });
+        let via = self.branch_for(idx + (attempt << 16));
         let b = &mut self.branches[idx];
-        let old = std::mem::replace(
-            &mut b.leg,
-            Leg::Sent {
-                txn: Box::new(txn),
-                key,
-            },
-        );
         // The challenged transaction is retired: it ACKs the 401/407 and absorbs its
         // retransmissions until Timer D.
-        if let Leg::Sent { txn, key } = old {
+        if let Leg::Sent { txn, key } = std::mem::replace(&mut b.leg, Leg::Over) {
             b.retired.push(Retired {
                 txn,
                 key,
@@ -718,10 +690,12 @@ impl ProxyTxn {
             });
         }
         b.attempt = attempt;
-        b.via = id;
+        b.via = via;
         b.auth_sent = true;
-        b.sent_at = now;
-        b.answered = true;
+        let body = b.body.take();
+        self.send_with(idx, body, Some((answer_name, credentials)), now);
+        // The next hop has answered: no failover timer for the re-send.
+        self.branches[idx].answered = true;
         // The challenged transaction's ACK leaves before the new request.
         self.drain_retired(idx);
         true

@@ -171,6 +171,13 @@ impl<'a> SipUri<'a> {
         self.host.parse().ok()
     }
 
+    /// The address of a URI whose host is an IP address, on its port or 5060: what nathelper
+    /// compares with where a message came from.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ip()
+            .map(|ip| std::net::SocketAddr::new(ip, self.port.unwrap_or(5060)))
+    }
+
     /// The transport parameter, lower-cased comparisons are the caller's business.
     pub fn transport(&self) -> Option<&'a str> {
         self.param("transport")
