@@ -236,6 +236,19 @@ pub(crate) async fn udp_exchange(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -
     udp_recv(sock).await
 }
 
+/// Sends a request and returns its response, skipping requests that arrive meanwhile (a
+/// keepalive OPTIONS to a registered phone's address; at most 8 of them).
+pub(crate) async fn udp_request(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Message {
+    sock.send_to(msg, to).await.unwrap();
+    for _ in 0..8 {
+        let m = udp_recv(sock).await;
+        if m.status().is_some() {
+            return m;
+        }
+    }
+    panic!("only requests arrived, no response");
+}
+
 /// The next datagram, parsed.
 pub(crate) async fn udp_recv(sock: &UdpSocket) -> Message {
     let mut buf = vec![0u8; 65536];
