@@ -110,6 +110,8 @@ pub struct TransportStats {
     pub tls_handshake_ok: AtomicU64,
     /// TLS handshakes failed or timed out, either side (certificate errors included).
     pub tls_handshake_failed: AtomicU64,
+    /// TLS server names forgotten to keep the table within its bound (`TLS_NAMES`).
+    pub tls_names_evicted: AtomicU64,
 }
 
 impl Transports {
@@ -271,6 +273,7 @@ impl Transports {
             let victim = self.tls_names.iter().next().map(|e| *e.key());
             if let Some(k) = victim {
                 self.tls_names.remove(&k);
+                self.stats.tls_names_evicted.fetch_add(1, Relaxed);
             }
         }
         self.tls_names.insert(dest, Arc::from(name));
@@ -303,7 +306,7 @@ impl Transports {
     /// Registers the transport's counters and its open connections.
     pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
         type Field = fn(&TransportStats) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 9] = [
+        let counters: [(&str, &str, Field); 10] = [
             (
                 "transport_udp_send_dropped",
                 "Datagrams dropped because the socket buffer was full or the send failed.",
@@ -348,6 +351,11 @@ impl Transports {
                 "transport_tls_handshake_failed",
                 "TLS handshakes failed or timed out, inbound and outbound.",
                 |s| &s.tls_handshake_failed,
+            ),
+            (
+                "transport_tls_names_evicted",
+                "TLS server names of next hops forgotten to keep the table within 4096.",
+                |s| &s.tls_names_evicted,
             ),
         ];
         for (name, help, field) in counters {
