@@ -171,7 +171,10 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         &local,
     ));
     let trunks = Trunks::new(&cfg, &local, transports.clone(), clock.clone());
-    let shards = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    // Shards are tasks, not threads: enough of them that the REGISTERs of different AORs
+    // wait for the store together and share its commits (group commit, src/store/writer.rs),
+    // while one AOR's REGISTERs stay in order in its shard.
+    let shards = std::thread::available_parallelism().map_or(32, |n| (n.get() * 16).max(32));
     let registrar = Registrar::start(
         Arc::new(Context {
             cfg: live.clone(),

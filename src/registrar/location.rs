@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::Clock;
 use crate::metrics::Registry;
 pub use crate::store::Binding;
-use crate::store::{Change, Store, StoreError};
+use crate::store::{BindingWriter, Change, Store, StoreError};
 
 /// Seconds between two heartbeats of an instance sharing the store.
 pub const HEARTBEAT: u64 = 10;
@@ -105,6 +105,8 @@ struct Cluster {
 pub struct WriteThrough {
     memory: Location,
     store: Store,
+    /// Group commit of the registrar's changes ([`BindingWriter`]).
+    writer: BindingWriter,
     /// Set when the store is shared (PostgreSQL).
     cluster: Option<Cluster>,
 }
@@ -116,6 +118,7 @@ impl WriteThrough {
         memory.load(store.load_bindings(now).await?).await;
         Ok(Self {
             memory,
+            writer: BindingWriter::start(store.clone()),
             store,
             cluster: None,
         })
@@ -350,7 +353,7 @@ impl LocationService for WriteThrough {
         after: Vec<Binding>,
     ) -> Pending<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.store.save_bindings(aor, upsert, remove).await?;
+            self.writer.save(aor, upsert, remove).await?;
             self.memory.set(aor, after).await;
             Ok(())
         })

@@ -26,8 +26,8 @@ use crate::sip::{Message, SipUri, reply};
 use crate::transaction::{self, ServerAction, ServerTxn, Timers};
 use crate::transport::{Proto, Source, Transports};
 
-/// REGISTERs waiting per shard before new ones get 503.
-const QUEUE: usize = 1024;
+/// REGISTERs waiting per shard before new ones get 503 (the server runs 32 or more shards).
+const QUEUE: usize = 256;
 
 /// A REGISTER for one of our domains, from the pipeline.
 #[derive(Debug)]

@@ -91,9 +91,15 @@ impl Dialect {
 
     /// `INSERT INTO table (cols) VALUES (?, …)`.
     pub(crate) fn insert(self, table: &str, cols: &[&str]) -> String {
-        let params = vec!["?"; cols.len()].join(", ");
+        self.insert_rows(table, cols, 1)
+    }
+
+    /// `INSERT INTO table (cols) VALUES (?, …), (?, …), …` for `rows` rows (at least one).
+    pub(crate) fn insert_rows(self, table: &str, cols: &[&str], rows: usize) -> String {
+        let row = format!("({})", vec!["?"; cols.len()].join(", "));
+        let values = vec![row.as_str(); rows.max(1)].join(", ");
         self.sql(&format!(
-            "INSERT INTO {table} ({}) VALUES ({params})",
+            "INSERT INTO {table} ({}) VALUES {values}",
             cols.join(", ")
         ))
     }
@@ -106,7 +112,20 @@ impl Dialect {
         key: &[&str],
         update: &[&str],
     ) -> String {
-        let insert = self.insert(table, cols);
+        self.upsert_rows(table, cols, key, update, 1)
+    }
+
+    /// [`Self::upsert`] of `rows` rows in one statement (their keys must differ: PostgreSQL
+    /// refuses to update one row twice in a statement).
+    pub(crate) fn upsert_rows(
+        self,
+        table: &str,
+        cols: &[&str],
+        key: &[&str],
+        update: &[&str],
+        rows: usize,
+    ) -> String {
+        let insert = self.insert_rows(table, cols, rows);
         match self {
             Self::Sqlite | Self::Postgres => {
                 let set: Vec<String> = update
@@ -206,6 +225,14 @@ mod tests {
         assert_eq!(
             Dialect::Mysql.upsert("t", &cols, &["k"], &["a", "b"]),
             "INSERT INTO t (k, a, b) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE a = VALUES(a), b = VALUES(b)"
+        );
+        assert_eq!(
+            Dialect::Postgres.upsert_rows("t", &cols, &["k"], &["a"], 2),
+            "INSERT INTO t (k, a, b) VALUES ($1, $2, $3), ($4, $5, $6) ON CONFLICT (k) DO UPDATE SET a = excluded.a"
+        );
+        assert_eq!(
+            Dialect::Mysql.upsert_rows("t", &cols, &["k"], &["a"], 2),
+            "INSERT INTO t (k, a, b) VALUES (?, ?, ?), (?, ?, ?) ON DUPLICATE KEY UPDATE a = VALUES(a)"
         );
         assert_eq!(
             Dialect::Postgres.insert_if_absent("t", &["\"key\"", "v"], &["\"key\""]),

@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Connection, Row};
 
 use super::dialect::Dialect;
 use super::{Store, StoreError, from_i64, text, to_i64};
@@ -155,6 +155,61 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the changes of several addresses-of-record (each at most once) on `conn`: one
+    /// multi-row upsert, alone when that is all (one autocommit statement), else in a
+    /// transaction with the deletes and, on PostgreSQL, one notification per AOR. The
+    /// group commit of [`super::BindingWriter`].
+    pub(super) async fn write_bindings(
+        &self,
+        conn: &mut AnyConnection,
+        changes: &[(&str, &[Binding], &[String])],
+    ) -> Result<(), StoreError> {
+        let rows: Vec<&Binding> = changes.iter().flat_map(|c| c.1.iter()).collect();
+        let removes = changes.iter().any(|c| !c.2.is_empty());
+        let many;
+        let upsert = match rows.len() {
+            0 => None,
+            1 => Some(self.sql.location.upsert.as_str()),
+            n => {
+                many = self
+                    .dialect
+                    .upsert_rows("location", &COLS, &KEY, &COLS[KEY.len()..], n);
+                Some(many.as_str())
+            }
+        };
+        let bound = |sql| rows.iter().fold(sqlx::query(sql), |q, b| bind(q, b));
+        if !removes && !self.is_postgres() {
+            if let Some(sql) = upsert {
+                bound(sql).execute(&mut *conn).await?;
+            }
+            return Ok(());
+        }
+        let mut tx = conn.begin().await?;
+        for (aor, _, remove) in changes {
+            for contact in remove.iter() {
+                sqlx::query(&self.sql.location.delete)
+                    .bind(*aor)
+                    .bind(contact)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        if let Some(sql) = upsert {
+            bound(sql).execute(&mut *tx).await?;
+        }
+        if self.is_postgres() {
+            for (aor, _, _) in changes {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(super::LOCATION_CHANNEL)
+                    .bind(*aor)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Deletes bindings that expired at or before `now`; returns how many.
     pub async fn delete_expired(&self, now: u64) -> Result<u64, StoreError> {
         let r = sqlx::query(&self.sql.location.delete_expired)
@@ -164,28 +219,34 @@ impl Store {
         Ok(r.rows_affected())
     }
 
-    /// The upsert of one binding, its values in the order of [`COLS`].
+    /// The upsert of one binding.
     fn upsert_binding<'q>(
         &'q self,
         b: &'q Binding,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-        sqlx::query(&self.sql.location.upsert)
-            .bind(&b.aor)
-            .bind(&b.contact)
-            .bind(b.received.to_string())
-            .bind(b.transport.as_str())
-            .bind(b.local_socket.to_string())
-            .bind(&b.instance)
-            .bind(to_i64(b.expires))
-            .bind(f64::from(b.q) / 1000.0)
-            .bind(&b.call_id)
-            .bind(i64::from(b.cseq))
-            .bind(&b.user_agent)
-            .bind(&b.path)
-            .bind(&b.instance_urn)
-            .bind(to_i64(b.updated))
-            .bind(i64::from(b.nated))
+        bind(sqlx::query(&self.sql.location.upsert), b)
     }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds one binding's values, in the order of [`COLS`].
+fn bind<'q>(q: AnyQuery<'q>, b: &'q Binding) -> AnyQuery<'q> {
+    q.bind(&b.aor)
+        .bind(&b.contact)
+        .bind(b.received.to_string())
+        .bind(b.transport.as_str())
+        .bind(b.local_socket.to_string())
+        .bind(&b.instance)
+        .bind(to_i64(b.expires))
+        .bind(f64::from(b.q) / 1000.0)
+        .bind(&b.call_id)
+        .bind(i64::from(b.cseq))
+        .bind(&b.user_agent)
+        .bind(&b.path)
+        .bind(&b.instance_urn)
+        .bind(to_i64(b.updated))
+        .bind(i64::from(b.nated))
 }
 
 fn from_row(r: &AnyRow) -> Result<Binding, StoreError> {

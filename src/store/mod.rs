@@ -17,6 +17,7 @@ mod meta;
 mod migrate;
 mod notify;
 mod subscriber;
+mod writer;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -33,6 +34,7 @@ pub use kamailio::{KamailioSubscriber, read_kamailio_subscribers};
 pub use location::Binding;
 pub use notify::{Change, Changes, INSTANCE_CHANNEL, LOCATION_CHANNEL};
 pub use subscriber::Subscriber;
+pub use writer::BindingWriter;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub enum StoreError {
     /// An embedded migration does not render in this dialect (a bug in sipedge).
     #[error("migration {version}: {what}")]
     Migration { version: i64, what: String },
+    /// The store's writer cannot take the change now (its queue is full, or it stopped).
+    #[error("database: {0}")]
+    Busy(&'static str),
 }
 
 /// A pool on SQLite, PostgreSQL or MySQL/MariaDB, with its queries in that dialect.
