@@ -92,7 +92,7 @@ missing_pkgs=()
 need() { # command package
     command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2")
 }
-need rtpengine rtpengine-daemon
+case " $TARGETS " in *" rtpengine "*) need rtpengine rtpengine-daemon ;; esac
 need gcc gcc
 need make make
 need python3 python3
