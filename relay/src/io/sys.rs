@@ -96,7 +96,7 @@ pub(crate) struct BatchIo {
 impl BatchIo {
     /// `batched = false` selects the per-packet fallback from the start.
     pub(crate) fn new(batched: bool) -> Self {
-        Self {
+        let mut io = Self {
             buf: vec![0u8; BATCH * SLOT].into_boxed_slice(),
             meta: [RecvMeta {
                 len: 0,
@@ -106,7 +106,16 @@ impl BatchIo {
             recv: Headers::new(),
             send: Headers::new(),
             batched,
+        };
+        // The receive headers point at fixed slots and addresses: set once. The boxed arrays
+        // never move, whatever happens to `io`; the kernel only writes msg_len, msg_flags and
+        // msg_namelen back, and recv_mmsg restores msg_namelen of the headers it used.
+        let base = io.buf.as_mut_ptr();
+        for i in 0..BATCH {
+            io.recv
+                .set(i, base.wrapping_add(i * SLOT), SLOT, STORAGE_LEN);
         }
+        io
     }
 
     /// Whether recvmmsg/sendmmsg are in use.
@@ -142,23 +151,21 @@ impl BatchIo {
     }
 
     fn recv_mmsg(&mut self, fd: RawFd) -> io::Result<usize> {
-        let base = self.buf.as_mut_ptr();
-        for i in 0..BATCH {
-            self.recv
-                .set(i, base.wrapping_add(i * SLOT), SLOT, STORAGE_LEN);
-        }
-        // SAFETY: `hdrs` holds BATCH initialised headers; header i points at iovec i, which
+        // SAFETY: `hdrs` holds BATCH headers set in `new`: header i points at iovec i, which
         // covers slot i of `buf` (SLOT bytes, in bounds), and at sockaddr_storage i with
-        // msg_namelen = its size; there is no control buffer. The kernel writes at most that
-        // many bytes through each pointer, plus msg_len and msg_flags. All of it is owned by
-        // `self`, borrowed mutably for the call. A null timeout is allowed.
+        // msg_namelen = its size (restored below after each call); there is no control buffer.
+        // The kernel writes at most that many bytes through each pointer, plus msg_len,
+        // msg_namelen and msg_flags. All of it is owned by `self`, borrowed mutably for the
+        // call. A null timeout is allowed. The raw syscall skips libc's cancellation-point
+        // bookkeeping (this thread is never cancelled).
         let n = unsafe {
-            libc::recvmmsg(
+            libc::syscall(
+                libc::SYS_recvmmsg,
                 fd,
                 self.recv.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                0,
-                ptr::null_mut(),
+                0 as libc::c_int,
+                ptr::null_mut::<libc::timespec>(),
             )
         };
         if n < 0 {
@@ -166,12 +173,13 @@ impl BatchIo {
         }
         let n = n as usize;
         for i in 0..n {
-            let h = &self.recv.hdrs[i];
+            let h = &mut self.recv.hdrs[i];
             self.meta[i] = RecvMeta {
                 len: (h.msg_len as usize).min(SLOT),
                 src: from_sockaddr(&self.recv.names[i], h.msg_hdr.msg_namelen),
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             };
+            h.msg_hdr.msg_namelen = STORAGE_LEN;
         }
         Ok(n)
     }
@@ -248,12 +256,14 @@ impl BatchIo {
         // own iovec covering `len` <= SLOT bytes of one slot of `buf`, and its own initialised
         // address of `namelen` bytes; no control buffer. The kernel only reads through them
         // (and writes msg_len). All of it is owned by `self`, borrowed mutably for the call.
+        // A raw syscall, as for recvmmsg.
         let n = unsafe {
-            libc::sendmmsg(
+            libc::syscall(
+                libc::SYS_sendmmsg,
                 fd,
                 self.send.hdrs.as_mut_ptr(),
                 items.len() as libc::c_uint,
-                0,
+                0 as libc::c_int,
             )
         };
         if n < 0 {

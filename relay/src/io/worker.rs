@@ -184,10 +184,7 @@ pub(crate) fn spawn(
         .recv()
         .map_err(|_| io::Error::other("relay worker thread died at start"))??;
     Ok(WorkerHandle {
-        tx: WorkerTx {
-            tx: Some(tx),
-            bell,
-        },
+        tx: WorkerTx { tx: Some(tx), bell },
         thread: Some(thread),
     })
 }
@@ -447,7 +444,10 @@ fn run(
     loop {
         let timeout = w.relay.poll_timeout().map_or(-1, |t| {
             // Rounded up: waking before the deadline would only wait again.
-            let ms = t.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+            let ms = t
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
             i32::try_from(ms).unwrap_or(i32::MAX)
         });
         match w.epoll.wait(timeout, &mut ready) {
