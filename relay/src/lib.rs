@@ -17,8 +17,8 @@
 //! - `rtp`: checked zero-copy RTP/RTCP views (RFC 3550 §5.1, §6.4). Pure.
 //! - `stats`: RFC 3550 A.1/A.3 loss and A.8 jitter. Pure.
 //! - `io::sys`: recvmmsg/sendmmsg and their per-packet fallback; the only `unsafe` code.
-//! - `io::worker`: one OS thread per worker with a current-thread runtime; moves bytes between
-//!   its sockets and its `forward::Relay`.
+//! - `io::worker`: one OS thread per worker, blocking in its own epoll (no runtime); moves bytes
+//!   between its sockets and its `forward::Relay`.
 //! - `io::control`: the control thread: owns the port pool, binds sockets, assigns sessions to
 //!   workers, and turns worker reports into [`Closed`] events.
 //!
@@ -96,11 +96,13 @@ impl Default for RelayConfig {
     }
 }
 
-/// Starts the relay: the worker threads (each with its own current-thread tokio runtime) and
-/// the control thread. Works from inside a tokio runtime and from plain threads alike.
+/// Starts the relay: the worker threads (each blocking in its own epoll instance) and the
+/// control thread (a current-thread tokio runtime). Works from inside a tokio runtime and from
+/// plain threads alike.
 ///
 /// Returns the handle and the channel on which sessions closed by a timeout are reported.
-/// Fails on an invalid port range or if a thread or runtime cannot be created.
+/// Fails on an invalid port range or if a thread, an epoll instance or the runtime cannot be
+/// created.
 pub fn start(cfg: RelayConfig) -> std::io::Result<(RelayHandle, mpsc::UnboundedReceiver<Closed>)> {
     io::control::start(cfg)
 }

@@ -58,6 +58,7 @@
 #   SIPEDGE_PORTS=40000-47999 LOAD_MAX=0.5 IDLE_BUSY=10 LOAD_WAIT=60 LOAD_WAIT_TOTAL=240 QUIET_TIMEOUT=30
 #   SEARCH_TIMEOUT=300 (hard limit per target) RUNDIR=/tmp/sipbench-media REFBENCH=/tmp/refbench
 #   REFBENCH_SRC=<repo>/../shared/bench SKIP_BUILD=1 (use the example already built)
+#   SIPEDGE_BIN=<path> (another build of bench_target, e.g. a saved copy for an A/B run; implies SKIP_BUILD=1)
 # Bounds: every rtpblast/udpfwd run stops by itself (harness), every search is killed after
 # SEARCH_TIMEOUT s (bench_target then sees end of input and shuts down), every wait is capped.
 # Exit: 0 after the report; 1 on missing prerequisites, a failed build or a busy port.
@@ -85,14 +86,14 @@ SEARCH_TIMEOUT=${SEARCH_TIMEOUT:-300}
 REFBENCH_SRC=${REFBENCH_SRC:-$root/../shared/bench}
 export REFBENCH=${REFBENCH:-/tmp/refbench}
 export RUNDIR=${RUNDIR:-/tmp/sipbench-media}
-BIN=$root/target/release/examples/bench_target
+BIN=${SIPEDGE_BIN:-$root/target/release/examples/bench_target}
 
 # ---- prerequisites (nothing is installed here) ----
 missing_pkgs=()
 need() { # command package
     command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2")
 }
-need rtpengine rtpengine-daemon
+case " $TARGETS " in *" rtpengine "*) need rtpengine rtpengine-daemon ;; esac
 need gcc gcc
 need make make
 need python3 python3
@@ -108,6 +109,7 @@ if [ "$(nproc)" -lt 2 ]; then
     echo "media: needs 2 CPUs (relay on CPU1, generator on CPU0); this machine has $(nproc)" >&2
     exit 1
 fi
+[ -z "${SIPEDGE_BIN:-}" ] || SKIP_BUILD=1
 if ! command -v cargo >/dev/null 2>&1 && [ "${SKIP_BUILD:-0}" != 1 ]; then
     echo "media: cargo not found (Rust toolchain, https://rustup.rs) -- or set SKIP_BUILD=1" >&2
     exit 1

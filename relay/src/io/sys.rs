@@ -96,7 +96,7 @@ pub(crate) struct BatchIo {
 impl BatchIo {
     /// `batched = false` selects the per-packet fallback from the start.
     pub(crate) fn new(batched: bool) -> Self {
-        Self {
+        let mut io = Self {
             buf: vec![0u8; BATCH * SLOT].into_boxed_slice(),
             meta: [RecvMeta {
                 len: 0,
@@ -106,7 +106,16 @@ impl BatchIo {
             recv: Headers::new(),
             send: Headers::new(),
             batched,
+        };
+        // The receive headers point at fixed slots and addresses: set once. The boxed arrays
+        // never move, whatever happens to `io`; the kernel only writes msg_len, msg_flags and
+        // msg_namelen back, and recv_mmsg restores msg_namelen of the headers it used.
+        let base = io.buf.as_mut_ptr();
+        for i in 0..BATCH {
+            io.recv
+                .set(i, base.wrapping_add(i * SLOT), SLOT, STORAGE_LEN);
         }
+        io
     }
 
     /// Whether recvmmsg/sendmmsg are in use.
@@ -142,23 +151,21 @@ impl BatchIo {
     }
 
     fn recv_mmsg(&mut self, fd: RawFd) -> io::Result<usize> {
-        let base = self.buf.as_mut_ptr();
-        for i in 0..BATCH {
-            self.recv
-                .set(i, base.wrapping_add(i * SLOT), SLOT, STORAGE_LEN);
-        }
-        // SAFETY: `hdrs` holds BATCH initialised headers; header i points at iovec i, which
+        // SAFETY: `hdrs` holds BATCH headers set in `new`: header i points at iovec i, which
         // covers slot i of `buf` (SLOT bytes, in bounds), and at sockaddr_storage i with
-        // msg_namelen = its size; there is no control buffer. The kernel writes at most that
-        // many bytes through each pointer, plus msg_len and msg_flags. All of it is owned by
-        // `self`, borrowed mutably for the call. A null timeout is allowed.
+        // msg_namelen = its size (restored below after each call); there is no control buffer.
+        // The kernel writes at most that many bytes through each pointer, plus msg_len,
+        // msg_namelen and msg_flags. All of it is owned by `self`, borrowed mutably for the
+        // call. A null timeout is allowed. The raw syscall skips libc's cancellation-point
+        // bookkeeping (this thread is never cancelled).
         let n = unsafe {
-            libc::recvmmsg(
+            libc::syscall(
+                libc::SYS_recvmmsg,
                 fd,
                 self.recv.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                0,
-                ptr::null_mut(),
+                0 as libc::c_int,
+                ptr::null_mut::<libc::timespec>(),
             )
         };
         if n < 0 {
@@ -166,12 +173,13 @@ impl BatchIo {
         }
         let n = n as usize;
         for i in 0..n {
-            let h = &self.recv.hdrs[i];
+            let h = &mut self.recv.hdrs[i];
             self.meta[i] = RecvMeta {
                 len: (h.msg_len as usize).min(SLOT),
                 src: from_sockaddr(&self.recv.names[i], h.msg_hdr.msg_namelen),
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             };
+            h.msg_hdr.msg_namelen = STORAGE_LEN;
         }
         Ok(n)
     }
@@ -248,12 +256,14 @@ impl BatchIo {
         // own iovec covering `len` <= SLOT bytes of one slot of `buf`, and its own initialised
         // address of `namelen` bytes; no control buffer. The kernel only reads through them
         // (and writes msg_len). All of it is owned by `self`, borrowed mutably for the call.
+        // A raw syscall, as for recvmmsg.
         let n = unsafe {
-            libc::sendmmsg(
+            libc::syscall(
+                libc::SYS_sendmmsg,
                 fd,
                 self.send.hdrs.as_mut_ptr(),
                 items.len() as libc::c_uint,
-                0,
+                0 as libc::c_int,
             )
         };
         if n < 0 {
@@ -353,13 +363,13 @@ fn to_sockaddr(
     mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
 }
 
-/// Up to this many ready sockets per `epoll_wait`.
-pub(crate) const EVENTS: usize = 64;
+/// Up to this many ready descriptors per `epoll_wait`.
+pub(crate) const EVENTS: usize = 256;
 
-/// A worker's own epoll instance over its media sockets, level-triggered, each registered with
-/// its port as the event data. The worker's runtime waits on this one descriptor instead of
-/// one task per socket: a wakeup then serves every socket that has data (rtpengine's poller
-/// threads work the same way).
+/// A worker's own epoll instance over its media sockets and its wakeup eventfd,
+/// level-triggered, each registered with a token as the event data (a socket's port). The
+/// worker thread blocks in it directly: one `epoll_wait` per wakeup serves every socket that has
+/// data, as rtpengine's poller threads and the harness' C forwarder do.
 pub(crate) struct Epoll {
     fd: std::os::fd::OwnedFd,
     events: Vec<libc::epoll_event>,
@@ -380,18 +390,18 @@ impl Epoll {
         })
     }
 
-    /// Watches `sock` for input; ready events carry `port`.
-    pub(crate) fn add(&self, sock: BorrowedFd<'_>, port: u16) -> io::Result<()> {
+    /// Watches `fd` for input; ready events carry `token`.
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
-            u64: u64::from(port),
+            u64: token,
         };
         // SAFETY: both descriptors are open; `ev` is a valid epoll_event for the call.
         let r = unsafe {
             libc::epoll_ctl(
                 self.fd.as_raw_fd(),
                 libc::EPOLL_CTL_ADD,
-                sock.as_raw_fd(),
+                fd.as_raw_fd(),
                 &mut ev,
             )
         };
@@ -401,21 +411,22 @@ impl Epoll {
         Ok(())
     }
 
-    /// Stops watching `sock` (closing it would too; this makes it explicit and immediate).
-    pub(crate) fn remove(&self, sock: BorrowedFd<'_>) {
+    /// Stops watching `fd` (closing it would too; this makes it explicit and immediate).
+    pub(crate) fn remove(&self, fd: BorrowedFd<'_>) {
         // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
         unsafe {
             libc::epoll_ctl(
                 self.fd.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
-                sock.as_raw_fd(),
+                fd.as_raw_fd(),
                 ptr::null_mut(),
             );
         }
     }
 
-    /// The ports of the sockets that have data now (does not block).
-    pub(crate) fn ready(&mut self, out: &mut Vec<u16>) -> io::Result<()> {
+    /// Waits up to `timeout_ms` (-1: for ever, 0: not at all) for ready descriptors and puts
+    /// their tokens in `out` (cleared first).
+    pub(crate) fn wait(&mut self, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<()> {
         out.clear();
         // SAFETY: `events` holds EVENTS initialised entries that the kernel may overwrite.
         let n = unsafe {
@@ -423,32 +434,66 @@ impl Epoll {
                 self.fd.as_raw_fd(),
                 self.events.as_mut_ptr(),
                 EVENTS as libc::c_int,
-                0,
+                timeout_ms,
             )
         };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        for ev in &self.events[..n as usize] {
-            // invariant: we registered every socket with a u16 port as its data.
-            let port = ev.u64;
-            out.push(u16::try_from(port).unwrap_or(0));
-        }
+        out.extend(self.events[..n as usize].iter().map(|ev| ev.u64));
         Ok(())
     }
 }
 
-impl Epoll {
-    /// A second descriptor for the same epoll instance, registered with the current tokio
-    /// runtime, which wakes the worker when any of its sockets has data.
-    pub(crate) fn watch(&self) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-        let fd = self.fd.try_clone()?;
-        // SAFETY: an OwnedFd is open for its whole life and always returns the same
-        // descriptor, and the AsyncFd owns it.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+/// A non-blocking eventfd: the control thread's doorbell for a worker blocked in
+/// [`Epoll::wait`].
+#[derive(Debug)]
+pub(crate) struct EventFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        .map_err(|e| e.into_parts().1)
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+
+    /// Makes the descriptor readable until [`EventFd::clear`]. Cannot fail short of a counter
+    /// overflow (2^64 - 2 rings without a clear), which would leave it readable anyway.
+    pub(crate) fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64, as eventfd requires.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                ptr::from_ref(&one).cast(),
+                mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Resets the counter: not readable until the next ring.
+    pub(crate) fn clear(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64, as eventfd requires; EAGAIN (not rung) is
+        // the only expected failure and means there is nothing to clear.
+        unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                ptr::from_mut(&mut n).cast(),
+                mem::size_of::<u64>(),
+            );
+        }
     }
 }
 

@@ -1,35 +1,31 @@
-//! One relay worker: an OS thread running a current-thread tokio runtime that owns the sockets
-//! of the sessions assigned to it, a [`Relay`] core and one receive batch. It only moves bytes:
-//! every decision is the core's.
+//! One relay worker: an OS thread that owns the sockets of the sessions assigned to it, a
+//! [`Relay`] core and one receive batch. It only moves bytes: every decision is the core's.
 //!
-//! The worker's sockets are registered in its own level-triggered epoll instance (port as the
-//! event data), and one task waits on that descriptor: a wakeup asks epoll which sockets have
-//! data, drains each in batches (recvmmsg), asks the core for a verdict per datagram and sends
-//! each group of datagrams bound for the same outgoing socket with one sendmmsg, straight from
-//! the receive buffer. No task, waker or span per socket: at RTP rates each socket has one
-//! packet per wakeup, and per-socket tasks cost more than the forwarding (measured with
-//! `scripts/bench/media.sh`). Each socket gets at most [`MAX_BATCHES`] batches per round, then
-//! the task yields, so one flooded socket cannot starve the others (rtpengine
-//! `max_recv_iters`, quinn `WorkLimiter`). A timer task
-//! sleeps until the core's next deadline and reports sessions that timed out. Everything is
-//! on one thread: the state is an `Rc<RefCell<..>>` and no borrow is held across an await.
+//! The thread blocks in its own level-triggered epoll instance, which holds every socket of the
+//! worker (port as the event data) and an eventfd on which the control thread rings after
+//! queueing a request. A wakeup drains each ready socket in batches (recvmmsg), asks the core
+//! for a verdict per datagram and sends each group of datagrams bound for the same outgoing
+//! socket with one sendmmsg, straight from the receive buffer; then it serves queued requests
+//! and, when the core's next deadline has passed, closes the sessions that timed out. The
+//! epoll timeout is that deadline. No async runtime: at RTP rates a wakeup carries a few
+//! packets, and a runtime's own polling (its epoll, the nested one, a yield, timer checks)
+//! cost more per wakeup than the forwarding (measured with `scripts/bench/media.sh`: the same
+//! loop as the harness' C forwarder). Each socket gets at most [`MAX_BATCHES`] batches per
+//! round, so one flooded socket cannot starve the others (rtpengine `max_recv_iters`, quinn
+//! `WorkLimiter`).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::LocalSet;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::Instrument;
 
-use super::sys::{BATCH, BatchIo, EVENTS, Epoll, Transmit};
+use super::sys::{BATCH, BatchIo, EVENTS, Epoll, EventFd, Transmit};
 use crate::forward::{DropReason, Relay, Timeouts, Verdict};
 use crate::{
     Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side, StreamPorts,
@@ -94,12 +90,39 @@ pub(crate) struct WorkerConfig {
 /// The control thread's side of a worker.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
-    pub(crate) tx: mpsc::UnboundedSender<WorkerCmd>,
+    pub(crate) tx: WorkerTx,
     pub(crate) thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Relay-wide totals since start, shared by every worker: one atomic add per batch, not per
-/// packet.
+/// Queues requests for a worker and rings its doorbell. Dropping it rings once more, so the
+/// worker sees the closed queue and ends.
+#[derive(Debug)]
+pub(crate) struct WorkerTx {
+    tx: Option<mpsc::UnboundedSender<WorkerCmd>>,
+    bell: Arc<EventFd>,
+}
+
+impl WorkerTx {
+    /// Queues `cmd`; gives it back if the worker is gone.
+    pub(crate) fn send(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
+        let Some(tx) = &self.tx else {
+            return Err(cmd);
+        };
+        tx.send(cmd).map_err(|e| e.0)?;
+        self.bell.ring();
+        Ok(())
+    }
+}
+
+impl Drop for WorkerTx {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        self.bell.ring();
+    }
+}
+
+/// Relay-wide totals since start, shared by every worker: each worker adds what it counted
+/// once per wakeup, not per packet or batch.
 #[derive(Debug, Default)]
 pub(crate) struct Totals {
     /// Datagrams dropped as strangers (strict-source latching).
@@ -112,6 +135,18 @@ pub(crate) struct Totals {
     pub(crate) dropped: AtomicU64,
 }
 
+/// A worker's counts since its last [`Totals`] update.
+#[derive(Debug, Default)]
+struct Local {
+    strangers: u64,
+    forwarded: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+/// The epoll token of the worker's doorbell; sockets use their port (< 2^16).
+const BELL: u64 = 1 << 32;
+
 /// Starts worker `index`. Closed sessions are reported on `closed`; relay-wide counts go to
 /// `totals` (shared by every worker).
 pub(crate) fn spawn(
@@ -121,33 +156,35 @@ pub(crate) fn spawn(
     totals: Arc<Totals>,
 ) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
-    // The runtime is built on the new thread (a runtime must not be dropped inside another
-    // one, which could happen here if a later step failed), which reports back once.
+    let bell = Arc::new(EventFd::new()?);
+    let worker_bell = bell.clone();
+    // The worker is built on its thread (its batch buffers hold raw pointers), which reports
+    // back once.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("relay-worker-{index}"))
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let rt = match rt {
-                Ok(rt) => {
+            let span = tracing::info_span!("relay_worker", worker = index);
+            let _entered = span.enter();
+            let worker = Worker::new(cfg, totals).and_then(|w| {
+                w.epoll.add(worker_bell.as_fd(), BELL)?;
+                Ok(w)
+            });
+            match worker {
+                Ok(w) => {
                     let _ = ready_tx.send(Ok(()));
-                    rt
+                    run(w, rx, &worker_bell, &closed);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
-                    return;
                 }
-            };
-            let span = tracing::info_span!("relay_worker", worker = index);
-            LocalSet::new().block_on(&rt, run(cfg, rx, closed, totals).instrument(span));
+            }
         })?;
     ready_rx
         .recv()
         .map_err(|_| io::Error::other("relay worker thread died at start"))??;
     Ok(WorkerHandle {
-        tx,
+        tx: WorkerTx { tx: Some(tx), bell },
         thread: Some(thread),
     })
 }
@@ -203,8 +240,9 @@ struct Worker {
     pending: Vec<Pending>,
     send_list: Vec<Transmit>,
     send: SendCounters,
-    /// Relay-wide totals.
+    /// Relay-wide totals, and what this worker counted since it last added to them.
     totals: Arc<Totals>,
+    local: Local,
     recv_warn: RateLimit,
     send_warn: RateLimit,
 }
@@ -224,6 +262,7 @@ impl Worker {
             send_list: Vec::with_capacity(BATCH),
             send: SendCounters::default(),
             totals,
+            local: Local::default(),
             recv_warn: RateLimit::default(),
             send_warn: RateLimit::default(),
         })
@@ -271,18 +310,27 @@ impl Worker {
                 Verdict::Drop(_) => dropped += 1,
             }
         }
-        let t = &self.totals;
-        if !self.pending.is_empty() {
-            t.forwarded
-                .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
-            t.bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
-        if dropped > 0 {
-            t.dropped.fetch_add(dropped, Ordering::Relaxed);
-            t.strangers.fetch_add(strangers, Ordering::Relaxed);
-        }
+        let l = &mut self.local;
+        l.forwarded += self.pending.len() as u64;
+        l.bytes += bytes;
+        l.dropped += dropped;
+        l.strangers += strangers;
         self.send_grouped(now);
         Ok(Batch { drained })
+    }
+
+    /// Adds what this worker counted to the relay-wide totals (once per wakeup).
+    fn publish(&mut self) {
+        let l = std::mem::take(&mut self.local);
+        let t = &self.totals;
+        if l.forwarded > 0 {
+            t.forwarded.fetch_add(l.forwarded, Ordering::Relaxed);
+            t.bytes.fetch_add(l.bytes, Ordering::Relaxed);
+        }
+        if l.dropped > 0 {
+            t.dropped.fetch_add(l.dropped, Ordering::Relaxed);
+            t.strangers.fetch_add(l.strangers, Ordering::Relaxed);
+        }
     }
 
     /// Up to [`MAX_BATCHES`] batches from one ready socket.
@@ -378,91 +426,130 @@ impl Worker {
     }
 }
 
-/// The worker thread's main task: serves control requests until shutdown.
-async fn run(
-    cfg: WorkerConfig,
+/// What a request asks of the loop.
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// The worker thread's loop: waits in epoll until a socket has data, a request is queued or
+/// the core's next deadline passes; ends on shutdown or when the control side is gone.
+fn run(
+    mut w: Worker,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
-    closed: mpsc::UnboundedSender<Closed>,
-    totals: Arc<Totals>,
+    bell: &EventFd,
+    closed: &mpsc::UnboundedSender<Closed>,
 ) {
-    let worker = match Worker::new(cfg, totals) {
-        Ok(w) => w,
-        Err(error) => {
-            tracing::error!(%error, "relay worker: no epoll instance; it serves nothing");
-            return;
-        }
-    };
-    let watch = worker.epoll.watch();
-    let w = Rc::new(RefCell::new(worker));
-    let notify = Rc::new(Notify::new());
-    let timer =
-        tokio::task::spawn_local(timer_task(w.clone(), notify.clone(), closed).in_current_span());
-    let poller = match watch {
-        Ok(afd) => tokio::task::spawn_local(poll_task(w.clone(), afd).in_current_span()),
-        Err(error) => {
-            tracing::error!(%error, "relay worker: cannot watch its epoll instance");
-            timer.abort();
-            return;
-        }
-    };
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            WorkerCmd::Add {
-                id,
-                label,
-                streams,
-                reply,
-            } => {
-                let r = add(&w, id, label, streams);
-                notify.notify_one();
-                let _ = reply.send(r);
-            }
-            WorkerCmd::Update {
-                id,
-                side,
-                streams,
-                sources,
-                answered,
-                reply,
-            } => {
-                let r = w.borrow_mut().relay.update(
-                    Instant::now(),
-                    id,
-                    side,
-                    &streams,
-                    &sources,
-                    answered,
-                );
-                notify.notify_one();
-                let _ = reply.send(r);
-            }
-            WorkerCmd::Remove { id, reply } => {
-                let stats = w.borrow_mut().relay.remove(Instant::now(), id);
-                if stats.is_some() {
-                    close_io(&w, id);
-                }
-                let _ = reply.send(stats);
-            }
-            WorkerCmd::Query { id, reply } => {
-                let _ = reply.send(w.borrow().relay.query(Instant::now(), id));
-            }
-            WorkerCmd::Shutdown { reply } => {
-                timer.abort();
-                poller.abort();
-                let all = close_all(&w);
-                let _ = reply.send(all);
+    let mut ready: Vec<u64> = Vec::with_capacity(EVENTS);
+    loop {
+        let timeout = w.relay.poll_timeout().map_or(-1, |t| {
+            // Rounded up: waking before the deadline would only wait again.
+            let ms = t
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        });
+        match w.epoll.wait(timeout, &mut ready) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                // Only a programming error (EBADF, EINVAL, EFAULT) gets here.
+                tracing::error!(%error, "relay worker: epoll_wait failed; closing its sessions");
+                close_all(&mut w);
                 return;
             }
         }
+        let mut rung = false;
+        for &token in &ready {
+            match u16::try_from(token) {
+                Ok(port) => w.drain(port),
+                Err(_) => rung = true,
+            }
+        }
+        w.publish();
+        if rung {
+            // Cleared before reading the queue: a request queued after this rings again.
+            bell.clear();
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if let Next::Stop = handle(&mut w, cmd) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        // The control thread is gone without a shutdown: close quietly.
+                        close_all(&mut w);
+                        return;
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if w.relay.poll_timeout().is_some_and(|t| t <= now) {
+            expire(&mut w, now, closed);
+        }
     }
-    // The control thread is gone without a shutdown: close quietly.
-    timer.abort();
-    poller.abort();
-    close_all(&w);
 }
 
-fn close_all(w: &Rc<RefCell<Worker>>) -> Vec<Closed> {
-    let all = w.borrow_mut().relay.close_all(Instant::now());
+/// Serves one request from the control thread.
+fn handle(w: &mut Worker, cmd: WorkerCmd) -> Next {
+    match cmd {
+        WorkerCmd::Add {
+            id,
+            label,
+            streams,
+            reply,
+        } => {
+            let _ = reply.send(add(w, id, label, streams));
+        }
+        WorkerCmd::Update {
+            id,
+            side,
+            streams,
+            sources,
+            answered,
+            reply,
+        } => {
+            let r = w
+                .relay
+                .update(Instant::now(), id, side, &streams, &sources, answered);
+            let _ = reply.send(r);
+        }
+        WorkerCmd::Remove { id, reply } => {
+            let stats = w.relay.remove(Instant::now(), id);
+            if stats.is_some() {
+                close_io(w, id);
+            }
+            let _ = reply.send(stats);
+        }
+        WorkerCmd::Query { id, reply } => {
+            let _ = reply.send(w.relay.query(Instant::now(), id));
+        }
+        WorkerCmd::Shutdown { reply } => {
+            let all = close_all(w);
+            let _ = reply.send(all);
+            return Next::Stop;
+        }
+    }
+    Next::Continue
+}
+
+/// Closes the sessions whose deadline has passed and reports them to the control thread.
+fn expire(w: &mut Worker, now: Instant, closed: &mpsc::UnboundedSender<Closed>) {
+    for c in w.relay.on_tick(now) {
+        close_io(w, c.id);
+        tracing::debug!(session = %c.id, call_id = %c.label, reason = ?c.reason, "media session timed out");
+        // The control thread frees the ports and tells the SIP core; if it is gone, the
+        // relay is shutting down anyway.
+        let _ = closed.send(c);
+    }
+}
+
+fn close_all(w: &mut Worker) -> Vec<Closed> {
+    let all = w.relay.close_all(Instant::now());
     for c in &all {
         close_io(w, c.id);
     }
@@ -477,7 +564,7 @@ struct Batch {
 
 /// Registers a session's sockets with the core and the worker's epoll instance.
 fn add(
-    w: &Rc<RefCell<Worker>>,
+    st: &mut Worker,
     id: SessionId,
     label: String,
     streams: Vec<[LegSockets; 2]>,
@@ -489,14 +576,13 @@ fn add(
             callee: callee.ports,
         })
         .collect();
-    let mut st = w.borrow_mut();
     st.relay.add_session(Instant::now(), id, label, &ports)?;
     let mut session_ports = Vec::with_capacity(streams.len() * 4);
     let mut failed = None;
     for leg in streams.into_iter().flatten() {
         for (port, sock) in [(leg.ports.rtp, leg.rtp), (leg.ports.rtcp, leg.rtcp)] {
             if failed.is_none()
-                && let Err(e) = st.epoll.add(sock.as_fd(), port)
+                && let Err(e) = st.epoll.add(sock.as_fd(), u64::from(port))
             {
                 failed = Some(e);
             }
@@ -506,95 +592,22 @@ fn add(
         }
     }
     st.session_ports.insert(id, session_ports);
-    drop(st);
     if let Some(e) = failed {
         // Undo: the control thread gets the error and frees the ports.
-        let _ = w.borrow_mut().relay.remove(Instant::now(), id);
-        close_io(w, id);
+        let _ = st.relay.remove(Instant::now(), id);
+        close_io(st, id);
         return Err(RelayError::Io(e));
     }
     Ok(())
 }
 
 /// Closes a removed session's sockets. When this returns, the ports can be bound again.
-fn close_io(w: &Rc<RefCell<Worker>>, id: SessionId) {
-    let mut st = w.borrow_mut();
+fn close_io(st: &mut Worker, id: SessionId) {
     let ports = st.session_ports.remove(&id).unwrap_or_default();
     for port in ports {
         let off = usize::from(port - st.port_min);
         if let Some(sock) = st.sockets[off].take() {
             st.epoll.remove(sock.as_fd());
-        }
-    }
-}
-
-/// Serves every socket of the worker: waits until its epoll instance has a ready socket,
-/// drains each ready one, yields, repeats. Ends when aborted.
-async fn poll_task(w: Rc<RefCell<Worker>>, afd: AsyncFd<std::os::fd::OwnedFd>) {
-    let mut ready: Vec<u16> = Vec::with_capacity(EVENTS);
-    loop {
-        let mut guard = match afd.readable().await {
-            Ok(g) => g,
-            Err(error) => {
-                tracing::error!(%error, "relay worker: waiting on epoll failed");
-                return;
-            }
-        };
-        let r = w.borrow_mut().epoll.ready(&mut ready);
-        match r {
-            Ok(()) if ready.is_empty() => {
-                // Seen empty: only now may tokio forget the readiness (a datagram arriving
-                // after this produces a new edge on the epoll descriptor).
-                guard.clear_ready();
-                continue;
-            }
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => {
-                tracing::error!(%error, "relay worker: epoll_wait failed");
-                return;
-            }
-        }
-        drop(guard);
-        {
-            let mut st = w.borrow_mut();
-            for &port in &ready {
-                st.drain(port);
-            }
-        }
-        // Let the timer and control requests in; the readiness is kept, so the next round
-        // starts at once if there is more.
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Sleeps until the core's next deadline and reports the sessions that timed out.
-async fn timer_task(
-    w: Rc<RefCell<Worker>>,
-    notify: Rc<Notify>,
-    closed: mpsc::UnboundedSender<Closed>,
-) {
-    loop {
-        let next = w.borrow().relay.poll_timeout();
-        match next {
-            Some(t) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(t) => {}
-                    () = notify.notified() => continue,
-                }
-            }
-            None => {
-                notify.notified().await;
-                continue;
-            }
-        }
-        let expired = w.borrow_mut().relay.on_tick(Instant::now());
-        for c in expired {
-            close_io(&w, c.id);
-            tracing::debug!(session = %c.id, call_id = %c.label, reason = ?c.reason, "media session timed out");
-            // The control thread frees the ports and tells the SIP core; if it is gone, the
-            // relay is shutting down anyway.
-            let _ = closed.send(c);
         }
     }
 }
