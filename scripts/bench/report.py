@@ -243,12 +243,13 @@ def relay_table(path, runs, scen):
         pk = r.get("packets")
         per = "-" if not calls or pk is None else "%.1f" % (pk / calls)
         rows.append((r["label"], r["relay"], fmt(pk), per, fmt(calls), fmt(r.get("sessions_left")),
-                     fmt(r.get("ports_left")) if r["relay"] == "sipedge" else "-"))
+                     fmt(r.get("ports_left")) if r["relay"] == "sipedge" else "-",
+                     fmt(r.get("not_relayed")) if r["relay"] == "sipedge" else "-"))
         if scen == "call_media_rtp" and (not r.get("ok") or not pk):
             bad.append("%s: %s packets" % (r["label"], "no counter" if pk is None else pk))
     if rows:
         table(("run", "relay", "packets relayed", "per successful call", "successful calls", "sessions left",
-               "ports left"), rows)
+               "ports left", "calls not relayed (WARN)"), rows)
     else:
         print("  none recorded")
     if scen == "call_media_rtp":
