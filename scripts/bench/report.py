@@ -199,8 +199,9 @@ def main(path, scen="call", relay_path=None):
     ]
     table(hdr, rows)
     print("\nCPU = utime+stime of the proxy's whole process tree (Kamailio: all its processes; sipedge: all threads)"
-          "%s over the SIPp run, %% of ONE core (the box has %s)."
-          % (" plus rtpengine's (all its threads); memory likewise summed" if media else "", _ncpu()))
+          "%s over the SIPp run, %% of ONE core (the box has %s)%s."
+          % (" plus rtpengine's (all its threads)" if media else "", _ncpu(),
+             "; memory (PSS, RSS) likewise summed over Kamailio and rtpengine" if media else ""))
     if scenario == "call":
         print("Call runs: the UAC run lasts duration + hold (~%s s) + teardown; CPU-s per call counts all of it;"
               " memory is taken right after the run, while the finished transactions are still kept"
