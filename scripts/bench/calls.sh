@@ -7,6 +7,27 @@
 #
 #   scripts/bench/calls.sh                    # ~6-8 min on the 2-core box (idle machine)
 #   SIPEDGE_REV=HEAD scripts/bench/calls.sh   # measure the last commit (tree does not build)
+#   SCENARIO=call_media scripts/bench/calls.sh      # same with the media relay (no RTP sent)
+#   SCENARIO=call_media_rtp scripts/bench/calls.sh  # same with RTP flowing through the relay
+#
+# SCENARIO (default call):
+#   call            as below: no media relay (sipedge routes media="never", Kamailio -A NO_MEDIA_RELAY)
+#   call_media      the SDP of every call goes through the relay: sipedge with media="always"
+#                   routes (in-process relay, sipedge_start.sh MEDIA=1) vs Kamailio + rtpengine
+#                   (run.sh MEDIA=1 RTPE=1: rtpengine_offer/answer/delete over the ng protocol);
+#                   no RTP is sent (the harness' own call_media)
+#   call_media_rtp  call_media with RTP: the UAC is sipp/uac_invite_rtp.xml (after the ACK it
+#                   plays /usr/share/sip-tester/g711a.pcap, G.711 at 50 packets/s, to the relay
+#                   port of the 200's SDP, until its BYE); the /tmp/refbench COPY of
+#                   tools/bench.py is edited to run that file instead of uac_invite.xml
+#   With media, CPU and memory are those of the whole media path: Kamailio's process tree PLUS
+#   rtpengine's (bench.py --media-pidfile: the "media" group), sipedge's one process (the relay
+#   is in-process). After each measured run (search confirmation, same-load run) the relay
+#   counters are read while the proxy still runs -- sipedge's /api/stats (relay_forwarded_packets,
+#   media_sessions, relay_ports_in_use), rtpengine's CLI `list totals` / `list numsessions` --
+#   into relay.jsonl; call_media_rtp FAILS (verdict line) when a measured run relayed no packet.
+#   The acceptance check also requires 0 relay sessions, 0 ports and 0 relayed calls left in
+#   sipedge after ACCEPT_WAIT (/api/stats, and the shutdown line "media relay stopping ...").
 #
 # What is measured, for each proxy (fresh proxy at the start; the harness restarts the proxy
 # after every failed step and before the confirmation run):
@@ -60,6 +81,16 @@
 # SEARCH_TIMEOUT s, each single run after 3 x its duration + 60 s.
 set -euo pipefail
 
+SCENARIO=${SCENARIO:-call}
+case "$SCENARIO" in
+call) MEDIA=0 ;;
+call_media | call_media_rtp) MEDIA=1 ;;
+*)
+    echo "calls: SCENARIO=$SCENARIO: expected call, call_media or call_media_rtp" >&2
+    exit 1
+    ;;
+esac
+export MEDIA
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cd "$root"
@@ -88,6 +119,9 @@ export SIPEDGE_WORKERS=${SIPEDGE_WORKERS:-0}
 export SIPEDGE_LOG=warn
 export KAM_CHILDREN=${KAM_CHILDREN:-4}
 KAM_PIDFILE=$RUNDIR/kamailio.pid
+RTPE_PIDFILE=$RUNDIR/rtpengine.pid
+export SIPEDGE_CONTROL=${SIPEDGE_CONTROL:-127.0.0.1:8060}
+PCAP=/usr/share/sip-tester/g711a.pcap
 
 # ---- prerequisites (nothing is installed here) ----
 missing_pkgs=()
@@ -102,6 +136,13 @@ need python3 python3
 need timeout coreutils
 need ss iproute2
 [ -r /usr/share/kamailio/db_sqlite/usrloc-create.sql ] || missing_pkgs+=(kamailio-sqlite-modules)
+if [ "$MEDIA" = 1 ]; then
+    need rtpengine rtpengine-daemon
+    need curl curl
+    [ -r /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpengine.so ] || [ -n "$(find /usr/lib -path '*kamailio/modules/rtpengine.so' -print -quit 2>/dev/null)" ] ||
+        missing_pkgs+=(kamailio-extra-modules)
+fi
+[ "$SCENARIO" != call_media_rtp ] || [ -r "$PCAP" ] || missing_pkgs+=(sip-tester)
 if [ "${#missing_pkgs[@]}" -gt 0 ]; then
     mapfile -t missing_pkgs < <(printf '%s\n' "${missing_pkgs[@]}" | sort -u)
     echo "calls: missing prerequisites; install them with (as root):" >&2
@@ -155,17 +196,28 @@ fi
 rm -rf "$REFBENCH"
 cp -r "$REFBENCH_SRC" "$REFBENCH"
 chmod -R u+w "$REFBENCH"
+if [ "$SCENARIO" = call_media_rtp ]; then
+    # tools/bench.py names its UAC file literally; in this COPY only, the call scenario plays RTP.
+    n=$(grep -c '"uac_invite.xml"' "$REFBENCH/tools/bench.py" || true)
+    if [ "$n" != 1 ] || [ ! -f "$REFBENCH/sipp/uac_invite_rtp.xml" ]; then
+        echo "calls: cannot switch the harness to sipp/uac_invite_rtp.xml ($n occurrences of \"uac_invite.xml\" in tools/bench.py)" >&2
+        exit 1
+    fi
+    sed -i 's/"uac_invite\.xml"/"uac_invite_rtp.xml"/' "$REFBENCH/tools/bench.py"
+fi
 
 # Stop whatever an earlier run of this script (or registrations.sh) left behind (by PID file only).
 "$REFBENCH/stop.sh" >/dev/null 2>&1 || true
 "$here/sipedge_stop.sh" >/dev/null 2>&1 || true
-# 5060 proxy, 5062 SIPp UAC, 5070 SIPp UAS (the "PBX")
+# 5060 proxy, 5062 SIPp UAC, 5070 SIPp UAS (the "PBX"); the control endpoint; rtpengine ng/cli
 busy=$(ss -Hlnu 'sport = :5060 or sport = :5062 or sport = :5070' 2>/dev/null || true)
-busy+=$(ss -Hlnt 'sport = :5060' 2>/dev/null || true)
+busy+=$(ss -Hlnt "sport = :5060 or sport = :${SIPEDGE_CONTROL##*:}" 2>/dev/null || true)
+[ "$MEDIA" = 0 ] || busy+=$(ss -Hln 'sport = :2223 or sport = :9900' 2>/dev/null || true)
 if [ -n "$busy" ]; then
     echo "calls: port 5060/5062/5070 on this machine is in use by something else:" >&2
     ss -Hlnup 'sport = :5060 or sport = :5062 or sport = :5070' >&2 || true
-    ss -Hlntp 'sport = :5060' >&2 || true
+    ss -Hlntp "sport = :5060 or sport = :${SIPEDGE_CONTROL##*:}" >&2 || true
+    [ "$MEDIA" = 0 ] || ss -Hlnp 'sport = :2223 or sport = :9900' >&2 || true
     exit 1
 fi
 
@@ -173,6 +225,8 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 OUTDIR=$RUNDIR/calls-$STAMP
 mkdir -p "$OUTDIR"
 OUT=$OUTDIR/results.jsonl
+RELAY=$OUTDIR/relay.jsonl
+: >"$RELAY"
 LOG=$OUTDIR/bench.log
 rm -rf "$SIPEDGE_RUNDIR"
 "$REFBENCH/kamailio/setup.sh" >"$OUTDIR/kamailio-setup.log" # fresh Kamailio DB + sipp/users.csv
@@ -194,6 +248,7 @@ trap 'exit 130' INT TERM
     echo "sipp: $(sipp -v 2>/dev/null | grep -m1 -o 'SIPp v[^ ]*')"
     echo "kernel: $(uname -r), cpus: $(nproc),$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
     echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "scenario: $SCENARIO (MEDIA=$MEDIA)"
     echo "knobs: START_RATE=$START_RATE PROBE_DUR=$PROBE_DUR CONFIRM_DUR=$CONFIRM_DUR BUDGET=$BUDGET HOLD_MS=$HOLD_MS COMMON_RATE=$COMMON_RATE COMMON_DUR=$COMMON_DUR ACCEPT_RATE=$ACCEPT_RATE ACCEPT_DUR=$ACCEPT_DUR ACCEPT_WAIT=$ACCEPT_WAIT SIPEDGE_WORKERS=$SIPEDGE_WORKERS KAM_CHILDREN=$KAM_CHILDREN QUIET_TIMEOUT=$QUIET_TIMEOUT"
     echo "results: $OUTDIR"
 } | tee "$OUTDIR/versions.txt"
@@ -206,12 +261,15 @@ proxy_cmds() {
         stop_cmd="$REFBENCH/stop.sh"
         pidfile=$KAM_PIDFILE
         mem_cmd="kamcmd -s unix:$RUNDIR/kamailio_ctl core.shmmem"
+        media_pidfile=""
+        [ "$MEDIA" = 0 ] || media_pidfile=$RTPE_PIDFILE
         ;;
     sipedge)
         start_cmd="$here/sipedge_start.sh"
         stop_cmd="$here/sipedge_stop.sh"
         pidfile=$SIPEDGE_PIDFILE
         mem_cmd=""
+        media_pidfile=""
         ;;
     esac
 }
@@ -228,9 +286,85 @@ run_bench() {
         --probe-dur "$PROBE_DUR" --confirm-dur "$CONFIRM_DUR" --budget "$BUDGET" \
         --quiet-timeout "$QUIET_TIMEOUT" --extension 2000 \
         --proxy-pidfile "$pidfile" --workdir "$OUTDIR/runs/$label" --out "$OUT" \
-        --restart-cmd "$stop_cmd >/dev/null 2>&1; MEDIA=0 RTPE=0 $start_cmd >/dev/null" \
-        --mem-cmd "$mem_cmd" "$@") 2>&1 | tee -a "$LOG" || rc=$?
+        --restart-cmd "$stop_cmd >/dev/null 2>&1; MEDIA=$MEDIA RTPE=$MEDIA $start_cmd >/dev/null" \
+        --media-pidfile "$media_pidfile" --mem-cmd "$mem_cmd" "$@") 2>&1 | tee -a "$LOG" || rc=$?
     [ "$rc" = 0 ] || echo "    ! bench.py for $label ended with status $rc (time limit $limit s?)" | tee -a "$LOG"
+}
+
+# sipedge_stats: the control endpoint's counters as one JSON object (empty when it does not answer)
+sipedge_stats() {
+    curl -s -m 5 "http://$SIPEDGE_CONTROL/api/stats" 2>/dev/null || true
+}
+
+# rtpengine_cli COMMAND...: rtpengine's text CLI (run.sh: --listen-cli=127.0.0.1:9900), as
+# rtpengine-ctl (rtpengine-utils) speaks it: one line in, the answer until the server closes.
+rtpengine_cli() {
+    python3 - "$*" <<'PY'
+import socket, sys
+try:
+    s = socket.create_connection(("127.0.0.1", 9900), timeout=5)
+    s.sendall(sys.argv[1].encode() + b"\n")
+    out = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+    print(out.decode(errors="replace"))
+except OSError as e:
+    print("rtpengine cli: %s" % e, file=sys.stderr)
+PY
+}
+
+# relay_snapshot NAME LABEL: the relay's counters while the proxy still runs (after the last run
+# of a bench.py call: since the restart before it, i.e. that run alone); one JSON line to $RELAY
+# and a line to stdout.
+relay_snapshot() {
+    local name=$1 label=$2 raw=""
+    local not_relayed=""
+    if [ "$name" = sipedge ]; then
+        raw=$(sipedge_stats)
+        # calls forwarded unrelayed since this sipedge started (WARN "media relay: no session")
+        not_relayed=$(awk '/^=== sipedge_start/ {n = 0} /media relay: no session/ {n++} END {print n + 0}' \
+            "$SIPEDGE_RUNDIR/sipedge.log" 2>/dev/null || echo "")
+    else
+        raw=$( (rtpengine_cli list totals; rtpengine_cli list numsessions) 2>&1 || true)
+    fi
+    python3 - "$name" "$label" "$RELAY" "$raw" "$not_relayed" <<'PY'
+import json, re, sys
+name, label, out, raw, not_relayed = sys.argv[1:6]
+r = {"label": label, "relay": "sipedge" if name == "sipedge" else "rtpengine"}
+if name == "sipedge":
+    try:
+        st = json.loads(raw)
+    except ValueError:
+        st = {}
+    r["ok"] = bool(st)
+    r["packets"] = st.get("relay_forwarded_packets")
+    r["bytes"] = st.get("relay_forwarded_bytes")
+    r["dropped"] = st.get("relay_dropped_packets")
+    r["strangers"] = st.get("relay_strangers_dropped")
+    r["sessions_left"] = st.get("media_sessions")
+    r["ports_left"] = st.get("relay_ports_in_use")
+    r["calls_left"] = st.get("media_calls")
+    r["refused"] = sum(v for k, v in st.items() if k.startswith("media_offers_refused"))
+    r["not_relayed"] = int(not_relayed) if not_relayed.isdigit() else None
+else:
+    def num(pat):
+        m = re.search(pat + r"\s*:\s*([0-9]+)", raw)
+        return int(m.group(1)) if m else None
+    r["packets"] = num(r"Total relayed packets")
+    r["bytes"] = num(r"Total relayed bytes")
+    r["errors"] = num(r"Total relayed packet errors")
+    r["sessions_total"] = num(r"Total managed sessions")
+    r["sessions_left"] = num(r"Current sessions own")
+    r["ok"] = r["packets"] is not None
+    if not r["ok"]:
+        r["raw"] = raw[:500]
+with open(out, "a") as f:
+    f.write(json.dumps(r) + "\n")
+print("    relay after %s: %s" % (label, " ".join("%s=%s" % kv for kv in r.items() if kv[0] not in ("label", "raw"))))
+PY
 }
 
 # bench NAME LABEL LIMIT [bench.py args...]: fresh proxy, one bench.py call, proxy stopped.
@@ -239,9 +373,10 @@ bench() {
     proxy_cmds "$name"
     echo "=== $label (t+$(($(date +%s) - T0)) s)" | tee -a "$LOG"
     $stop_cmd >/dev/null 2>&1 || true
-    MEDIA=0 RTPE=0 $start_cmd 2>&1 | tee -a "$LOG"
+    MEDIA=$MEDIA RTPE=$MEDIA $start_cmd 2>&1 | tee -a "$LOG"
     sleep 1
     run_bench "$@"
+    [ "$MEDIA" = 0 ] || relay_snapshot "$name" "$label" | tee -a "$LOG"
     $stop_cmd 2>&1 | tee -a "$LOG" || true
 }
 
@@ -304,12 +439,13 @@ elif [ -n "$accept_rate" ]; then
     "$here/sipedge_stop.sh" >/dev/null 2>&1 || true
     mkdir -p "$SIPEDGE_RUNDIR"
     log_from=$(($(wc -l <"$SIPEDGE_RUNDIR/sipedge.log" 2>/dev/null || echo 0) + 1))
-    SIPEDGE_LOG=$ACCEPT_LOG MEDIA=0 "$here/sipedge_start.sh" 2>&1 | tee -a "$LOG"
+    SIPEDGE_LOG=$ACCEPT_LOG MEDIA=$MEDIA "$here/sipedge_start.sh" 2>&1 | tee -a "$LOG"
     sleep 1
     CONFIRM_DUR=$ACCEPT_DUR run_bench sipedge sipedge@accept $((ACCEPT_DUR * 3 + 60)) \
         --fixed-rate "$accept_rate" --restart-cmd ""
     echo "    waiting $ACCEPT_WAIT s for the transactions to end (t+$(($(date +%s) - T0)) s)" | tee -a "$LOG"
     sleep "$ACCEPT_WAIT"
+    [ "$MEDIA" = 0 ] || relay_snapshot sipedge sipedge@accept | tee -a "$LOG"
     idle_mem=""
     if [ -f "$SIPEDGE_PIDFILE" ] && spid=$(cat "$SIPEDGE_PIDFILE") && kill -0 "$spid" 2>/dev/null; then
         idle_mem=$(awk '/^(Pss|Rss):/ {printf "%s %.1f MB  ", $1, $2 / 1024}' "/proc/$spid/smaps_rollup" 2>/dev/null || true)
@@ -333,6 +469,33 @@ elif [ -n "$accept_rate" ]; then
     elif ! grep -qE 'transactions\.server=0 transactions\.client=0$' <<<"$accept_txn"; then
         reasons+=("transactions left: ${accept_txn#listeners stopped }")
     fi
+    if [ "$MEDIA" = 1 ]; then
+        # ACCEPT_WAIT s after the last BYE: no relayed call, session or port may be left, by
+        # the control endpoint then (the snapshot above) and by the shutdown line
+        accept_media=$(grep -o 'media relay stopping.*' "$accept_log" | tail -n 1 || true)
+        left=$(python3 - "$RELAY" <<'PY'
+import json, sys
+rows = [r for r in map(json.loads, filter(str.strip, open(sys.argv[1]))) if r["label"] == "sipedge@accept"]
+r = rows[-1] if rows else {}
+print("ok" if r.get("ok") else "none", r.get("calls_left"), r.get("sessions_left"), r.get("ports_left"), r.get("packets"))
+PY
+)
+        read -r m_ok m_calls m_sessions m_ports m_packets <<<"$left"
+        accept_detail+="; relay after ${ACCEPT_WAIT} s idle: calls $m_calls, sessions $m_sessions, ports $m_ports (packets relayed in the run: $m_packets); shutdown line: ${accept_media:-none}"
+        if [ "$m_ok" != ok ]; then
+            reasons+=("no answer from the control endpoint $SIPEDGE_CONTROL after the wait")
+        elif [ "$m_calls" != 0 ] || [ "$m_sessions" != 0 ] || [ "$m_ports" != 0 ]; then
+            reasons+=("relay left after ${ACCEPT_WAIT} s: calls $m_calls, sessions $m_sessions, ports $m_ports")
+        fi
+        if [ -z "$accept_media" ]; then
+            reasons+=("no 'media relay stopping' line in the log")
+        elif ! grep -qE 'media\.calls=0 relay\.sessions=0 relay\.ports=0( |$)' <<<"$accept_media"; then
+            reasons+=("relay left at shutdown: ${accept_media#media relay stopping }")
+        fi
+        if [ "$SCENARIO" = call_media_rtp ] && ! [ "${m_packets:-0}" -gt 0 ] 2>/dev/null; then
+            reasons+=("no RTP relayed in the run (relay_forwarded_packets=$m_packets)")
+        fi
+    fi
     if [ "${#reasons[@]}" = 0 ]; then
         accept_verdict="PASS"
     else
@@ -342,11 +505,42 @@ elif [ -n "$accept_rate" ]; then
 fi
 
 echo "=== done in $(($(date +%s) - T0)) s (load runs); results in $OUTDIR" | tee -a "$LOG"
+if [ "$MEDIA" = 1 ]; then
+    # a call the relay could not take (e.g. out of fds) is forwarded unrelayed, with a WARN:
+    # then the sipedge numbers are not those of relayed calls
+    # (counted per measured run in relay.jsonl; the search's failing probes do not count)
+    n_norelay=$(python3 -c 'import json,sys; print(sum(r.get("not_relayed") or 0 for r in map(json.loads, filter(str.strip, open(sys.argv[1])))))' "$RELAY")
+    n_all=$(grep -c 'media relay: no session' "$SIPEDGE_RUNDIR/sipedge.log" 2>/dev/null || true)
+    [ "${n_all:-0}" = 0 ] || echo "=== sipedge forwarded ${n_all} calls unrelayed over the whole run ('media relay: no session'):" \
+        "$(grep -o 'error=.*call_id' "$SIPEDGE_RUNDIR/sipedge.log" | sort | uniq -c | sort -rn | head -n 1)" | tee -a "$LOG"
+    if [ "${n_norelay:-0}" -gt 0 ]; then
+        echo "=== WARNING: $n_norelay calls of the measured runs were NOT relayed by sipedge" | tee -a "$LOG"
+        case "$accept_verdict" in
+        PASS) accept_verdict="FAIL ($n_norelay calls not relayed by sipedge)" ;;
+        FAIL*) accept_verdict="${accept_verdict%)}; $n_norelay calls not relayed by sipedge)" ;;
+        *) accept_verdict="FAIL ($n_norelay calls not relayed by sipedge; acceptance run: $accept_verdict)" ;;
+        esac
+    fi
+fi
+if [ "$SCENARIO" = call_media_rtp ]; then
+    # a run where no RTP flowed through a relay must not pass silently
+    rtp_line=$(python3 "$here/report.py" "$OUT" "$SCENARIO" "$RELAY" 2>&1 | grep '^rtp check:' || echo "rtp check: FAIL (no verdict from report.py)")
+    case "$rtp_line" in
+    "rtp check: PASS"*) ;;
+    *)
+        case "$accept_verdict" in
+        PASS) accept_verdict="FAIL (${rtp_line#rtp check: })" ;;
+        FAIL*) accept_verdict="${accept_verdict%)}; ${rtp_line#rtp check: })" ;;
+        *) accept_verdict="FAIL (${rtp_line#rtp check: }; acceptance run: $accept_verdict)" ;;
+        esac
+        ;;
+    esac
+fi
 cp "$SIPEDGE_RUNDIR/sipedge.log" "$OUTDIR/sipedge.log" 2>/dev/null || touch "$OUTDIR/sipedge.log"
 tail -n +"$kam_log_from" "$RUNDIR/kamailio.log" >"$OUTDIR/kamailio.log" 2>/dev/null || true
 {
     cat "$OUTDIR/versions.txt"
-    python3 "$here/report.py" "$OUT"
+    python3 "$here/report.py" "$OUT" "$SCENARIO" "$RELAY"
 
     echo
     echo "machine: steps re-run because other processes used > 15 % CPU: $(grep -c '\^ noisy' "$LOG" || true);" \

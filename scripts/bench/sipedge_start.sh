@@ -15,6 +15,11 @@
 #   - waits (at most ~15 s) until an OPTIONS over UDP to 127.0.0.1:5060 gets 200
 #
 #   MEDIA=0|1 (set by the harness): 1 = routes with media "always", 0 = media "never"
+#   SIPEDGE_MEDIA_PORTS=20000-59999 (media.ports: rtpengine's range in the harness' run.sh)
+#   SIPEDGE_MAX_SESSIONS=10000 (media.max_sessions and max_sessions_per_caller: every SIPp call
+#   comes from 127.0.0.1; rtpengine has no such limit; 10000 = half the port pairs of the range)
+#   SIPEDGE_CONTROL=127.0.0.1:8060 (control endpoint: `sipedge show`, /api/stats, /metrics)
+#   SIPEDGE_NOFILE=65536 (ulimit -n for sipedge: the relay holds 4 sockets per relayed call)
 #   RUNDIR=/tmp/sipbench  SIPEDGE_RUNDIR=$RUNDIR/sipedge  SIPEDGE_PIDFILE=$SIPEDGE_RUNDIR/sipedge.pid
 #   SIPEDGE_BIN=<repo>/target/release/sipedge  SIPEDGE_WORKERS=0 (0 = one per core)
 #   SIPEDGE_LOG=warn (RUST_LOG of the server; info logs e.g. the transaction counts at shutdown)
@@ -34,6 +39,10 @@ SUBSCRIBER_FIRST=${SUBSCRIBER_FIRST:-1000}
 SUBSCRIBER_LAST=${SUBSCRIBER_LAST:-1999}
 MEDIA=${MEDIA:-0}
 SIPEDGE_LOG=${SIPEDGE_LOG:-warn}
+SIPEDGE_MEDIA_PORTS=${SIPEDGE_MEDIA_PORTS:-20000-59999}
+SIPEDGE_MAX_SESSIONS=${SIPEDGE_MAX_SESSIONS:-10000}
+SIPEDGE_CONTROL=${SIPEDGE_CONTROL:-127.0.0.1:8060}
+SIPEDGE_NOFILE=${SIPEDGE_NOFILE:-65536}
 
 cfg=$SIPEDGE_RUNDIR/sipedge.toml
 log=$SIPEDGE_RUNDIR/sipedge.log
@@ -73,6 +82,12 @@ transactions_per_ip = 1000000
 
 [media]
 mode = "$media"
+ports = "$SIPEDGE_MEDIA_PORTS"
+max_sessions = $SIPEDGE_MAX_SESSIONS
+max_sessions_per_caller = $SIPEDGE_MAX_SESSIONS
+
+[control]
+listen = "$SIPEDGE_CONTROL"
 
 [[route]]
 name = "pbx"
@@ -128,6 +143,10 @@ if probe; then
     exit 1
 fi
 
+# The relay holds 4 sockets per relayed call (a caller-facing and a callee-facing RTP/RTCP
+# pair): at 2,500 calls/s x 1 s hold that is 10,000 fds, far above the usual soft limit of
+# 1024 (rtpengine and Kamailio raise their own). sipedge does not raise it itself.
+ulimit -n "$SIPEDGE_NOFILE" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "=== sipedge_start $(date -Is) MEDIA=$MEDIA workers=$SIPEDGE_WORKERS RUST_LOG=$SIPEDGE_LOG" >>"$log"
 # stdin/stdout/stderr detached from the caller: the harness may read our stdout through a pipe.
 RUST_LOG=$SIPEDGE_LOG "$SIPEDGE_BIN" serve -c "$cfg" </dev/null >>"$log" 2>&1 &
