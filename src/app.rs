@@ -490,6 +490,7 @@ pub async fn shutdown_media(media: &Media) {
         media.refused_streams = r.too_many_streams,
         media.refused_busy = r.busy,
         media.refused_caller = r.caller_limit,
+        media.relay_errors = r.relay_error,
         "media relay stopping"
     );
     // Every relayed call still up logs its stats line (reason "shutdown").

@@ -119,6 +119,8 @@ pub struct Refusals {
     pub too_many_streams: u64,
     pub busy: u64,
     pub caller_limit: u64,
+    /// Answered 503 because the relay could not open a session (not a limit).
+    pub relay_error: u64,
 }
 
 /// How a branch's request relates to media.
@@ -149,6 +151,9 @@ pub struct Media {
     per_caller: DashMap<String, usize>,
     limits: Limits,
     refusals: [AtomicU64; 3],
+    /// Offers answered 503 because the relay failed to open a session (a socket error such
+    /// as EMFILE): never forwarded unrelayed, never a security event (the fault is ours).
+    relay_errors: AtomicU64,
     /// Shutting down: no new sessions.
     closing: AtomicBool,
     /// Shared with accounting (the calls that are not relayed).
@@ -268,6 +273,7 @@ impl Media {
             per_caller: DashMap::new(),
             limits,
             refusals: Default::default(),
+            relay_errors: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             cdr,
             clock,
@@ -286,6 +292,7 @@ impl Media {
             too_many_streams: r(0),
             busy: r(1),
             caller_limit: r(2),
+            relay_error: self.relay_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -316,6 +323,17 @@ impl Media {
                 },
             );
         }
+        let me = Arc::downgrade(self);
+        m.labelled(
+            "media_offers_refused",
+            "Offers refused by a media limit.",
+            Kind::Counter,
+            &[("reason", "relay_error")],
+            move || {
+                me.upgrade()
+                    .map_or(0, |me| me.relay_errors.load(Ordering::Relaxed))
+            },
+        );
         let relay = Arc::new(RelayGauges {
             relay: self.relay().clone(),
             ports: AtomicU64::new(0),
@@ -847,9 +865,16 @@ impl Media {
                         return Err(self.refuse(Refused::Busy, src, &call.call_id));
                     }
                     Err(error) => {
+                        // A socket error (EMFILE, ENOBUFS) or a stopping relay: the route
+                        // wants relayed media, so the offer is not forwarded as it came
+                        // (a call without its relay is one-way or no audio behind NAT).
                         self.unreserve(&call.caller);
-                        warn!(%error, call_id = %call.call_id, "media relay: no session; SDP forwarded unchanged");
-                        return Ok(None);
+                        self.relay_errors.fetch_add(1, Ordering::Relaxed);
+                        static LOG: crate::log::LogLimit = crate::log::LogLimit::new();
+                        if let Some(suppressed) = LOG.allow() {
+                            warn!(%error, suppressed, call_id = %call.call_id, "media relay: no session for the offer; answered 503");
+                        }
+                        return Err(Refused::Busy);
                     }
                 }
             }

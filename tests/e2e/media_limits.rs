@@ -162,6 +162,31 @@ async fn sessions_are_bounded_per_caller_486_and_in_total_503() {
     srv.stop().await;
 }
 
+/// The relay cannot open a session (a socket error such as EMFILE when the process is out of
+/// descriptors; here the relay has stopped under a running proxy, the same error path): the
+/// offer of a `media = "always"` route is answered 503, never forwarded unrelayed.
+#[tokio::test]
+async fn a_relay_error_answers_503_and_forwards_nothing() {
+    let (alice, bob) = (Ua::new().await, Ua::new().await);
+    let srv = server("42550-42599", "", bob.addr, &fresh_db()).await;
+    srv.media.relay().shutdown().await;
+    alice
+        .send(srv.udp, &invite(alice.addr, "nofd", &sdp(&[4000])))
+        .await;
+    let r = final_on(&alice.sock).await;
+    assert_eq!(r.status(), Some(503));
+    let refused = srv.media.refusals();
+    assert_eq!((refused.relay_error, refused.busy), (1, 0));
+    assert_eq!(srv.media.sessions(), 0, "the reservation is given back");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob.recv())
+            .await
+            .is_err(),
+        "nothing reached bob"
+    );
+    srv.stop().await;
+}
+
 /// A spool path of its own for a test.
 fn spool(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sipedge-e2e-{}", std::process::id()));
