@@ -27,7 +27,11 @@ use harness::TestServer;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// The budget per completed transaction (issue #15: Kamailio keeps about this much).
+/// The budget per completed transaction. Issue #15 asks for 4 KB (about what Kamailio
+/// keeps); this build measures about 10.6 KB (debug build, 22.5 KB before
+/// `ProxyTxn::compact`), so the budget guards what was won while the rest is open: the task
+/// per transaction (its future, about 2.8 KB in a debug build), its channel (1.4 KB), the
+/// table entries and the branch (README "Memory per transaction").
 const BUDGET: usize = 12 * 1024;
 /// Calls made before the measurement: tables, caches and pools reach their working size.
 const WARMUP: usize = 300;
@@ -221,7 +225,7 @@ async fn a_completed_transaction_keeps_at_most_4_kb() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let region = Region::new(GLOBAL);
     let before = live();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     run_calls(srv.udp, WARMUP, CALLS).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = live();

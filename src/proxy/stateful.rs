@@ -681,18 +681,20 @@ impl Proxy {
     /// timers and the media layer's answers, and carries out what it asks for. `_guard`
     /// goes with the task, however it ends.
     async fn run(self: Arc<Self>, task: Task, _guard: EntryGuard) {
+        // Used in place, not moved into locals: a debug build would keep both copies in the
+        // future.
+        let mut task = task;
         let Task {
-            mut t,
+            t,
             key,
             tx,
-            mut rx,
-            mut slot,
-            mut bound,
-            mut call,
-        } = task;
+            rx,
+            slot,
+            bound,
+            call,
+        } = &mut task;
         loop {
-            self.carry_out(&mut t, &key, &tx, &mut slot, &mut bound, &mut call)
-                .await;
+            self.carry_out(t, key, tx, slot, bound, call).await;
             if t.is_done() {
                 break;
             }
@@ -722,8 +724,8 @@ impl Proxy {
                 None => t.handle_timeout(now),
             }
         }
-        self.server.remove(&key);
-        for k in &bound {
+        self.server.remove(key);
+        for k in bound.iter() {
             self.client.remove(k);
         }
         let (servers, clients) = self.transaction_count();

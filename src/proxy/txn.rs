@@ -276,7 +276,8 @@ struct Branch {
     role: Role,
     leg: Leg,
     /// The CANCEL we sent on this branch.
-    cancel: Option<(ClientTxn, TxnKey)>,
+    /// (Boxed: most branches never send one.)
+    cancel: Option<Box<(ClientTxn, TxnKey)>>,
     /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
     cancel_pending: bool,
     /// The places still to try, in order.
@@ -792,7 +793,7 @@ impl ProxyTxn {
                     }
                     let txn = match (cancel, &mut b.leg, &mut b.cancel) {
                         (false, Leg::Sent { txn, .. }, _) => Some(&mut **txn),
-                        (true, _, Some((txn, _))) => Some(txn),
+                        (true, _, Some(c)) => Some(&mut c.0),
                         _ => None,
                     };
                     if let Some(txn) = txn {
@@ -811,8 +812,8 @@ impl ProxyTxn {
             if let Leg::Sent { txn, .. } = &mut b.leg {
                 txn.on_timer(now);
             }
-            if let Some((c, _)) = &mut b.cancel {
-                c.on_timer(now);
+            if let Some(c) = &mut b.cancel {
+                c.0.on_timer(now);
             }
             for r in &mut b.retired {
                 r.txn.on_timer(now);
@@ -892,7 +893,7 @@ impl ProxyTxn {
                 };
                 [
                     txn,
-                    b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout()),
+                    b.cancel.as_ref().and_then(|c| c.0.poll_timeout()),
                     self.failover_deadline(idx),
                 ]
                 .into_iter()
@@ -930,7 +931,7 @@ impl ProxyTxn {
                     Leg::Sent { txn, .. } => final_in(txn),
                     Leg::Over => true,
                 };
-                leg && b.cancel.as_ref().is_none_or(|(c, _)| final_in(c))
+                leg && b.cancel.as_ref().is_none_or(|c| final_in(&c.0))
                     && b.retired.iter().all(|r| final_in(&r.txn))
             })
     }
@@ -969,8 +970,8 @@ impl ProxyTxn {
             if let Leg::Sent { txn, .. } = &mut b.leg {
                 txn.compact();
             }
-            if let Some((c, _)) = &mut b.cancel {
-                c.compact();
+            if let Some(c) = &mut b.cancel {
+                c.0.compact();
             }
             for r in &mut b.retired {
                 r.txn.compact();
@@ -1135,9 +1136,10 @@ impl ProxyTxn {
     /// Sends what the CANCEL of branch `idx` asks for.
     fn drain_cancel(&mut self, idx: usize) {
         let b = &mut self.branches[idx];
-        let Some((c, key)) = &mut b.cancel else {
+        let Some(cancel) = &mut b.cancel else {
             return;
         };
+        let (c, key) = &mut **cancel;
         while let Some(a) = c.poll_action() {
             match a {
                 ClientAction::Send(bytes) => self.transmits.push_back(Transmit {
@@ -1339,7 +1341,7 @@ impl ProxyTxn {
             self.ctx.timers,
             now,
         );
-        b.cancel = Some((c, key));
+        b.cancel = Some(Box::new((c, key)));
     }
 }
 
