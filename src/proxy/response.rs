@@ -126,6 +126,19 @@ impl ResponseContext {
         }
     }
 
+    /// Once the final went upstream (concluded, or a 2xx forwarded), the finals are never
+    /// compared again: only their statuses are kept, not the received messages.
+    pub fn compact(&mut self) {
+        if !(self.concluded || self.answered) {
+            return;
+        }
+        for b in &mut self.branches {
+            if let Branch::Done(Final::Received(m)) = b {
+                *b = Branch::Done(Final::Local(m.status().unwrap_or(500)));
+            }
+        }
+    }
+
     /// Branches still waiting, with whether each got a provisional (CANCEL can only follow a
     /// provisional, RFC 3261 §9.1).
     pub fn pending(&self) -> impl Iterator<Item = (usize, bool)> + '_ {

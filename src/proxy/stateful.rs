@@ -58,8 +58,8 @@ enum Post {
 /// The proxy's transaction tables.
 pub struct Proxy {
     transports: Arc<Transports>,
-    /// What every request's core needs (sockets, timers, the route key).
-    ctx: txn::Context,
+    /// What every request's core needs (sockets, timers, the route key), shared.
+    ctx: Arc<txn::Context>,
     /// Server transactions by key.
     server: DashMap<TxnKey, mpsc::Sender<Post>>,
     /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
@@ -120,7 +120,7 @@ impl Proxy {
             media,
             acc,
             transports,
-            ctx,
+            ctx: Arc::new(ctx),
             server: DashMap::new(),
             client: DashMap::new(),
             per_ip: Arc::new(DashMap::new()),
@@ -646,7 +646,6 @@ impl Proxy {
             sip.call_id = msg.call_id().unwrap_or_default(),
             sip.branch = %res.key.branch
         );
-        let proxy = self.clone();
         // If the task panics, its table entry goes with it (no leak, and a retransmission
         // of the request is not absorbed by a task that no longer exists).
         let guard = EntryGuard {
@@ -655,44 +654,52 @@ impl Proxy {
             tx: res.tx.clone(),
             _charge: std::mem::take(&mut res.charge),
         };
-        tokio::spawn(
-            async move {
-                proxy.run(res, msg, source, work, start).await;
-                drop(guard);
-            }
-            .instrument(span),
-        );
+        let Reservation {
+            key, tx, rx, slot, ..
+        } = res;
+        let task = Task {
+            t: ProxyTxn::new(self.ctx.clone(), msg, source, work, Instant::now()),
+            key,
+            tx,
+            rx,
+            // The per-IP place is held while the request is pending; a transaction that
+            // has sent its final only waits out its timers (bounded by the total limit).
+            slot: Some(slot),
+            bound: Vec::new(),
+            call: CallAcc {
+                start: start.map(Box::new),
+                ready: None,
+            },
+        };
+        // The task's future is all the task holds, for the life of the transaction: it is
+        // `run` itself, with its state built here (issue #15: memory per transaction).
+        let fut = self.clone().run(task, guard).instrument(span);
+        tokio::spawn(fut);
     }
 
     /// The task owning one proxied request: feeds its [`ProxyTxn`] with the network, its
-    /// timers and the media layer's answers, and carries out what it asks for.
-    async fn run(
-        self: Arc<Self>,
-        res: Reservation,
-        msg: Message,
-        source: Source,
-        work: Work,
-        start: Option<acc::Start>,
-    ) {
-        let Reservation {
+    /// timers and the media layer's answers, and carries out what it asks for. `_guard`
+    /// goes with the task, however it ends.
+    async fn run(self: Arc<Self>, task: Task, _guard: EntryGuard) {
+        // Used in place, not moved into locals: a debug build would keep both copies in the
+        // future.
+        let mut task = task;
+        let Task {
+            t,
             key,
             tx,
-            mut rx,
+            rx,
             slot,
-            charge: _,
-        } = res;
-        // The per-IP place is held while the request is pending; a transaction that has
-        // sent its final only waits out its timers (bounded by the total limit).
-        let mut slot = Some(slot);
-        let mut bound: Vec<TxnKey> = Vec::new();
-        let mut call = CallAcc { start, ready: None };
-        let mut t = ProxyTxn::new(self.ctx.clone(), msg, source, work, Instant::now());
+            bound,
+            call,
+        } = &mut task;
         loop {
-            self.carry_out(&mut t, &key, &tx, &mut slot, &mut bound, &mut call)
-                .await;
+            self.carry_out(t, key, tx, slot, bound, call).await;
             if t.is_done() {
                 break;
             }
+            // A finished transaction waiting out its timers keeps only what they need.
+            t.compact();
             let deadline = t.poll_timeout();
             let post = match deadline {
                 Some(d) => tokio::select! {
@@ -717,8 +724,8 @@ impl Proxy {
                 None => t.handle_timeout(now),
             }
         }
-        self.server.remove(&key);
-        for k in &bound {
+        self.server.remove(key);
+        for k in bound.iter() {
             self.client.remove(k);
         }
         let (servers, clients) = self.transaction_count();
@@ -782,15 +789,18 @@ impl Proxy {
             while let Some(out) = t.poll_transmit() {
                 self.transports.send(out);
             }
+            // The media and accounting steps are boxed: their futures are large, and inline
+            // they would be part of every transaction task for its whole life (32 s after the
+            // final over UDP), not only while they run (issue #15, memory per transaction).
             let Some(op) = t.poll_media() else {
                 if let Some((s, status)) = call.ready.take() {
-                    self.acc
-                        .finished(s, status, t.answer_tag(), t.cancelled())
-                        .await;
+                    Box::pin(self.acc.finished(*s, status, t.answer_tag(), t.cancelled())).await;
                 }
                 return;
             };
             let Some(media) = &self.media else { continue };
+            // The core keeps the request while a media step may still come (ProxyTxn::compact).
+            let Some(req) = t.request() else { continue };
             match op {
                 MediaOp::Offer {
                     idx,
@@ -799,15 +809,14 @@ impl Proxy {
                     auth_user,
                 } => {
                     let source = t.source();
-                    let r = media
-                        .offer(
-                            t.request(),
-                            &branch,
-                            role,
-                            source.remote,
-                            auth_user.as_deref(),
-                        )
-                        .await;
+                    let r = Box::pin(media.offer(
+                        req,
+                        &branch,
+                        role,
+                        source.remote,
+                        auth_user.as_deref(),
+                    ))
+                    .await;
                     t.handle_offer(Instant::now(), idx, r);
                 }
                 MediaOp::Answer {
@@ -817,14 +826,14 @@ impl Proxy {
                     from,
                     resp,
                 } => {
-                    let body = media.answer(t.request(), &resp, &branch, role, from).await;
+                    let body = Box::pin(media.answer(req, &resp, &branch, role, from)).await;
                     t.handle_answer(Instant::now(), idx, resp, body);
                 }
                 MediaOp::Finished { status, cancelled } => {
-                    let start = call.ready.take().map(|(s, _)| s);
-                    let back = media.finished(t.request(), status, cancelled, start).await;
+                    let start = call.ready.take().map(|(s, _)| *s);
+                    let back = Box::pin(media.finished(req, status, cancelled, start)).await;
                     // Not a relayed call after all: the row is ours.
-                    call.ready = back.map(|s| (s, status));
+                    call.ready = back.map(|s| (Box::new(s), status));
                 }
             }
         }
@@ -841,11 +850,24 @@ impl Proxy {
     }
 }
 
+/// What a transaction task owns.
+struct Task {
+    t: ProxyTxn,
+    key: TxnKey,
+    tx: mpsc::Sender<Post>,
+    rx: mpsc::Receiver<Post>,
+    slot: Option<TxnSlot>,
+    /// The client keys bound in the table, removed with the task.
+    bound: Vec<TxnKey>,
+    call: CallAcc,
+}
+
 /// The accounting of one transaction's call: the record until the final goes upstream, then
-/// the record and the final status until the media layer or [`Accounting`] takes it.
+/// the record and the final status until the media layer or [`Accounting`] takes it (boxed:
+/// most transactions have none, or give it up at their final).
 struct CallAcc {
-    start: Option<acc::Start>,
-    ready: Option<(acc::Start, u16)>,
+    start: Option<Box<acc::Start>>,
+    ready: Option<(Box<acc::Start>, u16)>,
 }
 
 /// A claimed server transaction, not yet running.

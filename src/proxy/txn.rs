@@ -31,6 +31,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -275,7 +276,8 @@ struct Branch {
     role: Role,
     leg: Leg,
     /// The CANCEL we sent on this branch.
-    cancel: Option<(ClientTxn, TxnKey)>,
+    /// (Boxed: most branches never send one.)
+    cancel: Option<Box<(ClientTxn, TxnKey)>>,
     /// Cancel as soon as a provisional arrives (RFC 3261 §9.1).
     cancel_pending: bool,
     /// The places still to try, in order.
@@ -308,9 +310,15 @@ pub const TRUNK_REJECTED: &str = "Forbidden (trunk authentication failed)";
 /// The state of one proxied request. See the module documentation.
 #[derive(Debug)]
 pub struct ProxyTxn {
-    ctx: Context,
-    msg: Message,
+    ctx: Arc<Context>,
+    /// The received request; `None` once [`ProxyTxn::compact`] found nothing left that needs
+    /// it.
+    msg: Option<Message>,
     source: Source,
+    /// Where responses go ([`crate::nat::response_dest`] of the request).
+    up: SocketAddr,
+    /// The request's CSeq number: responses go upstream with it.
+    caller_cseq: Option<u32>,
     invite: bool,
     server: ServerTxn,
     /// Answer at the sender's source port (force_rport: it is behind NAT).
@@ -344,7 +352,7 @@ impl ProxyTxn {
     /// Starts the request: a 100 Trying for an INVITE (RFC 3261 §16.2), the local answer of
     /// `Work::Reply`, or a branch per target of `Work::Forward` (those that need a media offer
     /// first ask for it).
-    pub fn new(ctx: Context, msg: Message, source: Source, work: Work, now: Instant) -> Self {
+    pub fn new(ctx: Arc<Context>, msg: Message, source: Source, work: Work, now: Instant) -> Self {
         let invite = msg.method() == Some("INVITE");
         let kind = if invite {
             Kind::Invite
@@ -367,8 +375,12 @@ impl ProxyTxn {
         } else {
             plan.sender_nated
         };
+        let up = crate::nat::response_dest(&msg, source, nated);
+        let caller_cseq = msg.cseq().ok().map(|c| c.seq);
         let mut t = Self {
             ctx,
+            up,
+            caller_cseq,
             invite,
             server,
             nated,
@@ -389,8 +401,8 @@ impl ProxyTxn {
             transmits: VecDeque::new(),
             media: VecDeque::new(),
             events: VecDeque::new(),
-            msg,
             source,
+            msg: None,
         };
         if let Some(bytes) = local_reply {
             let status = match reply::status_of(&bytes) {
@@ -399,35 +411,50 @@ impl ProxyTxn {
             };
             t.server.respond(status, bytes, now);
         } else if invite {
-            let trying = reply::response(&t.msg, source.remote, 100, "Trying", &[]);
+            let trying = reply::response(&msg, source.remote, 100, "Trying", &[]);
             t.server.respond(100, trying, now);
         }
+        t.msg = Some(msg);
         t.start_branches(dests, now);
         t.drive(now);
         t
     }
 
     /// Our Via branch for forwarded copy `index` of the request (RFC 3261 §16.6 step 8).
-    fn branch_for(&self, index: usize) -> String {
-        let key = crate::transaction::server_key(&self.msg);
+    /// `None` once the request is released ([`ProxyTxn::compact`]: no new branch then).
+    fn branch_for(&self, index: usize) -> Option<String> {
+        let msg = self.msg.as_ref()?;
+        let key = crate::transaction::server_key(msg);
         let (incoming, sent_by) = key
             .as_ref()
             .map_or(("", ""), |k| (k.branch.as_str(), k.sent_by.as_str()));
-        let upstream = crate::nat::response_dest(&self.msg, self.source, self.nated);
-        forward::branch_id(&self.msg, incoming, sent_by, index, &self.ctx.key, upstream)
+        Some(forward::branch_id(
+            msg,
+            incoming,
+            sent_by,
+            index,
+            &self.ctx.key,
+            self.up,
+        ))
     }
 
     fn start_branches(&mut self, dests: Vec<Vec<Attempt>>, now: Instant) {
-        let in_dialog = self.msg.to().ok().and_then(|t| t.tag()).is_some();
-        let bye = self.msg.method() == Some("BYE");
-        let has_body = !self.msg.body().is_empty();
+        let Some(msg) = &self.msg else {
+            return;
+        };
+        let in_dialog = msg.to().ok().and_then(|t| t.tag()).is_some();
+        let bye = msg.method() == Some("BYE");
+        let has_body = !msg.body().is_empty();
         let targets = std::mem::take(&mut self.plan.targets);
+        self.branches.reserve_exact(targets.len());
         for (i, (hop, attempts)) in targets.iter().zip(dests).enumerate() {
             let mut attempts = VecDeque::from(attempts);
             let Some(first) = attempts.pop_front() else {
                 continue;
             };
-            let id = self.branch_for(i);
+            let Some(id) = self.branch_for(i) else {
+                continue;
+            };
             let role = match self.plan.media {
                 Some(mode) if relay_decision(mode, self.plan.sender_nated, hop) => Role::Relay,
                 Some(_) => Role::Direct,
@@ -490,11 +517,11 @@ impl ProxyTxn {
         credentials: Option<(&'static str, String)>,
         now: Instant,
     ) {
-        let Some(b) = self.branches.get(idx) else {
+        let (Some(b), Some(msg)) = (self.branches.get(idx), &self.msg) else {
             return;
         };
         let bytes = self.ctx.build(
-            &self.msg,
+            msg,
             self.source,
             &b.hop,
             b.dest,
@@ -509,7 +536,7 @@ impl ProxyTxn {
         let key = TxnKey {
             branch: b.via.clone(),
             sent_by: forward::hostport(outbound),
-            method: self.msg.method().unwrap_or_default().to_owned(),
+            method: msg.method().unwrap_or_default().to_owned(),
         };
         let kind = if self.invite {
             Kind::Invite
@@ -546,7 +573,9 @@ impl ProxyTxn {
         b.attempt += 1;
         // Distinct from every first attempt's index (branches are far fewer than 2^16).
         let index = idx + (b.attempt << 16);
-        let via = self.branch_for(index);
+        let Some(via) = self.branch_for(index) else {
+            return;
+        };
         let b = &mut self.branches[idx];
         b.via = via;
         b.hop = next.hop;
@@ -654,12 +683,15 @@ impl ProxyTxn {
             tracing::debug!(trunk = %trunk.name, "no challenge the trunk can answer: relayed");
             return false;
         };
-        let method = self.msg.method().unwrap_or_default();
+        let Some(msg) = &self.msg else {
+            return false;
+        };
+        let method = msg.method().unwrap_or_default();
         let uri = b
             .hop
             .ruri
             .as_deref()
-            .or(self.msg.request_uri())
+            .or(msg.request_uri())
             .unwrap_or_default();
         // The client nonce only has to be unpredictable to the server: a MAC of its nonce.
         let cnonce = self.ctx.key.branch_mac(&challenge.nonce, b.dest);
@@ -677,7 +709,9 @@ impl ProxyTxn {
         tracing::info!(trunk = %trunk.name, sip.status = status, dest = %b.dest, "answering the trunk's challenge");
         // A new Via branch, as for a failover (RFC 3261 §16.6 step 8); the media key stays.
         let attempt = b.attempt + 1;
-        let via = self.branch_for(idx + (attempt << 16));
+        let Some(via) = self.branch_for(idx + (attempt << 16)) else {
+            return false;
+        };
         let b = &mut self.branches[idx];
         // The challenged transaction is retired: it ACKs the 401/407 and absorbs its
         // retransmissions until Timer D.
@@ -701,9 +735,10 @@ impl ProxyTxn {
         true
     }
 
-    /// The received request.
-    pub fn request(&self) -> &Message {
-        &self.msg
+    /// The received request; `None` once [`ProxyTxn::compact`] released it (no media step
+    /// is asked for after that).
+    pub fn request(&self) -> Option<&Message> {
+        self.msg.as_ref()
     }
 
     /// Where the request came from.
@@ -758,7 +793,7 @@ impl ProxyTxn {
                     }
                     let txn = match (cancel, &mut b.leg, &mut b.cancel) {
                         (false, Leg::Sent { txn, .. }, _) => Some(&mut **txn),
-                        (true, _, Some((txn, _))) => Some(txn),
+                        (true, _, Some(c)) => Some(&mut c.0),
                         _ => None,
                     };
                     if let Some(txn) = txn {
@@ -777,8 +812,8 @@ impl ProxyTxn {
             if let Leg::Sent { txn, .. } = &mut b.leg {
                 txn.on_timer(now);
             }
-            if let Some((c, _)) = &mut b.cancel {
-                c.on_timer(now);
+            if let Some(c) = &mut b.cancel {
+                c.0.on_timer(now);
             }
             for r in &mut b.retired {
                 r.txn.on_timer(now);
@@ -858,7 +893,7 @@ impl ProxyTxn {
                 };
                 [
                     txn,
-                    b.cancel.as_ref().and_then(|(c, _)| c.poll_timeout()),
+                    b.cancel.as_ref().and_then(|c| c.0.poll_timeout()),
                     self.failover_deadline(idx),
                 ]
                 .into_iter()
@@ -877,6 +912,75 @@ impl ProxyTxn {
                 .branches
                 .iter()
                 .all(|b| matches!(b.leg, Leg::Over) && b.cancel.is_none() && b.retired.is_empty())
+    }
+
+    /// Only the RFC timers are left: the final went upstream, nothing is queued for the
+    /// shell, and every client transaction (CANCELs and retired attempts included) has its
+    /// final, so no branch is forwarded, cancelled or answered locally any more.
+    fn settled(&self) -> bool {
+        use crate::transaction::ClientState as C;
+        let final_in =
+            |txn: &ClientTxn| matches!(txn.state(), C::Completed | C::Accepted | C::Terminated);
+        self.server.final_status().is_some()
+            && self.media.is_empty()
+            && self.transmits.is_empty()
+            && self.events.is_empty()
+            && self.branches.iter().all(|b| {
+                let leg = match &b.leg {
+                    Leg::Offering => false,
+                    Leg::Sent { txn, .. } => final_in(txn),
+                    Leg::Over => true,
+                };
+                leg && b.cancel.as_ref().is_none_or(|c| final_in(&c.0))
+                    && b.retired.iter().all(|r| final_in(&r.txn))
+            })
+    }
+
+    /// Drops what only a pending request needs once [`Self::settled`], so that a finished
+    /// transaction waiting out its timers (32 s over UDP) keeps little more than its keys, the
+    /// last response for retransmitted requests and, per branch, the ACK for a retransmitted
+    /// non-2xx final and where it goes (issue #15: memory per transaction). The received
+    /// request goes too unless a media step may still ask for it (a retransmitted 2xx of a
+    /// relayed INVITE branch). The shell calls it after draining; it does nothing before.
+    pub fn compact(&mut self) {
+        if !self.settled() {
+            return;
+        }
+        // RFC 6026 §8.4: an INVITE's 2xx retransmissions still go up; through the media
+        // layer when the branch is relayed, which reads the request.
+        let media_later =
+            self.invite && self.ctx.media && self.branches.iter().any(|b| b.role != Role::Direct);
+        if !media_later {
+            self.msg = None;
+        }
+        // Nothing is forwarded again (no failover, no new branch after the final).
+        self.plan = Plan {
+            media: self.plan.media,
+            ..Plan::default()
+        };
+        self.auth_user = None;
+        self.rc.compact();
+        self.server.compact();
+        for b in &mut self.branches {
+            b.alternates = VecDeque::new();
+            b.body = None;
+            b.hop.ruri = None;
+            b.hop.failover = Vec::new();
+            b.hop.dest = super::pipeline::Dest::Addr(b.dest);
+            if let Leg::Sent { txn, .. } = &mut b.leg {
+                txn.compact();
+            }
+            if let Some(c) = &mut b.cancel {
+                c.0.compact();
+            }
+            for r in &mut b.retired {
+                r.txn.compact();
+            }
+        }
+        self.branches.shrink_to_fit();
+        self.transmits.shrink_to_fit();
+        self.media.shrink_to_fit();
+        self.events.shrink_to_fit();
     }
 
     /// Runs the branches' and the server transaction's actions until nothing moves.
@@ -1032,9 +1136,10 @@ impl ProxyTxn {
     /// Sends what the CANCEL of branch `idx` asks for.
     fn drain_cancel(&mut self, idx: usize) {
         let b = &mut self.branches[idx];
-        let Some((c, key)) = &mut b.cancel else {
+        let Some(cancel) = &mut b.cancel else {
             return;
         };
+        let (c, key) = &mut **cancel;
         while let Some(a) = c.poll_action() {
             match a {
                 ClientAction::Send(bytes) => self.transmits.push_back(Transmit {
@@ -1110,6 +1215,10 @@ impl ProxyTxn {
     /// The best final response goes upstream (RFC 3261 §16.7 step 6), with the other
     /// branches' challenges when it is a 401/407 (step 7).
     fn conclude(&mut self, Conclusion { best, challenges }: Conclusion, now: Instant) {
+        if self.msg.is_none() {
+            // Released: the final went upstream before (ProxyTxn::compact).
+            return;
+        }
         let (status, bytes) = match best {
             Final::Received(resp) => {
                 let status = resp.status().unwrap_or(500);
@@ -1150,7 +1259,7 @@ impl ProxyTxn {
         Transmit {
             proto: self.source.proto,
             local: self.source.local,
-            dest: crate::nat::response_dest(&self.msg, self.source, self.nated),
+            dest: self.up,
             bytes,
         }
     }
@@ -1161,14 +1270,18 @@ impl ProxyTxn {
         } else {
             reply::reason(status)
         };
-        reply::response(&self.msg, self.source.remote, status, reason, extra)
+        match &self.msg {
+            Some(msg) => reply::response(msg, self.source.remote, status, reason, extra),
+            // Released ([`ProxyTxn::compact`]): `conclude`, the only caller, returns first.
+            None => Vec::new(),
+        }
     }
 
     /// The CSeq number of the request as the caller sent it: responses go upstream with it,
     /// also those to a trunk's re-send (CSeq + 1) or to an in-dialog request sent on with the
     /// dialog's offset.
     fn caller_cseq(&self) -> Option<u32> {
-        self.msg.cseq().ok().map(|c| c.seq)
+        self.caller_cseq
     }
 
     /// Cancels every pending branch (RFC 3261 §16.10): CANCEL to those with a provisional;
@@ -1228,7 +1341,7 @@ impl ProxyTxn {
             self.ctx.timers,
             now,
         );
-        b.cancel = Some((c, key));
+        b.cancel = Some(Box::new((c, key)));
     }
 }
 

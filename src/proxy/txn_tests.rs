@@ -188,7 +188,7 @@ impl Harness {
     /// Starts the request at t0; returns what was sent at once.
     fn start(ctx: Context, req: Message, work: Work) -> (Self, Vec<Sent>) {
         let t0 = t0();
-        let t = ProxyTxn::new(ctx, req, source(), work, t0);
+        let t = ProxyTxn::new(std::sync::Arc::new(ctx), req, source(), work, t0);
         let mut h = Self {
             t,
             t0,
@@ -1194,7 +1194,13 @@ fn a_forwarded_invite_and_its_responses_are_not_parsed_again() {
     let t0 = t0();
     let req = request("INVITE", Some(OFFER));
     let before = parses();
-    let mut t = ProxyTxn::new(ctx(false), req, source(), forward(&[BOB], None), t0);
+    let mut t = ProxyTxn::new(
+        std::sync::Arc::new(ctx(false)),
+        req,
+        source(),
+        forward(&[BOB], None),
+        t0,
+    );
     let mut out = Vec::new();
     while let Some(tx) = t.poll_transmit() {
         out.push(tx);

@@ -245,6 +245,25 @@ impl ClientTxn {
     pub fn got_provisional(&self) -> bool {
         self.common.got_provisional
     }
+
+    /// Once a final has arrived (Completed, Accepted, Terminated), frees what only a pending
+    /// transaction needs: the request (nothing is retransmitted or cancelled any more; the
+    /// ACK for a retransmitted non-2xx final was built with the first one) and the spare room
+    /// of the action queue. What is left absorbs retransmissions until Timer D/K/M. Call it
+    /// with the actions drained; before a final it does nothing.
+    pub fn compact(&mut self) {
+        if !matches!(
+            self.state(),
+            ClientState::Completed | ClientState::Accepted | ClientState::Terminated
+        ) {
+            return;
+        }
+        self.common.request = Vec::new();
+        if let Some(ack) = &mut self.common.ack {
+            ack.shrink_to_fit();
+        }
+        self.common.actions.shrink_to_fit();
+    }
 }
 
 // ---- INVITE (RFC 3261 §17.1.1, RFC 6026 §8.4, proxy Timer C of §16) ----

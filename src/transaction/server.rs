@@ -214,6 +214,16 @@ impl ServerTxn {
     pub fn final_status(&self) -> Option<u16> {
         self.common.final_status
     }
+
+    /// Frees the spare room of the action queue and of the last response, which is kept
+    /// for request retransmissions until the transaction ends. Call it with the actions
+    /// drained (an idle transaction waiting for its timers).
+    pub fn compact(&mut self) {
+        self.common.actions.shrink_to_fit();
+        if let Some(last) = &mut self.common.last {
+            last.shrink_to_fit();
+        }
+    }
 }
 
 // ---- INVITE (RFC 3261 §17.2.1, RFC 6026 §8.5-§8.7) ----
