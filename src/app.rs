@@ -231,6 +231,9 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     media.register_metrics(&metrics);
     let counters = Arc::new(SipCounters::default());
     counters.register_metrics(&metrics);
+    let heap = Arc::new(crate::heap::Stats::default());
+    heap.register_metrics(&metrics);
+    tokio::spawn(crate::heap::run(Arc::downgrade(&heap)).instrument(info_span!("heap_trim")));
     metrics.labelled(
         "build_info",
         "The running version.",

@@ -22,6 +22,7 @@
 //!   the security event log lines. Pure.
 //! - [`clock`]: the only reader of clocks.
 //! - [`log`]: security events (one stable, rate-limited `warn` line each, for fail2ban).
+//! - [`heap`]: returns freed heap to the system once a burst is over (glibc `malloc_trim`).
 //! - [`app`]: the wiring of a running server (store, location, listeners, registrar, relay).
 //!
 //! Protocol logic never reads a socket or a clock: the transport layer feeds bytes to
@@ -38,6 +39,7 @@ pub mod driver;
 /// Entry points for the fuzz targets (`fuzz/`) into crate-private pure code. Not a stable API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod log;
 pub mod media;
 pub mod metrics;

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! main, cmd, fuzzing → app → control → driver → proxy → trunk → media → acc → registrar → nat → auth
-//!   → store → dns → config → security → transaction → transport → sip      (clock, log: utilities for all)
+//!   → store → dns → config → security → transaction → transport → sip → heap
+//!   (clock, log, metrics: utilities for all)
 //! ```
 //!
 //! Test code (a `#[cfg(test)] mod` body, files named `tests.rs` or `*_tests.rs`) is exempt: a
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-const ORDER: [&str; 17] = [
+const ORDER: [&str; 18] = [
     "app",
     "control",
     "driver",
@@ -33,6 +34,7 @@ const ORDER: [&str; 17] = [
     "transaction",
     "transport",
     "sip",
+    "heap",
 ];
 /// Used by every layer; they use nothing of the crate themselves.
 const UTILITIES: [&str; 3] = ["clock", "log", "metrics"];

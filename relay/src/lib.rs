@@ -425,3 +425,38 @@ impl RelayHandle {
 pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
     io::sys::raise_nofile_limit()
 }
+
+/// The process heap (glibc's allocator): how much it holds free, and giving that back.
+///
+/// glibc keeps freed memory in its arenas for reuse; after a burst (transactions held 32 s
+/// by the RFC 3261 timers, then freed) the process keeps its high-water mark, scattered in
+/// pages that stay partly used. [`trim`] returns the whole free pages (`malloc_trim(0)`).
+/// Here because this crate holds the project's only `unsafe` code (the FFI calls).
+pub mod heap {
+    /// Bytes the allocator holds from the system, free or in use.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Info {
+        /// Small allocations' arenas, all threads.
+        pub arena: usize,
+        /// Of `arena`, bytes in free chunks (held, not in use).
+        pub free: usize,
+        /// Large allocations mapped one by one.
+        pub mmapped: usize,
+    }
+
+    /// The allocator's counters (`None` when the C library is not glibc).
+    pub fn info() -> Option<Info> {
+        crate::io::sys::heap_info().map(|h| Info {
+            arena: h.arena,
+            free: h.free,
+            mmapped: h.mmapped,
+        })
+    }
+
+    /// Returns the free pages of every arena to the system; `true` when some were. It
+    /// holds each arena's lock while it walks it: call it when the load has dropped, not on
+    /// a hot path.
+    pub fn trim() -> bool {
+        crate::io::sys::heap_trim()
+    }
+}

@@ -521,6 +521,50 @@ pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((before, lim.rlim_cur))
 }
 
+/// The C allocator's view of the heap, summed over its arenas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct HeapInfo {
+    /// Bytes the allocator holds from the system for small allocations (all arenas).
+    pub(crate) arena: usize,
+    /// Of those, bytes in free chunks: held, not in use.
+    pub(crate) free: usize,
+    /// Bytes in large allocations mapped one by one (returned on free).
+    pub(crate) mmapped: usize,
+}
+
+/// What glibc's `mallinfo2(3)` reports (`None` with another C library). It walks the free
+/// lists of every arena under its lock: call it every few seconds, not per packet.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn heap_info() -> Option<HeapInfo> {
+    // SAFETY: mallinfo2 takes no pointer and returns a plain struct by value.
+    let m = unsafe { libc::mallinfo2() };
+    Some(HeapInfo {
+        arena: m.arena,
+        free: m.fordblks,
+        mmapped: m.hblkhd,
+    })
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn heap_info() -> Option<HeapInfo> {
+    None
+}
+
+/// Gives the whole free pages inside every arena back to the system (glibc's
+/// `malloc_trim(0)`: `MADV_DONTNEED` on them, not only the top of the heap). Returns whether
+/// any memory was released; `false` with another C library.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn heap_trim() -> bool {
+    // SAFETY: malloc_trim takes a size and touches only the allocator's own state, under
+    // the arenas' locks.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn heap_trim() -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +680,28 @@ mod tests {
         }];
         assert_eq!(io.send(v6.as_fd(), &items, true).unwrap(), 1);
         assert_eq!(recv_n(&mut BatchIo::new(true), &peer, 1)[0].0, b"x");
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn freed_heap_is_counted_and_trimmed() {
+        // Many small blocks (below the mmap threshold, so in an arena), every other one freed
+        // (the survivors pin the arena's top: only a trim of the middle gives pages back).
+        let mut blocks: Vec<Vec<u8>> = (0..20_000).map(|i| vec![i as u8; 1000]).collect();
+        let before = heap_info().unwrap();
+        let mut keep = Vec::new();
+        for (i, b) in blocks.drain(..).enumerate() {
+            if i % 8 == 0 {
+                keep.push(b);
+            }
+        }
+        let after = heap_info().unwrap();
+        assert!(
+            after.free >= before.free + 10_000_000,
+            "freed blocks are free arena bytes: {before:?} -> {after:?}"
+        );
+        assert!(heap_trim(), "whole free pages were given back");
+        drop(keep);
     }
 
     #[test]
