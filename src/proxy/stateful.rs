@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -34,11 +34,12 @@ use crate::sip::{Message, Rewrite, reply};
 use crate::transaction::{Timers, TxnKey, client_key, invite_key_for_cancel, server_key};
 use crate::transport::{Proto, Source, Transmit, Transports};
 
-/// Events queued per transaction task (a retransmission storm beyond this waits).
+/// Events queued per transaction task (a retransmission storm beyond this is dropped: the
+/// peer retransmits).
 const EVENTS: usize = 8;
 
-/// What the owning task is told (the core's [`Input`], with the response boxed: the channel
-/// allocates its slots in blocks, and every transaction has a channel).
+/// What the owning task is told (the core's [`Input`], with the response boxed: small
+/// events, in a queue every transaction has).
 #[derive(Debug)]
 enum Post {
     /// The request was received again.
@@ -55,15 +56,74 @@ enum Post {
     },
 }
 
+/// A transaction task's queue of events: what the tables hand it, bounded by [`EVENTS`].
+///
+/// Not a `tokio::sync::mpsc` channel: one of those allocates a block of 32 slots and
+/// cache-padded halves, about 1.3 KB, and every transaction has a queue for its whole life
+/// (32 s after its final over UDP; issue #15, memory per transaction). This one is a few
+/// words plus the queued events. One consumer (the task); any thread posts.
+///
+/// Its lock is the standard library's, by exception to clippy.toml: it is taken only in the
+/// synchronous `post`, `recv` (before its await) and `shrink`, for one push or pop, and never
+/// held across an await — the case tokio's documentation recommends it for; an async lock
+/// could not be taken by a receive loop without waiting or dropping the event.
+#[derive(Debug, Default)]
+struct Inbox {
+    #[allow(clippy::disallowed_types)] // see above: never held across an await
+    queue: std::sync::Mutex<std::collections::VecDeque<Post>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    /// Queues an event without waiting; `false` when the queue is full.
+    fn post(&self, event: Post) -> bool {
+        {
+            // A poisoned lock only means a panicking task held it: the queue is intact.
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= EVENTS {
+                return false;
+            }
+            q.push_back(event);
+        }
+        // Stores a permit when the task is not waiting: no event is missed.
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next event, waiting for one.
+    async fn recv(&self) -> Post {
+        loop {
+            if let Some(e) = self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
+                return e;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Gives back the queue's room when it is empty (events come in bursts: the responses
+    /// of a branch, a storm of retransmissions; a finished transaction mostly waits).
+    fn shrink(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.is_empty() {
+            q.shrink_to_fit();
+        }
+    }
+}
+
 /// The proxy's transaction tables.
 pub struct Proxy {
     transports: Arc<Transports>,
     /// What every request's core needs (sockets, timers, the route key), shared.
     ctx: Arc<txn::Context>,
     /// Server transactions by key.
-    server: DashMap<TxnKey, mpsc::Sender<Post>>,
+    server: DashMap<TxnKey, Arc<Inbox>>,
     /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
-    client: DashMap<TxnKey, (mpsc::Sender<Post>, usize, bool)>,
+    client: DashMap<TxnKey, (Arc<Inbox>, usize, bool)>,
     /// The media relay side, when enabled.
     media: Option<Arc<Media>>,
     /// The CDR rows of the calls that are not relayed, and their dialogs until the BYE.
@@ -143,8 +203,8 @@ impl Proxy {
 
     /// Hands an event to a transaction task without waiting: a task whose queue is full is
     /// busy with a storm of retransmissions, and the peer will send this one again.
-    fn post(&self, tx: &mpsc::Sender<Post>, event: Post) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+    fn post(&self, inbox: &Inbox, event: Post) {
+        if !inbox.post(event) {
             self.stats.events_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -245,7 +305,7 @@ impl Proxy {
             let Some(key) = invite_key_for_cancel(msg) else {
                 return false;
             };
-            let Some(tx) = self.server.get(&key).map(|e| e.value().clone()) else {
+            let Some(inbox) = self.server.get(&key).map(|e| e.value().clone()) else {
                 return false;
             };
             // RFC 3261 §16.10: answer the CANCEL at once, then cancel the branches.
@@ -257,13 +317,13 @@ impl Proxy {
                 nated,
             );
             self.transports.send(out);
-            self.post(&tx, Post::Cancel);
+            self.post(&inbox, Post::Cancel);
             return true;
         }
         let Some(key) = server_key(msg) else {
             return false;
         };
-        let Some(tx) = self.server.get(&key).map(|e| e.value().clone()) else {
+        let Some(inbox) = self.server.get(&key).map(|e| e.value().clone()) else {
             return false;
         };
         let event = if method == "ACK" {
@@ -271,7 +331,7 @@ impl Proxy {
         } else {
             Post::Retransmission
         };
-        self.post(&tx, event);
+        self.post(&inbox, event);
         true
     }
 
@@ -284,9 +344,9 @@ impl Proxy {
             self.stats.stray_dropped.fetch_add(1, Relaxed);
             return;
         };
-        if let Some((tx, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
+        if let Some((inbox, idx, cancel)) = self.client.get(&key).map(|e| e.value().clone()) {
             self.post(
-                &tx,
+                &inbox,
                 Post::Response {
                     idx,
                     cancel,
@@ -613,15 +673,14 @@ impl Proxy {
                 ip,
             }
         };
-        let (tx, rx) = mpsc::channel(EVENTS);
+        let inbox = Arc::new(Inbox::default());
         match self.server.entry(key.clone()) {
             dashmap::Entry::Occupied(_) => Err(Refusal::Owned),
             dashmap::Entry::Vacant(v) => {
-                v.insert(tx.clone());
+                v.insert(inbox.clone());
                 Ok(Reservation {
                     key,
-                    tx,
-                    rx,
+                    inbox,
                     slot,
                     charge,
                 })
@@ -651,21 +710,21 @@ impl Proxy {
         let guard = EntryGuard {
             proxy: self.clone(),
             key: res.key.clone(),
-            tx: res.tx.clone(),
+            inbox: res.inbox.clone(),
             _charge: std::mem::take(&mut res.charge),
         };
         let Reservation {
-            key, tx, rx, slot, ..
+            key, inbox, slot, ..
         } = res;
         let task = Task {
             t: ProxyTxn::new(self.ctx.clone(), msg, source, work, Instant::now()),
             key,
-            tx,
-            rx,
+            inbox,
             // The per-IP place is held while the request is pending; a transaction that
             // has sent its final only waits out its timers (bounded by the total limit).
             slot: Some(slot),
-            bound: Vec::new(),
+            // Most transactions bind one client key (a CANCEL adds one).
+            bound: Vec::with_capacity(1),
             call: CallAcc {
                 start: start.map(Box::new),
                 ready: None,
@@ -680,60 +739,68 @@ impl Proxy {
     /// The task owning one proxied request: feeds its [`ProxyTxn`] with the network, its
     /// timers and the media layer's answers, and carries out what it asks for. `_guard`
     /// goes with the task, however it ends.
-    async fn run(self: Arc<Self>, task: Task, _guard: EntryGuard) {
-        // Used in place, not moved into locals: a debug build would keep both copies in the
-        // future.
-        let mut task = task;
-        let Task {
-            t,
-            key,
-            tx,
-            rx,
-            slot,
-            bound,
-            call,
-        } = &mut task;
-        loop {
-            self.carry_out(t, key, tx, slot, bound, call).await;
-            if t.is_done() {
-                break;
-            }
-            // A finished transaction waiting out its timers keeps only what they need.
-            t.compact();
-            let deadline = t.poll_timeout();
-            let post = match deadline {
-                Some(d) => tokio::select! {
-                    p = rx.recv() => p,
-                    () = tokio::time::sleep_until(d) => None,
-                },
-                None => rx.recv().await,
-            };
-            let now = Instant::now();
-            match post {
-                Some(Post::Retransmission) => t.handle(now, Input::Retransmission),
-                Some(Post::Ack) => t.handle(now, Input::Ack),
-                Some(Post::Cancel) => t.handle(now, Input::Cancel),
-                Some(Post::Response { idx, cancel, resp }) => t.handle(
-                    now,
-                    Input::Response {
-                        idx,
-                        cancel,
-                        resp: *resp,
+    ///
+    /// A function returning an `async move` block, not an `async fn`: an async fn moves its
+    /// arguments into locals, and the future would hold the 1 KB [`Task`] twice for the
+    /// transaction's whole life (rust-lang/rust#62958); the block's captures are used in place.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn run(self: Arc<Self>, mut task: Task, guard: EntryGuard) -> impl Future<Output = ()> {
+        async move {
+            // Captured, so that it goes with the task however it ends.
+            let _guard = &guard;
+            let Task {
+                t,
+                key,
+                inbox,
+                slot,
+                bound,
+                call,
+            } = &mut task;
+            loop {
+                // Boxed: its future is large (the media steps' states) and runs for moments; inline it
+                // would be part of the task for the transaction's whole life (issue #15).
+                Box::pin(self.carry_out(t, key, inbox, slot, bound, call)).await;
+                if t.is_done() {
+                    break;
+                }
+                // A finished transaction waiting out its timers keeps only what they need.
+                t.compact();
+                inbox.shrink();
+                let deadline = t.poll_timeout();
+                let post = match deadline {
+                    Some(d) => tokio::select! {
+                        p = inbox.recv() => Some(p),
+                        () = tokio::time::sleep_until(d) => None,
                     },
-                ),
-                None => t.handle_timeout(now),
+                    None => Some(inbox.recv().await),
+                };
+                let now = Instant::now();
+                match post {
+                    Some(Post::Retransmission) => t.handle(now, Input::Retransmission),
+                    Some(Post::Ack) => t.handle(now, Input::Ack),
+                    Some(Post::Cancel) => t.handle(now, Input::Cancel),
+                    Some(Post::Response { idx, cancel, resp }) => t.handle(
+                        now,
+                        Input::Response {
+                            idx,
+                            cancel,
+                            resp: *resp,
+                        },
+                    ),
+                    None => t.handle_timeout(now),
+                }
             }
+            self.server.remove(key);
+            for k in bound.iter() {
+                self.client.remove(k);
+            }
+            let (servers, clients) = self.transaction_count();
+            debug!(
+                transactions.server = servers,
+                transactions.client = clients,
+                "transaction done"
+            );
         }
-        self.server.remove(key);
-        for k in bound.iter() {
-            self.client.remove(k);
-        }
-        let (servers, clients) = self.transaction_count();
-        debug!(
-            transactions.server = servers,
-            transactions.client = clients,
-            "transaction done"
-        );
     }
 
     /// Sends, updates the tables and performs the media steps the core asks for, until it
@@ -745,7 +812,7 @@ impl Proxy {
         &self,
         t: &mut ProxyTxn,
         key: &TxnKey,
-        tx: &mpsc::Sender<Post>,
+        inbox: &Arc<Inbox>,
         slot: &mut Option<TxnSlot>,
         bound: &mut Vec<TxnKey>,
         call: &mut CallAcc,
@@ -757,7 +824,8 @@ impl Proxy {
             while let Some(e) = t.poll_event() {
                 match e {
                     TableEvent::Bind { key, idx, cancel } => {
-                        self.client.insert(key.clone(), (tx.clone(), idx, cancel));
+                        self.client
+                            .insert(key.clone(), (inbox.clone(), idx, cancel));
                         bound.push(key);
                     }
                     TableEvent::Unbind(k) => {
@@ -854,8 +922,7 @@ impl Proxy {
 struct Task {
     t: ProxyTxn,
     key: TxnKey,
-    tx: mpsc::Sender<Post>,
-    rx: mpsc::Receiver<Post>,
+    inbox: Arc<Inbox>,
     slot: Option<TxnSlot>,
     /// The client keys bound in the table, removed with the task.
     bound: Vec<TxnKey>,
@@ -873,8 +940,7 @@ struct CallAcc {
 /// A claimed server transaction, not yet running.
 pub struct Reservation {
     key: TxnKey,
-    tx: mpsc::Sender<Post>,
-    rx: mpsc::Receiver<Post>,
+    inbox: Arc<Inbox>,
     /// This transaction's place in `limits.transactions_per_ip`, released with its final
     /// response (or the task).
     slot: TxnSlot,
@@ -887,7 +953,7 @@ pub struct Reservation {
 struct EntryGuard {
     proxy: Arc<Proxy>,
     key: TxnKey,
-    tx: mpsc::Sender<Post>,
+    inbox: Arc<Inbox>,
     _charge: MemCharge,
 }
 
@@ -917,7 +983,7 @@ impl Drop for EntryGuard {
     fn drop(&mut self) {
         self.proxy
             .server
-            .remove_if(&self.key, |_, v| v.same_channel(&self.tx));
+            .remove_if(&self.key, |_, v| Arc::ptr_eq(v, &self.inbox));
     }
 }
 

@@ -313,7 +313,7 @@ pub struct ProxyTxn {
     ctx: Arc<Context>,
     /// The received request; `None` once [`ProxyTxn::compact`] found nothing left that needs
     /// it.
-    msg: Option<Message>,
+    msg: Option<Box<Message>>,
     source: Source,
     /// Where responses go ([`crate::nat::response_dest`] of the request).
     up: SocketAddr,
@@ -414,7 +414,7 @@ impl ProxyTxn {
             let trying = reply::response(&msg, source.remote, 100, "Trying", &[]);
             t.server.respond(100, trying, now);
         }
-        t.msg = Some(msg);
+        t.msg = Some(Box::new(msg));
         t.start_branches(dests, now);
         t.drive(now);
         t
@@ -738,7 +738,7 @@ impl ProxyTxn {
     /// The received request; `None` once [`ProxyTxn::compact`] released it (no media step
     /// is asked for after that).
     pub fn request(&self) -> Option<&Message> {
-        self.msg.as_ref()
+        self.msg.as_deref()
     }
 
     /// Where the request came from.
