@@ -1,24 +1,26 @@
-//! The registrar's completed server transactions (RFC 3261 §17.2.2): each final response is
-//! sent through a non-INVITE [`ServerTxn`], which stays Completed for Timer J (64·T1 on UDP,
-//! none on TCP) so that a retransmitted REGISTER gets the same answer from the same state
-//! machine the proxy uses. Bounded in entries and bytes (the oldest go first when full) and
-//! swept by time, so a flood of large REGISTERs cannot make the registrar hold more than
+//! The registrar's completed server transactions (RFC 3261 §17.2.2): a non-INVITE server
+//! transaction over UDP stays Completed for Timer J (64·T1) after its final response, and
+//! answers every retransmission of its request with that response; over TCP it ends at once
+//! (and is not kept here). A Completed transaction is nothing more than that, so this table
+//! keeps exactly that: the response bytes and Timer J's deadline per transaction key (about
+//! 0.6 KB each, where a whole `ServerTxn` with its key twice cost about 1.3 KB; issue #15,
+//! registrar memory). Bounded in entries and bytes (the oldest go first when full) and swept
+//! by time, so a flood of large REGISTERs cannot make the registrar hold more than
 //! `limits.registrar_cache(_bytes)`. Pure: time is a parameter.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tokio::time::Instant;
-
-use crate::transaction::{ServerAction, ServerState, ServerTxn};
 
 /// Completed transactions by transaction key, oldest first.
 #[derive(Debug)]
 pub struct Completed {
-    /// Transaction and the size of its response.
-    map: HashMap<String, (ServerTxn, usize)>,
-    /// Keys in insertion order. Timer J is the same for every UDP transaction and TCP ones are
-    /// never kept, so insertion order is expiry order.
-    order: VecDeque<String>,
+    /// The final response of each transaction and its Timer J deadline.
+    map: HashMap<Arc<str>, (Box<[u8]>, Instant)>,
+    /// Keys in insertion order: Timer J is the same for every UDP transaction, so insertion
+    /// order is expiry order.
+    order: VecDeque<Arc<str>>,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -38,29 +40,20 @@ impl Completed {
         }
     }
 
-    /// A retransmission of the request of `key`: what its transaction sends again (its final
-    /// response), or `None` when no transaction of that key is Completed at `now`.
+    /// A retransmission of the request of `key`: the final response to send again, or `None`
+    /// when no transaction of that key is Completed at `now` (Timer J has fired at its
+    /// deadline, even if the sweep has not come yet).
     pub fn retransmission(&mut self, key: &str, now: Instant) -> Option<Vec<u8>> {
-        let (txn, _) = self.map.get_mut(key)?;
-        txn.on_timer(now);
-        txn.on_request_retransmission(now);
-        let mut resend = None;
-        while let Some(action) = txn.poll_action() {
-            if let ServerAction::Send(bytes) = action {
-                resend = Some(bytes);
-            }
-        }
-        resend
+        let (response, until) = self.map.get(key)?;
+        (now < *until).then(|| response.to_vec())
     }
 
-    /// Keeps a transaction that has sent its final response, while it is Completed (a reliable
-    /// one is Terminated at once and not kept); makes room by dropping the oldest. One whose
-    /// response is larger than the whole byte budget is not kept.
-    pub fn insert(&mut self, key: String, txn: ServerTxn, bytes: usize) {
-        if txn.state() != ServerState::Completed
-            || bytes > self.max_bytes
-            || self.map.contains_key(&key)
-        {
+    /// Keeps the final `response` of the transaction `key`, Completed until `until` (its Timer
+    /// J); makes room by dropping the oldest. One larger than the whole byte budget is not
+    /// kept, nor a second one for a key already kept.
+    pub fn insert(&mut self, key: String, response: &[u8], until: Instant) {
+        let bytes = response.len();
+        if bytes > self.max_bytes || self.map.contains_key(key.as_str()) {
             return;
         }
         while self.map.len() >= self.max_entries || self.bytes + bytes > self.max_bytes {
@@ -70,18 +63,15 @@ impl Completed {
             self.evicted += 1;
         }
         self.bytes += bytes;
+        let key: Arc<str> = key.into();
         self.order.push_back(key.clone());
-        self.map.insert(key, (txn, bytes));
+        self.map.insert(key, (response.into(), until));
     }
 
     /// Drops the transactions whose Timer J has fired by `now`.
     pub fn sweep(&mut self, now: Instant) {
         while let Some(key) = self.order.front() {
-            let done = self.map.get_mut(key).is_none_or(|(txn, _)| {
-                txn.on_timer(now);
-                txn.state() == ServerState::Terminated
-            });
-            if !done {
+            if self.map.get(key).is_some_and(|(_, until)| now < *until) {
                 break;
             }
             self.pop_oldest();
@@ -92,8 +82,8 @@ impl Completed {
         let Some(key) = self.order.pop_front() else {
             return false;
         };
-        if let Some((_, b)) = self.map.remove(&key) {
-            self.bytes -= b;
+        if let Some((b, _)) = self.map.remove(&key) {
+            self.bytes -= b.len();
         }
         true
     }
@@ -118,21 +108,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::transaction::{Kind, Timers};
+    use crate::transaction::Timers;
 
-    /// A non-INVITE server transaction that answered `bytes` at `now`.
-    fn answered(reliable: bool, bytes: Vec<u8>, now: Instant) -> ServerTxn {
-        let mut t = ServerTxn::new(Kind::NonInvite, reliable, Timers::default(), now);
-        t.respond(200, bytes, now);
-        while t.poll_action().is_some() {}
-        t
+    /// Timer J of a UDP transaction answered at `now`.
+    fn timer_j(now: Instant) -> Instant {
+        now + Timers::default().t1_x64()
     }
 
     #[test]
     fn a_retransmission_gets_the_same_answer_until_timer_j() {
         let t0 = Instant::now();
         let mut c = Completed::new(10, 1000);
-        c.insert("a".into(), answered(false, vec![1; 10], t0), 10);
+        c.insert("a".into(), &[1; 10], timer_j(t0));
         let at = |ms| t0 + Duration::from_millis(ms);
         assert_eq!(c.retransmission("a", at(1_000)), Some(vec![1; 10]));
         assert_eq!(c.retransmission("a", at(31_999)), Some(vec![1; 10]));
@@ -146,38 +133,31 @@ mod tests {
         c.sweep(at(32_000));
         assert!(c.is_empty());
         assert_eq!(c.bytes(), 0);
-    }
-
-    #[test]
-    fn a_reliable_transaction_is_not_kept() {
-        let t0 = Instant::now();
-        let mut c = Completed::new(10, 1000);
-        c.insert("tcp".into(), answered(true, vec![1; 10], t0), 10);
-        assert!(c.is_empty(), "Timer J is 0 on TCP: terminated at once");
-        assert_eq!(c.retransmission("tcp", t0), None);
+        assert_eq!(c.retransmission("b", t0), None, "unknown key");
     }
 
     #[test]
     fn bounded_in_entries_and_bytes() {
         let t0 = Instant::now();
+        let until = timer_j(t0);
         let mut c = Completed::new(3, 100);
         for i in 0..5 {
-            c.insert(format!("k{i}"), answered(false, vec![0; 10], t0), 10);
+            c.insert(format!("k{i}"), &[0; 10], until);
         }
         assert_eq!(c.len(), 3, "entry limit");
         assert_eq!(c.retransmission("k0", t0), None, "oldest evicted first");
         assert!(c.retransmission("k4", t0).is_some());
         assert_eq!(c.evicted, 2);
-        c.insert("big".into(), answered(false, vec![0; 95], t0), 95);
+        c.insert("big".into(), &[0; 95], until);
         assert_eq!(c.bytes(), 95, "byte limit: everything older made room");
         assert!(c.retransmission("big", t0).is_some());
-        c.insert("huge".into(), answered(false, vec![0; 101], t0), 101);
+        c.insert("huge".into(), &[0; 101], until);
         assert!(
             c.retransmission("huge", t0).is_none(),
             "larger than the budget: not kept"
         );
         // The first transaction of a key is kept; a second changes nothing.
-        c.insert("big".into(), answered(false, vec![1; 5], t0), 5);
+        c.insert("big".into(), &[1; 5], until);
         assert_eq!(c.retransmission("big", t0).map(|b| b.len()), Some(95));
     }
 }

@@ -4,8 +4,8 @@
 //! REGISTERs are spread over shards by address-of-record: each shard handles its requests in
 //! order (so two REGISTERs of one AOR never race), and the UDP receive loops never wait for
 //! the store. A full shard queue answers 503 with Retry-After instead of queueing without
-//! bound. Each final response goes out through a non-INVITE server transaction that the shard
-//! keeps while it is Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP), so a retransmitted
+//! bound. The shard keeps each final response while its non-INVITE server transaction is
+//! Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted
 //! REGISTER gets the same answer instead of a replayed nonce.
 
 use std::hash::{Hash, Hasher};
@@ -23,7 +23,7 @@ use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
 use crate::config::LiveConfig;
 use crate::sip::{Message, SipUri, reply};
-use crate::transaction::{self, ServerAction, ServerTxn, Timers};
+use crate::transaction::Timers;
 use crate::transport::{Proto, Source, Transports};
 
 /// REGISTERs waiting per shard before new ones get 503 (the server runs 32 or more shards).
@@ -129,26 +129,14 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usiz
             }
             None => {
                 let (status, bytes) = handle(&ctx, &job, ctx.clock.unix()).await;
-                let reliable = job.source.proto != Proto::Udp;
-                let mut txn = ServerTxn::new(
-                    transaction::Kind::NonInvite,
-                    reliable,
-                    Timers::default(),
-                    now,
-                );
-                txn.respond(status, bytes, now);
-                let mut out = Vec::new();
-                while let Some(action) = txn.poll_action() {
-                    if let ServerAction::Send(b) = action {
-                        out = b;
-                    }
-                }
+                // RFC 3261 §17.2.2: over UDP the transaction stays Completed for Timer J and
+                // answers retransmissions with its final; over TCP it ends with the response.
                 // Challenges are not kept: a retransmission gets a fresh one (one datagram per
                 // request either way), and a flood of unauthenticated REGISTERs holds nothing.
-                if let Some(k) = key.filter(|_| status != 401) {
-                    sent.insert(k, txn, out.len());
+                if let Some(k) = key.filter(|_| status != 401 && job.source.proto == Proto::Udp) {
+                    sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
                 }
-                out
+                bytes
             }
         };
         // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
