@@ -147,17 +147,19 @@ for name in sipedge_build_info sipedge_sip_requests_received_total sipedge_sip_r
     sipedge_registrar_bindings sipedge_proxy_transactions sipedge_security_auth_failures_total \
     sipedge_security_bans_active sipedge_media_calls sipedge_relay_ports_in_use \
     sipedge_relay_forwarded_packets_total sipedge_relay_forwarded_bytes_total \
-    sipedge_nat_bindings_unreachable_total sipedge_cdr_write_failures_total; do
+    sipedge_nat_bindings_unreachable_total sipedge_cdr_write_failures_total \
+    sipedge_heap_arena_bytes sipedge_heap_free_bytes sipedge_heap_trims_total; do
     grep -q "^$name" <<<"$metrics" || missing="$missing $name"
 done
 [ -z "$missing" ] && ok "/metrics has every expected name" || fail "/metrics lacks:$missing"
 value() { awk -v n="$1" '$1 == n { print $2 }' <<<"$metrics"; }
 if [ "$(value sipedge_registrar_bindings)" = 1 ] && [ "$(value sipedge_media_calls)" = 1 ] \
     && [ "$(value 'sipedge_sip_requests_received_total{method="INVITE"}')" -ge 1 ] \
-    && [ "$(value sipedge_relay_forwarded_packets_total)" -gt 0 ]; then
-    ok "/metrics values moved: 1 binding, 1 call, INVITEs received, packets forwarded"
+    && [ "$(value sipedge_relay_forwarded_packets_total)" -gt 0 ] \
+    && [ "$(value sipedge_heap_arena_bytes)" -gt 0 ]; then
+    ok "/metrics values moved: 1 binding, 1 call, INVITEs received, packets forwarded, heap counted"
 else
-    fail "/metrics values: $(grep -E 'bindings|media_calls|method="INVITE"|forwarded_packets' <<<"$metrics")"
+    fail "/metrics values: $(grep -E 'bindings|media_calls|method="INVITE"|forwarded_packets|heap_arena' <<<"$metrics")"
 fi
 
 # The web page in a real browser: its scripts fetch the API and fill the tables.
