@@ -43,7 +43,8 @@
 #   3. acceptance check (sipedge only): fresh sipedge with RUST_LOG=$ACCEPT_LOG (info), one
 #      ACCEPT_DUR s run at sipedge's maximum (ACCEPT_RATE=auto), then ACCEPT_WAIT s idle
 #      (>= 34: RFC 3261 Timer D/J/L/M keep UDP transactions 32 s after their final
-#      response), then SIGTERM; sipedge logs "listeners stopped transactions.server=N
+#      response; the default 45 also leaves the heap trimmer, every 10 s, one look at the
+#      freed memory, so the idle memory figure shows what is returned), then SIGTERM; sipedge logs "listeners stopped transactions.server=N
 #      transactions.client=M" at shutdown. PASS = 0 failed calls (UAC and UAS), every call
 #      successful, sipedge alive until the stop, N = M = 0.
 #   CPU = utime+stime of the proxy's process tree (/proc/PID/stat) over the SIPp UAC run
@@ -70,7 +71,7 @@
 # Knobs (env): START_RATE=1000 PROBE_DUR=4 CONFIRM_DUR=20 BUDGET=40 (s of probes per search)
 #   HOLD_MS=1000 COMMON_RATE=auto|0|N (0 = skip) COMMON_DUR=20
 #   ACCEPT_RATE=auto|0|N (0 = skip the acceptance check; auto = sipedge's maximum)
-#   ACCEPT_DUR=20 ACCEPT_WAIT=34 ACCEPT_LOG=info
+#   ACCEPT_DUR=20 ACCEPT_WAIT=45 ACCEPT_LOG=info
 #   QUIET_TIMEOUT=10 (s to wait for an idle machine before a step) SEARCH_TIMEOUT=240 (hard
 #   wall-clock limit per search) SIPEDGE_WORKERS=0 (0 = one per core) KAM_CHILDREN=4
 #   RUNDIR=/tmp/sipbench REFBENCH_SRC=<repo>/../shared/bench SKIP_BUILD=1 (use the binary
@@ -104,7 +105,7 @@ COMMON_RATE=${COMMON_RATE:-auto}
 COMMON_DUR=${COMMON_DUR:-20}
 ACCEPT_RATE=${ACCEPT_RATE:-auto}
 ACCEPT_DUR=${ACCEPT_DUR:-20}
-ACCEPT_WAIT=${ACCEPT_WAIT:-34}
+ACCEPT_WAIT=${ACCEPT_WAIT:-45}
 ACCEPT_LOG=${ACCEPT_LOG:-info}
 QUIET_TIMEOUT=${QUIET_TIMEOUT:-10}
 SEARCH_TIMEOUT=${SEARCH_TIMEOUT:-240}
