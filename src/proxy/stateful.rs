@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::accounting::Accounting;
 use super::forward::{self, Asserted};
@@ -699,7 +699,11 @@ impl Proxy {
         work: Work,
         start: Option<acc::Start>,
     ) {
-        let span = info_span!(
+        // At debug, not info: an enabled span per transaction lives the transaction's 32 s, and
+        // tracing's registry keeps a small allocation per span slot that pins the freed pages
+        // around it (80,000 calls at 4,000/s at log level info: 476 MB after the load instead
+        // of 60 MB, and 40 % more CPU). Lines logged inside carry their own sip.* fields.
+        let span = debug_span!(
             "txn",
             sip.method = msg.method().unwrap_or_default(),
             sip.call_id = msg.call_id().unwrap_or_default(),
