@@ -75,11 +75,16 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// The queue, locked. A poisoned lock only means a panicking task held it: the queue is
+    /// intact.
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Post>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queues an event without waiting; `false` when the queue is full.
     fn post(&self, event: Post) -> bool {
         {
-            // A poisoned lock only means a panicking task held it: the queue is intact.
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = self.queue();
             if q.len() >= EVENTS {
                 return false;
             }
@@ -93,12 +98,7 @@ impl Inbox {
     /// The next event, waiting for one.
     async fn recv(&self) -> Post {
         loop {
-            if let Some(e) = self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            {
+            if let Some(e) = self.queue().pop_front() {
                 return e;
             }
             self.ready.notified().await;
@@ -108,7 +108,7 @@ impl Inbox {
     /// Gives back the queue's room when it is empty (events come in bursts: the responses
     /// of a branch, a storm of retransmissions; a finished transaction mostly waits).
     fn shrink(&self) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.queue();
         if q.is_empty() {
             q.shrink_to_fit();
         }
