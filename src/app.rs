@@ -213,6 +213,10 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
         acc,
         prober,
     ));
+    tokio::spawn(
+        crate::proxy::linger::Linger::sweep(Arc::downgrade(proxy.linger()))
+            .instrument(info_span!("txn_sweep")),
+    );
     let core = Core::new(
         &cfg,
         local,

@@ -3,6 +3,7 @@
 
 pub mod accounting;
 pub mod forward;
+pub mod linger;
 pub mod pipeline;
 pub mod probe;
 pub mod response;

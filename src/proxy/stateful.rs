@@ -1,7 +1,9 @@
 //! The stateful proxy's I/O shell (RFC 3261 §16 with §17 transactions): one task per
-//! received request owns its [`ProxyTxn`] (the sans-IO core in [`super::txn`]); the tables
-//! here route events (retransmissions, ACKs, CANCELs, responses) to the task that owns the
-//! transaction. Also here: proxy authentication and name resolution before a request gets
+//! received request owns its [`ProxyTxn`] (the sans-IO core in [`super::txn`]) until only the
+//! RFC timers' absorbing is left; then the task ends and [`super::linger`]'s shared table
+//! answers for the finished transaction until its timers end. The tables here route events
+//! (retransmissions, ACKs, CANCELs, responses) to the task that owns the transaction, or to
+//! that table. Also here: proxy authentication and name resolution before a request gets
 //! its task, the limits on transactions, stray responses, and stateless ACK forwarding.
 //!
 //! The protocol decisions are pure and live elsewhere: routing in [`super::pipeline`], the
@@ -20,6 +22,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::accounting::Accounting;
 use super::forward::{self, Asserted};
+use super::linger::{ForRequest, ForResponse, Linger, MemCharge};
 use super::pipeline::{AuthNeed, Dest, Hop, Plan};
 use super::probe::Prober;
 use super::txn::{self, Attempt, Event as TableEvent, Input, MediaOp, ProxyTxn, Role, Work};
@@ -124,6 +127,8 @@ pub struct Proxy {
     server: DashMap<TxnKey, Arc<Inbox>>,
     /// Client transactions (and the CANCELs we sent) by key → (owner, branch, is CANCEL).
     client: DashMap<TxnKey, (Arc<Inbox>, usize, bool)>,
+    /// The finished transactions waiting out their timers, without a task.
+    linger: Arc<Linger>,
     /// The media relay side, when enabled.
     media: Option<Arc<Media>>,
     /// The CDR rows of the calls that are not relayed, and their dialogs until the BYE.
@@ -183,12 +188,18 @@ impl Proxy {
             ctx: Arc::new(ctx),
             server: DashMap::new(),
             client: DashMap::new(),
+            linger: Arc::new(Linger::default()),
             per_ip: Arc::new(DashMap::new()),
             large_bytes: Arc::new(AtomicUsize::new(0)),
             dns: prober.dns().clone(),
             prober,
             stats: ProxyStats::default(),
         }
+    }
+
+    /// The finished transactions' table (its sweeper runs on the application's runtime).
+    pub fn linger(&self) -> &Arc<Linger> {
+        &self.linger
     }
 
     /// The proxy's counters.
@@ -289,12 +300,19 @@ impl Proxy {
                 e.key().clone(),
             )
         });
-        server.chain(client).collect()
+        let (done_server, done_client) = self.linger.keys(max);
+        server
+            .chain(done_server.into_iter().map(|k| ("server", k)))
+            .chain(client)
+            .chain(done_client.into_iter().map(|k| ("client", k)))
+            .collect()
     }
 
-    /// Transactions alive (server and client), for logs, tests and `show`.
+    /// Transactions alive (server and client, the finished ones waiting out their timers
+    /// included), for logs, tests and `show`.
     pub fn transaction_count(&self) -> (usize, usize) {
-        (self.server.len(), self.client.len())
+        let (s, c) = self.linger.len();
+        (self.server.len() + s, self.client.len() + c)
     }
 
     /// Gives a request to the transaction it belongs to (a retransmission, the ACK for our
@@ -305,10 +323,12 @@ impl Proxy {
             let Some(key) = invite_key_for_cancel(msg) else {
                 return false;
             };
-            let Some(inbox) = self.server.get(&key).map(|e| e.value().clone()) else {
+            let inbox = self.server.get(&key).map(|e| e.value().clone());
+            if inbox.is_none() && !self.linger.has_server(&key) {
                 return false;
-            };
-            // RFC 3261 §16.10: answer the CANCEL at once, then cancel the branches.
+            }
+            // RFC 3261 §16.10: answer the CANCEL at once, then cancel the branches (none are
+            // left when the INVITE's transaction is finished).
             let nated = crate::nat::detect::detect(msg, source.remote).is_nated();
             let out = self.upstream(
                 msg,
@@ -317,14 +337,23 @@ impl Proxy {
                 nated,
             );
             self.transports.send(out);
-            self.post(&inbox, Post::Cancel);
+            if let Some(inbox) = inbox {
+                self.post(&inbox, Post::Cancel);
+            }
             return true;
         }
         let Some(key) = server_key(msg) else {
             return false;
         };
         let Some(inbox) = self.server.get(&key).map(|e| e.value().clone()) else {
-            return false;
+            return match self.linger.on_request(&key, method == "ACK") {
+                None => false,
+                Some(ForRequest::Absorb) => true,
+                Some(ForRequest::Resend(out)) => {
+                    self.transports.send(out);
+                    true
+                }
+            };
         };
         let event = if method == "ACK" {
             Post::Ack
@@ -354,6 +383,17 @@ impl Proxy {
                 },
             );
             return;
+        }
+        match self.linger.on_response(&key, &resp) {
+            Some(ForResponse::Absorb) => return,
+            Some(ForResponse::Send(out)) => return self.transports.send(out),
+            Some(ForResponse::Stray) => {
+                self.stats.stray_dropped.fetch_add(1, Relaxed);
+                debug!(peer.addr = %source.remote, "2xx with another To-tag for a finished relayed branch: dropped");
+                return;
+            }
+            // Statelessly, below.
+            Some(ForResponse::Pass) | None => {}
         }
         let forwarded = resp.status().is_some_and(|s| (200..300).contains(&s))
             && key.method == "INVITE"
@@ -641,7 +681,7 @@ impl Proxy {
     ) -> Result<Reservation, Refusal> {
         let key = server_key(msg).ok_or(Refusal::Owned)?;
         let limits = &cfg.limits;
-        if self.server.len() >= limits.transactions {
+        if self.server.len() + self.linger.server_len() >= limits.transactions {
             return Err(Refusal::Limit("limits.transactions"));
         }
         // Outsized messages share a byte budget: a flood of 60 KB requests that nobody answers
@@ -715,7 +755,7 @@ impl Proxy {
             proxy: self.clone(),
             key: res.key.clone(),
             inbox: res.inbox.clone(),
-            _charge: std::mem::take(&mut res.charge),
+            charge: std::mem::take(&mut res.charge),
         };
         let Reservation {
             key, inbox, slot, ..
@@ -751,7 +791,7 @@ impl Proxy {
     fn run(self: Arc<Self>, mut task: Task, guard: EntryGuard) -> impl Future<Output = ()> {
         async move {
             // Captured, so that it goes with the task however it ends.
-            let _guard = &guard;
+            let mut guard = guard;
             let Task {
                 t,
                 key,
@@ -767,7 +807,15 @@ impl Proxy {
                 if t.is_done() {
                     break;
                 }
-                // A finished transaction waiting out its timers keeps only what they need.
+                // Only the timers' absorbing left: the shared table takes it over (before the
+                // live entries go, so that a retransmission always finds one of them).
+                if let Some(fin) = t.retire() {
+                    self.linger
+                        .insert(key, fin, std::mem::take(&mut guard.charge));
+                    break;
+                }
+                // Still waiting for something (an ACK, a second 2xx of a relayed call): the
+                // task keeps only what that needs.
                 t.compact();
                 inbox.shrink();
                 let deadline = t.poll_timeout();
@@ -958,23 +1006,7 @@ struct EntryGuard {
     proxy: Arc<Proxy>,
     key: TxnKey,
     inbox: Arc<Inbox>,
-    _charge: MemCharge,
-}
-
-/// Bytes of an outsized message counted against `limits.transaction_memory` while its
-/// transaction lives.
-#[derive(Default)]
-struct MemCharge {
-    bytes: usize,
-    held: Option<Arc<AtomicUsize>>,
-}
-
-impl Drop for MemCharge {
-    fn drop(&mut self) {
-        if let Some(held) = &self.held {
-            held.fetch_sub(self.bytes, Relaxed);
-        }
-    }
+    charge: MemCharge,
 }
 
 /// Messages up to this size cost nothing against `limits.transaction_memory` (their number

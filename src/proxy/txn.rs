@@ -228,6 +228,46 @@ pub enum Event {
     },
 }
 
+/// What a finished transaction still owes the network until its RFC timers end
+/// ([`ProxyTxn::retire`]). The shell keeps it in a table shared by every finished
+/// transaction ([`super::linger`]) instead of a task each: a few hundred bytes for 32 s, not
+/// the whole request state.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The server transaction's part and its deadline (Timer J, L or I); `None` when it has
+    /// ended (over a reliable transport).
+    pub server: Option<(Instant, ServerRest)>,
+    /// The client transactions still running (each branch's, its CANCEL's, the attempts left
+    /// by a failover): key, deadline (Timer K, D or M) and part.
+    pub clients: Vec<(TxnKey, Instant, ClientRest)>,
+}
+
+/// What a finished server transaction does with what still arrives for it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerRest {
+    /// An INVITE answered (RFC 6026 Accepted) or ACKed (Confirmed): retransmissions of the
+    /// request and of its ACK are absorbed; a CANCEL gets its 200 (RFC 3261 §16.10).
+    Invite,
+    /// A non-INVITE request in Completed: each retransmission gets the final again.
+    Resend(Transmit),
+}
+
+/// What a finished client transaction does with the responses that still arrive for it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientRest {
+    /// A non-INVITE (or CANCEL) in Completed: retransmitted finals are absorbed (Timer K).
+    Absorb,
+    /// An INVITE in Completed: a retransmitted non-2xx final gets our ACK again (Timer D).
+    Ack(Transmit),
+    /// An INVITE in Accepted, not relayed: a 2xx goes upstream statelessly, as one after
+    /// Timer M does (RFC 6026 §7.2: our branch's MAC checks where).
+    Pass,
+    /// An INVITE in Accepted whose answer went through the relay: a 2xx with the answer's
+    /// To-tag gets the rewritten copy that went upstream (the relay's SDP, not the callee's);
+    /// other responses are absorbed.
+    Answer { tag: String, up: Transmit },
+}
+
 /// Why a branch moved to its next alternate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailoverReason {
@@ -934,6 +974,81 @@ impl ProxyTxn {
                 leg && b.cancel.as_ref().is_none_or(|c| final_in(&c.0))
                     && b.retired.iter().all(|r| final_in(&r.txn))
             })
+    }
+
+    /// Hands over what this transaction still owes the network once only the RFC timers'
+    /// absorbing is left (see [`Finished`]); `None` while anything else may still happen: the
+    /// request is pending, a media step or a transmit is queued, an INVITE's non-2xx final
+    /// still waits for its ACK (Timer G retransmits it), or a relayed INVITE was answered by
+    /// more than one 2xx (each further 2xx goes through the media layer, which needs the
+    /// task). The caller drops the transaction after it.
+    pub fn retire(&self) -> Option<Finished> {
+        use crate::transaction::{ClientState as C, ServerState as S};
+        if !self.settled() {
+            return None;
+        }
+        let server = match (self.server.state(), self.invite) {
+            (S::Terminated, _) => None,
+            (S::Accepted | S::Confirmed, true) => Some(ServerRest::Invite),
+            (S::Completed, false) => {
+                let last = self.server.last_response()?;
+                Some(ServerRest::Resend(self.upstream(last.to_vec())))
+            }
+            _ => return None,
+        };
+        let server = match server {
+            Some(rest) => Some((self.server.poll_timeout()?, rest)),
+            None => None,
+        };
+        let accepted = self
+            .branches
+            .iter()
+            .filter(|b| matches!(&b.leg, Leg::Sent { txn, .. } if txn.state() == C::Accepted))
+            .count();
+        let mut clients = Vec::new();
+        for b in &self.branches {
+            if let Leg::Sent { txn, key } = &b.leg
+                && let Some(at) = txn.poll_timeout()
+            {
+                let rest = match txn.state() {
+                    C::Completed if self.invite => ClientRest::Ack(Transmit {
+                        proto: b.hop.proto,
+                        local: self.ctx.socket_for(b.hop.proto),
+                        dest: b.dest,
+                        bytes: txn.ack()?.to_vec(),
+                    }),
+                    C::Completed => ClientRest::Absorb,
+                    C::Accepted if !self.ctx.media || b.role == Role::Direct => ClientRest::Pass,
+                    C::Accepted if accepted == 1 => ClientRest::Answer {
+                        tag: self.answer_tag.clone()?,
+                        up: self.upstream(self.server.last_response()?.to_vec()),
+                    },
+                    _ => return None,
+                };
+                clients.push((key.clone(), at, rest));
+            }
+            if let Some(c) = &b.cancel
+                && let Some(at) = c.0.poll_timeout()
+            {
+                clients.push((c.1.clone(), at, ClientRest::Absorb));
+            }
+            for r in &b.retired {
+                let Some(at) = r.txn.poll_timeout() else {
+                    continue;
+                };
+                let rest = match r.txn.ack() {
+                    Some(ack) => ClientRest::Ack(Transmit {
+                        proto: r.proto,
+                        local: self.ctx.socket_for(r.proto),
+                        dest: r.dest,
+                        bytes: ack.to_vec(),
+                    }),
+                    None => ClientRest::Absorb,
+                };
+                clients.push((r.key.clone(), at, rest));
+            }
+        }
+        Some(Finished { server, clients })
     }
 
     /// Drops what only a pending request needs once [`Self::settled`], so that a finished

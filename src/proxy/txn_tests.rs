@@ -13,7 +13,10 @@ use tokio::time::Instant;
 
 use super::forward::BRANCH_PREFIX;
 use super::pipeline::{Dest, Hop, Plan};
-use super::txn::{Attempt, Context, Event, FailoverReason, Input, MediaOp, ProxyTxn, Role, Work};
+use super::txn::{
+    Attempt, ClientRest, Context, Event, FailoverReason, Finished, Input, MediaOp, ProxyTxn, Role,
+    ServerRest, Work,
+};
 use crate::auth::mac::RouteKey;
 use crate::config::MediaMode;
 use crate::media::session::Refused;
@@ -856,6 +859,95 @@ fn a_local_reply_is_sent_and_retransmitted_statefully() {
     assert!(h.input(Input::Ack).is_empty());
     assert!(h.run_out().is_empty());
     assert_eq!(h.take_events(), vec![Event::ServerDone]);
+}
+
+// ---- retiring into the table of finished transactions (`ProxyTxn::retire`) ----
+
+#[test]
+fn a_non_invite_retires_with_its_final_for_retransmissions() {
+    let (mut h, sent) = Harness::start(ctx(false), request("MESSAGE", None), forward(&[BOB], None));
+    let fwd = one(sent);
+    assert_eq!(h.t.retire(), None, "pending");
+    h.at(100);
+    let up = one(h.answer(0, false, &fwd.msg, 200));
+    let at = h.t0 + Duration::from_millis(100);
+    assert_eq!(
+        h.t.retire(),
+        Some(Finished {
+            // Timer J (64·T1) for the server, Timer K (T4) for the client.
+            server: Some((at + Duration::from_secs(32), ServerRest::Resend(up.tx))),
+            clients: vec![(
+                key(&fwd.branch(), "MESSAGE"),
+                at + Duration::from_secs(5),
+                ClientRest::Absorb
+            )],
+        })
+    );
+}
+
+#[test]
+fn an_invite_with_a_non_2xx_final_retires_once_acked() {
+    let (mut h, fwd) = invite_to(&[BOB]);
+    let inv = &fwd[0];
+    h.at(300);
+    let sent = h.answer(0, false, &inv.msg, 486);
+    let ack = &sent[to(&sent, BOB)[0]];
+    assert_eq!(ack.method(), Some("ACK"));
+    assert_upstream(&sent[to(&sent, CALLER)[0]], 486);
+    // Completed: Timer G still retransmits the 486 until the caller's ACK.
+    assert_eq!(h.t.retire(), None);
+    h.at(400);
+    assert!(h.input(Input::Ack).is_empty());
+    let at = |ms| h.t0 + Duration::from_millis(ms);
+    assert_eq!(
+        h.t.retire(),
+        Some(Finished {
+            // Confirmed: Timer I (T4) absorbs the ACK's retransmissions.
+            server: Some((at(400 + 5_000), ServerRest::Invite)),
+            // Timer D (32 s on UDP): a retransmitted 486 gets the same ACK.
+            clients: vec![(
+                key(&inv.branch(), "INVITE"),
+                at(300 + 32_000),
+                ClientRest::Ack(ack.tx.clone())
+            )],
+        })
+    );
+}
+
+#[test]
+fn an_answered_invite_retires_passing_2xx_on_or_with_the_relayed_copy() {
+    // Not relayed: a retransmitted 2xx goes on statelessly.
+    let (mut h, fwd) = invite_to(&[BOB]);
+    h.at(300);
+    assert_upstream(&one(h.answer(0, false, &fwd[0].msg, 200)), 200);
+    let fin = h.t.retire().expect("answered: only timers L and M left");
+    assert_eq!(fin.server.map(|s| s.1), Some(ServerRest::Invite));
+    assert_eq!(fin.clients.len(), 1);
+    assert_eq!(fin.clients[0].2, ClientRest::Pass);
+
+    // Relayed: the callee's 2xx with the answer's To-tag gets the relay's copy again.
+    let (mut h, ids) = relayed_invite(&[BOB]);
+    h.at(20);
+    let inv = offer_ok(&mut h, 0, &ids[0], BOB);
+    h.at(300);
+    let ok = uas(&inv.msg, 200, Some(ANSWER));
+    let tag = ok.to().unwrap().tag().unwrap().to_owned();
+    h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: ok,
+    });
+    let resp = expect_answer(&mut h, 0, &ids[0], BOB, 200);
+    h.t.handle_answer(h.now, 0, resp, Some(RELAY_ANSWER.as_bytes().to_vec()));
+    let up = one(h.drain());
+    // (The shell performs this step before it asks to retire.)
+    assert_finished(&mut h, 200, false);
+    let fin = h.t.retire().expect("answered");
+    assert_eq!(
+        fin.clients[0].2,
+        ClientRest::Answer { tag, up: up.tx },
+        "the rewritten 2xx, with the relay's SDP"
+    );
 }
 
 // ---- media (a relay is running: `Context::media`) ----

@@ -241,6 +241,12 @@ impl ClientTxn {
         Some(cancel_for(&req))
     }
 
+    /// The ACK built for our non-2xx final (INVITE, Completed): what a retransmission of that
+    /// final gets again.
+    pub fn ack(&self) -> Option<&[u8]> {
+        self.common.ack.as_deref()
+    }
+
     /// True once a provisional was received (a CANCEL may then be sent, RFC 3261 §9.1).
     pub fn got_provisional(&self) -> bool {
         self.common.got_provisional

@@ -210,6 +210,11 @@ impl ServerTxn {
         }
     }
 
+    /// The last response sent: what a retransmitted request gets again in Completed.
+    pub fn last_response(&self) -> Option<&[u8]> {
+        self.common.last.as_deref()
+    }
+
     /// The final status sent, if any (the first 2xx for an INVITE answered more than once).
     pub fn final_status(&self) -> Option<u16> {
         self.common.final_status

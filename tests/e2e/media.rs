@@ -219,6 +219,26 @@ async fn call_with_media_both_ways_through_the_relay() {
         in_range(to_alice) && to_alice != to_bob,
         "answer rewritten: {to_alice}"
     );
+    // The INVITE's transaction is finished and handed to the shared table; Bob retransmits
+    // his 200 (he has no ACK yet): Alice gets the relay's answer again, never Bob's own SDP.
+    for _ in 0..100 {
+        if srv.proxy.linger().len() == (1, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        srv.proxy.linger().len(),
+        (1, 1),
+        "finished INVITE handed over"
+    );
+    bob.sock
+        .send_to(&answer(&inv, from, bob.addr, 200, Some(&sdp(b_port))), from)
+        .await
+        .unwrap();
+    let (ok_again, _) = alice.recv().await;
+    assert_eq!(ok_again.status(), Some(200));
+    assert_eq!(sdp_of(&ok_again).1, to_alice, "the relay's answer again");
     let routes = routes_of(&ok);
     alice
         .send(

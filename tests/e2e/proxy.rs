@@ -450,6 +450,122 @@ async fn retransmitted_invite_is_absorbed_and_transactions_drain() {
     srv.stop().await;
 }
 
+/// Once a transaction has its final, its task ends and the shared table of finished
+/// transactions answers for it until its RFC timers end (src/proxy/linger.rs): a retransmitted
+/// non-INVITE request gets the final again, a retransmitted non-2xx final gets our ACK again,
+/// a retransmitted 2xx still reaches the caller, retransmitted finals of a non-INVITE are
+/// absorbed, a late CANCEL gets its 200 and goes no further.
+#[tokio::test]
+async fn finished_transactions_answer_from_the_shared_table() {
+    let pbx = Ua::new().await;
+    let srv = server_with_pbx(pbx.addr, "").await;
+    let caller = Ua::new().await;
+    let ruri = "sip:1234@example.com";
+    let text = invite(ruri, caller.addr, "fin1", "");
+    caller.send(srv.udp, &text).await;
+    let (inv, inv_from) = pbx.recv().await;
+    pbx.answer(&inv, inv_from, 200, "pbx-tag").await;
+    let (r200, _) = caller.recv().await;
+    assert_eq!(r200.status(), Some(200));
+    // The INVITE's server and client transactions are in the table now (RFC 6026 Accepted,
+    // Timers L and M), not in a task.
+    for _ in 0..100 {
+        if srv.proxy.linger().len() == (1, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        srv.proxy.linger().len(),
+        (1, 1),
+        "finished INVITE handed over"
+    );
+    // The callee retransmits its 2xx: it still reaches the caller (RFC 6026 §8.4).
+    pbx.answer(&inv, inv_from, 200, "pbx-tag").await;
+    let (again, _) = caller.recv().await;
+    assert_eq!(again.status(), Some(200));
+    assert_eq!(again.to().unwrap().tag(), Some("pbx-tag"));
+    assert_eq!(again.vias().unwrap().len(), 1, "our Via popped");
+    // The caller retransmits its INVITE: absorbed (Accepted), nothing goes anywhere.
+    caller.send(srv.udp, &text).await;
+    pbx.silent().await;
+    caller.silent().await;
+    // A late CANCEL: its 200 from us, nothing downstream.
+    let cancel = text
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    caller.send(srv.udp, &cancel).await;
+    let (c200, _) = caller.recv().await;
+    assert_eq!(c200.status(), Some(200));
+    assert_eq!(c200.cseq().unwrap().method, "CANCEL");
+    pbx.silent().await;
+
+    // A BYE: its 200 comes back, then the caller's retransmitted BYE gets that 200 again
+    // from the table, and the callee's retransmitted 200 is absorbed.
+    let routes = routes_of(&r200);
+    let target = format!("sip:callee@{}", pbx.addr);
+    let bye_text = in_dialog(
+        "BYE",
+        2,
+        &target,
+        caller.addr,
+        "fin1",
+        "pbx-tag",
+        &routes,
+        "finbye",
+    );
+    caller.send(srv.udp, &bye_text).await;
+    let (bye, bye_from) = pbx.recv().await;
+    assert_eq!(bye.method(), Some("BYE"));
+    pbx.answer(&bye, bye_from, 200, "pbx-tag").await;
+    let (bye_ok, _) = caller.recv().await;
+    assert_eq!(bye_ok.status(), Some(200));
+    for _ in 0..100 {
+        if srv.proxy.linger().len() == (2, 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.proxy.linger().len(), (2, 2), "finished BYE handed over");
+    caller.send(srv.udp, &bye_text).await;
+    let (bye_again, _) = caller.recv().await;
+    assert_eq!(bye_again.status(), Some(200));
+    assert_eq!(bye_again.cseq().unwrap().method, "BYE");
+    pbx.silent().await;
+    pbx.answer(&bye, bye_from, 200, "pbx-tag").await;
+    caller.silent().await;
+
+    // A busy callee: our ACK for its 486, and again for its retransmitted 486.
+    let busy_text = invite("sip:4000@example.com", caller.addr, "fin2", "");
+    caller.send(srv.udp, &busy_text).await;
+    let (inv2, inv2_from) = pbx.recv().await;
+    pbx.answer(&inv2, inv2_from, 486, "pbx-busy").await;
+    assert_eq!(pbx.recv().await.0.method(), Some("ACK"));
+    let (busy, _) = caller.recv().await;
+    assert_eq!(busy.status(), Some(486));
+    let ack = busy_text
+        .replacen("INVITE sip:", "ACK sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK");
+    caller.send(srv.udp, &ack).await;
+    // ACKed: the server side is Confirmed and goes to the table as well.
+    for _ in 0..100 {
+        if srv.proxy.linger().len() == (3, 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        srv.proxy.linger().len(),
+        (3, 3),
+        "finished busy call handed over"
+    );
+    pbx.answer(&inv2, inv2_from, 486, "pbx-busy").await;
+    let (ack_again, _) = pbx.recv().await;
+    assert_eq!(ack_again.method(), Some("ACK"));
+    caller.silent().await;
+    srv.stop().await;
+}
+
 /// Both parties behind NAT (private Contacts): in-dialog requests reach each one at its NAT
 /// binding, recorded in our Record-Route, while the Request-URI stays the Contact it sent
 /// (no Contact rewriting; opensips#1566/#3769 are what rewriting breaks).
