@@ -36,21 +36,29 @@ pub struct Policy {
     /// The fewest free bytes seen since the last trim (0 before the first): what was freed
     /// since is the growth over it.
     low: usize,
+    /// Bytes in use at the last trim (`None` before the first).
+    used: Option<usize>,
 }
 
 impl Policy {
     /// Whether to trim now: enough free bytes, at least half the arenas free (the load has
-    /// dropped), and at least [`MIN_GROWTH`] more freed since the last trim.
+    /// dropped), and since the last trim either at least [`MIN_GROWTH`] more freed or the
+    /// bytes in use halved. (The second catches a trim made while a burst was still being
+    /// freed: the few survivors it found pinned whole pages of free chunks, and when they go
+    /// later they free few bytes but unpin many pages.)
     pub fn due(&mut self, heap: Info) -> bool {
         self.low = self.low.min(heap.free);
+        let used = heap.arena.saturating_sub(heap.free);
         heap.free >= MIN_FREE
             && heap.free.saturating_mul(2) >= heap.arena
-            && heap.free >= self.low.saturating_add(MIN_GROWTH)
+            && (heap.free >= self.low.saturating_add(MIN_GROWTH)
+                || self.used.is_some_and(|u| used.saturating_mul(2) <= u))
     }
 
     /// A trim was made with `heap` as counted before it: its free chunks are returned.
     pub fn trimmed(&mut self, heap: Info) {
         self.low = heap.free;
+        self.used = Some(heap.arena.saturating_sub(heap.free));
     }
 }
 
@@ -173,6 +181,20 @@ mod tests {
         assert!(!p.due(info(400, 100)));
         assert!(!p.due(info(400, 110)));
         assert!(p.due(info(400, 380)));
+    }
+
+    #[test]
+    fn trims_again_when_the_survivors_of_a_burst_go() {
+        let mut p = Policy::default();
+        // Trimmed while the burst's last transactions still lived (11 MB in use).
+        assert!(p.due(info(36, 25)));
+        p.trimmed(info(36, 25));
+        // They expire: few bytes freed (less than MIN_GROWTH), but the use fell to 2.5 MB.
+        assert!(p.due(info(36, 33)));
+        p.trimmed(info(36, 33));
+        // Idle: nothing changes, no trim.
+        assert!(!p.due(info(36, 33)));
+        assert!(!p.due(info(36, 34)));
     }
 
     #[test]
