@@ -378,6 +378,12 @@ impl Media {
             "Call records the store refused (then spooled to media.cdr_spool).",
             move || me.upgrade().map_or(0, |me| me.cdr.spooled()),
         );
+        let me = Arc::downgrade(self);
+        m.counter(
+            "cdr_commits",
+            "Statements that wrote call records (a batch of the CDRs waiting at that moment each).",
+            move || me.upgrade().map_or(0, |me| me.cdr.commits()),
+        );
         m.on_refresh(relay);
     }
 

@@ -78,6 +78,38 @@ const COLS: [&str; 23] = [
 
 /// Rows per query of [`Store::cdrs_since`]: an export of a large table holds one page.
 const EXPORT_PAGE: u32 = 5000;
+/// Rows of one multi-row INSERT at most (24 parameters each: 1,536, far below every
+/// backend's parameter limit).
+pub const MAX_CDR_ROWS: usize = 64;
+
+/// One row's values, in [`COLS`] order, then the instance.
+fn bind<'q>(q: super::AnyQuery<'q>, c: &'q Cdr, instance: &'q str) -> super::AnyQuery<'q> {
+    q.bind(&c.call_id)
+        .bind(&c.from_uri)
+        .bind(&c.to_uri)
+        .bind(to_i64(c.start))
+        .bind(c.answer.map(to_i64))
+        .bind(to_i64(c.end))
+        .bind(i64::from(c.status))
+        .bind(&c.reason)
+        .bind(to_i64(c.caller.0))
+        .bind(to_i64(c.caller.1))
+        .bind(to_i64(c.caller.2))
+        .bind(c.caller.3)
+        .bind(to_i64(c.callee.0))
+        .bind(to_i64(c.callee.1))
+        .bind(to_i64(c.callee.2))
+        .bind(c.callee.3)
+        .bind(&c.request_uri)
+        .bind(&c.route)
+        .bind(&c.auth_user)
+        .bind(&c.source)
+        .bind(&c.outcome)
+        .bind(&c.hangup)
+        .bind(i64::from(c.relayed))
+        // Which instance wrote it: every instance on one database writes one table.
+        .bind(instance)
+}
 
 /// The table's queries in one dialect.
 #[derive(Debug)]
@@ -158,32 +190,26 @@ fn row(r: &AnyRow) -> Result<Cdr, StoreError> {
 impl Store {
     /// Writes one call record.
     pub async fn insert_cdr(&self, c: &Cdr) -> Result<(), StoreError> {
-        sqlx::query(&self.sql.cdr.insert)
-            .bind(&c.call_id)
-            .bind(&c.from_uri)
-            .bind(&c.to_uri)
-            .bind(to_i64(c.start))
-            .bind(c.answer.map(to_i64))
-            .bind(to_i64(c.end))
-            .bind(i64::from(c.status))
-            .bind(&c.reason)
-            .bind(to_i64(c.caller.0))
-            .bind(to_i64(c.caller.1))
-            .bind(to_i64(c.caller.2))
-            .bind(c.caller.3)
-            .bind(to_i64(c.callee.0))
-            .bind(to_i64(c.callee.1))
-            .bind(to_i64(c.callee.2))
-            .bind(c.callee.3)
-            .bind(&c.request_uri)
-            .bind(&c.route)
-            .bind(&c.auth_user)
-            .bind(&c.source)
-            .bind(&c.outcome)
-            .bind(&c.hangup)
-            .bind(i64::from(c.relayed))
-            // Which instance wrote it: every instance on one database writes one table.
-            .bind(self.instance.as_ref())
+        self.insert_cdrs(std::slice::from_ref(c)).await
+    }
+
+    /// Writes call records in one statement (a multi-row INSERT: one commit for all of them,
+    /// the group commit of [`crate::media::cdr::CdrWriter`]). At most [`MAX_CDR_ROWS`].
+    pub async fn insert_cdrs(&self, rows: &[Cdr]) -> Result<(), StoreError> {
+        let many;
+        let sql = match rows.len() {
+            0 => return Ok(()),
+            1 => self.sql.cdr.insert.as_str(),
+            n => {
+                many = self
+                    .dialect
+                    .insert_rows("cdr", &[&COLS[..], &["instance"]].concat(), n);
+                many.as_str()
+            }
+        };
+        let instance = self.instance.as_ref();
+        rows.iter()
+            .fold(sqlx::query(sql), |q, c| bind(q, c, instance))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -228,7 +228,7 @@ impl Store {
     }
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+use super::AnyQuery;
 
 /// Binds one binding's values, in the order of [`COLS`].
 fn bind<'q>(q: AnyQuery<'q>, b: &'q Binding) -> AnyQuery<'q> {

@@ -27,8 +27,11 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow, AnyTypeInfoKind};
 use sqlx::{AnyPool, Row, ValueRef};
 
-pub use cdr::Cdr;
+pub use cdr::{Cdr, MAX_CDR_ROWS};
 use dialect::Dialect;
+
+/// A query on the `Any` pool, before its values are bound.
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 pub use instance::Instance;
 pub use kamailio::{KamailioSubscriber, read_kamailio_subscribers};
 pub use location::Binding;
