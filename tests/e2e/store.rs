@@ -272,6 +272,29 @@ async fn store_contract_on_every_backend() {
         assert_eq!(store.cdrs_since(10, 0).await.unwrap(), vec![cdr.clone()]);
         assert!(store.cdrs_since(11, 0).await.unwrap().is_empty(), "{name}");
         assert!(store.cdrs_since(0, 1).await.unwrap().is_empty(), "{name}");
+        // Several in one statement (the CDR writer's group commit), each read back whole.
+        let batch: Vec<_> = (2..5)
+            .map(|i| sipedge::store::Cdr {
+                call_id: format!("call-{i}@example.com"),
+                start: 100 + i,
+                end: 200 + i,
+                status: 200,
+                answer: Some(150),
+                reason: "bye".into(),
+                hangup: "caller".into(),
+                relayed: false,
+                ..cdr.clone()
+            })
+            .collect();
+        store.insert_cdrs(&batch).await.unwrap();
+        for c in &batch {
+            assert_eq!(
+                store.cdrs_of(&c.call_id).await.unwrap(),
+                vec![c.clone()],
+                "{name}"
+            );
+        }
+        assert_eq!(store.cdrs_since(100, 0).await.unwrap().len(), 3, "{name}");
         store.close().await;
     }
 }
