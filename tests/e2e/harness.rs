@@ -159,6 +159,22 @@ impl TestServer {
         self.reloader.reload_file(&path).await
     }
 
+    /// Waits (bounded) until the table of finished transactions holds `(server, client)`
+    /// entries: their tasks handed them over (src/proxy/linger.rs).
+    pub(crate) async fn finished_are(&self, want: (usize, usize)) {
+        for _ in 0..100 {
+            if self.proxy.linger().len() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            self.proxy.linger().len(),
+            want,
+            "finished transactions handed over"
+        );
+    }
+
     /// Replaces the bindings of `aor`, through the location service (store and memory).
     pub(crate) async fn set_bindings(&self, aor: &str, bindings: Vec<Binding>) {
         use sipedge::registrar::location::LocationService;

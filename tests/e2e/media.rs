@@ -221,17 +221,7 @@ async fn call_with_media_both_ways_through_the_relay() {
     );
     // The INVITE's transaction is finished and handed to the shared table; Bob retransmits
     // his 200 (he has no ACK yet): Alice gets the relay's answer again, never Bob's own SDP.
-    for _ in 0..100 {
-        if srv.proxy.linger().len() == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        srv.proxy.linger().len(),
-        (1, 1),
-        "finished INVITE handed over"
-    );
+    srv.finished_are((1, 1)).await;
     bob.sock
         .send_to(&answer(&inv, from, bob.addr, 200, Some(&sdp(b_port))), from)
         .await

@@ -469,17 +469,7 @@ async fn finished_transactions_answer_from_the_shared_table() {
     assert_eq!(r200.status(), Some(200));
     // The INVITE's server and client transactions are in the table now (RFC 6026 Accepted,
     // Timers L and M), not in a task.
-    for _ in 0..100 {
-        if srv.proxy.linger().len() == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        srv.proxy.linger().len(),
-        (1, 1),
-        "finished INVITE handed over"
-    );
+    srv.finished_are((1, 1)).await;
     // The callee retransmits its 2xx: it still reaches the caller (RFC 6026 §8.4).
     pbx.answer(&inv, inv_from, 200, "pbx-tag").await;
     let (again, _) = caller.recv().await;
@@ -520,13 +510,7 @@ async fn finished_transactions_answer_from_the_shared_table() {
     pbx.answer(&bye, bye_from, 200, "pbx-tag").await;
     let (bye_ok, _) = caller.recv().await;
     assert_eq!(bye_ok.status(), Some(200));
-    for _ in 0..100 {
-        if srv.proxy.linger().len() == (2, 2) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(srv.proxy.linger().len(), (2, 2), "finished BYE handed over");
+    srv.finished_are((2, 2)).await;
     caller.send(srv.udp, &bye_text).await;
     let (bye_again, _) = caller.recv().await;
     assert_eq!(bye_again.status(), Some(200));
@@ -548,17 +532,7 @@ async fn finished_transactions_answer_from_the_shared_table() {
         .replace("CSeq: 1 INVITE", "CSeq: 1 ACK");
     caller.send(srv.udp, &ack).await;
     // ACKed: the server side is Confirmed and goes to the table as well.
-    for _ in 0..100 {
-        if srv.proxy.linger().len() == (3, 3) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        srv.proxy.linger().len(),
-        (3, 3),
-        "finished busy call handed over"
-    );
+    srv.finished_are((3, 3)).await;
     pbx.answer(&inv2, inv2_from, 486, "pbx-busy").await;
     let (ack_again, _) = pbx.recv().await;
     assert_eq!(ack_again.method(), Some("ACK"));
