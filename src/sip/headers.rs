@@ -8,8 +8,8 @@ use std::ops::Range;
 use super::header::HeaderName;
 use super::parse::{Malformed, Message};
 use super::scan::{
-    Param, find_param, is_lws, is_token, parse_decimal, parse_params, skip_lws, skip_quoted,
-    split_list, trim,
+    Param, find_param, first_of_list, is_lws, is_token, parse_decimal, parse_params, skip_lws,
+    skip_quoted, split_list, trim,
 };
 
 /// One Via value: `SIP/2.0/UDP host:port;params`.
@@ -237,9 +237,8 @@ impl Message {
         let h = self
             .header(HeaderName::Via)
             .ok_or(Malformed::Missing("Via"))?;
-        let first = split_list(self.as_bytes(), h.value.clone())
-            .and_then(|p| p.into_iter().next())
-            .ok_or(Malformed::Header("Via"))?;
+        let first =
+            first_of_list(self.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Via"))?;
         parse_via(self.as_bytes(), first).ok_or(Malformed::Header("Via"))
     }
 

@@ -54,6 +54,22 @@ pub(crate) fn skip_quoted(buf: &[u8], mut i: usize, end: usize) -> Option<usize>
 /// ranges) so that the caller can reject them. `None` means an unterminated quote or bracket.
 pub(crate) fn split_list(buf: &[u8], r: Range<usize>) -> Option<Vec<Range<usize>>> {
     let mut out = Vec::new();
+    scan_list(buf, r, |e| out.push(e))?;
+    Some(out)
+}
+
+/// The first element of a list, as [`split_list`] would give it, without allocating; the
+/// whole value is still checked (`None` for an unterminated quote or bracket anywhere).
+pub(crate) fn first_of_list(buf: &[u8], r: Range<usize>) -> Option<Range<usize>> {
+    let mut first = None;
+    scan_list(buf, r, |e| {
+        first.get_or_insert(e);
+    })?;
+    first
+}
+
+/// Calls `each` with every trimmed list element of `r`, in order.
+fn scan_list(buf: &[u8], r: Range<usize>, mut each: impl FnMut(Range<usize>)) -> Option<()> {
     let mut start = r.start;
     let mut i = r.start;
     while i < r.end {
@@ -63,15 +79,15 @@ pub(crate) fn split_list(buf: &[u8], r: Range<usize>) -> Option<Vec<Range<usize>
                 i += buf[i..r.end].iter().position(|&b| b == b'>')? + 1;
             }
             b',' => {
-                out.push(trim(buf, start..i));
+                each(trim(buf, start..i));
                 i += 1;
                 start = i;
             }
             _ => i += 1,
         }
     }
-    out.push(trim(buf, start..r.end));
-    Some(out)
+    each(trim(buf, start..r.end));
+    Some(())
 }
 
 /// One `;name[=value]` parameter. `span` covers from the `;` to the end of the value.
@@ -161,6 +177,17 @@ mod tests {
         assert_eq!(&v[parts[1].clone()], b"<sip:b@y>");
         assert!(split_list(b"\"open", 0..5).is_none());
         assert!(split_list(b"<sip:open", 0..9).is_none());
+    }
+
+    #[test]
+    fn first_of_list_is_the_first_split_and_checks_the_rest() {
+        let v = br#" "A, B" <sip:a@x;p=1,2> , <sip:b@y>"#;
+        let first = first_of_list(v, 0..v.len()).unwrap();
+        assert_eq!(first, split_list(v, 0..v.len()).unwrap()[0]);
+        assert_eq!(&v[first], br#""A, B" <sip:a@x;p=1,2>"#);
+        // An unterminated quote after the first element still makes the value malformed.
+        assert!(first_of_list(b"SIP/2.0/UDP a, \"open", 0..20).is_none());
+        assert_eq!(first_of_list(b"", 0..0), Some(0..0));
     }
 
     #[test]
