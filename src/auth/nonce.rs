@@ -70,14 +70,24 @@ pub fn issue(key: &NonceKey, now: u64, salt: u64, realm: &str) -> String {
     to_hex(&raw)
 }
 
+/// A valid nonce as [`ReplayGuard`] remembers it: 16 bytes instead of its 64 hex digits.
+///
+/// `tag` is the first 8 bytes of the nonce's MAC. Two valid nonces issued in the same second
+/// share a tag with probability 2⁻⁶⁴, and nobody without the key can make one that does, so
+/// `(issued, tag)` names one nonce. Ordered by issue time first, so the oldest comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NonceId {
+    /// When the nonce was issued (unix seconds).
+    pub issued: u64,
+    tag: u64,
+}
+
 /// What a nonce sent back by a client is worth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonceStatus {
-    /// Issued by us, for this realm, at `issued` (unix seconds), within the TTL.
-    Valid {
-        /// When the nonce was issued (unix seconds); the key for [`ReplayGuard::accept`].
-        issued: u64,
-    },
+    /// Issued by us, for this realm, within the TTL; the id is the key for
+    /// [`ReplayGuard::accept`].
+    Valid(NonceId),
     /// Issued by us for this realm but older than the TTL: challenge again with `stale=true`
     /// (RFC 7616 §3.3), and the client retries without asking its user.
     Stale,
@@ -107,7 +117,12 @@ pub fn check(key: &NonceKey, nonce: &str, now: u64, ttl: u64, realm: &str) -> No
     if now.saturating_sub(issued) > ttl {
         return NonceStatus::Stale;
     }
-    NonceStatus::Valid { issued }
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&raw[16..24]);
+    NonceStatus::Valid(NonceId {
+        issued,
+        tag: u64::from_be_bytes(tag),
+    })
 }
 
 /// The truncated MAC of a nonce. The realm goes last: the fields before it have a fixed size,
@@ -160,12 +175,16 @@ fn be_u64(b: &[u8]) -> u64 {
 /// the evicted one's time is refused: otherwise flooding the guard with fresh nonces would
 /// make it forget a nonce whose requests could then be replayed. A refused client is
 /// challenged again and retries with a fresh nonce.
+///
+/// One tracked nonce costs about 30 bytes (a 16-byte [`NonceId`] and a 4-byte count in a
+/// B-tree node); keyed by the nonce's text it cost about 130 (issue #15: a registration burst
+/// filled the guard to 35 MB).
 #[derive(Debug)]
 pub struct ReplayGuard {
     capacity: usize,
     ttl: u64,
-    /// `(issued, nonce)` → highest nc accepted; ordered so that the oldest nonce comes first.
-    seen: BTreeMap<(u64, String), u32>,
+    /// Nonce → highest nc accepted; ordered so that the oldest nonce comes first.
+    seen: BTreeMap<NonceId, u32>,
     /// Issue time of the newest nonce evicted for capacity, if any.
     evicted_through: Option<u64>,
 }
@@ -182,34 +201,36 @@ impl ReplayGuard {
         }
     }
 
-    /// True if `nc` is greater than any nc seen for this nonce, and then records it; false is a
-    /// replay (or a nonce this guard can no longer vouch for: expired, or evicted). `issued` is
-    /// the nonce's issue time from [`NonceStatus::Valid`]; `now` is unix seconds.
-    pub fn accept(&mut self, nonce: &str, issued: u64, nc: u32, now: u64) -> bool {
+    /// True if `nc` is greater than any nc seen for the nonce `id`, and then records it; false
+    /// is a replay (or a nonce this guard can no longer vouch for: expired, or evicted). `id`
+    /// comes from [`NonceStatus::Valid`]; `now` is unix seconds.
+    pub fn accept(&mut self, id: NonceId, nc: u32, now: u64) -> bool {
         self.purge(now);
-        if now.saturating_sub(issued) > self.ttl {
+        if now.saturating_sub(id.issued) > self.ttl {
             return false;
         }
-        let key = (issued, nonce.to_owned());
-        if let Some(highest) = self.seen.get_mut(&key) {
+        if let Some(highest) = self.seen.get_mut(&id) {
             if nc > *highest {
                 *highest = nc;
                 return true;
             }
             return false;
         }
-        if self.evicted_through.is_some_and(|t| issued <= t) {
+        if self.evicted_through.is_some_and(|t| id.issued <= t) {
             return false;
         }
         while self.seen.len() >= self.capacity {
             match self.seen.pop_first() {
-                Some(((t, _), _)) => {
-                    self.evicted_through = Some(self.evicted_through.map_or(t, |e| e.max(t)));
+                Some((old, _)) => {
+                    self.evicted_through = Some(
+                        self.evicted_through
+                            .map_or(old.issued, |e| e.max(old.issued)),
+                    );
                 }
                 None => break,
             }
         }
-        self.seen.insert(key, nc);
+        self.seen.insert(id, nc);
         true
     }
 
@@ -227,7 +248,7 @@ impl ReplayGuard {
     fn purge(&mut self, now: u64) {
         loop {
             match self.seen.first_key_value() {
-                Some(((t, _), _)) if now.saturating_sub(*t) > self.ttl => {
+                Some((old, _)) if now.saturating_sub(old.issued) > self.ttl => {
                     self.seen.pop_first();
                 }
                 _ => break,
@@ -259,6 +280,26 @@ mod tests {
         NonceKey::from_bytes(b)
     }
 
+    /// The issue time `check` found valid, if it did.
+    fn issued(s: NonceStatus) -> Option<u64> {
+        match s {
+            NonceStatus::Valid(id) => Some(id.issued),
+            _ => None,
+        }
+    }
+
+    /// A test nonce id: `name` stands for the MAC.
+    fn id(name: &str, issued: u64) -> NonceId {
+        let mut tag = [0u8; 8];
+        for (t, b) in tag.iter_mut().zip(name.bytes()) {
+            *t = b;
+        }
+        NonceId {
+            issued,
+            tag: u64::from_be_bytes(tag),
+        }
+    }
+
     #[test]
     fn nonce_layout() {
         // Computed independently with Python's hmac module.
@@ -277,14 +318,8 @@ mod tests {
     fn valid_until_ttl_then_stale() {
         let k = key();
         let n = issue(&k, NOW, 1, REALM);
-        assert_eq!(
-            check(&k, &n, NOW, TTL, REALM),
-            NonceStatus::Valid { issued: NOW }
-        );
-        assert_eq!(
-            check(&k, &n, NOW + TTL, TTL, REALM),
-            NonceStatus::Valid { issued: NOW }
-        );
+        assert_eq!(issued(check(&k, &n, NOW, TTL, REALM)), Some(NOW));
+        assert_eq!(issued(check(&k, &n, NOW + TTL, TTL, REALM)), Some(NOW));
         assert_eq!(check(&k, &n, NOW + TTL + 1, TTL, REALM), NonceStatus::Stale);
         assert_eq!(check(&k, &n, u64::MAX, TTL, REALM), NonceStatus::Stale);
     }
@@ -324,10 +359,8 @@ mod tests {
         let k = key();
         let soon = issue(&k, NOW + MAX_SKEW, 1, REALM);
         assert_eq!(
-            check(&k, &soon, NOW, TTL, REALM),
-            NonceStatus::Valid {
-                issued: NOW + MAX_SKEW
-            }
+            issued(check(&k, &soon, NOW, TTL, REALM)),
+            Some(NOW + MAX_SKEW)
         );
         let later = issue(&k, NOW + MAX_SKEW + 1, 1, REALM);
         assert_eq!(check(&k, &later, NOW, TTL, REALM), NonceStatus::Invalid);
@@ -378,19 +411,41 @@ mod tests {
     }
 
     #[test]
+    fn one_nonce_one_id() {
+        // Two nonces of the same second are two ids; one nonce checked twice is one id, so
+        // the guard sees its second use as a replay.
+        let k = key();
+        let ids: Vec<NonceId> = [1, 2, 1]
+            .map(
+                |salt| match check(&k, &issue(&k, NOW, salt, REALM), NOW, TTL, REALM) {
+                    NonceStatus::Valid(id) => id,
+                    other => panic!("{other:?}"),
+                },
+            )
+            .into();
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(ids[0], ids[2]);
+        let mut g = ReplayGuard::new(10, TTL);
+        assert!(g.accept(ids[0], 1, NOW));
+        assert!(g.accept(ids[1], 1, NOW));
+        assert!(!g.accept(ids[2], 1, NOW));
+        assert_eq!(g.len(), 2);
+    }
+
+    #[test]
     fn replay_guard_wants_increasing_nc() {
         let mut g = ReplayGuard::new(10, TTL);
         assert!(g.is_empty());
-        assert!(g.accept("a", NOW, 1, NOW));
-        assert!(g.accept("a", NOW, 2, NOW));
-        assert!(!g.accept("a", NOW, 2, NOW + 1));
-        assert!(!g.accept("a", NOW, 1, NOW + 1));
+        assert!(g.accept(id("a", NOW), 1, NOW));
+        assert!(g.accept(id("a", NOW), 2, NOW));
+        assert!(!g.accept(id("a", NOW), 2, NOW + 1));
+        assert!(!g.accept(id("a", NOW), 1, NOW + 1));
         // A gap is fine (a request may have been lost); going back below it is not.
-        assert!(g.accept("a", NOW, 5, NOW + 1));
-        assert!(!g.accept("a", NOW, 3, NOW + 1));
+        assert!(g.accept(id("a", NOW), 5, NOW + 1));
+        assert!(!g.accept(id("a", NOW), 3, NOW + 1));
         // Each nonce has its own count.
-        assert!(g.accept("b", NOW, 1, NOW + 1));
-        assert!(!g.accept("b", NOW, 1, NOW + 1));
+        assert!(g.accept(id("b", NOW), 1, NOW + 1));
+        assert!(!g.accept(id("b", NOW), 1, NOW + 1));
         assert_eq!(g.len(), 2);
         assert!(!g.is_empty());
     }
@@ -398,55 +453,55 @@ mod tests {
     #[test]
     fn replay_guard_evicts_the_oldest_at_capacity() {
         let mut g = ReplayGuard::new(2, TTL);
-        assert!(g.accept("a", NOW, 1, NOW));
-        assert!(g.accept("b", NOW + 1, 1, NOW + 1));
-        assert!(g.accept("c", NOW + 2, 1, NOW + 2));
+        assert!(g.accept(id("a", NOW), 1, NOW));
+        assert!(g.accept(id("b", NOW + 1), 1, NOW + 1));
+        assert!(g.accept(id("c", NOW + 2), 1, NOW + 2));
         assert_eq!(g.len(), 2);
         // "a" was evicted; it is refused rather than forgotten, so no replay gets through.
-        assert!(!g.accept("a", NOW, 1, NOW + 3));
-        assert!(!g.accept("a", NOW, 9, NOW + 3));
+        assert!(!g.accept(id("a", NOW), 1, NOW + 3));
+        assert!(!g.accept(id("a", NOW), 9, NOW + 3));
         // "b" and "c" are still tracked.
-        assert!(!g.accept("b", NOW + 1, 1, NOW + 3));
-        assert!(g.accept("b", NOW + 1, 2, NOW + 3));
-        assert!(!g.accept("c", NOW + 2, 1, NOW + 3));
-        assert!(g.accept("c", NOW + 2, 2, NOW + 3));
+        assert!(!g.accept(id("b", NOW + 1), 1, NOW + 3));
+        assert!(g.accept(id("b", NOW + 1), 2, NOW + 3));
+        assert!(!g.accept(id("c", NOW + 2), 1, NOW + 3));
+        assert!(g.accept(id("c", NOW + 2), 2, NOW + 3));
         // A newer nonce evicts "b" next.
-        assert!(g.accept("d", NOW + 3, 1, NOW + 3));
+        assert!(g.accept(id("d", NOW + 3), 1, NOW + 3));
         assert_eq!(g.len(), 2);
-        assert!(!g.accept("b", NOW + 1, 3, NOW + 3));
-        assert!(g.accept("c", NOW + 2, 3, NOW + 3));
-        assert!(g.accept("d", NOW + 3, 2, NOW + 3));
+        assert!(!g.accept(id("b", NOW + 1), 3, NOW + 3));
+        assert!(g.accept(id("c", NOW + 2), 3, NOW + 3));
+        assert!(g.accept(id("d", NOW + 3), 2, NOW + 3));
 
         // Capacity 0 is taken as 1.
         let mut one = ReplayGuard::new(0, TTL);
-        assert!(one.accept("x", NOW, 1, NOW));
-        assert!(!one.accept("x", NOW, 1, NOW));
+        assert!(one.accept(id("x", NOW), 1, NOW));
+        assert!(!one.accept(id("x", NOW), 1, NOW));
         assert_eq!(one.len(), 1);
     }
 
     #[test]
     fn replay_guard_purges_expired() {
         let mut g = ReplayGuard::new(10, 30);
-        assert!(g.accept("a", NOW, 1, NOW));
-        assert!(g.accept("b", NOW + 10, 1, NOW + 10));
+        assert!(g.accept(id("a", NOW), 1, NOW));
+        assert!(g.accept(id("b", NOW + 10), 1, NOW + 10));
         assert_eq!(g.len(), 2);
         // At NOW+30 "a" is exactly ttl old: kept.
-        assert!(g.accept("c", NOW + 30, 1, NOW + 30));
+        assert!(g.accept(id("c", NOW + 30), 1, NOW + 30));
         assert_eq!(g.len(), 3);
         // One second later it is purged, and refused as expired.
-        assert!(g.accept("d", NOW + 31, 1, NOW + 31));
+        assert!(g.accept(id("d", NOW + 31), 1, NOW + 31));
         assert_eq!(g.len(), 3);
-        assert!(!g.accept("a", NOW, 2, NOW + 31));
+        assert!(!g.accept(id("a", NOW), 2, NOW + 31));
         assert_eq!(g.len(), 3);
         // Much later everything is gone, and an expired nonce is not recorded.
-        assert!(!g.accept("e", NOW, 1, NOW + 1000));
+        assert!(!g.accept(id("e", NOW), 1, NOW + 1000));
         assert!(g.is_empty());
         // The eviction mark expires with the nonces it covers.
         let mut h = ReplayGuard::new(1, 30);
-        assert!(h.accept("a", NOW, 1, NOW));
-        assert!(h.accept("b", NOW + 1, 1, NOW + 1));
-        assert!(!h.accept("a2", NOW, 1, NOW + 1));
-        assert!(h.accept("c", NOW + 100, 1, NOW + 100));
+        assert!(h.accept(id("a", NOW), 1, NOW));
+        assert!(h.accept(id("b", NOW + 1), 1, NOW + 1));
+        assert!(!h.accept(id("a2", NOW), 1, NOW + 1));
+        assert!(h.accept(id("c", NOW + 100), 1, NOW + 100));
         assert_eq!(h.len(), 1);
     }
 }

@@ -159,8 +159,8 @@ impl Authenticator {
             return Outcome::Challenge { stale: false };
         };
         let ttl = self.cfg.nonce_ttl.as_secs();
-        let issued = match nonce::check(&self.key, &creds.nonce, now, ttl, realm) {
-            NonceStatus::Valid { issued } => issued,
+        let nonce_id = match nonce::check(&self.key, &creds.nonce, now, ttl, realm) {
+            NonceStatus::Valid(id) => id,
             NonceStatus::Stale => return Outcome::Challenge { stale: true },
             NonceStatus::Invalid => {
                 debug!(user = %creds.username, "nonce not ours");
@@ -252,12 +252,7 @@ impl Authenticator {
         }
         // Without qop (RFC 2069 clients) there is no nonce count: such a nonce is good once.
         let nc = creds.nc.unwrap_or(1);
-        if !self
-            .replay
-            .lock()
-            .await
-            .accept(&creds.nonce, issued, nc, now)
-        {
+        if !self.replay.lock().await.accept(nonce_id, nc, now) {
             self.security
                 .nonce_replay(peer, &creds.username, realm, nc, mono);
             return Outcome::Challenge { stale: true };

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+/// Below this many slots a table is not worth shrinking.
+const SHRINK_FLOOR: usize = 256;
+
 /// Completed transactions by transaction key, oldest first.
 #[derive(Debug)]
 pub struct Completed {
@@ -76,6 +79,27 @@ impl Completed {
             }
             self.pop_oldest();
         }
+        self.shrink();
+    }
+
+    /// Gives back the room a burst left: the tables keep their capacity when emptied, so after
+    /// a registration storm they would hold their peak size (tens of MB at 20,000 entries)
+    /// for good. Shrinks to twice what is kept once that is under a quarter of the capacity,
+    /// so a steady load never rehashes back and forth.
+    fn shrink(&mut self) {
+        let keep = (self.map.len() * 2).max(SHRINK_FLOOR);
+        if self.map.capacity() / 4 > keep / 2 {
+            self.map.shrink_to(keep);
+        }
+        if self.order.capacity() / 4 > keep / 2 {
+            self.order.shrink_to(keep);
+        }
+    }
+
+    /// Slots each table may keep without a sweep shrinking it.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.map.capacity().max(self.order.capacity())
     }
 
     fn pop_oldest(&mut self) -> bool {
@@ -159,5 +183,31 @@ mod tests {
         // The first transaction of a key is kept; a second changes nothing.
         c.insert("big".into(), &[1; 5], until);
         assert_eq!(c.retransmission("big", t0).map(|b| b.len()), Some(95));
+    }
+
+    #[test]
+    fn a_burst_leaves_no_room_behind() {
+        let t0 = Instant::now();
+        let mut c = Completed::new(20_000, 16 << 20);
+        for i in 0..10_000 {
+            c.insert(format!("burst{i}"), &[0; 10], timer_j(t0));
+        }
+        assert!(c.capacity() >= 10_000);
+        // The next transactions, a second later, outlive the burst.
+        let t1 = t0 + Duration::from_secs(1);
+        for i in 0..10 {
+            c.insert(format!("later{i}"), &[0; 10], timer_j(t1));
+        }
+        c.sweep(timer_j(t0));
+        assert_eq!(c.len(), 10);
+        assert!(c.capacity() <= 2 * SHRINK_FLOOR, "{}", c.capacity());
+        assert!(c.retransmission("later9", t1).is_some());
+        // Under a steady load (more than a quarter of the room in use) nothing is shrunk.
+        for i in 0..400 {
+            c.insert(format!("steady{i}"), &[0; 10], timer_j(t1));
+        }
+        let room = c.capacity();
+        c.sweep(t1);
+        assert_eq!(c.capacity(), room);
     }
 }
