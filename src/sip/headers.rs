@@ -3,6 +3,7 @@
 //! §20.39), CSeq (§20.16) and Max-Forwards (§20.22). Each view keeps absolute offsets so that
 //! the rewrite layer can edit the exact bytes.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use super::header::HeaderName;
@@ -19,10 +20,37 @@ pub struct Via<'m> {
     /// Host as written, without the brackets of an IPv6 reference.
     pub host: &'m str,
     pub port: Option<u16>,
-    pub params: Vec<Param>,
+    /// Borrowed from the message for its top Via (parsed once, kept with it), owned otherwise.
+    pub params: Cow<'m, [Param]>,
     /// The whole value (within its header line).
     pub span: Range<usize>,
     buf: &'m [u8],
+}
+
+/// A Via value as offsets into its message: how [`Message`] keeps its top Via, so that the
+/// transaction key, the sanity checks, NAT detection, the reply and the forward (each asks for
+/// it) share one parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ViaSpans {
+    transport: Range<usize>,
+    host: Range<usize>,
+    port: Option<u16>,
+    params: Vec<Param>,
+    span: Range<usize>,
+}
+
+impl ViaSpans {
+    /// The view of these spans in `buf`, the message they were scanned from.
+    fn view<'m>(&'m self, buf: &'m [u8]) -> Via<'m> {
+        Via {
+            transport: scanned_str(buf, self.transport.clone()),
+            host: scanned_str(buf, self.host.clone()),
+            port: self.port,
+            params: Cow::Borrowed(&self.params),
+            span: self.span.clone(),
+            buf,
+        }
+    }
 }
 
 impl<'m> Via<'m> {
@@ -96,6 +124,30 @@ fn utf8(buf: &[u8], r: Range<usize>) -> Option<&str> {
 
 /// Parses one Via value at `r`. LWS is allowed around the `/` separators (RFC 3261 §25.1).
 pub fn parse_via(buf: &[u8], r: Range<usize>) -> Option<Via<'_>> {
+    let ViaSpans {
+        transport,
+        host,
+        port,
+        params,
+        span,
+    } = scan_via(buf, r)?;
+    Some(Via {
+        transport: scanned_str(buf, transport),
+        host: scanned_str(buf, host),
+        port,
+        params: Cow::Owned(params),
+        span,
+        buf,
+    })
+}
+
+/// Text that [`scan_via`] checked to be UTF-8 (so the empty fallback is never taken).
+fn scanned_str(buf: &[u8], r: Range<usize>) -> &str {
+    std::str::from_utf8(&buf[r]).unwrap_or("")
+}
+
+/// The spans of the Via value at `r`, its host and transport checked to be UTF-8.
+fn scan_via(buf: &[u8], r: Range<usize>) -> Option<ViaSpans> {
     let end = r.end;
     let mut i = r.start;
     let mut protocol = [0..0, 0..0, 0..0];
@@ -120,22 +172,24 @@ pub fn parse_via(buf: &[u8], r: Range<usize>) -> Option<Via<'_>> {
     if !buf[protocol[0].clone()].eq_ignore_ascii_case(b"SIP") {
         return None;
     }
-    let transport = utf8(buf, protocol[2].clone())?;
+    let transport = protocol[2].clone();
+    utf8(buf, transport.clone())?;
     // sent-by = host [ COLON port ]
     i = skip_lws(buf, i, end);
     let (host, mut i) = if i < end && buf[i] == b'[' {
         let close = buf[i..end].iter().position(|&b| b == b']')? + i;
-        (utf8(buf, i + 1..close)?, close + 1)
+        (i + 1..close, close + 1)
     } else {
         let s = i;
         while i < end && (buf[i].is_ascii_alphanumeric() || buf[i] == b'-' || buf[i] == b'.') {
             i += 1;
         }
-        (utf8(buf, s..i)?, i)
+        (s..i, i)
     };
     if host.is_empty() {
         return None;
     }
+    utf8(buf, host.clone())?;
     i = skip_lws(buf, i, end);
     let mut port = None;
     if i < end && buf[i] == b':' {
@@ -152,13 +206,12 @@ pub fn parse_via(buf: &[u8], r: Range<usize>) -> Option<Via<'_>> {
         pend = i + paren;
     }
     let params = parse_params(buf, trim(buf, i..pend))?;
-    Some(Via {
+    Some(ViaSpans {
         transport,
         host,
         port,
         params,
         span: r,
-        buf,
     })
 }
 
@@ -232,14 +285,16 @@ impl Message {
         Ok(out)
     }
 
-    /// The topmost Via value (the one that routes a response).
+    /// The topmost Via value (the one that routes a response). Parsed on the first call and
+    /// kept with the message (which never changes): the later calls cost no parse.
     pub fn top_via(&self) -> Result<Via<'_>, Malformed> {
-        let h = self
-            .header(HeaderName::Via)
-            .ok_or(Malformed::Missing("Via"))?;
-        let first =
-            first_of_list(self.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Via"))?;
-        parse_via(self.as_bytes(), first).ok_or(Malformed::Header("Via"))
+        let spans =
+            self.top_via_spans(|buf, h| scan_via(buf, first_of_list(buf, h.value.clone())?));
+        match spans {
+            Some(v) => Ok(v.view(self.as_bytes())),
+            None if self.header(HeaderName::Via).is_none() => Err(Malformed::Missing("Via")),
+            None => Err(Malformed::Header("Via")),
+        }
     }
 
     /// The single From or To header.
@@ -366,6 +421,30 @@ Via: SIP/2.0/UDP 10.0.0.1\r\n\r\n");
         assert!(vias[1].is_reliable());
         assert_eq!(vias[2].port, None);
         assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bKa"));
+    }
+
+    #[test]
+    fn top_via_is_parsed_once_and_equals_the_first_via() {
+        let m = msg("OPTIONS sip:a@b SIP/2.0\r\n\
+Via: SIP/2.0/TLS [2001:db8::9]:5061;received=192.0.2.1;rport;branch=z9hG4bKq (c)\r\n\
+Via: SIP/2.0/UDP 10.0.0.1\r\n\r\n");
+        let top = m.top_via().unwrap();
+        assert!(
+            matches!(top.params, Cow::Borrowed(_)),
+            "kept with the message"
+        );
+        assert_eq!(top, m.vias().unwrap()[0]);
+        assert_eq!(m.top_via().unwrap(), top, "the second call sees the same");
+        assert_eq!(top.host, "2001:db8::9");
+        assert_eq!(top.transport, "TLS");
+        assert_eq!(top.branch(), Some("z9hG4bKq"));
+
+        let none = msg("OPTIONS sip:a@b SIP/2.0\r\nTo: <sip:a@b>\r\n\r\n");
+        assert_eq!(none.top_via(), Err(Malformed::Missing("Via")));
+        assert_eq!(none.top_via(), Err(Malformed::Missing("Via")));
+        let bad = msg("OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP\r\n\r\n");
+        assert_eq!(bad.top_via(), Err(Malformed::Header("Via")));
+        assert_eq!(bad.top_via(), Err(Malformed::Header("Via")));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! check of the proxy.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::header::HeaderName;
+use super::headers::ViaSpans;
 use super::scan::{is_lws, is_token, trim};
 
 #[cfg(test)]
@@ -124,6 +126,9 @@ pub struct Message {
     /// `\r\n`, or `\n` for a message that uses bare line feeds.
     eol: &'static str,
     defect: Option<Malformed>,
+    /// The top Via, scanned on first use ([`Self::top_via`]); `None` when it is missing or
+    /// malformed. Boxed: a message is moved around by value, and most never reach a Via.
+    top_via: OnceLock<Option<Box<ViaSpans>>>,
 }
 
 impl Message {
@@ -187,6 +192,7 @@ impl Message {
                 body: len..len,
                 eol,
                 defect,
+                top_via: OnceLock::new(),
             });
         };
 
@@ -230,7 +236,22 @@ impl Message {
             body,
             eol,
             defect,
+            top_via: OnceLock::new(),
         })
+    }
+
+    /// The top Via's spans: `scan` (given the bytes and the first Via header line) runs on the
+    /// first call only.
+    pub(crate) fn top_via_spans(
+        &self,
+        scan: impl FnOnce(&[u8], &Header) -> Option<ViaSpans>,
+    ) -> Option<&ViaSpans> {
+        self.top_via
+            .get_or_init(|| {
+                let h = self.header(HeaderName::Via)?;
+                scan(&self.buf, h).map(Box::new)
+            })
+            .as_deref()
     }
 
     /// The message bytes (after leading CRLFs and trailing bytes beyond Content-Length are
