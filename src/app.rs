@@ -428,8 +428,8 @@ fn transport_limits(cfg: &Config) -> Limits {
         // One receive loop per UDP socket, whatever `server.workers` (the runtime's threads)
         // says: loops sharing a socket are all woken by each datagram and all but one find
         // nothing (issue #15: a second loop cost 16 % CPU per REGISTER at 2,000/s and 7 % per
-        // call at 900 calls/s, and gained nothing at 3,600 calls/s). The work a datagram
-        // starts runs on the runtime's threads.
+        // call at 900 calls/s). A second one runs only while the first is behind
+        // (`transport::udp`). The work a datagram starts runs on the runtime's threads.
         udp_workers: 1,
         max_message_size: cfg.server.max_message_size,
         tcp_idle_timeout: cfg.server.tcp_idle_timeout,
