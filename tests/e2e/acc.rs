@@ -63,7 +63,14 @@ fn routes_of(m: &Message) -> Vec<String> {
 /// The PBX route (3-4 digits, media never relayed) and the provider route (11 digits, proxy
 /// authentication), to `pbx` and `provider`.
 async fn server(pbx: SocketAddr, provider: SocketAddr) -> TestServer {
-    TestServer::start(
+    server_on(&crate::harness::fresh_db(), pbx, provider).await
+}
+
+/// [`server`] on the database `db`.
+async fn server_on(db: &str, pbx: SocketAddr, provider: SocketAddr) -> TestServer {
+    TestServer::start_on(
+        db,
+        "127.0.0.1:0",
         "",
         &format!(
             "[[route]]\nname = \"pbx\"\nuser = '^[0-9]{{3,4}}$'\nnext_hop = \"{pbx}\"\nmedia = \"never\"\n\
@@ -95,6 +102,35 @@ async fn no_row(srv: &TestServer, call_id: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rows = srv.store.cdrs_of(call_id).await.unwrap();
     assert!(rows.is_empty(), "{rows:#?}");
+}
+
+#[tokio::test]
+async fn a_call_still_up_at_shutdown_has_its_row_when_the_server_is_gone() {
+    // The row is handed to the CDR writer, which commits in the background: stopping the
+    // server must still leave it in the store (reason "shutdown").
+    let (pbx, provider) = (Ua::new().await, Ua::new().await);
+    let db = crate::harness::fresh_db();
+    let srv = server_on(&db, pbx.addr, provider.addr).await;
+    let caller = Ua::new().await;
+    caller
+        .send(
+            srv.udp,
+            &invite("sip:1234@example.com", caller.addr, "accS", 1, ""),
+        )
+        .await;
+    let (inv, from) = pbx.recv().await;
+    pbx.answer(&inv, from, 200, "pbx-tag").await;
+    let (ok, _) = caller.recv().await;
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(srv.proxy.accounting().dialogs(), 1);
+    srv.stop().await;
+
+    let store = sipedge::store::Store::connect(&db).await.unwrap();
+    let rows = store.cdrs_of("accS").await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].reason, "shutdown");
+    assert_eq!(rows[0].status, 200);
+    store.close().await;
 }
 
 #[tokio::test]
