@@ -40,13 +40,14 @@ pub(crate) struct ViaSpans {
 }
 
 impl ViaSpans {
-    /// The view of these spans in `buf`, the message they were scanned from.
-    fn view<'m>(&'m self, buf: &'m [u8]) -> Via<'m> {
+    /// The view of these spans in `buf`, the message they were scanned from; `params` are
+    /// these spans' own, borrowed or taken.
+    fn view<'m>(&self, buf: &'m [u8], params: Cow<'m, [Param]>) -> Via<'m> {
         Via {
             transport: scanned_str(buf, self.transport.clone()),
             host: scanned_str(buf, self.host.clone()),
             port: self.port,
-            params: Cow::Borrowed(&self.params),
+            params,
             span: self.span.clone(),
             buf,
         }
@@ -124,21 +125,9 @@ fn utf8(buf: &[u8], r: Range<usize>) -> Option<&str> {
 
 /// Parses one Via value at `r`. LWS is allowed around the `/` separators (RFC 3261 §25.1).
 pub fn parse_via(buf: &[u8], r: Range<usize>) -> Option<Via<'_>> {
-    let ViaSpans {
-        transport,
-        host,
-        port,
-        params,
-        span,
-    } = scan_via(buf, r)?;
-    Some(Via {
-        transport: scanned_str(buf, transport),
-        host: scanned_str(buf, host),
-        port,
-        params: Cow::Owned(params),
-        span,
-        buf,
-    })
+    let mut spans = scan_via(buf, r)?;
+    let params = std::mem::take(&mut spans.params);
+    Some(spans.view(buf, Cow::Owned(params)))
 }
 
 /// Text that [`scan_via`] checked to be UTF-8 (so the empty fallback is never taken).
@@ -291,7 +280,7 @@ impl Message {
         let spans =
             self.top_via_spans(|buf, h| scan_via(buf, first_of_list(buf, h.value.clone())?));
         match spans {
-            Some(v) => Ok(v.view(self.as_bytes())),
+            Some(v) => Ok(v.view(self.as_bytes(), Cow::Borrowed(&v.params))),
             None if self.header(HeaderName::Via).is_none() => Err(Malformed::Missing("Via")),
             None => Err(Malformed::Header("Via")),
         }
