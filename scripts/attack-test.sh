@@ -27,7 +27,8 @@
 #   bruteforce digest: a response for another uri and an unoffered algorithm refused; 60 wrong
 #              passwords from 127.0.0.4: the source banned, 127.0.0.5 registers fine
 #   mixed      127.0.0.6 floods OPTIONS/INVITEs (target 20,000/s, 30 s) while 127.0.0.5
-#              registers and makes calls to a UAS: 0 failures; its latencies reported
+#              registers and makes calls to a UAS: 0 failures; its latencies reported; at most
+#              one second UDP receive loop at a time, ended within 15 s of the flood's end
 #
 #   scripts/attack-test.sh                  build (release) and run every attack (~4 min)
 #   SIPEDGE_BIN=path scripts/attack-test.sh use this binary, do not build

@@ -4,12 +4,18 @@ real rate is reported: python may not reach the target). Meanwhile another sourc
 (127.0.0.5) registers carol (digest) about once a second and makes calls about twice a second
 to the route's callee on 127.0.0.8 (INVITE, 200, ACK, BYE, 200). Defended: 0 failures (every
 transaction gets its final within 4 s, retransmitting like an RFC 3261 client); its latencies
-are reported.
+are reported. The flood may put the UDP receive loop behind: then a second loop helps, at most
+one per socket (the gauge transport_udp_receive_helpers_running, sampled twice a second), and
+it ends once the flood is over. The paced flood may not outrun one loop, so a burst of
+20,000 OPTIONS sent as fast as one process can follows it: that one does.
 """
 
 import multiprocessing
+import re
 import socket
+import threading
 import time
+import urllib.request
 
 import sipattack as sa
 
@@ -60,6 +66,37 @@ def uas_process(server, port, seconds, stop):
     uas.close()
 
 
+def burst(server, count):
+    """`count` OPTIONS from 127.0.0.6 as fast as this process sends them; returns the seconds."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.6", 0))
+    port = s.getsockname()[1]
+    us = f"{server[0]}:{server[1]}"
+    msg = sa.request("OPTIONS", f"sip:{us}", via=("127.0.0.6", port),
+                     from_uri="sip:burst@127.0.0.6", to_uri=f"sip:{us}",
+                     call_id=f"burst-{sa.rand_hex(8)}")
+    t0 = time.monotonic()
+    for _ in range(count):
+        try:
+            s.sendto(msg, server)
+        except OSError:
+            pass
+    secs = time.monotonic() - t0
+    s.close()
+    return secs
+
+
+def metric(control, name):
+    """One value of sipedge's /metrics (`sipedge_` prefix), or None when unreadable."""
+    try:
+        with urllib.request.urlopen(f"http://{control}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    m = re.search(rf"^sipedge_{name}(?:_total)? (\d+)", text, re.M)
+    return int(m.group(1)) if m else None
+
+
 def main():
     ap = sa.common_args(__doc__)
     ap.add_argument("--uas-port", type=int, required=True)
@@ -83,6 +120,18 @@ def main():
         p.start()
         pipes.append(rx)
         procs.append(p)
+    control = sa.cfg_get(sa.load_config(a.config), "control.listen", "127.0.0.1:8060")
+    helpers = []  # samples of the running second receive loops
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.wait(0.5):
+            v = metric(control, "transport_udp_receive_helpers_running")
+            if v is not None:
+                helpers.append(v)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     time.sleep(1.0)  # the flood is on
 
     ua = sa.UA("127.0.0.5", server)
@@ -141,6 +190,26 @@ def main():
             not fails and regs > 0 and calls > 0,
             f"{regs} registrations, {calls} calls, {len(fails)} failures "
             f"{', '.join(fails[:6])}{' ...' if len(fails) > 6 else ''}")
+    secs = burst(server, 20000)
+    c.note(f"burst from 127.0.0.6: 20000 OPTIONS in {secs:.2f} s")
+    time.sleep(1.0)
+    sampling.set()
+    sampler.join(5)
+    started = metric(control, "transport_udp_receive_helpers")
+    c.check("the burst put the receive loop behind: a second loop helped",
+            started is not None and started >= 1,
+            f"transport_udp_receive_helpers: {started}")
+    c.check("at most one second UDP receive loop at a time (one UDP socket)",
+            bool(helpers) and max(helpers) <= 1,
+            f"{len(helpers)} samples of transport_udp_receive_helpers_running, max "
+            f"{max(helpers) if helpers else 'none read'}; started during the flood: {started}")
+    deadline = time.monotonic() + 15
+    running = metric(control, "transport_udp_receive_helpers_running")
+    while running != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        running = metric(control, "transport_udp_receive_helpers_running")
+    c.check("the second receive loop ends after the flood (within 15 s)", running == 0,
+            f"running: {running}")
     alive = sa.alive(a.pid)
     c.check("process alive", alive, f"pid {a.pid} {'alive' if alive else 'GONE'}")
     c.done()

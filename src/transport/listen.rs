@@ -102,9 +102,10 @@ impl Listeners {
             for _ in 0..workers {
                 let span = info_span!("udp", local.addr = %fmt_addr(addr));
                 let (sock, rx, stop) = (sock.clone(), receiver.clone(), shutdown.clone());
+                let transports = self.transports.clone();
                 tasks.spawn(supervise(
                     "udp",
-                    move || udp::run(sock.clone(), rx.clone(), stop.clone()),
+                    move || udp::run(sock.clone(), rx.clone(), transports.clone(), stop.clone()),
                     span,
                     shutdown.clone(),
                 ));

@@ -112,6 +112,10 @@ pub struct TransportStats {
     pub tls_handshake_failed: AtomicU64,
     /// TLS server names forgotten to keep the table within its bound (`TLS_NAMES`).
     pub tls_names_evicted: AtomicU64,
+    /// Second UDP receive loops started because the first was behind (`super::udp`).
+    pub udp_receive_helpers: AtomicU64,
+    /// Of those, running now (at most one per UDP socket).
+    pub udp_receive_helpers_running: AtomicU64,
 }
 
 impl Transports {
@@ -306,7 +310,7 @@ impl Transports {
     /// Registers the transport's counters and its open connections.
     pub fn register_metrics(self: &Arc<Self>, m: &Registry) {
         type Field = fn(&TransportStats) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 10] = [
+        let counters: [(&str, &str, Field); 11] = [
             (
                 "transport_udp_send_dropped",
                 "Datagrams dropped because the socket buffer was full or the send failed.",
@@ -357,6 +361,11 @@ impl Transports {
                 "TLS server names of next hops forgotten to keep the table within 4096.",
                 |s| &s.tls_names_evicted,
             ),
+            (
+                "transport_udp_receive_helpers",
+                "Second UDP receive loops started because the first was behind (a socket at its limit).",
+                |s| &s.udp_receive_helpers,
+            ),
         ];
         for (name, help, field) in counters {
             let t = Arc::downgrade(self);
@@ -369,6 +378,15 @@ impl Transports {
             "transport_tcp_connections",
             "Open TCP and TLS connections.",
             move || t.upgrade().map_or(0, |t| t.tcp_connections() as u64),
+        );
+        let t = Arc::downgrade(self);
+        m.gauge(
+            "transport_udp_receive_helpers_running",
+            "Second UDP receive loops running now (at most one per UDP socket).",
+            move || {
+                t.upgrade()
+                    .map_or(0, |t| t.stats.udp_receive_helpers_running.load(Relaxed))
+            },
         );
     }
 }

@@ -21,6 +21,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, warn};
 
+use super::send::Transports;
 use super::{Proto, Receiver, Source};
 
 /// Largest UDP payload; a datagram this long or longer cannot be a complete message anyway.
@@ -69,6 +70,7 @@ impl Streak {
 pub(super) async fn run(
     sock: Arc<UdpSocket>,
     receiver: Arc<dyn Receiver>,
+    transports: Arc<Transports>,
     shutdown: watch::Receiver<bool>,
 ) {
     let local = match sock.local_addr() {
@@ -78,41 +80,55 @@ pub(super) async fn run(
             return;
         }
     };
-    let helping = Arc::new(AtomicBool::new(false));
-    serve(sock, receiver, local, shutdown, Role::First, helping).await;
+    let loops = Loops {
+        sock,
+        receiver,
+        transports,
+        local,
+        helping: Arc::new(AtomicBool::new(false)),
+    };
+    serve(Arc::new(loops), shutdown, Role::First).await;
 }
 
-/// Clears the helper flag when the helper ends, however it ends.
-struct HelperDone(Arc<AtomicBool>);
+/// What a socket's loops share.
+struct Loops {
+    sock: Arc<UdpSocket>,
+    receiver: Arc<dyn Receiver>,
+    /// For the helper counters.
+    transports: Arc<Transports>,
+    local: SocketAddr,
+    /// Set while the helper runs: at most one per socket.
+    helping: Arc<AtomicBool>,
+}
+
+/// Counts the helper out when it ends, however it ends.
+struct HelperDone(Arc<Loops>);
 
 impl Drop for HelperDone {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        let stats = self.0.transports.stats();
+        stats
+            .udp_receive_helpers_running
+            .fetch_sub(1, Ordering::Relaxed);
+        self.0.helping.store(false, Ordering::Release);
     }
 }
 
-async fn serve(
-    sock: Arc<UdpSocket>,
-    receiver: Arc<dyn Receiver>,
-    local: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
-    role: Role,
-    helping: Arc<AtomicBool>,
-) {
-    let _done = (role == Role::Helper).then(|| HelperDone(helping.clone()));
+async fn serve(me: Arc<Loops>, mut shutdown: watch::Receiver<bool>, role: Role) {
+    let local = me.local;
     let mut buf = vec![0u8; RECV_BUF];
     let mut streak = Streak::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
-            r = sock.readable() => if let Err(error) = r {
+            r = me.sock.readable() => if let Err(error) = r {
                 warn!(%error, socket = %local, "UDP socket not readable; receive loop ends");
                 return;
             },
         }
         let mut got = 0;
         loop {
-            let (n, remote) = match sock.try_recv_from(&mut buf) {
+            let (n, remote) = match me.sock.try_recv_from(&mut buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP port unreachable for an earlier send surfaces here on Linux; it says
@@ -132,10 +148,11 @@ async fn serve(
                 remote,
                 local,
             };
-            receiver.receive(&buf[..n], source);
-            if streak.received() && role == Role::First && !helping.swap(true, Ordering::AcqRel) {
+            me.receiver.receive(&buf[..n], source);
+            if streak.received() && role == Role::First && !me.helping.swap(true, Ordering::AcqRel)
+            {
                 debug!(socket = %local, "receive loop behind; a second loop helps");
-                spawn_helper(&sock, &receiver, local, &shutdown, &helping);
+                spawn_helper(&me, &shutdown);
             }
             if *shutdown.borrow() {
                 return;
@@ -151,21 +168,20 @@ async fn serve(
 }
 
 /// Starts the helper loop (a function of its own: a loop future cannot contain itself).
-fn spawn_helper(
-    sock: &Arc<UdpSocket>,
-    receiver: &Arc<dyn Receiver>,
-    local: SocketAddr,
-    shutdown: &watch::Receiver<bool>,
-    helping: &Arc<AtomicBool>,
-) {
-    let helper: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(serve(
-        sock.clone(),
-        receiver.clone(),
-        local,
-        shutdown.clone(),
-        Role::Helper,
-        helping.clone(),
-    ));
+fn spawn_helper(me: &Arc<Loops>, shutdown: &watch::Receiver<bool>) {
+    let stats = me.transports.stats();
+    stats.udp_receive_helpers.fetch_add(1, Ordering::Relaxed);
+    stats
+        .udp_receive_helpers_running
+        .fetch_add(1, Ordering::Relaxed);
+    // Counted out when the task ends or is dropped, polled or not.
+    let done = HelperDone(me.clone());
+    let helper: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(serve(me.clone(), shutdown.clone(), Role::Helper));
+    let helper = async move {
+        let _done = done;
+        helper.await;
+    };
     tokio::spawn(helper.in_current_span());
 }
 
