@@ -8,9 +8,10 @@
 //! the loop counts the datagrams it finds already waiting, one after the other; after
 //! [`BEHIND_AFTER`] of them it starts a helper loop on the same socket, which ends once its
 //! wake-ups keep finding no backlog (at most one datagram, [`CAUGHT_UP_AFTER`] times in a
-//! row): the first loop keeps up again. (Not "an empty socket": at low load both loops race
-//! for each datagram and the helper wins about half the races, so it would almost never see
-//! 32 empty wake-ups in a row.) The decisions are [`Streak`]'s, pure.
+//! row) or once the socket has been quiet for [`HELPER_IDLE`]: the first loop keeps up again.
+//! (Not "an empty socket": at low load both loops race for each datagram and the helper wins
+//! about half the races, so it would almost never see 32 empty wake-ups in a row.) The
+//! decisions are [`Streak`]'s, pure.
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,6 +32,9 @@ const RECV_BUF: usize = 65536;
 const BEHIND_AFTER: u32 = 256;
 /// Wake-ups in a row that find no backlog (at most one datagram) after which the helper ends.
 const CAUGHT_UP_AFTER: u32 = 32;
+
+/// A helper that waits this long for a datagram ends (the socket is quiet).
+const HELPER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which of a socket's loops this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +123,19 @@ async fn serve(me: Arc<Loops>, mut shutdown: watch::Receiver<bool>, role: Role) 
     let mut buf = vec![0u8; RECV_BUF];
     let mut streak = Streak::default();
     loop {
+        // A helper on a socket gone quiet has no wake-ups to count: it ends after HELPER_IDLE.
+        let idle = async {
+            match role {
+                Role::First => std::future::pending().await,
+                Role::Helper => tokio::time::sleep(HELPER_IDLE).await,
+            }
+        };
         tokio::select! {
             _ = shutdown.changed() => return,
+            () = idle => {
+                debug!(socket = %local, "socket quiet; the second loop ends");
+                return;
+            }
             r = me.sock.readable() => if let Err(error) = r {
                 warn!(%error, socket = %local, "UDP socket not readable; receive loop ends");
                 return;
