@@ -29,6 +29,7 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::config::Config;
+use crate::sip::text::Addr;
 use crate::sip::{Message, SipUri};
 use crate::store::Cdr;
 
@@ -187,7 +188,7 @@ impl Start {
             request_uri: self.request_uri.clone(),
             route: self.route.clone(),
             auth_user: self.auth_user.clone(),
-            source: self.source.to_string(),
+            source: Addr(self.source).to_string(),
             outcome: Outcome::of(status, false).as_str().to_owned(),
             hangup: hangup.map_or("", Hangup::as_str).to_owned(),
             relayed: false,

@@ -175,13 +175,18 @@ impl Driver {
                     }
                     Routed::Forward(plan) => {
                         debug!(?plan, "forward");
+                        let now = self.clock.unix();
+                        let Err((msg, plan)) = self.proxy.forward_now(&cfg, msg, source, plan, now)
+                        else {
+                            return;
+                        };
                         let fut = self.proxy.clone().forward(
                             cfg,
                             *msg,
                             source,
                             *plan,
                             Some(self.auth.clone()),
-                            self.clock.unix(),
+                            now,
                         );
                         // Authentication and name resolution must not hold up the receive loop.
                         tokio::spawn(fut.in_current_span());

@@ -27,6 +27,7 @@ use sha2::Sha256;
 
 use super::nonce::NonceKey;
 use super::{ct_eq, to_hex};
+use crate::sip::text::Addr;
 
 /// Hex digits of a Record-Route MAC (64 bits: the MAC is checked online only, one guess
 /// per request, so 2^64 guesses are out of reach).
@@ -156,7 +157,7 @@ impl RouteKey {
     /// The MAC that ends a branch of ours: over the branch before it and the address the
     /// responses of that transaction go to.
     pub fn branch_mac(&self, branch: &str, upstream: SocketAddr) -> String {
-        let up = upstream.to_string();
+        let up = Addr(upstream).to_string();
         self.mac_hex(
             &[b"br\0", branch.as_bytes(), b"\0", up.as_bytes()],
             BRANCH_MAC_HEX,

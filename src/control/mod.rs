@@ -280,7 +280,7 @@ fn transactions(state: &State) -> Value {
         .proxy
         .transactions(MAX_ROWS)
         .into_iter()
-        .map(|(side, k)| json!({"side": side, "method": k.method, "branch": k.branch, "sent_by": k.sent_by}))
+        .map(|(side, k)| json!({"side": side, "method": k.method(), "branch": k.branch(), "sent_by": k.sent_by()}))
         .collect();
     json!({"server": server, "client": client, "transactions": list})
 }

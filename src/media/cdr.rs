@@ -120,6 +120,22 @@ impl CdrWriter {
         }
     }
 
+    /// [`Self::write`] without waiting: queues the row, or gives it back when the queue is
+    /// full or the writer is closing (then `write` it from a task).
+    pub fn try_write(&self, cdr: Cdr) -> Option<Cdr> {
+        if *self.inner.closing.borrow() {
+            return Some(cdr);
+        }
+        match self.batch.try_send(Job::Row(cdr)) {
+            Ok(()) => None,
+            Err(e) => match e.into_inner() {
+                Job::Row(cdr) => Some(cdr),
+                // What was sent is the row itself: no other job can come back.
+                Job::Flush(_) => None,
+            },
+        }
+    }
+
     /// Returns once every CDR written before the call is committed, or handed to the retries.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();

@@ -80,22 +80,63 @@ impl Accounting {
         }
     }
 
-    /// A BYE passed through the proxy: closes its dialog, if it is one of ours.
-    pub async fn bye(&self, msg: &Message) {
+    /// A BYE passed through the proxy: closes its dialog, if it is one of ours. Never waits
+    /// (it runs on the receive loop): the table's lock is held for moments, so it is mostly
+    /// free; when it is not, a task closes the dialog. The row is queued the same way.
+    pub fn bye(self: &Arc<Self>, msg: &Message) {
         let (Ok(call_id), Ok(from), Ok(to)) = (msg.call_id(), msg.from(), msg.to()) else {
             return;
         };
         let (Some(from_tag), Some(to_tag)) = (from.tag(), to.tag()) else {
             return;
         };
-        let row = {
-            let mut d = self.dialogs.lock().await;
-            let r = d.bye(call_id, from_tag, to_tag, self.clock.unix());
-            self.mirror(&d);
-            r
-        };
-        if let Some(row) = row {
-            self.write(row).await;
+        let now = self.clock.unix();
+        if let Ok(mut d) = self.dialogs.try_lock() {
+            let row = self.close(&mut d, call_id, from_tag, to_tag, now);
+            drop(d);
+            if let Some(row) = row {
+                self.write_soon(row);
+            }
+            return;
+        }
+        let me = self.clone();
+        let ids = [call_id, from_tag, to_tag].map(str::to_owned);
+        tokio::spawn(async move {
+            let [call_id, from_tag, to_tag] = &ids;
+            let row = me.close(
+                &mut *me.dialogs.lock().await,
+                call_id,
+                from_tag,
+                to_tag,
+                now,
+            );
+            if let Some(row) = row {
+                me.write(row).await;
+            }
+        });
+    }
+
+    /// Closes one dialog of the table (`bye`).
+    fn close(
+        &self,
+        d: &mut Dialogs,
+        call_id: &str,
+        from_tag: &str,
+        to_tag: &str,
+        now: u64,
+    ) -> Option<Cdr> {
+        let row = d.bye(call_id, from_tag, to_tag, now);
+        self.mirror(d);
+        row
+    }
+
+    /// [`Self::write`] without waiting: the row is queued, or written by a task when the
+    /// writer's queue is full.
+    fn write_soon(self: &Arc<Self>, row: Cdr) {
+        log_end(&row);
+        if let Some(row) = self.cdr.try_write(row) {
+            let cdr = self.cdr.clone();
+            tokio::spawn(async move { cdr.write(row).await });
         }
     }
 

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use crate::auth::mac::{ROUTE_MAC_PARAM, RouteKey};
 use crate::config::Identity;
+use crate::sip::text::{Addr, Ip};
 use crate::sip::{HeaderName, Message, Rewrite};
 use crate::transport::Proto;
 
@@ -47,7 +48,7 @@ impl Flow {
             Proto::Tcp => 't',
             Proto::Tls => 's',
         };
-        format!("{p}~{}~{}", self.addr.ip(), self.addr.port())
+        format!("{p}~{}~{}", Ip(self.addr.ip()), self.addr.port())
     }
 
     /// Reads a token written by [`Flow::token`].
@@ -256,17 +257,29 @@ fn loop_cookie(msg: &Message) -> u32 {
 /// True when `msg` carries a Via of ours (`ours` = our sent-by `host:port`) whose loop cookie
 /// matches the request as received now: it has been here before unchanged, a loop.
 pub fn is_loop(msg: &Message, ours: &[String]) -> bool {
-    let Ok(vias) = msg.vias() else {
-        return false;
-    };
-    let cookie = format!("{:08x}", loop_cookie(msg));
-    vias.iter().skip(1).any(|v| {
-        let sent_by = format!("{}:{}", v.host, v.port.unwrap_or(5060));
-        ours.contains(&sent_by)
-            && v.branch()
+    let mut seen = 0;
+    let mut cookie = None;
+    let mut looped = false;
+    let all_read = msg.for_each_via(|v| {
+        seen += 1;
+        if looped || seen == 1 {
+            return;
+        }
+        let port = v.port.unwrap_or(5060);
+        let mine = ours.iter().any(|o| {
+            o.rsplit_once(':')
+                .is_some_and(|(host, p)| host == v.host && p.parse() == Ok(port))
+        });
+        if mine {
+            // Computed only for a request that carries a Via of ours (most do not).
+            let cookie = cookie.get_or_insert_with(|| format!("{:08x}", loop_cookie(msg)));
+            looped = v
+                .branch()
                 .and_then(|b| b.strip_prefix(BRANCH_PREFIX))
-                .is_some_and(|rest| rest.starts_with(&cookie))
-    })
+                .is_some_and(|rest| rest.starts_with(cookie.as_str()));
+        }
+    });
+    all_read.is_ok() && looped
 }
 
 /// A Record-Route or Via host:port for our side.
@@ -274,7 +287,7 @@ pub fn is_loop(msg: &Message, ours: &[String]) -> bool {
 pub fn hostport(l: Local) -> String {
     match l.advertise {
         std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", l.port),
-        std::net::IpAddr::V4(v4) => format!("{v4}:{}", l.port),
+        std::net::IpAddr::V4(v4) => Addr(SocketAddr::new(v4.into(), l.port)).to_string(),
     }
 }
 

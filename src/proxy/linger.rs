@@ -252,11 +252,7 @@ mod tests {
     use crate::transport::Proto;
 
     fn key(branch: &str, method: &str) -> TxnKey {
-        TxnKey {
-            branch: branch.into(),
-            sent_by: "192.0.2.1:5060".into(),
-            method: method.into(),
-        }
+        TxnKey::new(branch, "192.0.2.1:5060", method)
     }
 
     fn out(bytes: &[u8]) -> Transmit {

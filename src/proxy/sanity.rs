@@ -80,7 +80,7 @@ fn request_problem(
     if let Some(d) = msg.defect() {
         return reject(d);
     }
-    if let Err(e) = msg.vias() {
+    if let Err(e) = msg.via_count() {
         return reject(e);
     }
     if let Err(e) = msg.from() {

@@ -396,7 +396,7 @@ impl Proxy {
             Some(ForResponse::Pass) | None => {}
         }
         let forwarded = resp.status().is_some_and(|s| (200..300).contains(&s))
-            && key.method == "INVITE"
+            && key.method() == "INVITE"
             && self.forward_stray(&resp);
         if !forwarded {
             self.stats.stray_dropped.fetch_add(1, Relaxed);
@@ -525,25 +525,23 @@ impl Proxy {
         if plan.stateless {
             let dests = resolve(&self.dns, &self.prober, &plan.targets).await;
             if let Some(a) = dests.first().and_then(|d| d.first()) {
-                self.forward_stateless(&msg, source, &plan, a).await;
+                // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the
+                // 2xx). An ACK is never refused by media (`Media::offer`): what does not fit
+                // goes unchanged.
+                let body = match self.media.as_ref() {
+                    Some(m) if !msg.body().is_empty() => m
+                        .offer(&msg, "", Role::InDialog, source.remote, None)
+                        .await
+                        .ok()
+                        .flatten(),
+                    _ => None,
+                };
+                self.forward_stateless(&msg, source, &plan, a, body);
             }
             return;
         }
-        let res = match self.reserve(&cfg, &msg, source) {
-            Ok(res) => res,
-            Err(Refusal::Owned) => {
-                debug!("request already has a transaction");
-                return;
-            }
-            Err(Refusal::Limit(limit)) => {
-                self.stats.txn_limited.fetch_add(1, Relaxed);
-                crate::security_event!("transaction_limit", source.remote, limit);
-                let bytes = reply_now(503, "Service Unavailable", &[("Retry-After", "5")]);
-                let nated = plan.sender_nated;
-                self.transports
-                    .send(self.upstream(&msg, source, bytes, nated));
-                return;
-            }
+        let Some(res) = self.claim(&cfg, &msg, source, &plan) else {
+            return;
         };
         let mut strip_proxy_auth = false;
         let mut auth_user = None;
@@ -581,14 +579,118 @@ impl Proxy {
                 Err((_, bytes)) => return self.launch(res, msg, source, Work::Reply(bytes), None),
             }
         }
+        let resolved = resolve(&self.dns, &self.prober, &plan.targets).await;
+        let creds = Credentials {
+            strip_proxy_auth,
+            auth_user,
+        };
+        self.dispatch(res, msg, source, plan, resolved, creds, now_unix);
+    }
+
+    /// [`Proxy::forward`] on the receive loop, for the plans that need nothing waited for: no
+    /// proxy authentication, next hops that are all addresses (no name to resolve), and for
+    /// an ACK no SDP for the relay. Most requests are such (a `[[route]]` to an address, a
+    /// registered contact, every in-dialog request): they go out without a task of their own
+    /// for the routing, its allocation and its wake-up (issue #15). Gives the request and the
+    /// plan back, untouched, when something must be waited for.
+    pub fn forward_now(
+        self: &Arc<Self>,
+        cfg: &Config,
+        msg: Box<Message>,
+        source: Source,
+        plan: Box<Plan>,
+        now_unix: u64,
+    ) -> Result<(), (Box<Message>, Box<Plan>)> {
+        let media_in_ack = plan.stateless && self.media.is_some() && !msg.body().is_empty();
+        if plan.auth.is_some() || media_in_ack {
+            return Err((msg, plan));
+        }
+        let Some(resolved) = resolve_now(|a| self.prober.is_down(a), &plan.targets) else {
+            return Err((msg, plan));
+        };
+        let (msg, mut plan) = (*msg, *plan);
+        // RFC 3325 §5, as in `forward`.
+        plan.identity.strip = !cfg.security.is_trusted(source.remote.ip());
+        if plan.stateless {
+            if let Some(a) = resolved.first().and_then(|d| d.first()) {
+                self.forward_stateless(&msg, source, &plan, a, None);
+            }
+            return Ok(());
+        }
+        if let Some(res) = self.claim(cfg, &msg, source, &plan) {
+            self.dispatch(
+                res,
+                msg,
+                source,
+                plan,
+                resolved,
+                Credentials::default(),
+                now_unix,
+            );
+        }
+        Ok(())
+    }
+
+    /// The server transaction of a request to forward ([`Proxy::reserve`]), or `None` when
+    /// it has one already or a limit refuses it (answered 503 here).
+    fn claim(
+        &self,
+        cfg: &Config,
+        msg: &Message,
+        source: Source,
+        plan: &Plan,
+    ) -> Option<Reservation> {
+        match self.reserve(cfg, msg, source) {
+            Ok(res) => Some(res),
+            Err(Refusal::Owned) => {
+                debug!("request already has a transaction");
+                None
+            }
+            Err(Refusal::Limit(limit)) => {
+                self.stats.txn_limited.fetch_add(1, Relaxed);
+                crate::security_event!("transaction_limit", source.remote, limit);
+                let bytes = reply::response(
+                    msg,
+                    source.remote,
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", "5")],
+                );
+                let nated = plan.sender_nated;
+                self.transports
+                    .send(self.upstream(msg, source, bytes, nated));
+                None
+            }
+        }
+    }
+
+    /// The rest of forwarding once the caller is known and the next hops resolved: the
+    /// call's accounting record, a BYE's dialog closed, the transaction task launched (a 503
+    /// when no next hop resolved).
+    #[allow(clippy::too_many_arguments)] // one call site each in `forward` and `forward_now`
+    fn dispatch(
+        self: &Arc<Self>,
+        res: Reservation,
+        msg: Message,
+        source: Source,
+        plan: Plan,
+        resolved: Vec<Vec<Attempt>>,
+        creds: Credentials,
+        now_unix: u64,
+    ) {
         // Past authentication: an initial INVITE is a call, whatever happens to it now.
         let start = plan.route.as_deref().and_then(|route| {
-            acc::Start::of(&msg, source.remote, route, auth_user.as_deref(), now_unix)
+            acc::Start::of(
+                &msg,
+                source.remote,
+                route,
+                creds.auth_user.as_deref(),
+                now_unix,
+            )
         });
         if msg.method() == Some("BYE") {
-            self.acc.bye(&msg).await;
+            self.acc.bye(&msg);
         }
-        let resolved = resolve(&self.dns, &self.prober, &plan.targets).await;
         let mut kept = Plan {
             targets: Vec::new(),
             ..plan.clone()
@@ -608,9 +710,19 @@ impl Proxy {
             }
         }
         if dests.is_empty() {
-            let bytes = reply_now(503, "Service Unavailable", &[("Retry-After", "30")]);
+            let bytes = reply::response(
+                &msg,
+                source.remote,
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "30")],
+            );
             return self.launch(res, msg, source, Work::Reply(bytes), start);
         }
+        let Credentials {
+            strip_proxy_auth,
+            auth_user,
+        } = creds;
         self.launch(
             res,
             msg,
@@ -626,13 +738,14 @@ impl Proxy {
     }
 
     /// Forwards an ACK for a 2xx (end-to-end, no transaction) to the first place of its
-    /// next hop.
-    pub async fn forward_stateless(
+    /// next hop; `body`: the relay's rewrite of its SDP, if any.
+    pub fn forward_stateless(
         &self,
         msg: &Message,
         source: Source,
         plan: &Plan,
         attempt: &Attempt,
+        body: Option<Vec<u8>>,
     ) {
         let (hop, dest) = (&attempt.hop, attempt.dest);
         let sent_by = msg
@@ -647,16 +760,6 @@ impl Proxy {
             &self.ctx.key,
             crate::nat::response_dest(msg, source, nated),
         );
-        // An ACK may carry the answer to a late offer (RFC 3264 §5: offer in the 2xx). An
-        // ACK is never refused by media (`Media::offer`): what does not fit goes unchanged.
-        let body = match self.media.as_ref() {
-            Some(m) if !msg.body().is_empty() => m
-                .offer(msg, "", Role::InDialog, source.remote, None)
-                .await
-                .ok()
-                .flatten(),
-            _ => None,
-        };
         let bytes = self.ctx.build(
             msg, source, hop, dest, &branch, plan, false, nated, body, None,
         );
@@ -747,7 +850,7 @@ impl Proxy {
             "txn",
             sip.method = msg.method().unwrap_or_default(),
             sip.call_id = msg.call_id().unwrap_or_default(),
-            sip.branch = %res.key.branch
+            sip.branch = res.key.branch()
         );
         // If the task panics, its table entry goes with it (no leak, and a retransmission
         // of the request is not absorbed by a task that no longer exists).
@@ -989,6 +1092,14 @@ struct CallAcc {
     ready: Option<(Box<acc::Start>, u16)>,
 }
 
+/// Who the caller proved to be (proxy authentication), for the forwarded copy and the row.
+#[derive(Default)]
+struct Credentials {
+    /// The caller's Proxy-Authorization was ours: not forwarded.
+    strip_proxy_auth: bool,
+    auth_user: Option<String>,
+}
+
 /// A claimed server transaction, not yet running.
 pub struct Reservation {
     key: TxnKey,
@@ -1141,16 +1252,8 @@ fn transport_failure_response(bytes: &[u8], dest: SocketAddr) -> Option<Message>
 pub async fn resolve(dns: &Resolver, prober: &Prober, hops: &[Hop]) -> Vec<Vec<Attempt>> {
     let mut out = Vec::with_capacity(hops.len());
     for first in hops {
-        let mut attempts = Vec::new();
+        let mut places = Places::default();
         for hop in std::iter::once(first).chain(&first.failover) {
-            let at = |dest: SocketAddr, proto: Proto| Attempt {
-                hop: Hop {
-                    proto,
-                    failover: Vec::new(),
-                    ..hop.clone()
-                },
-                dest,
-            };
             let found = match &hop.dest {
                 Dest::Addr(a) => Ok(vec![crate::dns::Next {
                     addr: *a,
@@ -1159,26 +1262,127 @@ pub async fn resolve(dns: &Resolver, prober: &Prober, hops: &[Hop]) -> Vec<Vec<A
                 Dest::Host(host, port) => dns.resolve(host, Some(*port), Some(hop.proto)).await,
                 Dest::Name { host, transport } => dns.resolve(host, None, *transport).await,
             };
-            match found {
-                Ok(places) => attempts.extend(places.into_iter().map(|n| at(n.addr, n.proto))),
-                Err(error) => warn!(%error, "next hop does not resolve"),
-            }
-            if attempts.len() >= crate::dns::MAX_TARGETS {
-                attempts.truncate(crate::dns::MAX_TARGETS);
+            if places.add(hop, found) {
                 break;
             }
         }
-        if attempts.iter().any(|a| !prober.is_down(a.dest)) {
-            attempts.retain(|a| !prober.is_down(a.dest));
-        }
-        out.push(attempts);
+        out.push(places.finish(|a| prober.is_down(a)));
     }
     out
+}
+
+/// [`resolve`] without waiting, for plans whose hops (failover hops included) are all
+/// addresses — the usual case: a `[[route]]` to an IP address, a registered contact, a
+/// record-routed dialog. `None` when a name is among them. `down`: [`Prober::is_down`].
+pub fn resolve_now(down: impl Fn(SocketAddr) -> bool, hops: &[Hop]) -> Option<Vec<Vec<Attempt>>> {
+    hops.iter()
+        .map(|first| {
+            let mut places = Places::default();
+            for hop in std::iter::once(first).chain(&first.failover) {
+                let Dest::Addr(addr) = hop.dest else {
+                    return None;
+                };
+                let found = crate::dns::Next {
+                    addr,
+                    proto: hop.proto,
+                };
+                if places.add(hop, Ok(vec![found])) {
+                    break;
+                }
+            }
+            Some(places.finish(&down))
+        })
+        .collect()
+}
+
+/// The places of one branch, gathered hop by hop.
+#[derive(Default)]
+struct Places(Vec<Attempt>);
+
+impl Places {
+    /// Adds what `hop` resolved to; true when the branch has all the places it may have.
+    fn add(
+        &mut self,
+        hop: &Hop,
+        found: Result<Vec<crate::dns::Next>, crate::dns::DnsError>,
+    ) -> bool {
+        match found {
+            Ok(places) => self.0.extend(places.into_iter().map(|n| Attempt {
+                hop: Hop {
+                    proto: n.proto,
+                    failover: Vec::new(),
+                    ..hop.clone()
+                },
+                dest: n.addr,
+            })),
+            Err(error) => warn!(%error, "next hop does not resolve"),
+        }
+        if self.0.len() >= crate::dns::MAX_TARGETS {
+            self.0.truncate(crate::dns::MAX_TARGETS);
+            return true;
+        }
+        false
+    }
+
+    /// The places, without those probing found down (unless all are).
+    fn finish(self, down: impl Fn(SocketAddr) -> bool) -> Vec<Attempt> {
+        let mut attempts = self.0;
+        if attempts.iter().any(|a| !down(a.dest)) {
+            attempts.retain(|a| !down(a.dest));
+        }
+        attempts
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hop(dest: Dest, failover: Vec<Hop>) -> Hop {
+        Hop {
+            ruri: None,
+            dest,
+            proto: Proto::Udp,
+            flow: None,
+            failover,
+            trunk: None,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn addresses_resolve_without_waiting_names_do_not() {
+        let a: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:5070".parse().unwrap();
+        let c: SocketAddr = "192.0.2.3:5060".parse().unwrap();
+        // A branch with its failover hop, and a second branch.
+        let hops = [
+            hop(Dest::Addr(a), vec![hop(Dest::Addr(b), Vec::new())]),
+            hop(Dest::Addr(c), Vec::new()),
+        ];
+        let up = resolve_now(|_| false, &hops).expect("addresses only");
+        let places: Vec<Vec<SocketAddr>> = up
+            .iter()
+            .map(|branch| branch.iter().map(|at| at.dest).collect())
+            .collect();
+        assert_eq!(places, vec![vec![a, b], vec![c]]);
+        assert!(up[0].iter().all(|at| at.hop.failover.is_empty()));
+        // Places found down are left out, unless all of a branch's are.
+        let some_down = resolve_now(|p| p == a || p == c, &hops).unwrap();
+        assert_eq!(
+            some_down[0].iter().map(|at| at.dest).collect::<Vec<_>>(),
+            [b]
+        );
+        assert_eq!(
+            some_down[1].iter().map(|at| at.dest).collect::<Vec<_>>(),
+            [c]
+        );
+        // A name anywhere, a failover hop included, must be looked up: the plan waits.
+        let named = Dest::Host("pbx.example.com".into(), 5060);
+        assert!(resolve_now(|_| false, &[hop(named.clone(), Vec::new())]).is_none());
+        let late = [hop(Dest::Addr(a), vec![hop(named, Vec::new())])];
+        assert!(resolve_now(|_| false, &late).is_none());
+    }
 
     #[test]
     fn a_failed_request_gets_a_503_for_its_own_branch() {
@@ -1191,8 +1395,8 @@ CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
         let resp = transport_failure_response(req, dest).expect("a 503");
         assert_eq!(resp.status(), Some(503));
         let key = client_key(&resp).expect("matches a client transaction");
-        assert_eq!(key.branch, "z9hG4bKours");
-        assert_eq!(key.method, "INVITE");
+        assert_eq!(key.branch(), "z9hG4bKours");
+        assert_eq!(key.method(), "INVITE");
         let ack = String::from_utf8_lossy(req).replacen("INVITE", "ACK", 2);
         assert!(transport_failure_response(ack.as_bytes(), dest).is_none());
         let ok = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 192.0.2.1:5061;branch=z9hG4bKx\r\n\

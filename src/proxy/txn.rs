@@ -465,9 +465,7 @@ impl ProxyTxn {
     fn branch_for(&self, index: usize) -> Option<String> {
         let msg = self.msg.as_ref()?;
         let key = crate::transaction::server_key(msg);
-        let (incoming, sent_by) = key
-            .as_ref()
-            .map_or(("", ""), |k| (k.branch.as_str(), k.sent_by.as_str()));
+        let (incoming, sent_by) = key.as_ref().map_or(("", ""), |k| (k.branch(), k.sent_by()));
         Some(forward::branch_id(
             msg,
             incoming,
@@ -573,11 +571,11 @@ impl ProxyTxn {
             credentials,
         );
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
-        let key = TxnKey {
-            branch: b.via.clone(),
-            sent_by: forward::hostport(outbound),
-            method: msg.method().unwrap_or_default().to_owned(),
-        };
+        let key = TxnKey::new(
+            &b.via,
+            &forward::hostport(outbound),
+            msg.method().unwrap_or_default(),
+        );
         let kind = if self.invite {
             Kind::Invite
         } else {
@@ -822,7 +820,7 @@ impl ProxyTxn {
                         && let Some(r) = b
                             .retired
                             .iter_mut()
-                            .find(|r| via.as_deref() == Some(r.key.branch.as_str()))
+                            .find(|r| via.as_deref() == Some(r.key.branch()))
                     {
                         r.txn.on_response(resp, now);
                         self.drive(now);
@@ -1172,7 +1170,14 @@ impl ProxyTxn {
                         continue;
                     }
                     let b = &mut self.branches[idx];
-                    if self.ctx.media && b.role != Role::Direct && (101..300).contains(&status) {
+                    // In a dialog, only a body can be the relay's business (an answer to
+                    // a re-offer); a BYE's 200 passes straight up.
+                    let for_media = match b.role {
+                        Role::Relay => true,
+                        Role::InDialog => !resp.body().is_empty(),
+                        Role::Direct => false,
+                    };
+                    if self.ctx.media && for_media && (101..300).contains(&status) {
                         // The media layer sees it first; `handle_answer` continues.
                         self.media.push_back(MediaOp::Answer {
                             idx,
@@ -1273,20 +1278,26 @@ impl ProxyTxn {
         }
     }
 
+    /// An initial INVITE of a call some branch of which goes through the relay: its final
+    /// outcome is the media layer's business ([`MediaOp::Finished`]). A call with no relayed
+    /// branch has no session to end or give back.
+    fn relays(&self) -> bool {
+        self.plan.media.is_some()
+            && self.ctx.media
+            && self.branches.iter().any(|b| b.role == Role::Relay)
+    }
+
     /// A response of branch `idx` goes through the response context (after media, with the
     /// relay's SDP in `body`). True when the other branches must be cancelled.
     fn pass_up(&mut self, idx: usize, resp: Message, body: Option<Vec<u8>>, now: Instant) -> bool {
         let status = resp.status().unwrap_or(0);
+        // The first 2xx ends the media negotiation of every branch, also when it comes from a
+        // branch that is not relayed: the relayed forks give their sessions back now.
+        let first_2xx =
+            self.invite && !self.media_final && self.relays() && (200..300).contains(&status);
         let Some(b) = self.branches.get_mut(idx) else {
             return false;
         };
-        // The first 2xx ends the media negotiation of every branch, also when it comes from a
-        // branch that is not relayed: the relayed forks give their sessions back now.
-        let first_2xx = self.invite
-            && !self.media_final
-            && self.plan.media.is_some()
-            && self.ctx.media
-            && (200..300).contains(&status);
         // RFC 3261 §9.1: any provisional, 100 included, lets the CANCEL go.
         if (100..200).contains(&status) && b.cancel_pending {
             b.cancel_pending = false;
@@ -1360,7 +1371,7 @@ impl ProxyTxn {
             }
         };
         self.server.respond(status, bytes, now);
-        if self.invite && !self.media_final && self.plan.media.is_some() && self.ctx.media {
+        if self.invite && !self.media_final && self.relays() {
             self.media_final = true;
             self.media.push_back(MediaOp::Finished {
                 status,
@@ -1438,12 +1449,8 @@ impl ProxyTxn {
             return;
         };
         let (_, outbound) = self.ctx.sides(self.source, b.hop.proto);
-        let key = TxnKey {
-            // The branch of the INVITE sent last (a trunk's re-send has its own).
-            branch: sent.branch.clone(),
-            sent_by: forward::hostport(outbound),
-            method: "CANCEL".to_owned(),
-        };
+        // The branch of the INVITE sent last (a trunk's re-send has its own).
+        let key = TxnKey::new(sent.branch(), &forward::hostport(outbound), "CANCEL");
         self.events.push_back(Event::Bind {
             key: key.clone(),
             idx,
@@ -1475,7 +1482,7 @@ fn upstream_copy_with(
     challenges: &[Challenge],
     cseq: Option<u32>,
 ) -> Option<Vec<u8>> {
-    if resp.vias().ok()?.len() < 2 {
+    if resp.via_count().ok()? < 2 {
         return None;
     }
     let mut rw = crate::sip::Rewrite::new(resp);

@@ -339,11 +339,7 @@ fn assert_hop_request(s: &Sent, method: &str, fwd: &Sent, dest: &str) {
 }
 
 fn key(branch: &str, method: &str) -> TxnKey {
-    TxnKey {
-        branch: branch.to_owned(),
-        sent_by: PROXY.to_owned(),
-        method: method.to_owned(),
-    }
+    TxnKey::new(branch, PROXY, method)
 }
 
 fn bind(branch: &str, idx: usize) -> Event {
@@ -1835,4 +1831,63 @@ fn trunk_caller_cancel_after_the_re_send_cancels_the_re_sent_invite() {
     assert!(h.answer(0, true, &cancel.msg, 200).is_empty());
     let (_, up) = split(h.answer(0, false, &again.msg, 487));
     assert_upstream(&one(up), 487);
+}
+
+#[test]
+fn media_steps_only_where_the_relay_has_something_to_do() {
+    // An initial INVITE on a route that never relays: no step at all, not even its outcome
+    // (nothing was offered, so no session can exist to end or give back).
+    let (mut h, sent) = Harness::start(
+        ctx(true),
+        request("INVITE", Some(OFFER)),
+        forward(&[BOB], Some(MediaMode::Never)),
+    );
+    let inv = sent
+        .into_iter()
+        .find(|s| s.tx.dest == addr(BOB))
+        .expect("forwarded at once");
+    assert_eq!(inv.msg.body(), OFFER.as_bytes(), "the caller's own SDP");
+    h.at(400);
+    let up = one(h.input(Input::Response {
+        idx: 0,
+        cancel: false,
+        resp: uas(&inv.msg, 200, Some(ANSWER)),
+    }));
+    assert_upstream(&up, 200);
+    assert!(h.take_media().is_empty(), "a direct call has no media step");
+
+    // A BYE in a dialog goes to the media layer (it may end a relayed call); its 200 without
+    // a body passes straight up.
+    let text = String::from_utf8(request("BYE", None).as_bytes().to_vec()).unwrap();
+    let bye = parse(
+        text.replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b1",
+        )
+        .as_bytes(),
+    );
+    let (mut h, sent) = Harness::start(ctx(true), bye, forward(&[BOB], None));
+    assert!(sent.is_empty(), "held for the media layer");
+    let ops = h.take_media();
+    assert!(
+        matches!(
+            ops.as_slice(),
+            [MediaOp::Offer {
+                idx: 0,
+                role: Role::InDialog,
+                ..
+            }]
+        ),
+        "{ops:?}"
+    );
+    h.t.handle_offer(h.now, 0, Ok(None));
+    let fwd = one(h.drain());
+    assert_eq!((fwd.tx.dest, fwd.method()), (addr(BOB), Some("BYE")));
+    h.at(100);
+    let up = one(h.answer(0, false, &fwd.msg, 200));
+    assert_eq!((up.tx.dest, up.status()), (addr(CALLER), Some(200)));
+    assert!(
+        h.take_media().is_empty(),
+        "no answer step for a 200 without a body"
+    );
 }

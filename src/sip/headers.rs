@@ -9,8 +9,8 @@ use std::ops::Range;
 use super::header::HeaderName;
 use super::parse::{Malformed, Message};
 use super::scan::{
-    Param, find_param, first_of_list, is_lws, is_token, parse_decimal, parse_params, skip_lws,
-    skip_quoted, split_list, trim,
+    Param, Params, first_of_list, is_lws, is_token, parse_decimal, parse_params, scan_list,
+    skip_lws, skip_quoted, split_list, trim,
 };
 
 /// One Via value: `SIP/2.0/UDP host:port;params`.
@@ -21,7 +21,7 @@ pub struct Via<'m> {
     pub host: &'m str,
     pub port: Option<u16>,
     /// Borrowed from the message for its top Via (parsed once, kept with it), owned otherwise.
-    pub params: Cow<'m, [Param]>,
+    pub params: Cow<'m, Params>,
     /// The whole value (within its header line).
     pub span: Range<usize>,
     buf: &'m [u8],
@@ -35,14 +35,14 @@ pub(crate) struct ViaSpans {
     transport: Range<usize>,
     host: Range<usize>,
     port: Option<u16>,
-    params: Vec<Param>,
+    params: Params,
     span: Range<usize>,
 }
 
 impl ViaSpans {
     /// The view of these spans in `buf`, the message they were scanned from; `params` are
     /// these spans' own, borrowed or taken.
-    fn view<'m>(&self, buf: &'m [u8], params: Cow<'m, [Param]>) -> Via<'m> {
+    fn view<'m>(&self, buf: &'m [u8], params: Cow<'m, Params>) -> Via<'m> {
         Via {
             transport: scanned_str(buf, self.transport.clone()),
             host: scanned_str(buf, self.host.clone()),
@@ -56,7 +56,7 @@ impl ViaSpans {
 
 impl<'m> Via<'m> {
     pub fn param(&self, name: &str) -> Option<&'m str> {
-        let p = find_param(self.buf, &self.params, name)?;
+        let p = self.params.find(self.buf, name)?;
         Some(match &p.value {
             Some(v) => std::str::from_utf8(&self.buf[v.clone()]).unwrap_or(""),
             None => "",
@@ -64,7 +64,7 @@ impl<'m> Via<'m> {
     }
 
     pub fn param_span(&self, name: &str) -> Option<&Param> {
-        find_param(self.buf, &self.params, name)
+        self.params.find(self.buf, name)
     }
 
     pub fn branch(&self) -> Option<&'m str> {
@@ -84,7 +84,7 @@ pub struct NameAddr<'m> {
     pub display: Option<Range<usize>>,
     pub uri: &'m str,
     pub uri_span: Range<usize>,
-    pub params: Vec<Param>,
+    pub params: Params,
     /// The whole element.
     pub span: Range<usize>,
     buf: &'m [u8],
@@ -92,7 +92,7 @@ pub struct NameAddr<'m> {
 
 impl<'m> NameAddr<'m> {
     pub fn param(&self, name: &str) -> Option<&'m str> {
-        let p = find_param(self.buf, &self.params, name)?;
+        let p = self.params.find(self.buf, name)?;
         Some(match &p.value {
             Some(v) => std::str::from_utf8(&self.buf[v.clone()]).unwrap_or(""),
             None => "",
@@ -106,6 +106,7 @@ impl<'m> NameAddr<'m> {
 
 /// A Contact header value.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // built for a moment while a message is read, never kept
 pub enum ContactValue<'m> {
     /// `Contact: *` (RFC 3261 §10.2.2).
     Star,
@@ -264,14 +265,36 @@ impl Message {
     /// Every Via value in order, across all Via header lines.
     pub fn vias(&self) -> Result<Vec<Via<'_>>, Malformed> {
         let mut out = Vec::new();
+        self.for_each_via(|v| out.push(v))?;
+        Ok(out)
+    }
+
+    /// [`Self::vias`] one by one, without a vector: `each` gets every Via in order until a
+    /// malformed one, which is the error (`each` may have seen the Vias before it).
+    pub fn for_each_via<'m>(&'m self, mut each: impl FnMut(Via<'m>)) -> Result<(), Malformed> {
+        let buf = self.as_bytes();
         for h in self.headers_named(HeaderName::Via) {
-            let parts =
-                split_list(self.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Via"))?;
-            for p in parts {
-                out.push(parse_via(self.as_bytes(), p).ok_or(Malformed::Header("Via"))?);
+            let mut ok = true;
+            let scanned = scan_list(buf, h.value.clone(), |p| {
+                if ok {
+                    match parse_via(buf, p) {
+                        Some(v) => each(v),
+                        None => ok = false,
+                    }
+                }
+            });
+            if !ok || scanned.is_none() {
+                return Err(Malformed::Header("Via"));
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// How many Via values the message has (all of them checked).
+    pub fn via_count(&self) -> Result<usize, Malformed> {
+        let mut n = 0;
+        self.for_each_via(|_| n += 1)?;
+        Ok(n)
     }
 
     /// The topmost Via value (the one that routes a response). Parsed on the first call and

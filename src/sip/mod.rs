@@ -10,6 +10,7 @@ pub mod parse;
 pub mod reply;
 pub mod rewrite;
 pub(crate) mod scan;
+pub mod text;
 pub mod uri;
 
 pub use header::HeaderName;

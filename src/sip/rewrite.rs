@@ -10,6 +10,7 @@ use super::header::HeaderName;
 use super::headers::Via;
 use super::parse::{Malformed, Message};
 use super::scan::split_list;
+use super::text::Ip;
 
 /// One replacement: `at` (possibly empty, for an insertion) becomes `with`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,9 +247,9 @@ pub(crate) fn via_received_edits(
     let mut append = String::new();
     if rport.is_some() || force_rport || !sent_by_is_source {
         match via.param_span("received") {
-            Some(p) => edits.push((p.span.clone(), format!(";received={}", source.ip()))),
+            Some(p) => edits.push((p.span.clone(), format!(";received={}", Ip(source.ip())))),
             None => {
-                let _ = write!(append, ";received={}", source.ip());
+                let _ = write!(append, ";received={}", Ip(source.ip()));
             }
         }
     }

@@ -10,21 +10,79 @@
 //! matched this way. Requests from RFC 2543 elements (§17.2.3's backwards-compatible matching
 //! on Request-URI, tags, Call-ID and CSeq) get no key: the caller treats them as new.
 
-use crate::sip::{Message, Via};
+use std::fmt::Write as _;
+
+use crate::sip::Message;
 
 /// The magic cookie that starts every RFC 3261 branch (RFC 3261 §8.1.1.7).
 pub const MAGIC_COOKIE: &str = "z9hG4bK";
 
-/// What identifies a transaction (RFC 3261 §17.1.3, §17.2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What identifies a transaction (RFC 3261 §17.1.3, §17.2.3): the `branch` parameter of the
+/// top Via, as written (compared case-sensitively); its sent-by, `host:port` with the host
+/// lower-cased, an IPv6 reference in brackets, and port 5060 when none is written; and the
+/// method of the transaction (`INVITE` for an ACK, CSeq's method for a response).
+///
+/// The three in one allocation (`method SP branch SP sent-by`): a key is built for every
+/// message and copied into the tables, and three strings each were ~35 allocations per
+/// proxied call (issue #15).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TxnKey {
-    /// The `branch` parameter of the top Via, as written (compared case-sensitively).
-    pub branch: String,
-    /// The sent-by of the top Via: `host:port` with the host lower-cased, an IPv6 reference in
-    /// brackets, and port 5060 when none is written.
-    pub sent_by: String,
-    /// The method of the transaction: `INVITE` for an ACK, CSeq's method for a response.
-    pub method: String,
+    text: Box<str>,
+    /// Where the method and the branch end in `text`.
+    method_end: usize,
+    branch_end: usize,
+}
+
+impl TxnKey {
+    /// The key of `branch`, `sent_by` (already normalised) and `method`.
+    pub fn new(branch: &str, sent_by: &str, method: &str) -> Self {
+        Self::build(method, branch, sent_by.len(), |t| t.push_str(sent_by))
+    }
+
+    /// `sent_by_len` bytes written by `sent_by` after the method, the branch and their
+    /// separators.
+    fn build(
+        method: &str,
+        branch: &str,
+        sent_by_len: usize,
+        sent_by: impl FnOnce(&mut String),
+    ) -> Self {
+        let mut text = String::with_capacity(method.len() + branch.len() + sent_by_len + 2);
+        text.push_str(method);
+        text.push(' ');
+        text.push_str(branch);
+        text.push(' ');
+        sent_by(&mut text);
+        Self {
+            text: text.into_boxed_str(),
+            method_end: method.len(),
+            branch_end: method.len() + 1 + branch.len(),
+        }
+    }
+
+    pub fn branch(&self) -> &str {
+        self.text
+            .get(self.method_end + 1..self.branch_end)
+            .unwrap_or_default()
+    }
+
+    pub fn sent_by(&self) -> &str {
+        self.text.get(self.branch_end + 1..).unwrap_or_default()
+    }
+
+    pub fn method(&self) -> &str {
+        self.text.get(..self.method_end).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for TxnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnKey")
+            .field("branch", &self.branch())
+            .field("sent_by", &self.sent_by())
+            .field("method", &self.method())
+            .finish()
+    }
 }
 
 /// For a received request: the key of the server transaction it belongs to. ACK maps to the
@@ -64,22 +122,23 @@ fn via_key(msg: &Message, method: &str) -> Option<TxnKey> {
     if !branch.starts_with(MAGIC_COOKIE) {
         return None;
     }
-    Some(TxnKey {
-        branch: branch.to_owned(),
-        sent_by: sent_by(&via),
-        method: method.to_owned(),
-    })
-}
-
-/// `host:port`, normalised so that equal sent-by values compare equal.
-fn sent_by(via: &Via<'_>) -> String {
-    let host = via.host.to_ascii_lowercase();
+    // The sent-by, normalised so that equal values compare equal: `host:port`, the host
+    // lower-cased, an IPv6 reference in brackets, 5060 when no port is written.
+    let host = via.host;
     let port = via.port.unwrap_or(5060);
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
+    let v6 = host.contains(':');
+    let digits = port.checked_ilog10().unwrap_or(0) as usize + 1;
+    let len = host.len() + 1 + digits + 2 * usize::from(v6);
+    Some(TxnKey::build(method, branch, len, |t| {
+        if v6 {
+            t.push('[');
+        }
+        t.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        if v6 {
+            t.push(']');
+        }
+        let _ = write!(t, ":{port}");
+    }))
 }
 
 #[cfg(test)]
@@ -111,22 +170,18 @@ Content-Length: 0\r\n\r\n"
         let invite = server_key(&request("INVITE", VIA)).unwrap();
         assert_eq!(
             invite,
-            TxnKey {
-                branch: "z9hG4bK776asdhds".into(),
-                sent_by: "proxy.example.com:5070".into(),
-                method: "INVITE".into(),
-            }
+            TxnKey::new("z9hG4bK776asdhds", "proxy.example.com:5070", "INVITE")
         );
         let ack = server_key(&request("ACK", VIA)).unwrap();
         assert_eq!(ack, invite);
         let cancel = request("CANCEL", VIA);
         let cancel_key = server_key(&cancel).unwrap();
-        assert_eq!(cancel_key.method, "CANCEL");
+        assert_eq!(cancel_key.method(), "CANCEL");
         assert_ne!(cancel_key, invite);
         assert_eq!(invite_key_for_cancel(&cancel), Some(invite.clone()));
         // Not a CANCEL: no INVITE to find.
         assert_eq!(invite_key_for_cancel(&request("BYE", VIA)), None);
-        assert_eq!(server_key(&request("BYE", VIA)).unwrap().method, "BYE");
+        assert_eq!(server_key(&request("BYE", VIA)).unwrap().method(), "BYE");
     }
 
     #[test]
@@ -157,13 +212,15 @@ Content-Length: 0\r\n\r\n"
             "SIP/2.0/UDP h.example.com;branch=z9hG4bKx",
         ))
         .unwrap();
-        assert_eq!(e.sent_by, "h.example.com:5060");
+        assert_eq!(e.sent_by(), "h.example.com:5060");
         let v6 = server_key(&request(
             "INVITE",
             "SIP/2.0/UDP [2001:DB8::1];branch=z9hG4bKx",
         ))
         .unwrap();
-        assert_eq!(v6.sent_by, "[2001:db8::1]:5060");
+        assert_eq!(v6.sent_by(), "[2001:db8::1]:5060");
+        assert_eq!(v6.branch(), "z9hG4bKx");
+        assert_eq!(v6.method(), "INVITE");
         // The branch is compared as written.
         let f = server_key(&request(
             "INVITE",
@@ -196,13 +253,13 @@ CSeq: 1 INVITE\r\n\
 Content-Length: 0\r\n\r\n"
         ));
         let key = client_key(&resp).unwrap();
-        assert_eq!(key.method, "INVITE");
+        assert_eq!(key.method(), "INVITE");
         assert_eq!(Some(key), server_key(&forwarded));
         // The response to a CANCEL belongs to the CANCEL's client transaction.
         let resp = msg(&format!(
             "SIP/2.0 200 OK\r\nVia: {VIA}\r\nCSeq: 1 CANCEL\r\n\r\n"
         ));
-        assert_eq!(client_key(&resp).unwrap().method, "CANCEL");
+        assert_eq!(client_key(&resp).unwrap().method(), "CANCEL");
         // A request is not a response.
         assert_eq!(client_key(&forwarded), None);
     }
