@@ -12,7 +12,7 @@
 //! `nat.ping_remove` is set. TCP bindings are not pinged: the phone keeps its connection open
 //! and requests reuse it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -312,26 +312,22 @@ impl Pinger {
         let nat = &cfg.nat;
         let now = self.clock.unix();
         let instance = &cfg.server.instance_id;
-        let all = self.location.snapshot();
         if which == 0 {
             // Once per interval: answers older than the previous interval no longer count,
-            // and bindings that are gone (expired, unregistered) are forgotten.
+            // and bindings that are gone (unregistered, or expired and purged) are
+            // forgotten (the table holds only bindings with a ping outstanding).
             let first = self
                 .cycle_start
                 .swap(self.seq.load(Ordering::Relaxed), Ordering::Relaxed);
             self.pending.retain(|s, _| *s >= first);
-            let live: HashSet<(&str, &str)> = all
-                .iter()
-                .map(|b| (b.aor.as_str(), b.contact.as_str()))
-                .collect();
-            self.failures()
-                .await
-                .retain(|aor, contact| live.contains(&(aor, contact)));
+            let location = &self.location;
+            self.failures().await.retain(|aor, contact| {
+                location.lookup(aor, 0).iter().any(|b| b.contact == contact)
+            });
         }
-        let due: Vec<Binding> = all
-            .into_iter()
-            .filter(|b| b.expires > now && slot(b) == which && needs_ping(b, instance))
-            .collect();
+        let due = self
+            .location
+            .select(&|b: &Binding| b.expires > now && slot(b) == which && needs_ping(b, instance));
         for b in due {
             let Some(&via) = self.vias.get(&b.local_socket) else {
                 continue;
