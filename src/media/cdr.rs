@@ -181,15 +181,16 @@ impl Inner {
     /// A row's first attempt failed: retry it in the background, or spool it now when closing
     /// or when [`MAX_RETRYING`] rows are being retried already.
     async fn failed_once(self: &Arc<Self>, cdr: Cdr, error: String) {
-        warn!(%error, call_id = %cdr.call_id, "writing the CDR failed; will retry");
         let mut tasks = self.retrying.lock().await;
         // Reap the finished ones: the set holds only retries in flight.
         while tasks.try_join_next().is_some() {}
         if *self.closing.borrow() || tasks.len() >= MAX_RETRYING {
             drop(tasks);
+            warn!(%error, call_id = %cdr.call_id, "writing the CDR failed; spooled");
             self.spool(&cdr).await;
             return;
         }
+        warn!(%error, call_id = %cdr.call_id, "writing the CDR failed; will retry");
         let inner = self.clone();
         let closing = self.closing.subscribe();
         tasks.spawn(async move { inner.retry(cdr, closing).await });
