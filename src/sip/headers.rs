@@ -84,10 +84,43 @@ pub struct NameAddr<'m> {
     pub display: Option<Range<usize>>,
     pub uri: &'m str,
     pub uri_span: Range<usize>,
-    pub params: Params,
+    /// Borrowed from the message for its From and To (parsed once, kept with it), owned
+    /// otherwise.
+    pub params: Cow<'m, Params>,
     /// The whole element.
     pub span: Range<usize>,
     buf: &'m [u8],
+}
+
+/// A name-addr as offsets into its message, its URI checked to be UTF-8: how [`Message`]
+/// keeps its From and To.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NameAddrSpans {
+    display: Option<Range<usize>>,
+    uri_span: Range<usize>,
+    params: Params,
+    span: Range<usize>,
+}
+
+impl NameAddrSpans {
+    /// The view of these spans in `buf`, the message they were scanned from.
+    fn view<'m>(&self, buf: &'m [u8], params: Cow<'m, Params>) -> NameAddr<'m> {
+        NameAddr {
+            display: self.display.clone(),
+            uri: scanned_str(buf, self.uri_span.clone()),
+            uri_span: self.uri_span.clone(),
+            params,
+            span: self.span.clone(),
+            buf,
+        }
+    }
+}
+
+/// A message's From and To, each parsed or the reason it could not be.
+#[derive(Debug, Clone)]
+pub(crate) struct Parties {
+    from: Result<NameAddrSpans, Malformed>,
+    to: Result<NameAddrSpans, Malformed>,
 }
 
 impl<'m> NameAddr<'m> {
@@ -207,6 +240,13 @@ fn scan_via(buf: &[u8], r: Range<usize>) -> Option<ViaSpans> {
 
 /// Parses a name-addr / addr-spec with parameters at `r`.
 pub fn parse_name_addr(buf: &[u8], r: Range<usize>) -> Option<NameAddr<'_>> {
+    let mut spans = scan_name_addr(buf, r)?;
+    let params = std::mem::take(&mut spans.params);
+    Some(spans.view(buf, Cow::Owned(params)))
+}
+
+/// The spans of the name-addr / addr-spec at `r`, its URI checked to be UTF-8.
+fn scan_name_addr(buf: &[u8], r: Range<usize>) -> Option<NameAddrSpans> {
     let end = r.end;
     let mut i = skip_lws(buf, r.start, end);
     if i >= end {
@@ -250,13 +290,11 @@ pub fn parse_name_addr(buf: &[u8], r: Range<usize>) -> Option<NameAddr<'_>> {
         return None;
     }
     let params = parse_params(buf, trim(buf, after..end))?;
-    Some(NameAddr {
+    Some(NameAddrSpans {
         display,
-        uri,
         uri_span,
         params,
         span: r,
-        buf,
     })
 }
 
@@ -311,8 +349,32 @@ impl Message {
 
     /// The single From or To header.
     pub fn name_addr(&self, name: HeaderName) -> Result<NameAddr<'_>, Malformed> {
-        let h = self.single(name)?;
-        parse_name_addr(self.as_bytes(), h.value.clone()).ok_or(Malformed::Header(name.as_str()))
+        let kept = match name {
+            HeaderName::From => &self.parties().from,
+            HeaderName::To => &self.parties().to,
+            _ => {
+                let h = self.single(name)?;
+                return parse_name_addr(self.as_bytes(), h.value.clone())
+                    .ok_or(Malformed::Header(name.as_str()));
+            }
+        };
+        let spans = kept.as_ref().map_err(|e| *e)?;
+        Ok(spans.view(self.as_bytes(), Cow::Borrowed(&spans.params)))
+    }
+
+    /// From and To, scanned on the first call.
+    fn parties(&self) -> &Parties {
+        self.parties_spans(|m| {
+            let scan = |name: HeaderName| {
+                let h = m.single(name)?;
+                scan_name_addr(m.as_bytes(), h.value.clone())
+                    .ok_or(Malformed::Header(name.as_str()))
+            };
+            Parties {
+                from: scan(HeaderName::From),
+                to: scan(HeaderName::To),
+            }
+        })
     }
 
     pub fn from(&self) -> Result<NameAddr<'_>, Malformed> {
@@ -457,6 +519,37 @@ Via: SIP/2.0/UDP 10.0.0.1\r\n\r\n");
         let bad = msg("OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP\r\n\r\n");
         assert_eq!(bad.top_via(), Err(Malformed::Header("Via")));
         assert_eq!(bad.top_via(), Err(Malformed::Header("Via")));
+    }
+
+    #[test]
+    fn from_and_to_are_parsed_once_with_their_errors() {
+        let m = msg("OPTIONS sip:a@b SIP/2.0\r\n\
+From: \"A\" <sip:alice@example.com>;tag=1\r\n\
+To: sip:bob@example.com\r\n\r\n");
+        let from = m.from().unwrap();
+        assert!(
+            matches!(from.params, Cow::Borrowed(_)),
+            "kept with the message"
+        );
+        assert_eq!(m.from().unwrap(), from, "the second call sees the same");
+        let fresh = parse_name_addr(m.as_bytes(), from.span.clone()).unwrap();
+        assert_eq!(fresh, from, "equal to a parse of its own");
+        assert_eq!((from.uri, from.tag()), ("sip:alice@example.com", Some("1")));
+        assert_eq!(
+            (m.to().unwrap().uri, m.to().unwrap().tag()),
+            ("sip:bob@example.com", None)
+        );
+
+        let bad = msg("OPTIONS sip:a@b SIP/2.0\r\nFrom: <sip:alice@example.com;tag=1\r\n\r\n");
+        for _ in 0..2 {
+            assert_eq!(bad.from(), Err(Malformed::Header("From")));
+            assert_eq!(bad.to(), Err(Malformed::Missing("To")));
+        }
+        let twice = msg(
+            "OPTIONS sip:a@b SIP/2.0\r\nFrom: <sip:a@x>;tag=1\r\nf: <sip:b@x>;tag=2\r\nTo: <sip:c@x>\r\n\r\n",
+        );
+        assert_eq!(twice.from(), Err(Malformed::Duplicate("From")));
+        assert!(twice.to().is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::header::HeaderName;
-use super::headers::ViaSpans;
+use super::headers::{Parties, ViaSpans};
 use super::scan::{is_lws, is_token, trim};
 
 #[cfg(test)]
@@ -129,6 +129,10 @@ pub struct Message {
     /// The top Via, scanned on first use ([`Self::top_via`]); `None` when it is missing or
     /// malformed. Boxed: a message is moved around by value, and most never reach a Via.
     top_via: OnceLock<Option<Box<ViaSpans>>>,
+    /// From and To, scanned together on the first use of either ([`Self::from`],
+    /// [`Self::to`]): every request is checked for both, then read again by the transaction,
+    /// the routing, accounting and the media layer (~40 parses per proxied call before).
+    parties: OnceLock<Box<Parties>>,
 }
 
 impl Message {
@@ -194,6 +198,7 @@ impl Message {
                 eol,
                 defect,
                 top_via: OnceLock::new(),
+                parties: OnceLock::new(),
             });
         };
 
@@ -238,6 +243,7 @@ impl Message {
             eol,
             defect,
             top_via: OnceLock::new(),
+            parties: OnceLock::new(),
         })
     }
 
@@ -253,6 +259,11 @@ impl Message {
                 scan(&self.buf, h).map(Box::new)
             })
             .as_deref()
+    }
+
+    /// The From and To spans, scanned by `scan` on the first call only.
+    pub(crate) fn parties_spans(&self, scan: impl FnOnce(&Self) -> Parties) -> &Parties {
+        self.parties.get_or_init(|| Box::new(scan(self)))
     }
 
     /// The message bytes (after leading CRLFs and trailing bytes beyond Content-Length are
