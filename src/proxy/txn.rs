@@ -1282,9 +1282,8 @@ impl ProxyTxn {
     /// outcome is the media layer's business ([`MediaOp::Finished`]). A call with no relayed
     /// branch has no session to end or give back.
     fn relays(&self) -> bool {
-        self.plan.media.is_some()
-            && self.ctx.media
-            && self.branches.iter().any(|b| b.role == Role::Relay)
+        // A branch is relayed only by the plan's media policy (`start_branches`).
+        self.ctx.media && self.branches.iter().any(|b| b.role == Role::Relay)
     }
 
     /// A response of branch `idx` goes through the response context (after media, with the

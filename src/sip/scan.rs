@@ -144,14 +144,6 @@ impl Params {
     pub fn last(&self) -> Option<&Param> {
         self.iter().last()
     }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// Parses `*( SEMI name [EQUAL value] )` from `r`, which must start at a `;` (after optional
@@ -279,7 +271,7 @@ mod tests {
             "escape at the end"
         );
         let empty = parse_params(b"  ", 0..2).unwrap();
-        assert!(empty.is_empty() && empty.last().is_none());
+        assert!(empty.iter().next().is_none() && empty.last().is_none());
         // Past the ones kept in place.
         let v = b";a;b=2;c;d=4;e=5;f";
         let many = parse_params(v, 0..v.len()).unwrap();
@@ -288,7 +280,7 @@ mod tests {
             names,
             [b"a", b"b", b"c", b"d", b"e", b"f"].map(|n| n.as_slice())
         );
-        assert_eq!(many.len(), 6);
+        assert_eq!(many.iter().count(), 6);
         assert_eq!(&v[many.find(v, "E").unwrap().value.clone().unwrap()], b"5");
         assert_eq!(&v[many.last().unwrap().name.clone()], b"f");
     }
