@@ -422,7 +422,7 @@ impl Reloader {
 }
 
 /// What the transport layer needs of the configuration.
-fn transport_limits(cfg: &Config) -> Limits {
+pub(crate) fn transport_limits(cfg: &Config) -> Limits {
     let l = &cfg.limits;
     Limits {
         // One receive loop per UDP socket, whatever `server.workers` (the runtime's threads)

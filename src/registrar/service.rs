@@ -8,16 +8,19 @@
 //! Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted
 //! REGISTER gets the same answer instead of a replayed nonce.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::cache::Completed;
 use super::location::LocationService;
+use super::order::Order;
 use super::register::{self, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
@@ -26,8 +29,12 @@ use crate::sip::{Message, SipUri, reply};
 use crate::transaction::Timers;
 use crate::transport::{Proto, Source, Transports};
 
-/// REGISTERs waiting per shard before new ones get 503 (the server runs 32 or more shards).
+/// REGISTERs queued per shard before new ones get 503 (the server runs 32 or more shards).
 const QUEUE: usize = 256;
+/// REGISTERs of different AORs a shard processes at once (each mostly waits for its commit).
+const RUNNING: usize = 16;
+/// REGISTERs a shard takes from its queue while their AOR or a running slot is busy.
+const WAITING: usize = 64;
 
 /// A REGISTER for one of our domains, from the pipeline.
 #[derive(Debug)]
@@ -49,7 +56,7 @@ pub struct Context {
 /// The handle the pipeline submits REGISTERs to.
 #[derive(Debug, Clone)]
 pub struct Registrar {
-    shards: Vec<mpsc::Sender<Box<Job>>>,
+    shards: Vec<mpsc::Sender<(Box<str>, Box<Job>)>>,
 }
 
 impl Registrar {
@@ -70,17 +77,14 @@ impl Registrar {
 
     /// Queues a REGISTER; gives it back when its shard is overloaded.
     pub fn submit(&self, job: Box<Job>) -> Result<(), Box<Job>> {
-        let aor_key = job
-            .msg
-            .to()
-            .ok()
-            .map(|t| t.uri.to_owned())
-            .unwrap_or_default();
+        let aor = aor_key(&job.msg);
         let mut h = std::hash::DefaultHasher::new();
-        aor_key.hash(&mut h);
+        aor.hash(&mut h);
         let idx = (h.finish() % self.shards.len() as u64) as usize;
-        self.shards[idx].try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+        self.shards[idx].try_send((aor, job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full((_, j)) | mpsc::error::TrySendError::Closed((_, j)) => {
+                j
+            }
         })
     }
 }
@@ -97,51 +101,99 @@ fn txn_key(msg: &Message) -> Option<String> {
     ))
 }
 
-async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<Box<Job>>, shards: usize) {
+/// The address-of-record a REGISTER is for, as the shards key it: `user@domain` with the
+/// domain in lower case (as [`handle`] names it), or the To URI's text when it has no user
+/// (such a REGISTER is refused, in order like the rest).
+fn aor_key(msg: &Message) -> Box<str> {
+    let Ok(to) = msg.to() else {
+        return Box::default();
+    };
+    match SipUri::parse(to.uri) {
+        Ok(SipUri {
+            user: Some(user),
+            host,
+            ..
+        }) => format!("{user}@{}", host.to_ascii_lowercase()).into(),
+        _ => to.uri.into(),
+    }
+}
+
+/// A REGISTER that ended: the job, the response to send, and what the table of completed
+/// transactions keeps it under (none for a challenge or over TCP).
+type Ended = (Box<Job>, Vec<u8>, Option<String>);
+
+async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Box<str>, Box<Job>)>, shards: usize) {
     // Sized once: `limits.registrar_cache*` need a restart.
     let limits = ctx.cfg.load().limits.clone();
     let mut sent = Completed::new(
         limits.registrar_cache / shards,
         limits.registrar_cache_bytes / shards,
     );
+    let mut order = Order::new(RUNNING, WAITING);
+    let mut running: JoinSet<Ended> = JoinSet::new();
+    // The AOR of each running task, so that even a task that panicked frees its AOR.
+    let mut aors: HashMap<task::Id, Box<str>> = HashMap::new();
     // The table is swept on a timer, not only when the next REGISTER arrives: memory a
     // flood left behind is returned within a second of its expiry.
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let job = tokio::select! {
-            job = rx.recv() => match job {
-                Some(job) => job,
-                None => break,
+    let mut start: Vec<(Box<str>, Box<Job>)> = Vec::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            job = rx.recv(), if open && order.has_room() => match job {
+                Some((aor, job)) => start.extend(order.arrive(aor, job)),
+                None => open = false,
             },
-            _ = sweep.tick() => {
-                sent.sweep(Instant::now());
+            Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
+                let id = match ended {
+                    Ok((id, (job, bytes, keep))) => {
+                        if let Some(k) = keep {
+                            sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
+                        }
+                        // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
+                        ctx.transports.send(crate::nat::respond(&job.msg, job.source, bytes));
+                        id
+                    }
+                    // A bug: the REGISTER goes unanswered (the phone retransmits), the shard
+                    // and the AOR go on.
+                    Err(e) => {
+                        error!(error = %e, "a REGISTER's processing failed");
+                        e.id()
+                    }
+                };
+                if let Some(aor) = aors.remove(&id) {
+                    start.extend(order.done(&aor));
+                }
+            }
+            _ = sweep.tick() => sent.sweep(Instant::now()),
+        }
+        // Retransmissions are answered from the table when their turn comes (a
+        // retransmission of a REGISTER still running waits behind it, and finds its answer).
+        while let Some((aor, job)) = start.pop() {
+            let key = txn_key(&job.msg);
+            if let Some(bytes) = key
+                .as_ref()
+                .and_then(|k| sent.retransmission(k, Instant::now()))
+            {
+                debug!("REGISTER retransmission, resending the response");
+                ctx.transports
+                    .send(crate::nat::respond(&job.msg, job.source, bytes));
+                start.extend(order.done(&aor));
                 continue;
             }
-        };
-        let now = Instant::now();
-        let key = txn_key(&job.msg);
-        let resend = key.as_ref().and_then(|k| sent.retransmission(k, now));
-        let bytes = match resend {
-            Some(bytes) => {
-                debug!("REGISTER retransmission, resending the response");
-                bytes
-            }
-            None => {
+            let ctx = ctx.clone();
+            let task = running.spawn(async move {
                 let (status, bytes) = handle(&ctx, &job, ctx.clock.unix()).await;
                 // RFC 3261 §17.2.2: over UDP the transaction stays Completed for Timer J and
                 // answers retransmissions with its final; over TCP it ends with the response.
                 // Challenges are not kept: a retransmission gets a fresh one (one datagram per
                 // request either way), and a flood of unauthenticated REGISTERs holds nothing.
-                if let Some(k) = key.filter(|_| status != 401 && job.source.proto == Proto::Udp) {
-                    sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
-                }
-                bytes
-            }
-        };
-        // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
-        ctx.transports
-            .send(crate::nat::respond(&job.msg, job.source, bytes));
+                let keep = key.filter(|_| status != 401 && job.source.proto == Proto::Udp);
+                (job, bytes, keep)
+            });
+            aors.insert(task.id(), aor);
+        }
     }
 }
 
@@ -239,4 +291,222 @@ async fn handle(ctx: &Context, job: &Job, now: u64) -> (u16, Vec<u8>) {
     extra.push(("Date", date));
     let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
     respond(200, "OK", &extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use tokio::net::UdpSocket;
+    use tokio::sync::{Mutex, Semaphore};
+
+    use super::*;
+    use crate::auth::digest::{self, Answer};
+    use crate::auth::nonce::NonceKey;
+    use crate::clock::SystemClock;
+    use crate::config::{Config, DigestAlgorithm};
+    use crate::registrar::location::{Binding, Location, Pending};
+    use crate::security::Security;
+    use crate::sip::Framing;
+    use crate::store::StoreError;
+    use crate::store::Subscriber;
+    use crate::transport::Listeners;
+
+    /// Bindings in memory; saves of `gated` wait for a permit of `gate` (a slow commit).
+    #[derive(Debug)]
+    struct Gated {
+        memory: Location,
+        gated: &'static str,
+        gate: Semaphore,
+        saved: Mutex<Vec<String>>,
+    }
+
+    impl LocationService for Gated {
+        fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+            self.memory.lookup(aor, now)
+        }
+        fn snapshot(&self) -> Vec<Binding> {
+            self.memory.snapshot()
+        }
+        fn save<'a>(
+            &'a self,
+            aor: &'a str,
+            _upsert: &'a [Binding],
+            _remove: &'a [String],
+            after: Vec<Binding>,
+        ) -> Pending<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                if aor == self.gated {
+                    // invariant: the semaphore is never closed.
+                    self.gate.acquire().await.expect("open").forget();
+                }
+                self.saved.lock().await.push(aor.to_owned());
+                self.memory.set(aor, after).await;
+                Ok(())
+            })
+        }
+        fn remove_unreachable<'a>(
+            &'a self,
+            _b: &'a Binding,
+        ) -> Pending<'a, Result<bool, StoreError>> {
+            Box::pin(async { Ok(false) })
+        }
+        fn binding_count(&self) -> usize {
+            self.memory.binding_count()
+        }
+        fn aor_count(&self) -> usize {
+            self.memory.aor_count()
+        }
+    }
+
+    /// A REGISTER of `user` with `contact`, answering `challenge`.
+    fn register(user: &str, contact: &str, cseq: u32, challenge: &str) -> Message {
+        let ch = digest::parse_challenge(challenge).expect("our challenge");
+        let auth = digest::authorization(
+            &ch,
+            &Answer {
+                username: user,
+                password: "pw",
+                method: "REGISTER",
+                uri: "sip:example.com",
+                cnonce: "c",
+                nc: 1,
+            },
+        );
+        let text = format!(
+            "REGISTER sip:example.com SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK{user}{cseq}\r\n\
+             From: <sip:{user}@example.com>;tag=1\r\nTo: <sip:{user}@example.com>\r\n\
+             Call-ID: {user}\r\nCSeq: {cseq} REGISTER\r\nContact: <{contact}>\r\n\
+             Authorization: {auth}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(text.as_bytes(), Framing::Datagram).expect("a REGISTER the test built")
+    }
+
+    /// The next response the phone receives: its CSeq number and Contact header count.
+    async fn answer(phone: &UdpSocket) -> Option<(u16, u32, usize)> {
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_millis(1500), phone.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        let m = Message::parse(&buf[..n], Framing::Datagram).ok()?;
+        Some((m.status()?, m.cseq().ok()?.seq, m.contacts().ok()?.len()))
+    }
+
+    /// The registrar's shard does not wait for one AOR's commit before answering another
+    /// AOR's REGISTER, and keeps one AOR's REGISTERs in order: the second sees the first's
+    /// binding.
+    #[tokio::test]
+    async fn a_slow_commit_holds_its_aor_only() {
+        let cfg = Config::from_toml(
+            "[server]\nlisten=[\"udp:127.0.0.1:0\"]\ndomains=[\"example.com\"]\n\
+             [auth]\nalgorithms=[\"MD5\"]\n[security]\ntrusted=[]\n",
+            || "127.0.0.1".parse().expect("address"),
+        )
+        .expect("config");
+        let path =
+            std::env::temp_dir().join(format!("sipedge-shard-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store = crate::store::Store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("store");
+        store.migrate().await.expect("schema");
+        for user in ["alice", "bob"] {
+            store
+                .add_subscriber(&Subscriber {
+                    username: user.into(),
+                    domain: "example.com".into(),
+                    ha1_md5: digest::ha1(DigestAlgorithm::Md5, user, "example.com", "pw"),
+                    ha1_sha256: None,
+                    created: 0,
+                    caller_id: None,
+                })
+                .await
+                .expect("subscriber");
+        }
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let security = Arc::new(Security::new(cfg.security.clone(), Instant::now()));
+        let auth = Arc::new(Authenticator::new(
+            cfg.auth.clone(),
+            store,
+            NonceKey::from_bytes([7; 32]),
+            security,
+            clock.clone(),
+        ));
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let listeners = Listeners::bind(
+            &[(Proto::Udp, listen)],
+            crate::app::transport_limits(&cfg),
+            None,
+        )
+        .await
+        .expect("bind");
+        let local = listeners.local_addrs()[0].1;
+        let location = Arc::new(Gated {
+            memory: Location::new(),
+            gated: "alice@example.com",
+            gate: Semaphore::new(0),
+            saved: Mutex::new(Vec::new()),
+        });
+        // A fresh nonce for each REGISTER: their counts are checked in the order they run.
+        let challenge = || {
+            auth.challenge(Kind::Www, "example.com", clock.unix(), false)[0]
+                .1
+                .clone()
+        };
+        let challenges = [challenge(), challenge(), challenge()];
+        let registrar = Registrar::start(
+            Arc::new(Context {
+                cfg: Arc::new(LiveConfig::new(Arc::new(cfg))),
+                location: location.clone(),
+                transports: listeners.transports(),
+                auth,
+                clock,
+            }),
+            1,
+        );
+        let phone = UdpSocket::bind("127.0.0.1:0").await.expect("phone");
+        let source = Source {
+            proto: Proto::Udp,
+            remote: phone.local_addr().expect("bound"),
+            local,
+        };
+        let submit = |msg: Message| {
+            registrar
+                .submit(Box::new(Job { msg, source }))
+                .expect("room in the shard");
+        };
+        submit(register("alice", "sip:alice@192.0.2.7", 1, &challenges[0]));
+        submit(register("alice", "sip:alice@192.0.2.8", 2, &challenges[1]));
+        submit(register("bob", "sip:bob@192.0.2.9", 1, &challenges[2]));
+        // bob is answered while alice's first commit is pending (one shard holds both).
+        assert_eq!(answer(&phone).await, Some((200, 1, 1)), "bob's 200");
+        assert_eq!(answer(&phone).await, None, "alice waits for her commit");
+        location.gate.add_permits(2);
+        // alice's REGISTERs in order, the second seeing the first's binding.
+        assert_eq!(answer(&phone).await, Some((200, 1, 1)));
+        assert_eq!(answer(&phone).await, Some((200, 2, 2)));
+        assert_eq!(
+            *location.saved.lock().await,
+            ["bob@example.com", "alice@example.com", "alice@example.com"]
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn the_aor_key_is_the_registrars_aor() {
+        let msg = |to: &str| {
+            let text = format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK1\r\n\
+                 From: <sip:a@example.com>;tag=1\r\nTo: {to}\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n\
+                 Content-Length: 0\r\n\r\n"
+            );
+            Message::parse(text.as_bytes(), Framing::Datagram).expect("a REGISTER")
+        };
+        assert_eq!(
+            &*aor_key(&msg("<sip:Alice@EXAMPLE.com;transport=tcp>")),
+            "Alice@example.com"
+        );
+        assert_eq!(&*aor_key(&msg("sip:example.com")), "sip:example.com");
+    }
 }
