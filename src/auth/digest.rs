@@ -15,6 +15,8 @@
 //!
 //! Pure: no I/O, no clock. The parser never panics, whatever the input.
 
+use std::borrow::Cow;
+
 use md5::Md5;
 use sha2::{Digest, Sha256};
 
@@ -25,32 +27,33 @@ use crate::sip::scan::{is_lws, is_token, skip_lws};
 /// A parsed `Authorization` / `Proxy-Authorization` value (`Digest k=v, k="v", ...`).
 ///
 /// Every string is the parameter's value with quotes and `\` escapes removed, exactly as the
-/// client sent it otherwise: the digest hashes these texts, so nothing is normalised.
+/// client sent it otherwise: the digest hashes these texts, so nothing is normalised. A value
+/// is borrowed from the header unless unescaping changed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
+pub struct Credentials<'a> {
     /// `username`: the user part the client authenticates as.
-    pub username: String,
+    pub username: Cow<'a, str>,
     /// `realm`: the protection space the client answers (RFC 3261 §22.1).
-    pub realm: String,
+    pub realm: Cow<'a, str>,
     /// `nonce`: the server nonce being answered, verbatim.
-    pub nonce: String,
+    pub nonce: Cow<'a, str>,
     /// `uri`: the digest-uri, as sent (RFC 3261 §22.4: a SIP URI, not necessarily the
     /// Request-URI text).
-    pub uri: String,
+    pub uri: Cow<'a, str>,
     /// `response`: the client's digest, hex (any case); its length matches `algorithm`.
-    pub response: String,
+    pub response: Cow<'a, str>,
     /// `algorithm`; MD5 when the parameter is absent (RFC 7616 §3.4).
     pub algorithm: DigestAlgorithm,
     /// `qop` as sent (it is hashed as sent); when present it is `auth` in some case.
-    pub qop: Option<String>,
+    pub qop: Option<Cow<'a, str>>,
     /// `nc`, the nonce count, as a number (never 0).
     pub nc: Option<u32>,
     /// `nc` exactly as sent (8 hex digits, in the client's case): the digest hashes this text.
-    pub nc_raw: Option<String>,
+    pub nc_raw: Option<Cow<'a, str>>,
     /// `cnonce`: the client nonce.
-    pub cnonce: Option<String>,
+    pub cnonce: Option<Cow<'a, str>>,
     /// `opaque`, to be echoed from the challenge.
-    pub opaque: Option<String>,
+    pub opaque: Option<Cow<'a, str>>,
 }
 
 /// Why an `Authorization` / `Proxy-Authorization` value cannot be used. Every variant is the
@@ -115,7 +118,7 @@ const OPAQUE: usize = 9;
 /// `name = value` pairs with optional LWS (folded lines included) around `=` and `,`. Values are
 /// tokens or quoted strings with `\` escapes. Names are case-insensitive; unknown parameters are
 /// ignored; any parameter given twice is an error.
-pub fn parse_credentials(value: &str) -> Result<Credentials, DigestError> {
+pub fn parse_credentials(value: &str) -> Result<Credentials<'_>, DigestError> {
     let b = value.as_bytes();
     let end = b.len();
 
@@ -128,7 +131,7 @@ pub fn parse_credentials(value: &str) -> Result<Credentials, DigestError> {
         return Err(DigestError::NotDigest);
     }
 
-    let mut slots: [Option<String>; KNOWN.len()] = Default::default();
+    let mut slots: [Option<Cow<'_, str>>; KNOWN.len()] = Default::default();
     let mut unknown: Vec<&[u8]> = Vec::new();
     i = skip_lws(b, i, end);
     while i < end {
@@ -243,10 +246,18 @@ pub fn parse_credentials(value: &str) -> Result<Credentials, DigestError> {
 
 /// Reads a token or a quoted string starting at `i`; returns the value (unquoted, unescaped)
 /// and the offset just past it.
-fn read_value(b: &[u8], mut i: usize) -> Result<(String, usize), DigestError> {
+fn read_value(b: &[u8], mut i: usize) -> Result<(Cow<'_, str>, usize), DigestError> {
     let end = b.len();
     if i < end && b[i] == b'"' {
         i += 1;
+        // Most values have neither escapes nor folds: those are the bytes between the quotes.
+        let plain = b[i..]
+            .iter()
+            .position(|&c| matches!(c, b'"' | b'\\' | 0x00..=0x08 | 0x0a..=0x1f | 0x7f));
+        if let Some(n) = plain.filter(|&n| b[i + n] == b'"') {
+            let s = std::str::from_utf8(&b[i..i + n]).map_err(|_| DigestError::Syntax)?;
+            return Ok((Cow::Borrowed(s), i + n + 1));
+        }
         let mut out = Vec::new();
         loop {
             let c = *b.get(i).ok_or(DigestError::Syntax)?;
@@ -286,7 +297,7 @@ fn read_value(b: &[u8], mut i: usize) -> Result<(String, usize), DigestError> {
         }
         // Only ASCII bytes were removed or added, so UTF-8 input stays UTF-8.
         let s = String::from_utf8(out).map_err(|_| DigestError::Syntax)?;
-        Ok((s, i))
+        Ok((Cow::Owned(s), i))
     } else {
         let start = i;
         while i < end && is_token(b[i]) {
@@ -296,7 +307,7 @@ fn read_value(b: &[u8], mut i: usize) -> Result<(String, usize), DigestError> {
             return Err(DigestError::Syntax);
         }
         let s = std::str::from_utf8(&b[start..i]).map_err(|_| DigestError::Syntax)?;
-        Ok((s.to_owned(), i))
+        Ok((Cow::Borrowed(s), i))
     }
 }
 
@@ -371,8 +382,8 @@ pub fn expected_response(
         Some(qop) => {
             let nc = match (&c.nc_raw, c.nc) {
                 (Some(raw), _) => raw.clone(),
-                (None, Some(n)) => format!("{n:08x}"),
-                (None, None) => String::new(),
+                (None, Some(n)) => format!("{n:08x}").into(),
+                (None, None) => "".into(),
             };
             let cnonce = c.cnonce.as_deref().unwrap_or("");
             hash_hex(
@@ -587,9 +598,9 @@ pub fn parse_challenge(value: &str) -> Result<Challenge, DigestError> {
         Some(_) => return Err(DigestError::UnsupportedQop),
     };
     Ok(Challenge {
-        realm: realm.ok_or(DigestError::Missing("realm"))?,
-        nonce: nonce.ok_or(DigestError::Missing("nonce"))?,
-        opaque,
+        realm: realm.ok_or(DigestError::Missing("realm"))?.into_owned(),
+        nonce: nonce.ok_or(DigestError::Missing("nonce"))?.into_owned(),
+        opaque: opaque.map(Cow::into_owned),
         algorithm,
         qop_auth,
         stale: stale.is_some_and(|s| s.eq_ignore_ascii_case("true")),
@@ -615,17 +626,17 @@ pub fn authorization(ch: &Challenge, a: &Answer<'_>) -> String {
     let ha1 = ha1(ch.algorithm, a.username, &ch.realm, a.password);
     let nc_raw = format!("{:08x}", a.nc);
     let c = Credentials {
-        username: a.username.to_owned(),
-        realm: ch.realm.clone(),
-        nonce: ch.nonce.clone(),
-        uri: a.uri.to_owned(),
-        response: String::new(),
+        username: a.username.into(),
+        realm: ch.realm.as_str().into(),
+        nonce: ch.nonce.as_str().into(),
+        uri: a.uri.into(),
+        response: "".into(),
         algorithm: ch.algorithm,
-        qop: ch.qop_auth.then(|| "auth".to_owned()),
+        qop: ch.qop_auth.then_some("auth".into()),
         nc: ch.qop_auth.then_some(a.nc),
-        nc_raw: ch.qop_auth.then(|| nc_raw.clone()),
-        cnonce: ch.qop_auth.then(|| a.cnonce.to_owned()),
-        opaque: ch.opaque.clone(),
+        nc_raw: ch.qop_auth.then(|| nc_raw.as_str().into()),
+        cnonce: ch.qop_auth.then(|| a.cnonce.into()),
+        opaque: ch.opaque.as_deref().map(Into::into),
     };
     let response = expected_response(ch.algorithm, &ha1, a.method, &c);
     let mut s = String::with_capacity(256);
@@ -728,7 +739,8 @@ mod tests {
 
     #[test]
     fn rfc7616_md5_example() {
-        let c = parse_credentials(&rfc7616("MD5", RFC7616_MD5)).unwrap();
+        let header = rfc7616("MD5", RFC7616_MD5);
+        let c = parse_credentials(&header).unwrap();
         assert_eq!(c.algorithm, DigestAlgorithm::Md5);
         let h = ha1(
             DigestAlgorithm::Md5,
@@ -745,7 +757,8 @@ mod tests {
 
     #[test]
     fn rfc7616_sha256_example() {
-        let c = parse_credentials(&rfc7616("SHA-256", RFC7616_SHA256)).unwrap();
+        let header = rfc7616("SHA-256", RFC7616_SHA256);
+        let c = parse_credentials(&header).unwrap();
         assert_eq!(c.algorithm, DigestAlgorithm::Sha256);
         let h = ha1(
             DigestAlgorithm::Sha256,
@@ -810,14 +823,14 @@ mod tests {
             "Circle Of Life",
         );
         let tampers: [fn(&mut Credentials); 7] = [
-            |c| c.nonce.push('x'),
+            |c| c.nonce.to_mut().push('x'),
             |c| c.uri = "/dir/index.htm".into(),
             |c| c.cnonce = Some("0a4f113c".into()),
             |c| c.nc_raw = Some("00000002".into()),
             |c| c.qop = None,
             |c| c.response = MD5_ZERO.into(),
             |c| {
-                c.response.pop();
+                c.response.to_mut().pop();
             },
         ];
         for tamper in tampers {
@@ -832,11 +845,15 @@ mod tests {
         // Compute what a phone would send, put it in a header, parse and verify.
         let h = ha1(DigestAlgorithm::Md5, "alice", "example.com", "s3cret");
         assert_eq!(h, ALICE_HA1_MD5);
-        let template = parse_credentials(&sip_register("0000000a", MD5_ZERO)).unwrap();
+        let h1 = sip_register("0000000a", MD5_ZERO);
+
+        let template = parse_credentials(&h1).unwrap();
         let response = expected_response(DigestAlgorithm::Md5, &h, "REGISTER", &template);
         assert_eq!(response, ALICE_RESPONSE_NC_LOWER);
 
-        let c = parse_credentials(&sip_register("0000000a", &response)).unwrap();
+        let h2 = sip_register("0000000a", &response);
+
+        let c = parse_credentials(&h2).unwrap();
         assert_eq!(c.uri, "sip:example.com");
         assert_eq!(c.nc, Some(10));
         assert_eq!(c.nc_raw.as_deref(), Some("0000000a"));
@@ -844,12 +861,16 @@ mod tests {
         assert!(!verify(&h, "INVITE", &c));
 
         // Hex case of the response and of the stored HA1 does not matter.
-        let upper = parse_credentials(&sip_register("0000000a", &response.to_uppercase())).unwrap();
+        let h3 = sip_register("0000000a", &response.to_uppercase());
+
+        let upper = parse_credentials(&h3).unwrap();
         assert!(verify(&h, "REGISTER", &upper));
         assert!(verify(&h.to_uppercase(), "REGISTER", &c));
 
         // The nc text is hashed as sent: upper-case 0000000A gives another response.
-        let c = parse_credentials(&sip_register("0000000A", ALICE_RESPONSE_NC_UPPER)).unwrap();
+        let h4 = sip_register("0000000A", ALICE_RESPONSE_NC_UPPER);
+
+        let c = parse_credentials(&h4).unwrap();
         assert_eq!(c.nc, Some(10));
         assert!(verify(&h, "REGISTER", &c));
         let mut lowered = c.clone();
@@ -857,7 +878,9 @@ mod tests {
         assert!(!verify(&h, "REGISTER", &lowered));
 
         // Without nc_raw (credentials built by hand), nc is written as 8 lower-case digits.
-        let mut built = parse_credentials(&sip_register("0000000a", &response)).unwrap();
+        let h5 = sip_register("0000000a", &response);
+
+        let mut built = parse_credentials(&h5).unwrap();
         built.nc_raw = None;
         assert!(verify(&h, "REGISTER", &built));
     }
@@ -879,7 +902,9 @@ mod tests {
     #[test]
     fn the_uri_is_hashed_as_sent() {
         let h = ha1(DigestAlgorithm::Md5, "alice", "example.com", "s3cret");
-        let c = parse_credentials(&sip_register("0000000a", ALICE_RESPONSE_NC_LOWER)).unwrap();
+        let h6 = sip_register("0000000a", ALICE_RESPONSE_NC_LOWER);
+
+        let c = parse_credentials(&h6).unwrap();
         for other in ["SIP:example.com", "sip:EXAMPLE.com", "sip:example.com:5060"] {
             let mut t = c.clone();
             t.uri = other.into();
@@ -963,6 +988,10 @@ mod tests {
         );
         let c = parse_credentials(&v).unwrap();
         assert_eq!(c.username, "a\"b\\c");
+        // Unescaping and unfolding made copies; a plain value is the header's own text.
+        assert!(matches!(c.username, Cow::Owned(_)));
+        assert!(matches!(c.realm, Cow::Owned(_)));
+        assert!(matches!(c.nonce, Cow::Borrowed(_)));
         assert_eq!(c.realm, "two words");
         assert_eq!(c.nonce, "ü");
     }
@@ -1076,7 +1105,7 @@ mod tests {
             Err(DigestError::BadParam("response"))
         );
 
-        let with = |tail: &str| parse_credentials(&format!("{md5}, {tail}"));
+        let with = |tail: &str| parse_credentials(&format!("{md5}, {tail}")).map(|c| c.nc);
         assert_eq!(
             with("qop=auth-int, nc=00000001, cnonce=\"c\""),
             Err(DigestError::UnsupportedQop)
@@ -1108,7 +1137,7 @@ mod tests {
             );
         }
         assert_eq!(
-            with("qop=auth, nc=ffffffff, cnonce=\"c\"").map(|c| c.nc),
+            with("qop=auth, nc=ffffffff, cnonce=\"c\""),
             Ok(Some(u32::MAX))
         );
     }
@@ -1149,7 +1178,7 @@ mod tests {
         let mut c = parse_credentials(&v).unwrap();
         assert_eq!(c.realm, "we\"ird");
         let h = ha1(DigestAlgorithm::Md5, "u", &c.realm, "pw");
-        c.response = expected_response(DigestAlgorithm::Md5, &h, "INVITE", &c);
+        c.response = expected_response(DigestAlgorithm::Md5, &h, "INVITE", &c).into();
         assert!(verify(&h, "INVITE", &c));
     }
 

@@ -83,7 +83,7 @@ pub struct Authenticator {
     replay: Mutex<ReplayGuard>,
     /// (username, domain) → (subscriber, unix time read): saves the store round trip on every
     /// authenticated request of an active phone.
-    cache: DashMap<(String, String), (Subscriber, u64)>,
+    cache: DashMap<(String, String), (Arc<Subscriber>, u64)>,
     /// Failed-attempt counts, bans and locks, shared with the transport entry point.
     security: Arc<Security>,
     /// Monotonic time for `security`.
@@ -110,14 +110,14 @@ impl Authenticator {
         }
     }
 
-    fn cached(&self, username: &str, domain: &str, now: u64) -> Option<Subscriber> {
+    fn cached(&self, username: &str, domain: &str, now: u64) -> Option<Arc<Subscriber>> {
         let key = (username.to_owned(), domain.to_owned());
         let entry = self.cache.get(&key)?;
         let (sub, at) = entry.value();
         (now < at + HA1_CACHE_TTL).then(|| sub.clone())
     }
 
-    fn remember(&self, sub: Subscriber, now: u64) {
+    fn remember(&self, sub: Arc<Subscriber>, now: u64) {
         if self.cache.len() >= HA1_CACHE_CAPACITY {
             self.cache.retain(|_, (_, at)| now < *at + HA1_CACHE_TTL);
             if self.cache.len() >= HA1_CACHE_CAPACITY {
@@ -130,8 +130,8 @@ impl Authenticator {
 
     /// The realm for a request whose relevant domain (To for REGISTER, From otherwise) is
     /// `domain`: `auth.realm`, or the domain when it is empty.
-    pub fn realm(&self, domain: &str) -> String {
-        self.cfg.realm.clone().unwrap_or_else(|| domain.to_owned())
+    pub fn realm<'a>(&'a self, domain: &'a str) -> &'a str {
+        self.cfg.realm.as_deref().unwrap_or(domain)
     }
 
     /// Checks the credentials of `msg` (received from `peer`) for `realm` against the
@@ -150,12 +150,7 @@ impl Authenticator {
         domain: &str,
         now: u64,
     ) -> Outcome {
-        let creds: Option<Credentials> = msg
-            .headers_named(kind.credentials_header())
-            .filter_map(|h| msg.str_at(h.value.clone()))
-            .filter_map(|v| digest::parse_credentials(v).ok())
-            .find(|c| c.realm == realm);
-        let Some(creds) = creds else {
+        let Some(creds) = Self::credentials(msg, kind, realm) else {
             return Outcome::Challenge { stale: false };
         };
         let ttl = self.cfg.nonce_ttl.as_secs();
@@ -223,17 +218,20 @@ impl Authenticator {
         let cached = self.cached(&creds.username, domain, now);
         let (verified, sub) = match cached {
             Some(sub) if verify(&sub) == Some(true) => (Some(true), sub),
-            _ => match self.store.subscriber(&creds.username, domain).await {
+            // Boxed: the store's future is large and only a cache miss needs it; inline it
+            // would make every REGISTER's and INVITE's task that much bigger.
+            _ => match Box::pin(self.store.subscriber(&creds.username, domain)).await {
                 Err(e) => {
                     error!(error = %e, "subscriber lookup failed");
                     return Outcome::StoreError;
                 }
                 Ok(None) => {
                     self.cache
-                        .remove(&(creds.username.clone(), domain.to_owned()));
+                        .remove(&(creds.username.to_string(), domain.to_owned()));
                     return failed("unknown_user", false);
                 }
                 Ok(Some(sub)) => {
+                    let sub = Arc::new(sub);
                     let ok = verify(&sub);
                     self.remember(sub.clone(), now);
                     (ok, sub)
@@ -259,8 +257,60 @@ impl Authenticator {
         }
         self.security.auth_ok(peer, &creds.username, domain);
         Outcome::Authorized {
-            username: creds.username,
-            caller_id: sub.caller_id,
+            username: creds.username.into_owned(),
+            caller_id: sub.caller_id.clone(),
+        }
+    }
+
+    /// The credentials `msg` offers for `realm`, if any parse.
+    fn credentials<'m>(msg: &'m Message, kind: Kind, realm: &str) -> Option<Credentials<'m>> {
+        msg.headers_named(kind.credentials_header())
+            .filter_map(|h| msg.str_at(h.value.clone()))
+            .filter_map(|v| digest::parse_credentials(v).ok())
+            .find(|c| c.realm == realm)
+    }
+
+    /// The challenge for `msg` when it can be given at once: `msg` offers no credentials for
+    /// `realm` (so [`Self::check`] would answer `Challenge { stale: false }` without looking
+    /// anything up) and [`Self::challenge_for`] needs no store read for `user@domain`. `None`
+    /// otherwise: the caller takes the async path.
+    pub fn challenge_now(
+        &self,
+        msg: &Message,
+        kind: Kind,
+        realm: &str,
+        user: &str,
+        domain: &str,
+        now: u64,
+    ) -> Option<Vec<(&'static str, String)>> {
+        if Self::credentials(msg, kind, realm).is_some() {
+            return None;
+        }
+        if !self.offers_both() {
+            return Some(self.challenge(kind, realm, now, false));
+        }
+        let sub = self.cached(user, domain, now)?;
+        Some(self.challenge_by(&sub, kind, realm, now, false))
+    }
+
+    fn offers_both(&self) -> bool {
+        self.cfg.algorithms.contains(&DigestAlgorithm::Md5)
+            && self.cfg.algorithms.contains(&DigestAlgorithm::Sha256)
+    }
+
+    /// The challenge for a known subscriber: MD5 alone when it has no SHA-256 HA1.
+    fn challenge_by(
+        &self,
+        sub: &Subscriber,
+        kind: Kind,
+        realm: &str,
+        now: u64,
+        stale: bool,
+    ) -> Vec<(&'static str, String)> {
+        if sub.ha1_sha256.is_none() {
+            self.challenge_with(kind, realm, now, stale, &[DigestAlgorithm::Md5])
+        } else {
+            self.challenge(kind, realm, now, stale)
         }
     }
 
@@ -278,25 +328,23 @@ impl Authenticator {
         now: u64,
         stale: bool,
     ) -> Vec<(&'static str, String)> {
-        let both = self.cfg.algorithms.contains(&DigestAlgorithm::Md5)
-            && self.cfg.algorithms.contains(&DigestAlgorithm::Sha256);
-        let Some(user) = user.filter(|_| both) else {
+        let Some(user) = user.filter(|_| self.offers_both()) else {
             return self.challenge(kind, realm, now, stale);
         };
         let sub = match self.cached(user, domain, now) {
             Some(sub) => Some(sub),
-            None => match self.store.subscriber(user, domain).await {
+            None => match Box::pin(self.store.subscriber(user, domain)).await {
                 Ok(Some(sub)) => {
+                    let sub = Arc::new(sub);
                     self.remember(sub.clone(), now);
                     Some(sub)
                 }
                 Ok(None) | Err(_) => None,
             },
         };
-        if sub.is_some_and(|s| s.ha1_sha256.is_none()) {
-            self.challenge_with(kind, realm, now, stale, &[DigestAlgorithm::Md5])
-        } else {
-            self.challenge(kind, realm, now, stale)
+        match sub {
+            Some(sub) => self.challenge_by(&sub, kind, realm, now, stale),
+            None => self.challenge(kind, realm, now, stale),
         }
     }
 
@@ -421,7 +469,8 @@ mod tests {
                  response=\"{response}\", algorithm={name}, qop=auth, nc=00000001, cnonce=\"c1\""
             )
         };
-        let template = parse_credentials(&header(&zero)).unwrap();
+        let zero_header = header(&zero);
+        let template = parse_credentials(&zero_header).unwrap();
         let response =
             expected_response(alg, &ha1(alg, user, REALM, password), "REGISTER", &template);
         let text = format!(
@@ -615,6 +664,36 @@ mod tests {
         assert!(!security.allow(peer(a), tokio::time::Instant::now()));
     }
 
+    /// A request that offers credentials for the realm is never challenged at once (its
+    /// check may need the store); one without is, when one algorithm is configured.
+    #[tokio::test]
+    async fn only_a_request_without_credentials_is_challenged_at_once() {
+        let (auth, _) = authenticator("algorithms = [\"MD5\"]", "").await;
+        let with = register(&auth, DigestAlgorithm::Md5, "s3cret", "sip:example.com");
+        assert_eq!(
+            auth.challenge_now(&with, Kind::Www, REALM, "alice", REALM, NOW),
+            None
+        );
+        let text = String::from_utf8(with.as_bytes().to_vec()).unwrap();
+        let start = text.find("Authorization:").unwrap();
+        let end = start + text[start..].find("\r\n").unwrap() + 2;
+        let bare = format!("{}{}", &text[..start], &text[end..]);
+        let bare = Message::parse(bare.as_bytes(), Framing::Datagram).unwrap();
+        let headers = auth
+            .challenge_now(&bare, Kind::Www, REALM, "alice", REALM, NOW)
+            .expect("a challenge at once");
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[0].0, "WWW-Authenticate");
+        assert!(headers[0].1.contains("algorithm=MD5"), "{}", headers[0].1);
+        // Credentials for another realm only: challenged at once too, as `check` would.
+        let other = text.replace("realm=\"example.com\"", "realm=\"elsewhere\"");
+        let other = Message::parse(other.as_bytes(), Framing::Datagram).unwrap();
+        assert!(
+            auth.challenge_now(&other, Kind::Www, REALM, "alice", REALM, NOW)
+                .is_some()
+        );
+    }
+
     /// A subscriber imported from Kamailio has an MD5 HA1 only: with both algorithms
     /// configured they are offered MD5 alone, and a SHA-256 answer gets a new challenge (not
     /// a 500, not a counted failure); their MD5 answer is accepted.
@@ -646,10 +725,22 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
+        // Without credentials the challenge needs the subscriber's HA1s (which algorithms):
+        // not at once while the subscriber is not in memory, at once after.
+        let bare = Message::parse(
+            b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK1\r\n\
+              From: <sip:kam@example.com>;tag=1\r\nTo: <sip:kam@example.com>\r\n\
+              Call-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n",
+            Framing::Datagram,
+        )
+        .unwrap();
+        let now = |user: &str| auth.challenge_now(&bare, Kind::Www, REALM, user, REALM, NOW);
+        assert_eq!(now("kam"), None, "not cached yet");
         let kam = auth
             .challenge_for(Kind::Www, REALM, Some("kam"), REALM, NOW, false)
             .await;
         assert_eq!(offered(kam), ["MD5"]);
+        assert_eq!(offered(now("kam").expect("cached now")), ["MD5"]);
         let alice = auth
             .challenge_for(Kind::Www, REALM, Some("alice"), REALM, NOW, false)
             .await;

@@ -38,15 +38,18 @@ pub fn detect(msg: &Message, source: SocketAddr) -> Verdict {
         let port = via.port.unwrap_or(5060);
         v.via_mismatch = host != Some(source.ip()) || port != source.port();
     }
-    if let Ok(contacts) = msg.contacts() {
-        v.contact_private = contacts.iter().any(|c| match c {
+    // A malformed Contact list counts as no Contact, whatever came before the defect.
+    let mut private = false;
+    let listed = msg.for_each_contact(|c| {
+        private |= match c {
             ContactValue::Addr(a) => SipUri::parse(a.uri)
                 .ok()
                 .and_then(|u| u.ip())
                 .is_some_and(is_private),
             ContactValue::Star => false,
-        });
-    }
+        };
+    });
+    v.contact_private = listed.is_ok() && private;
     v
 }
 
@@ -134,5 +137,14 @@ Contact: <{contact}>\r\n\r\n"
         // A hostname in Via is not the source address.
         let v = detect(&msg("phone.example.com", "sip:a@203.0.113.9"), src);
         assert!(v.via_mismatch);
+        // Any private Contact of a list counts; a malformed list counts as none, whatever
+        // came before its defect.
+        let v = detect(
+            &msg("203.0.113.9:5060", "sip:a@203.0.113.9>, <sip:a@10.0.0.2"),
+            src,
+        );
+        assert!(v.contact_private);
+        let v = detect(&msg("203.0.113.9:5060", "sip:a@10.0.0.2>, \"x"), src);
+        assert!(!v.contact_private, "{v:?}");
     }
 }

@@ -1042,10 +1042,13 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
         fn save<'a>(
             &'a self,
             aor: &'a str,
-            upsert: &'a [Binding],
-            remove: &'a [String],
+            upsert: Vec<Binding>,
+            remove: Vec<String>,
             after: Vec<Binding>,
-        ) -> crate::registrar::location::Pending<'a, Result<(), crate::store::StoreError>> {
+        ) -> crate::registrar::location::Pending<
+            'a,
+            Result<crate::store::Written, crate::store::StoreError>,
+        > {
             LocationService::save(&self.0, aor, upsert, remove, after)
         }
         fn remove_unreachable<'a>(

@@ -1194,7 +1194,7 @@ async fn authorize(
     }
     let realm = auth.realm(&domain);
     match auth
-        .check(msg, peer, AuthKind::Proxy, &realm, &domain, now)
+        .check(msg, peer, AuthKind::Proxy, realm, &domain, now)
         .await
     {
         Outcome::Authorized {
@@ -1215,7 +1215,7 @@ async fn authorize(
             let headers = auth
                 .challenge_for(
                     AuthKind::Proxy,
-                    &realm,
+                    realm,
                     from_user.as_deref(),
                     &domain,
                     now,

@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::Clock;
 use crate::metrics::Registry;
 pub use crate::store::Binding;
-use crate::store::{BindingWriter, Change, Store, StoreError};
+use crate::store::{BindingWriter, Change, Store, StoreError, Written};
 
 /// Seconds between two heartbeats of an instance sharing the store.
 pub const HEARTBEAT: u64 = 10;
@@ -71,14 +71,15 @@ pub trait LocationService: Send + Sync + std::fmt::Debug {
     }
 
     /// Applies a REGISTER's change to one AOR: `upsert` and `remove` (contact URIs) are what
-    /// changes, `after` is the AOR's bindings once applied. Done when it is durable.
+    /// changes, `after` is the AOR's bindings once applied. Done when it is durable; gives
+    /// the change back (for the caller's log lines).
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        upsert: &'a [Binding],
-        remove: &'a [String],
+        upsert: Vec<Binding>,
+        remove: Vec<String>,
         after: Vec<Binding>,
-    ) -> Pending<'a, Result<(), StoreError>>;
+    ) -> Pending<'a, Result<Written, StoreError>>;
 
     /// Removes a binding that stopped answering keepalives, unless a REGISTER refreshed it
     /// since `b.updated`. True when it was removed.
@@ -361,14 +362,14 @@ impl LocationService for WriteThrough {
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        upsert: &'a [Binding],
-        remove: &'a [String],
+        upsert: Vec<Binding>,
+        remove: Vec<String>,
         after: Vec<Binding>,
-    ) -> Pending<'a, Result<(), StoreError>> {
+    ) -> Pending<'a, Result<Written, StoreError>> {
         Box::pin(async move {
-            self.writer.save(aor, upsert, remove).await?;
+            let written = self.writer.save(aor, upsert, remove).await?;
             self.memory.set(aor, after).await;
-            Ok(())
+            Ok(written)
         })
     }
 
@@ -439,26 +440,38 @@ impl Location {
 
     /// Replaces the bindings of one AOR (after the store accepted the change).
     pub async fn set(&self, aor: &str, bindings: Vec<Binding>) {
-        let old = self.by_aor.get(aor).map(|v| v.clone()).unwrap_or_default();
+        let deadlines: Vec<(u64, String, String)> = bindings
+            .iter()
+            .map(|b| (b.expires, b.aor.clone(), b.contact.clone()))
+            .collect();
+        // The old bindings are moved out, not copied: their strings become the index keys
+        // to remove. Memory goes first; the purge checks each deadline it finds against the
+        // binding in memory, so an index a moment behind purges nothing live.
+        let old = if bindings.is_empty() {
+            self.by_aor.remove(aor).map(|(_, v)| v).unwrap_or_default()
+        } else {
+            match self.by_aor.get_mut(aor) {
+                Some(mut v) => std::mem::replace(&mut *v, bindings),
+                None => {
+                    self.by_aor.insert(aor.to_owned(), bindings);
+                    Vec::new()
+                }
+            }
+        };
         let wake = {
             let mut idx = self.expiry.lock().await;
             let first_before = idx.first().map(|(t, _, _)| *t);
-            for b in &old {
-                idx.remove(&(b.expires, b.aor.clone(), b.contact.clone()));
+            for b in old {
+                idx.remove(&(b.expires, b.aor, b.contact));
             }
-            for b in &bindings {
-                idx.insert((b.expires, b.aor.clone(), b.contact.clone()));
+            for d in deadlines {
+                idx.insert(d);
             }
             // The purge task only needs waking when the earliest deadline moved earlier.
             let first_after = idx.first().map(|(t, _, _)| *t);
             matches!((first_before, first_after), (None, Some(_)))
                 || matches!((first_before, first_after), (Some(b), Some(a)) if a < b)
         };
-        if bindings.is_empty() {
-            self.by_aor.remove(aor);
-        } else {
-            self.by_aor.insert(aor.to_owned(), bindings);
-        }
         if wake {
             self.changed.notify_one();
         }
@@ -600,13 +613,13 @@ impl LocationService for Location {
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        _upsert: &'a [Binding],
-        _remove: &'a [String],
+        upsert: Vec<Binding>,
+        remove: Vec<String>,
         after: Vec<Binding>,
-    ) -> Pending<'a, Result<(), StoreError>> {
+    ) -> Pending<'a, Result<Written, StoreError>> {
         Box::pin(async move {
             self.set(aor, after).await;
-            Ok(())
+            Ok((upsert, remove))
         })
     }
 

@@ -13,14 +13,15 @@
 //! so a shard holds at most `running + waiting` of them beyond its queue.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 /// The running and waiting REGISTERs of one shard, by AOR key.
 #[derive(Debug)]
 pub struct Order<T> {
     /// The AORs with a REGISTER running.
-    busy: HashSet<Box<str>>,
+    busy: HashSet<Arc<str>>,
     /// Taken from the queue but not started: their AOR is busy, or `max_running` are running.
-    waiting: VecDeque<(Box<str>, T)>,
+    waiting: VecDeque<(Arc<str>, T)>,
     max_running: usize,
     max_waiting: usize,
 }
@@ -56,7 +57,7 @@ impl<T> Order<T> {
     /// Invariant kept by every method: either `max_running` are running or every waiting
     /// REGISTER's AOR is busy. So a new REGISTER whose AOR is not busy has no earlier one of
     /// its AOR waiting, and starting it at once keeps the AOR's order.
-    pub fn arrive(&mut self, aor: Box<str>, item: T) -> Option<(Box<str>, T)> {
+    pub fn arrive(&mut self, aor: Arc<str>, item: T) -> Option<(Arc<str>, T)> {
         if self.busy.len() < self.max_running && !self.busy.contains(&aor) {
             self.busy.insert(aor.clone());
             Some((aor, item))
@@ -68,7 +69,7 @@ impl<T> Order<T> {
 
     /// The REGISTER of `aor` that was running has ended: the waiting ones that may start now,
     /// each AOR's oldest first.
-    pub fn done(&mut self, aor: &str) -> Vec<(Box<str>, T)> {
+    pub fn done(&mut self, aor: &str) -> Vec<(Arc<str>, T)> {
         self.busy.remove(aor);
         let mut start = Vec::new();
         let mut i = 0;
@@ -90,11 +91,11 @@ impl<T> Order<T> {
 mod tests {
     use super::*;
 
-    fn k(s: &str) -> Box<str> {
+    fn k(s: &str) -> Arc<str> {
         s.into()
     }
 
-    fn started(v: Vec<(Box<str>, u32)>) -> Vec<u32> {
+    fn started(v: Vec<(Arc<str>, u32)>) -> Vec<u32> {
         v.into_iter().map(|(_, n)| n).collect()
     }
 

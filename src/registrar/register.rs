@@ -53,19 +53,16 @@ pub struct Origin<'a> {
     pub now: u64,
 }
 
-/// Applies §10.3 steps 6-8 to `current` (the live bindings of the AOR).
+/// Applies §10.3 steps 6-8 to `current` (the bindings of the AOR; the expired ones are
+/// dropped). Takes them by value: they become the decision's `after`, without a copy.
 pub fn decide(
     cfg: &RegistrarConfig,
     req: &Message,
     origin: Origin<'_>,
-    current: &[Binding],
+    current: Vec<Binding>,
 ) -> Result<Decision, Rejection> {
     let now = origin.now;
-    let live: Vec<Binding> = current
-        .iter()
-        .filter(|b| b.expires > now)
-        .cloned()
-        .collect();
+    let live = |b: &Binding| b.expires > now;
     let contacts = req
         .contacts()
         .map_err(|_| reject(400, "Malformed Contact header"))?;
@@ -89,10 +86,12 @@ pub fn decide(
 
     // Step 6: no Contact is a query.
     if contacts.is_empty() {
+        let mut after = current;
+        after.retain(live);
         return Ok(Decision {
             upsert: Vec::new(),
             remove: Vec::new(),
-            after: live,
+            after,
         });
     }
 
@@ -104,14 +103,14 @@ pub fn decide(
                 "Invalid Contact: * (needs Expires: 0 and no other Contact)",
             ));
         }
-        for b in &live {
+        for b in current.iter().filter(|b| live(b)) {
             if b.call_id == call_id && cseq < b.cseq {
                 return Err(reject(400, "Invalid CSeq number"));
             }
         }
         return Ok(Decision {
             upsert: Vec::new(),
-            remove: current.iter().map(|b| b.contact.clone()).collect(),
+            remove: current.into_iter().map(|b| b.contact).collect(),
             after: Vec::new(),
         });
     }
@@ -132,7 +131,8 @@ pub fn decide(
     // registration made on a phone's behalf by a PBX or a provisioning tool).
     let nated = crate::nat::detect::detect(req, origin.source.remote).is_nated();
 
-    let mut after = live.clone();
+    let mut after = current;
+    after.retain(live);
     let mut upsert = Vec::new();
     let mut remove = Vec::new();
     for c in &contacts {
@@ -310,7 +310,7 @@ CSeq: {cseq} REGISTER\r\n{headers}Content-Length: 0\r\n\r\n"
         headers: &str,
         now: u64,
     ) -> Result<Decision, Rejection> {
-        decide(&cfg(), &reg(cseq, headers), origin(now), current)
+        decide(&cfg(), &reg(cseq, headers), origin(now), current.to_vec())
     }
 
     #[test]
@@ -327,7 +327,7 @@ From: <sip:alice@example.com>;tag=f\r\nTo: <sip:alice@example.com>\r\nCall-ID: r
 CSeq: 1 REGISTER\r\nContact: <{contact}>\r\nContent-Length: 0\r\n\r\n"
             );
             let m = Message::parse(text.as_bytes(), Framing::Datagram).unwrap();
-            decide(&cfg(), &m, origin(1000), &[]).unwrap().after[0].nated
+            decide(&cfg(), &m, origin(1000), Vec::new()).unwrap().after[0].nated
         };
         assert!(public_via("sip:a@192.168.1.5:5060"));
         // Public Contact, Via = source: a third party registering a public contact (here on

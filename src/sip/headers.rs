@@ -426,21 +426,43 @@ impl Message {
 
     /// Every Contact value, in order.
     pub fn contacts(&self) -> Result<Vec<ContactValue<'_>>, Malformed> {
-        let mut out = Vec::new();
-        for h in self.headers_named(HeaderName::Contact) {
-            let parts =
-                split_list(self.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Contact"))?;
-            for p in parts {
-                if self.bytes_at(p.clone()) == b"*" {
-                    out.push(ContactValue::Star);
-                } else {
-                    out.push(ContactValue::Addr(
-                        parse_name_addr(self.as_bytes(), p).ok_or(Malformed::Header("Contact"))?,
-                    ));
-                }
-            }
-        }
+        let mut out: Vec<ContactValue<'_>> = Vec::new();
+        self.for_each_contact(|c| {
+            // One at a time: a value is a few hundred bytes and a message has one or two (a
+            // Vec's first growth would take four, over a kilobyte, past the allocator's fast bins).
+            out.reserve_exact(out.len().max(1));
+            out.push(c);
+        })?;
         Ok(out)
+    }
+
+    /// Every Contact value in order, without collecting them. An error (a malformed value
+    /// anywhere) comes after the values before it were seen: a caller that must not act on
+    /// part of the list keeps what it learnt until `Ok`.
+    pub fn for_each_contact<'m>(
+        &'m self,
+        mut each: impl FnMut(ContactValue<'m>),
+    ) -> Result<(), Malformed> {
+        let buf = self.as_bytes();
+        for h in self.headers_named(HeaderName::Contact) {
+            let mut ok = true;
+            scan_list(buf, h.value.clone(), |p| {
+                if !ok {
+                    return;
+                }
+                if &buf[p.clone()] == b"*" {
+                    each(ContactValue::Star);
+                } else {
+                    match parse_name_addr(buf, p) {
+                        Some(a) => each(ContactValue::Addr(a)),
+                        None => ok = false,
+                    }
+                }
+            })
+            .filter(|_| ok)
+            .ok_or(Malformed::Header("Contact"))?;
+        }
+        Ok(())
     }
 
     /// Every value of a route-like header (Route, Record-Route, Path), in order.

@@ -478,8 +478,10 @@ fn parse_start_line(
             Some(Malformed::RequestLine),
         ))
     };
-    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-    let [m, uri, version] = parts.as_slice() else {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(m), Some(uri), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return broken(method.end..method.end);
     };
     let uri_start = r.start + m.len() + 1;

@@ -37,7 +37,7 @@ pub use kamailio::{KamailioSubscriber, read_kamailio_subscribers};
 pub use location::Binding;
 pub use notify::{Change, Changes, INSTANCE_CHANNEL, LOCATION_CHANNEL};
 pub use subscriber::Subscriber;
-pub use writer::BindingWriter;
+pub use writer::{BindingWriter, Written};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

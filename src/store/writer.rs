@@ -31,12 +31,22 @@ const MAX_CHANGES: usize = 64;
 /// backend's parameter limit).
 const MAX_ROWS: usize = 256;
 
+/// What a change wrote: its upserted bindings and removed contacts, handed back to the caller
+/// once durable (for its log lines) instead of copied on the way in.
+pub type Written = (Vec<Binding>, Vec<String>);
+
 /// One address-of-record's new state, and who waits for it.
 struct Change {
     aor: String,
     upsert: Vec<Binding>,
     remove: Vec<String>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    done: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+impl Change {
+    fn answer(self, r: Result<(), StoreError>) {
+        let _ = self.done.send(r.map(|()| (self.upsert, self.remove)));
+    }
 }
 
 /// The handle the location service writes through.
@@ -53,13 +63,14 @@ impl BindingWriter {
         Self { tx }
     }
 
-    /// Writes one AOR's change; returns when its batch is committed (or failed).
+    /// Writes one AOR's change; returns when its batch is committed (or failed), with the
+    /// change.
     pub async fn save(
         &self,
         aor: &str,
-        upsert: &[Binding],
-        remove: &[String],
-    ) -> Result<(), StoreError> {
+        upsert: Vec<Binding>,
+        remove: Vec<String>,
+    ) -> Result<Written, StoreError> {
         self.submit(aor, upsert, remove)?.await
     }
 
@@ -68,14 +79,14 @@ impl BindingWriter {
     fn submit(
         &self,
         aor: &str,
-        upsert: &[Binding],
-        remove: &[String],
-    ) -> Result<impl Future<Output = Result<(), StoreError>> + use<>, StoreError> {
+        upsert: Vec<Binding>,
+        remove: Vec<String>,
+    ) -> Result<impl Future<Output = Result<Written, StoreError>> + use<>, StoreError> {
         let (done, wait) = oneshot::channel();
         let change = Change {
             aor: aor.to_owned(),
-            upsert: upsert.to_vec(),
-            remove: remove.to_vec(),
+            upsert,
+            remove,
             done,
         };
         self.tx.try_send(change).map_err(|e| match e {
@@ -132,7 +143,7 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec
                 let e = StoreError::from(e);
                 warn!(error = %e, "location writer: no database connection");
                 for c in batch {
-                    let _ = c.done.send(Err(StoreError::Busy("no database connection")));
+                    c.answer(Err(StoreError::Busy("no database connection")));
                 }
                 return;
             }
@@ -151,14 +162,14 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec
     match result {
         Ok(()) => {
             for c in batch {
-                let _ = c.done.send(Ok(()));
+                c.answer(Ok(()));
             }
         }
         Err(e) if n == 1 => {
             // The connection may be what failed: the next batch takes a fresh one.
             *conn = None;
             if let Some(c) = batch.into_iter().next() {
-                let _ = c.done.send(Err(e));
+                c.answer(Err(e));
             }
         }
         Err(e) => {
@@ -168,7 +179,7 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec
                 let r = store
                     .save_bindings(&change.aor, &change.upsert, &change.remove)
                     .await;
-                let _ = change.done.send(r);
+                change.answer(r);
             }
         }
     }
@@ -220,7 +231,7 @@ mod tests {
                     binding(&aor, &format!("sip:a@10.0.0.{}", i % 250), 1),
                     binding(&aor, "sip:b@10.0.0.1", 1),
                 ];
-                w.save(&aor, &two, &[]).await
+                w.save(&aor, two.to_vec(), Vec::new()).await.map(|_| ())
             }));
         }
         for t in tasks {
@@ -237,7 +248,7 @@ mod tests {
             } else {
                 (vec![b, old], Vec::new())
             };
-            waits.push(writer.submit(aor, &upsert, &remove).expect("queued"));
+            waits.push(writer.submit(aor, upsert, remove).expect("queued"));
         }
         for w in waits {
             w.await.expect("saved");

@@ -185,7 +185,7 @@ impl TestServer {
             .map(|b| b.contact)
             .collect();
         self.location
-            .save(aor, &bindings, &old, bindings.clone())
+            .save(aor, bindings.clone(), old, bindings)
             .await
             .unwrap();
     }

@@ -76,7 +76,7 @@ fn verified(req: &Message, header: HeaderName, nonce: &str, password: &str) -> b
     };
     let c = digest::parse_credentials(v).unwrap();
     assert_eq!(
-        (c.username.as_str(), c.realm.as_str(), c.nonce.as_str()),
+        (&*c.username, &*c.realm, &*c.nonce),
         ("acct1", REALM, nonce)
     );
     assert_eq!(c.opaque.as_deref(), Some("op4que"));
