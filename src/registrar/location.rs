@@ -429,11 +429,13 @@ impl Location {
 
     /// The live bindings of an AOR at `now`, highest q first.
     pub fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
-        let mut v: Vec<Binding> = self
-            .by_aor
-            .get(aor)
-            .map(|b| b.iter().filter(|b| b.expires > now).cloned().collect())
-            .unwrap_or_default();
+        let Some(list) = self.by_aor.get(aor) else {
+            return Vec::new();
+        };
+        // Sized exactly: see `register::decide`.
+        let mut v = Vec::with_capacity(list.len());
+        v.extend(list.iter().filter(|b| b.expires > now).cloned());
+        drop(list);
         v.sort_by_key(|b| std::cmp::Reverse(b.q));
         v
     }

@@ -131,9 +131,12 @@ pub fn decide(
     // registration made on a phone's behalf by a PBX or a provisioning tool).
     let nated = crate::nat::detect::detect(req, origin.source.remote).is_nated();
 
+    // Sized up front: a binding is about 270 bytes, and a Vec's first growth (four of them)
+    // would take over a kilobyte, past glibc's fast paths (issue #15).
     let mut after = current;
     after.retain(live);
-    let mut upsert = Vec::new();
+    after.reserve_exact(contacts.len());
+    let mut upsert = Vec::with_capacity(contacts.len());
     let mut remove = Vec::new();
     for c in &contacts {
         let ContactValue::Addr(addr) = c else {
