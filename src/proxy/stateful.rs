@@ -1017,7 +1017,7 @@ impl Proxy {
             // final over UDP), not only while they run (issue #15, memory per transaction).
             let Some(op) = t.poll_media() else {
                 if let Some((s, status)) = call.ready.take() {
-                    Box::pin(self.acc.finished(*s, status, t.answer_tag(), t.cancelled())).await;
+                    self.acc.finished(*s, status, t.answer_tag(), t.cancelled());
                 }
                 return;
             };
@@ -1031,6 +1031,10 @@ impl Proxy {
                     role,
                     auth_user,
                 } => {
+                    if role == Role::InDialog && !media.holds_dialog(req) {
+                        t.handle_offer(Instant::now(), idx, Ok(None));
+                        continue;
+                    }
                     let source = t.source();
                     let r = Box::pin(media.offer(
                         req,

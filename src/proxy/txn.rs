@@ -527,12 +527,15 @@ impl ProxyTxn {
                 auth_sent: false,
             });
             if offer {
-                self.media.push_back(MediaOp::Offer {
-                    idx,
-                    branch: id,
-                    role,
-                    auth_user: self.auth_user.clone(),
-                });
+                push_media(
+                    &mut self.media,
+                    MediaOp::Offer {
+                        idx,
+                        branch: id,
+                        role,
+                        auth_user: self.auth_user.clone(),
+                    },
+                );
             } else {
                 self.send(idx, None, now);
             }
@@ -1179,15 +1182,18 @@ impl ProxyTxn {
                     };
                     if self.ctx.media && for_media && (101..300).contains(&status) {
                         // The media layer sees it first; `handle_answer` continues.
-                        self.media.push_back(MediaOp::Answer {
-                            idx,
-                            branch: b.id.clone(),
-                            role: b.role,
-                            // Through the instance owning the callee's binding: the
-                            // party's packets come from that binding, not from the owner.
-                            from: b.hop.owner.map_or(b.dest, |binding| binding.addr),
-                            resp,
-                        });
+                        push_media(
+                            &mut self.media,
+                            MediaOp::Answer {
+                                idx,
+                                branch: b.id.clone(),
+                                role: b.role,
+                                // Through the instance owning the callee's binding: the
+                                // party's packets come from that binding, not from the owner.
+                                from: b.hop.owner.map_or(b.dest, |binding| binding.addr),
+                                resp,
+                            },
+                        );
                     } else {
                         cancel_others |= self.pass_up(idx, resp, None, now);
                     }
@@ -1329,10 +1335,13 @@ impl ProxyTxn {
         }
         if first_2xx {
             self.media_final = true;
-            self.media.push_back(MediaOp::Finished {
-                status,
-                cancelled: false,
-            });
+            push_media(
+                &mut self.media,
+                MediaOp::Finished {
+                    status,
+                    cancelled: false,
+                },
+            );
         }
         d.cancel_others
     }
@@ -1372,10 +1381,13 @@ impl ProxyTxn {
         self.server.respond(status, bytes, now);
         if self.invite && !self.media_final && self.relays() {
             self.media_final = true;
-            self.media.push_back(MediaOp::Finished {
-                status,
-                cancelled: self.cancelled,
-            });
+            push_media(
+                &mut self.media,
+                MediaOp::Finished {
+                    status,
+                    cancelled: self.cancelled,
+                },
+            );
         }
     }
 
@@ -1509,4 +1521,13 @@ pub fn relay_decision(mode: MediaMode, caller_nated: bool, hop: &Hop) -> bool {
         MediaMode::Never => false,
         MediaMode::Nat => caller_nated || hop.callee_nated(),
     }
+}
+
+/// Queues a media step. The queue starts small: an op is a quarter kilobyte, and a deque's
+/// first growth (four) would cross glibc's 1 KB fast-path limit (issue #15).
+fn push_media(queue: &mut VecDeque<MediaOp>, op: MediaOp) {
+    if queue.capacity() == 0 {
+        queue.reserve_exact(2);
+    }
+    queue.push_back(op);
 }

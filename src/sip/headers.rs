@@ -471,6 +471,8 @@ impl Message {
         for h in self.headers_named(name) {
             let parts = split_list(self.as_bytes(), h.value.clone())
                 .ok_or(Malformed::Header(name.as_str()))?;
+            // Exact: a name-addr is a few hundred bytes (see `contacts`).
+            out.reserve_exact(parts.len());
             for p in parts {
                 out.push(
                     parse_name_addr(self.as_bytes(), p).ok_or(Malformed::Header(name.as_str()))?,
