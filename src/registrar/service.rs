@@ -1,10 +1,11 @@
 //! The registrar as a service (the seed's `route[2]`): `www_authorize` against the subscriber
 //! table → `check_to` → `save("location")` with write-through → 200 listing the contacts.
 //!
-//! REGISTERs are spread over shards by address-of-record: each shard handles its requests in
-//! order (so two REGISTERs of one AOR never race), and the UDP receive loops never wait for
-//! the store. A full shard queue answers 503 with Retry-After instead of queueing without
-//! bound. The shard keeps each final response while its non-INVITE server transaction is
+//! REGISTERs are spread over shards by address-of-record: each shard runs the REGISTERs of
+//! different AORs at once and one AOR's in order ([`Order`]: two REGISTERs of one AOR never
+//! race), and the UDP receive loops never wait for the store. A REGISTER without credentials
+//! is challenged on the receive loop when that needs no store read (`challenge_now`). A
+//! full shard queue answers 503 with Retry-After instead of queueing without bound. The shard keeps each final response while its non-INVITE server transaction is
 //! Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted
 //! REGISTER gets the same answer instead of a replayed nonce.
 
