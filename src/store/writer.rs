@@ -14,8 +14,6 @@
 //! batch), so the order of a batch's statements cannot reorder one AOR's history. When a
 //! batch fails, its changes are retried one by one, so one bad change fails alone.
 
-use std::collections::HashSet;
-
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -112,18 +110,16 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Change>) {
                 None => break,
             },
         };
-        let mut aors: HashSet<String> = HashSet::new();
         let mut rows = first.upsert.len();
-        aors.insert(first.aor.clone());
         let mut batch = vec![first];
         while batch.len() < MAX_CHANGES {
             let Ok(c) = rx.try_recv() else { break };
-            if aors.contains(&c.aor) || rows + c.upsert.len() > MAX_ROWS {
+            // At most MAX_CHANGES to compare with: a scan, no set of copied keys per batch.
+            if batch.iter().any(|b| b.aor == c.aor) || rows + c.upsert.len() > MAX_ROWS {
                 held = Some(c);
                 break;
             }
             rows += c.upsert.len();
-            aors.insert(c.aor.clone());
             batch.push(c);
         }
         write(&store, &mut conn, batch).await;
