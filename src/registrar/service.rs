@@ -5,9 +5,10 @@
 //! different AORs at once and one AOR's in order ([`Order`]: two REGISTERs of one AOR never
 //! race), and the UDP receive loops never wait for the store. A REGISTER without credentials
 //! is challenged on the receive loop when that needs no store read (`challenge_now`). A
-//! full shard queue answers 503 with Retry-After instead of queueing without bound. The shard keeps each final response while its non-INVITE server transaction is
-//! Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted
-//! REGISTER gets the same answer instead of a replayed nonce.
+//! full shard queue answers 503 with Retry-After instead of queueing without bound. The
+//! shard keeps each final response while its non-INVITE server transaction is Completed
+//! (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted REGISTER gets
+//! the same answer instead of a replayed nonce.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

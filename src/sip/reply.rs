@@ -181,7 +181,11 @@ pub fn http_date(unix: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    // One allocation of the final size (`format!` grew its string three times).
+    let mut out = String::with_capacity(29);
+    // invariant: writing to a String cannot fail.
+    let _ = write!(
+        out,
         "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
         DAYS[(days % 7) as usize],
         day,
@@ -190,7 +194,8 @@ pub fn http_date(unix: u64) -> String {
         secs / 3600,
         secs % 3600 / 60,
         secs % 60
-    )
+    );
+    out
 }
 
 /// `fmt::Write` over a byte vector, so that `write!` can format into the output directly.
