@@ -286,16 +286,27 @@ impl Authenticator {
         if Self::credentials(msg, kind, realm).is_some() {
             return None;
         }
-        if !self.offers_both() {
-            return Some(self.challenge(kind, realm, now, false));
-        }
-        let sub = self.cached(user, domain, now)?;
-        Some(self.challenge_by(&sub, kind, realm, now, false))
+        self.challenge_known(kind, realm, Some(user), domain, now, false)
     }
 
-    fn offers_both(&self) -> bool {
-        self.cfg.algorithms.contains(&DigestAlgorithm::Md5)
-            && self.cfg.algorithms.contains(&DigestAlgorithm::Sha256)
+    /// [`Self::challenge_for`] when it needs no store read: one algorithm configured, no
+    /// user, or the user's hashes in memory. `None`: the subscriber must be read.
+    fn challenge_known(
+        &self,
+        kind: Kind,
+        realm: &str,
+        user: Option<&str>,
+        domain: &str,
+        now: u64,
+        stale: bool,
+    ) -> Option<Vec<(&'static str, String)>> {
+        let both = self.cfg.algorithms.contains(&DigestAlgorithm::Md5)
+            && self.cfg.algorithms.contains(&DigestAlgorithm::Sha256);
+        let Some(user) = user.filter(|_| both) else {
+            return Some(self.challenge(kind, realm, now, stale));
+        };
+        let sub = self.cached(user, domain, now)?;
+        Some(self.challenge_by(&sub, kind, realm, now, stale))
     }
 
     /// The challenge for a known subscriber: MD5 alone when it has no SHA-256 HA1.
@@ -328,23 +339,21 @@ impl Authenticator {
         now: u64,
         stale: bool,
     ) -> Vec<(&'static str, String)> {
-        let Some(user) = user.filter(|_| self.offers_both()) else {
-            return self.challenge(kind, realm, now, stale);
+        if let Some(c) = self.challenge_known(kind, realm, user, domain, now, stale) {
+            return c;
+        }
+        // Only a user whose hashes are not in memory gets here.
+        let read = match user {
+            Some(user) => Box::pin(self.store.subscriber(user, domain)).await,
+            None => Ok(None),
         };
-        let sub = match self.cached(user, domain, now) {
-            Some(sub) => Some(sub),
-            None => match Box::pin(self.store.subscriber(user, domain)).await {
-                Ok(Some(sub)) => {
-                    let sub = Arc::new(sub);
-                    self.remember(sub.clone(), now);
-                    Some(sub)
-                }
-                Ok(None) | Err(_) => None,
-            },
-        };
-        match sub {
-            Some(sub) => self.challenge_by(&sub, kind, realm, now, stale),
-            None => self.challenge(kind, realm, now, stale),
+        match read {
+            Ok(Some(sub)) => {
+                let sub = Arc::new(sub);
+                self.remember(sub.clone(), now);
+                self.challenge_by(&sub, kind, realm, now, stale)
+            }
+            Ok(None) | Err(_) => self.challenge(kind, realm, now, stale),
         }
     }
 

@@ -26,7 +26,7 @@ use super::order::Order;
 use super::register::{self, Decision, Origin};
 use crate::auth::service::{Authenticator, Kind, Outcome};
 use crate::clock::Clock;
-use crate::config::LiveConfig;
+use crate::config::{Config, LiveConfig};
 use crate::sip::{Message, SipUri, reply};
 use crate::transaction::Timers;
 use crate::transport::{Proto, Source, Transports};
@@ -89,13 +89,13 @@ impl Registrar {
     /// Answers a REGISTER that needs no waiting (a challenge) at once, queues the others;
     /// gives the REGISTER back when its shard is overloaded.
     pub fn submit(&self, job: Box<Job>) -> Result<(), Box<Job>> {
-        if let Some(bytes) = challenge_now(&self.ctx, &job) {
+        let aor = aor_key(&job.msg);
+        if let Some(bytes) = challenge_now(&self.ctx, &job, &aor) {
             self.ctx
                 .transports
                 .send(crate::nat::respond(&job.msg, job.source, bytes));
             return Ok(());
         }
-        let aor = aor_key(&job.msg);
         let mut h = std::hash::DefaultHasher::new();
         aor.hash(&mut h);
         let idx = (h.finish() % self.shards.len() as u64) as usize;
@@ -113,23 +113,14 @@ impl Registrar {
 /// for retransmissions (a retransmission gets a fresh one, as from [`handle`]), so it needs
 /// neither the shard's order nor its table. Anything else (`None`) goes to the shard, which
 /// gives the same answers for the same requests.
-fn challenge_now(ctx: &Context, job: &Job) -> Option<Vec<u8>> {
+fn challenge_now(ctx: &Context, job: &Job, aor: &str) -> Option<Vec<u8>> {
     let msg = &job.msg;
-    let uri = SipUri::parse(msg.to().ok()?.uri).ok()?;
-    let user = uri.user?;
-    if !ctx.cfg.load().is_local_domain(uri.host) {
-        return None;
-    }
-    let domain: std::borrow::Cow<'_, str> = if uri.host.bytes().any(|b| b.is_ascii_uppercase()) {
-        uri.host.to_ascii_lowercase().into()
-    } else {
-        uri.host.into()
-    };
-    let realm = ctx.auth.realm(&domain);
+    let (user, domain) = addressee(&ctx.cfg.load(), msg, aor).ok()?;
+    let realm = ctx.auth.realm(domain);
     let now = ctx.clock.unix();
     let headers = ctx
         .auth
-        .challenge_now(msg, Kind::Www, realm, user, &domain, now)?;
+        .challenge_now(msg, Kind::Www, realm, user, domain, now)?;
     let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     Some(reply::response(
         msg,
@@ -138,6 +129,25 @@ fn challenge_now(ctx: &Context, job: &Job) -> Option<Vec<u8>> {
         "Unauthorized",
         &extra,
     ))
+}
+
+/// Whom a REGISTER is for: the To user and the domain in lower case (taken from `aor`, its
+/// [`aor_key`]), or the status and reason refusing it: a malformed To (400), a To URI that
+/// is not a SIP URI (404), no user part (400), a domain we do not serve (403).
+fn addressee<'m, 'a>(
+    cfg: &Config,
+    msg: &'m Message,
+    aor: &'a str,
+) -> Result<(&'m str, &'a str), (u16, &'static str)> {
+    let to = msg.to().map_err(|_| (400, "Malformed To header"))?;
+    let to_uri = SipUri::parse(to.uri).map_err(|_| (404, "Not Found"))?;
+    let user = to_uri.user.ok_or((400, "To has no user part"))?;
+    // `aor` is `user@domain` for this To.
+    let domain = aor.get(user.len() + 1..).unwrap_or_default();
+    if !cfg.is_local_domain(domain) {
+        return Err((403, "Domain Not Served Here"));
+    }
+    Ok((user, domain))
 }
 
 /// A transaction key for retransmission matching (RFC 3261 §17.2.3).
@@ -270,25 +280,12 @@ async fn handle(ctx: &Context, job: &Job, aor: &str, now: u64) -> (u16, Vec<u8>)
     let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
         (status, reply::response(msg, src, status, reason, extra))
     };
-    // In a block: the To view and its URI are large and must not live across the awaits
-    // below (they would make every REGISTER's task larger); `user` borrows the message.
-    let user = {
-        let Ok(to) = msg.to() else {
-            return respond(400, "Malformed To header", &[]);
-        };
-        let Ok(to_uri) = SipUri::parse(to.uri) else {
-            return respond(404, "Not Found", &[]);
-        };
-        let Some(user) = to_uri.user else {
-            return respond(400, "To has no user part", &[]);
-        };
-        user
+    // `addressee` keeps the To view and its URI out of the await points below (they are
+    // large, and would make every REGISTER's task larger); `user` borrows the message.
+    let (user, domain) = match addressee(&cfg, msg, aor) {
+        Ok(who) => who,
+        Err((status, reason)) => return respond(status, reason, &[]),
     };
-    // The domain in lower case: `aor` is `user@domain` ([`aor_key`] of this To).
-    let domain = aor.get(user.len() + 1..).unwrap_or_default();
-    if !cfg.is_local_domain(domain) {
-        return respond(403, "Domain Not Served Here", &[]);
-    }
     // www_authorize against the subscriber table.
     let realm = ctx.auth.realm(domain);
     // Boxed: the check's future is over half a kilobyte, and inline it would make every
