@@ -31,12 +31,13 @@ use crate::sip::{Message, SipUri, reply};
 use crate::transaction::Timers;
 use crate::transport::{Proto, Source, Transports};
 
-/// REGISTERs queued per shard before new ones get 503 (the server runs 32 or more shards).
-const QUEUE: usize = 256;
 /// REGISTERs of different AORs a shard processes at once (each mostly waits for its commit).
 const RUNNING: usize = 16;
 /// REGISTERs a shard takes from its queue while their AOR or a running slot is busy.
 const WAITING: usize = 64;
+/// REGISTERs queued per shard before new ones get 503 (the server runs 32 or more shards).
+/// With the running and waiting ones a shard holds at most 256, as when it was serial.
+const QUEUE: usize = 256 - RUNNING - WAITING;
 
 /// A REGISTER for one of our domains, from the pipeline.
 #[derive(Debug)]
