@@ -82,16 +82,17 @@ const EXPORT_PAGE: u32 = 5000;
 /// backend's parameter limit).
 pub const MAX_CDR_ROWS: usize = 64;
 
-/// One row's values, in [`COLS`] order, then the instance.
+/// One row's values, in [`COLS`] order, then the instance. Strings are bound as `&str`: the
+/// `Any` driver borrows those, where a `&String` is cloned before the backend copies it again.
 fn bind<'q>(q: super::AnyQuery<'q>, c: &'q Cdr, instance: &'q str) -> super::AnyQuery<'q> {
-    q.bind(&c.call_id)
-        .bind(&c.from_uri)
-        .bind(&c.to_uri)
+    q.bind(c.call_id.as_str())
+        .bind(c.from_uri.as_str())
+        .bind(c.to_uri.as_str())
         .bind(to_i64(c.start))
         .bind(c.answer.map(to_i64))
         .bind(to_i64(c.end))
         .bind(i64::from(c.status))
-        .bind(&c.reason)
+        .bind(c.reason.as_str())
         .bind(to_i64(c.caller.0))
         .bind(to_i64(c.caller.1))
         .bind(to_i64(c.caller.2))
@@ -100,12 +101,12 @@ fn bind<'q>(q: super::AnyQuery<'q>, c: &'q Cdr, instance: &'q str) -> super::Any
         .bind(to_i64(c.callee.1))
         .bind(to_i64(c.callee.2))
         .bind(c.callee.3)
-        .bind(&c.request_uri)
-        .bind(&c.route)
-        .bind(&c.auth_user)
-        .bind(&c.source)
-        .bind(&c.outcome)
-        .bind(&c.hangup)
+        .bind(c.request_uri.as_str())
+        .bind(c.route.as_str())
+        .bind(c.auth_user.as_str())
+        .bind(c.source.as_str())
+        .bind(c.outcome.as_str())
+        .bind(c.hangup.as_str())
         .bind(i64::from(c.relayed))
         // Which instance wrote it: every instance on one database writes one table.
         .bind(instance)

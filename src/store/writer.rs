@@ -34,10 +34,10 @@ const MAX_ROWS: usize = 256;
 pub type Written = (Vec<Binding>, Vec<String>);
 
 /// One address-of-record's new state, and who waits for it.
-struct Change {
-    aor: String,
-    upsert: Vec<Binding>,
-    remove: Vec<String>,
+pub(super) struct Change {
+    pub(super) aor: String,
+    pub(super) upsert: Vec<Binding>,
+    pub(super) remove: Vec<String>,
     done: oneshot::Sender<Result<Written, StoreError>>,
 }
 
@@ -102,6 +102,9 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Change>) {
     let mut conn: Option<sqlx::AnyConnection> = None;
     // A change that could not join the previous batch (its AOR was already in it).
     let mut held: Option<Change> = None;
+    // One vector for every batch: growing a fresh one per batch cost reallocations of
+    // kilobytes on the registrar's hot path.
+    let mut batch: Vec<Change> = Vec::with_capacity(MAX_CHANGES);
     loop {
         let first = match held.take() {
             Some(c) => c,
@@ -111,7 +114,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Change>) {
             },
         };
         let mut rows = first.upsert.len();
-        let mut batch = vec![first];
+        batch.push(first);
         while batch.len() < MAX_CHANGES {
             let Ok(c) = rx.try_recv() else { break };
             // At most MAX_CHANGES to compare with: a scan, no set of copied keys per batch.
@@ -122,15 +125,15 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Change>) {
             rows += c.upsert.len();
             batch.push(c);
         }
-        write(&store, &mut conn, batch).await;
+        write(&store, &mut conn, &mut batch).await;
     }
     if let Some(c) = conn {
         let _ = c.close().await;
     }
 }
 
-/// Writes one batch and answers its callers.
-async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec<Change>) {
+/// Writes one batch and answers its callers; leaves `batch` empty.
+async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: &mut Vec<Change>) {
     if conn.is_none() {
         match store.pool.acquire().await {
             // Detached: the pool neither pings it on every release nor waits for it at close.
@@ -138,7 +141,7 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec
             Err(e) => {
                 let e = StoreError::from(e);
                 warn!(error = %e, "location writer: no database connection");
-                for c in batch {
+                for c in batch.drain(..) {
                     c.answer(Err(StoreError::Busy("no database connection")));
                 }
                 return;
@@ -148,30 +151,23 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: Vec
     // invariant: set just above.
     let c = conn.as_mut().expect("connection acquired above");
     let n = batch.len();
-    let result = {
-        let changes: Vec<(&str, &[Binding], &[String])> = batch
-            .iter()
-            .map(|c| (c.aor.as_str(), c.upsert.as_slice(), c.remove.as_slice()))
-            .collect();
-        store.write_bindings(c, &changes).await
-    };
-    match result {
+    match store.write_bindings(c, batch).await {
         Ok(()) => {
-            for c in batch {
+            for c in batch.drain(..) {
                 c.answer(Ok(()));
             }
         }
         Err(e) if n == 1 => {
             // The connection may be what failed: the next batch takes a fresh one.
             *conn = None;
-            if let Some(c) = batch.into_iter().next() {
+            if let Some(c) = batch.pop() {
                 c.answer(Err(e));
             }
         }
         Err(e) => {
             debug!(error = %e, changes = n, "location batch failed, writing its changes one by one");
             *conn = None;
-            for change in batch {
+            for change in batch.drain(..) {
                 let r = store
                     .save_bindings(&change.aor, &change.upsert, &change.remove)
                     .await;
