@@ -20,13 +20,14 @@
 //! The key is derived from the per-install secret (`meta.nonce_secret`), so every instance
 //! sharing a store accepts the others' routes. Pure: no clock, no I/O.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use hmac::{Hmac, KeyInit, Mac as _};
 use sha2::Sha256;
 
+use super::ct_eq;
 use super::nonce::NonceKey;
-use super::{ct_eq, to_hex};
 use crate::sip::text::Addr;
 
 /// Hex digits of a Record-Route MAC (64 bits: the MAC is checked online only, one guess
@@ -77,20 +78,17 @@ impl RouteKey {
         Self(state)
     }
 
-    fn mac_hex(&self, parts: &[&[u8]], len: usize) -> String {
+    fn mac_hex(&self, parts: &[&[u8]], len: usize) -> MacHex {
         let mut mac = self.0.clone();
         for p in parts {
             mac.update(p);
         }
-        let full: [u8; 32] = mac.finalize().into_bytes().into();
-        let mut hex = to_hex(&full[..len / 2]);
-        hex.truncate(len);
-        hex
+        MacHex::of(&mac.finalize().into_bytes(), len)
     }
 
     /// The MAC of a Record-Route URI whose text (without `<>`) is `uri` up to the MAC
     /// parameter, for the dialog of `call_id` created by the caller's `from_tag`.
-    pub fn route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> String {
+    pub fn route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> MacHex {
         self.mac_hex(
             &[
                 b"rr\0",
@@ -106,7 +104,7 @@ impl RouteKey {
 
     /// The MAC of an inter-instance Route URI (`uri` up to the MAC parameter) for the request
     /// of `call_id` with From tag `from_tag`.
-    pub fn owner_route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> String {
+    pub fn owner_route_mac(&self, call_id: &str, from_tag: &str, uri: &str) -> MacHex {
         self.mac_hex(
             &[
                 b"ob\0",
@@ -130,7 +128,9 @@ impl RouteKey {
         let given = &rest[ROUTE_MAC_PARAM.len()..];
         given.len() == ROUTE_MAC_HEX
             && ct_eq(
-                self.owner_route_mac(call_id, from_tag, signed).as_bytes(),
+                self.owner_route_mac(call_id, from_tag, signed)
+                    .as_str()
+                    .as_bytes(),
                 given.to_ascii_lowercase().as_bytes(),
             )
     }
@@ -148,7 +148,7 @@ impl RouteKey {
         }
         tags.iter().any(|tag| {
             ct_eq(
-                self.route_mac(call_id, tag, signed).as_bytes(),
+                self.route_mac(call_id, tag, signed).as_str().as_bytes(),
                 given.to_ascii_lowercase().as_bytes(),
             )
         })
@@ -156,12 +156,14 @@ impl RouteKey {
 
     /// The MAC that ends a branch of ours: over the branch before it and the address the
     /// responses of that transaction go to.
-    pub fn branch_mac(&self, branch: &str, upstream: SocketAddr) -> String {
-        let up = Addr(upstream).to_string();
-        self.mac_hex(
-            &[b"br\0", branch.as_bytes(), b"\0", up.as_bytes()],
-            BRANCH_MAC_HEX,
-        )
+    pub fn branch_mac(&self, branch: &str, upstream: SocketAddr) -> MacHex {
+        let mut mac = self.0.clone();
+        mac.update(b"br\0");
+        mac.update(branch.as_bytes());
+        mac.update(b"\0");
+        // The address's text straight into the MAC (no string is built for it).
+        let _ = write!(Absorb(&mut mac), "{}", Addr(upstream));
+        MacHex::of(&mac.finalize().into_bytes(), BRANCH_MAC_HEX)
     }
 
     /// True when `branch` is `<core>-<mac>` with a MAC of ours for `upstream`.
@@ -169,11 +171,67 @@ impl RouteKey {
         let Some((core, given)) = branch.rsplit_once('-') else {
             return false;
         };
-        given.len() == BRANCH_MAC_HEX
-            && ct_eq(
-                self.branch_mac(core, upstream).as_bytes(),
-                given.to_ascii_lowercase().as_bytes(),
-            )
+        if given.len() != BRANCH_MAC_HEX {
+            return false;
+        }
+        let mut lower = [0u8; BRANCH_MAC_HEX];
+        for (l, g) in lower.iter_mut().zip(given.bytes()) {
+            *l = g.to_ascii_lowercase();
+        }
+        ct_eq(self.branch_mac(core, upstream).as_str().as_bytes(), &lower)
+    }
+}
+
+/// Feeds formatted text into a MAC.
+struct Absorb<'a>(&'a mut Hmac<Sha256>);
+
+impl std::fmt::Write for Absorb<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.update(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A MAC's leading hex digits, lower case, kept on the stack: it is written into a header
+/// straight away, so a heap string for it (several per call) would only be copied and freed.
+#[derive(Clone, Copy)]
+pub struct MacHex {
+    digits: [u8; MAC_HEX_MAX],
+    len: usize,
+}
+
+/// The most hex digits a [`MacHex`] holds (the longest MAC written, `ROUTE_MAC_HEX`).
+const MAC_HEX_MAX: usize = 16;
+
+impl MacHex {
+    /// The first `len` hex digits of `mac` (`len` at most [`MAC_HEX_MAX`]).
+    fn of(mac: &[u8], len: usize) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; MAC_HEX_MAX];
+        let len = len.min(MAC_HEX_MAX).min(mac.len() * 2);
+        for (i, d) in digits[..len].iter_mut().enumerate() {
+            let b = mac[i / 2];
+            let nibble = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+            *d = DIGITS[usize::from(nibble)];
+        }
+        Self { digits, len }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // invariant: every digit is an ASCII hex digit written by `of`, so the bytes are UTF-8.
+        std::str::from_utf8(&self.digits[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for MacHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for MacHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MacHex({})", self.as_str())
     }
 }
 
@@ -186,7 +244,7 @@ mod tests {
     }
 
     fn hex(bytes: &[u8]) -> String {
-        to_hex(bytes)
+        super::super::to_hex(bytes)
     }
 
     #[test]
@@ -237,7 +295,10 @@ mod tests {
         let other = RouteKey::derive(&NonceKey::from_bytes([8; 32]));
         assert!(!other.verify_route("call-1", &["tagA"], &signed));
         // Hex case is not significant.
-        let upper = format!("{uri}{ROUTE_MAC_PARAM}{}", mac.to_ascii_uppercase());
+        let upper = format!(
+            "{uri}{ROUTE_MAC_PARAM}{}",
+            mac.as_str().to_ascii_uppercase()
+        );
         assert!(k.verify_route("call-1", &["tagA"], &upper));
     }
 
@@ -258,6 +319,29 @@ mod tests {
             "a Record-Route is not one"
         );
         assert!(!k.verify_owner_route("c", "t", uri));
+    }
+
+    #[test]
+    fn macs_are_the_leading_hex_of_the_hmac_over_the_text() {
+        let k = RouteKey::from_bytes([9; 32]);
+        let core = "z9hG4bK-se-0011aabb-0123456789abcdef";
+        for up in ["203.0.113.4:41000", "[2001:db8::1]:5060"] {
+            let up: SocketAddr = up.parse().unwrap();
+            let text = up.to_string();
+            let full = hex(&hmac_sha256(
+                &[9; 32],
+                &[b"br\0", core.as_bytes(), b"\0", text.as_bytes()],
+            ));
+            assert_eq!(k.branch_mac(core, up).as_str(), &full[..BRANCH_MAC_HEX]);
+        }
+        let uri = "sip:192.0.2.1:5060;lr";
+        let full = hex(&hmac_sha256(
+            &[9; 32],
+            &[b"rr\0", b"c", b"\0", b"t", b"\0", uri.as_bytes()],
+        ));
+        let mac = k.route_mac("c", "t", uri);
+        assert_eq!(mac.as_str(), &full[..ROUTE_MAC_HEX]);
+        assert_eq!(mac.to_string(), mac.as_str());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! Pure: message in, bytes out.
 
+use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 
@@ -43,12 +44,19 @@ pub struct Flow {
 impl Flow {
     /// The Record-Route parameter value: `u~IP~PORT`, `t~IP~PORT` or `s~IP~PORT` (TLS).
     pub fn token(self) -> String {
+        let mut t = String::with_capacity(24);
+        self.write_token(&mut t);
+        t
+    }
+
+    /// Appends the token to `out`.
+    pub fn write_token(self, out: &mut String) {
         let p = match self.proto {
             Proto::Udp => 'u',
             Proto::Tcp => 't',
             Proto::Tls => 's',
         };
-        format!("{p}~{}~{}", Ip(self.addr.ip()), self.addr.port())
+        let _ = write!(out, "{p}~{}~{}", Ip(self.addr.ip()), self.addr.port());
     }
 
     /// Reads a token written by [`Flow::token`].
@@ -233,13 +241,18 @@ pub fn branch_id(
     incoming_branch.hash(&mut h);
     sent_by.hash(&mut h);
     index.hash(&mut h);
-    let core = format!(
+    // One string, sized for the whole branch: `<prefix><cookie>-<hash>-<mac>`.
+    let mut branch = String::with_capacity(BRANCH_PREFIX.len() + 8 + 1 + 16 + 1 + 12);
+    let _ = write!(
+        branch,
         "{BRANCH_PREFIX}{:08x}-{:016x}",
         loop_cookie(msg),
         h.finish()
     );
-    let mac = key.branch_mac(&core, upstream);
-    format!("{core}-{mac}")
+    let mac = key.branch_mac(&branch, upstream);
+    branch.push('-');
+    branch.push_str(mac.as_str());
+    branch
 }
 
 /// Prefix of every branch sipedge generates.
@@ -285,9 +298,18 @@ pub fn is_loop(msg: &Message, ours: &[String]) -> bool {
 /// A Record-Route or Via host:port for our side.
 /// Our Via sent-by for a side: `advertise:port`, IPv6 in brackets.
 pub fn hostport(l: Local) -> String {
-    match l.advertise {
-        std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", l.port),
-        std::net::IpAddr::V4(v4) => Addr(SocketAddr::new(v4.into(), l.port)).to_string(),
+    HostPort(l).to_string()
+}
+
+/// [`hostport`] as text to write into another string (no string of its own).
+pub struct HostPort(pub Local);
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.advertise {
+            std::net::IpAddr::V6(v6) => write!(f, "[{v6}]:{}", self.0.port),
+            std::net::IpAddr::V4(v4) => Addr(SocketAddr::new(v4.into(), self.0.port)).fmt(f),
+        }
     }
 }
 
@@ -306,21 +328,25 @@ pub fn record_route_uri(
         Proto::Tls => ";transport=tls",
     };
     let nat = if opts.nat { ";nat=yes" } else { "" };
-    let mut flows = String::new();
+    // One string: `<`, the URI, then its MAC over the URI text (everything after the `<`).
+    let mut rr = String::with_capacity(128);
+    let _ = write!(rr, "<sip:{}{transport};lr{nat}", HostPort(local));
     if let Some(f) = opts.caller_flow {
-        flows.push_str(";fc=");
-        flows.push_str(&f.token());
+        rr.push_str(";fc=");
+        f.write_token(&mut rr);
     }
     if let Some(f) = opts.callee_flow {
-        flows.push_str(";fe=");
-        flows.push_str(&f.token());
+        rr.push_str(";fe=");
+        f.write_token(&mut rr);
     }
     if opts.cseq_offset != 0 {
-        flows.push_str(&cseq_params(opts.cseq_offset, from_tag));
+        rr.push_str(&cseq_params(opts.cseq_offset, from_tag));
     }
-    let uri = format!("sip:{}{transport};lr{nat}{flows}", hostport(local));
-    let mac = key.route_mac(call_id, from_tag, &uri);
-    format!("<{uri}{ROUTE_MAC_PARAM}{mac}>")
+    let mac = key.route_mac(call_id, from_tag, &rr[1..]);
+    rr.push_str(ROUTE_MAC_PARAM);
+    rr.push_str(mac.as_str());
+    rr.push('>');
+    rr
 }
 
 /// The inter-instance Route to the `owner` of a binding (its SIP address), naming the
@@ -427,7 +453,7 @@ pub fn request(
     let transport = target.proto.as_str();
     rw.push_via(&format!(
         "SIP/2.0/{transport} {};branch={branch}",
-        hostport(outbound)
+        HostPort(outbound)
     ));
     rw.finish()
 }

@@ -736,6 +736,7 @@ impl ProxyTxn {
             .unwrap_or_default();
         // The client nonce only has to be unpredictable to the server: a MAC of its nonce.
         let cnonce = self.ctx.key.branch_mac(&challenge.nonce, b.dest);
+        let cnonce = cnonce.as_str();
         let credentials = digest::authorization(
             &challenge,
             &digest::Answer {
@@ -743,7 +744,7 @@ impl ProxyTxn {
                 password: &trunk.password,
                 method,
                 uri,
-                cnonce: &cnonce,
+                cnonce,
                 nc: 1,
             },
         );

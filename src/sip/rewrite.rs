@@ -12,11 +12,12 @@ use super::parse::{Malformed, Message};
 use super::scan::split_list;
 use super::text::Ip;
 
-/// One replacement: `at` (possibly empty, for an insertion) becomes `with`.
+/// One replacement: `at` (possibly empty, for an insertion) becomes `with`, a span of the
+/// rewrite's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Edit {
     at: Range<usize>,
-    with: String,
+    with: Range<usize>,
     /// Order among insertions at the same offset.
     seq: usize,
 }
@@ -28,6 +29,9 @@ struct Edit {
 pub struct Rewrite<'m> {
     msg: &'m Message,
     edits: Vec<Edit>,
+    /// The new text of every edit, one after the other: one string for all of them, not one
+    /// each (a forwarded request has four to six).
+    text: String,
     body: Option<Vec<u8>>,
 }
 
@@ -35,14 +39,33 @@ impl<'m> Rewrite<'m> {
     pub fn new(msg: &'m Message) -> Self {
         Self {
             msg,
-            edits: Vec::new(),
+            edits: Vec::with_capacity(8),
+            text: String::with_capacity(256),
             body: None,
         }
     }
 
-    fn push(&mut self, at: Range<usize>, with: String) {
+    fn push(&mut self, at: Range<usize>, with: &str) {
+        let start = self.text.len();
+        self.text.push_str(with);
+        self.record(at, start);
+    }
+
+    /// Replaces `at` with formatted text, written straight into the rewrite's text.
+    fn push_fmt(&mut self, at: Range<usize>, with: std::fmt::Arguments<'_>) {
+        let start = self.text.len();
+        let _ = self.text.write_fmt(with);
+        self.record(at, start);
+    }
+
+    /// `at` becomes the text written since `start`.
+    fn record(&mut self, at: Range<usize>, start: usize) {
         let seq = self.edits.len();
-        self.edits.push(Edit { at, with, seq });
+        self.edits.push(Edit {
+            at,
+            with: start..self.text.len(),
+            seq,
+        });
     }
 
     /// Inserts a header line before the header at `index`, or at the end of the header
@@ -51,7 +74,8 @@ impl<'m> Rewrite<'m> {
         let at = before
             .and_then(|i| self.msg.headers().get(i))
             .map_or(self.msg.headers_end(), |h| h.line.start);
-        self.push(at..at, format!("{name}: {value}{}", self.msg.eol()));
+        let eol = self.msg.eol();
+        self.push_fmt(at..at, format_args!("{name}: {value}{eol}"));
     }
 
     /// Adds a Via on top (RFC 3261 §16.6 step 8).
@@ -80,8 +104,8 @@ impl<'m> Rewrite<'m> {
         let parts =
             split_list(self.msg.as_bytes(), h.value.clone()).ok_or(Malformed::Header("Route"))?;
         match parts.as_slice() {
-            [] | [_] => self.push(h.line.clone(), String::new()),
-            [.., before, last] => self.push(before.end..last.end, String::new()),
+            [] | [_] => self.push(h.line.clone(), ""),
+            [.., before, last] => self.push(before.end..last.end, ""),
         }
         Ok(())
     }
@@ -116,23 +140,25 @@ impl<'m> Rewrite<'m> {
     /// Like [`Self::set_via_received`], and adds `rport=<source port>` even when the client did
     /// not ask for it (Kamailio's `force_rport`, for clients behind NAT).
     pub fn force_via_rport(&mut self, via: &Via<'_>, source: SocketAddr) {
-        for (at, with) in via_received_edits(self.msg, via, source, true) {
-            self.push(at, with);
-        }
+        let msg = self.msg;
+        via_received(msg, via, source, true, &mut |at, text| {
+            self.push_fmt(at, text)
+        });
     }
 
     /// Sets `received` and, when the client asked for it, `rport` on the top Via
     /// (RFC 3261 §18.2.1, RFC 3581 §4). See [`via_received_edits`].
     pub fn set_via_received(&mut self, via: &Via<'_>, source: SocketAddr) {
-        for (at, with) in via_received_edits(self.msg, via, source, false) {
-            self.push(at, with);
-        }
+        let msg = self.msg;
+        via_received(msg, via, source, false, &mut |at, text| {
+            self.push_fmt(at, text)
+        });
     }
 
     /// Writes a new Max-Forwards value, adding the header when absent.
     pub fn set_max_forwards(&mut self, n: u8) {
         match self.msg.header(HeaderName::MaxForwards) {
-            Some(h) => self.push(h.value.clone(), n.to_string()),
+            Some(h) => self.push_fmt(h.value.clone(), format_args!("{n}")),
             None => {
                 let first_via = self.index_of(HeaderName::Via).map(|i| i + 1);
                 self.insert_header(first_via, "Max-Forwards", &n.to_string());
@@ -146,8 +172,7 @@ impl<'m> Rewrite<'m> {
         let (Some(h), Ok(cseq)) = (self.msg.header(HeaderName::CSeq), self.msg.cseq()) else {
             return;
         };
-        let value = format!("{seq} {}", cseq.method);
-        self.push(h.value.clone(), value);
+        self.push_fmt(h.value.clone(), format_args!("{seq} {}", cseq.method));
     }
 
     /// Removes every header with this name.
@@ -158,27 +183,27 @@ impl<'m> Rewrite<'m> {
             .map(|h| h.line.clone())
             .collect();
         for line in spans {
-            self.push(line, String::new());
+            self.push(line, "");
         }
     }
 
     /// Replaces the whole value of the header at `index`.
     pub fn replace_value(&mut self, index: usize, value: &str) {
         if let Some(h) = self.msg.headers().get(index) {
-            self.push(h.value.clone(), value.to_owned());
+            self.push(h.value.clone(), value);
         }
     }
 
     /// Replaces a span of the message (for example one Contact URI) with new text.
     pub fn replace_span(&mut self, at: Range<usize>, with: &str) {
-        self.push(at, with.to_owned());
+        self.push(at, with);
     }
 
     /// Replaces the body; Content-Length follows (and is added if the message had none).
     pub fn replace_body(&mut self, body: Vec<u8>) {
         let len = body.len().to_string();
         match self.msg.header(HeaderName::ContentLength) {
-            Some(h) => self.push(h.value.clone(), len),
+            Some(h) => self.push(h.value.clone(), &len),
             None => self.insert_header(None, "Content-Length", &len),
         }
         self.body = Some(body);
@@ -190,7 +215,7 @@ impl<'m> Rewrite<'m> {
         let body_span = self.msg.body_span();
         let head = &src[..body_span.start];
         self.edits.sort_by_key(|e| (e.at.start, e.at.end, e.seq));
-        let grow: usize = self.edits.iter().map(|e| e.with.len()).sum();
+        let grow = self.text.len();
         let mut out = Vec::with_capacity(src.len() + grow);
         let mut pos = 0;
         for e in &self.edits {
@@ -200,7 +225,7 @@ impl<'m> Rewrite<'m> {
                 continue;
             }
             out.extend_from_slice(&head[pos..e.at.start]);
-            out.extend_from_slice(e.with.as_bytes());
+            out.extend_from_slice(&self.text.as_bytes()[e.with.clone()]);
             pos = e.at.end;
         }
         out.extend_from_slice(&head[pos..]);
@@ -225,8 +250,8 @@ impl<'m> Rewrite<'m> {
         let parts = split_list(self.msg.as_bytes(), h.value.clone())
             .ok_or(Malformed::Header(name.as_str()))?;
         match parts.get(1) {
-            None => self.push(h.line.clone(), String::new()),
-            Some(second) => self.push(h.value.start..second.start, String::new()),
+            None => self.push(h.line.clone(), ""),
+            Some(second) => self.push(h.value.start..second.start, ""),
         }
         Ok(())
     }
@@ -242,33 +267,44 @@ pub(crate) fn via_received_edits(
     force_rport: bool,
 ) -> Vec<(Range<usize>, String)> {
     let mut edits = Vec::new();
+    via_received(msg, via, source, force_rport, &mut |at, text| {
+        edits.push((at, text.to_string()));
+    });
+    edits
+}
+
+/// [`via_received_edits`], each edit handed to `edit` as it is decided (a span of `msg` and
+/// its new text, in order; two insertions at one place go in the order given).
+fn via_received(
+    msg: &Message,
+    via: &Via<'_>,
+    source: SocketAddr,
+    force_rport: bool,
+    edit: &mut dyn FnMut(Range<usize>, std::fmt::Arguments<'_>),
+) {
     let rport = via.param_span("rport");
     let sent_by_is_source = via.host.parse::<std::net::IpAddr>().ok() == Some(source.ip());
-    let mut append = String::new();
-    if rport.is_some() || force_rport || !sent_by_is_source {
-        match via.param_span("received") {
-            Some(p) => edits.push((p.span.clone(), format!(";received={}", Ip(source.ip())))),
-            None => {
-                let _ = write!(append, ";received={}", Ip(source.ip()));
-            }
-        }
-    }
-    match rport {
-        Some(p) => edits.push((p.span.clone(), format!(";rport={}", source.port()))),
-        None if force_rport => {
-            let _ = write!(append, ";rport={}", source.port());
-        }
-        None => {}
-    }
-    if !append.is_empty() {
-        // Append after the last parameter (or after sent-by when there are none).
+    // A parameter the Via lacks goes after the last one (or after sent-by when there are none).
+    let end = || {
         let at = via
             .params
             .last()
             .map_or_else(|| via_sent_by_end(msg, via), |p| p.span.end);
-        edits.push((at..at, append));
+        at..at
+    };
+    let ip = Ip(source.ip());
+    if rport.is_some() || force_rport || !sent_by_is_source {
+        let at = via
+            .param_span("received")
+            .map_or_else(end, |p| p.span.clone());
+        edit(at, format_args!(";received={ip}"));
     }
-    edits
+    let port = source.port();
+    match rport {
+        Some(p) => edit(p.span.clone(), format_args!(";rport={port}")),
+        None if force_rport => edit(end(), format_args!(";rport={port}")),
+        None => {}
+    }
 }
 
 /// The end of `host[:port]` in a Via value with no parameters: the value end minus trailing
