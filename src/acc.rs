@@ -167,7 +167,7 @@ impl Start {
 
     /// The row of this call, not relayed (media figures zero).
     pub fn row(
-        &self,
+        self,
         status: u16,
         answer: Option<u64>,
         end: u64,
@@ -175,9 +175,9 @@ impl Start {
         hangup: Option<Hangup>,
     ) -> Cdr {
         Cdr {
-            call_id: self.call_id.clone(),
-            from_uri: self.from_uri.clone(),
-            to_uri: self.to_uri.clone(),
+            call_id: self.call_id,
+            from_uri: self.from_uri,
+            to_uri: self.to_uri,
             start: self.start,
             answer,
             end,
@@ -185,9 +185,9 @@ impl Start {
             reason: reason.to_owned(),
             caller: (0, 0, 0, 0.0),
             callee: (0, 0, 0, 0.0),
-            request_uri: self.request_uri.clone(),
-            route: self.route.clone(),
-            auth_user: self.auth_user.clone(),
+            request_uri: self.request_uri,
+            route: self.route,
+            auth_user: self.auth_user,
             source: Addr(self.source).to_string(),
             outcome: Outcome::of(status, false).as_str().to_owned(),
             hangup: hangup.map_or("", Hangup::as_str).to_owned(),
@@ -197,7 +197,7 @@ impl Start {
 
     /// The row of a call whose INVITE got final status `status` ≥ 300 at `now_unix`
     /// (`cancelled`: the caller sent a CANCEL).
-    pub fn failed(&self, status: u16, cancelled: bool, now_unix: u64) -> Cdr {
+    pub fn failed(self, status: u16, cancelled: bool, now_unix: u64) -> Cdr {
         let outcome = Outcome::of(status, cancelled);
         let reason = match outcome {
             Outcome::Cancelled => "cancel",
@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn failed_rows() {
         let s = start("c1", 100);
-        let row = s.failed(486, false, 103);
+        let row = s.clone().failed(486, false, 103);
         assert_eq!((row.status, row.outcome.as_str()), (486, "failed"));
         assert_eq!(
             (row.reason.as_str(), row.answer, row.end),

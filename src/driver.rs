@@ -155,7 +155,7 @@ impl Driver {
                 {
                     return;
                 }
-                self.proxy.on_response(*msg, source)
+                self.proxy.on_response(msg, source)
             }
             Dispatch::Request(msg, source) => {
                 self.counters.request(msg.method().unwrap_or_default());
@@ -171,7 +171,7 @@ impl Driver {
                     Routed::NotFound(out) => {
                         debug!("not found: answered statefully, accounted");
                         self.proxy
-                            .not_found(&cfg, *msg, source, out, self.clock.unix());
+                            .not_found(&cfg, msg, source, out, self.clock.unix());
                     }
                     Routed::Forward(plan) => {
                         debug!(?plan, "forward");

@@ -596,19 +596,19 @@ impl Proxy {
     pub fn forward_now(
         self: &Arc<Self>,
         cfg: &Config,
-        msg: Box<Message>,
+        msg: Message,
         source: Source,
         plan: Box<Plan>,
         now_unix: u64,
     ) -> Result<(), (Box<Message>, Box<Plan>)> {
         let media_in_ack = plan.stateless && self.media.is_some() && !msg.body().is_empty();
         if plan.auth.is_some() || media_in_ack {
-            return Err((msg, plan));
+            return Err((Box::new(msg), plan));
         }
         let Some(resolved) = resolve_now(|a| self.prober.is_down(a), &plan.targets) else {
-            return Err((msg, plan));
+            return Err((Box::new(msg), plan));
         };
-        let (msg, mut plan) = (*msg, *plan);
+        let mut plan = *plan;
         // RFC 3325 §5, as in `forward`.
         plan.identity.strip = !cfg.security.is_trusted(source.remote.ip());
         if plan.stateless {
