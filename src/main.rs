@@ -164,9 +164,11 @@ enum DbAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_tracing(cli.log_level.as_deref(), cli.log_format);
+    let log = cmd::init_tracing(cli.log_level.as_deref(), cli.log_format);
     let result =
         cmd::config_path(cli.cfg.config.as_deref()).and_then(|config| run(cli.command, &config));
+    // Every line logged is out before the process ends (or prints its error).
+    log.sync();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

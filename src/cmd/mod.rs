@@ -3,6 +3,7 @@
 pub(crate) mod cdr;
 pub(crate) mod check_config;
 pub(crate) mod db;
+pub(crate) mod log_sink;
 pub(crate) mod reload;
 pub(crate) mod serve;
 pub(crate) mod show;
@@ -168,7 +169,8 @@ pub(crate) fn config_log_level() -> Option<LogLevelHook> {
 
 /// Installs the subscriber. `level` is `--log-level` when given; `RUST_LOG`, when set, wins
 /// over it, and either one wins over the configuration's `server.log_level`.
-pub(crate) fn init_tracing(level: Option<&str>, format: LogFormat) {
+/// Lines go out through [`log_sink`]; keep the guard until the process ends.
+pub(crate) fn init_tracing(level: Option<&str>, format: LogFormat) -> log_sink::LogGuard {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|env| !env.trim().is_empty())
@@ -177,9 +179,11 @@ pub(crate) fn init_tracing(level: Option<&str>, format: LogFormat) {
     let filter = from_env
         .or_else(|| env_filter(level.unwrap_or("info")).ok())
         .unwrap_or_else(|| EnvFilter::new(filter_directives("info")));
+    let (sink, guard) = log_sink::start(std::io::stderr());
+    sink.publish();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(sink);
     let set: LogLevelHook = match format {
         LogFormat::Text => {
             let builder = builder
@@ -214,4 +218,5 @@ pub(crate) fn init_tracing(level: Option<&str>, format: LogFormat) {
             .unwrap_or_default();
         tracing::error!(%location, panic = %payload, "task panicked");
     }));
+    guard
 }

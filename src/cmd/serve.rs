@@ -57,6 +57,11 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
             .context("starting")
             .map_err(CmdError::Runtime)?;
         let (server, store, media, metrics) = (app.server, app.store, app.media, app.metrics);
+        metrics.counter(
+            "log_lines_dropped",
+            "Log lines dropped because the log's queue was full (stderr too slow).",
+            super::log_sink::dropped,
+        );
         let control = app.control;
         let reloader = match log_level {
             Some(set) => app.reloader.with_log_level(set),
