@@ -26,8 +26,8 @@ use std::net::SocketAddr;
 use hmac::{Hmac, KeyInit, Mac as _};
 use sha2::Sha256;
 
-use super::ct_eq;
 use super::nonce::NonceKey;
+use super::{ct_eq, hex_digit};
 use crate::sip::text::Addr;
 
 /// Hex digits of a Record-Route MAC (64 bits: the MAC is checked online only, one guess
@@ -126,13 +126,7 @@ impl RouteKey {
         };
         let (signed, rest) = uri.split_at(at);
         let given = &rest[ROUTE_MAC_PARAM.len()..];
-        given.len() == ROUTE_MAC_HEX
-            && ct_eq(
-                self.owner_route_mac(call_id, from_tag, signed)
-                    .as_str()
-                    .as_bytes(),
-                given.to_ascii_lowercase().as_bytes(),
-            )
+        given.len() == ROUTE_MAC_HEX && self.owner_route_mac(call_id, from_tag, signed).is(given)
     }
 
     /// True when `uri` (a Route value, without `<>`) ends in a MAC of ours that verifies for
@@ -143,15 +137,10 @@ impl RouteKey {
         };
         let (signed, rest) = uri.split_at(at);
         let given = &rest[ROUTE_MAC_PARAM.len()..];
-        if given.len() != ROUTE_MAC_HEX {
-            return false;
-        }
-        tags.iter().any(|tag| {
-            ct_eq(
-                self.route_mac(call_id, tag, signed).as_str().as_bytes(),
-                given.to_ascii_lowercase().as_bytes(),
-            )
-        })
+        given.len() == ROUTE_MAC_HEX
+            && tags
+                .iter()
+                .any(|tag| self.route_mac(call_id, tag, signed).is(given))
     }
 
     /// The MAC that ends a branch of ours: over the branch before it and the address the
@@ -171,14 +160,7 @@ impl RouteKey {
         let Some((core, given)) = branch.rsplit_once('-') else {
             return false;
         };
-        if given.len() != BRANCH_MAC_HEX {
-            return false;
-        }
-        let mut lower = [0u8; BRANCH_MAC_HEX];
-        for (l, g) in lower.iter_mut().zip(given.bytes()) {
-            *l = g.to_ascii_lowercase();
-        }
-        ct_eq(self.branch_mac(core, upstream).as_str().as_bytes(), &lower)
+        given.len() == BRANCH_MAC_HEX && self.branch_mac(core, upstream).is(given)
     }
 }
 
@@ -206,15 +188,25 @@ const MAC_HEX_MAX: usize = 16;
 impl MacHex {
     /// The first `len` hex digits of `mac` (`len` at most [`MAC_HEX_MAX`]).
     fn of(mac: &[u8], len: usize) -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut digits = [0u8; MAC_HEX_MAX];
         let len = len.min(MAC_HEX_MAX).min(mac.len() * 2);
         for (i, d) in digits[..len].iter_mut().enumerate() {
-            let b = mac[i / 2];
-            let nibble = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
-            *d = DIGITS[usize::from(nibble)];
+            *d = hex_digit(mac, i);
         }
         Self { digits, len }
+    }
+
+    /// Whether `given` is this MAC, hex case not significant, in time that depends only on
+    /// the lengths.
+    fn is(&self, given: &str) -> bool {
+        let mut lower = [0u8; MAC_HEX_MAX];
+        if given.len() > MAC_HEX_MAX {
+            return false;
+        }
+        for (l, g) in lower.iter_mut().zip(given.bytes()) {
+            *l = g.to_ascii_lowercase();
+        }
+        ct_eq(&self.digits[..self.len], &lower[..given.len()])
     }
 
     pub fn as_str(&self) -> &str {

@@ -23,13 +23,19 @@ pub mod service;
 /// Lower-case hex of `bytes` (RFC 7616 §3.4.1: digests are written as 32 or 64 lower-case hex
 /// digits).
 pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    for i in 0..bytes.len() * 2 {
+        s.push(char::from(hex_digit(bytes, i)));
     }
     s
+}
+
+/// The `i`-th lower-case hex digit of `bytes` (two per byte, high nibble first).
+pub(crate) fn hex_digit(bytes: &[u8], i: usize) -> u8 {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let b = bytes[i / 2];
+    let nibble = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+    DIGITS[usize::from(nibble)]
 }
 
 /// Compares two byte strings in time that depends only on their lengths (which are public: a

@@ -14,7 +14,6 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -55,10 +54,9 @@ impl Sink {
     }
 }
 
-/// Ends the writer thread once the queue is written (when dropped, or by [`Self::finish`]).
+/// Waits for the queue to be written when dropped (the end of `main`), or by [`Self::sync`].
 pub(crate) struct LogGuard {
-    tx: Option<SyncSender<Item>>,
-    writer: Option<JoinHandle<()>>,
+    tx: SyncSender<Item>,
 }
 
 /// Starts the writer thread on `out` (stderr in the binary).
@@ -66,23 +64,20 @@ pub(crate) fn start<W: Write + Send + 'static>(out: W) -> (Sink, LogGuard) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     let count = dropped.clone();
-    let writer = std::thread::Builder::new()
+    // Detached: it ends with the process. Should it fail to start, the receiver is gone and
+    // every line is written by its own thread, as before (`Line::drop`).
+    let _ = std::thread::Builder::new()
         .name("log".into())
-        .spawn(move || write_lines(&rx, out, &count))
-        .ok();
-    let guard = LogGuard {
-        tx: Some(tx.clone()),
-        writer,
-    };
+        .spawn(move || write_lines(&rx, out, &count));
+    let guard = LogGuard { tx: tx.clone() };
     (Sink { tx, dropped }, guard)
 }
 
 impl LogGuard {
     /// Waits until every line queued so far is written and flushed.
     pub(crate) fn sync(&self) {
-        let Some(tx) = &self.tx else { return };
         let (done, wait) = mpsc::sync_channel(1);
-        if tx.send(Item::Sync(done)).is_ok() {
+        if self.tx.send(Item::Sync(done)).is_ok() {
             let _ = wait.recv();
         }
     }
@@ -91,9 +86,6 @@ impl LogGuard {
 impl Drop for LogGuard {
     fn drop(&mut self) {
         self.sync();
-        // The subscriber keeps its own sender: the thread is not joined, only drained.
-        self.tx = None;
-        drop(self.writer.take());
     }
 }
 
