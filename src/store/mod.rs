@@ -63,6 +63,9 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The SQLite file refused or failed (the location writer's own connection).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A stored row holds a value sipedge cannot read back.
     #[error("corrupt row in {table}: {what}")]
     Corrupt { table: &'static str, what: String },
@@ -85,6 +88,8 @@ pub struct Store {
     sql: Arc<Sql>,
     /// The URL (PostgreSQL's change notifications need a connection of their own).
     url: Arc<str>,
+    /// The database file of a SQLite store (the location writer opens its own connection).
+    sqlite_path: Option<Arc<Path>>,
     /// `server.instance_id`, written into the CDRs ([`Store::with_instance`]; '' by default).
     instance: Arc<str>,
 }
@@ -120,6 +125,8 @@ impl Store {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::from_url(url)?;
         let given: Arc<str> = url.into();
+        let sqlite_path =
+            (dialect == Dialect::Sqlite).then(|| Arc::from(Path::new(sqlite_file(url))));
         let url = match dialect {
             Dialect::Sqlite => sqlite_url(url)?,
             Dialect::Postgres | Dialect::Mysql => url.to_owned(),
@@ -150,6 +157,7 @@ impl Store {
             dialect,
             sql: Arc::new(Sql::new(dialect)),
             url: given,
+            sqlite_path,
             instance: "".into(),
         })
     }
@@ -192,11 +200,8 @@ impl Store {
 /// (`0700`) and the empty file (`0600`; SQLite gives its WAL and shared-memory files the
 /// mode of the database file). An existing directory or file keeps its mode.
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or_default();
-    let path = rest.split('?').next().unwrap_or_default();
+    let rest = sqlite_rest(url);
+    let path = sqlite_file(url);
     if path.is_empty() || path == ":memory:" {
         return Err(StoreError::Unsupported(url.to_owned()));
     }
@@ -223,6 +228,18 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
     }
     let sep = if rest.contains('?') { '&' } else { '?' };
     Ok(format!("sqlite://{rest}{sep}mode=rwc"))
+}
+
+/// What follows `sqlite://` (or `sqlite:`): the path and its query.
+fn sqlite_rest(url: &str) -> &str {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or_default()
+}
+
+/// The database file of a `sqlite://PATH[?query]` URL.
+fn sqlite_file(url: &str) -> &str {
+    sqlite_rest(url).split('?').next().unwrap_or_default()
 }
 
 /// The URL without its password, for error messages.
