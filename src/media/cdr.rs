@@ -200,14 +200,17 @@ impl Inner {
     /// that fails goes to the retries). A batch that timed out goes to the retries whole: row
     /// by row, a hung store would hold the batcher for [`INSERT_TIMEOUT`] per row.
     async fn commit(self: &Arc<Self>, rows: Vec<Cdr>) {
-        match tokio::time::timeout(INSERT_TIMEOUT, self.store.insert_cdrs(&rows)).await {
+        // Shared with the store's writer: the rows stay here for the failure paths below.
+        let rows: Arc<[Cdr]> = rows.into();
+        match tokio::time::timeout(INSERT_TIMEOUT, self.store.insert_cdr_batch(rows.clone())).await
+        {
             Ok(Ok(())) => {
                 self.commits.fetch_add(1, Relaxed);
             }
             Ok(Err(e)) if rows.len() > 1 => {
                 warn!(error = %e, rows = rows.len(), "a batch of CDRs was refused; writing them one by one");
-                for row in rows {
-                    self.write_now(row).await;
+                for row in rows.iter() {
+                    self.write_now(row.clone()).await;
                 }
             }
             r => {
@@ -215,8 +218,8 @@ impl Inner {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no answer from the database in {INSERT_TIMEOUT:?}"),
                 };
-                for row in rows {
-                    self.failed_once(row, error.clone()).await;
+                for row in rows.iter() {
+                    self.failed_once(row.clone(), error.clone()).await;
                 }
             }
         }

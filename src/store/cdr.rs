@@ -1,6 +1,8 @@
 //! The `cdr` table: one call record per call (see [`crate::acc`] for which calls, and README
 //! "Accounting"): read back by `sipedge cdr export`.
 
+use std::sync::Arc;
+
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -142,6 +144,47 @@ impl Sql {
     }
 }
 
+impl Sql {
+    /// Inserts one call record on the SQLite writer thread's connection
+    /// ([`super::sqlite_writer`]): the one prepared single-row INSERT, bound in [`COLS`] order
+    /// and then the instance, as [`bind`] does.
+    pub(super) fn insert_sqlite(
+        &self,
+        db: &rusqlite::Connection,
+        c: &Cdr,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let mut st = db.prepare_cached(&self.insert)?;
+        let (a, b) = (&c.caller, &c.callee);
+        st.raw_bind_parameter(1, c.call_id.as_str())?;
+        st.raw_bind_parameter(2, c.from_uri.as_str())?;
+        st.raw_bind_parameter(3, c.to_uri.as_str())?;
+        st.raw_bind_parameter(4, to_i64(c.start))?;
+        st.raw_bind_parameter(5, c.answer.map(to_i64))?;
+        st.raw_bind_parameter(6, to_i64(c.end))?;
+        st.raw_bind_parameter(7, i64::from(c.status))?;
+        st.raw_bind_parameter(8, c.reason.as_str())?;
+        st.raw_bind_parameter(9, to_i64(a.0))?;
+        st.raw_bind_parameter(10, to_i64(a.1))?;
+        st.raw_bind_parameter(11, to_i64(a.2))?;
+        st.raw_bind_parameter(12, a.3)?;
+        st.raw_bind_parameter(13, to_i64(b.0))?;
+        st.raw_bind_parameter(14, to_i64(b.1))?;
+        st.raw_bind_parameter(15, to_i64(b.2))?;
+        st.raw_bind_parameter(16, b.3)?;
+        st.raw_bind_parameter(17, c.request_uri.as_str())?;
+        st.raw_bind_parameter(18, c.route.as_str())?;
+        st.raw_bind_parameter(19, c.auth_user.as_str())?;
+        st.raw_bind_parameter(20, c.source.as_str())?;
+        st.raw_bind_parameter(21, c.outcome.as_str())?;
+        st.raw_bind_parameter(22, c.hangup.as_str())?;
+        st.raw_bind_parameter(23, i64::from(c.relayed))?;
+        st.raw_bind_parameter(24, instance)?;
+        st.raw_execute()?;
+        Ok(())
+    }
+}
+
 /// A text column added by a later migration: '' in rows written before it (NULL).
 fn opt_text(r: &AnyRow, col: &str) -> Result<String, StoreError> {
     use sqlx::ValueRef;
@@ -214,6 +257,27 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// [`Self::insert_cdrs`] for the CDR batcher: on SQLite the store's writer thread inserts
+    /// them (one transaction, no round trip to sqlx's thread, the same connection as the
+    /// registrar's commits); elsewhere the pool.
+    pub async fn insert_cdr_batch(&self, rows: Arc<[Cdr]>) -> Result<(), StoreError> {
+        let Some(jobs) = self.sqlite.as_ref().and_then(|w| w.jobs()) else {
+            return self.insert_cdrs(&rows).await;
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job = super::sqlite_writer::Job::Cdrs {
+            rows,
+            instance: self.instance.clone(),
+            done,
+        };
+        if jobs.send(job).await.is_err() {
+            return Err(StoreError::Busy("sqlite writer stopped"));
+        }
+        answer
+            .await
+            .unwrap_or(Err(StoreError::Busy("sqlite writer stopped")))
     }
 
     /// The `limit` most recently ended calls, newest first, every column by name (for the

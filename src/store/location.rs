@@ -75,7 +75,7 @@ const KEY: [&str; 2] = ["aor", "contact"];
 
 /// Multi-row upserts are rendered once for batches of up to this many rows (the binding
 /// writer's batches are mostly smaller; a larger one is rendered when it occurs).
-pub(super) const CACHED_ROWS: usize = 64;
+const CACHED_ROWS: usize = 64;
 
 /// The table's queries in one dialect.
 #[derive(Debug)]
@@ -121,6 +121,46 @@ impl Sql {
             Some(cached) => Cow::Borrowed(cached.get_or_init(render)),
             None => Cow::Owned(render()),
         }
+    }
+}
+
+impl Sql {
+    /// [`Store::write_bindings`] on the SQLite writer thread's own connection
+    /// ([`super::sqlite_writer`]): one binding refreshed is one autocommit upsert; anything
+    /// more is one `BEGIN IMMEDIATE` transaction of the removals, then the upserts, each a
+    /// run of the one prepared statement.
+    pub(super) fn write_sqlite(
+        &self,
+        conn: &mut rusqlite::Connection,
+        changes: &[Change],
+    ) -> Result<(), StoreError> {
+        if let [c] = changes
+            && c.remove.is_empty()
+            && c.upsert.len() == 1
+        {
+            return self.run_sqlite(conn, changes);
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.run_sqlite(&tx, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The statements of [`Self::write_sqlite`].
+    fn run_sqlite(&self, db: &rusqlite::Connection, changes: &[Change]) -> Result<(), StoreError> {
+        for c in changes {
+            for contact in &c.remove {
+                db.prepare_cached(&self.delete)?
+                    .execute((c.aor.as_str(), contact.as_str()))?;
+            }
+        }
+        let mut addr = String::with_capacity(48);
+        for b in changes.iter().flat_map(|c| c.upsert.iter()) {
+            let mut st = db.prepare_cached(&self.upsert)?;
+            bind_row(&mut st, b, &mut addr)?;
+            st.raw_execute()?;
+        }
+        Ok(())
     }
 }
 
@@ -231,50 +271,6 @@ impl Store {
         Ok(())
     }
 
-    /// [`Self::write_bindings`] on the location writer's own SQLite connection (see
-    /// [`super::writer`]): the same statements, bound without sqlx's argument buffers and run
-    /// on the writer's thread without a round trip to another one. Changes with removals go
-    /// in one `BEGIN IMMEDIATE` transaction; upserts alone are one autocommit statement.
-    pub(super) fn write_bindings_sqlite(
-        &self,
-        conn: &mut rusqlite::Connection,
-        changes: &[Change],
-    ) -> Result<(), StoreError> {
-        if changes.iter().all(|c| c.remove.is_empty()) {
-            return self.run_changes_sqlite(conn, changes);
-        }
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        self.run_changes_sqlite(&tx, changes)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The statements of [`Self::write_bindings_sqlite`]: the removals, then one upsert.
-    fn run_changes_sqlite(
-        &self,
-        db: &rusqlite::Connection,
-        changes: &[Change],
-    ) -> Result<(), StoreError> {
-        for c in changes {
-            for contact in &c.remove {
-                db.prepare_cached(&self.sql.location.delete)?
-                    .execute((c.aor.as_str(), contact.as_str()))?;
-            }
-        }
-        let rows: usize = changes.iter().map(|c| c.upsert.len()).sum();
-        if rows > 0 {
-            let mut st = db.prepare_cached(&self.sql.location.upsert_of(rows))?;
-            let mut at = 1;
-            let mut addr = String::with_capacity(48);
-            for b in changes.iter().flat_map(|c| c.upsert.iter()) {
-                bind_row(&mut st, at, b, &mut addr)?;
-                at += COLS.len();
-            }
-            st.raw_execute()?;
-        }
-        Ok(())
-    }
-
     /// Deletes bindings that expired at or before `now`; returns how many.
     pub async fn delete_expired(&self, now: u64) -> Result<u64, StoreError> {
         let r = sqlx::query(&self.sql.location.delete_expired)
@@ -316,12 +312,10 @@ fn bind<'q>(q: AnyQuery<'q>, b: &'q Binding) -> AnyQuery<'q> {
         .bind(i64::from(b.nated))
 }
 
-/// [`bind`] for the SQLite writer: one binding's values from parameter `at` on, in the order
-/// of [`COLS`]. SQLite copies each value as it is bound, so the two addresses share one
-/// scratch string.
+/// [`bind`] for the SQLite writer: one binding's values, in the order of [`COLS`]. SQLite
+/// copies each value as it is bound, so the two addresses share one scratch string.
 fn bind_row(
     st: &mut rusqlite::Statement<'_>,
-    at: usize,
     b: &Binding,
     addr: &mut String,
 ) -> rusqlite::Result<()> {
@@ -330,23 +324,23 @@ fn bind_row(
         addr.clear();
         // invariant: writing to a String cannot fail.
         let _ = write!(addr, "{}", crate::sip::text::Addr(a));
-        st.raw_bind_parameter(at + i, addr.as_str())
+        st.raw_bind_parameter(i, addr.as_str())
     };
-    st.raw_bind_parameter(at, b.aor.as_str())?;
-    st.raw_bind_parameter(at + 1, b.contact.as_str())?;
-    text(st, 2, b.received)?;
-    st.raw_bind_parameter(at + 3, b.transport.as_str())?;
-    text(st, 4, b.local_socket)?;
-    st.raw_bind_parameter(at + 5, b.instance.as_str())?;
-    st.raw_bind_parameter(at + 6, to_i64(b.expires))?;
-    st.raw_bind_parameter(at + 7, f64::from(b.q) / 1000.0)?;
-    st.raw_bind_parameter(at + 8, b.call_id.as_str())?;
-    st.raw_bind_parameter(at + 9, i64::from(b.cseq))?;
-    st.raw_bind_parameter(at + 10, b.user_agent.as_str())?;
-    st.raw_bind_parameter(at + 11, b.path.as_str())?;
-    st.raw_bind_parameter(at + 12, b.instance_urn.as_str())?;
-    st.raw_bind_parameter(at + 13, to_i64(b.updated))?;
-    st.raw_bind_parameter(at + 14, i64::from(b.nated))
+    st.raw_bind_parameter(1, b.aor.as_str())?;
+    st.raw_bind_parameter(2, b.contact.as_str())?;
+    text(st, 3, b.received)?;
+    st.raw_bind_parameter(4, b.transport.as_str())?;
+    text(st, 5, b.local_socket)?;
+    st.raw_bind_parameter(6, b.instance.as_str())?;
+    st.raw_bind_parameter(7, to_i64(b.expires))?;
+    st.raw_bind_parameter(8, f64::from(b.q) / 1000.0)?;
+    st.raw_bind_parameter(9, b.call_id.as_str())?;
+    st.raw_bind_parameter(10, i64::from(b.cseq))?;
+    st.raw_bind_parameter(11, b.user_agent.as_str())?;
+    st.raw_bind_parameter(12, b.path.as_str())?;
+    st.raw_bind_parameter(13, b.instance_urn.as_str())?;
+    st.raw_bind_parameter(14, to_i64(b.updated))?;
+    st.raw_bind_parameter(15, i64::from(b.nated))
 }
 
 fn from_row(r: &AnyRow) -> Result<Binding, StoreError> {

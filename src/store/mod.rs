@@ -16,6 +16,7 @@ mod location;
 mod meta;
 mod migrate;
 mod notify;
+mod sqlite_writer;
 mod subscriber;
 mod writer;
 
@@ -88,8 +89,8 @@ pub struct Store {
     sql: Arc<Sql>,
     /// The URL (PostgreSQL's change notifications need a connection of their own).
     url: Arc<str>,
-    /// The database file of a SQLite store (the location writer opens its own connection).
-    sqlite_path: Option<Arc<Path>>,
+    /// A SQLite store's writer thread (binding changes and call records; started on first use).
+    sqlite: Option<Arc<sqlite_writer::SqliteWriter>>,
     /// `server.instance_id`, written into the CDRs ([`Store::with_instance`]; '' by default).
     instance: Arc<str>,
 }
@@ -152,12 +153,15 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
+        let sql = Arc::new(Sql::new(dialect));
+        let sqlite =
+            sqlite_path.map(|p| Arc::new(sqlite_writer::SqliteWriter::new(p, sql.clone())));
         Ok(Self {
             pool,
             dialect,
-            sql: Arc::new(Sql::new(dialect)),
+            sql,
             url: given,
-            sqlite_path,
+            sqlite,
             instance: "".into(),
         })
     }
@@ -190,8 +194,12 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the pool (waits for connections to return).
+    /// Closes the pool (waits for connections to return) and the SQLite writer thread's
+    /// connection: writes fail from now on.
     pub async fn close(&self) {
+        if let Some(w) = &self.sqlite {
+            w.close();
+        }
         self.pool.close().await;
     }
 }

@@ -18,20 +18,18 @@
 //! batch), so the order of a batch's statements cannot reorder one AOR's history. When a
 //! batch fails, its changes are retried one by one, so one bad change fails alone.
 
-use std::path::Path;
-use std::sync::Arc;
-
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::location::Binding;
+use super::sqlite_writer::Job;
 use super::{Store, StoreError};
 
 /// Changes waiting for the writer at most; a full queue makes the registrar answer 500.
-const QUEUE: usize = 4096;
+pub(super) const QUEUE: usize = 4096;
 /// Changes written in one batch at most.
-const MAX_CHANGES: usize = 64;
+pub(super) const MAX_CHANGES: usize = 64;
 /// Bindings upserted by one statement at most (15 parameters each: far below every
 /// backend's parameter limit).
 const MAX_ROWS: usize = 256;
@@ -49,7 +47,7 @@ pub(super) struct Change {
 }
 
 impl Change {
-    fn answer(self, r: Result<(), StoreError>) {
+    pub(super) fn answer(self, r: Result<(), StoreError>) {
         let _ = self.done.send(r.map(|()| (self.upsert, self.remove)));
     }
 }
@@ -57,15 +55,24 @@ impl Change {
 /// The handle the location service writes through.
 #[derive(Debug, Clone)]
 pub struct BindingWriter {
-    tx: mpsc::Sender<Change>,
+    tx: Queue,
+}
+
+/// Where the changes go: the SQLite store's writer thread, or a task of our own.
+#[derive(Debug, Clone)]
+enum Queue {
+    Thread(mpsc::Sender<Job>),
+    Task(mpsc::Sender<Change>),
 }
 
 impl BindingWriter {
-    /// Starts the writer on `store`: on SQLite a thread with a connection of its own
-    /// ([`run_sqlite`]), on the database servers a task on a connection of the pool.
+    /// Starts the writer on `store`: on SQLite the store's writer thread
+    /// ([`super::sqlite_writer`]), on the database servers a task on a connection of the pool.
     pub fn start(store: Store) -> Self {
-        match store.sqlite_path.clone() {
-            Some(path) => Self::start_sqlite(store, path),
+        match store.sqlite.as_ref().and_then(|w| w.jobs()) {
+            Some(jobs) => Self {
+                tx: Queue::Thread(jobs.clone()),
+            },
             None => Self::start_task(store),
         }
     }
@@ -75,27 +82,8 @@ impl BindingWriter {
     fn start_task(store: Store) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(store, rx));
-        Self { tx }
-    }
-
-    /// The writer as a thread owning a SQLite connection of its own. sqlx runs each SQLite
-    /// connection on a worker thread of its own anyway, and reaching it cost a round trip per
-    /// batch plus its argument buffers: a quarter of the registrar's CPU at 9,200
-    /// registrations/s went to the writer, a third of that to SQLite itself (issue #15).
-    /// Owning the connection, the thread binds straight from the bindings and answers the
-    /// callers itself.
-    fn start_sqlite(store: Store, path: Arc<Path>) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let fallback = store.clone();
-        let spawned = std::thread::Builder::new()
-            .name("location-writer".into())
-            .spawn(move || run_sqlite(&store, &path, rx));
-        match spawned {
-            Ok(_) => Self { tx },
-            Err(e) => {
-                warn!(error = %e, "location writer: no thread, writing through the pool");
-                Self::start_task(fallback)
-            }
+        Self {
+            tx: Queue::Task(tx),
         }
     }
 
@@ -125,10 +113,21 @@ impl BindingWriter {
             remove,
             done,
         };
-        self.tx.try_send(change).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Busy("location writer queue full"),
-            mpsc::error::TrySendError::Closed(_) => StoreError::Busy("location writer stopped"),
-        })?;
+        let busy = |full: bool| {
+            StoreError::Busy(if full {
+                "location writer queue full"
+            } else {
+                "location writer stopped"
+            })
+        };
+        match &self.tx {
+            Queue::Thread(tx) => tx
+                .try_send(Job::Bindings(change))
+                .map_err(|e| busy(matches!(e, mpsc::error::TrySendError::Full(_))))?,
+            Queue::Task(tx) => tx
+                .try_send(change)
+                .map_err(|e| busy(matches!(e, mpsc::error::TrySendError::Full(_))))?,
+        }
         Ok(async move {
             wait.await
                 .unwrap_or(Err(StoreError::Busy("location writer stopped")))
@@ -136,19 +135,19 @@ impl BindingWriter {
     }
 }
 
-/// The next batch: `first` and the changes queued behind it, up to [`MAX_CHANGES`] changes
-/// and [`MAX_ROWS`] rows, never two of one AOR (a change that cannot join is `held` for the
-/// next batch).
-fn gather(
+/// The next batch: `first` and the changes `next` hands over (those queued behind it), up to
+/// [`MAX_CHANGES`] changes and [`MAX_ROWS`] rows, never two of one AOR (a change that cannot
+/// join is `held` for the next batch).
+pub(super) fn gather(
     first: Change,
-    rx: &mut mpsc::Receiver<Change>,
+    next: &mut impl FnMut() -> Option<Change>,
     held: &mut Option<Change>,
     batch: &mut Vec<Change>,
 ) {
     let mut rows = first.upsert.len();
     batch.push(first);
     while batch.len() < MAX_CHANGES {
-        let Ok(c) = rx.try_recv() else { break };
+        let Some(c) = next() else { break };
         // At most MAX_CHANGES to compare with: a scan, no set of copied keys per batch.
         if batch.iter().any(|b| b.aor == c.aor) || rows + c.upsert.len() > MAX_ROWS {
             *held = Some(c);
@@ -174,89 +173,11 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Change>) {
                 None => break,
             },
         };
-        gather(first, &mut rx, &mut held, &mut batch);
+        gather(first, &mut || rx.try_recv().ok(), &mut held, &mut batch);
         write(&store, &mut conn, &mut batch).await;
     }
     if let Some(c) = conn {
         let _ = c.close().await;
-    }
-}
-
-/// The SQLite writer's thread: like [`run`], blocking on its queue between batches.
-fn run_sqlite(store: &Store, path: &Path, mut rx: mpsc::Receiver<Change>) {
-    let mut conn: Option<rusqlite::Connection> = None;
-    let mut held: Option<Change> = None;
-    let mut batch: Vec<Change> = Vec::with_capacity(MAX_CHANGES);
-    loop {
-        let first = match held.take() {
-            Some(c) => c,
-            None => match rx.blocking_recv() {
-                Some(c) => c,
-                None => break,
-            },
-        };
-        gather(first, &mut rx, &mut held, &mut batch);
-        write_sqlite(store, path, &mut conn, &mut batch);
-    }
-}
-
-/// Opens the writer's connection to the SQLite file the pool uses (created and in WAL mode
-/// by [`Store::connect`]), with the pool's session settings.
-fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, StoreError> {
-    use rusqlite::OpenFlags;
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // One upsert per batch size up to the rendered ones, and the delete.
-    conn.set_prepared_statement_cache_capacity(super::location::CACHED_ROWS + 8);
-    Ok(conn)
-}
-
-/// [`write`] on the SQLite writer's own connection.
-fn write_sqlite(
-    store: &Store,
-    path: &Path,
-    conn: &mut Option<rusqlite::Connection>,
-    batch: &mut Vec<Change>,
-) {
-    let n = batch.len();
-    let result = match conn {
-        Some(c) => store.write_bindings_sqlite(c, batch),
-        None => match open_sqlite(path) {
-            Ok(c) => store.write_bindings_sqlite(conn.insert(c), batch),
-            Err(e) => {
-                warn!(error = %e, "location writer: no database connection");
-                for c in batch.drain(..) {
-                    c.answer(Err(StoreError::Busy("no database connection")));
-                }
-                return;
-            }
-        },
-    };
-    match result {
-        Ok(()) => {
-            for c in batch.drain(..) {
-                c.answer(Ok(()));
-            }
-        }
-        Err(e) if n == 1 => {
-            // The connection may be what failed: the next batch opens a fresh one.
-            *conn = None;
-            if let Some(c) = batch.pop() {
-                c.answer(Err(e));
-            }
-        }
-        Err(e) => {
-            debug!(error = %e, changes = n, "location batch failed, writing its changes one by one");
-            *conn = None;
-            for change in batch.drain(..) {
-                let mut one = vec![change];
-                write_sqlite(store, path, conn, &mut one);
-            }
-        }
     }
 }
 
