@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::cdr::Cdr;
-use super::writer::{Change, MAX_CHANGES, QUEUE, gather};
+use super::writer::{Change, MAX_CHANGES, QUEUE, gather, settle};
 use super::{Sql, StoreError};
 
 /// What the thread is handed.
@@ -194,25 +194,12 @@ fn write_bindings(
     conn: &mut Option<rusqlite::Connection>,
     batch: &mut Vec<Change>,
 ) {
-    let n = batch.len();
-    match with_conn(path, conn, |c| sql.location.write_sqlite(c, batch)) {
-        Ok(()) => {
-            for c in batch.drain(..) {
-                c.answer(Ok(()));
-            }
-        }
-        Err(e) if n == 1 => {
-            if let Some(c) = batch.pop() {
-                c.answer(Err(e));
-            }
-        }
-        Err(e) => {
-            debug!(error = %e, changes = n, "location batch failed, writing its changes one by one");
-            for change in batch.drain(..) {
-                let one = std::slice::from_ref(&change);
-                let r = with_conn(path, conn, |c| sql.location.write_sqlite(c, one));
-                change.answer(r);
-            }
+    let result = with_conn(path, conn, |c| sql.location.write_sqlite(c, batch));
+    if settle(batch, result) {
+        for change in batch.drain(..) {
+            let one = std::slice::from_ref(&change);
+            let r = with_conn(path, conn, |c| sql.location.write_sqlite(c, one));
+            change.answer(r);
         }
     }
 }
@@ -240,7 +227,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::super::{Binding, BindingWriter, Cdr, Store};
-    use crate::transport::Proto;
 
     fn record(i: u64) -> Cdr {
         Cdr {
@@ -265,23 +251,8 @@ mod tests {
     }
 
     fn binding(i: u64) -> Binding {
-        Binding {
-            aor: format!("u{i}@example.net"),
-            contact: format!("sip:u{i}@10.0.0.1:5062"),
-            received: "192.0.2.7:40123".parse().expect("literal address"),
-            nated: true,
-            transport: Proto::Udp,
-            local_socket: "192.0.2.1:5060".parse().expect("literal address"),
-            instance: "edge-1".into(),
-            expires: 5_000,
-            q: 1_000,
-            call_id: format!("reg-{i}"),
-            cseq: 7,
-            user_agent: "ua".into(),
-            path: String::new(),
-            instance_urn: String::new(),
-            updated: 1_000,
-        }
+        let aor = format!("u{i:03}@example.net");
+        super::super::writer::tests::binding(&aor, &format!("sip:u{i}@10.0.0.1:5062"), 7)
     }
 
     /// Call record batches and binding changes queued at once go through the one writer
@@ -322,7 +293,7 @@ mod tests {
         let newest = store.recent_cdrs(1).await.expect("recent");
         assert_eq!(newest[0]["instance"], "edge-1");
         let mut bindings = store.load_bindings(1_000).await.expect("bindings");
-        bindings.sort_by_key(|b| b.call_id[4..].parse::<u64>().unwrap_or(u64::MAX));
+        bindings.sort_by(|a, b| a.aor.cmp(&b.aor));
         assert_eq!(bindings, (0..200).map(binding).collect::<Vec<_>>());
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -199,39 +199,52 @@ async fn write(store: &Store, conn: &mut Option<sqlx::AnyConnection>, batch: &mu
     }
     // invariant: set just above.
     let c = conn.as_mut().expect("connection acquired above");
-    let n = batch.len();
-    match store.write_bindings(c, batch).await {
+    let result = store.write_bindings(c, batch).await;
+    if result.is_err() {
+        // The connection may be what failed: the next batch takes a fresh one.
+        *conn = None;
+    }
+    if settle(batch, result) {
+        for change in batch.drain(..) {
+            let r = store
+                .save_bindings(&change.aor, &change.upsert, &change.remove)
+                .await;
+            change.answer(r);
+        }
+    }
+}
+
+/// Answers the changes of a written batch: all of them when it was committed, the only one
+/// when it failed alone. True when a batch of several failed: its changes are still in
+/// `batch`, for the caller to write one by one (so one bad change fails alone).
+pub(super) fn settle(batch: &mut Vec<Change>, result: Result<(), StoreError>) -> bool {
+    match result {
         Ok(()) => {
             for c in batch.drain(..) {
                 c.answer(Ok(()));
             }
+            false
         }
-        Err(e) if n == 1 => {
-            // The connection may be what failed: the next batch takes a fresh one.
-            *conn = None;
+        Err(e) if batch.len() == 1 => {
             if let Some(c) = batch.pop() {
                 c.answer(Err(e));
             }
+            false
         }
         Err(e) => {
-            debug!(error = %e, changes = n, "location batch failed, writing its changes one by one");
-            *conn = None;
-            for change in batch.drain(..) {
-                let r = store
-                    .save_bindings(&change.aor, &change.upsert, &change.remove)
-                    .await;
-                change.answer(r);
-            }
+            debug!(error = %e, changes = batch.len(), "location batch failed, writing its changes one by one");
+            true
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::transport::Proto;
 
-    fn binding(aor: &str, contact: &str, cseq: u32) -> Binding {
+    /// A binding of `aor` at `contact` with every column set.
+    pub(in crate::store) fn binding(aor: &str, contact: &str, cseq: u32) -> Binding {
         Binding {
             aor: aor.into(),
             contact: contact.into(),
