@@ -10,13 +10,14 @@
 //! (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted REGISTER gets
 //! the same answer instead of a replayed nonce.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
-use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -203,44 +204,20 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Arc<str>, Box<Job>)>, 
         limits.registrar_cache_bytes / shards,
     );
     let mut order = Order::new(RUNNING, WAITING);
-    let mut running: JoinSet<Ended> = JoinSet::new();
-    // The AOR of each running task, so that even a task that panicked frees its AOR.
-    let mut aors: HashMap<task::Id, Arc<str>> = HashMap::new();
+    // The running REGISTERs are futures of the shard itself, not tasks: a task per REGISTER
+    // cost a 128-byte-aligned allocation (glibc's slow path), the runtime's scheduling and a
+    // second wake-up (the task's, then the shard's) once its commit was answered. A panic
+    // is caught per REGISTER, as a task's would be.
+    let mut running = FuturesUnordered::new();
     // The table is swept on a timer, not only when the next REGISTER arrives: memory a
     // flood left behind is returned within a second of its expiry.
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut start: Vec<(Arc<str>, Box<Job>)> = Vec::new();
     let mut open = true;
-    while open || !running.is_empty() {
-        tokio::select! {
-            job = rx.recv(), if open && order.has_room() => match job {
-                Some((aor, job)) => start.extend(order.arrive(aor, job)),
-                None => open = false,
-            },
-            Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
-                let id = match ended {
-                    Ok((id, (job, bytes, keep))) => {
-                        if let Some(k) = keep {
-                            sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
-                        }
-                        // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
-                        ctx.transports.send(crate::nat::respond(&job.msg, job.source, bytes));
-                        id
-                    }
-                    // A bug: the REGISTER goes unanswered (the phone retransmits), the shard
-                    // and the AOR go on.
-                    Err(e) => {
-                        error!(error = %e, "a REGISTER's processing failed");
-                        e.id()
-                    }
-                };
-                if let Some(aor) = aors.remove(&id) {
-                    start.extend(order.done(&aor));
-                }
-            }
-            _ = sweep.tick() => sent.sweep(Instant::now()),
-        }
+    // `start` holds the REGISTERs that may start now (from the queue, or behind one of
+    // their AOR that ended).
+    while open || !running.is_empty() || !start.is_empty() {
         // Retransmissions are answered from the table when their turn comes (a
         // retransmission of a REGISTER still running waits behind it, and finds its answer).
         while let Some((aor, job)) = start.pop() {
@@ -255,10 +232,42 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Arc<str>, Box<Job>)>, 
                 start.extend(order.done(&aor));
                 continue;
             }
-            let task = running.spawn(run(ctx.clone(), job, aor.clone(), key));
-            aors.insert(task.id(), aor);
+            running.push(guarded(aor.clone(), run(ctx.clone(), job, aor, key)));
+        }
+        tokio::select! {
+            job = rx.recv(), if open && order.has_room() => match job {
+                Some((aor, job)) => start.extend(order.arrive(aor, job)),
+                None => open = false,
+            },
+            Some((aor, ended)) = running.next(), if !running.is_empty() => {
+                match ended {
+                    Ok((job, bytes, keep)) => {
+                        if let Some(k) = keep {
+                            sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
+                        }
+                        // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
+                        ctx.transports.send(crate::nat::respond(&job.msg, job.source, bytes));
+                    }
+                    // A bug: the REGISTER goes unanswered (the phone retransmits), the shard
+                    // and the AOR go on.
+                    Err(_) => error!("a REGISTER's processing panicked"),
+                }
+                start.extend(order.done(&aor));
+            }
+            _ = sweep.tick() => sent.sweep(Instant::now()),
         }
     }
+}
+
+/// A running REGISTER of `aor` as the shard polls it: its AOR with what it ended with, or the
+/// panic it ended in.
+fn guarded(
+    aor: Arc<str>,
+    register: impl Future<Output = Ended>,
+) -> impl Future<Output = (Arc<str>, std::thread::Result<Ended>)> {
+    AssertUnwindSafe(register)
+        .catch_unwind()
+        .map(move |ended| (aor, ended))
 }
 
 /// One REGISTER's task: [`handle`], and what the table of completed transactions keeps.
