@@ -270,7 +270,8 @@ fn guarded(
         .map(move |ended| (aor, ended))
 }
 
-/// One REGISTER's task: [`handle`], and what the table of completed transactions keeps.
+/// One REGISTER's processing (a future its shard polls): [`handle`], and what the table of
+/// completed transactions keeps.
 async fn run(ctx: Arc<Context>, job: Box<Job>, aor: Arc<str>, key: Option<String>) -> Ended {
     let (status, bytes) = handle(&ctx, &job, &aor, ctx.clock.unix()).await;
     // RFC 3261 §17.2.2: over UDP the transaction stays Completed for Timer J and answers

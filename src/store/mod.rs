@@ -64,7 +64,7 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    /// The SQLite file refused or failed (the location writer's own connection).
+    /// The SQLite file refused or failed (the store's writer thread, `sqlite_writer`).
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A stored row holds a value sipedge cannot read back.
