@@ -465,6 +465,7 @@ fn start_media(
         offer_timeout: m.offer_timeout,
         hold_timeout: m.hold_timeout,
         io: IoMode::Batched,
+        batch_wait: m.batch_wait,
     })
     .map_err(StartError::Relay)?;
     info!(%bind, ports = %format!("{}-{}", m.ports.min, m.ports.max), "media relay started");

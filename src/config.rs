@@ -342,6 +342,11 @@ pub struct RawMedia {
     /// Idle limit while a side is on hold (sendonly/inactive). Default 3600.
     #[serde(default = "default_hold_timeout")]
     pub hold_timeout: u64,
+    /// Microseconds a relay worker receiving dense traffic waits after a wake-up so that one
+    /// wake-up carries the interval's packets (adds at most this much latency per packet);
+    /// 0 = off. At most 20000. Default 1000.
+    #[serde(default = "default_batch_wait_us")]
+    pub batch_wait_us: u64,
     /// At most this many m= lines with a non-zero port (streams that take ports) in one SDP;
     /// an offer with more is refused with 488. Port-0 streams take no ports and do not count.
     /// Default 8.
@@ -773,6 +778,10 @@ fn default_offer_timeout() -> u64 {
 fn default_hold_timeout() -> u64 {
     3600
 }
+fn default_batch_wait_us() -> u64 {
+    // invariant: the default (1 ms) fits in u64 microseconds.
+    u64::try_from(sipedge_relay::DEFAULT_BATCH_WAIT.as_micros()).unwrap_or(1000)
+}
 fn default_max_streams() -> usize {
     8
 }
@@ -1075,6 +1084,9 @@ pub struct NatConfig {
     pub ping_remove: bool,
 }
 
+/// Largest `media.batch_wait_us`: 20 ms, one packet interval of most codecs.
+pub const MAX_BATCH_WAIT_US: u64 = 20_000;
+
 #[derive(Debug, Clone)]
 pub struct MediaConfig {
     pub address: IpAddr,
@@ -1084,6 +1096,8 @@ pub struct MediaConfig {
     pub idle_timeout: Duration,
     pub offer_timeout: Duration,
     pub hold_timeout: Duration,
+    /// Relay wake-up coalescing (≤ [`MAX_BATCH_WAIT_US`]); zero: off.
+    pub batch_wait: Duration,
     /// m= lines that take ports, per SDP (≥ 1).
     pub max_streams: usize,
     /// Relay sessions in total (≥ 1).
@@ -1529,6 +1543,12 @@ impl Config {
                 return Err(invalid(key, "must be at least 1 second"));
             }
         }
+        if m.batch_wait_us > MAX_BATCH_WAIT_US {
+            return Err(invalid(
+                "media.batch_wait_us",
+                format!("must be at most {MAX_BATCH_WAIT_US} (it delays every relayed packet)"),
+            ));
+        }
         for (key, v) in [
             ("media.max_streams", m.max_streams),
             ("media.max_sessions", m.max_sessions),
@@ -1551,6 +1571,7 @@ impl Config {
             idle_timeout: Duration::from_secs(m.idle_timeout),
             offer_timeout: Duration::from_secs(m.offer_timeout),
             hold_timeout: Duration::from_secs(m.hold_timeout),
+            batch_wait: Duration::from_micros(m.batch_wait_us),
             max_streams: m.max_streams,
             max_sessions: m.max_sessions,
             max_sessions_per_caller: m.max_sessions_per_caller,
@@ -2275,6 +2296,9 @@ mod tests {
             ),
             (8, 2000, 20)
         );
+        assert_eq!(cfg.media.batch_wait, Duration::from_millis(1));
+        let off = parse("[media]\nbatch_wait_us = 0").unwrap();
+        assert_eq!(off.media.batch_wait, Duration::ZERO);
         assert_eq!(
             cfg.media.cdr_spool,
             PathBuf::from("data/sipedge-cdr.spool"),
@@ -2487,6 +2511,7 @@ mod tests {
                 "media.max_sessions_per_caller",
             ),
             ("[media]\ncdr_spool = \"\"", "media.cdr_spool"),
+            ("[media]\nbatch_wait_us = 20001", "media.batch_wait_us"),
             (
                 "[server]\nlisten = [\"sctp:1.2.3.4:5060\"]",
                 "server.listen",

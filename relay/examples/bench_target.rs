@@ -3,7 +3,7 @@
 //! with the same stream shape as the harness' rtpengine target (A -> RA -> B, B -> RB -> A).
 //!
 //! ```text
-//! cargo run --release -p sipedge-relay --example bench_target -- [--ports 40000-47999] [--workers 1]
+//! cargo run --release -p sipedge-relay --example bench_target -- [--ports 40000-47999] [--workers 1] [--batch-wait-us 250]
 //! ```
 //!
 //! Prints `ready PID` once the relay runs, then reads one command per line on stdin and answers
@@ -33,7 +33,8 @@ use sipedge_relay::{
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LONG: Duration = Duration::from_secs(3600);
 
-/// `--ports MIN-MAX` and `--workers N`; anything else is an error.
+/// `--ports MIN-MAX`, `--workers N` and `--batch-wait-us N` (0: no wake-up coalescing);
+/// anything else is an error.
 fn parse_args() -> Result<RelayConfig, String> {
     let mut cfg = RelayConfig {
         bind: LOCALHOST,
@@ -45,6 +46,7 @@ fn parse_args() -> Result<RelayConfig, String> {
         offer_timeout: LONG,
         hold_timeout: LONG,
         io: IoMode::Batched,
+        batch_wait: sipedge_relay::DEFAULT_BATCH_WAIT,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -56,9 +58,13 @@ fn parse_args() -> Result<RelayConfig, String> {
                 cfg.port_max = hi.parse().map_err(|e| format!("--ports: {e}"))?;
             }
             "--workers" => cfg.workers = value.parse().map_err(|e| format!("--workers: {e}"))?,
+            "--batch-wait-us" => {
+                let us = value.parse().map_err(|e| format!("--batch-wait-us: {e}"))?;
+                cfg.batch_wait = Duration::from_micros(us);
+            }
             _ => {
                 return Err(format!(
-                    "unknown flag {flag} (--ports MIN-MAX, --workers N)"
+                    "unknown flag {flag} (--ports MIN-MAX, --workers N, --batch-wait-us N)"
                 ));
             }
         }

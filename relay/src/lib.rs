@@ -78,6 +78,11 @@ pub struct RelayConfig {
     pub hold_timeout: Duration,
     /// Batched syscalls (default) or the per-packet fallback.
     pub io: IoMode,
+    /// Wake-up coalescing: a worker receiving packets faster than two per this interval
+    /// sleeps until this long after each wake-up before polling again, so that one wake-up
+    /// carries the interval's packets (`io/pace.rs`). Adds at most this much latency per
+    /// relayed packet; zero turns it off.
+    pub batch_wait: Duration,
 }
 
 impl Default for RelayConfig {
@@ -92,9 +97,13 @@ impl Default for RelayConfig {
             offer_timeout: Duration::from_secs(120),
             hold_timeout: Duration::from_secs(3600),
             io: IoMode::Batched,
+            batch_wait: DEFAULT_BATCH_WAIT,
         }
     }
 }
+
+/// [`RelayConfig::batch_wait`] unless configured: see `io/pace.rs` and README "Benchmarks".
+pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 /// Starts the relay: the worker threads (each blocking in its own epoll instance) and the
 /// control thread (a current-thread tokio runtime). Works from inside a tokio runtime and from

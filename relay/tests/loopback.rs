@@ -29,6 +29,7 @@ fn config(port_min: u16, port_max: u16) -> RelayConfig {
         offer_timeout: Duration::from_secs(60),
         hold_timeout: Duration::from_secs(60),
         io: IoMode::Batched,
+        batch_wait: sipedge_relay::DEFAULT_BATCH_WAIT,
     }
 }
 
@@ -305,6 +306,78 @@ async fn a_burst_is_forwarded_whole_and_in_order() {
     }
     let s = relay.query(alloc.id).await.unwrap();
     assert_eq!((s.caller.pkts, s.caller.lost), (u64::from(n), 0));
+    relay.shutdown().await;
+}
+
+/// Paced traffic dense enough for the worker to coalesce its wake-ups (a long `batch_wait`,
+/// so that nearly every packet arrives while the worker sleeps), in both directions of two
+/// sessions at once: everything is forwarded, in order, to the right peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_wake_ups_lose_and_reorder_nothing() {
+    let (relay, _events) = start(RelayConfig {
+        workers: 1,
+        batch_wait: Duration::from_millis(5),
+        ..config(21500, 21599)
+    })
+    .unwrap();
+    let mut legs = Vec::new();
+    for call in 0..2u32 {
+        let alloc = relay.allocate(format!("dense-{call}"), 1).await.unwrap();
+        let ports = alloc.streams[0];
+        let (a, b) = (socket().await, socket().await);
+        let ep = |s: &UdpSocket| {
+            let addr = s.local_addr().unwrap();
+            endpoint(addr, SocketAddr::new(addr.ip(), addr.port() + 1))
+        };
+        sdp(&relay, alloc.id, Side::Caller, ep(&a), false).await;
+        sdp(&relay, alloc.id, Side::Callee, ep(&b), true).await;
+        legs.push((alloc.id, ports, a, b));
+    }
+    let n = 150u16;
+    for seq in 0..n {
+        for (call, (_, ports, a, b)) in legs.iter().enumerate() {
+            let ssrc = call as u32;
+            a.send_to(&build_rtp(seq, 0, ssrc, 160), relay_addr(ports.caller.rtp))
+                .await
+                .unwrap();
+            b.send_to(
+                &build_rtp(seq, 0, 100 + ssrc, 160),
+                relay_addr(ports.callee.rtp),
+            )
+            .await
+            .unwrap();
+        }
+        // About 8 packets per 100 us: dense for a 5 ms wait.
+        if seq % 4 == 0 {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+    }
+    for (call, (id, ports, a, b)) in legs.iter().enumerate() {
+        let ssrc = call as u32;
+        for seq in 0..n {
+            let (got, from) = recv(b).await;
+            assert_eq!(
+                u16::from_be_bytes([got[2], got[3]]),
+                seq,
+                "call {call}, to B"
+            );
+            assert_eq!(u32::from_be_bytes([got[8], got[9], got[10], got[11]]), ssrc);
+            assert_eq!(from, relay_addr(ports.callee.rtp));
+            let (got, from) = recv(a).await;
+            assert_eq!(
+                u16::from_be_bytes([got[2], got[3]]),
+                seq,
+                "call {call}, to A"
+            );
+            assert_eq!(
+                u32::from_be_bytes([got[8], got[9], got[10], got[11]]),
+                100 + ssrc
+            );
+            assert_eq!(from, relay_addr(ports.caller.rtp));
+        }
+        let s = relay.query(*id).await.unwrap();
+        assert_eq!((s.caller.pkts, s.callee.pkts), (u64::from(n), u64::from(n)));
+    }
     relay.shutdown().await;
 }
 

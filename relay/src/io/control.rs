@@ -79,6 +79,7 @@ pub(crate) fn start(
         },
         io: cfg.io,
         v6: cfg.bind.is_ipv6(),
+        batch_wait: cfg.batch_wait,
     };
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
     let totals = Arc::new(Totals::default());

@@ -2,5 +2,6 @@
 //! the pure modules; this only moves bytes and messages.
 
 pub(crate) mod control;
+mod pace;
 pub(crate) mod sys;
 pub(crate) mod worker;

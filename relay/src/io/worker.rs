@@ -25,6 +25,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::pace::Pace;
 use super::sys::{BATCH, BatchIo, EVENTS, Epoll, EventFd, Transmit};
 use crate::forward::{DropReason, Relay, Timeouts, Verdict};
 use crate::{
@@ -85,6 +86,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) io: IoMode,
     /// Sockets are AF_INET6 (bound to an IPv6 address).
     pub(crate) v6: bool,
+    /// Wake-up coalescing ([`Pace`]).
+    pub(crate) batch_wait: Duration,
 }
 
 /// The control thread's side of a worker.
@@ -245,6 +248,9 @@ struct Worker {
     local: Local,
     recv_warn: RateLimit,
     send_warn: RateLimit,
+    /// Datagrams received in the current round (for [`Pace`]).
+    received: u64,
+    pace: Pace,
 }
 
 impl Worker {
@@ -265,6 +271,8 @@ impl Worker {
             local: Local::default(),
             recv_warn: RateLimit::default(),
             send_warn: RateLimit::default(),
+            received: 0,
+            pace: Pace::new(cfg.batch_wait),
         })
     }
 
@@ -281,6 +289,7 @@ impl Worker {
         // second recvmmsg just to hear EAGAIN. Epoll is level-triggered, so a datagram that
         // arrived since is reported again in the next round.
         let drained = n < BATCH;
+        self.received += n as u64;
         let now = Instant::now();
         self.pending.clear();
         let (mut bytes, mut dropped, mut strangers) = (0u64, 0u64, 0u64);
@@ -460,6 +469,7 @@ fn run(
                 return;
             }
         }
+        let woke = Instant::now();
         let mut rung = false;
         for &token in &ready {
             match u16::try_from(token) {
@@ -490,6 +500,15 @@ fn run(
         let now = Instant::now();
         if w.relay.poll_timeout().is_some_and(|t| t <= now) {
             expire(&mut w, now, closed);
+        }
+        // Dense traffic: let the next packets gather instead of waking for each (a request
+        // queued meanwhile waits at most `batch_wait` too).
+        let received = std::mem::take(&mut w.received);
+        if let Some(until) = w.pace.after_round(woke, now, received) {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
         }
     }
 }
