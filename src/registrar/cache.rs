@@ -2,9 +2,10 @@
 //! transaction over UDP stays Completed for Timer J (64·T1) after its final response, and
 //! answers every retransmission of its request with that response; over TCP it ends at once
 //! (and is not kept here). A Completed transaction is nothing more than that, so this table
-//! keeps exactly that: the response bytes and Timer J's deadline per transaction key (about
-//! 0.6 KB each, where a whole `ServerTxn` with its key twice cost about 1.3 KB; issue #15,
-//! registrar memory). Bounded in entries and bytes (the oldest go first when full) and swept
+//! keeps exactly that: what the response needs beyond the retransmitted request (its
+//! [`crate::sip::reply::Reply::kept`] part) and Timer J's deadline per transaction key (about
+//! 0.3 KB each, where the whole response cost about 0.6 KB and a whole `ServerTxn` with its key
+//! twice about 1.3 KB; issue #15, registrar memory). Bounded in entries and bytes (the oldest go first when full) and swept
 //! by time, so a flood of large REGISTERs cannot make the registrar hold more than
 //! `limits.registrar_cache(_bytes)`. Pure: time is a parameter.
 
@@ -19,7 +20,7 @@ const SHRINK_FLOOR: usize = 256;
 /// Completed transactions by transaction key, oldest first.
 #[derive(Debug)]
 pub struct Completed {
-    /// The final response of each transaction and its Timer J deadline.
+    /// The kept part of each transaction's final response and its Timer J deadline.
     map: HashMap<Arc<str>, (Box<[u8]>, Instant)>,
     /// Keys in insertion order: Timer J is the same for every UDP transaction, so insertion
     /// order is expiry order.
@@ -43,18 +44,18 @@ impl Completed {
         }
     }
 
-    /// A retransmission of the request of `key`: the final response to send again, or `None`
-    /// when no transaction of that key is Completed at `now` (Timer J has fired at its
-    /// deadline, even if the sweep has not come yet).
-    pub fn retransmission(&mut self, key: &str, now: Instant) -> Option<Vec<u8>> {
+    /// A retransmission of the request of `key`: what was kept of the final response to send
+    /// again, or `None` when no transaction of that key is Completed at `now` (Timer J has
+    /// fired at its deadline, even if the sweep has not come yet).
+    pub fn retransmission(&self, key: &str, now: Instant) -> Option<&[u8]> {
         let (response, until) = self.map.get(key)?;
-        (now < *until).then(|| response.to_vec())
+        (now < *until).then_some(&response[..])
     }
 
-    /// Keeps the final `response` of the transaction `key`, Completed until `until` (its Timer
-    /// J); makes room by dropping the oldest. One larger than the whole byte budget is not
-    /// kept, nor a second one for a key already kept.
-    pub fn insert(&mut self, key: String, response: &[u8], until: Instant) {
+    /// Keeps the final `response` (what of it the table keeps) of the transaction `key`,
+    /// Completed until `until` (its Timer J); makes room by dropping the oldest. One larger
+    /// than the whole byte budget is not kept, nor a second one for a key already kept.
+    pub fn insert(&mut self, key: String, response: Box<[u8]>, until: Instant) {
         let bytes = response.len();
         if bytes > self.max_bytes || self.map.contains_key(key.as_str()) {
             return;
@@ -68,7 +69,7 @@ impl Completed {
         self.bytes += bytes;
         let key: Arc<str> = key.into();
         self.order.push_back(key.clone());
-        self.map.insert(key, (response.into(), until));
+        self.map.insert(key, (response, until));
     }
 
     /// Drops the transactions whose Timer J has fired by `now`.
@@ -134,6 +135,11 @@ mod tests {
     use super::*;
     use crate::transaction::Timers;
 
+    /// `len` bytes of `value`, as the table keeps them.
+    fn bytes(value: u8, len: usize) -> Box<[u8]> {
+        vec![value; len].into()
+    }
+
     /// Timer J of a UDP transaction answered at `now`.
     fn timer_j(now: Instant) -> Instant {
         now + Timers::default().t1_x64()
@@ -143,10 +149,10 @@ mod tests {
     fn a_retransmission_gets_the_same_answer_until_timer_j() {
         let t0 = Instant::now();
         let mut c = Completed::new(10, 1000);
-        c.insert("a".into(), &[1; 10], timer_j(t0));
+        c.insert("a".into(), bytes(1, 10), timer_j(t0));
         let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(c.retransmission("a", at(1_000)), Some(vec![1; 10]));
-        assert_eq!(c.retransmission("a", at(31_999)), Some(vec![1; 10]));
+        assert_eq!(c.retransmission("a", at(1_000)), Some(&[1; 10][..]));
+        assert_eq!(c.retransmission("a", at(31_999)), Some(&[1; 10][..]));
         c.sweep(at(31_999));
         assert_eq!(c.len(), 1, "kept before Timer J");
         assert_eq!(
@@ -166,22 +172,22 @@ mod tests {
         let until = timer_j(t0);
         let mut c = Completed::new(3, 100);
         for i in 0..5 {
-            c.insert(format!("k{i}"), &[0; 10], until);
+            c.insert(format!("k{i}"), bytes(0, 10), until);
         }
         assert_eq!(c.len(), 3, "entry limit");
         assert_eq!(c.retransmission("k0", t0), None, "oldest evicted first");
         assert!(c.retransmission("k4", t0).is_some());
         assert_eq!(c.evicted, 2);
-        c.insert("big".into(), &[0; 95], until);
+        c.insert("big".into(), bytes(0, 95), until);
         assert_eq!(c.bytes(), 95, "byte limit: everything older made room");
         assert!(c.retransmission("big", t0).is_some());
-        c.insert("huge".into(), &[0; 101], until);
+        c.insert("huge".into(), bytes(0, 101), until);
         assert!(
             c.retransmission("huge", t0).is_none(),
             "larger than the budget: not kept"
         );
         // The first transaction of a key is kept; a second changes nothing.
-        c.insert("big".into(), &[1; 5], until);
+        c.insert("big".into(), bytes(1, 5), until);
         assert_eq!(c.retransmission("big", t0).map(|b| b.len()), Some(95));
     }
 
@@ -190,13 +196,13 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Completed::new(20_000, 16 << 20);
         for i in 0..10_000 {
-            c.insert(format!("burst{i}"), &[0; 10], timer_j(t0));
+            c.insert(format!("burst{i}"), bytes(0, 10), timer_j(t0));
         }
         assert!(c.capacity() >= 10_000);
         // The next transactions, a second later, outlive the burst.
         let t1 = t0 + Duration::from_secs(1);
         for i in 0..10 {
-            c.insert(format!("later{i}"), &[0; 10], timer_j(t1));
+            c.insert(format!("later{i}"), bytes(0, 10), timer_j(t1));
         }
         c.sweep(timer_j(t0));
         assert_eq!(c.len(), 10);
@@ -204,7 +210,7 @@ mod tests {
         assert!(c.retransmission("later9", t1).is_some());
         // Under a steady load (more than a quarter of the room in use) nothing is shrunk.
         for i in 0..400 {
-            c.insert(format!("steady{i}"), &[0; 10], timer_j(t1));
+            c.insert(format!("steady{i}"), bytes(0, 10), timer_j(t1));
         }
         let room = c.capacity();
         c.sweep(t1);

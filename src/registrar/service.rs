@@ -6,9 +6,10 @@
 //! race), and the UDP receive loops never wait for the store. A REGISTER without credentials
 //! is challenged on the receive loop when that needs no store read (`challenge_now`). A
 //! full shard queue answers 503 with Retry-After instead of queueing without bound. The
-//! shard keeps each final response while its non-INVITE server transaction is Completed
-//! (Timer J, RFC 3261 §17.2.2: 32 s on UDP; [`Completed`]), so a retransmitted REGISTER gets
-//! the same answer instead of a replayed nonce.
+//! shard keeps each final response (what of it a retransmission cannot give again) while its
+//! non-INVITE server transaction is Completed (Timer J, RFC 3261 §17.2.2: 32 s on UDP;
+//! [`Completed`]), so a retransmitted REGISTER gets the same answer instead of a replayed
+//! nonce.
 
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
@@ -193,8 +194,8 @@ fn aor_key(msg: &Message) -> Arc<str> {
 }
 
 /// A REGISTER that ended: the job, the response to send, and what the table of completed
-/// transactions keeps it under (none for a challenge or over TCP).
-type Ended = (Box<Job>, Vec<u8>, Option<String>);
+/// transactions keeps of it and under which key (none for a challenge or over TCP).
+type Ended = (Box<Job>, Vec<u8>, Option<(String, Box<[u8]>)>);
 
 async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Arc<str>, Box<Job>)>, shards: usize) {
     // Sized once: `limits.registrar_cache*` need a restart.
@@ -225,6 +226,7 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Arc<str>, Box<Job>)>, 
             if let Some(bytes) = key
                 .as_ref()
                 .and_then(|k| sent.retransmission(k, Instant::now()))
+                .and_then(|kept| reply::response_again(&job.msg, job.source.remote, kept))
             {
                 debug!("REGISTER retransmission, resending the response");
                 ctx.transports
@@ -242,8 +244,8 @@ async fn shard(ctx: Arc<Context>, mut rx: mpsc::Receiver<(Arc<str>, Box<Job>)>, 
             Some((aor, ended)) = running.next(), if !running.is_empty() => {
                 match ended {
                     Ok((job, bytes, keep)) => {
-                        if let Some(k) = keep {
-                            sent.insert(k, &bytes, Instant::now() + Timers::default().t1_x64());
+                        if let Some((k, kept)) = keep {
+                            sent.insert(k, kept, Instant::now() + Timers::default().t1_x64());
                         }
                         // The one responder: RFC 3261 §18.2.2, rport, and force_rport for NATed phones.
                         ctx.transports.send(crate::nat::respond(&job.msg, job.source, bytes));
@@ -273,23 +275,27 @@ fn guarded(
 /// One REGISTER's processing (a future its shard polls): [`handle`], and what the table of
 /// completed transactions keeps.
 async fn run(ctx: Arc<Context>, job: Box<Job>, aor: Arc<str>, key: Option<String>) -> Ended {
-    let (status, bytes) = handle(&ctx, &job, &aor, ctx.clock.unix()).await;
+    let (status, response) = handle(&ctx, &job, &aor, ctx.clock.unix()).await;
     // RFC 3261 §17.2.2: over UDP the transaction stays Completed for Timer J and answers
     // retransmissions with its final; over TCP it ends with the response. Challenges are not
     // kept: a retransmission gets a fresh one (one datagram per request either way), and a
     // flood of unauthenticated REGISTERs holds nothing.
-    let keep = key.filter(|_| status != 401 && job.source.proto == Proto::Udp);
-    (job, bytes, keep)
+    // Of the response the table keeps what a retransmission cannot give again (the status
+    // line, the Contact list, Date): the copied headers come from the retransmission itself.
+    let keep = key
+        .filter(|_| status != 401 && job.source.proto == Proto::Udp)
+        .map(|k| (k, response.kept()));
+    (job, response.bytes, keep)
 }
 
 /// Processes one REGISTER for `aor` (its [`aor_key`]) and returns the response: its status
-/// and bytes.
-async fn handle(ctx: &Context, job: &Job, aor: &str, now: u64) -> (u16, Vec<u8>) {
+/// and the response built.
+async fn handle(ctx: &Context, job: &Job, aor: &str, now: u64) -> (u16, reply::Reply) {
     let cfg = ctx.cfg.load();
     let msg = &job.msg;
     let src = job.source.remote;
     let respond = |status: u16, reason: &str, extra: &[(&str, &str)]| {
-        (status, reply::response(msg, src, status, reason, extra))
+        (status, reply::reply(msg, src, status, reason, extra))
     };
     // `addressee` keeps the To view and its URI out of the await points below (they are
     // large, and would make every REGISTER's task larger); `user` borrows the message.

@@ -26,9 +26,80 @@ pub fn response(
     reason: &str,
     extra: &[(&str, &str)],
 ) -> Vec<u8> {
+    reply(req, source, status, reason, extra).bytes
+}
+
+/// A response as [`reply`] built it: the bytes, and where the headers copied from the request
+/// start and end in them.
+#[derive(Debug)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    /// The end of the status line.
+    line: usize,
+    /// The end of the copied headers.
+    copied: usize,
+}
+
+impl Reply {
+    /// What to keep of this response for the retransmissions of its request (RFC 3261
+    /// §17.2.2): the status line and what follows the copied headers — the part that a
+    /// retransmission, being the same request from the same source, cannot give again.
+    /// [`response_again`] rebuilds the whole response from it. For a REGISTER's 200 about
+    /// two fifths of the bytes.
+    pub fn kept(&self) -> Box<[u8]> {
+        let mut kept = Vec::with_capacity(self.line + self.bytes.len() - self.copied);
+        kept.extend_from_slice(&self.bytes[..self.line]);
+        kept.extend_from_slice(&self.bytes[self.copied..]);
+        kept.into()
+    }
+}
+
+/// [`response`], telling where the copied headers are (see [`Reply::kept`]).
+pub fn reply(
+    req: &Message,
+    source: SocketAddr,
+    status: u16,
+    reason: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
     let eol = "\r\n";
     let mut out = Vec::with_capacity(512);
     let _ = write!(Buf(&mut out), "SIP/2.0 {status} {reason}{eol}");
+    let line = out.len();
+    copy_headers(&mut out, req, source, status);
+    let copied = out.len();
+    for (name, value) in extra {
+        let _ = write!(Buf(&mut out), "{name}: {value}{eol}");
+    }
+    let _ = write!(
+        Buf(&mut out),
+        "Server: {PRODUCT}{eol}Content-Length: 0{eol}{eol}"
+    );
+    Reply {
+        bytes: out,
+        line,
+        copied,
+    }
+}
+
+/// The response of which `kept` is [`Reply::kept`], for a retransmission of its request
+/// `req` from `source`: the same bytes as the first time. `None` if `kept` is not such a
+/// thing.
+pub fn response_again(req: &Message, source: SocketAddr, kept: &[u8]) -> Option<Vec<u8>> {
+    let line = kept.windows(2).position(|w| w == b"\r\n")? + 2;
+    // "SIP/2.0 NNN ", as `reply` writes it.
+    let status: u16 = std::str::from_utf8(kept.get(8..11)?).ok()?.parse().ok()?;
+    let mut out = Vec::with_capacity(kept.len() + 384);
+    out.extend_from_slice(&kept[..line]);
+    copy_headers(&mut out, req, source, status);
+    out.extend_from_slice(&kept[line..]);
+    Some(out)
+}
+
+/// The Via headers (the top one with `received`/`rport` for `source`), From, To (with our tag
+/// above 100), Call-ID and CSeq of `req`, in its order.
+fn copy_headers(out: &mut Vec<u8>, req: &Message, source: SocketAddr, status: u16) {
+    let eol = b"\r\n";
     let top = req.top_via().ok();
     let mut first_via = true;
     for h in req.headers() {
@@ -43,14 +114,14 @@ pub fn response(
                     }
                     _ => out.extend_from_slice(req.bytes_at(h.value.clone())),
                 }
-                out.extend_from_slice(eol.as_bytes());
+                out.extend_from_slice(eol);
                 first_via = false;
             }
             HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
                 out.extend_from_slice(req.bytes_at(h.name_span.clone()));
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(req.bytes_at(h.value.clone()));
-                out.extend_from_slice(eol.as_bytes());
+                out.extend_from_slice(eol);
             }
             HeaderName::To => {
                 out.extend_from_slice(b"To: ");
@@ -58,21 +129,13 @@ pub fn response(
                 // RFC 3261 §8.2.6.2: a To-tag on every response but 100.
                 let has_tag = req.to().ok().and_then(|t| t.tag().map(|_| ())).is_some();
                 if status > 100 && !has_tag {
-                    let _ = write!(Buf(&mut out), ";tag={}", local_tag(req));
+                    let _ = write!(Buf(out), ";tag={}", local_tag(req));
                 }
-                out.extend_from_slice(eol.as_bytes());
+                out.extend_from_slice(eol);
             }
             _ => {}
         }
     }
-    for (name, value) in extra {
-        let _ = write!(Buf(&mut out), "{name}: {value}{eol}");
-    }
-    let _ = write!(
-        Buf(&mut out),
-        "Server: {PRODUCT}{eol}Content-Length: 0{eol}{eol}"
-    );
-    out
 }
 
 /// The reason phrase of a status we send ourselves (RFC 3261 §21 and the extensions we
@@ -222,6 +285,42 @@ Call-ID: c1@x\r\n\
 CSeq: 7 OPTIONS\r\n\
 Max-Forwards: 70\r\n\
 \r\n";
+
+    #[test]
+    fn a_kept_response_is_given_again_byte_for_byte() {
+        let m = Message::parse(REQ.as_bytes(), Framing::Datagram).unwrap();
+        let src: SocketAddr = "203.0.113.5:1024".parse().unwrap();
+        let contact = "<sip:alice@10.0.0.2:5062>;expires=3600";
+        let date = "Mon, 07 Dec 2026 19:00:00 GMT";
+        for (status, reason) in [(200, "OK"), (403, "Forbidden"), (100, "Trying")] {
+            let first = reply(
+                &m,
+                src,
+                status,
+                reason,
+                &[("Contact", contact), ("Date", date)],
+            );
+            let kept = first.kept();
+            // Only the status line and what is not in the request.
+            assert!(!kept.windows(4).any(|w| w == b"Via:"));
+            assert!(kept.starts_with(format!("SIP/2.0 {status} {reason}\r\n").as_bytes()));
+            assert!(kept.ends_with(b"Content-Length: 0\r\n\r\n"));
+            assert_eq!(
+                response_again(&m, src, &kept).as_deref(),
+                Some(&first.bytes[..]),
+                "{status}"
+            );
+        }
+        let first = reply(&m, src, 200, "OK", &[("Contact", contact), ("Date", date)]);
+        assert!(
+            first.kept().len() * 2 < first.bytes.len(),
+            "{} of {}",
+            first.kept().len(),
+            first.bytes.len()
+        );
+        assert_eq!(response_again(&m, src, b"garbage"), None);
+        assert_eq!(response_again(&m, src, b"SIP/2.0 2x0 OK\r\n"), None);
+    }
 
     #[test]
     fn copies_headers_and_tags() {
