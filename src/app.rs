@@ -182,6 +182,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
             transports: transports.clone(),
             auth: auth.clone(),
             clock: clock.clone(),
+            store_failures: std::sync::atomic::AtomicU64::new(0),
         }),
         shards,
     );
@@ -229,6 +230,7 @@ pub async fn build(cfg: Arc<Config>, clock: Arc<dyn Clock>) -> Result<App, Start
     transports.register_metrics(&metrics);
     security.register_metrics(&metrics);
     location.register_metrics(&metrics);
+    registrar.register_metrics(&metrics);
     pinger.register_metrics(&metrics);
     trunks.register_metrics(&metrics);
     proxy.register_metrics(&metrics);

@@ -14,6 +14,7 @@
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -56,6 +57,9 @@ pub struct Context {
     pub transports: Arc<Transports>,
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
+    /// REGISTERs answered 500 because the store failed them: a binding not saved (the
+    /// database refused it, or the writer's queue was full) or a subscriber not read.
+    pub store_failures: AtomicU64,
 }
 
 /// The handle the pipeline submits REGISTERs to.
@@ -87,6 +91,16 @@ impl Registrar {
             })
             .collect();
         Self { shards, ctx }
+    }
+
+    /// Registers `registrar_store_failures`.
+    pub fn register_metrics(&self, m: &crate::metrics::Registry) {
+        let c = Arc::downgrade(&self.ctx);
+        m.counter(
+            "registrar_store_failures",
+            "REGISTERs answered 500 because the store failed them (a binding not saved, a subscriber not read).",
+            move || c.upgrade().map_or(0, |c| c.store_failures.load(Relaxed)),
+        );
     }
 
     /// Answers a REGISTER that needs no waiting (a challenge) at once, queues the others;
@@ -318,6 +332,7 @@ async fn handle(ctx: &Context, job: &Job, aor: &str, now: u64) -> (u16, reply::R
             return respond(401, "Unauthorized", &extra);
         }
         Outcome::StoreError => {
+            ctx.store_failures.fetch_add(1, Relaxed);
             return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
         }
         Outcome::Refuse { status, reason } => return respond(status, reason, &[]),
@@ -359,6 +374,7 @@ async fn handle(ctx: &Context, job: &Job, aor: &str, now: u64) -> (u16, reply::R
         } = decision;
         match ctx.location.save(aor, upsert, remove, after).await {
             Err(e) => {
+                ctx.store_failures.fetch_add(1, Relaxed);
                 error!(error = %e, %aor, "saving bindings failed");
                 return respond(500, "Server Internal Error", &[("Retry-After", "5")]);
             }
@@ -394,11 +410,13 @@ mod tests {
     use crate::store::{StoreError, Written};
     use crate::transport::Listeners;
 
-    /// Bindings in memory; saves of `gated` wait for a permit of `gate` (a slow commit).
+    /// Bindings in memory; saves of `gated` wait for a permit of `gate` (a slow commit), saves
+    /// of `failing` fail (a database that refuses).
     #[derive(Debug)]
     struct Gated {
         memory: Location,
         gated: &'static str,
+        failing: &'static str,
         gate: Semaphore,
         saved: Mutex<Vec<String>>,
     }
@@ -421,6 +439,9 @@ mod tests {
                 if aor == self.gated {
                     // invariant: the semaphore is never closed.
                     self.gate.acquire().await.expect("open").forget();
+                }
+                if aor == self.failing {
+                    return Err(StoreError::Db(sqlx::Error::PoolClosed));
                 }
                 self.saved.lock().await.push(aor.to_owned());
                 self.memory.set(aor, after).await;
@@ -478,7 +499,7 @@ mod tests {
 
     /// The registrar's shard does not wait for one AOR's commit before answering another
     /// AOR's REGISTER, and keeps one AOR's REGISTERs in order: the second sees the first's
-    /// binding.
+    /// binding. A save the store refuses is answered 500 and counted.
     #[tokio::test]
     async fn a_slow_commit_holds_its_aor_only() {
         let cfg = Config::from_toml(
@@ -494,7 +515,7 @@ mod tests {
             .await
             .expect("store");
         store.migrate().await.expect("schema");
-        for user in ["alice", "bob"] {
+        for user in ["alice", "bob", "carol"] {
             store
                 .add_subscriber(&Subscriber {
                     username: user.into(),
@@ -528,6 +549,7 @@ mod tests {
         let location = Arc::new(Gated {
             memory: Location::new(),
             gated: "alice@example.com",
+            failing: "carol@example.com",
             gate: Semaphore::new(0),
             saved: Mutex::new(Vec::new()),
         });
@@ -537,7 +559,7 @@ mod tests {
                 .1
                 .clone()
         };
-        let challenges = [challenge(), challenge(), challenge()];
+        let challenges = [challenge(), challenge(), challenge(), challenge()];
         let registrar = Registrar::start(
             Arc::new(Context {
                 cfg: Arc::new(LiveConfig::new(Arc::new(cfg))),
@@ -545,6 +567,7 @@ mod tests {
                 transports: listeners.transports(),
                 auth,
                 clock,
+                store_failures: AtomicU64::new(0),
             }),
             1,
         );
@@ -591,6 +614,16 @@ mod tests {
             *location.saved.lock().await,
             ["bob@example.com", "alice@example.com", "alice@example.com"]
         );
+        let metrics = crate::metrics::Registry::new();
+        registrar.register_metrics(&metrics);
+        assert_eq!(metrics.get("registrar_store_failures"), Some(0));
+        submit(register("carol", "sip:carol@192.0.2.10", 1, &challenges[3]));
+        assert_eq!(
+            answer(&phone).await,
+            Some((500, 1, 0)),
+            "carol's save failed"
+        );
+        assert_eq!(metrics.get("registrar_store_failures"), Some(1));
         let _ = std::fs::remove_file(&path);
     }
 
