@@ -7,7 +7,9 @@
 //! for a verdict per datagram and sends each group of datagrams bound for the same outgoing
 //! socket with one sendmmsg, straight from the receive buffer; then it serves queued requests
 //! and, when the core's next deadline has passed, closes the sessions that timed out. The
-//! epoll timeout is that deadline. No async runtime: at RTP rates a wakeup carries a few
+//! epoll timeout is that deadline. Under dense traffic the thread then sleeps until
+//! `batch_wait` after its wake-up before polling again, so that the next wake-up carries
+//! that interval's packets ([`Pace`]). No async runtime: at RTP rates a wakeup carries a few
 //! packets, and a runtime's own polling (its epoll, the nested one, a yield, timer checks)
 //! cost more per wakeup than the forwarding (measured with `scripts/bench/media.sh`: the same
 //! loop as the harness' C forwarder). Each socket gets at most [`MAX_BATCHES`] batches per
