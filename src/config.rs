@@ -779,8 +779,7 @@ fn default_hold_timeout() -> u64 {
     3600
 }
 fn default_batch_wait_us() -> u64 {
-    // invariant: the default (1 ms) fits in u64 microseconds.
-    u64::try_from(sipedge_relay::DEFAULT_BATCH_WAIT.as_micros()).unwrap_or(1000)
+    sipedge_relay::DEFAULT_BATCH_WAIT_US
 }
 fn default_max_streams() -> usize {
     8

@@ -102,8 +102,11 @@ impl Default for RelayConfig {
     }
 }
 
-/// [`RelayConfig::batch_wait`] unless configured: see `io/pace.rs` and README "Benchmarks".
-pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(1);
+/// [`RelayConfig::batch_wait`] unless configured, in microseconds (`media.batch_wait_us`):
+/// see `io/pace.rs` and README "Benchmarks".
+pub const DEFAULT_BATCH_WAIT_US: u64 = 1000;
+/// [`DEFAULT_BATCH_WAIT_US`] as a duration.
+pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_micros(DEFAULT_BATCH_WAIT_US);
 
 /// Starts the relay: the worker threads (each blocking in its own epoll instance) and the
 /// control thread (a current-thread tokio runtime). Works from inside a tokio runtime and from
