@@ -233,15 +233,15 @@ pub fn hop_for_uri(text: &str) -> Option<Hop> {
 /// - Otherwise (a public phone, or a contact registered by a third party): at the Contact
 ///   URI, resolved like any URI next hop ([`hop_for_uri`]); a Contact we cannot reach that
 ///   way falls back to the address the REGISTER came from.
-fn binding_hop(b: Binding) -> Hop {
-    let at_flow = |b: Binding| {
+fn binding_hop(b: &Binding) -> Hop {
+    let at_flow = |b: &Binding| {
         let contact_addr = SipUri::parse(&b.contact).ok().and_then(|u| u.socket_addr());
         let flow = (contact_addr != Some(b.received)).then_some(Flow {
             proto: b.transport,
             addr: b.received,
         });
         Hop {
-            ruri: Some(b.contact),
+            ruri: Some(b.contact.clone()),
             dest: Dest::Addr(b.received),
             proto: b.transport,
             flow,
@@ -255,7 +255,7 @@ fn binding_hop(b: Binding) -> Hop {
     }
     match hop_for_uri(&b.contact) {
         Some(hop) => Hop {
-            ruri: Some(b.contact),
+            ruri: Some(b.contact.clone()),
             ..hop
         },
         None => at_flow(b),
@@ -706,7 +706,7 @@ impl Core {
         // when that instance is dead (README "Several instances").
         let aor = format!("{user}@{}", uri.host.to_ascii_lowercase());
         let now = self.unix_now();
-        let bindings: Vec<(Binding, Owner)> = self
+        let bindings: Vec<(Arc<Binding>, Owner)> = self
             .location
             .as_ref()
             .map(|l| {
@@ -748,7 +748,7 @@ impl Core {
                             addr: b.received,
                         };
                         return Hop {
-                            ruri: Some(b.contact),
+                            ruri: Some(b.contact.clone()),
                             dest: Dest::Addr(instance),
                             proto: Proto::Udp,
                             flow: None,
@@ -757,7 +757,7 @@ impl Core {
                             owner: Some(binding),
                         };
                     }
-                    binding_hop(b)
+                    binding_hop(&b)
                 })
                 .collect(),
             record_route,
@@ -1037,18 +1037,18 @@ From: <{from}>;tag=1\r\nTo: <sip:nobody@example.com>\r\nCall-ID: n1\r\nCSeq: 1 I
     struct Shared(Location);
 
     impl LocationService for Shared {
-        fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+        fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>> {
             self.0.lookup(aor, now)
         }
-        fn snapshot(&self) -> Vec<Binding> {
+        fn snapshot(&self) -> Vec<Arc<Binding>> {
             self.0.snapshot()
         }
         fn save<'a>(
             &'a self,
             aor: &'a str,
-            upsert: Vec<Binding>,
+            upsert: Vec<Arc<Binding>>,
             remove: Vec<String>,
-            after: Vec<Binding>,
+            after: Vec<Arc<Binding>>,
         ) -> crate::registrar::location::Pending<
             'a,
             Result<crate::store::Written, crate::store::StoreError>,
@@ -1328,12 +1328,12 @@ From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\n
             addr: "203.0.113.4:41000".parse().unwrap(),
         };
         // NATed (Kamailio fix_nated_register): at the source, recorded as `;fe=`.
-        let hop = binding_hop(b("sip:carol@10.0.0.9:5062", true));
+        let hop = binding_hop(&b("sip:carol@10.0.0.9:5062", true));
         assert_eq!(hop.dest, Dest::Addr(flow.addr));
         assert_eq!(hop.flow, Some(flow));
         assert_eq!(hop.ruri.as_deref(), Some("sip:carol@10.0.0.9:5062"));
         // Not NATed (a third party registered it): at the Contact, with its transport; no flow.
-        let hop = binding_hop(b("sip:carol@198.51.100.20:5070;transport=tcp", false));
+        let hop = binding_hop(&b("sip:carol@198.51.100.20:5070;transport=tcp", false));
         assert_eq!(hop.dest, Dest::Addr("198.51.100.20:5070".parse().unwrap()));
         assert_eq!((hop.proto, hop.flow), (Proto::Tcp, None));
         assert_eq!(
@@ -1341,7 +1341,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\n
             Some("sip:carol@198.51.100.20:5070;transport=tcp")
         );
         // A host name is resolved like any next hop.
-        let hop = binding_hop(b("sip:carol@pbx.example.net", false));
+        let hop = binding_hop(&b("sip:carol@pbx.example.net", false));
         assert_eq!(
             hop.dest,
             Dest::Name {
@@ -1350,7 +1350,7 @@ From: <sip:a@example.com>;tag=1\r\nTo: <sip:dora@example.com>\r\nCall-ID: t1\r\n
             }
         );
         // A Contact that is no SIP URI we can reach: the source, as before.
-        let hop = binding_hop(b("tel:+15551230000", false));
+        let hop = binding_hop(&b("tel:+15551230000", false));
         assert_eq!(hop.dest, Dest::Addr(flow.addr));
     }
 

@@ -56,15 +56,15 @@ pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait LocationService: Send + Sync + std::fmt::Debug {
     /// The live bindings of an AOR at `now` (unix seconds), highest q first. Never waits: it
     /// is called on the request path.
-    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding>;
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>>;
 
-    /// A copy of every binding (`show registrations`).
-    fn snapshot(&self) -> Vec<Binding>;
+    /// Every binding (`show registrations`).
+    fn snapshot(&self) -> Vec<Arc<Binding>>;
 
-    /// A copy of the bindings `keep` picks, and of those only (the keepalive walk: a tenth
+    /// The bindings `keep` picks, and those only (the keepalive walk: a tenth
     /// of the NATed bindings every tenth of `nat.ping_interval`; copying all of them each
     /// time was ten allocations per binding, however many were due).
-    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Binding> {
+    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Arc<Binding>> {
         let mut all = self.snapshot();
         all.retain(|b| keep(b));
         all
@@ -76,9 +76,9 @@ pub trait LocationService: Send + Sync + std::fmt::Debug {
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        upsert: Vec<Binding>,
+        upsert: Vec<Arc<Binding>>,
         remove: Vec<String>,
-        after: Vec<Binding>,
+        after: Vec<Arc<Binding>>,
     ) -> Pending<'a, Result<Written, StoreError>>;
 
     /// Removes a binding that stopped answering keepalives, unless a REGISTER refreshed it
@@ -347,24 +347,24 @@ impl WriteThrough {
 }
 
 impl LocationService for WriteThrough {
-    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>> {
         self.memory.lookup(aor, now)
     }
 
-    fn snapshot(&self) -> Vec<Binding> {
+    fn snapshot(&self) -> Vec<Arc<Binding>> {
         self.memory.snapshot()
     }
 
-    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Binding> {
+    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Arc<Binding>> {
         self.memory.select(keep)
     }
 
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        upsert: Vec<Binding>,
+        upsert: Vec<Arc<Binding>>,
         remove: Vec<String>,
-        after: Vec<Binding>,
+        after: Vec<Arc<Binding>>,
     ) -> Pending<'a, Result<Written, StoreError>> {
         Box::pin(async move {
             let written = self.writer.save(aor, upsert, remove).await?;
@@ -383,7 +383,7 @@ impl LocationService for WriteThrough {
                 return Ok(false);
             }
             self.store
-                .save_bindings(&b.aor, &[], std::slice::from_ref(&b.contact))
+                .save_bindings::<Binding>(&b.aor, &[], std::slice::from_ref(&b.contact))
                 .await?;
             Ok(true)
         })
@@ -412,14 +412,25 @@ impl LocationService for WriteThrough {
 }
 
 /// In-memory bindings plus their expiry index.
+///
+/// The bindings are shared (`Arc`): a lookup, the registrar's decision and the write to the
+/// store hold the same ones, so a REGISTER copies none (issue #15). The index has one entry
+/// per address-of-record, its earliest deadline, instead of one per binding keyed by two
+/// copied strings.
 #[derive(Debug, Default)]
 pub struct Location {
-    by_aor: DashMap<String, Vec<Binding>>,
-    /// (expires, aor, contact); entries may be stale (a refreshed binding leaves its old
-    /// deadline here), which the purge checks against the live binding.
-    expiry: tokio::sync::Mutex<BTreeSet<(u64, String, String)>>,
+    by_aor: DashMap<String, Vec<Arc<Binding>>>,
+    /// (deadline, aor): every AOR in `by_aor` has an entry at or before its earliest
+    /// deadline. Entries may be early (a binding removed since, a refresh racing the purge):
+    /// the purge finds nothing expired there and files the AOR again at its real deadline.
+    expiry: tokio::sync::Mutex<BTreeSet<(u64, String)>>,
     /// Wakes the purge task when a deadline earlier than the one it sleeps on appears.
     changed: Arc<tokio::sync::Notify>,
+}
+
+/// The earliest deadline of a set of bindings.
+fn earliest(bindings: &[Arc<Binding>]) -> Option<u64> {
+    bindings.iter().map(|b| b.expires).min()
 }
 
 impl Location {
@@ -428,7 +439,7 @@ impl Location {
     }
 
     /// The live bindings of an AOR at `now`, highest q first.
-    pub fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+    pub fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>> {
         let Some(list) = self.by_aor.get(aor) else {
             return Vec::new();
         };
@@ -440,15 +451,14 @@ impl Location {
         v
     }
 
-    /// Replaces the bindings of one AOR (after the store accepted the change).
-    pub async fn set(&self, aor: &str, bindings: Vec<Binding>) {
-        let deadlines: Vec<(u64, String, String)> = bindings
-            .iter()
-            .map(|b| (b.expires, b.aor.clone(), b.contact.clone()))
-            .collect();
-        // The old bindings are moved out, not copied: their strings become the index keys
-        // to remove. Memory goes first; the purge checks each deadline it finds against the
-        // binding in memory, so an index a moment behind purges nothing live.
+    /// Replaces the bindings of one AOR (after the store accepted the change). Takes owned
+    /// bindings (read from the store) or shared ones (the registrar's).
+    pub async fn set<B: Into<Arc<Binding>>>(&self, aor: &str, bindings: Vec<B>) {
+        // An `Arc` into an `Arc` reuses the vector in place.
+        let bindings: Vec<Arc<Binding>> = bindings.into_iter().map(Into::into).collect();
+        let deadline = earliest(&bindings);
+        // Memory goes first; the purge checks each deadline it finds against the bindings in
+        // memory, so an index a moment behind purges nothing live.
         let old = if bindings.is_empty() {
             self.by_aor.remove(aor).map(|(_, v)| v).unwrap_or_default()
         } else {
@@ -460,17 +470,26 @@ impl Location {
                 }
             }
         };
+        let before = earliest(&old);
+        drop(old);
+        if before == deadline {
+            return;
+        }
         let wake = {
             let mut idx = self.expiry.lock().await;
-            let first_before = idx.first().map(|(t, _, _)| *t);
-            for b in old {
-                idx.remove(&(b.expires, b.aor, b.contact));
-            }
-            for d in deadlines {
-                idx.insert(d);
+            let first_before = idx.first().map(|(t, _)| *t);
+            // The old entry's key string is reused for the new one.
+            let key = match before {
+                Some(t) => idx
+                    .take(&(t, aor.to_owned()))
+                    .map_or_else(|| aor.to_owned(), |(_, k)| k),
+                None => aor.to_owned(),
+            };
+            if let Some(t) = deadline {
+                idx.insert((t, key));
             }
             // The purge task only needs waking when the earliest deadline moved earlier.
-            let first_after = idx.first().map(|(t, _, _)| *t);
+            let first_after = idx.first().map(|(t, _)| *t);
             matches!((first_before, first_after), (None, Some(_)))
                 || matches!((first_before, first_after), (Some(b), Some(a)) if a < b)
         };
@@ -503,7 +522,7 @@ impl Location {
             .filter(|aor| !by.contains_key(aor))
             .collect();
         for aor in gone {
-            self.set(&aor, Vec::new()).await;
+            self.set(&aor, Vec::<Binding>::new()).await;
         }
         for (aor, v) in by {
             self.set(&aor, v).await;
@@ -512,12 +531,12 @@ impl Location {
 
     /// The earliest deadline in the index.
     pub async fn next_deadline(&self) -> Option<u64> {
-        self.expiry.lock().await.first().map(|(t, _, _)| *t)
+        self.expiry.lock().await.first().map(|(t, _)| *t)
     }
 
     /// Removes every binding whose deadline is at or before `now` from memory and returns
     /// them (for logging and for the store).
-    pub async fn purge(&self, now: u64) -> Vec<Binding> {
+    pub async fn purge(&self, now: u64) -> Vec<Arc<Binding>> {
         let mut due = Vec::new();
         {
             let mut idx = self.expiry.lock().await;
@@ -531,33 +550,44 @@ impl Location {
             }
         }
         let mut expired = Vec::new();
-        for (t, aor, contact) in due {
+        let mut again = Vec::new();
+        for (_, aor) in due {
             let mut now_empty = false;
             if let Some(mut list) = self.by_aor.get_mut(&aor) {
-                // Only if the live binding still has this deadline (not refreshed since).
-                if let Some(pos) = list
-                    .iter()
-                    .position(|b| b.contact == contact && b.expires == t)
-                {
-                    expired.push(list.remove(pos));
+                // Only what is due now: a binding refreshed since stays.
+                let mut i = 0;
+                while i < list.len() {
+                    if list[i].expires <= now {
+                        expired.push(list.remove(i));
+                    } else {
+                        i += 1;
+                    }
                 }
                 now_empty = list.is_empty();
+                if let Some(t) = earliest(&list) {
+                    again.push((t, aor.clone()));
+                }
             }
             if now_empty {
                 self.by_aor.remove_if(&aor, |_, v| v.is_empty());
             }
         }
+        if !again.is_empty() {
+            // Filed again at their next deadline (a `set` since has filed its own: the same
+            // entry, or a later one beside an early one, which the next purge drops).
+            let mut idx = self.expiry.lock().await;
+            idx.extend(again);
+        }
         expired
     }
 
-    /// A copy of every binding (for the keepalive pinger, which walks them all once per
-    /// interval).
-    pub fn snapshot(&self) -> Vec<Binding> {
+    /// Every binding (`show registrations`; the keepalive pinger uses [`Self::select`]).
+    pub fn snapshot(&self) -> Vec<Arc<Binding>> {
         self.by_aor.iter().flat_map(|e| e.value().clone()).collect()
     }
 
-    /// A copy of the bindings `keep` picks.
-    pub fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Binding> {
+    /// The bindings `keep` picks.
+    pub fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Arc<Binding>> {
         let mut out = Vec::new();
         for e in self.by_aor.iter() {
             out.extend(e.value().iter().filter(|b| keep(b)).cloned());
@@ -600,24 +630,24 @@ impl Location {
 
 /// Memory only (usrloc's `db_mode = 0`): for tests, and for a server that keeps nothing.
 impl LocationService for Location {
-    fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+    fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>> {
         Self::lookup(self, aor, now)
     }
 
-    fn snapshot(&self) -> Vec<Binding> {
+    fn snapshot(&self) -> Vec<Arc<Binding>> {
         Self::snapshot(self)
     }
 
-    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Binding> {
+    fn select(&self, keep: &dyn Fn(&Binding) -> bool) -> Vec<Arc<Binding>> {
         Self::select(self, keep)
     }
 
     fn save<'a>(
         &'a self,
         aor: &'a str,
-        upsert: Vec<Binding>,
+        upsert: Vec<Arc<Binding>>,
         remove: Vec<String>,
-        after: Vec<Binding>,
+        after: Vec<Arc<Binding>>,
     ) -> Pending<'a, Result<Written, StoreError>> {
         Box::pin(async move {
             self.set(aor, after).await;
@@ -679,7 +709,7 @@ pub(crate) mod tests {
         let mut kept: Vec<String> = loc
             .select(&|b: &Binding| b.expires > 60)
             .into_iter()
-            .map(|b| b.contact)
+            .map(|b| b.contact.clone())
             .collect();
         kept.sort();
         assert_eq!(kept, ["sip:1@h", "sip:3@h"]);
@@ -687,6 +717,61 @@ pub(crate) mod tests {
         let via_trait = LocationService::select(&loc, &|b: &Binding| b.aor == "a@x");
         assert_eq!(via_trait.len(), 2);
         assert_eq!(loc.snapshot().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn one_deadline_per_aor_and_each_binding_purged_at_its_own() {
+        let loc = Location::new();
+        let a = |c: &str, t: u64| binding("a@x", c, t, 1000);
+        loc.set(
+            "a@x",
+            vec![a("sip:1@h", 100), a("sip:2@h", 200), a("sip:3@h", 300)],
+        )
+        .await;
+        loc.set("b@x", vec![binding("b@x", "sip:4@h", 150, 1000)])
+            .await;
+        assert_eq!(loc.expiry.lock().await.len(), 2, "one entry per AOR");
+        assert_eq!(loc.next_deadline().await, Some(100));
+        // A refresh moves the AOR's entry; it adds none.
+        loc.set(
+            "a@x",
+            vec![a("sip:1@h", 400), a("sip:2@h", 200), a("sip:3@h", 300)],
+        )
+        .await;
+        assert_eq!(loc.expiry.lock().await.len(), 2);
+        assert_eq!(loc.next_deadline().await, Some(150));
+        // A removal by the keepalives leaves an early entry, which purges nothing.
+        assert!(loc.remove_if_unchanged("b@x", "sip:4@h", 0));
+        assert!(loc.purge(150).await.is_empty());
+        assert_eq!(loc.expiry.lock().await.len(), 1);
+        // Each binding goes at its own deadline; the AOR is filed again at the next one.
+        let contacts =
+            |v: Vec<Arc<Binding>>| -> Vec<String> { v.iter().map(|b| b.contact.clone()).collect() };
+        assert_eq!(contacts(loc.purge(200).await), ["sip:2@h"]);
+        assert_eq!(loc.next_deadline().await, Some(300));
+        assert_eq!(contacts(loc.purge(399).await), ["sip:3@h"]);
+        assert_eq!(loc.next_deadline().await, Some(400));
+        assert_eq!(loc.binding_count(), 1);
+        assert_eq!(contacts(loc.purge(400).await), ["sip:1@h"]);
+        assert_eq!((loc.aor_count(), loc.next_deadline().await), (0, None));
+    }
+
+    /// A saved binding is the one a lookup returns, not a copy of it.
+    #[tokio::test]
+    async fn saved_bindings_are_shared_not_copied() {
+        let loc = Location::new();
+        let b = Arc::new(binding("a@x", "sip:1@h", 100, 1000));
+        let (written, _) = LocationService::save(
+            &loc,
+            "a@x",
+            vec![Arc::clone(&b)],
+            Vec::new(),
+            vec![Arc::clone(&b)],
+        )
+        .await
+        .expect("memory only");
+        let found = loc.lookup("a@x", 50);
+        assert!(Arc::ptr_eq(&found[0], &b) && Arc::ptr_eq(&written[0], &b));
     }
 
     #[tokio::test]

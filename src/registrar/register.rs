@@ -3,6 +3,7 @@
 //! write and remove, or the rejection, out.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use super::location::Binding;
 use crate::config::RegistrarConfig;
@@ -26,15 +27,17 @@ fn reject(status: u16, reason: &'static str) -> Rejection {
     }
 }
 
-/// What the registrar will do.
+/// What the registrar will do. A binding is shared (`Arc`) between `upsert`, `after` and the
+/// location service's memory: a refresh copies no binding (issue #15: the copies were about
+/// a dozen allocations per REGISTER).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     /// Bindings to insert or refresh in the store.
-    pub upsert: Vec<Binding>,
+    pub upsert: Vec<Arc<Binding>>,
     /// Contact URIs to delete from the store.
     pub remove: Vec<String>,
     /// The bindings of the AOR once the change is applied (for the 200 and the memory map).
-    pub after: Vec<Binding>,
+    pub after: Vec<Arc<Binding>>,
 }
 
 impl Decision {
@@ -59,10 +62,10 @@ pub fn decide(
     cfg: &RegistrarConfig,
     req: &Message,
     origin: Origin<'_>,
-    current: Vec<Binding>,
+    current: Vec<Arc<Binding>>,
 ) -> Result<Decision, Rejection> {
     let now = origin.now;
-    let live = |b: &Binding| b.expires > now;
+    let live = |b: &Arc<Binding>| b.expires > now;
     let contacts = req
         .contacts()
         .map_err(|_| reject(400, "Malformed Contact header"))?;
@@ -110,7 +113,7 @@ pub fn decide(
         }
         return Ok(Decision {
             upsert: Vec::new(),
-            remove: current.into_iter().map(|b| b.contact).collect(),
+            remove: current.iter().map(|b| b.contact.clone()).collect(),
             after: Vec::new(),
         });
     }
@@ -185,13 +188,13 @@ pub fn decide(
             let mut i = 0;
             while i < after.len() {
                 if after[i].instance_urn == instance_urn && after[i].contact != addr.uri {
-                    remove.push(after.remove(i).contact);
+                    remove.push(after.remove(i).contact.clone());
                 } else {
                     i += 1;
                 }
             }
         }
-        let binding = Binding {
+        let binding = Arc::new(Binding {
             aor: origin.aor.to_owned(),
             contact: addr.uri.to_owned(),
             received: origin.source.remote,
@@ -207,12 +210,12 @@ pub fn decide(
             path: path.clone(),
             instance_urn,
             updated: now,
-        };
+        });
         match after.iter_mut().find(|b| b.contact == binding.contact) {
-            Some(old) => *old = binding.clone(),
-            None => after.push(binding.clone()),
+            Some(old) => *old = Arc::clone(&binding),
+            None => after.push(Arc::clone(&binding)),
         }
-        upsert.retain(|b: &Binding| b.contact != binding.contact);
+        upsert.retain(|b: &Arc<Binding>| b.contact != binding.contact);
         upsert.push(binding);
     }
     if after.len() > cfg.max_contacts {
@@ -248,7 +251,7 @@ fn parse_q(v: &str) -> Option<u16> {
 }
 
 /// The Contact header values of a 200 OK: every binding with its remaining seconds.
-pub fn contact_headers(bindings: &[Binding], now: u64) -> Vec<(&'static str, String)> {
+pub fn contact_headers(bindings: &[Arc<Binding>], now: u64) -> Vec<(&'static str, String)> {
     bindings
         .iter()
         .map(|b| {
@@ -308,7 +311,7 @@ CSeq: {cseq} REGISTER\r\n{headers}Content-Length: 0\r\n\r\n"
     }
 
     fn apply(
-        current: &[Binding],
+        current: &[Arc<Binding>],
         cseq: u32,
         headers: &str,
         now: u64,

@@ -422,18 +422,18 @@ mod tests {
     }
 
     impl LocationService for Gated {
-        fn lookup(&self, aor: &str, now: u64) -> Vec<Binding> {
+        fn lookup(&self, aor: &str, now: u64) -> Vec<Arc<Binding>> {
             self.memory.lookup(aor, now)
         }
-        fn snapshot(&self) -> Vec<Binding> {
+        fn snapshot(&self) -> Vec<Arc<Binding>> {
             self.memory.snapshot()
         }
         fn save<'a>(
             &'a self,
             aor: &'a str,
-            upsert: Vec<Binding>,
+            upsert: Vec<Arc<Binding>>,
             remove: Vec<String>,
-            after: Vec<Binding>,
+            after: Vec<Arc<Binding>>,
         ) -> Pending<'a, Result<Written, StoreError>> {
             Box::pin(async move {
                 if aor == self.gated {

@@ -1,6 +1,6 @@
 //! The `location` table: the registrar's bindings, written through on every change.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 
@@ -187,16 +187,16 @@ impl Store {
     /// Writes the new state of one address-of-record in a transaction: `upsert` are inserted
     /// or replaced, `remove` (contact URIs) deleted. On PostgreSQL the other instances are
     /// notified in the same transaction ([`super::LOCATION_CHANNEL`]).
-    pub async fn save_bindings(
+    pub async fn save_bindings<B: Borrow<Binding>>(
         &self,
         aor: &str,
-        upsert: &[Binding],
+        upsert: &[B],
         remove: &[String],
     ) -> Result<(), StoreError> {
         // The common case, one contact refreshed: a single autocommit statement (a transaction
         // would cost three more round trips to the database thread).
         if let ([b], [], false) = (upsert, remove, self.is_postgres()) {
-            self.upsert_binding(b).execute(&self.pool).await?;
+            self.upsert_binding(b.borrow()).execute(&self.pool).await?;
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
@@ -208,7 +208,7 @@ impl Store {
                 .await?;
         }
         for b in upsert {
-            self.upsert_binding(b).execute(&mut *tx).await?;
+            self.upsert_binding(b.borrow()).execute(&mut *tx).await?;
         }
         if self.is_postgres() {
             sqlx::query("SELECT pg_notify($1, $2)")
@@ -236,7 +236,7 @@ impl Store {
         let bound = |sql| {
             changes
                 .iter()
-                .flat_map(|c| c.upsert.iter())
+                .flat_map(|c| c.upsert.iter().map(|b| &**b))
                 .fold(sqlx::query(sql), bind)
         };
         if !removes && !self.is_postgres() {

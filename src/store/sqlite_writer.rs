@@ -280,7 +280,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let b = binding(i);
                 let aor = b.aor.clone();
-                w.save(&aor, vec![b], Vec::new()).await.map(|_| ())
+                w.save(&aor, vec![std::sync::Arc::new(b)], Vec::new())
+                    .await
+                    .map(|_| ())
             }));
         }
         for t in tasks {

@@ -18,6 +18,8 @@
 //! batch), so the order of a batch's statements cannot reorder one AOR's history. When a
 //! batch fails, its changes are retried one by one, so one bad change fails alone.
 
+use std::sync::Arc;
+
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -35,13 +37,15 @@ pub(super) const MAX_CHANGES: usize = 64;
 const MAX_ROWS: usize = 256;
 
 /// What a change wrote: its upserted bindings and removed contacts, handed back to the caller
-/// once durable (for its log lines) instead of copied on the way in.
-pub type Written = (Vec<Binding>, Vec<String>);
+/// once durable (for its log lines) instead of copied on the way in. The bindings are shared
+/// with the memory side (the same `Arc`s the location service keeps): nothing is copied to be
+/// written.
+pub type Written = (Vec<Arc<Binding>>, Vec<String>);
 
 /// One address-of-record's new state, and who waits for it.
 pub(super) struct Change {
     pub(super) aor: String,
-    pub(super) upsert: Vec<Binding>,
+    pub(super) upsert: Vec<Arc<Binding>>,
     pub(super) remove: Vec<String>,
     done: oneshot::Sender<Result<Written, StoreError>>,
 }
@@ -92,7 +96,7 @@ impl BindingWriter {
     pub async fn save(
         &self,
         aor: &str,
-        upsert: Vec<Binding>,
+        upsert: Vec<Arc<Binding>>,
         remove: Vec<String>,
     ) -> Result<Written, StoreError> {
         self.submit(aor, upsert, remove)?.await
@@ -103,7 +107,7 @@ impl BindingWriter {
     fn submit(
         &self,
         aor: &str,
-        upsert: Vec<Binding>,
+        upsert: Vec<Arc<Binding>>,
         remove: Vec<String>,
     ) -> Result<impl Future<Output = Result<Written, StoreError>> + use<>, StoreError> {
         let (done, wait) = oneshot::channel();
@@ -296,7 +300,9 @@ pub(super) mod tests {
                     binding(&aor, &format!("sip:a@10.0.0.{}", i % 250), 1),
                     binding(&aor, "sip:b@10.0.0.1", 1),
                 ];
-                w.save(&aor, two.to_vec(), Vec::new()).await.map(|_| ())
+                w.save(&aor, two.map(Arc::new).to_vec(), Vec::new())
+                    .await
+                    .map(|_| ())
             }));
         }
         for t in tasks {
@@ -315,9 +321,9 @@ pub(super) mod tests {
             let b = last(n);
             let old = binding(aor, "sip:old@10.0.0.9", n);
             let (upsert, remove) = if n % 2 == 0 {
-                (vec![b], vec!["sip:old@10.0.0.9".to_owned()])
+                (vec![Arc::new(b)], vec!["sip:old@10.0.0.9".to_owned()])
             } else {
-                (vec![b, old], Vec::new())
+                (vec![Arc::new(b), Arc::new(old)], Vec::new())
             };
             waits.push(writer.submit(aor, upsert, remove).expect("queued"));
         }

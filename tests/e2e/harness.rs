@@ -182,8 +182,9 @@ impl TestServer {
             .location
             .lookup(aor, 0)
             .into_iter()
-            .map(|b| b.contact)
+            .map(|b| b.contact.clone())
             .collect();
+        let bindings: Vec<std::sync::Arc<_>> = bindings.into_iter().map(Into::into).collect();
         self.location
             .save(aor, bindings.clone(), old, bindings)
             .await
