@@ -691,12 +691,12 @@ impl Proxy {
         if msg.method() == Some("BYE") {
             self.acc.bye(&msg);
         }
-        let mut kept = Plan {
-            targets: Vec::new(),
-            ..plan.clone()
-        };
-        let mut dests = Vec::new();
-        for (hop, attempts) in plan.targets.iter().zip(resolved) {
+        // The plan is moved, not copied: its hops with no place left are dropped.
+        let mut kept = plan;
+        let targets = std::mem::take(&mut kept.targets);
+        kept.targets.reserve_exact(targets.len());
+        let mut dests = Vec::with_capacity(targets.len());
+        for (hop, attempts) in targets.into_iter().zip(resolved) {
             // RFC 5922 §4: a TLS hop's certificate must name the host we resolved (the
             // domain, not an SRV target).
             for a in attempts.iter().filter(|a| a.hop.proto == Proto::Tls) {
@@ -705,7 +705,7 @@ impl Proxy {
                 }
             }
             if !attempts.is_empty() {
-                kept.targets.push(hop.clone());
+                kept.targets.push(hop);
                 dests.push(attempts);
             }
         }
