@@ -73,7 +73,7 @@
 #   ACCEPT_RATE=auto|0|N (0 = skip the acceptance check; auto = sipedge's maximum)
 #   ACCEPT_DUR=20 ACCEPT_WAIT=45 ACCEPT_LOG=info
 #   QUIET_TIMEOUT=10 (s to wait for an idle machine before a step) SEARCH_TIMEOUT=240 (hard
-#   wall-clock limit per search) SIPEDGE_WORKERS=0 (0 = one per core) KAM_CHILDREN=4
+#   wall-clock limit per search) SIPEDGE_WORKERS=0 (0 = half the cores, at least one) KAM_CHILDREN=4
 #   RUNDIR=/tmp/sipbench REFBENCH_SRC=<repo>/../shared/bench SKIP_BUILD=1 (use the binary
 #   already built) SIPEDGE_REV= (empty: the working tree; HEAD|<commit>: that commit, exported
 #   with `git archive` to $SIPEDGE_BUILD_DIR (default /tmp/sipedge-bench-build) and built there

@@ -33,7 +33,7 @@
 # Knobs (env): START_RATE=1000 PROBE_DUR=4 CONFIRM_DUR=20 BUDGET=45 (s of probes per search)
 #   COMMON_RATE=auto|0|N (0 = skip) COMMON_DUR=20 ROUNDS=1 QUIET_TIMEOUT=15 (s to wait for an
 #   idle machine before a step) SEARCH_TIMEOUT=420 (hard wall-clock limit per bench.py call)
-#   SIPEDGE_WORKERS=0 (0 = one per core) KAM_CHILDREN=4 RUNDIR=/tmp/sipbench
+#   SIPEDGE_WORKERS=0 (0 = half the cores, at least one) KAM_CHILDREN=4 RUNDIR=/tmp/sipbench
 #   REFBENCH_SRC=<repo>/../shared/bench SKIP_BUILD=1 (use the binary already built)
 #   SIPEDGE_REV= (empty: build and measure the working tree, `cargo build --release` in the repo)
 #   SIPEDGE_REV=HEAD|<commit>: measure that commit instead, exported with `git archive` to

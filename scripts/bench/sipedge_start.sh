@@ -21,7 +21,7 @@
 #   SIPEDGE_CONTROL=127.0.0.1:8060 (control endpoint: `sipedge show`, /api/stats, /metrics)
 #   SIPEDGE_NOFILE=65536 (ulimit -n for sipedge: the relay holds 4 sockets per relayed call)
 #   RUNDIR=/tmp/sipbench  SIPEDGE_RUNDIR=$RUNDIR/sipedge  SIPEDGE_PIDFILE=$SIPEDGE_RUNDIR/sipedge.pid
-#   SIPEDGE_BIN=<repo>/target/release/sipedge  SIPEDGE_WORKERS=0 (0 = one per core)
+#   SIPEDGE_BIN=<repo>/target/release/sipedge  SIPEDGE_WORKERS=0 (0 = half the cores, at least one)
 #   SIPEDGE_LOG=warn (RUST_LOG of the server; info logs e.g. the transaction counts at shutdown)
 #
 # Run by hand:  scripts/bench/sipedge_start.sh && scripts/bench/sipedge_stop.sh

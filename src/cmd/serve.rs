@@ -38,10 +38,10 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
         Ok(_) => {}
         Err(error) => warn!(%error, "cannot raise the open-file limit"),
     }
-    let threads = match cfg.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = cfg
+        .server
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    info!(threads, "SIP worker threads (server.workers)");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
