@@ -552,24 +552,24 @@ impl Location {
         let mut expired = Vec::new();
         let mut again = Vec::new();
         for (_, aor) in due {
-            let mut now_empty = false;
-            if let Some(mut list) = self.by_aor.get_mut(&aor) {
-                // Only what is due now: a binding refreshed since stays.
-                let mut i = 0;
-                while i < list.len() {
-                    if list[i].expires <= now {
-                        expired.push(list.remove(i));
-                    } else {
-                        i += 1;
-                    }
+            let Some(mut list) = self.by_aor.get_mut(&aor) else {
+                continue;
+            };
+            // Only what is due now: a binding refreshed since stays.
+            list.retain(|b| {
+                let due = b.expires <= now;
+                if due {
+                    expired.push(Arc::clone(b));
                 }
-                now_empty = list.is_empty();
-                if let Some(t) = earliest(&list) {
-                    again.push((t, aor.clone()));
+                !due
+            });
+            let next = earliest(&list);
+            drop(list);
+            match next {
+                Some(t) => again.push((t, aor)),
+                None => {
+                    self.by_aor.remove_if(&aor, |_, v| v.is_empty());
                 }
-            }
-            if now_empty {
-                self.by_aor.remove_if(&aor, |_, v| v.is_empty());
             }
         }
         if !again.is_empty() {
