@@ -19,8 +19,10 @@
 //! - `io::sys`: recvmmsg/sendmmsg and their per-packet fallback; the only `unsafe` code.
 //! - `io::worker`: one OS thread per worker, blocking in its own epoll (no runtime); moves bytes
 //!   between its sockets and its `forward::Relay`.
-//! - `io::control`: the control thread: owns the port pool, binds sockets, assigns sessions to
-//!   workers, and turns worker reports into [`Closed`] events.
+//! - `io::control`: starting the relay; the shared pool and worker senders the handles use
+//!   (a handle binds a new session's sockets itself and hands them to the least loaded worker;
+//!   every request goes to the session's worker, which answers it); the control thread (counts,
+//!   shutdown, timeouts turned into [`Closed`] events).
 //!
 //! Pure modules take `now` as a parameter and never touch a socket; the I/O modules read
 //! `tokio::time::Instant::now()`.
@@ -292,7 +294,7 @@ pub enum RelayError {
 }
 
 /// A new session with one side's SDP already set: [`RelayHandle::allocate`] then
-/// [`RelayHandle::update`] in one control message ([`RelayHandle::open`]).
+/// [`RelayHandle::update`] in one request to the worker ([`RelayHandle::open`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Open {
     /// The label of the session (the Call-ID), as in [`RelayHandle::allocate`].
@@ -313,47 +315,32 @@ pub struct Open {
 /// Requests from the handle to the control thread.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Allocate {
-        label: String,
-        streams: usize,
-        reply: oneshot::Sender<Result<Allocation, RelayError>>,
-    },
-    Update {
-        id: SessionId,
-        side: Side,
-        streams: Vec<Option<Endpoint>>,
-        sources: Vec<IpAddr>,
-        answered: bool,
-        reply: oneshot::Sender<Result<(), RelayError>>,
-    },
-    Open {
-        open: Open,
-        reply: oneshot::Sender<Result<Allocation, RelayError>>,
-    },
-    Delete {
-        id: SessionId,
-        reply: oneshot::Sender<Result<SessionStats, RelayError>>,
-    },
-    Query {
-        id: SessionId,
-        reply: oneshot::Sender<Result<SessionStats, RelayError>>,
-    },
-    Counts {
-        reply: oneshot::Sender<Counts>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<Vec<Closed>>,
-    },
+    Counts { reply: oneshot::Sender<Counts> },
+    Shutdown { reply: oneshot::Sender<Vec<Closed>> },
 }
 
-/// The SIP core's handle on the relay. Cheap to clone; every call is a message to the control
-/// thread and its answer.
+/// The SIP core's handle on the relay. Cheap to clone. A new session's sockets are bound by
+/// the calling thread and handed to a worker; everything else about a session is a message to
+/// its worker. Either way the worker answers: one hand-over each way per request.
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     pub(crate) tx: mpsc::UnboundedSender<Command>,
+    pub(crate) shared: std::sync::Arc<io::control::Shared>,
 }
 
 impl RelayHandle {
+    /// A request to the worker that owns session `id`, and its answer.
+    async fn ask<T>(
+        &self,
+        id: SessionId,
+        make: impl FnOnce(oneshot::Sender<T>) -> io::worker::WorkerCmd,
+    ) -> Result<T, RelayError> {
+        let (reply, rx) = oneshot::channel();
+        let w = self.shared.of(id).ok_or(RelayError::Stopped)?;
+        w.send(make(reply)).map_err(|_| RelayError::Stopped)?;
+        rx.await.map_err(|_| RelayError::Stopped)
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -365,12 +352,8 @@ impl RelayHandle {
 
     /// Reserves and binds one caller-facing and one callee-facing port pair per stream.
     pub async fn allocate(&self, label: String, streams: usize) -> Result<Allocation, RelayError> {
-        self.call(|reply| Command::Allocate {
-            label,
-            streams,
-            reply,
-        })
-        .await?
+        let answer = self.shared.allocate(label, streams, None)?;
+        answer.await.map_err(|_| RelayError::Stopped)?
     }
 
     /// Sets `side`'s SDP endpoints (one per m= line, `None` = port 0) and opens its re-latch
@@ -387,7 +370,7 @@ impl RelayHandle {
         sources: Vec<IpAddr>,
         answered: bool,
     ) -> Result<(), RelayError> {
-        self.call(|reply| Command::Update {
+        self.ask(id, |reply| io::worker::WorkerCmd::Update {
             id,
             side,
             streams,
@@ -398,21 +381,37 @@ impl RelayHandle {
         .await?
     }
 
-    /// Allocates a session and sets one side's SDP in a single control round trip (the
+    /// Allocates a session and sets one side's SDP in a single round trip to a worker (the
     /// first SDP of a call branch); closes `open.replace` first when given. On an error no
     /// new session exists (the replaced one is closed all the same).
     pub async fn open(&self, open: Open) -> Result<Allocation, RelayError> {
-        self.call(|reply| Command::Open { open, reply }).await?
+        if let Some(old) = open.replace {
+            // Gone already (a timeout) is fine: its worker freed the ports.
+            let _ = self.delete(old).await;
+        }
+        let streams = open.streams.len();
+        let first = io::worker::FirstSdp {
+            side: open.side,
+            streams: open.streams,
+            sources: open.sources,
+            answered: open.answered,
+        };
+        let answer = self.shared.allocate(open.label, streams, Some(first))?;
+        answer.await.map_err(|_| RelayError::Stopped)?
     }
 
     /// Closes a session and frees its ports (its sockets are closed when this returns).
     pub async fn delete(&self, id: SessionId) -> Result<SessionStats, RelayError> {
-        self.call(|reply| Command::Delete { id, reply }).await?
+        self.ask(id, |reply| io::worker::WorkerCmd::Remove { id, reply })
+            .await?
+            .ok_or(RelayError::NoSuchSession)
     }
 
     /// A snapshot of a session's stats.
     pub async fn query(&self, id: SessionId) -> Result<SessionStats, RelayError> {
-        self.call(|reply| Command::Query { id, reply }).await?
+        self.ask(id, |reply| io::worker::WorkerCmd::Query { id, reply })
+            .await?
+            .ok_or(RelayError::NoSuchSession)
     }
 
     /// Sessions and ports in use; zeros once the relay has stopped.

@@ -846,3 +846,50 @@ async fn open_allocates_with_the_first_sdp_and_replaces() {
 fn in_use(c: Counts) -> (usize, usize) {
     (c.sessions, c.ports_in_use)
 }
+
+/// Requests about a session go to its worker (named by the id): with two workers, every
+/// session of a batch is updated, queried and deleted, and an id nobody allocated is unknown
+/// to whichever worker it names.
+#[tokio::test]
+async fn every_request_reaches_the_worker_that_owns_the_session() {
+    let (relay, _events) = start(config(23300, 23399)).unwrap();
+    let peer = socket().await;
+    let ep = endpoint(peer.local_addr().unwrap(), relay_addr(9));
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(relay.allocate(format!("s{i}"), 1).await.unwrap().id);
+    }
+    assert_eq!(in_use(relay.counts().await), (6, 24));
+    for &id in &ids {
+        relay
+            .update(id, Side::Caller, vec![Some(ep)], vec![LOCALHOST], true)
+            .await
+            .unwrap();
+        relay.query(id).await.unwrap();
+    }
+    for &id in &ids {
+        relay.delete(id).await.unwrap();
+        assert!(matches!(
+            relay.query(id).await,
+            Err(RelayError::NoSuchSession)
+        ));
+    }
+    for unknown in [SessionId(1_000_000), SessionId(1_000_001)] {
+        assert!(matches!(
+            relay.delete(unknown).await,
+            Err(RelayError::NoSuchSession)
+        ));
+        assert!(matches!(
+            relay
+                .update(unknown, Side::Callee, vec![None], vec![], false)
+                .await,
+            Err(RelayError::NoSuchSession)
+        ));
+    }
+    assert_eq!(
+        in_use(relay.counts().await),
+        (0, 0),
+        "nothing left allocated"
+    );
+    relay.shutdown().await;
+}

@@ -1,35 +1,36 @@
-//! The control thread: serves [`RelayHandle`] requests one at a time. It owns the port pool,
-//! binds each session's sockets (skipping ports another process holds), picks the worker with
-//! the fewest sessions, and frees ports only after the worker has closed the sockets, so a
-//! freed port can always be bound again. Sessions a worker closes on a timeout come back here
-//! and go out on the event channel.
+//! Starting the relay, and its control thread.
+//!
+//! A request about a session costs one hand-over to its worker and one back: the handle
+//! takes port pairs from the shared pool and binds a new session's sockets itself (skipping
+//! ports another process holds), picks the worker with the fewest sessions and hands the
+//! session to it; updates, deletes and queries go to the owning worker (the worker is part of
+//! the session id). The worker answers the requester, and frees the ports of a session it
+//! closes after closing its sockets, so a freed port can always be bound again. (With a
+//! control thread in the middle of every request, a relayed call's three requests — offer,
+//! answer, BYE — woke seven threads more: a quarter of the CPU of a relayed call, issue #15.)
+//!
+//! The control thread is left with what is not about one session: the counts, the shutdown,
+//! and the sessions workers close on a timeout, which it sends out on the event channel.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::worker::{self, LegSockets, Totals, WorkerCmd, WorkerConfig, WorkerHandle};
+use super::worker::{
+    self, FirstSdp, LegSockets, PortsShared, Totals, WorkerCmd, WorkerConfig, WorkerTx,
+};
 use crate::forward::Timeouts;
 use crate::ports::PortPool;
 use crate::{
-    Allocation, Closed, Command, Counts, Endpoint, Open, PortPair, RelayConfig, RelayError,
-    RelayHandle, SessionId, SessionStats, Side, StreamPorts,
+    Allocation, Closed, Command, Counts, PortPair, RelayConfig, RelayError, RelayHandle, SessionId,
+    StreamPorts,
 };
-
-/// What the control thread knows about a session.
-#[derive(Debug)]
-struct Owned {
-    worker: usize,
-    pairs: Vec<PortPair>,
-    streams: usize,
-}
 
 /// A reserved pair with its sockets bound.
 #[derive(Debug)]
@@ -39,13 +40,152 @@ struct Bound {
     rtcp: std::net::UdpSocket,
 }
 
-struct Control {
+/// Most port pairs one allocation tries to bind (pairs another process holds are skipped and
+/// put back at the tail of the pool): an allocation runs on the SIP side's thread, which a
+/// range mostly held by other processes must not hold up for long.
+const MAX_BIND_TRIES: usize = 256;
+
+/// What the handles share: the pool, a sender to each worker, the address to bind.
+#[derive(Debug)]
+pub(crate) struct Shared {
     bind: IpAddr,
-    pool: PortPool,
-    workers: Vec<WorkerHandle>,
-    load: Vec<usize>,
-    sessions: HashMap<SessionId, Owned>,
-    next_id: u64,
+    ports: Arc<PortsShared>,
+    txs: Vec<WorkerTx>,
+    /// Sessions allocated so far; the id of the next one is this times the worker count plus
+    /// its worker's index.
+    allocated: AtomicU64,
+}
+
+impl Shared {
+    /// The worker that owns session `id` ([`Self::allocate`] numbers them so).
+    pub(crate) fn of(&self, id: SessionId) -> Option<&WorkerTx> {
+        let n = self.txs.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        self.txs.get(usize::try_from(id.0 % n).ok()?)
+    }
+
+    /// Binds a new session's sockets and hands them to the least loaded worker, which adds
+    /// the session, sets `first` and answers on the returned channel (and on failure closes
+    /// the sockets and frees the ports).
+    pub(crate) fn allocate(
+        &self,
+        label: String,
+        streams: usize,
+        first: Option<FirstSdp>,
+    ) -> Result<oneshot::Receiver<Result<Allocation, RelayError>>, RelayError> {
+        if streams == 0 {
+            return Err(RelayError::StreamCount);
+        }
+        let bound = self.acquire(streams * 2)?;
+        let pairs: Vec<PortPair> = bound.iter().map(|b| b.pair).collect();
+        let mut legs = bound.into_iter().map(|b| LegSockets {
+            ports: b.pair,
+            rtp: b.rtp,
+            rtcp: b.rtcp,
+        });
+        let mut sockets = Vec::with_capacity(streams);
+        while let (Some(caller), Some(callee)) = (legs.next(), legs.next()) {
+            sockets.push([caller, callee]);
+        }
+        let worker = (0..self.txs.len())
+            .min_by_key(|&i| self.ports.load[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        // Unique, and names its worker: `of` finds it from the id alone.
+        let n = self.allocated.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = SessionId(n * self.txs.len() as u64 + worker as u64);
+        let alloc = Allocation {
+            id,
+            streams: pairs
+                .chunks_exact(2)
+                .map(|c| StreamPorts {
+                    caller: c[0],
+                    callee: c[1],
+                })
+                .collect(),
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = WorkerCmd::Add {
+            id,
+            label,
+            streams: sockets,
+            first,
+            alloc,
+            reply,
+        };
+        let sent = match self.txs.get(worker) {
+            Some(w) => w.send(cmd),
+            None => Err(cmd),
+        };
+        if let Err(WorkerCmd::Add { streams, .. }) = sent {
+            // The worker is gone (the relay stopped): close the sockets, then free the ports.
+            drop(streams);
+            self.ports.release(pairs);
+            return Err(RelayError::Stopped);
+        }
+        Ok(rx)
+    }
+
+    /// Takes `need` pairs and binds their sockets. A pair whose port another process holds is
+    /// put back at the tail and the next one is tried; each free pair is tried at most once,
+    /// and at most [`MAX_BIND_TRIES`] in all.
+    fn acquire(&self, need: usize) -> Result<Vec<Bound>, RelayError> {
+        let mut got: Vec<Bound> = Vec::with_capacity(need);
+        let free = self
+            .ports
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .free();
+        let mut tries = free.min(MAX_BIND_TRIES.max(need));
+        while got.len() < need && tries > 0 {
+            tries -= 1;
+            let pair = {
+                let mut pool = self
+                    .ports
+                    .pool
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if pool.free() + got.len() < need {
+                    break;
+                }
+                pool.take()
+            };
+            let Some(pair) = pair else { break };
+            let bound = bind_udp(self.bind, pair.rtp)
+                .and_then(|rtp| Ok((rtp, bind_udp(self.bind, pair.rtcp)?)));
+            match bound {
+                Ok((rtp, rtcp)) => got.push(Bound { pair, rtp, rtcp }),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    tracing::debug!(port = pair.rtp, "media port in use elsewhere, skipped");
+                    self.ports.release([pair]);
+                }
+                Err(e) => {
+                    self.ports.release([pair]);
+                    self.release_bound(got);
+                    return Err(RelayError::Io(e));
+                }
+            }
+        }
+        if got.len() < need {
+            self.release_bound(got);
+            return Err(RelayError::PortsExhausted);
+        }
+        Ok(got)
+    }
+
+    fn release_bound(&self, bound: Vec<Bound>) {
+        let pairs: Vec<PortPair> = bound.iter().map(|b| b.pair).collect();
+        drop(bound); // close the sockets first
+        self.ports.release(pairs);
+    }
+}
+
+struct Control {
+    ports: Arc<PortsShared>,
+    workers: Vec<WorkerTx>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     events: mpsc::UnboundedSender<Closed>,
     /// What the workers forwarded and dropped.
     totals: Arc<Totals>,
@@ -83,22 +223,33 @@ pub(crate) fn start(
     };
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
     let totals = Arc::new(Totals::default());
+    #[allow(clippy::disallowed_types)] // see `PortsShared`: never held across an await
+    let ports = Arc::new(PortsShared {
+        pool: std::sync::Mutex::new(pool),
+        load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+    });
     let mut workers = Vec::with_capacity(n);
+    let mut threads = Vec::with_capacity(n);
     for i in 0..n {
         // On error the workers started so far see their channel close and exit.
-        workers.push(worker::spawn(i, wcfg, closed_tx.clone(), totals.clone())?);
+        let w = worker::spawn(i, wcfg, closed_tx.clone(), totals.clone(), ports.clone())?;
+        workers.push(w.tx);
+        threads.extend(w.thread);
     }
     drop(closed_tx);
+    let shared = Arc::new(Shared {
+        bind: cfg.bind,
+        ports: ports.clone(),
+        txs: workers.iter().map(WorkerTx::another).collect(),
+        allocated: AtomicU64::new(0),
+    });
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let control = Control {
-        bind: cfg.bind,
-        pool,
-        load: vec![0; n],
+        ports,
         workers,
-        sessions: HashMap::new(),
-        next_id: 1,
+        threads,
         events: events_tx,
         totals,
     };
@@ -131,7 +282,7 @@ pub(crate) fn start(
         bind = %cfg.bind,
         "media relay started"
     );
-    Ok((RelayHandle { tx: cmd_tx }, events_rx))
+    Ok((RelayHandle { tx: cmd_tx, shared }, events_rx))
 }
 
 /// One UDP socket on `ip:port`, non-blocking, without SO_REUSEADDR so that a port held by
@@ -152,16 +303,15 @@ impl Control {
     ) {
         loop {
             tokio::select! {
-                // Timeouts first: they free ports that the next allocation may need.
                 biased;
-                Some(c) = closed.recv() => self.on_closed(c, true),
+                Some(c) = closed.recv() => self.on_closed(c),
                 cmd = cmds.recv() => match cmd {
                     Some(Command::Shutdown { reply }) => {
                         let all = self.stop(&mut closed).await;
                         let _ = reply.send(all);
                         break;
                     }
-                    Some(cmd) => self.handle(cmd).await,
+                    Some(cmd) => self.handle(cmd),
                     // Every handle is gone.
                     None => {
                         self.stop(&mut closed).await;
@@ -173,48 +323,23 @@ impl Control {
         tracing::debug!("media relay stopped");
     }
 
-    async fn handle(&mut self, cmd: Command) {
+    fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Allocate {
-                label,
-                streams,
-                reply,
-            } => {
-                let _ = reply.send(self.allocate(label, streams).await);
-            }
-            Command::Update {
-                id,
-                side,
-                streams,
-                sources,
-                answered,
-                reply,
-            } => {
-                let r = self.update(id, side, streams, sources, answered).await;
-                let _ = reply.send(r);
-            }
-            Command::Open { open, reply } => {
-                let _ = reply.send(self.open(open).await);
-            }
-            Command::Delete { id, reply } => {
-                let _ = reply.send(self.delete(id).await);
-            }
-            Command::Query { id, reply } => {
-                let r = match self.sessions.get(&id) {
-                    None => Err(RelayError::NoSuchSession),
-                    Some(o) => {
-                        let w = o.worker;
-                        self.ask(w, |reply| WorkerCmd::Query { id, reply })
-                            .await
-                            .and_then(|s| s.ok_or(RelayError::NoSuchSession))
-                    }
-                };
-                let _ = reply.send(r);
-            }
             Command::Counts { reply } => {
+                let ports_in_use = self
+                    .ports
+                    .pool
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .in_use();
                 let _ = reply.send(Counts {
-                    sessions: self.sessions.len(),
-                    ports_in_use: self.pool.in_use() * 2,
+                    sessions: self
+                        .ports
+                        .load
+                        .iter()
+                        .map(|l| l.load(Ordering::Relaxed))
+                        .sum(),
+                    ports_in_use: ports_in_use * 2,
                     strangers: self.totals.strangers.load(Ordering::Relaxed),
                     forwarded: self.totals.forwarded.load(Ordering::Relaxed),
                     forwarded_bytes: self.totals.bytes.load(Ordering::Relaxed),
@@ -236,197 +361,14 @@ impl Control {
     ) -> Result<T, RelayError> {
         let (tx, rx) = oneshot::channel();
         let w = self.workers.get(worker).ok_or(RelayError::Stopped)?;
-        w.tx.send(make(tx)).map_err(|_| RelayError::Stopped)?;
+        w.send(make(tx)).map_err(|_| RelayError::Stopped)?;
         rx.await.map_err(|_| RelayError::Stopped)
     }
 
-    async fn update(
-        &self,
-        id: SessionId,
-        side: Side,
-        streams: Vec<Option<Endpoint>>,
-        sources: Vec<IpAddr>,
-        answered: bool,
-    ) -> Result<(), RelayError> {
-        match self.sessions.get(&id) {
-            None => Err(RelayError::NoSuchSession),
-            Some(o) if o.streams != streams.len() => Err(RelayError::StreamCount),
-            Some(o) => {
-                let w = o.worker;
-                self.ask(w, |reply| WorkerCmd::Update {
-                    id,
-                    side,
-                    streams,
-                    sources,
-                    answered,
-                    reply,
-                })
-                .await
-                .and_then(|r| r)
-            }
-        }
-    }
-
-    /// Allocate + update in one request (closing `replace` first); a session whose first
-    /// update fails is closed again, so an error leaves no new session behind.
-    async fn open(&mut self, open: Open) -> Result<Allocation, RelayError> {
-        if let Some(old) = open.replace {
-            // Gone already (a timeout) is fine: its report frees the ports.
-            let _ = self.delete(old).await;
-        }
-        let alloc = self.allocate(open.label, open.streams.len()).await?;
-        let r = self
-            .update(
-                alloc.id,
-                open.side,
-                open.streams,
-                open.sources,
-                open.answered,
-            )
-            .await;
-        match r {
-            Ok(()) => Ok(alloc),
-            Err(e) => {
-                let _ = self.delete(alloc.id).await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn allocate(&mut self, label: String, streams: usize) -> Result<Allocation, RelayError> {
-        if streams == 0 {
-            return Err(RelayError::StreamCount);
-        }
-        let bound = self.acquire(streams * 2)?;
-        let pairs: Vec<PortPair> = bound.iter().map(|b| b.pair).collect();
-        let mut legs = bound.into_iter().map(|b| LegSockets {
-            ports: b.pair,
-            rtp: b.rtp,
-            rtcp: b.rtcp,
-        });
-        let mut sockets = Vec::with_capacity(streams);
-        while let (Some(caller), Some(callee)) = (legs.next(), legs.next()) {
-            sockets.push([caller, callee]);
-        }
-        let worker = (0..self.load.len())
-            .min_by_key(|&i| self.load[i])
-            .unwrap_or(0);
-        let id = SessionId(self.next_id);
-        self.next_id += 1;
-        let r = self
-            .ask(worker, |reply| WorkerCmd::Add {
-                id,
-                label,
-                streams: sockets,
-                reply,
-            })
-            .await
-            .and_then(|r| r);
-        if let Err(e) = r {
-            // The sockets were dropped with the request or by the worker.
-            self.release(&pairs);
-            return Err(e);
-        }
-        self.load[worker] += 1;
-        let streams_ports = pairs
-            .chunks_exact(2)
-            .map(|c| StreamPorts {
-                caller: c[0],
-                callee: c[1],
-            })
-            .collect();
-        self.sessions.insert(
-            id,
-            Owned {
-                worker,
-                pairs,
-                streams,
-            },
-        );
-        Ok(Allocation {
-            id,
-            streams: streams_ports,
-        })
-    }
-
-    /// Takes `need` pairs and binds their sockets. A pair whose port another process holds is
-    /// put back at the tail and the next one is tried; each free pair is tried at most once.
-    fn acquire(&mut self, need: usize) -> Result<Vec<Bound>, RelayError> {
-        let mut got: Vec<Bound> = Vec::with_capacity(need);
-        let mut tries = self.pool.free();
-        while got.len() < need && tries > 0 && self.pool.free() + got.len() >= need {
-            tries -= 1;
-            let Some(pair) = self.pool.take() else { break };
-            let bound = bind_udp(self.bind, pair.rtp)
-                .and_then(|rtp| Ok((rtp, bind_udp(self.bind, pair.rtcp)?)));
-            match bound {
-                Ok((rtp, rtcp)) => got.push(Bound { pair, rtp, rtcp }),
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                    tracing::debug!(port = pair.rtp, "media port in use elsewhere, skipped");
-                    self.pool.release(pair);
-                }
-                Err(e) => {
-                    self.pool.release(pair);
-                    self.release_bound(got);
-                    return Err(RelayError::Io(e));
-                }
-            }
-        }
-        if got.len() < need {
-            self.release_bound(got);
-            return Err(RelayError::PortsExhausted);
-        }
-        Ok(got)
-    }
-
-    fn release_bound(&mut self, bound: Vec<Bound>) {
-        for b in bound {
-            let pair = b.pair;
-            drop(b); // close the sockets first
-            self.pool.release(pair);
-        }
-    }
-
-    fn release(&mut self, pairs: &[PortPair]) {
-        for &p in pairs {
-            if !self.pool.release(p) {
-                tracing::error!(port = p.rtp, "media port pair released twice");
-            }
-        }
-    }
-
-    async fn delete(&mut self, id: SessionId) -> Result<SessionStats, RelayError> {
-        let w = self
-            .sessions
-            .get(&id)
-            .ok_or(RelayError::NoSuchSession)?
-            .worker;
-        match self.ask(w, |reply| WorkerCmd::Remove { id, reply }).await? {
-            Some(stats) => {
-                self.forget(id);
-                Ok(stats)
-            }
-            // The worker timed it out just now; its report (on its way) frees the ports.
-            None => Err(RelayError::NoSuchSession),
-        }
-    }
-
-    /// Frees a closed session's ports and worker slot.
-    fn forget(&mut self, id: SessionId) {
-        if let Some(o) = self.sessions.remove(&id) {
-            self.release(&o.pairs);
-            if let Some(l) = self.load.get_mut(o.worker) {
-                *l = l.saturating_sub(1);
-            }
-        }
-    }
-
-    fn on_closed(&mut self, c: Closed, report: bool) {
-        self.forget(c.id);
-        if report {
-            // The SIP core may have dropped the receiver; nothing to do then.
-            let _ = self.events.send(c);
-        }
+    /// A session a worker closed on a timeout (its ports are free already): to the SIP core.
+    fn on_closed(&mut self, c: Closed) {
+        // The SIP core may have dropped the receiver; nothing to do then.
+        let _ = self.events.send(c);
     }
 
     /// Closes every session, stops and joins the workers, and returns what they closed.
@@ -437,24 +379,14 @@ impl Control {
                 all.append(&mut c);
             }
         }
-        for w in &mut self.workers {
-            if let Some(t) = w.thread.take() {
-                if t.join().is_err() {
-                    tracing::error!("a media relay worker panicked");
-                }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a media relay worker panicked");
             }
         }
         // Timeouts reported before the shutdown still go out as events.
         while let Ok(c) = closed.try_recv() {
-            self.on_closed(c, true);
-        }
-        for c in &all {
-            self.forget(c.id);
-        }
-        // Sessions of a worker that died: their sockets died with it.
-        let left: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for id in left {
-            self.forget(id);
+            self.on_closed(c);
         }
         all
     }

@@ -2,8 +2,8 @@
 //! [`Relay`] core and one receive batch. It only moves bytes: every decision is the core's.
 //!
 //! The thread blocks in its own level-triggered epoll instance, which holds every socket of the
-//! worker (port as the event data) and an eventfd on which the control thread rings after
-//! queueing a request. A wakeup drains each ready socket in batches (recvmmsg), asks the core
+//! worker (port as the event data) and an eventfd on which the control thread or a handle rings
+//! after queueing a request. A wakeup drains each ready socket in batches (recvmmsg), asks the core
 //! for a verdict per datagram and sends each group of datagrams bound for the same outgoing
 //! socket with one sendmmsg, straight from the receive buffer; then it serves queued requests
 //! and, when the core's next deadline has passed, closes the sessions that timed out. The
@@ -19,8 +19,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc::error::TryRecvError;
@@ -30,8 +30,10 @@ use tokio::time::Instant;
 use super::pace::Pace;
 use super::sys::{BATCH, BatchIo, EVENTS, Epoll, EventFd, Transmit};
 use crate::forward::{DropReason, Relay, Timeouts, Verdict};
+use crate::ports::PortPool;
 use crate::{
-    Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side, StreamPorts,
+    Allocation, Closed, Endpoint, IoMode, PortPair, RelayError, SessionId, SessionStats, Side,
+    StreamPorts,
 };
 
 /// Batches handled per ready socket and round before yielding to the other tasks.
@@ -47,15 +49,29 @@ pub(crate) struct LegSockets {
     pub(crate) rtcp: std::net::UdpSocket,
 }
 
-/// Requests from the control thread.
+/// One side's first SDP, set as the session is added ([`crate::RelayHandle::open`]).
+#[derive(Debug)]
+pub(crate) struct FirstSdp {
+    pub(crate) side: Side,
+    pub(crate) streams: Vec<Option<Endpoint>>,
+    pub(crate) sources: Vec<std::net::IpAddr>,
+    pub(crate) answered: bool,
+}
+
+/// Requests from the control thread (`Add`) and from the handles (the others): each answers
+/// its requester directly, so that a request costs one hand-over each way.
 #[derive(Debug)]
 pub(crate) enum WorkerCmd {
+    /// A new session on sockets the control thread bound; `alloc` is the answer on success.
+    /// On failure the worker closes the sockets and frees their ports itself.
     Add {
         id: SessionId,
         label: String,
         /// Per stream: the caller-facing leg, then the callee-facing leg.
         streams: Vec<[LegSockets; 2]>,
-        reply: oneshot::Sender<Result<(), RelayError>>,
+        first: Option<FirstSdp>,
+        alloc: Allocation,
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
     },
     Update {
         id: SessionId,
@@ -92,6 +108,32 @@ pub(crate) struct WorkerConfig {
     pub(crate) batch_wait: Duration,
 }
 
+/// What the workers share with the handles: the port pool (a handle takes the pairs of a new
+/// session, the worker that closes a session frees its pairs after closing their sockets) and
+/// each worker's session count (for the choice of worker).
+///
+/// The pool's lock is the standard library's, by exception to clippy.toml: the workers are
+/// plain threads, and it is held for one take or release of a few pairs, never across an
+/// await.
+#[derive(Debug)]
+pub(crate) struct PortsShared {
+    #[allow(clippy::disallowed_types)] // see above: never held across an await
+    pub(crate) pool: std::sync::Mutex<PortPool>,
+    pub(crate) load: Vec<AtomicUsize>,
+}
+
+impl PortsShared {
+    /// Gives `pairs` back to the pool (their sockets are closed).
+    pub(crate) fn release(&self, pairs: impl IntoIterator<Item = PortPair>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in pairs {
+            if !pool.release(p) {
+                tracing::error!(port = p.rtp, "media port pair released twice");
+            }
+        }
+    }
+}
+
 /// The control thread's side of a worker.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
@@ -108,7 +150,17 @@ pub(crate) struct WorkerTx {
 }
 
 impl WorkerTx {
-    /// Queues `cmd`; gives it back if the worker is gone.
+    /// A second sender to the same worker (for the handles).
+    pub(crate) fn another(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            bell: self.bell.clone(),
+        }
+    }
+
+    /// Queues `cmd`; gives it back if the worker is gone (so that its sockets are closed
+    /// before their ports are freed; a large value, on a path taken only after a shutdown).
+    #[allow(clippy::result_large_err)]
     pub(crate) fn send(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
         let Some(tx) = &self.tx else {
             return Err(cmd);
@@ -159,6 +211,7 @@ pub(crate) fn spawn(
     cfg: WorkerConfig,
     closed: mpsc::UnboundedSender<Closed>,
     totals: Arc<Totals>,
+    ports: Arc<PortsShared>,
 ) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let bell = Arc::new(EventFd::new()?);
@@ -171,7 +224,7 @@ pub(crate) fn spawn(
         .spawn(move || {
             let span = tracing::info_span!("relay_worker", worker = index);
             let _entered = span.enter();
-            let worker = Worker::new(cfg, totals).and_then(|w| {
+            let worker = Worker::new(cfg, totals, ports, index).and_then(|w| {
                 w.epoll.add(worker_bell.as_fd(), BELL)?;
                 Ok(w)
             });
@@ -237,8 +290,11 @@ struct Worker {
     v6: bool,
     /// Per port offset `port - port_min`: the socket bound to that port (non-blocking).
     sockets: Vec<Option<std::net::UdpSocket>>,
-    /// Per session: the ports of its sockets.
-    session_ports: HashMap<SessionId, Vec<u16>>,
+    /// Per session: its port pairs (two sockets each).
+    session_ports: HashMap<SessionId, Vec<PortPair>>,
+    /// The pool the ports go back to, and this worker's session count in it.
+    ports: Arc<PortsShared>,
+    index: usize,
     /// Every socket of this worker, by port.
     epoll: Epoll,
     io: BatchIo,
@@ -256,7 +312,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(cfg: WorkerConfig, totals: Arc<Totals>) -> io::Result<Self> {
+    fn new(
+        cfg: WorkerConfig,
+        totals: Arc<Totals>,
+        ports_shared: Arc<PortsShared>,
+        index: usize,
+    ) -> io::Result<Self> {
         let ports = usize::from(cfg.port_max - cfg.port_min) + 1;
         Ok(Self {
             relay: Relay::new(cfg.port_min, cfg.pairs, cfg.timeouts),
@@ -264,6 +325,8 @@ impl Worker {
             v6: cfg.v6,
             sockets: (0..ports).map(|_| None).collect(),
             session_ports: HashMap::new(),
+            ports: ports_shared,
+            index,
             epoll: Epoll::new()?,
             io: BatchIo::new(cfg.io == IoMode::Batched),
             pending: Vec::with_capacity(BATCH),
@@ -492,7 +555,7 @@ fn run(
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
-                        // The control thread is gone without a shutdown: close quietly.
+                        // Every sender is gone without a shutdown: close quietly.
                         close_all(&mut w);
                         return;
                     }
@@ -515,16 +578,18 @@ fn run(
     }
 }
 
-/// Serves one request from the control thread.
+/// Serves one request.
 fn handle(w: &mut Worker, cmd: WorkerCmd) -> Next {
     match cmd {
         WorkerCmd::Add {
             id,
             label,
             streams,
+            first,
+            alloc,
             reply,
         } => {
-            let _ = reply.send(add(w, id, label, streams));
+            let _ = reply.send(add(w, id, label, streams, first).map(|()| alloc));
         }
         WorkerCmd::Update {
             id,
@@ -563,8 +628,8 @@ fn expire(w: &mut Worker, now: Instant, closed: &mpsc::UnboundedSender<Closed>) 
     for c in w.relay.on_tick(now) {
         close_io(w, c.id);
         tracing::debug!(session = %c.id, call_id = %c.label, reason = ?c.reason, "media session timed out");
-        // The control thread frees the ports and tells the SIP core; if it is gone, the
-        // relay is shutting down anyway.
+        // The control thread tells the SIP core; if it is gone, the relay is shutting down
+        // anyway.
         let _ = closed.send(c);
     }
 }
@@ -583,12 +648,14 @@ struct Batch {
     drained: bool,
 }
 
-/// Registers a session's sockets with the core and the worker's epoll instance.
+/// Registers a session's sockets with the core and the worker's epoll instance and sets the
+/// first SDP. On failure nothing of it is left: its sockets are closed and its ports freed.
 fn add(
     st: &mut Worker,
     id: SessionId,
     label: String,
     streams: Vec<[LegSockets; 2]>,
+    first: Option<FirstSdp>,
 ) -> Result<(), RelayError> {
     let ports: Vec<StreamPorts> = streams
         .iter()
@@ -597,38 +664,61 @@ fn add(
             callee: callee.ports,
         })
         .collect();
-    st.relay.add_session(Instant::now(), id, label, &ports)?;
-    let mut session_ports = Vec::with_capacity(streams.len() * 4);
+    let pairs: Vec<PortPair> = ports.iter().flat_map(|p| [p.caller, p.callee]).collect();
+    if let Err(e) = st.relay.add_session(Instant::now(), id, label, &ports) {
+        drop(streams); // the sockets close before their ports go back
+        st.ports.release(pairs);
+        return Err(e);
+    }
     let mut failed = None;
     for leg in streams.into_iter().flatten() {
         for (port, sock) in [(leg.ports.rtp, leg.rtp), (leg.ports.rtcp, leg.rtcp)] {
             if failed.is_none()
                 && let Err(e) = st.epoll.add(sock.as_fd(), u64::from(port))
             {
-                failed = Some(e);
+                failed = Some(RelayError::Io(e));
             }
             let off = usize::from(port - st.port_min);
             st.sockets[off] = Some(sock);
-            session_ports.push(port);
         }
     }
-    st.session_ports.insert(id, session_ports);
+    st.session_ports.insert(id, pairs);
+    st.ports.load[st.index].fetch_add(1, Ordering::Relaxed);
+    if failed.is_none()
+        && let Some(f) = first
+        && let Err(e) = st.relay.update(
+            Instant::now(),
+            id,
+            f.side,
+            &f.streams,
+            &f.sources,
+            f.answered,
+        )
+    {
+        failed = Some(e);
+    }
     if let Some(e) = failed {
-        // Undo: the control thread gets the error and frees the ports.
         let _ = st.relay.remove(Instant::now(), id);
         close_io(st, id);
-        return Err(RelayError::Io(e));
+        return Err(e);
     }
     Ok(())
 }
 
-/// Closes a removed session's sockets. When this returns, the ports can be bound again.
+/// Closes a removed session's sockets and gives its ports back to the pool.
 fn close_io(st: &mut Worker, id: SessionId) {
-    let ports = st.session_ports.remove(&id).unwrap_or_default();
-    for port in ports {
-        let off = usize::from(port - st.port_min);
-        if let Some(sock) = st.sockets[off].take() {
-            st.epoll.remove(sock.as_fd());
+    let Some(pairs) = st.session_ports.remove(&id) else {
+        return;
+    };
+    for pair in &pairs {
+        for port in [pair.rtp, pair.rtcp] {
+            let off = usize::from(port - st.port_min);
+            if let Some(sock) = st.sockets[off].take() {
+                st.epoll.remove(sock.as_fd());
+            }
         }
     }
+    // The sockets are closed: the ports can be bound again.
+    st.ports.release(pairs);
+    st.ports.load[st.index].fetch_sub(1, Ordering::Relaxed);
 }
