@@ -482,18 +482,19 @@ impl EventFd {
         }
     }
 
-    /// Resets the counter: not readable until the next ring.
-    pub(crate) fn clear(&self) {
+    /// Resets the counter: not readable until the next ring. True when it had been rung.
+    pub(crate) fn clear(&self) -> bool {
         let mut n: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64, as eventfd requires; EAGAIN (not rung) is
         // the only expected failure and means there is nothing to clear.
-        unsafe {
+        let r = unsafe {
             libc::read(
                 self.fd.as_raw_fd(),
                 ptr::from_mut(&mut n).cast(),
                 mem::size_of::<u64>(),
-            );
-        }
+            )
+        };
+        r == mem::size_of::<u64>() as isize
     }
 }
 

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -141,12 +141,55 @@ pub(crate) struct WorkerHandle {
     pub(crate) thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A worker's doorbell: an eventfd in its epoll set, rung only while the worker waits there
+/// (or is about to). A worker that is forwarding or pacing reads its queue after the round
+/// anyway, so a request then costs no `write` and no wake-up.
+///
+/// The handshake (Dekker's): the worker sets `waiting`, then looks at the queue and waits
+/// only if it is empty; a sender queues, then takes `waiting` and rings if it was set. With a
+/// sequentially consistent fence on each side between the two steps, either the worker sees
+/// the request or the sender sees the worker waiting.
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    fd: EventFd,
+    waiting: AtomicBool,
+}
+
+impl Doorbell {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            fd: EventFd::new()?,
+            waiting: AtomicBool::new(false),
+        })
+    }
+
+    /// After queueing a request: wakes the worker if it waits.
+    fn ring_if_waiting(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiting.swap(false, Ordering::SeqCst) {
+            self.fd.ring();
+        }
+    }
+
+    /// Before the worker's wait: true when it may wait (nothing is queued).
+    fn may_wait(&self, queue_empty: impl FnOnce() -> bool) -> bool {
+        self.waiting.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        queue_empty()
+    }
+
+    /// After the worker's wait.
+    fn awake(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Queues requests for a worker and rings its doorbell. Dropping it rings once more, so the
 /// worker sees the closed queue and ends.
 #[derive(Debug)]
 pub(crate) struct WorkerTx {
     tx: Option<mpsc::UnboundedSender<WorkerCmd>>,
-    bell: Arc<EventFd>,
+    bell: Arc<Doorbell>,
 }
 
 impl WorkerTx {
@@ -166,7 +209,7 @@ impl WorkerTx {
             return Err(cmd);
         };
         tx.send(cmd).map_err(|e| e.0)?;
-        self.bell.ring();
+        self.bell.ring_if_waiting();
         Ok(())
     }
 }
@@ -174,7 +217,7 @@ impl WorkerTx {
 impl Drop for WorkerTx {
     fn drop(&mut self) {
         drop(self.tx.take());
-        self.bell.ring();
+        self.bell.fd.ring();
     }
 }
 
@@ -214,7 +257,7 @@ pub(crate) fn spawn(
     ports: Arc<PortsShared>,
 ) -> io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let bell = Arc::new(EventFd::new()?);
+    let bell = Arc::new(Doorbell::new()?);
     let worker_bell = bell.clone();
     // The worker is built on its thread (its batch buffers hold raw pointers), which reports
     // back once.
@@ -225,7 +268,7 @@ pub(crate) fn spawn(
             let span = tracing::info_span!("relay_worker", worker = index);
             let _entered = span.enter();
             let worker = Worker::new(cfg, totals, ports, index).and_then(|w| {
-                w.epoll.add(worker_bell.as_fd(), BELL)?;
+                w.epoll.add(worker_bell.fd.as_fd(), BELL)?;
                 Ok(w)
             });
             match worker {
@@ -511,20 +554,27 @@ enum Next {
 fn run(
     mut w: Worker,
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
-    bell: &EventFd,
+    bell: &Doorbell,
     closed: &mpsc::UnboundedSender<Closed>,
 ) {
     let mut ready: Vec<u64> = Vec::with_capacity(EVENTS);
     loop {
-        let timeout = w.relay.poll_timeout().map_or(-1, |t| {
-            // Rounded up: waking before the deadline would only wait again.
-            let ms = t
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000);
-            i32::try_from(ms).unwrap_or(i32::MAX)
-        });
-        match w.epoll.wait(timeout, &mut ready) {
+        let timeout = if !bell.may_wait(|| rx.is_empty()) {
+            // A request is queued: look at the sockets without waiting, then serve it.
+            0
+        } else {
+            w.relay.poll_timeout().map_or(-1, |t| {
+                // Rounded up: waking before the deadline would only wait again.
+                let ms = t
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000);
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            })
+        };
+        let waited = w.epoll.wait(timeout, &mut ready);
+        bell.awake();
+        match waited {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
@@ -544,21 +594,21 @@ fn run(
         }
         w.publish();
         if rung {
-            // Cleared before reading the queue: a request queued after this rings again.
-            bell.clear();
-            loop {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        if let Next::Stop = handle(&mut w, cmd) {
-                            return;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        // Every sender is gone without a shutdown: close quietly.
-                        close_all(&mut w);
+            let _ = bell.fd.clear();
+        }
+        // Every round: requests queued while the worker was busy did not ring.
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if let Next::Stop = handle(&mut w, cmd) {
                         return;
                     }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    // Every sender is gone without a shutdown: close quietly.
+                    close_all(&mut w);
+                    return;
                 }
             }
         }
@@ -721,4 +771,29 @@ fn close_io(st: &mut Worker, id: SessionId) {
     // The sockets are closed: the ports can be bound again.
     st.ports.release(pairs);
     st.ports.load[st.index].fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_doorbell_rings_only_for_a_waiting_worker() {
+        let bell = Doorbell::new().unwrap();
+        // A busy worker (not waiting): a request makes no write.
+        bell.ring_if_waiting();
+        assert!(!bell.fd.clear(), "rung for a busy worker");
+        // A queued request keeps the worker from waiting at all.
+        assert!(!bell.may_wait(|| false));
+        bell.awake();
+        // A waiting worker is rung once, however many requests follow before it wakes.
+        assert!(bell.may_wait(|| true));
+        bell.ring_if_waiting();
+        bell.ring_if_waiting();
+        assert!(bell.fd.clear(), "a waiting worker was not rung");
+        assert!(!bell.fd.clear());
+        bell.awake();
+        bell.ring_if_waiting();
+        assert!(!bell.fd.clear(), "rung after the worker woke");
+    }
 }
