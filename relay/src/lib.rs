@@ -19,10 +19,10 @@
 //! - `io::sys`: recvmmsg/sendmmsg and their per-packet fallback; the only `unsafe` code.
 //! - `io::worker`: one OS thread per worker, blocking in its own epoll (no runtime); moves bytes
 //!   between its sockets and its `forward::Relay`.
-//! - `io::control`: starting the relay; the shared pool and worker senders the handles use
-//!   (a handle binds a new session's sockets itself and hands them to the least loaded worker;
-//!   every request goes to the session's worker, which answers it); the control thread (counts,
-//!   shutdown, timeouts turned into [`Closed`] events).
+//! - `io::control`: starting the relay; the control thread (binds a new session's sockets and
+//!   hands them to the least loaded worker; counts, shutdown, timeouts turned into [`Closed`]
+//!   events); the worker senders the handles use for everything else about a session. The
+//!   worker answers every request itself.
 //!
 //! Pure modules take `now` as a parameter and never touch a socket; the I/O modules read
 //! `tokio::time::Instant::now()`.
@@ -315,13 +315,26 @@ pub struct Open {
 /// Requests from the handle to the control thread.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Counts { reply: oneshot::Sender<Counts> },
-    Shutdown { reply: oneshot::Sender<Vec<Closed>> },
+    Allocate {
+        label: String,
+        streams: usize,
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
+    },
+    Open {
+        open: Open,
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
+    },
+    Counts {
+        reply: oneshot::Sender<Counts>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Vec<Closed>>,
+    },
 }
 
-/// The SIP core's handle on the relay. Cheap to clone. A new session's sockets are bound by
-/// the calling thread and handed to a worker; everything else about a session is a message to
-/// its worker. Either way the worker answers: one hand-over each way per request.
+/// The SIP core's handle on the relay. Cheap to clone. A new session is a message to the
+/// control thread, which binds its sockets and hands it to a worker; everything else about a
+/// session is a message to its worker. Either way the worker answers.
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     pub(crate) tx: mpsc::UnboundedSender<Command>,
@@ -352,8 +365,12 @@ impl RelayHandle {
 
     /// Reserves and binds one caller-facing and one callee-facing port pair per stream.
     pub async fn allocate(&self, label: String, streams: usize) -> Result<Allocation, RelayError> {
-        let answer = self.shared.allocate(label, streams, None)?;
-        answer.await.map_err(|_| RelayError::Stopped)?
+        self.call(|reply| Command::Allocate {
+            label,
+            streams,
+            reply,
+        })
+        .await?
     }
 
     /// Sets `side`'s SDP endpoints (one per m= line, `None` = port 0) and opens its re-latch
@@ -385,19 +402,7 @@ impl RelayHandle {
     /// first SDP of a call branch); closes `open.replace` first when given. On an error no
     /// new session exists (the replaced one is closed all the same).
     pub async fn open(&self, open: Open) -> Result<Allocation, RelayError> {
-        if let Some(old) = open.replace {
-            // Gone already (a timeout) is fine: its worker freed the ports.
-            let _ = self.delete(old).await;
-        }
-        let streams = open.streams.len();
-        let first = io::worker::FirstSdp {
-            side: open.side,
-            streams: open.streams,
-            sources: open.sources,
-            answered: open.answered,
-        };
-        let answer = self.shared.allocate(open.label, streams, Some(first))?;
-        answer.await.map_err(|_| RelayError::Stopped)?
+        self.call(|reply| Command::Open { open, reply }).await?
     }
 
     /// Closes a session and frees its ports (its sockets are closed when this returns).

@@ -1,22 +1,24 @@
 //! Starting the relay, and its control thread.
 //!
-//! A request about a session costs one hand-over to its worker and one back: the handle
-//! takes port pairs from the shared pool and binds a new session's sockets itself (skipping
-//! ports another process holds), picks the worker with the fewest sessions and hands the
-//! session to it; updates, deletes and queries go to the owning worker (the worker is part of
-//! the session id). The worker answers the requester, and frees the ports of a session it
-//! closes after closing its sockets, so a freed port can always be bound again. (With a
-//! control thread in the middle of every request, a relayed call's three requests — offer,
-//! answer, BYE — woke seven threads more: a quarter of the CPU of a relayed call, issue #15.)
+//! A request about a session costs one hand-over to each thread it passes and one back to the
+//! requester. A new session goes to the control thread, which takes port pairs from the shared
+//! pool, binds the sockets (skipping ports another process holds; off the SIP threads, whose
+//! single worker is the ceiling of the call rate), picks the worker with the fewest sessions
+//! and hands the session to it. Updates, deletes and queries go from the handle to the owning
+//! worker directly (the worker is part of the session id). The worker answers the requester,
+//! and frees the ports of a session it closes after closing its sockets, so a freed port can
+//! always be bound again. (With the control thread waiting in the middle of every request,
+//! and a first SDP sent as a second request, a relayed call's offer, answer and BYE took 14
+//! hand-overs instead of 7: a quarter of the CPU of a relayed call, issue #15.)
 //!
-//! The control thread is left with what is not about one session: the counts, the shutdown,
-//! and the sessions workers close on a timeout, which it sends out on the event channel.
+//! The control thread also serves the counts and the shutdown, and sends the sessions
+//! workers close on a timeout out on the event channel.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
@@ -40,12 +42,8 @@ struct Bound {
     rtcp: std::net::UdpSocket,
 }
 
-/// Most port pairs one allocation tries to bind (pairs another process holds are skipped and
-/// put back at the tail of the pool): an allocation runs on the SIP side's thread, which a
-/// range mostly held by other processes must not hold up for long.
-const MAX_BIND_TRIES: usize = 256;
-
-/// What the handles share: the pool, a sender to each worker, the address to bind.
+/// What the handles and the control thread share: the pool, a sender to each worker, the
+/// address to bind.
 #[derive(Debug)]
 pub(crate) struct Shared {
     bind: IpAddr,
@@ -67,18 +65,26 @@ impl Shared {
     }
 
     /// Binds a new session's sockets and hands them to the least loaded worker, which adds
-    /// the session, sets `first` and answers on the returned channel (and on failure closes
-    /// the sockets and frees the ports).
-    pub(crate) fn allocate(
+    /// the session, sets `first` and answers `reply` (and on failure closes the sockets and
+    /// frees the ports). Errors before the hand-over are answered here.
+    fn allocate(
         &self,
         label: String,
         streams: usize,
         first: Option<FirstSdp>,
-    ) -> Result<oneshot::Receiver<Result<Allocation, RelayError>>, RelayError> {
+        reply: oneshot::Sender<Result<Allocation, RelayError>>,
+    ) {
         if streams == 0 {
-            return Err(RelayError::StreamCount);
+            let _ = reply.send(Err(RelayError::StreamCount));
+            return;
         }
-        let bound = self.acquire(streams * 2)?;
+        let bound = match self.acquire(streams * 2) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
         let pairs: Vec<PortPair> = bound.iter().map(|b| b.pair).collect();
         let mut legs = bound.into_iter().map(|b| LegSockets {
             ports: b.pair,
@@ -105,7 +111,6 @@ impl Shared {
                 })
                 .collect(),
         };
-        let (reply, rx) = oneshot::channel();
         let cmd = WorkerCmd::Add {
             id,
             label,
@@ -118,35 +123,24 @@ impl Shared {
             Some(w) => w.send(cmd),
             None => Err(cmd),
         };
-        if let Err(WorkerCmd::Add { streams, .. }) = sent {
+        if let Err(WorkerCmd::Add { streams, reply, .. }) = sent {
             // The worker is gone (the relay stopped): close the sockets, then free the ports.
             drop(streams);
             self.ports.release(pairs);
-            return Err(RelayError::Stopped);
+            let _ = reply.send(Err(RelayError::Stopped));
         }
-        Ok(rx)
     }
 
     /// Takes `need` pairs and binds their sockets. A pair whose port another process holds is
-    /// put back at the tail and the next one is tried; each free pair is tried at most once,
-    /// and at most [`MAX_BIND_TRIES`] in all.
+    /// put back at the tail and the next one is tried; each free pair is tried at most once.
     fn acquire(&self, need: usize) -> Result<Vec<Bound>, RelayError> {
         let mut got: Vec<Bound> = Vec::with_capacity(need);
-        let free = self
-            .ports
-            .pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .free();
-        let mut tries = free.min(MAX_BIND_TRIES.max(need));
+        let free = self.ports.pool().free();
+        let mut tries = free;
         while got.len() < need && tries > 0 {
             tries -= 1;
             let pair = {
-                let mut pool = self
-                    .ports
-                    .pool
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut pool = self.ports.pool();
                 if pool.free() + got.len() < need {
                     break;
                 }
@@ -183,6 +177,7 @@ impl Shared {
 }
 
 struct Control {
+    shared: Arc<Shared>,
     ports: Arc<PortsShared>,
     workers: Vec<WorkerTx>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -247,6 +242,7 @@ pub(crate) fn start(
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let control = Control {
+        shared: shared.clone(),
         ports,
         workers,
         threads,
@@ -315,7 +311,7 @@ impl Control {
                         let _ = reply.send(all);
                         break;
                     }
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => self.handle(cmd).await,
                     // Every handle is gone.
                     None => {
                         self.stop(&mut closed).await;
@@ -327,15 +323,36 @@ impl Control {
         tracing::debug!("media relay stopped");
     }
 
-    fn handle(&mut self, cmd: Command) {
+    async fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Allocate {
+                label,
+                streams,
+                reply,
+            } => self.shared.allocate(label, streams, None, reply),
+            Command::Open { open, reply } => {
+                if let Some(old) = open.replace {
+                    // Waited for, so that its ports are back before the new ones are taken;
+                    // gone already (a timeout) is fine: its worker freed them.
+                    if let Some(w) = self.shared.of(old) {
+                        let (tx, rx) = oneshot::channel();
+                        if w.send(WorkerCmd::Remove { id: old, reply: tx }).is_ok() {
+                            let _ = rx.await;
+                        }
+                    }
+                }
+                let streams = open.streams.len();
+                let first = FirstSdp {
+                    side: open.side,
+                    streams: open.streams,
+                    sources: open.sources,
+                    answered: open.answered,
+                };
+                self.shared
+                    .allocate(open.label, streams, Some(first), reply);
+            }
             Command::Counts { reply } => {
-                let ports_in_use = self
-                    .ports
-                    .pool
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .in_use();
+                let ports_in_use = self.ports.pool().in_use();
                 let _ = reply.send(Counts {
                     sessions: self
                         .ports

@@ -123,9 +123,16 @@ pub(crate) struct PortsShared {
 }
 
 impl PortsShared {
+    /// The pool, locked (a panic while it was held left it consistent: every change is one
+    /// push or pop).
+    #[allow(clippy::disallowed_types)] // see above: never held across an await
+    pub(crate) fn pool(&self) -> std::sync::MutexGuard<'_, PortPool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Gives `pairs` back to the pool (their sockets are closed).
     pub(crate) fn release(&self, pairs: impl IntoIterator<Item = PortPair>) {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = self.pool();
         for p in pairs {
             if !pool.release(p) {
                 tracing::error!(port = p.rtp, "media port pair released twice");
