@@ -893,3 +893,21 @@ async fn every_request_reaches_the_worker_that_owns_the_session() {
     );
     relay.shutdown().await;
 }
+
+/// Offers arriving together are spread over the workers: each is counted against its worker
+/// when it is handed over, not when the worker gets to it. (A session id names its worker:
+/// `id % workers`.)
+#[tokio::test]
+async fn a_burst_of_new_sessions_is_spread_over_the_workers() {
+    let (relay, _events) = start(config(23400, 23499)).unwrap();
+    let (a, b, c, d) = tokio::join!(
+        relay.allocate("a".into(), 1),
+        relay.allocate("b".into(), 1),
+        relay.allocate("c".into(), 1),
+        relay.allocate("d".into(), 1),
+    );
+    let ids = [a, b, c, d].map(|r| r.unwrap().id.0);
+    let on_first = ids.iter().filter(|&&id| id % 2 == 0).count();
+    assert_eq!(on_first, 2, "ids {ids:?}: two sessions per worker");
+    relay.shutdown().await;
+}

@@ -119,12 +119,16 @@ impl Shared {
             alloc,
             reply,
         };
+        // Counted at the hand-over, not when the worker gets to it: the next allocation,
+        // queued right behind, must see it (the worker uncounts a session it closes).
+        self.ports.load[worker].fetch_add(1, Ordering::Relaxed);
         let sent = match self.txs.get(worker) {
             Some(w) => w.send(cmd),
             None => Err(cmd),
         };
         if let Err(WorkerCmd::Add { streams, reply, .. }) = sent {
             // The worker is gone (the relay stopped): close the sockets, then free the ports.
+            self.ports.load[worker].fetch_sub(1, Ordering::Relaxed);
             drop(streams);
             self.ports.release(pairs);
             let _ = reply.send(Err(RelayError::Stopped));

@@ -725,6 +725,8 @@ fn add(
     if let Err(e) = st.relay.add_session(Instant::now(), id, label, &ports) {
         drop(streams); // the sockets close before their ports go back
         st.ports.release(pairs);
+        // Counted by the control thread at the hand-over.
+        st.ports.load[st.index].fetch_sub(1, Ordering::Relaxed);
         return Err(e);
     }
     let mut failed = None;
@@ -739,8 +741,8 @@ fn add(
             st.sockets[off] = Some(sock);
         }
     }
+    // From here on `close_io` undoes it all, the count included.
     st.session_ports.insert(id, pairs);
-    st.ports.load[st.index].fetch_add(1, Ordering::Relaxed);
     if failed.is_none()
         && let Some(f) = first
         && let Err(e) = st.relay.update(
