@@ -459,11 +459,7 @@ async fn offer_timeout_closes_an_unanswered_session() {
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert_eq!((c.id, c.reason), (alloc.id, CloseReason::Offer));
     assert_eq!(c.label, "never-answered");
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     // The ports are closed too.
     std::net::UdpSocket::bind(relay_addr(alloc.streams[0].caller.rtp)).unwrap();
     assert!(matches!(
@@ -544,11 +540,7 @@ async fn idle_and_hold_timeouts() {
         t0.elapsed()
     );
     assert_eq!((c.id, c.reason), (held.id, CloseReason::Hold));
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     relay.shutdown().await;
 }
 
@@ -568,11 +560,7 @@ async fn exhaustion_and_a_port_held_elsewhere() {
     ));
     assert_eq!(in_use(relay.counts().await), (1, 4));
     relay.delete(alloc.id).await.unwrap();
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     // Now two free pairs can be bound again.
     let again = relay.allocate("c".into(), 1).await.unwrap();
     let s = again.streams[0];
@@ -739,11 +727,7 @@ async fn shutdown_closes_everything_and_stops_the_handle() {
         relay.allocate("z".into(), 1).await,
         Err(RelayError::Stopped)
     ));
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     assert!(relay.shutdown().await.is_empty());
     // The event channel ends.
     assert!(timeout(WAIT, events.recv()).await.unwrap().is_none());
@@ -834,17 +818,22 @@ async fn open_allocates_with_the_first_sdp_and_replaces() {
     assert_eq!(relay.counts().await.sessions, 2);
     relay.delete(b.id).await.unwrap();
     relay.delete(c.id).await.unwrap();
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     relay.shutdown().await;
 }
 
 /// Sessions and ports in use (the other counts are totals since start).
 fn in_use(c: Counts) -> (usize, usize) {
     (c.sessions, c.ports_in_use)
+}
+
+/// No session and no port left allocated.
+async fn assert_nothing_left(relay: &RelayHandle) {
+    assert_eq!(
+        in_use(relay.counts().await),
+        (0, 0),
+        "nothing left allocated"
+    );
 }
 
 /// Requests about a session go to its worker (named by the id): with two workers, every
@@ -886,11 +875,7 @@ async fn every_request_reaches_the_worker_that_owns_the_session() {
             Err(RelayError::NoSuchSession)
         ));
     }
-    assert_eq!(
-        in_use(relay.counts().await),
-        (0, 0),
-        "nothing left allocated"
-    );
+    assert_nothing_left(&relay).await;
     relay.shutdown().await;
 }
 
