@@ -338,7 +338,7 @@ pub(crate) enum Command {
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     pub(crate) tx: mpsc::UnboundedSender<Command>,
-    pub(crate) shared: std::sync::Arc<io::control::Shared>,
+    pub(crate) workers: std::sync::Arc<io::control::Workers>,
 }
 
 impl RelayHandle {
@@ -349,7 +349,7 @@ impl RelayHandle {
         make: impl FnOnce(oneshot::Sender<T>) -> io::worker::WorkerCmd,
     ) -> Result<T, RelayError> {
         let (reply, rx) = oneshot::channel();
-        let w = self.shared.of(id).ok_or(RelayError::Stopped)?;
+        let w = self.workers.of(id).ok_or(RelayError::Stopped)?;
         w.send(make(reply)).map_err(|_| RelayError::Stopped)?;
         rx.await.map_err(|_| RelayError::Stopped)
     }

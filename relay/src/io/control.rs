@@ -18,7 +18,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
@@ -42,20 +42,14 @@ struct Bound {
     rtcp: std::net::UdpSocket,
 }
 
-/// What the handles and the control thread share: the pool, a sender to each worker, the
-/// address to bind.
+/// A sender to each worker, shared by the handles and the control thread.
 #[derive(Debug)]
-pub(crate) struct Shared {
-    bind: IpAddr,
-    ports: Arc<PortsShared>,
+pub(crate) struct Workers {
     txs: Vec<WorkerTx>,
-    /// Sessions allocated so far; the id of the next one is this times the worker count plus
-    /// its worker's index.
-    allocated: AtomicU64,
 }
 
-impl Shared {
-    /// The worker that owns session `id` ([`Self::allocate`] numbers them so).
+impl Workers {
+    /// The worker that owns session `id` ([`Control::allocate`] numbers them so).
     pub(crate) fn of(&self, id: SessionId) -> Option<&WorkerTx> {
         let n = self.txs.len() as u64;
         if n == 0 {
@@ -63,12 +57,27 @@ impl Shared {
         }
         self.txs.get(usize::try_from(id.0 % n).ok()?)
     }
+}
 
+struct Control {
+    bind: IpAddr,
+    ports: Arc<PortsShared>,
+    workers: Arc<Workers>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Sessions allocated so far; the id of the next one is this times the worker count plus
+    /// its worker's index.
+    allocated: u64,
+    events: mpsc::UnboundedSender<Closed>,
+    /// What the workers forwarded and dropped.
+    totals: Arc<Totals>,
+}
+
+impl Control {
     /// Binds a new session's sockets and hands them to the least loaded worker, which adds
     /// the session, sets `first` and answers `reply` (and on failure closes the sockets and
     /// frees the ports). Errors before the hand-over are answered here.
     fn allocate(
-        &self,
+        &mut self,
         label: String,
         streams: usize,
         first: Option<FirstSdp>,
@@ -95,12 +104,13 @@ impl Shared {
         while let (Some(caller), Some(callee)) = (legs.next(), legs.next()) {
             sockets.push([caller, callee]);
         }
-        let worker = (0..self.txs.len())
+        let txs = &self.workers.txs;
+        let worker = (0..txs.len())
             .min_by_key(|&i| self.ports.load[i].load(Ordering::Relaxed))
             .unwrap_or(0);
         // Unique, and names its worker: `of` finds it from the id alone.
-        let n = self.allocated.fetch_add(1, Ordering::Relaxed) + 1;
-        let id = SessionId(n * self.txs.len() as u64 + worker as u64);
+        self.allocated += 1;
+        let id = SessionId(self.allocated * txs.len() as u64 + worker as u64);
         let alloc = Allocation {
             id,
             streams: pairs
@@ -122,7 +132,7 @@ impl Shared {
         // Counted at the hand-over, not when the worker gets to it: the next allocation,
         // queued right behind, must see it (the worker uncounts a session it closes).
         self.ports.load[worker].fetch_add(1, Ordering::Relaxed);
-        let sent = match self.txs.get(worker) {
+        let sent = match txs.get(worker) {
             Some(w) => w.send(cmd),
             None => Err(cmd),
         };
@@ -180,16 +190,6 @@ impl Shared {
     }
 }
 
-struct Control {
-    shared: Arc<Shared>,
-    ports: Arc<PortsShared>,
-    workers: Vec<WorkerTx>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    events: mpsc::UnboundedSender<Closed>,
-    /// What the workers forwarded and dropped.
-    totals: Arc<Totals>,
-}
-
 pub(crate) fn start(
     cfg: RelayConfig,
 ) -> io::Result<(RelayHandle, mpsc::UnboundedReceiver<Closed>)> {
@@ -236,20 +236,16 @@ pub(crate) fn start(
         threads.extend(w.thread);
     }
     drop(closed_tx);
-    let shared = Arc::new(Shared {
-        bind: cfg.bind,
-        ports: ports.clone(),
-        txs: workers.iter().map(WorkerTx::another).collect(),
-        allocated: AtomicU64::new(0),
-    });
+    let workers = Arc::new(Workers { txs: workers });
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let control = Control {
-        shared: shared.clone(),
+        bind: cfg.bind,
         ports,
-        workers,
+        workers: workers.clone(),
         threads,
+        allocated: 0,
         events: events_tx,
         totals,
     };
@@ -282,7 +278,13 @@ pub(crate) fn start(
         bind = %cfg.bind,
         "media relay started"
     );
-    Ok((RelayHandle { tx: cmd_tx, shared }, events_rx))
+    Ok((
+        RelayHandle {
+            tx: cmd_tx,
+            workers,
+        },
+        events_rx,
+    ))
 }
 
 /// One UDP socket on `ip:port`, non-blocking, without SO_REUSEADDR so that a port held by
@@ -333,12 +335,12 @@ impl Control {
                 label,
                 streams,
                 reply,
-            } => self.shared.allocate(label, streams, None, reply),
+            } => self.allocate(label, streams, None, reply),
             Command::Open { open, reply } => {
                 if let Some(old) = open.replace {
                     // Waited for, so that its ports are back before the new ones are taken;
                     // gone already (a timeout) is fine: its worker freed them.
-                    if let Some(w) = self.shared.of(old) {
+                    if let Some(w) = self.workers.of(old) {
                         let (tx, rx) = oneshot::channel();
                         if w.send(WorkerCmd::Remove { id: old, reply: tx }).is_ok() {
                             let _ = rx.await;
@@ -352,8 +354,7 @@ impl Control {
                     sources: open.sources,
                     answered: open.answered,
                 };
-                self.shared
-                    .allocate(open.label, streams, Some(first), reply);
+                self.allocate(open.label, streams, Some(first), reply);
             }
             Command::Counts { reply } => {
                 let ports_in_use = self.ports.pool().in_use();
@@ -385,7 +386,7 @@ impl Control {
         make: impl FnOnce(oneshot::Sender<T>) -> WorkerCmd,
     ) -> Result<T, RelayError> {
         let (tx, rx) = oneshot::channel();
-        let w = self.workers.get(worker).ok_or(RelayError::Stopped)?;
+        let w = self.workers.txs.get(worker).ok_or(RelayError::Stopped)?;
         w.send(make(tx)).map_err(|_| RelayError::Stopped)?;
         rx.await.map_err(|_| RelayError::Stopped)
     }
@@ -399,7 +400,7 @@ impl Control {
     /// Closes every session, stops and joins the workers, and returns what they closed.
     async fn stop(&mut self, closed: &mut mpsc::UnboundedReceiver<Closed>) -> Vec<Closed> {
         let mut all = Vec::new();
-        for w in 0..self.workers.len() {
+        for w in 0..self.workers.txs.len() {
             if let Ok(mut c) = self.ask(w, |reply| WorkerCmd::Shutdown { reply }).await {
                 all.append(&mut c);
             }

@@ -108,9 +108,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) batch_wait: Duration,
 }
 
-/// What the workers share with the handles: the port pool (a handle takes the pairs of a new
-/// session, the worker that closes a session frees its pairs after closing their sockets) and
-/// each worker's session count (for the choice of worker).
+/// What the workers share with the control thread: the port pool (the control thread takes
+/// the pairs of a new session, the worker that closes a session frees its pairs after closing
+/// their sockets) and each worker's session count (for the choice of worker).
 ///
 /// The pool's lock is the standard library's, by exception to clippy.toml: the workers are
 /// plain threads, and it is held for one take or release of a few pairs, never across an
@@ -200,14 +200,6 @@ pub(crate) struct WorkerTx {
 }
 
 impl WorkerTx {
-    /// A second sender to the same worker (for the handles).
-    pub(crate) fn another(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-            bell: self.bell.clone(),
-        }
-    }
-
     /// Queues `cmd`; gives it back if the worker is gone (so that its sockets are closed
     /// before their ports are freed; a large value, on a path taken only after a shutdown).
     #[allow(clippy::result_large_err)]
