@@ -393,9 +393,58 @@ impl RelayHandle {
             streams,
             sources,
             answered,
-            reply,
+            reply: Some(reply),
         })
         .await?
+    }
+
+    /// [`Self::update`] without waiting and without waking the worker: the SDP takes effect
+    /// before the worker forwards its next datagram, and within 20 ms when none comes (a
+    /// worker with sessions waits no longer). For an answer whose ports the caller knows
+    /// already: a session that closed meanwhile is not updated (its close is on the event
+    /// channel), and the only error here is a stopped relay.
+    pub fn update_later(
+        &self,
+        id: SessionId,
+        side: Side,
+        streams: Vec<Option<Endpoint>>,
+        sources: Vec<IpAddr>,
+        answered: bool,
+    ) -> Result<(), RelayError> {
+        let w = self.workers.of(id).ok_or(RelayError::Stopped)?;
+        w.send_later(io::worker::WorkerCmd::Update {
+            id,
+            side,
+            streams,
+            sources,
+            answered,
+            reply: None,
+        })
+        .map_err(|_| RelayError::Stopped)
+    }
+
+    /// [`Self::delete`] without waking the worker, queued at once: the session is closed and
+    /// its ports freed before the worker forwards its next datagram, and within 20 ms when
+    /// none comes. The returned future gives its stats; dropping it still closes the session.
+    pub fn delete_later(
+        &self,
+        id: SessionId,
+    ) -> impl std::future::Future<Output = Result<SessionStats, RelayError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let queued = self
+            .workers
+            .of(id)
+            .ok_or(RelayError::Stopped)
+            .and_then(|w| {
+                w.send_later(io::worker::WorkerCmd::Remove { id, reply })
+                    .map_err(|_| RelayError::Stopped)
+            });
+        async move {
+            queued?;
+            rx.await
+                .map_err(|_| RelayError::Stopped)?
+                .ok_or(RelayError::NoSuchSession)
+        }
     }
 
     /// Allocates a session and sets one side's SDP in a single round trip to a worker (the

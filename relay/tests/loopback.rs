@@ -896,3 +896,77 @@ async fn a_burst_of_new_sessions_is_spread_over_the_workers() {
     assert_eq!(on_first, 2, "ids {ids:?}: two sessions per worker");
     relay.shutdown().await;
 }
+
+/// Requests queued without waking the worker (`update_later`, `delete_later`) take effect
+/// before the next datagram is forwarded: the callee's SDP, queued quietly, is known when
+/// the caller's first packet wakes the worker. A dropped `delete_later` still closes its
+/// session, within the worker's bounded wait, and one for a worker without sessions (waiting
+/// without bound) still wakes it; after a shutdown both report `Stopped`.
+#[tokio::test]
+async fn quiet_requests_take_effect_before_the_next_datagram() {
+    let (relay, _events) = start(config(23500, 23599)).unwrap();
+    let alloc = relay.allocate("quiet".into(), 1).await.unwrap();
+    let ports = alloc.streams[0];
+    let (caller, callee) = (socket().await, socket().await);
+    let caller_sdp = endpoint(caller.local_addr().unwrap(), relay_addr(9));
+    let callee_sdp = endpoint(callee.local_addr().unwrap(), relay_addr(9));
+    sdp(&relay, alloc.id, Side::Caller, caller_sdp, false).await;
+    relay
+        .update_later(alloc.id, Side::Callee, vec![Some(callee_sdp)], vec![], true)
+        .unwrap();
+    let p = build_rtp(1, 160, 0xbeef, 160);
+    caller
+        .send_to(&p, relay_addr(ports.caller.rtp))
+        .await
+        .unwrap();
+    let (got, from) = recv(&callee).await;
+    assert_eq!((got, from), (p, relay_addr(ports.callee.rtp)));
+
+    let stats = relay.delete_later(alloc.id).await.unwrap();
+    assert_eq!((stats.caller.pkts, stats.callee.pkts), (1, 0));
+    assert_nothing_left(&relay).await;
+
+    // Unknown to its worker: nothing to report, nothing breaks.
+    relay
+        .update_later(
+            SessionId(1_000_000),
+            Side::Callee,
+            vec![None],
+            vec![],
+            false,
+        )
+        .unwrap();
+    let gone = relay.allocate("dropped".into(), 1).await.unwrap();
+    drop(relay.delete_later(gone.id));
+    let deadline = Instant::now() + WAIT;
+    while in_use(relay.counts().await) != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "a dropped delete_later closes its session"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A worker left without sessions waits without bound: a quiet request still wakes it.
+    let closed = relay.allocate("closed".into(), 1).await.unwrap();
+    relay.delete(closed.id).await.unwrap();
+    // Let it go back to its wait (were it still awake, it would see the request anyway: this
+    // pause can only make the check stricter, never pass a broken worker).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(matches!(
+        timeout(WAIT, relay.delete_later(closed.id))
+            .await
+            .expect("answered although the worker has no session"),
+        Err(RelayError::NoSuchSession)
+    ));
+
+    relay.shutdown().await;
+    assert!(matches!(
+        relay.update_later(alloc.id, Side::Caller, vec![None], vec![], false),
+        Err(RelayError::Stopped)
+    ));
+    assert!(matches!(
+        relay.delete_later(alloc.id).await,
+        Err(RelayError::Stopped)
+    ));
+}

@@ -1,6 +1,10 @@
 //! The relay client: executes the [`RelayOp`]s of the pure call state machine against the
-//! in-process relay ([`RelayHandle`]), one control round trip per operation, so one per SDP
-//! (a first SDP is `Open` = allocate + set the sender's side, [`RelayHandle::open`]).
+//! in-process relay ([`RelayHandle`]). A first SDP waits for its session (`Open` = allocate +
+//! set the sender's side, [`RelayHandle::open`]: the rewritten SDP needs its ports); a later
+//! one and a delete are queued for the session's worker without waking it
+//! ([`RelayHandle::update_later`], [`RelayHandle::delete_later`]): the worker serves them
+//! before it forwards its next datagram, so nothing the endpoints see depends on them, and an
+//! idle worker is not woken twice per call for them (issue #15).
 
 use sipedge_relay::{Allocation, Open, RelayError, RelayHandle, SessionId, SessionStats};
 use tracing::debug;
@@ -57,17 +61,28 @@ impl RelayClient {
                 .map(Done::Opened),
             RelayOp::Update { id, sdp } => self
                 .handle
-                .update(
+                .update_later(
                     *id,
                     sdp.side,
                     sdp.streams.clone(),
                     sdp.sources.clone(),
                     sdp.answered,
                 )
-                .await
                 .map(|()| Done::Updated),
-            RelayOp::Delete(id) => self.delete(*id).await.map(|_| Done::Deleted),
+            RelayOp::Delete(id) => {
+                drop(self.delete_later(*id));
+                Ok(Done::Deleted)
+            }
         }
+    }
+
+    /// Closes a session without waking its worker ([`RelayHandle::delete_later`]): the future
+    /// gives its stats; dropped, the session is closed all the same.
+    pub(crate) fn delete_later(
+        &self,
+        id: SessionId,
+    ) -> impl Future<Output = Result<SessionStats, RelayError>> + Send + 'static {
+        self.handle.delete_later(id)
     }
 
     /// Closes a session and returns its stats.

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use dashmap::DashMap;
 use sipedge_relay::{Closed, RelayError, RelayHandle, SessionId, SessionStats, Side};
 use tokio::sync::Mutex;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::acc::{self, Hangup};
@@ -159,6 +160,9 @@ pub struct Media {
     /// Shared with accounting (the calls that are not relayed).
     cdr: Arc<CdrWriter>,
     clock: Arc<dyn Clock>,
+    /// The reports of ended calls waiting for their sessions' stats ([`Self::end`]): the
+    /// shutdown waits for them before it closes the CDR writer.
+    reports: Mutex<JoinSet<()>>,
 }
 
 /// Whether a body is SDP we should look at.
@@ -277,6 +281,7 @@ impl Media {
             closing: AtomicBool::new(false),
             cdr,
             clock,
+            reports: Mutex::new(JoinSet::new()),
         }
     }
 
@@ -580,14 +585,16 @@ impl Media {
                 drop(c);
                 for id in delete {
                     self.forget(id);
-                    let _ = self.relay.delete(id).await;
+                    drop(self.relay.delete_later(id));
                 }
                 back
             }
             Finished::End(reason) => {
                 c.acc = acc;
                 drop(c);
-                self.end(&key, reason).await;
+                if let Some(report) = self.end(&key, reason).await {
+                    self.spawn_report(report).await;
+                }
                 None
             }
         }
@@ -608,7 +615,7 @@ impl Media {
         };
         for id in delete {
             self.forget(id);
-            let _ = self.relay.delete(id).await;
+            drop(self.relay.delete_later(id));
         }
         debug!(relay_reason = ?closed.reason, "relay closed an idle session");
         if report {
@@ -622,9 +629,18 @@ impl Media {
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Relaxed);
         let keys: Vec<CallKey> = self.calls.iter().map(|e| e.key().clone()).collect();
+        // Every call's sessions are queued for closing first, then the reports awaited: the
+        // workers close them in one round.
+        let mut reports = Vec::with_capacity(keys.len());
         for key in keys {
-            self.end(&key, EndReason::Shutdown).await;
+            reports.extend(self.end(&key, EndReason::Shutdown).await);
         }
+        for report in reports {
+            report.await;
+        }
+        // And those of calls ended just before.
+        let mut spawned = std::mem::take(&mut *self.reports.lock().await);
+        while spawned.join_next().await.is_some() {}
         self.cdr.close().await;
     }
 
@@ -765,7 +781,11 @@ impl Media {
             } else {
                 Hangup::Callee
             });
-            self.end(&key, EndReason::Bye).await;
+            if let Some(report) = self.end(&key, EndReason::Bye).await {
+                // The BYE goes on now; its call's stats line and CDR follow when the relay
+                // has closed the sessions.
+                self.spawn_report(report).await;
+            }
         }
     }
 
@@ -781,30 +801,56 @@ impl Media {
         by(tags.0).or_else(|| tags.1.and_then(by))
     }
 
-    /// Ends a call: deletes its sessions, logs the stats line, writes the CDR.
-    async fn end(&self, key: &CallKey, reason: EndReason) {
-        let Some((_, call)) = self.calls.remove(key) else {
-            return;
-        };
+    /// Ends a call: forgets it and queues the deletes of its sessions
+    /// ([`RelayClient::delete_later`]). Returns what logs its stats line and writes its CDR
+    /// once the relay has closed them (`None`: the call was already ended).
+    async fn end(
+        &self,
+        key: &CallKey,
+        reason: EndReason,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let (_, call) = self.calls.remove(key)?;
         let mut c = call.lock().await;
         let ending = c.end();
-        let mut winner: Option<SessionStats> = None;
-        let mut others = SessionStats::default();
-        for id in ending.delete {
-            self.forget(id);
-            match self.relay.delete(id).await {
-                Ok(st) if Some(id) == ending.winner => winner = Some(st),
-                Ok(st) => others = report::add(others, &st),
-                Err(_) => {}
+        drop(c);
+        let deletes: Vec<_> = ending
+            .delete
+            .iter()
+            .map(|&id| {
+                self.forget(id);
+                (id, self.relay.delete_later(id))
+            })
+            .collect();
+        let (cdr, clock) = (self.cdr.clone(), self.clock.clone());
+        Some(async move {
+            let mut winner: Option<SessionStats> = None;
+            let mut others = SessionStats::default();
+            for (id, deleted) in deletes {
+                match deleted.await {
+                    Ok(st) if Some(id) == ending.winner => winner = Some(st),
+                    Ok(st) => others = report::add(others, &st),
+                    Err(_) => {}
+                }
             }
-        }
-        // An unanswered call reports what its forks relayed (early media); one whose media the
-        // relay already ended reports that.
-        let (reason, stats) = match ending.timed_out {
-            Some(t) => (EndReason::Timeout, t),
-            None => (reason, winner.unwrap_or(others)),
-        };
-        self.report(&c, reason, &stats).await;
+            // An unanswered call reports what its forks relayed (early media); one whose
+            // media the relay already ended reports that.
+            let (reason, stats) = match ending.timed_out {
+                Some(t) => (EndReason::Timeout, t),
+                None => (reason, winner.unwrap_or(others)),
+            };
+            // Removed from the calls above: nobody else takes this lock any more.
+            let c = call.lock().await;
+            cdr.write(report::report(&c, reason, &stats, clock.unix()))
+                .await;
+        })
+    }
+
+    /// Runs a call's report ([`Self::end`]) as a task of its own, which the shutdown awaits.
+    async fn spawn_report(&self, report: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.reports.lock().await;
+        // Reap the finished ones: the set holds only those still waiting.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(report);
     }
 
     /// The per-call stats line and the CDR row.
@@ -891,14 +937,14 @@ impl Media {
                     }
                 }
             }
-            RelayOp::Update { .. } => match self.relay.execute(&op).await {
-                Ok(_) => {}
-                Err(RelayError::NoSuchSession) => return Ok(None),
-                Err(error) => {
+            RelayOp::Update { .. } => {
+                // Queued for the session's worker, not awaited: the ports of the rewrite are
+                // known already (a session that closed meanwhile is on the event channel).
+                if let Err(error) = self.relay.execute(&op).await {
                     warn!(%error, "media relay update");
                     return Ok(None);
                 }
-            },
+            }
             RelayOp::Delete(id) => {
                 self.forget(*id);
                 let _ = self.relay.execute(&op).await;

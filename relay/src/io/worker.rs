@@ -3,11 +3,14 @@
 //!
 //! The thread blocks in its own level-triggered epoll instance, which holds every socket of the
 //! worker (port as the event data) and an eventfd on which the control thread or a handle rings
-//! after queueing a request. A wakeup drains each ready socket in batches (recvmmsg), asks the core
-//! for a verdict per datagram and sends each group of datagrams bound for the same outgoing
-//! socket with one sendmmsg, straight from the receive buffer; then it serves queued requests
-//! and, when the core's next deadline has passed, closes the sessions that timed out. The
-//! epoll timeout is that deadline. Under dense traffic the thread then sleeps until
+//! after queueing a request. A wakeup serves the queued requests, drains each ready socket in
+//! batches (recvmmsg), asks the core for a verdict per datagram and sends each group of
+//! datagrams bound for the same outgoing socket with one sendmmsg, straight from the receive
+//! buffer; then it serves what was queued meanwhile and, when the core's next deadline has
+//! passed, closes the sessions that timed out. The epoll timeout is that deadline, and at most
+//! [`LATER`] while the worker has sessions: requests about a live session that nobody waits
+//! for at once (an answer's SDP, a BYE's delete) are queued without a ring
+//! ([`WorkerTx::send_later`]) and served at the next wake-up, before its datagrams. Under dense traffic the thread then sleeps until
 //! `batch_wait` after its wake-up before polling again, so that the next wake-up carries
 //! that interval's packets ([`Pace`]). No async runtime: at RTP rates a wakeup carries a few
 //! packets, and a runtime's own polling (its epoll, the nested one, a yield, timer checks)
@@ -19,7 +22,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -40,6 +43,11 @@ use crate::{
 const MAX_BATCHES: usize = 4;
 /// At most one warning per kind this often; the rest are counted into the next one.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How long a request queued without a ring ([`WorkerTx::send_later`]) waits at most: a
+/// worker with sessions waits in epoll no longer than this. It reads its queue before it
+/// looks at its sockets, so such a request takes effect before the next datagram is
+/// forwarded, and within this time when none comes.
+pub(crate) const LATER: Duration = Duration::from_millis(20);
 
 /// The two bound sockets of one leg.
 #[derive(Debug)]
@@ -79,7 +87,8 @@ pub(crate) enum WorkerCmd {
         streams: Vec<Option<Endpoint>>,
         sources: Vec<std::net::IpAddr>,
         answered: bool,
-        reply: oneshot::Sender<Result<(), RelayError>>,
+        /// `None`: nobody waits for the outcome ([`crate::RelayHandle::update_later`]).
+        reply: Option<oneshot::Sender<Result<(), RelayError>>>,
     },
     /// Removes the session and closes its sockets before answering.
     Remove {
@@ -150,44 +159,70 @@ pub(crate) struct WorkerHandle {
 
 /// A worker's doorbell: an eventfd in its epoll set, rung only while the worker waits there
 /// (or is about to). A worker that is forwarding or pacing reads its queue after the round
-/// anyway, so a request then costs no `write` and no wake-up.
+/// anyway, so a request then costs no `write` and no wake-up. A request queued with
+/// [`WorkerTx::send_later`] rings only a worker that waits without a deadline: one whose wait
+/// is bounded (by [`LATER`]) serves it when it wakes.
 ///
-/// The handshake (Dekker's): the worker sets `waiting`, then looks at the queue and waits
-/// only if it is empty; a sender queues, then takes `waiting` and rings if it was set. With a
-/// sequentially consistent fence on each side between the two steps, either the worker sees
-/// the request or the sender sees the worker waiting.
+/// The handshake (Dekker's): the worker sets its state (waiting, bounded or not), then looks
+/// at the queue and waits only if it is empty; a sender queues, then reads the state and rings
+/// if the worker waits (for a quiet request: waits without bound), clearing the state so that
+/// one ring serves every request until the worker wakes. With a sequentially consistent fence
+/// on each side between the two steps, either the worker sees the request or the sender sees
+/// the worker waiting.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     fd: EventFd,
-    waiting: AtomicBool,
+    state: AtomicU8,
 }
+
+/// [`Doorbell::state`]: the worker is not waiting.
+const BUSY: u8 = 0;
+/// It waits in epoll with a timeout of at most [`LATER`].
+const WAITS_BOUNDED: u8 = 1;
+/// It waits without a timeout, or a longer one.
+const WAITS: u8 = 2;
 
 impl Doorbell {
     fn new() -> io::Result<Self> {
         Ok(Self {
             fd: EventFd::new()?,
-            waiting: AtomicBool::new(false),
+            state: AtomicU8::new(BUSY),
         })
     }
 
     /// After queueing a request: wakes the worker if it waits.
     fn ring_if_waiting(&self) {
         fence(Ordering::SeqCst);
-        if self.waiting.swap(false, Ordering::SeqCst) {
+        if self.state.swap(BUSY, Ordering::SeqCst) != BUSY {
             self.fd.ring();
         }
     }
 
-    /// Before the worker's wait: true when it may wait (nothing is queued).
-    fn may_wait(&self, queue_empty: impl FnOnce() -> bool) -> bool {
-        self.waiting.store(true, Ordering::SeqCst);
+    /// After queueing a quiet request: wakes the worker only if it would not wake by itself
+    /// within [`LATER`].
+    fn ring_if_waiting_unbounded(&self) {
+        fence(Ordering::SeqCst);
+        if self
+            .state
+            .compare_exchange(WAITS, BUSY, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.fd.ring();
+        }
+    }
+
+    /// Before the worker's wait (`bounded`: its timeout is at most [`LATER`]): true when it
+    /// may wait (nothing is queued).
+    fn may_wait(&self, bounded: bool, queue_empty: impl FnOnce() -> bool) -> bool {
+        let state = if bounded { WAITS_BOUNDED } else { WAITS };
+        self.state.store(state, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         queue_empty()
     }
 
     /// After the worker's wait.
     fn awake(&self) {
-        self.waiting.store(false, Ordering::Relaxed);
+        self.state.store(BUSY, Ordering::Relaxed);
     }
 }
 
@@ -209,6 +244,20 @@ impl WorkerTx {
         };
         tx.send(cmd).map_err(|e| e.0)?;
         self.bell.ring_if_waiting();
+        Ok(())
+    }
+
+    /// Queues `cmd` without waking the worker unless it waits without bound: it is served
+    /// before the worker next forwards a datagram, and within [`LATER`] otherwise. For
+    /// requests whose requester can wait that long: a wake-up of an idle worker costs more
+    /// than the request itself.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn send_later(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
+        let Some(tx) = &self.tx else {
+            return Err(cmd);
+        };
+        tx.send(cmd).map_err(|e| e.0)?;
+        self.bell.ring_if_waiting_unbounded();
         Ok(())
     }
 }
@@ -558,16 +607,24 @@ fn run(
 ) {
     let mut ready: Vec<u64> = Vec::with_capacity(EVENTS);
     loop {
-        let timeout = if !bell.may_wait(|| rx.is_empty()) {
+        // With sessions, quiet requests about them may come: wait at most LATER. Without,
+        // wait for the core's deadline only (a quiet request then rings).
+        let now = Instant::now();
+        let deadline = w.relay.poll_timeout();
+        let bounded = !w.session_ports.is_empty();
+        let until = match (deadline, bounded) {
+            (Some(d), true) => Some(d.min(now + LATER)),
+            (None, true) => Some(now + LATER),
+            (d, false) => d,
+        };
+        let bounded = until.is_some_and(|t| t <= now + LATER);
+        let timeout = if !bell.may_wait(bounded, || rx.is_empty()) {
             // A request is queued: look at the sockets without waiting, then serve it.
             0
         } else {
-            w.relay.poll_timeout().map_or(-1, |t| {
+            until.map_or(-1, |t| {
                 // Rounded up: waking before the deadline would only wait again.
-                let ms = t
-                    .saturating_duration_since(Instant::now())
-                    .as_micros()
-                    .div_ceil(1000);
+                let ms = t.saturating_duration_since(now).as_micros().div_ceil(1000);
                 i32::try_from(ms).unwrap_or(i32::MAX)
             })
         };
@@ -584,6 +641,11 @@ fn run(
             }
         }
         let woke = Instant::now();
+        // Requests first: one queued without a ring (an answer's SDP) must take effect before
+        // the datagrams that woke the worker are forwarded.
+        if let Next::Stop = serve(&mut w, &mut rx) {
+            return;
+        }
         let mut rung = false;
         for &token in &ready {
             match u16::try_from(token) {
@@ -595,21 +657,9 @@ fn run(
         if rung {
             let _ = bell.fd.clear();
         }
-        // Every round: requests queued while the worker was busy did not ring.
-        loop {
-            match rx.try_recv() {
-                Ok(cmd) => {
-                    if let Next::Stop = handle(&mut w, cmd) {
-                        return;
-                    }
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    // Every sender is gone without a shutdown: close quietly.
-                    close_all(&mut w);
-                    return;
-                }
-            }
+        // And after the round: requests queued while the worker was busy did not ring.
+        if let Next::Stop = serve(&mut w, &mut rx) {
+            return;
         }
         let now = Instant::now();
         if w.relay.poll_timeout().is_some_and(|t| t <= now) {
@@ -622,6 +672,25 @@ fn run(
             let left = until.saturating_duration_since(Instant::now());
             if !left.is_zero() {
                 std::thread::sleep(left);
+            }
+        }
+    }
+}
+
+/// Serves the queued requests.
+fn serve(w: &mut Worker, rx: &mut mpsc::UnboundedReceiver<WorkerCmd>) -> Next {
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => {
+                if let Next::Stop = handle(w, cmd) {
+                    return Next::Stop;
+                }
+            }
+            Err(TryRecvError::Empty) => return Next::Continue,
+            Err(TryRecvError::Disconnected) => {
+                // Every sender is gone without a shutdown: close quietly.
+                close_all(w);
+                return Next::Stop;
             }
         }
     }
@@ -651,7 +720,18 @@ fn handle(w: &mut Worker, cmd: WorkerCmd) -> Next {
             let r = w
                 .relay
                 .update(Instant::now(), id, side, &streams, &sources, answered);
-            let _ = reply.send(r);
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(r);
+                }
+                None => {
+                    if let Err(error) = r {
+                        // Only a session that closed meanwhile (timed out) gets here: the SIP
+                        // side hears of that on the event channel.
+                        tracing::debug!(%error, session = %id, "media update not applied");
+                    }
+                }
+            }
         }
         WorkerCmd::Remove { id, reply } => {
             let stats = w.relay.remove(Instant::now(), id);
@@ -785,10 +865,10 @@ mod tests {
         bell.ring_if_waiting();
         assert!(!bell.fd.clear(), "rung for a busy worker");
         // A queued request keeps the worker from waiting at all.
-        assert!(!bell.may_wait(|| false));
+        assert!(!bell.may_wait(false, || false));
         bell.awake();
         // A waiting worker is rung once, however many requests follow before it wakes.
-        assert!(bell.may_wait(|| true));
+        assert!(bell.may_wait(false, || true));
         bell.ring_if_waiting();
         bell.ring_if_waiting();
         assert!(bell.fd.clear(), "a waiting worker was not rung");
@@ -796,5 +876,32 @@ mod tests {
         bell.awake();
         bell.ring_if_waiting();
         assert!(!bell.fd.clear(), "rung after the worker woke");
+    }
+
+    /// A quiet request rings only a worker that waits without bound; an ordinary request
+    /// rings a bounded wait too.
+    #[test]
+    fn a_quiet_request_rings_only_an_unbounded_wait() {
+        let bell = Doorbell::new().unwrap();
+        assert!(bell.may_wait(true, || true));
+        bell.ring_if_waiting_unbounded();
+        assert!(
+            !bell.fd.clear(),
+            "rung a worker that wakes within LATER anyway"
+        );
+        bell.ring_if_waiting();
+        assert!(bell.fd.clear(), "an ordinary request rings a bounded wait");
+        bell.awake();
+        assert!(bell.may_wait(false, || true));
+        bell.ring_if_waiting_unbounded();
+        bell.ring_if_waiting_unbounded();
+        assert!(
+            bell.fd.clear(),
+            "a worker waiting without bound was not rung"
+        );
+        assert!(!bell.fd.clear(), "rung twice");
+        bell.awake();
+        bell.ring_if_waiting_unbounded();
+        assert!(!bell.fd.clear(), "rung a busy worker");
     }
 }
