@@ -884,6 +884,10 @@ impl std::str::FromStr for Listen {
     }
 }
 
+/// Open files sipedge holds besides the relay's sockets and the TCP/TLS connections: its
+/// listeners, the store, the log, epoll instances and eventfds, with room to spare.
+pub const FD_RESERVE: u64 = 256;
+
 /// `media.ports`: an inclusive range starting on an even port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -1719,6 +1723,28 @@ impl Config {
              and peers outside this network cannot reach: on a public host set server.advertise \
              to the public address"
         ))
+    }
+
+    /// A warning for the operator when `limit` open files cannot hold what the configured
+    /// limits let peers open: four sockets per relay session of one audio stream (RTP and RTCP
+    /// on each side; `media.max_sessions`, or as many as `media.ports` holds), one per TCP/TLS
+    /// connection (`limits.tcp_connections`), and [`FD_RESERVE`] for the rest. Past the limit
+    /// new offers are answered 503 (`media socket: Too many open files`) and connections are
+    /// refused: the protection holds, but below the configured limits.
+    pub fn fd_limit_warning(&self, limit: u64) -> Option<String> {
+        let sessions = self.media.max_sessions.min(self.media.ports.pairs() / 2);
+        let need = 4 * sessions as u64 + self.limits.tcp_connections as u64 + FD_RESERVE;
+        (need > limit).then(|| {
+            let fit = limit.saturating_sub(self.limits.tcp_connections as u64 + FD_RESERVE) / 4;
+            format!(
+                "the open-file limit {limit} is below the {need} descriptors the limits allow \
+                 ({sessions} relay sessions at 4 sockets each, media.max_sessions / media.ports; \
+                 limits.tcp_connections {}; {FD_RESERVE} for the rest): about {fit} relayed \
+                 calls fit, offers beyond are answered 503; raise LimitNOFILE (ulimit -n) or \
+                 lower the limits",
+                self.limits.tcp_connections
+            )
+        })
     }
 
     /// The effective configuration as TOML: every default and derived value written out,
@@ -2874,5 +2900,35 @@ mod tests {
             "[server]\nlisten = [\"udp:127.0.0.1:5060\"]",
         );
         assert_eq!(cfg.advertise_warning(), None);
+    }
+
+    /// The open-file limit is checked against what the limits allow: 4 descriptors per relay
+    /// session (bounded by media.max_sessions and by the port range), one per TCP connection.
+    #[test]
+    fn an_open_file_limit_below_the_limits_is_named() {
+        let cfg = |text: &str| Config::from_toml(text, || IpAddr::from([203, 0, 113, 10])).unwrap();
+        // Defaults: 2,000 sessions x 4 + 4,096 connections + the reserve.
+        let defaults = cfg("");
+        let need = 4 * 2000 + 4096 + FD_RESERVE;
+        assert_eq!(defaults.fd_limit_warning(need), None);
+        let w = defaults.fd_limit_warning(need - 1).expect("one short");
+        assert!(w.contains(&format!("below the {need} descriptors")), "{w}");
+        let w = defaults
+            .fd_limit_warning(1024)
+            .expect("the default soft limit");
+        // (1024 - 4096 - reserve) saturates: nothing fits.
+        assert!(w.contains("about 0 relayed calls fit"), "{w}");
+        // The port range bounds the sessions: 100 ports hold 25 two-pair sessions.
+        let small = cfg(
+            "[media]\nports = \"40000-40099\"\nmax_sessions = 5000\n\n[limits]\ntcp_connections = 10",
+        );
+        assert_eq!(small.fd_limit_warning(4 * 25 + 10 + FD_RESERVE), None);
+        let w = small
+            .fd_limit_warning(4 * 25 + 10 + FD_RESERVE - 1)
+            .expect("one short");
+        assert!(
+            w.contains("25 relay sessions") && w.contains("about 24 relayed calls"),
+            "{w}"
+        );
     }
 }

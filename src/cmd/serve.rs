@@ -32,10 +32,14 @@ pub(crate) fn run(path: &Path) -> Result<(), CmdError> {
     // Before any socket: the configured limits, not the default 1024 files, bound what
     // clients can open.
     match sipedge_relay::raise_fd_limit() {
-        Ok((before, now)) if before != now => {
-            info!(before, now, "raised the open-file limit to the hard limit");
+        Ok((before, now)) => {
+            if before != now {
+                info!(before, now, "raised the open-file limit to the hard limit");
+            }
+            if let Some(message) = cfg.fd_limit_warning(now) {
+                warn!(limit = now, "{message}");
+            }
         }
-        Ok(_) => {}
         Err(error) => warn!(%error, "cannot raise the open-file limit"),
     }
     let threads = cfg

@@ -147,6 +147,53 @@ async fn serve_answers_and_stops_on_sigterm() {
     );
 }
 
+/// Started with an open-file limit below what the limits allow (`ulimit -n 1000`: 2,000 relay
+/// sessions x 4 + 4,096 TCP connections by default), `serve` says so before it listens, with
+/// how many relayed calls fit.
+#[test]
+fn serve_names_an_open_file_limit_below_the_limits() {
+    let path = temp_config(
+        "fd-limit.toml",
+        &format!(
+            "[server]\nlisten = [\"udp:127.0.0.1:0\"]\ndomains = [\"example.com\"]\n[database]\nurl = \"{}\"\n[limits]\ntcp_connections = 100\n",
+            crate::harness::fresh_db()
+        ),
+    );
+    // sh's `ulimit -n` lowers the soft and the hard limit: sipedge cannot raise it back.
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 1000 && exec \"$0\" --log-level info serve -c \"$1\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_sipedge"))
+        .arg(&path)
+        .env_remove("SIPEDGE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut warned = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("open-file limit") {
+            warned = Some(line.clone());
+        }
+        if line.contains("listening transport=\"udp\"") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = warned.expect("a warning about the open-file limit before listening");
+    // 2,000 sessions x 4 + 100 connections + 256 = 8,356; (1000 - 356) / 4 = 161 calls.
+    assert!(
+        line.contains("WARN")
+            && line.contains("the open-file limit 1000 is below the 8356 descriptors")
+            && line.contains("about 161 relayed calls fit"),
+        "{line}"
+    );
+}
+
 /// `user add` (password on stdin) → `user list` → `user passwd` → `user del`, on a fresh
 /// database; the stored hashes change with the password and no plaintext is stored.
 #[tokio::test]
