@@ -411,19 +411,6 @@ impl Epoll {
         Ok(())
     }
 
-    /// Stops watching `fd` (closing it would too; this makes it explicit and immediate).
-    pub(crate) fn remove(&self, fd: BorrowedFd<'_>) {
-        // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
-        unsafe {
-            libc::epoll_ctl(
-                self.fd.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd.as_raw_fd(),
-                ptr::null_mut(),
-            );
-        }
-    }
-
     /// Waits up to `timeout_ms` (-1: for ever, 0: not at all) for ready descriptors and puts
     /// their tokens in `out` (cleared first).
     pub(crate) fn wait(&mut self, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<()> {

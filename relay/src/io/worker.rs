@@ -844,9 +844,9 @@ fn close_io(st: &mut Worker, id: SessionId) {
     for pair in &pairs {
         for port in [pair.rtp, pair.rtcp] {
             let off = usize::from(port - st.port_min);
-            if let Some(sock) = st.sockets[off].take() {
-                st.epoll.remove(sock.as_fd());
-            }
+            // Closing the socket takes it out of the epoll set (its only descriptor: the
+            // sockets are never duplicated), so no EPOLL_CTL_DEL: four syscalls less per call.
+            drop(st.sockets[off].take());
         }
     }
     // The sockets are closed: the ports can be bound again.
