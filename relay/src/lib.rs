@@ -349,9 +349,25 @@ impl RelayHandle {
         make: impl FnOnce(oneshot::Sender<T>) -> io::worker::WorkerCmd,
     ) -> Result<T, RelayError> {
         let (reply, rx) = oneshot::channel();
-        let w = self.workers.of(id).ok_or(RelayError::Stopped)?;
-        w.send(make(reply)).map_err(|_| RelayError::Stopped)?;
+        self.queue(id, make(reply), false)?;
         rx.await.map_err(|_| RelayError::Stopped)
+    }
+
+    /// Queues `cmd` for the worker that owns session `id`; `later`: without waking it
+    /// ([`io::worker::WorkerTx::send_later`]).
+    fn queue(
+        &self,
+        id: SessionId,
+        cmd: io::worker::WorkerCmd,
+        later: bool,
+    ) -> Result<(), RelayError> {
+        let w = self.workers.of(id).ok_or(RelayError::Stopped)?;
+        let sent = if later {
+            w.send_later(cmd)
+        } else {
+            w.send(cmd)
+        };
+        sent.map_err(|_| RelayError::Stopped)
     }
 
     async fn call<T>(
@@ -387,12 +403,15 @@ impl RelayHandle {
         sources: Vec<IpAddr>,
         answered: bool,
     ) -> Result<(), RelayError> {
-        self.ask(id, |reply| io::worker::WorkerCmd::Update {
-            id,
+        let sdp = io::worker::SideSdp {
             side,
             streams,
             sources,
             answered,
+        };
+        self.ask(id, |reply| io::worker::WorkerCmd::Update {
+            id,
+            sdp,
             reply: Some(reply),
         })
         .await?
@@ -411,16 +430,18 @@ impl RelayHandle {
         sources: Vec<IpAddr>,
         answered: bool,
     ) -> Result<(), RelayError> {
-        let w = self.workers.of(id).ok_or(RelayError::Stopped)?;
-        w.send_later(io::worker::WorkerCmd::Update {
-            id,
+        let sdp = io::worker::SideSdp {
             side,
             streams,
             sources,
             answered,
+        };
+        let cmd = io::worker::WorkerCmd::Update {
+            id,
+            sdp,
             reply: None,
-        })
-        .map_err(|_| RelayError::Stopped)
+        };
+        self.queue(id, cmd, true)
     }
 
     /// [`Self::delete`] without waking the worker, queued at once: the session is closed and
@@ -431,14 +452,7 @@ impl RelayHandle {
         id: SessionId,
     ) -> impl std::future::Future<Output = Result<SessionStats, RelayError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let queued = self
-            .workers
-            .of(id)
-            .ok_or(RelayError::Stopped)
-            .and_then(|w| {
-                w.send_later(io::worker::WorkerCmd::Remove { id, reply })
-                    .map_err(|_| RelayError::Stopped)
-            });
+        let queued = self.queue(id, io::worker::WorkerCmd::Remove { id, reply }, true);
         async move {
             queued?;
             rx.await

@@ -165,6 +165,17 @@ pub struct Media {
     reports: Mutex<JoinSet<()>>,
 }
 
+/// A call's stats line and its CDR row ([`report::report`]), written through `cdr`.
+async fn write_report(
+    cdr: &CdrWriter,
+    clock: &dyn Clock,
+    c: &Call,
+    reason: EndReason,
+    s: &SessionStats,
+) {
+    cdr.write(report::report(c, reason, s, clock.unix())).await;
+}
+
 /// Whether a body is SDP we should look at.
 pub fn is_sdp(content_type: Option<&str>, body: &[u8]) -> bool {
     !body.is_empty()
@@ -840,8 +851,7 @@ impl Media {
             };
             // Removed from the calls above: nobody else takes this lock any more.
             let c = call.lock().await;
-            cdr.write(report::report(&c, reason, &stats, clock.unix()))
-                .await;
+            write_report(&cdr, &*clock, &c, reason, &stats).await;
         })
     }
 
@@ -855,8 +865,7 @@ impl Media {
 
     /// The per-call stats line and the CDR row.
     async fn report(&self, c: &Call, reason: EndReason, s: &SessionStats) {
-        let cdr = report::report(c, reason, s, self.clock.unix());
-        self.cdr.write(cdr).await;
+        write_report(&self.cdr, &*self.clock, c, reason, s).await;
     }
 
     /// Runs one SDP through a branch's session: asks the call what the relay must do (one

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::worker::{
-    self, FirstSdp, LegSockets, PortsShared, Totals, WorkerCmd, WorkerConfig, WorkerTx,
+    self, LegSockets, PortsShared, SideSdp, Totals, WorkerCmd, WorkerConfig, WorkerTx,
 };
 use crate::forward::Timeouts;
 use crate::ports::PortPool;
@@ -80,7 +80,7 @@ impl Control {
         &mut self,
         label: String,
         streams: usize,
-        first: Option<FirstSdp>,
+        first: Option<SideSdp>,
         reply: oneshot::Sender<Result<Allocation, RelayError>>,
     ) {
         if streams == 0 {
@@ -348,7 +348,7 @@ impl Control {
                     }
                 }
                 let streams = open.streams.len();
-                let first = FirstSdp {
+                let first = SideSdp {
                     side: open.side,
                     streams: open.streams,
                     sources: open.sources,

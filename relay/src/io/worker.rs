@@ -57,13 +57,28 @@ pub(crate) struct LegSockets {
     pub(crate) rtcp: std::net::UdpSocket,
 }
 
-/// One side's first SDP, set as the session is added ([`crate::RelayHandle::open`]).
+/// One side's SDP as the core takes it: the first one rides with a new session
+/// ([`crate::RelayHandle::open`]), later ones come as updates.
 #[derive(Debug)]
-pub(crate) struct FirstSdp {
+pub(crate) struct SideSdp {
     pub(crate) side: Side,
     pub(crate) streams: Vec<Option<Endpoint>>,
     pub(crate) sources: Vec<std::net::IpAddr>,
     pub(crate) answered: bool,
+}
+
+impl SideSdp {
+    /// Sets it on session `id` of `relay` ([`Relay::update`]).
+    fn apply(&self, relay: &mut Relay, id: SessionId) -> Result<(), RelayError> {
+        relay.update(
+            Instant::now(),
+            id,
+            self.side,
+            &self.streams,
+            &self.sources,
+            self.answered,
+        )
+    }
 }
 
 /// Requests from the control thread (`Add`) and from the handles (the others): each answers
@@ -77,16 +92,13 @@ pub(crate) enum WorkerCmd {
         label: String,
         /// Per stream: the caller-facing leg, then the callee-facing leg.
         streams: Vec<[LegSockets; 2]>,
-        first: Option<FirstSdp>,
+        first: Option<SideSdp>,
         alloc: Allocation,
         reply: oneshot::Sender<Result<Allocation, RelayError>>,
     },
     Update {
         id: SessionId,
-        side: Side,
-        streams: Vec<Option<Endpoint>>,
-        sources: Vec<std::net::IpAddr>,
-        answered: bool,
+        sdp: SideSdp,
         /// `None`: nobody waits for the outcome ([`crate::RelayHandle::update_later`]).
         reply: Option<oneshot::Sender<Result<(), RelayError>>>,
     },
@@ -235,29 +247,30 @@ pub(crate) struct WorkerTx {
 }
 
 impl WorkerTx {
-    /// Queues `cmd`; gives it back if the worker is gone (so that its sockets are closed
-    /// before their ports are freed; a large value, on a path taken only after a shutdown).
+    /// Queues `cmd` and wakes the worker if it waits; gives `cmd` back if the worker is gone
+    /// (so that its sockets are closed before their ports are freed; a large value, on a path
+    /// taken only after a shutdown).
     #[allow(clippy::result_large_err)]
     pub(crate) fn send(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
-        let Some(tx) = &self.tx else {
-            return Err(cmd);
-        };
-        tx.send(cmd).map_err(|e| e.0)?;
-        self.bell.ring_if_waiting();
-        Ok(())
+        self.push(cmd, Doorbell::ring_if_waiting)
     }
 
-    /// Queues `cmd` without waking the worker unless it waits without bound: it is served
-    /// before the worker next forwards a datagram, and within [`LATER`] otherwise. For
-    /// requests whose requester can wait that long: a wake-up of an idle worker costs more
-    /// than the request itself.
+    /// [`Self::send`] without waking the worker unless it waits without bound: `cmd` is
+    /// served before the worker next forwards a datagram, and within [`LATER`] otherwise.
+    /// For requests whose requester can wait that long: a wake-up of an idle worker costs
+    /// more than the request itself.
     #[allow(clippy::result_large_err)]
     pub(crate) fn send_later(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
+        self.push(cmd, Doorbell::ring_if_waiting_unbounded)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn push(&self, cmd: WorkerCmd, ring: fn(&Doorbell)) -> Result<(), WorkerCmd> {
         let Some(tx) = &self.tx else {
             return Err(cmd);
         };
         tx.send(cmd).map_err(|e| e.0)?;
-        self.bell.ring_if_waiting_unbounded();
+        ring(&self.bell);
         Ok(())
     }
 }
@@ -709,17 +722,8 @@ fn handle(w: &mut Worker, cmd: WorkerCmd) -> Next {
         } => {
             let _ = reply.send(add(w, id, label, streams, first).map(|()| alloc));
         }
-        WorkerCmd::Update {
-            id,
-            side,
-            streams,
-            sources,
-            answered,
-            reply,
-        } => {
-            let r = w
-                .relay
-                .update(Instant::now(), id, side, &streams, &sources, answered);
+        WorkerCmd::Update { id, sdp, reply } => {
+            let r = sdp.apply(&mut w.relay, id);
             match reply {
                 Some(reply) => {
                     let _ = reply.send(r);
@@ -784,7 +788,7 @@ fn add(
     id: SessionId,
     label: String,
     streams: Vec<[LegSockets; 2]>,
-    first: Option<FirstSdp>,
+    first: Option<SideSdp>,
 ) -> Result<(), RelayError> {
     let ports: Vec<StreamPorts> = streams
         .iter()
@@ -817,14 +821,7 @@ fn add(
     st.session_ports.insert(id, pairs);
     if failed.is_none()
         && let Some(f) = first
-        && let Err(e) = st.relay.update(
-            Instant::now(),
-            id,
-            f.side,
-            &f.streams,
-            &f.sources,
-            f.answered,
-        )
+        && let Err(e) = f.apply(&mut st.relay, id)
     {
         failed = Some(e);
     }
